@@ -1,0 +1,187 @@
+"""On-storage checkpoint format and its validation.
+
+A checkpoint is a directory ``<run>/checkpoints/step_XXXXXXXX/`` holding data files and a
+``manifest.json`` written last. The manifest lists every file with its size and CRC32C;
+a directory without a readable manifest, or whose files do not match it, is not a
+checkpoint. State is saved with ``torch.save`` and read back with ``weights_only=True``,
+so loading a checkpoint from a bucket never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, Dict, List, Optional
+
+import google_crc32c
+import torch
+
+from raytrain_spot.storage import Store
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE_FILE = "state.pt"
+CHECKPOINTS_DIR = "checkpoints"
+_NAME = re.compile(r"step_(\d{8})$")
+
+
+class InvalidCheckpoint(Exception):
+    """A checkpoint directory that must not be loaded; the message says why."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_key(run_name: str, step: int) -> str:
+    return f"{run_name}/{CHECKPOINTS_DIR}/{checkpoint_name(step)}"
+
+
+def listed_steps(store: Store, run_name: str) -> List[int]:
+    """Steps that have a checkpoint directory in ``store``, newest first (not yet validated)."""
+    steps = [int(m.group(1)) for name in store.list_children(f"{run_name}/{CHECKPOINTS_DIR}")
+             if (m := _NAME.match(name.rstrip("/")))]
+    return sorted(steps, reverse=True)
+
+
+@dataclass
+class FileEntry:
+    size: int
+    crc32c: str
+
+
+@dataclass
+class Manifest:
+    step: int
+    samples_seen: int
+    kind: str  # "periodic" | "jit" | "final"
+    world_size: int
+    files: Dict[str, FileEntry]
+    config: Dict[str, Any]
+    config_hash: str = ""
+    framework_version: str = ""
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+    created_at: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if not self.config_hash:
+            self.config_hash = config_hash(self.config)
+        if not self.framework_version:
+            from raytrain_spot import __version__
+
+            self.framework_version = __version__
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            raw = json.loads(data)
+            files = {name: FileEntry(**entry) for name, entry in raw.pop("files").items()}
+            manifest = cls(files=files, **raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise InvalidCheckpoint(f"unreadable manifest ({error})") from None
+        if manifest.format_version != FORMAT_VERSION:
+            raise InvalidCheckpoint(f"format version {manifest.format_version}, expected {FORMAT_VERSION}")
+        return manifest
+
+
+def config_hash(config: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _ChecksummingWriter(io.RawIOBase):
+    """A file wrapper that counts bytes and computes CRC32C as torch.save writes."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.crc = google_crc32c.Checksum()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.crc.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+
+def write_state(state: Dict[str, Any], path: str) -> FileEntry:
+    """Serialize ``state`` to ``path`` and return its size and checksum, computed while writing."""
+    with open(path, "wb") as f:
+        writer = _ChecksummingWriter(f)
+        torch.save(state, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileEntry(size=writer.size, crc32c=writer.crc.hexdigest().decode())
+
+
+def file_entry(path: str) -> FileEntry:
+    crc = google_crc32c.Checksum()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc.update(chunk)
+            size += len(chunk)
+    return FileEntry(size=size, crc32c=crc.hexdigest().decode())
+
+
+def commit(store: Store, key: str, files: Dict[str, str], manifest: Manifest) -> None:
+    """Upload data files, then the manifest. Until the manifest lands the checkpoint does not exist."""
+    for name, local_path in files.items():
+        store.put_file(f"{key}/{name}", local_path)
+    store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json())
+
+
+def read_manifest(store: Store, key: str) -> Manifest:
+    try:
+        return Manifest.from_json(store.get_bytes(f"{key}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise InvalidCheckpoint("no manifest (an interrupted or half-written save)") from None
+
+
+def verify_file(path: str, expected: FileEntry, name: str) -> None:
+    actual = file_entry(path)
+    if actual.size != expected.size:
+        raise InvalidCheckpoint(f"{name} has {actual.size} bytes, manifest says {expected.size} (truncated?)")
+    if actual.crc32c != expected.crc32c:
+        raise InvalidCheckpoint(f"{name} CRC32C {actual.crc32c} != manifest {expected.crc32c} (corrupt)")
+
+
+def fetch_verified(store: Store, key: str, scratch_dir: str) -> tuple[Manifest, Dict[str, str]]:
+    """Validate a checkpoint and return its manifest and local paths of its verified files.
+
+    Files are read in place from a local store, or downloaded into ``scratch_dir``.
+    """
+    manifest = read_manifest(store, key)
+    paths = {}
+    for name, expected in manifest.files.items():
+        path = store.local_path(f"{key}/{name}")
+        if path is None:
+            path = os.path.join(scratch_dir, name)
+            try:
+                store.get_file(f"{key}/{name}", path)
+            except FileNotFoundError:
+                raise InvalidCheckpoint(f"{name} is listed in the manifest but missing") from None
+        elif not os.path.exists(path):
+            raise InvalidCheckpoint(f"{name} is listed in the manifest but missing")
+        verify_file(path, expected, name)
+        paths[name] = path
+    return manifest, paths
+
+
+def load_state(path: str, map_location: Optional[str | torch.device] = "cpu") -> Dict[str, Any]:
+    """Tensors and plain containers only: never unpickles arbitrary objects."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a verified file that still fails to parse is as bad as a corrupt one
+        raise InvalidCheckpoint(f"cannot deserialize {os.path.basename(path)}: {error}") from None

@@ -1,0 +1,315 @@
+"""Typed configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+
+YAML files under ``conf/`` only compose values; every field is declared here with its
+meaning, and ``__post_init__`` rejects bad values with a message that names the key and
+the fix. ``load_config`` turns a composed ``DictConfig`` into these objects, so a wrong
+setting stops the run before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A setting is wrong. The message names the key, the problem and the fix."""
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}. Fix: {fix}.")
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name}", f"must be > 0, got {value}", f"set {section}.{name} to a positive number")
+
+
+@dataclass
+class RunSection:
+    """Identity of a run. Re-running with the same name resumes it."""
+
+    name: str = "run"
+    """Run name: the Hydra output directory, the checkpoint prefix and Ray Train's run name."""
+    seed: int = 0
+    """Seed for model initialisation, data order and every other random choice."""
+    log_sample_ids: bool = False
+    """Log the sample ids every rank trains on (``samples`` events), to audit exactly-once data."""
+
+    def __post_init__(self):
+        _require(
+            bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name)),
+            "run.name",
+            f"{self.name!r} is not a valid run name (letters, digits, '.', '_', '-'; at most 128)",
+            "pick a name such as run.name=vlm-exp1",
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Size of the vision-language model: a ViT encoder, a projector and a causal decoder."""
+
+    preset: str = "tiny"
+    """Name of the preset this size came from (informational; printed in the summary)."""
+    image_size: int = 32
+    """Side of the square input image in pixels; must equal data.image_size."""
+    patch_size: int = 8
+    """Side of a ViT patch; image_size must be a multiple of it."""
+    vision_dim: int = 64
+    """Width of the vision encoder."""
+    vision_layers: int = 2
+    """Transformer blocks in the vision encoder."""
+    text_dim: int = 64
+    """Width of the text decoder; the projector maps vision_dim to it."""
+    text_layers: int = 2
+    """Transformer blocks in the text decoder."""
+    num_heads: int = 4
+    """Attention heads in every block; must divide vision_dim and text_dim."""
+    mlp_ratio: int = 4
+    """Hidden width of each block's MLP as a multiple of the block width."""
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP outputs."""
+
+    def __post_init__(self):
+        _positive("model", self, "image_size", "patch_size", "vision_dim", "vision_layers", "text_dim",
+                  "text_layers", "num_heads", "mlp_ratio")
+        _require(self.image_size % self.patch_size == 0, "model.patch_size",
+                 f"{self.patch_size} does not divide model.image_size={self.image_size}",
+                 "choose a patch size that divides the image size, e.g. model.patch_size=8")
+        for name in ("vision_dim", "text_dim"):
+            _require(getattr(self, name) % self.num_heads == 0, "model.num_heads",
+                     f"{self.num_heads} heads do not divide model.{name}={getattr(self, name)}",
+                     f"pick model.num_heads that divides model.{name}")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}",
+                 "set model.dropout=0.0 or a small value such as 0.1")
+
+
+@dataclass
+class DataConfig:
+    """The image-caption dataset: Parquet shards of generated coloured shapes."""
+
+    path: Optional[str] = None
+    """Directory of Parquet shards. Unset: generate the dataset into data.cache_dir on first use."""
+    cache_dir: str = "~/.cache/raytrain_spot/data"
+    """Where generated datasets are kept (one subdirectory per generator setting)."""
+    num_samples: int = 8192
+    """Samples in the generated dataset (one epoch)."""
+    shard_size: int = 1024
+    """Samples per Parquet file."""
+    row_group_size: int = 128
+    """Samples per Parquet row group, the unit of reading and of the local shuffle."""
+    image_size: int = 32
+    """Side of the generated images; must equal model.image_size."""
+    max_shapes: int = 2
+    """Each image holds 1..max_shapes shapes, each described in the caption."""
+    cached_row_groups: int = 64
+    """Decoded row groups a worker keeps in memory."""
+
+    def __post_init__(self):
+        _positive("data", self, "num_samples", "shard_size", "row_group_size", "image_size", "max_shapes",
+                  "cached_row_groups")
+        _require(self.shard_size % self.row_group_size == 0, "data.row_group_size",
+                 f"{self.row_group_size} does not divide data.shard_size={self.shard_size}",
+                 "make data.shard_size a multiple of data.row_group_size")
+        _require(self.max_shapes <= 3, "data.max_shapes", f"at most 3 shapes fit a caption, got {self.max_shapes}",
+                 "set data.max_shapes to 1, 2 or 3")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a learning rate that depends only on samples seen (so a resize never shifts it)."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    warmup_samples: int = 1024
+    """Linear warmup length in samples."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        _positive("optim", self, "lr")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}",
+                 "set optim.min_lr_ratio=0.1")
+        _require(self.warmup_samples >= 0, "optim.warmup_samples", f"must be >= 0, got {self.warmup_samples}",
+                 "set optim.warmup_samples=0 to disable warmup")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}",
+                 "set optim.grad_clip=0 to disable clipping")
+
+
+@dataclass
+class TrainerConfig:
+    """Elastic data-parallel training: the worker range, the batch and the step budget."""
+
+    min_workers: int = 1
+    """Fewest workers training may run with; below it the run waits for capacity."""
+    max_workers: int = 3
+    """Most workers; the run grows back to this when nodes return."""
+    global_batch_size: int = 48
+    """Samples per optimizer step, whatever the world size (gradient accumulation fills the gap)."""
+    micro_batch_size: int = 16
+    """Most samples one worker puts through forward/backward at once."""
+    max_steps: int = 120
+    """Optimizer steps in the whole run."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL and bf16 autocast; false trains on CPU with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker."""
+    torch_threads: int = 1
+    """torch intra-op threads per worker (keep small when several workers share a machine)."""
+    max_failures: int = -1
+    """Non-preemption failures to recover from; -1 recovers forever. Ray's default 0 would end a Spot run."""
+    resize_check_interval_s: float = 5.0
+    """How often a healthy group checks whether more workers fit (regrow)."""
+    log_every_steps: int = 10
+    """Print a progress line every this many steps."""
+
+    def __post_init__(self):
+        _positive("trainer", self, "min_workers", "max_workers", "global_batch_size", "micro_batch_size",
+                  "max_steps", "cpus_per_worker", "torch_threads", "log_every_steps")
+        _require(self.min_workers <= self.max_workers, "trainer.min_workers",
+                 f"{self.min_workers} is above trainer.max_workers={self.max_workers}",
+                 "set trainer.min_workers <= trainer.max_workers")
+        _require(self.global_batch_size >= self.max_workers, "trainer.global_batch_size",
+                 f"{self.global_batch_size} leaves some of trainer.max_workers={self.max_workers} workers without a sample",
+                 f"set trainer.global_batch_size >= {self.max_workers}")
+        _require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
+                 "set trainer.max_failures=-1 to recover from every failure")
+        _require(self.resize_check_interval_s >= 0, "trainer.resize_check_interval_s",
+                 f"must be >= 0, got {self.resize_check_interval_s}", "set trainer.resize_check_interval_s=5")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are taken and how many are kept."""
+
+    interval_steps: int = 20
+    """Take a periodic checkpoint every this many steps; 0 disables periodic checkpoints."""
+    keep_latest_k: int = 3
+    """Checkpoints kept per tier, newest first (never fewer than 2)."""
+
+    def __post_init__(self):
+        _require(self.interval_steps >= 0, "checkpoint.interval_steps", f"must be >= 0, got {self.interval_steps}",
+                 "set checkpoint.interval_steps=0 to disable periodic checkpoints")
+        _require(self.keep_latest_k >= 2, "checkpoint.keep_latest_k",
+                 f"{self.keep_latest_k} would leave no fallback when the newest checkpoint is damaged",
+                 "set checkpoint.keep_latest_k=2 or more")
+
+
+@dataclass
+class StorageConfig:
+    """Durable storage for checkpoints and Ray Train's run state."""
+
+    uri: str = "outputs/storage"
+    """Root for checkpoints: file:///abs/path, a local path (made absolute), or gs://bucket/prefix."""
+
+    def __post_init__(self):
+        if "://" in self.uri:
+            scheme = self.uri.split("://", 1)[0]
+            _require(scheme in ("file", "gs"), "storage.uri", f"scheme {scheme!r} is not supported",
+                     "use gs://bucket/prefix, file:///absolute/path or a local path")
+        if self.uri.startswith("gs://"):
+            bucket = self.uri[len("gs://"):].split("/", 1)[0]
+            _require(bool(re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket)), "storage.uri",
+                     f"{bucket!r} is not a valid GCS bucket name",
+                     "use gs://<bucket>/<prefix> with a lowercase bucket name")
+
+    def resolved_uri(self, base_dir: str) -> str:
+        """The URI with a relative local path made absolute against ``base_dir``."""
+        if "://" in self.uri:
+            return self.uri.rstrip("/")
+        path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(self.uri)))
+        return "file://" + path
+
+
+@dataclass
+class ClusterConfig:
+    """Where training runs: an embedded local multi-node Ray cluster, or an existing one."""
+
+    address: Optional[str] = None
+    """Unset: start the embedded local cluster. ``auto`` or host:port: join an existing cluster."""
+    num_worker_nodes: int = 3
+    """Embedded cluster only: virtual worker nodes (raylets) next to a head with no training resources."""
+    cpus_per_node: int = 1
+    """Embedded cluster only: logical CPUs per virtual worker node."""
+    object_store_mb_per_node: int = 80
+    """Embedded cluster only: object store of each raylet; several share one machine's memory."""
+    head_object_store_mb: int = 120
+    """Embedded cluster only: object store of the head raylet."""
+
+    def __post_init__(self):
+        _positive("cluster", self, "num_worker_nodes", "cpus_per_node")
+        for name in ("object_store_mb_per_node", "head_object_store_mb"):
+            _require(getattr(self, name) >= 75, f"cluster.{name}", f"{getattr(self, name)} MB is below Ray's 75 MB minimum",
+                     f"set cluster.{name}=80 or more")
+
+    @property
+    def embedded(self) -> bool:
+        return self.address is None
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Saved, resolved, inside every checkpoint."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        _require(self.model.image_size == self.data.image_size, "data.image_size",
+                 f"{self.data.image_size} differs from model.image_size={self.model.image_size}",
+                 "set both to the same value, e.g. data.image_size=${model.image_size}")
+        if self.cluster.embedded:
+            capacity = self.cluster.num_worker_nodes * self.cluster.cpus_per_node
+            _require(capacity >= self.trainer.min_workers * self.trainer.cpus_per_worker, "trainer.min_workers",
+                     f"{self.trainer.min_workers} workers x {self.trainer.cpus_per_worker} CPUs do not fit the embedded "
+                     f"cluster ({self.cluster.num_worker_nodes} nodes x {self.cluster.cpus_per_node} CPUs)",
+                     "raise cluster.num_worker_nodes or lower trainer.min_workers")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def register_configs() -> None:
+    """Register the schemas so Hydra type-checks every YAML value and override."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def load_config(cfg: DictConfig) -> Config:
+    """Build and validate the typed config; raise ConfigError naming the bad key."""
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        key = getattr(error, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}. Fix: check the value's type and spelling") from None
+    assert isinstance(config, Config)
+    return config
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. the copy inside a checkpoint)."""
+    return load_config(OmegaConf.merge(OmegaConf.structured(Config), values))

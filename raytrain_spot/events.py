@@ -1,0 +1,100 @@
+"""The run's event log: ``events.jsonl`` in the Hydra run directory, one JSON object per line.
+
+Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
+
+=============  ==============================================================================
+``start``      driver started (``run``, ``resumed_from_step`` is filled by ``restore``)
+``add``        a node joined (``node``, ``node_type``, ``pricing``: spot|on_demand, ``gpus``)
+``notice``     a preemption notice reached a node (``node``, ``notice_s``)
+``drain``      Ray drained a node (``node``, ``deadline``: unix seconds, ``reason``)
+``kill``       a node died (``node``, ``with_notice``: bool)
+``remove``     a node left the cluster without dying (``node``)
+``group``      a worker group started training (``world_size``, ``previous_world_size``, ``step``)
+``resize``     the world size changed (``old_world_size``, ``world_size``, ``step``)
+``checkpoint`` a checkpoint was taken/committed (``step``, ``tier``, ``kind``, ``stall_s``,
+               ``duration_s``, ``bytes``)
+``restore``    a group loaded a checkpoint (``step``, ``tier``, ``duration_s``)
+``step``       an optimizer step finished (``step``, ``world_size``, ``samples``: [first, end)
+               positions, ``loss``, ``lr``, ``duration_s``)
+``samples``    sample ids one rank trained on in a step (``step``, ``rank``, ``ids``), when
+               ``run.log_sample_ids`` is on
+``end``        the driver finished (``status``: finished|failed, ``error``)
+=============  ==============================================================================
+
+One writer, an actor on the driver's node, appends every line, so the file is ordered by
+arrival. Workers and the driver send records without waiting for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+EVENTS_FILE = "events.jsonl"
+
+
+class EventWriter:
+    """Appends records to a JSON-lines file. Runs inside the event-log actor."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        record.setdefault("t", time.time())
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def start_event_log(run_dir: str):
+    """Start the event-log actor on this (the driver's) node; return its handle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=1)(EventWriter)
+    return actor_cls.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    ).remote(os.path.join(run_dir, EVENTS_FILE))
+
+
+class EventLog:
+    """Sends event records to the event-log actor; a no-op without one (unit tests)."""
+
+    def __init__(self, actor=None):
+        self._actor = actor
+
+    def emit(self, ev: str, **fields: Any) -> None:
+        if self._actor is not None:
+            self._actor.write.remote({"t": time.time(), "ev": ev, **fields})
+
+    def flush(self) -> None:
+        """Wait until every record sent so far is written."""
+        if self._actor is not None:
+            import ray
+
+            ray.get(self._actor.flush.remote())
+
+
+def read_events(path: str) -> List[Dict[str, Any]]:
+    """All records of an events.jsonl file; a torn last line (a crash mid-write) is ignored."""
+    return list(iter_events(path))
+
+
+def iter_events(path: str, start: int = 0) -> Iterator[Dict[str, Any]]:
+    with open(path) as f:
+        f.seek(start)
+        for line in f:
+            if not line.endswith("\n"):
+                return
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def last(events: List[Dict[str, Any]], ev: str) -> Optional[Dict[str, Any]]:
+    return next((e for e in reversed(events) if e["ev"] == ev), None)

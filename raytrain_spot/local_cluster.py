@@ -1,0 +1,82 @@
+"""The Ray cluster a run trains on: the embedded local default, or an existing cluster.
+
+The embedded cluster is one head raylet with no training resources (it hosts the driver's
+actors, like the on-demand head of a cloud cluster) plus N virtual worker nodes, each a
+raylet of its own on this machine, bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
+
+from raytrain_spot.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+NODE_TYPE_LABEL = "raytrain-spot/node-type"
+PRICING_LABEL = "raytrain-spot/pricing"
+LOCAL_WORKER_TYPE = "local-cpu-spot"
+_MB = 1 << 20
+
+
+def _force_loopback() -> None:
+    # Read by Ray at import time: makes every Ray process of this cluster pick 127.0.0.1
+    # rather than the machine's routable address.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+class EmbeddedCluster:
+    """A local multi-node Ray cluster. Node changes must come from the main thread."""
+
+    def __init__(self, cfg: ClusterConfig):
+        from ray.cluster_utils import Cluster
+
+        self.cfg = cfg
+        self._cluster = Cluster(
+            initialize_head=True,
+            head_node_args=dict(num_cpus=0, node_ip_address=LOOPBACK, include_dashboard=True,
+                                object_store_memory=cfg.head_object_store_mb * _MB,
+                                labels={NODE_TYPE_LABEL: "local-head", PRICING_LABEL: "on_demand"}),
+        )
+        self.workers: List = []
+        for _ in range(cfg.num_worker_nodes):
+            self.add_worker_node()
+
+    @property
+    def address(self) -> str:
+        return self._cluster.address
+
+    def add_worker_node(self):
+        node = self._cluster.add_node(
+            num_cpus=self.cfg.cpus_per_node, node_ip_address=LOOPBACK,
+            object_store_memory=self.cfg.object_store_mb_per_node * _MB,
+            labels={NODE_TYPE_LABEL: LOCAL_WORKER_TYPE, PRICING_LABEL: "spot"},
+        )
+        self.workers.append(node)
+        return node
+
+    def shutdown(self) -> None:
+        self._cluster.shutdown()
+
+
+@contextmanager
+def connect(cfg: ClusterConfig, env: Optional[Dict[str, str]] = None) -> Iterator[Optional[EmbeddedCluster]]:
+    """Start (embedded) or join (``cluster.address``) a cluster; yield the embedded one or None."""
+    for key, value in (env or {}).items():
+        os.environ[key] = value
+    if cfg.embedded:
+        _force_loopback()
+    import ray
+
+    cluster = EmbeddedCluster(cfg) if cfg.embedded else None
+    try:
+        ray.init(address=cluster.address if cluster else cfg.address, logging_level=logging.WARNING)
+        yield cluster
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()

@@ -1,0 +1,41 @@
+"""Builds the Ray Train ``TorchTrainer`` for a run: elastic scaling, Spot-proof failure handling."""
+
+from __future__ import annotations
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+
+from raytrain_spot.config import Config
+from raytrain_spot.worker import LoopContext, train_loop_per_worker
+
+
+def ray_storage_path(storage_uri: str) -> str:
+    """Ray Train takes local paths without the file:// scheme."""
+    return storage_uri[len("file://"):] if storage_uri.startswith("file://") else storage_uri
+
+
+def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
+    trainer_cfg = cfg.trainer
+    scaling = ScalingConfig(
+        num_workers=(trainer_cfg.min_workers, trainer_cfg.max_workers),
+        use_gpu=trainer_cfg.use_gpu,
+        resources_per_worker={"CPU": trainer_cfg.cpus_per_worker, **({"GPU": 1} if trainer_cfg.use_gpu else {})},
+        elastic_resize_monitor_interval_s=trainer_cfg.resize_check_interval_s,
+    )
+    run_config = RunConfig(
+        name=cfg.run.name,
+        storage_path=ray_storage_path(context.storage_uri),
+        # A lost Spot node is a failure to Ray unless it came with a drain: never give up on those.
+        failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
+        # Ray keeps only the pointers; the checkpoints themselves have their own retention.
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k),
+        logging_config=LoggingConfig(log_level="WARNING"),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"context": context},
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if trainer_cfg.use_gpu else "gloo"),
+    )
