@@ -1,0 +1,1 @@
+"""Checkpoints: format and validation, tiers, and the per-worker manager."""
