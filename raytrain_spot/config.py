@@ -9,6 +9,7 @@ setting stops the run before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -292,9 +293,40 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Field annotations are strings under `from __future__ import annotations`.
+_SECTIONS = {f.type: globals()[f.type] for f in dataclasses.fields(Config)}
+
+
 def register_configs() -> None:
     """Register the schemas so Hydra type-checks every YAML value and override."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+def unknown_override_key(overrides: List[str]) -> Optional[str]:
+    """A message for the first ``key=value`` override that names no setting, with a suggestion.
+
+    Hydra rejects such keys too, but suggests appending them with ``+``; the right fix is
+    almost always a typo.
+    """
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key.startswith(("+", "~", "hydra.")) or "." not in key:
+            continue
+        node: Any = Config
+        path = []
+        for part in key.split("."):
+            names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+            if names is None:
+                break
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f"did you mean {'.'.join(path + close)}?" if close else \
+                    f"settings under {'.'.join(path) or 'the top level'} are: {', '.join(names)}"
+                return f"{key}: no such setting. Fix: {hint}"
+            path.append(part)
+            node = next(f.type for f in dataclasses.fields(node) if f.name == part)
+            node = _SECTIONS.get(node, node)
+    return None
 
 
 def load_config(cfg: DictConfig) -> Config:

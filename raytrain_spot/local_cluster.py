@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
@@ -20,7 +21,20 @@ LOOPBACK = "127.0.0.1"
 NODE_TYPE_LABEL = "raytrain-spot/node-type"
 PRICING_LABEL = "raytrain-spot/pricing"
 LOCAL_WORKER_TYPE = "local-cpu-spot"
+DEFAULT_DASHBOARD_PORT = 8265
 _MB = 1 << 20
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it, else a free port (another cluster may run here)."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind((LOOPBACK, port))
+                return probe.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def _force_loopback() -> None:
@@ -36,9 +50,11 @@ class EmbeddedCluster:
         from ray.cluster_utils import Cluster
 
         self.cfg = cfg
+        self.dashboard_port = _free_port(preferred=DEFAULT_DASHBOARD_PORT)
         self._cluster = Cluster(
             initialize_head=True,
             head_node_args=dict(num_cpus=0, node_ip_address=LOOPBACK, include_dashboard=True,
+                                dashboard_host=LOOPBACK, dashboard_port=self.dashboard_port,
                                 object_store_memory=cfg.head_object_store_mb * _MB,
                                 labels={NODE_TYPE_LABEL: "local-head", PRICING_LABEL: "on_demand"}),
         )

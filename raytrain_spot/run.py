@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from raytrain_spot.config import ConfigError, load_config, register_configs
+from raytrain_spot.config import ConfigError, load_config, register_configs, unknown_override_key
 from raytrain_spot.events import EVENTS_FILE, EventLog, start_event_log
 from raytrain_spot.progress import ProgressPrinter, format_summary, summarize
 
@@ -74,4 +74,7 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if problem := unknown_override_key(sys.argv[1:]):
+        print(f"Configuration error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

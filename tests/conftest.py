@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF_DIR = os.path.join(REPO, "conf")
+
+
+@pytest.fixture
+def compose():
+    """Compose the real Hydra config the way the main command does."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from raytrain_spot.config import register_configs
+
+    register_configs()
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_main(*overrides: str, cwd: str, timeout: float = 600, env: dict | None = None):
+    """Run ``python -m raytrain_spot.run`` as a user would; return the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "raytrain_spot.run", *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,125 @@
+"""A checkpoint exists only with a manifest whose files match; anything else is skipped, never loaded."""
+
+import os
+
+import pytest
+import torch
+
+from raytrain_spot.checkpoint.format import (
+    MANIFEST,
+    STATE_FILE,
+    InvalidCheckpoint,
+    Manifest,
+    checkpoint_key,
+    commit,
+    fetch_verified,
+    listed_steps,
+    load_state,
+    write_state,
+)
+from raytrain_spot.checkpoint.manager import Checkpointer, Progress
+from raytrain_spot.events import EventLog
+from raytrain_spot.storage import LocalStore
+
+
+def _commit(store, tmp_path, step, value=1.0):
+    state = {"weights": torch.full((64, 64), value), "progress": {"step": step, "samples_seen": 10 * step}}
+    path = tmp_path / f"state-{step}.pt"
+    entry = write_state(state, str(path))
+    manifest = Manifest(step=step, samples_seen=10 * step, kind="periodic", world_size=2,
+                        files={STATE_FILE: entry}, config={"run": {"name": "r"}})
+    commit(store, checkpoint_key("r", step), {STATE_FILE: str(path)}, manifest)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(str(tmp_path / "store"))
+
+
+def test_round_trip_verifies_and_loads_tensors(store, tmp_path):
+    _commit(store, tmp_path, 5, value=3.0)
+    manifest, paths = fetch_verified(store, checkpoint_key("r", 5), str(tmp_path))
+    assert manifest.step == 5 and manifest.config_hash and manifest.framework_version
+    state = load_state(paths[STATE_FILE])
+    assert torch.equal(state["weights"], torch.full((64, 64), 3.0))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("delete_manifest", "no manifest"),
+    ("truncate", "truncated"),
+    ("flip_byte", "corrupt"),
+    ("delete_data", "missing"),
+    ("garble_manifest", "unreadable manifest"),
+])
+def test_damaged_checkpoints_are_detected(store, tmp_path, damage, reason):
+    _commit(store, tmp_path, 7)
+    directory = store.local_path(checkpoint_key("r", 7))
+    data = os.path.join(directory, STATE_FILE)
+    if damage == "delete_manifest":
+        os.unlink(os.path.join(directory, MANIFEST))
+    elif damage == "truncate":
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+    elif damage == "flip_byte":
+        with open(data, "r+b") as f:
+            f.seek(os.path.getsize(data) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage == "delete_data":
+        os.unlink(data)
+    elif damage == "garble_manifest":
+        with open(os.path.join(directory, MANIFEST), "w") as f:
+            f.write('{"step": 7')
+    with pytest.raises(InvalidCheckpoint, match=reason):
+        fetch_verified(store, checkpoint_key("r", 7), str(tmp_path))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(InvalidCheckpoint, match="cannot deserialize"):
+        load_state(str(path))
+
+
+def test_manifest_is_never_overwritten(store, tmp_path):
+    _commit(store, tmp_path, 3)
+    assert store.put_bytes(f"{checkpoint_key('r', 3)}/{MANIFEST}", b"{}", if_absent=True) is False
+    fetch_verified(store, checkpoint_key("r", 3), str(tmp_path))
+
+
+def test_restore_skips_damaged_newest_and_names_it(store, tmp_path, caplog):
+    model, optimizer = _tiny()
+    checkpointer = Checkpointer(store, "r", {"run": {"name": "r"}}, keep_latest_k=3, events=EventLog())
+    for step, value in ((10, 1.0), (20, 2.0)):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        checkpointer.save(model, optimizer, Progress(step, step * 4), world_size=1, kind="periodic")
+    newest = store.local_path(checkpoint_key("r", 20))
+    with open(os.path.join(newest, STATE_FILE), "r+b") as f:
+        f.truncate(100)
+    fresh_model, fresh_optimizer = _tiny()
+    restored = checkpointer.restore(fresh_model, fresh_optimizer, hint_step=20)
+    assert restored.progress == Progress(10, 40)
+    assert torch.all(fresh_model.weight == 1.0)
+    assert "step_00000020" in caplog.text and "truncated" in caplog.text
+
+
+def test_retention_keeps_the_latest_k(store, tmp_path):
+    model, optimizer = _tiny()
+    checkpointer = Checkpointer(store, "r", {}, keep_latest_k=2, events=EventLog())
+    for step in (1, 2, 3, 4):
+        checkpointer.save(model, optimizer, Progress(step, step), world_size=1, kind="periodic")
+    assert listed_steps(store, "r") == [4, 3]
+
+
+def _tiny():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer

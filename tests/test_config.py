@@ -1,0 +1,69 @@
+import pytest
+
+from raytrain_spot.config import ConfigError, load_config, unknown_override_key
+from tests.conftest import run_main
+
+
+def test_experiment_composes_into_typed_config(compose):
+    cfg = load_config(compose("+experiment=vlm", "trainer.max_steps=7"))
+    assert cfg.trainer.max_steps == 7
+    assert cfg.run.name.startswith("vlm-")
+    assert cfg.data.image_size == cfg.model.image_size
+    assert cfg.cluster.embedded
+
+
+def test_model_presets_are_valid(compose):
+    for preset in ("tiny", "small", "base"):
+        cfg = load_config(compose("+experiment=vlm", f"model={preset}"))
+        assert cfg.model.preset == preset
+        assert cfg.data.image_size == cfg.model.image_size
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.global_batch_size=2", "trainer.global_batch_size"),
+    ("trainer.min_workers=4", "trainer.min_workers"),
+    ("model.patch_size=7", "model.patch_size"),
+    ("model.num_heads=5", "model.num_heads"),
+    ("checkpoint.keep_latest_k=1", "checkpoint.keep_latest_k"),
+    ("storage.uri=s3://bucket/x", "storage.uri"),
+    ("storage.uri=gs://Bad_Bucket/x", "storage.uri"),
+    ("data.image_size=48", "data.image_size"),
+    ("run.name=has/slash", "run.name"),
+    ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
+])
+def test_bad_values_name_the_key_and_the_fix(compose, override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(compose("+experiment=vlm", override))
+    message = str(error.value)
+    assert message.startswith(key + ":")
+    assert "Fix:" in message
+
+
+def test_min_workers_must_fit_the_embedded_cluster(compose):
+    with pytest.raises(ConfigError, match="trainer.min_workers"):
+        load_config(compose("+experiment=vlm", "trainer.min_workers=3", "cluster.num_worker_nodes=2"))
+
+
+def test_wrong_type_is_rejected_by_the_schema(compose):
+    with pytest.raises(Exception, match="trainer.max_steps"):
+        compose("+experiment=vlm", "trainer.max_steps=lots")
+
+
+def test_unknown_key_is_rejected(compose):
+    with pytest.raises(Exception, match="max_stepz"):
+        compose("+experiment=vlm", "trainer.max_stepz=3")
+
+
+def test_unknown_key_gets_a_suggestion():
+    assert unknown_override_key(["+experiment=vlm", "trainer.max_stepz=3"]) == \
+        "trainer.max_stepz: no such setting. Fix: did you mean trainer.max_steps?"
+    assert "settings under model are" in unknown_override_key(["model.zzz=1"])
+    assert unknown_override_key(["+experiment=vlm", "model=small", "trainer.max_steps=3", "hydra.run.dir=x"]) is None
+
+
+def test_main_command_stops_before_ray_on_a_bad_value(tmp_path):
+    result = run_main("+experiment=vlm", "trainer.global_batch_size=1", cwd=str(tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert "trainer.global_batch_size" in result.stderr and "Fix:" in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not (tmp_path / "outputs" / "storage").exists()

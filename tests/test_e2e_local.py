@@ -1,0 +1,50 @@
+"""The main command on the embedded local cluster: trains, checkpoints, and resumes by name."""
+
+import json
+import subprocess
+import tempfile
+
+import pytest
+
+from raytrain_spot.events import read_events
+from tests.conftest import run_main
+
+pytestmark = pytest.mark.cluster
+
+SMALL = ["+experiment=vlm", "run.name=e2e", "cluster.num_worker_nodes=2", "trainer.max_workers=2",
+         "trainer.global_batch_size=24", "checkpoint.interval_steps=10", "trainer.log_every_steps=5"]
+
+
+def _ray_processes_under(path: str) -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines() if path in line]
+
+
+def test_trains_checkpoints_then_resumes_by_name(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {"RAY_TMPDIR": ray_tmp}
+    first = run_main(*SMALL, "trainer.max_steps=20", cwd=str(tmp_path), env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "== run finished ==" in first.stdout
+    assert "world 2" in first.stdout and "step     20/20" in first.stdout
+    run_dir = tmp_path / "outputs" / "e2e"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["checkpoints_written"] == 2
+    assert summary["final_loss"] < summary["first_loss"]
+    checkpoints = sorted(p.name for p in (tmp_path / "outputs" / "storage" / "e2e" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000010", "step_00000020"]
+    assert _ray_processes_under(ray_tmp) == [], "the embedded cluster left processes behind"
+
+    second = run_main(*SMALL, "trainer.max_steps=30", cwd=str(tmp_path), env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "from restored step 20" in second.stdout
+    events = read_events(str(run_dir / "events.jsonl"))
+    starts = [i for i, e in enumerate(events) if e["ev"] == "start"]
+    assert len(starts) == 2
+    resumed_steps = [e["step"] for e in events[starts[1]:] if e["ev"] == "step"]
+    assert resumed_steps == list(range(21, 31)), "the resumed run must continue at the next step, redoing none"
+    restore = next(e for e in events[starts[1]:] if e["ev"] == "restore")
+    assert restore["step"] == 20
+    first_run_positions = [e["samples"] for e in events[:starts[1]] if e["ev"] == "step"]
+    resumed_positions = [e["samples"] for e in events[starts[1]:] if e["ev"] == "step"]
+    assert resumed_positions[0][0] == first_run_positions[-1][1], "the data cursor must continue where it stopped"
