@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -176,8 +176,12 @@ class TrainerConfig:
     """torch intra-op threads per worker (keep small when several workers share a machine)."""
     max_failures: int = -1
     """Non-preemption failures to recover from; -1 recovers forever. Ray's default 0 would end a Spot run."""
-    resize_check_interval_s: float = 5.0
-    """How often a healthy group checks whether more workers fit (regrow)."""
+    resize_check_interval_s: float = 1.0
+    """How often rank 0 checks whether more workers would fit (regrow)."""
+    regrow_settle_s: float = 2.0
+    """Extra capacity must stay this long before the group restarts to use it."""
+    collective_timeout_s: float = 120.0
+    """Process-group timeout: a survivor stuck in a collective with a vanished peer gives up after this."""
     log_every_steps: int = 10
     """Print a progress line every this many steps."""
 
@@ -192,8 +196,9 @@ class TrainerConfig:
                  f"set trainer.global_batch_size >= {self.max_workers}")
         _require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                  "set trainer.max_failures=-1 to recover from every failure")
-        _require(self.resize_check_interval_s >= 0, "trainer.resize_check_interval_s",
-                 f"must be >= 0, got {self.resize_check_interval_s}", "set trainer.resize_check_interval_s=5")
+        _positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
+        _require(self.regrow_settle_s >= 0, "trainer.regrow_settle_s", f"must be >= 0, got {self.regrow_settle_s}",
+                 "set trainer.regrow_settle_s=2")
 
 
 @dataclass
@@ -266,6 +271,74 @@ class ClusterConfig:
 
 
 @dataclass
+class ChaosEvent:
+    """One scripted fault, e.g. ``preempt(node=2, at_s=40, notice_s=30)`` (see raytrain_spot.chaos)."""
+
+    action: str = "preempt"
+    """``preempt`` a worker node, or ``restore`` capacity (a replacement node joins)."""
+    node: int = 0
+    """preempt: index of the worker node among those alive, in the order they joined."""
+    at_s: Optional[float] = None
+    """When, in seconds after the first training step (or use at_step)."""
+    at_step: Optional[int] = None
+    """When, as the training step reached (or use at_s)."""
+    notice_s: Optional[float] = None
+    """preempt: seconds from the notice (metadata TRUE, drain) to the abrupt kill (unset: chaos.notice_s)."""
+    no_notice: bool = False
+    """preempt: kill at once, with no notice at all."""
+    after_s: float = 20.0
+    """restore: seconds after the previous preemption's kill until the replacement node joins."""
+
+    def __post_init__(self):
+        _require(self.action in ("preempt", "restore"), "chaos.events[].action",
+                 f"{self.action!r} is not an action", "use preempt or restore")
+        if self.action == "preempt":
+            _require((self.at_s is None) != (self.at_step is None), "chaos.events[].at_s",
+                     "a preempt needs exactly one of at_s and at_step", "set at_s (seconds) or at_step (step)")
+        _require((self.notice_s or 0) >= 0 and self.after_s >= 0 and self.node >= 0, "chaos.events[]",
+                 "node, notice_s and after_s must be >= 0", "use non-negative values")
+
+
+@dataclass
+class ChaosConfig:
+    """The Spot simulator: preempts and restores embedded worker nodes from a script or a trace."""
+
+    mode: str = "events"
+    """``events`` replays ``chaos.events``; ``trace`` replays ``chaos.trace``."""
+    events: List[ChaosEvent] = field(default_factory=list)
+    """Scripted faults, in order."""
+    trace: Optional[str] = None
+    """A Spot trace file ({"metadata": {"gap_seconds": N}, "data": [nodes alive per tick]})."""
+    tick_s: float = 3.0
+    """trace: wall seconds per trace tick (compresses time: a 300 s tick in 3 s)."""
+    start_tick: int = 0
+    """trace: first tick to replay."""
+    max_ticks: Optional[int] = None
+    """trace: ticks to replay (unset: to the end of the trace or of training)."""
+    notice_s: float = 30.0
+    """Notice before each kill, in wall seconds (GCE gives 30); the node watchers assume it too."""
+    no_notice: bool = False
+    """trace: kill without notice."""
+    provisioning_s: float = 5.0
+    """trace: seconds a replacement node takes to join once capacity returns."""
+    margin_s: float = 5.0
+    """Drain deadline margin the node watchers use: they drain to end this long before the kill."""
+    seed: int = 0
+    """trace: which nodes a capacity drop takes."""
+
+    def __post_init__(self):
+        _require(self.mode in ("events", "trace"), "chaos.mode", f"{self.mode!r} is not a mode", "use events or trace")
+        if self.mode == "trace":
+            _require(self.trace is not None, "chaos.trace", "trace mode needs a trace file",
+                     "set chaos.trace=PATH, e.g. a file from ../shared/traces/")
+            _require(os.path.isfile(os.path.expanduser(self.trace)), "chaos.trace",
+                     f"{self.trace} does not exist", "point chaos.trace at a trace JSON file")
+        _positive("chaos", self, "tick_s")
+        _require(self.notice_s >= 0 and self.provisioning_s >= 0 and self.margin_s >= 0, "chaos.notice_s",
+                 "notice_s, provisioning_s and margin_s must be >= 0", "use non-negative seconds")
+
+
+@dataclass
 class Config:
     """Everything a run needs. Saved, resolved, inside every checkpoint."""
 
@@ -277,6 +350,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    chaos: Optional[ChaosConfig] = None
+    """The Spot simulator (``+chaos=events`` or ``+chaos=trace``); embedded cluster only."""
 
     def __post_init__(self):
         _require(self.model.image_size == self.data.image_size, "data.image_size",
@@ -289,12 +364,17 @@ class Config:
                      f"cluster ({self.cluster.num_worker_nodes} nodes x {self.cluster.cpus_per_node} CPUs)",
                      "raise cluster.num_worker_nodes or lower trainer.min_workers")
 
+        if self.chaos is not None:
+            _require(self.cluster.embedded, "chaos", "the Spot simulator drives the embedded cluster only",
+                     "drop +chaos=..., or unset cluster.address")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # Field annotations are strings under `from __future__ import annotations`.
-_SECTIONS = {f.type: globals()[f.type] for f in dataclasses.fields(Config)}
+_SECTIONS = {f.type: globals()[f.type.removeprefix("Optional[").removesuffix("]")]
+             for f in dataclasses.fields(Config)}
 
 
 def register_configs() -> None:
@@ -333,6 +413,8 @@ def load_config(cfg: DictConfig) -> Config:
     """Build and validate the typed config; raise ConfigError naming the bad key."""
     try:
         config = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key}: no value given. Fix: set {error.full_key}=...") from None
     except OmegaConfBaseException as error:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 from raytrain_spot.config import ClusterConfig
 
@@ -75,15 +75,18 @@ class EmbeddedCluster:
         self.workers.append(node)
         return node
 
+    def remove_worker_node(self, node) -> None:
+        """Kill a worker node abruptly, like a VM deletion: no graceful shutdown."""
+        self.workers.remove(node)
+        self._cluster.remove_node(node, allow_graceful=False)
+
     def shutdown(self) -> None:
         self._cluster.shutdown()
 
 
 @contextmanager
-def connect(cfg: ClusterConfig, env: Optional[Dict[str, str]] = None) -> Iterator[Optional[EmbeddedCluster]]:
+def connect(cfg: ClusterConfig) -> Iterator[Optional[EmbeddedCluster]]:
     """Start (embedded) or join (``cluster.address``) a cluster; yield the embedded one or None."""
-    for key, value in (env or {}).items():
-        os.environ[key] = value
     if cfg.embedded:
         _force_loopback()
     import ray

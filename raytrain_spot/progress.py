@@ -42,6 +42,7 @@ class ProgressPrinter:
         self._stop = threading.Event()
         self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
         self._last_printed_step: Optional[Dict[str, Any]] = None
+        self.latest_step: Optional[int] = None
         self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
 
     def __enter__(self) -> "ProgressPrinter":
@@ -69,6 +70,7 @@ class ProgressPrinter:
     def _print(self, record: Dict[str, Any]) -> None:
         rate = None
         if record["ev"] == "step":
+            self.latest_step = record["step"]
             if record["step"] % self._every and record["step"] != self._total:
                 return
             previous = self._last_printed_step

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 import hydra
@@ -39,10 +40,10 @@ def main(dict_cfg: DictConfig) -> None:
 
     dataset = ensure_dataset(cfg.data, cfg.run.seed)
     started = time.time()
-    status, error_text = "failed", None
     from raytrain_spot.local_cluster import connect
 
     with connect(cfg.cluster) as cluster:
+        from raytrain_spot.cluster_monitor import ClusterMonitor
         from raytrain_spot.trainer import build_trainer
         from raytrain_spot.worker import LoopContext
 
@@ -54,12 +55,26 @@ def main(dict_cfg: DictConfig) -> None:
               f"global batch {cfg.trainer.global_batch_size}, {cfg.trainer.max_steps} steps, "
               f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir}", flush=True)
         context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor)
-        with ProgressPrinter(events_path, cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout):
+        with ClusterMonitor(events), \
+                ProgressPrinter(events_path, cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout) as progress:
+            fit = FitThread(build_trainer(cfg, context))
+            simulator = None
+            if cfg.chaos is not None:
+                from raytrain_spot.chaos import SpotSimulator
+
+                simulator = SpotSimulator(cfg.chaos, cluster, events, lambda: progress.latest_step)
             try:
-                build_trainer(cfg, context).fit()
-                status = "finished"
-            except Exception as error:  # the summary still tells what was done
-                error_text = f"{type(error).__name__}: {error}"
+                # Ray wants node changes from the main thread, so training runs in a thread of its own.
+                while fit.is_alive():
+                    if simulator is not None:
+                        simulator.tick()
+                    fit.join(0.1)
+            finally:
+                if simulator is not None:
+                    simulator.close()
+            status = "finished" if fit.error is None else "failed"
+            error_text = None if fit.error is None else f"{type(fit.error).__name__}: {fit.error}"
+            if fit.error is not None:
                 logger.error("Training failed: %s", error_text)
             events.emit("end", status=status, error=error_text)
             events.flush()
@@ -71,6 +86,22 @@ def main(dict_cfg: DictConfig) -> None:
     print(format_summary(summary, status), flush=True)
     if status != "finished":
         sys.exit(1)
+
+
+class FitThread(threading.Thread):
+    """Runs ``trainer.fit()``; keeps the error it raised, if any."""
+
+    def __init__(self, trainer):
+        super().__init__(name="fit", daemon=True)
+        self._trainer = trainer
+        self.error: Exception | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._trainer.fit()
+        except Exception as error:  # reported by the driver after the summary
+            self.error = error
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 from ray.train.v2.api.config import LoggingConfig
 
 from raytrain_spot.config import Config
+from raytrain_spot.elastic import SpotTorchTrainer
 from raytrain_spot.worker import LoopContext, train_loop_per_worker
+
 
 
 def ray_storage_path(storage_uri: str) -> str:
@@ -15,7 +17,7 @@ def ray_storage_path(storage_uri: str) -> str:
     return storage_uri[len("file://"):] if storage_uri.startswith("file://") else storage_uri
 
 
-def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
+def build_trainer(cfg: Config, context: LoopContext) -> SpotTorchTrainer:
     trainer_cfg = cfg.trainer
     scaling = ScalingConfig(
         num_workers=(trainer_cfg.min_workers, trainer_cfg.max_workers),
@@ -32,10 +34,11 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k),
         logging_config=LoggingConfig(log_level="WARNING"),
     )
-    return TorchTrainer(
+    return SpotTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"context": context},
         scaling_config=scaling,
         run_config=run_config,
-        torch_config=TorchConfig(backend="nccl" if trainer_cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if trainer_cfg.use_gpu else "gloo",
+                                 timeout_s=int(trainer_cfg.collective_timeout_s)),
     )

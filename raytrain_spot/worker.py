@@ -18,6 +18,7 @@ from raytrain_spot.config import Config, config_from_dict
 from raytrain_spot.data.parquet import ImageCaptionDataset, ensure_dataset
 from raytrain_spot.data.sampler import GlobalSampleOrder, rank_positions
 from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
+from raytrain_spot.elastic import CapacityWatcher, LiveCapacity, WorkerGroupHandoff, local_preemption_notice
 from raytrain_spot.events import EventLog
 from raytrain_spot.model import VisionLanguageModel
 from raytrain_spot.storage import open_store
@@ -63,8 +64,17 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if rank == 0:
+        if restored:
+            events.emit("restore", step=restored.progress.step, tier=restored.tier, duration_s=restored.duration_s)
+        previous = restored.manifest.world_size if restored else None
         events.emit("group", world_size=world_size, step=progress.step,
                     restored_step=restored.progress.step if restored else None)
+        if previous is not None and previous != world_size:
+            events.emit("resize", old_world_size=previous, world_size=world_size, step=progress.step)
+    capacity = None
+    if rank == 0 and world_size < cfg.trainer.max_workers:
+        capacity = CapacityWatcher(LiveCapacity({"CPU": cfg.trainer.cpus_per_worker}, cfg.trainer.max_workers),
+                                   world_size, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
 
     global_batch = cfg.trainer.global_batch_size
     total_samples = cfg.trainer.max_steps * global_batch
@@ -79,7 +89,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         loss_sum = train_step(ddp_model, optimizer, images.to(device), tokens.to(device),
                               cfg.trainer.micro_batch_size, world_size / global_batch, cfg.optim.grad_clip,
                               autocast_dtype)
-        totals = torch.tensor([loss_sum], dtype=torch.float64)
+        # One all-reduce carries the loss and the signals every rank must agree on at this step.
+        notice = local_preemption_notice() is not None
+        grow_to = capacity.grow_to if capacity else 0
+        totals = torch.tensor([loss_sum, float(notice), float(grow_to)], dtype=torch.float64)
         dist.all_reduce(totals)
         first_position = progress.samples_seen
         progress.step += 1
@@ -91,19 +104,47 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             events.emit("step", step=progress.step, world_size=world_size,
                         samples=[first_position, progress.samples_seen], loss=totals[0].item() / global_batch,
                         lr=lr, duration_s=time.time() - step_started)
+        if progress.step == cfg.trainer.max_steps:
+            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=0, kind="final")
+            break
 
+        if totals[1] > 0:
+            handoff_on_preemption(checkpointer, model, optimizer, progress, world_size, rank, events)
+        if totals[2] > 0:
+            if rank == 0:
+                events.emit("handoff", reason="regrow", step=progress.step, world_size=world_size,
+                            grow_to=int(totals[2]))
+            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=0, kind="jit")
+            raise WorkerGroupHandoff("regrow", progress.step)
         interval = cfg.checkpoint.interval_steps
-        if (interval and progress.step % interval == 0) or progress.step == cfg.trainer.max_steps:
-            kind = "final" if progress.step == cfg.trainer.max_steps else "periodic"
-            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, kind)
+        if interval and progress.step % interval == 0:
+            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=0, kind="periodic")
+    if capacity:
+        capacity.stop()
+
+
+def handoff_on_preemption(checkpointer, model, optimizer, progress: Progress, world_size: int, rank: int,
+                          events: EventLog) -> None:
+    """All ranks agreed a notice arrived: checkpoint from a surviving rank, then restart without the node."""
+    info = ray.train.get_preemption_info()  # a barrier: every rank gets rank 0's view
+    if info is None:
+        return  # rank 0 has not received the signal yet; the ranks agree again next step
+    survivors = [r for r in range(world_size) if r not in set(info.preempted_ranks)]
+    writer = survivors[0] if survivors else 0
+    if rank == writer:
+        events.emit("handoff", reason="preemption", step=progress.step, world_size=world_size,
+                    preempted_ranks=info.preempted_ranks, nodes=info.preempted_node_ids,
+                    deadline=info.deadline_ms / 1000 if info.deadline_ms else None)
+    report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=writer, kind="jit")
+    raise WorkerGroupHandoff("preemption", progress.step)
 
 
 def report_checkpoint(checkpointer: Checkpointer, model, optimizer, progress: Progress, world_size: int,
-                      rank: int, kind: str) -> None:
-    """Rank 0 writes the checkpoint; every rank then joins Ray Train's report of its pointer."""
+                      rank: int, writer: int, kind: str) -> None:
+    """``writer`` writes the checkpoint; every rank then joins Ray Train's report of its pointer."""
     with tempfile.TemporaryDirectory(prefix="raytrain-spot-pointer-") as pointer_dir:
         checkpoint = None
-        if rank == 0:
+        if rank == writer:
             checkpointer.save(model, optimizer, progress, world_size, kind)
             write_pointer(pointer_dir, checkpointer.run_name, progress.step, checkpointer.store.uri)
             checkpoint = ray.train.Checkpoint.from_directory(pointer_dir)

@@ -45,6 +45,7 @@ class Restored:
     progress: Progress
     tier: str
     manifest: Manifest
+    duration_s: float
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> Dict[str, Any]:
@@ -100,8 +101,7 @@ class Checkpointer:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             progress = Progress(**state["progress"])
-            self.events.emit("restore", step=progress.step, tier="durable", duration_s=time.time() - started)
-            return Restored(progress, "durable", manifest)
+            return Restored(progress, "durable", manifest, duration_s=time.time() - started)
         return None
 
 

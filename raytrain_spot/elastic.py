@@ -1,0 +1,244 @@
+"""Elastic resizing that reacts in seconds: live capacity, handoffs, and the Ray Train hooks.
+
+Plain Ray Train 2.60 resizes slowly on Spot: its elastic policy counts workers from the
+autoscaling coordinator's node view, refreshed every 20 s and blind to draining nodes, so
+after a loss it first retries the old size and waits out the worker-group start timeout.
+And it grows a running group by killing it, losing every step since the last checkpoint.
+
+Here instead:
+
+* the size of a new worker group is counted from a **live view** of the cluster: alive,
+  non-draining nodes, read from the GCS at decision time;
+* the training loop itself starts every resize with a **handoff**: at a preemption notice
+  or when more capacity has joined, all ranks agree at one step, commit a just-in-time
+  checkpoint, and raise ``WorkerGroupHandoff`` so that Ray restarts the group at once,
+  before the preempted node dies; no step is redone;
+* a running group is never resized by the controller (that would lose progress).
+
+Two private Ray classes are extended (``ElasticScalingPolicy``, ``DefaultFailurePolicy``)
+and installed through ``TorchTrainer._initialize_and_run_controller``;
+``tests/test_ray_pins.py`` fails loudly if a Ray upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional
+
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision, ScalingDecision
+from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+from ray.train.v2.api.config import FailureConfig, ScalingConfig
+from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
+
+logger = logging.getLogger(__name__)
+
+
+# Ray Train reads these in the driver and passes them on to its controller and workers.
+# Values already in the environment win.
+RAY_TRAIN_TIMING = {
+    # The controller notices a finished handoff or a dead worker within half a second (default 2 s).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train relays a node drain to the workers within half a second (default 5 s).
+    "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+    # A group that cannot be placed (a node died while it started) is retried after 30 s, not 60 s.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+}
+
+
+class WorkerGroupHandoff(Exception):
+    """Raised by every rank after a just-in-time checkpoint, to have Ray restart the group now."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(f"handoff at step {step}: {reason}")
+        self.reason = reason
+        self.step = step
+
+    def __reduce__(self):
+        return (WorkerGroupHandoff, (self.reason, self.step))
+
+
+@dataclass(frozen=True)
+class NodeView:
+    node_id: str
+    alive: bool
+    draining: bool
+    resources: Mapping[str, float]
+
+
+def workers_that_fit(nodes: List[NodeView], per_worker: Mapping[str, float], max_workers: int) -> int:
+    """Workers that fit on alive, non-draining nodes, at most ``max_workers``."""
+    needed = {k: v for k, v in per_worker.items() if v > 0}
+    if not needed:
+        return max_workers
+    total = 0
+    for node in nodes:
+        if node.alive and not node.draining:
+            total += int(min(node.resources.get(k, 0.0) // v for k, v in needed.items()))
+    return min(total, max_workers)
+
+
+def live_nodes() -> List[NodeView]:
+    """Nodes as the GCS sees them right now (production source of the live view)."""
+    import ray
+
+    draining = ray._private.state.state.get_draining_nodes()
+    return [NodeView(n["NodeID"], n["Alive"], n["NodeID"] in draining, n.get("Resources", {})) for n in ray.nodes()]
+
+
+class LiveCapacity:
+    """Counts the workers a new group can have; cached briefly, the controller asks in a loop."""
+
+    def __init__(self, per_worker: Mapping[str, float], max_workers: int,
+                 nodes: Callable[[], List[NodeView]] = live_nodes, clock: Callable[[], float] = time.monotonic,
+                 max_age_s: float = 0.25):
+        self._per_worker = dict(per_worker)
+        self._max_workers = max_workers
+        self._nodes = nodes
+        self._clock = clock
+        self._max_age_s = max_age_s
+        self._cached: Optional[tuple[float, int]] = None
+
+    def workers(self) -> int:
+        now = self._clock()
+        if self._cached is None or now - self._cached[0] > self._max_age_s:
+            self._cached = (now, workers_that_fit(self._nodes(), self._per_worker, self._max_workers))
+        return self._cached[1]
+
+
+class SpotScalingPolicy(ElasticScalingPolicy):
+    """Ray's elastic policy with a live capacity count; running groups are resized by handoff only.
+
+    Resource requests to the autoscaler (so a cloud cluster launches nodes up to
+    max_workers) are kept from the base class.
+    """
+
+    def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None):
+        super().__init__(scaling_config)
+        self._capacity = capacity or LiveCapacity(scaling_config._resources_per_worker_not_none,
+                                                  scaling_config.max_workers)
+        self._waiting_since: Optional[float] = None
+
+    def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
+        self._maybe_send_resource_request()
+        workers = self._capacity.workers()
+        minimum = self.scaling_config.min_workers
+        if workers < minimum:
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
+                logger.warning("Waiting for capacity: %d workers fit on alive, non-draining nodes, "
+                               "min_workers=%d", workers, minimum)
+            return NoopDecision()
+        waited = time.monotonic() - self._waiting_since if self._waiting_since is not None else 0.0
+        self._waiting_since = None
+        logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
+                    "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
+        return ResizeDecision(num_workers=workers,
+                              resources_per_worker=self.scaling_config._resources_per_worker_not_none)
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
+        self._maybe_send_resource_request()
+        return NoopDecision()
+
+
+def is_handoff(error: TrainingFailedError) -> bool:
+    return isinstance(error, WorkerGroupError) and bool(error.worker_failures) and all(
+        isinstance(failure, WorkerGroupHandoff) for failure in error.worker_failures.values()
+    )
+
+
+class SpotFailurePolicy(DefaultFailurePolicy):
+    """A handoff is a planned restart: retry it without spending the failure budget."""
+
+    def __init__(self, failure_config: FailureConfig):
+        super().__init__(failure_config)
+        self.handoffs = 0
+
+    def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
+        if is_handoff(training_failed_error):
+            self.handoffs += 1
+            reasons = sorted({f.reason for f in training_failed_error.worker_failures.values()})
+            logger.info("Restarting the worker group for a handoff (%s); handoffs so far: %d",
+                        ", ".join(reasons), self.handoffs)
+            return FailureDecision.RETRY
+        return super().make_decision(training_failed_error)
+
+
+class SpotTorchTrainer(TorchTrainer):
+    """TorchTrainer with the Spot scaling and failure policies and fast controller timings."""
+
+    def fit(self):
+        for key, value in RAY_TRAIN_TIMING.items():
+            os.environ.setdefault(key, value)
+        return super().fit()
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config)
+        controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+class CapacityWatcher:
+    """Runs on rank 0: notices when more workers would fit than the group has (regrow).
+
+    Growth is reported only after the extra capacity has stayed for ``settle_s``, so a node
+    that joins and vanishes at once does not cost a restart.
+    """
+
+    def __init__(self, capacity: LiveCapacity, world_size: int, interval_s: float, settle_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._capacity = capacity
+        self._world_size = world_size
+        self._interval_s = interval_s
+        self._settle_s = settle_s
+        self._clock = clock
+        self._more_since: Optional[float] = None
+        self.grow_to: int = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capacity-watcher", daemon=True)
+
+    def start(self) -> "CapacityWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> None:
+        workers = self._capacity.workers()
+        now = self._clock()
+        if workers <= self._world_size:
+            self._more_since = None
+            return
+        if self._more_since is None:
+            self._more_since = now
+        if now - self._more_since >= self._settle_s and not self.grow_to:
+            self.grow_to = workers
+            logger.info("Capacity for %d workers (group has %d) for %.1f s: regrowing",
+                        workers, self._world_size, now - self._more_since)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.check()
+            except Exception:  # a GCS hiccup must not kill training; try again next interval
+                logger.warning("Capacity check failed", exc_info=True)
+
+
+def local_preemption_notice() -> Optional[Dict[str, List[int]]]:
+    """This worker's copy of Ray Train's preemption signal, read without a barrier.
+
+    ``ray.train.get_preemption_info()`` is a barrier costing tens of milliseconds, too much
+    for every step; the loop agrees on this local flag with its own per-step all-reduce and
+    then calls the public API once.
+    """
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    info = get_train_context().preemption_context.preemption_info
+    return None if info is None else info.preempted_node_to_ranks

@@ -1,0 +1,146 @@
+"""Resize decisions without a cluster: the live capacity count, regrow settling, handoff accounting."""
+
+import pytest
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+from ray.train.v2.api.config import FailureConfig, ScalingConfig
+from ray.train.v2.api.exceptions import WorkerGroupError
+
+from raytrain_spot.cluster_monitor import NodeState, node_changes
+from raytrain_spot.elastic import (
+    CapacityWatcher,
+    LiveCapacity,
+    NodeView,
+    SpotFailurePolicy,
+    SpotScalingPolicy,
+    WorkerGroupHandoff,
+    workers_that_fit,
+)
+
+CPU1 = {"CPU": 1.0}
+
+
+def node(name, cpus=1.0, alive=True, draining=False, gpus=0.0):
+    return NodeView(name, alive, draining, {"CPU": cpus, "GPU": gpus})
+
+
+def test_draining_and_dead_nodes_do_not_count():
+    nodes = [node("head", cpus=0), node("a"), node("b", draining=True), node("c", alive=False), node("d", cpus=2)]
+    assert workers_that_fit(nodes, CPU1, max_workers=8) == 3
+    assert workers_that_fit(nodes, CPU1, max_workers=2) == 2
+    assert workers_that_fit(nodes, {"CPU": 1, "GPU": 1}, max_workers=8) == 0
+    assert workers_that_fit([node("g", cpus=8, gpus=2)], {"CPU": 1, "GPU": 1}, max_workers=8) == 2
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_capacity_is_cached_briefly_then_reread():
+    clock, reads = Clock(), []
+    views = [[node("a")], [node("a"), node("b")]]
+
+    def nodes():
+        reads.append(clock.now)
+        return views[min(len(reads) - 1, 1)]
+
+    capacity = LiveCapacity(CPU1, 3, nodes=nodes, clock=clock, max_age_s=0.5)
+    assert capacity.workers() == 1
+    clock.now = 0.4
+    assert capacity.workers() == 1 and len(reads) == 1
+    clock.now = 0.6
+    assert capacity.workers() == 2 and len(reads) == 2
+
+
+def _policy(nodes, min_workers=1, max_workers=3):
+    config = ScalingConfig(num_workers=(min_workers, max_workers), resources_per_worker=CPU1)
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, max_workers, nodes=lambda: nodes, max_age_s=0))
+    policy._maybe_send_resource_request = lambda: None  # no autoscaler in a unit test
+    return policy
+
+
+def test_new_group_is_sized_from_the_live_view():
+    decision = _policy([node("a"), node("b", draining=True), node("c")]).make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+
+
+def test_below_min_workers_waits_for_capacity():
+    decision = _policy([node("a", draining=True), node("b")], min_workers=2).make_decision_for_non_running_worker_group()
+    assert isinstance(decision, NoopDecision)
+
+
+def test_running_group_is_never_resized_by_the_controller():
+    policy = _policy([node("a"), node("b"), node("c")])
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
+
+
+def test_regrow_waits_for_capacity_to_settle():
+    clock, view = Clock(), [node("a"), node("b")]
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, clock=clock, max_age_s=0), world_size=2,
+                              interval_s=1, settle_s=2, clock=clock)
+    watcher.check()
+    assert watcher.grow_to == 0
+    view.append(node("c"))
+    watcher.check()
+    clock.now = 1.0
+    watcher.check()
+    assert watcher.grow_to == 0, "extra capacity seen for 1 s only"
+    view.pop()  # the new node vanished: the settle window starts over
+    clock.now = 1.5
+    watcher.check()
+    view.append(node("d"))
+    clock.now = 2.0
+    watcher.check()
+    clock.now = 4.5
+    watcher.check()
+    assert watcher.grow_to == 3
+
+
+def _group_error(*failures):
+    return WorkerGroupError("x", worker_failures=dict(enumerate(failures)))
+
+
+def test_handoffs_do_not_spend_the_failure_budget():
+    policy = SpotFailurePolicy(FailureConfig(max_failures=1))
+    for _ in range(5):
+        decision = policy.make_decision(_group_error(WorkerGroupHandoff("preemption", 7), WorkerGroupHandoff("preemption", 7)))
+        assert decision == FailureDecision.RETRY
+    assert policy.handoffs == 5
+    assert policy.make_decision(_group_error(RuntimeError("boom"))) == FailureDecision.RETRY
+    assert policy.make_decision(_group_error(RuntimeError("boom"))) == FailureDecision.RAISE
+
+
+def test_a_real_error_beside_a_handoff_is_a_failure():
+    policy = SpotFailurePolicy(FailureConfig(max_failures=0))
+    mixed = _group_error(WorkerGroupHandoff("regrow", 3), RuntimeError("collective timed out"))
+    assert policy.make_decision(mixed) == FailureDecision.RAISE
+
+
+def test_handoff_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(WorkerGroupHandoff("regrow", 12)))
+    assert (error.reason, error.step) == ("regrow", 12)
+
+
+def state(node_id, alive=True, deadline=None, node_type="t", pricing="spot"):
+    return NodeState(node_id, alive, deadline, node_type, pricing, 0.0)
+
+
+def test_node_changes_become_events():
+    before = {"a": state("a"), "b": state("b"), "c": state("c")}
+    after = {"a": state("a", deadline=5000), "b": state("b", alive=False), "d": state("d", pricing="on_demand")}
+    records = sorted(node_changes(before, after), key=lambda r: (r["ev"], r["node"]))
+    assert records == [
+        {"ev": "add", "node": "d", "node_type": "t", "pricing": "on_demand", "gpus": 0.0},
+        {"ev": "drain", "node": "a", "deadline": 5.0},
+        {"ev": "kill", "node": "b", "with_notice": False},
+        {"ev": "remove", "node": "c"},
+    ]
+    drained_then_dead = node_changes({"a": state("a", deadline=0)}, {"a": state("a", alive=False)})
+    assert drained_then_dead == [{"ev": "kill", "node": "a", "with_notice": True}]
+    assert node_changes(after, after) == []
