@@ -221,7 +221,7 @@ class SpotSimulator:
     def close(self) -> None:
         for watcher in self.watchers.values():
             if watcher.poll() is None:
-                watcher.terminate()
+                watcher.kill()  # not SIGTERM: to a watcher that is a preemption notice
         for watcher in self.watchers.values():
             watcher.wait(timeout=10)
         self.metadata.close()

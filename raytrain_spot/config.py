@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from raytrain_spot.alerts import AlertConfig
+from raytrain_spot.monitoring import MonitoringConfig
+
 
 class ConfigError(ValueError):
     """A setting is wrong. The message names the key, the problem and the fix."""
@@ -27,6 +31,10 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {problem}. Fix: {fix}.")
+
+
+def _namespace(storage_uri: str) -> str:
+    return hashlib.sha256(storage_uri.encode()).hexdigest()[:12]
 
 
 def _positive(section: str, obj: Any, *names: str) -> None:
@@ -200,22 +208,63 @@ class TrainerConfig:
         _require(self.regrow_settle_s >= 0, "trainer.regrow_settle_s", f"must be >= 0, got {self.regrow_settle_s}",
                  "set trainer.regrow_settle_s=2")
 
+    @property
+    def resources_per_worker(self) -> dict:
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
 
 @dataclass
 class CheckpointConfig:
-    """When checkpoints are taken and how many are kept."""
+    """When checkpoints are taken, which tiers they go to, and how many are kept."""
 
-    interval_steps: int = 20
-    """Take a periodic checkpoint every this many steps; 0 disables periodic checkpoints."""
+    interval_steps: Optional[int] = None
+    """Periodic checkpoint every this many steps; unset: the Young/Daly advisor decides; 0: none."""
+    mtbi_prior_s: float = 6 * 3600.0
+    """Advisor: prior mean time between interruptions of one Spot node (seconds; the seed guide's A100: 4-8 h)."""
+    min_interval_s: float = 10.0
+    """Advisor: never checkpoint more often than this."""
+    max_interval_s: float = 1800.0
+    """Advisor: never checkpoint less often than this."""
     keep_latest_k: int = 3
     """Checkpoints kept per tier, newest first (never fewer than 2)."""
+    milestone_every_steps: int = 0
+    """Checkpoints at multiples of this step are kept forever (0: none)."""
+    use_local: bool = True
+    """Keep a copy on every node's local disk (fast restore after a worker-process restart)."""
+    use_head: bool = True
+    """Ship checkpoints to the on-demand head node (fast restore after a Spot node loss)."""
+    local_dir: str = "/tmp/raytrain_spot/node-local"
+    """Node-local tier root on every node (one subdirectory per Ray node)."""
+    head_dir: str = "/tmp/raytrain_spot/head"
+    """Head tier root on the head node."""
+    durable_interval_s: float = 600.0
+    """The head forwards a checkpoint to storage.uri at most this often (always the final one)."""
+    compression: str = "none"
+    """Compress the state file: none, zstd or lz4."""
+
+    def head_root(self, storage_uri: str) -> str:
+        """Head tier root of the runs stored at ``storage_uri``: same-named runs elsewhere never mix."""
+        return os.path.join(os.path.expanduser(self.head_dir), _namespace(storage_uri))
+
+    def local_root(self, storage_uri: str, node_id: str) -> str:
+        """Node-local tier root of one node for the runs stored at ``storage_uri``."""
+        return os.path.join(os.path.expanduser(self.local_dir), node_id, _namespace(storage_uri))
 
     def __post_init__(self):
-        _require(self.interval_steps >= 0, "checkpoint.interval_steps", f"must be >= 0, got {self.interval_steps}",
-                 "set checkpoint.interval_steps=0 to disable periodic checkpoints")
+        _require(self.interval_steps is None or self.interval_steps >= 0, "checkpoint.interval_steps",
+                 f"must be unset (advisor), 0 (off) or positive, got {self.interval_steps}",
+                 "set checkpoint.interval_steps=null to let the advisor choose")
         _require(self.keep_latest_k >= 2, "checkpoint.keep_latest_k",
                  f"{self.keep_latest_k} would leave no fallback when the newest checkpoint is damaged",
                  "set checkpoint.keep_latest_k=2 or more")
+        _positive("checkpoint", self, "mtbi_prior_s", "min_interval_s", "max_interval_s")
+        _require(self.min_interval_s <= self.max_interval_s, "checkpoint.min_interval_s",
+                 f"{self.min_interval_s} is above checkpoint.max_interval_s={self.max_interval_s}",
+                 "lower checkpoint.min_interval_s")
+        _require(self.milestone_every_steps >= 0 and self.durable_interval_s >= 0, "checkpoint.durable_interval_s",
+                 "milestone_every_steps and durable_interval_s must be >= 0", "use 0 or a positive value")
+        _require(self.compression in ("none", "zstd", "lz4"), "checkpoint.compression",
+                 f"{self.compression!r} is not supported", "use none, zstd or lz4")
 
 
 @dataclass
@@ -268,6 +317,16 @@ class ClusterConfig:
     @property
     def embedded(self) -> bool:
         return self.address is None
+
+
+@dataclass
+class LedgerConfig:
+    """Pricing of the run's goodput and cost ledger (ledger.json, ledger.png)."""
+
+    prices: Optional[str] = None
+    """A user price file (JSON or YAML, the catalog's layout) merged over the packaged catalog."""
+    region: Optional[str] = None
+    """Region to price in; unset: the catalog's default (us-central1)."""
 
 
 @dataclass
@@ -352,6 +411,9 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chaos: Optional[ChaosConfig] = None
     """The Spot simulator (``+chaos=events`` or ``+chaos=trace``); embedded cluster only."""
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
 
     def __post_init__(self):
         _require(self.model.image_size == self.data.image_size, "data.image_size",

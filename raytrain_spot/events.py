@@ -2,24 +2,35 @@
 
 Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 
-=============  ==============================================================================
-``start``      driver started (``run``, ``resumed_from_step`` is filled by ``restore``)
-``add``        a node joined (``node``, ``node_type``, ``pricing``: spot|on_demand, ``gpus``)
-``notice``     a preemption notice reached a node (``node``, ``notice_s``)
-``drain``      Ray drained a node (``node``, ``deadline``: unix seconds, ``reason``)
-``kill``       a node died (``node``, ``with_notice``: bool)
-``remove``     a node left the cluster without dying (``node``)
-``group``      a worker group started training (``world_size``, ``previous_world_size``, ``step``)
-``resize``     the world size changed (``old_world_size``, ``world_size``, ``step``)
-``checkpoint`` a checkpoint was taken/committed (``step``, ``tier``, ``kind``, ``stall_s``,
-               ``duration_s``, ``bytes``)
-``restore``    a group loaded a checkpoint (``step``, ``tier``, ``duration_s``)
-``step``       an optimizer step finished (``step``, ``world_size``, ``samples``: [first, end)
-               positions, ``loss``, ``lr``, ``duration_s``)
-``samples``    sample ids one rank trained on in a step (``step``, ``rank``, ``ids``), when
-               ``run.log_sample_ids`` is on
-``end``        the driver finished (``status``: finished|failed, ``error``)
-=============  ==============================================================================
+=====================  ======================================================================
+``start``              driver started (``run``, ``embedded``, ``dataset``, ``min_workers``, ``max_workers``)
+``add``                a node joined (``node``, ``node_type``, ``pricing``: spot|on_demand, ``gpus``)
+``notice``             the Spot simulator gave a node its preemption notice (``node``, ``notice_s``)
+``drain``              Ray drained a node: the notice as Ray sees it (``node``, ``deadline``: unix seconds)
+``kill``               a node died (``node``, ``with_notice``: bool)
+``remove``             a node left the cluster without dying (``node``)
+``handoff``            the group checkpoints and restarts on purpose (``reason``: preemption|regrow,
+                       ``step``, ``world_size``; preemption: ``preempted_ranks``, ``nodes``,
+                       ``deadline``; regrow: ``grow_to``)
+``group``              a worker group started training (``world_size``, ``step``, ``restored_step``)
+``restore``            the group loaded a checkpoint (``step``, ``tier``: local|head|durable|peer,
+                       ``duration_s``)
+``resize``             the world size changed across a restart (``old_world_size``, ``world_size``,
+                       ``step``)
+``step``               an optimizer step finished (``step``, ``world_size``, ``samples``: [first, end)
+                       positions, ``loss``, ``lr``, ``duration_s``, ``data_s``: loading part of it)
+``samples``            sample ids one rank trained on in a step (``step``, ``rank``, ``ids``), when
+                       ``run.log_sample_ids`` is on
+``checkpoint``         a checkpoint committed on a tier (``step``, ``tier``: head|durable, ``kind``:
+                       periodic|jit|final, ``stall_s``: training blocked for it, ``duration_s``: from
+                       snapshot to commit, ``bytes``)
+``checkpoint_failed``  a save failed; the previous checkpoint stays the latest (``step``, ``kind``,
+                       ``error``)
+``advice``             the checkpoint interval advisor changed its mind (``interval_steps``,
+                       ``interval_s``, and its inputs)
+``alert``              an alert fired (``alert``, ``action``, ``value``, ``threshold``, ``reason``)
+``end``                the driver finished (``status``: finished|failed, ``error``)
+=====================  ======================================================================
 
 One writer, an actor on the driver's node, appends every line, so the file is ordered by
 arrival. Workers and the driver send records without waiting for them.

@@ -89,6 +89,9 @@ def connect(cfg: ClusterConfig) -> Iterator[Optional[EmbeddedCluster]]:
     """Start (embedded) or join (``cluster.address``) a cluster; yield the embedded one or None."""
     if cfg.embedded:
         _force_loopback()
+    elif cfg.address != "auto" and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        # `ray start` turns token auth on; ray.init applies it only to a cluster it found itself.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     cluster = EmbeddedCluster(cfg) if cfg.embedded else None

@@ -96,7 +96,7 @@ def summarize(events_path: str, since: float, storage: str) -> Dict[str, Any]:
         "final_loss": steps[-1]["loss"] if steps else None,
         "first_loss": steps[0]["loss"] if steps else None,
         "world_sizes": world_sizes,
-        "checkpoints_written": len(checkpoints),
+        "checkpoints_written": len({e["step"] for e in checkpoints}),
         "latest_checkpoint_step": checkpoints[-1]["step"] if checkpoints else None,
         "checkpoints_at": storage,
         "events": events_path,

@@ -18,74 +18,122 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from raytrain_spot.config import ConfigError, load_config, register_configs, unknown_override_key
+from raytrain_spot.config import Config, ConfigError, load_config, register_configs, unknown_override_key
 from raytrain_spot.events import EVENTS_FILE, EventLog, start_event_log
+from raytrain_spot.ledger import LedgerOptions, format_table, write_ledger
+from raytrain_spot.pricing import PriceCatalog
 from raytrain_spot.progress import ProgressPrinter, format_summary, summarize
 
 logger = logging.getLogger("raytrain_spot")
 register_configs()
+DURABLE_UPLOAD_WAIT_S = 300.0
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
     try:
         cfg = load_config(dict_cfg)
+        storage_uri = cfg.storage.resolved_uri(os.getcwd())
+        check_storage(storage_uri)
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
-    storage_uri = cfg.storage.resolved_uri(os.getcwd())
-
-    from raytrain_spot.data.parquet import ensure_dataset
-
-    dataset = ensure_dataset(cfg.data, cfg.run.seed)
     started = time.time()
+    status = train(cfg, run_dir, storage_uri)
+
+    summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
+    summary["status"] = status
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(format_summary(summary, status), flush=True)
+    ledger = write_ledger(run_dir, PriceCatalog.load(cfg.ledger.prices),
+                          LedgerOptions(min_workers=cfg.trainer.min_workers, region=cfg.ledger.region))
+    print(format_table(ledger), flush=True)
+    if status != "finished":
+        sys.exit(1)
+
+
+def check_storage(storage_uri: str) -> None:
+    """Fail in seconds, before Ray starts, when the bucket is unusable."""
+    if storage_uri.startswith("gs://"):
+        from raytrain_spot.gcs import GcsAccessError, GcsStore
+
+        try:
+            GcsStore.from_uri(storage_uri, retry_deadline_s=20.0).check_access()
+        except GcsAccessError as error:
+            raise ConfigError(str(error)) from None
+
+
+def train(cfg: Config, run_dir: str, storage_uri: str) -> str:
+    """Run training on the configured cluster; return "finished" or "failed"."""
+    from raytrain_spot.data.parquet import ensure_dataset
     from raytrain_spot.local_cluster import connect
 
+    dataset = ensure_dataset(cfg.data, cfg.run.seed)
     with connect(cfg.cluster) as cluster:
+        from raytrain_spot.alerts import AlertRunner
+        from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.cluster_monitor import ClusterMonitor
+        from raytrain_spot.monitoring import EventFeed, MonitoringSink, build_writers
         from raytrain_spot.trainer import build_trainer
         from raytrain_spot.worker import LoopContext
 
         event_actor = start_event_log(run_dir)
         events = EventLog(event_actor)
-        events.emit("start", run=cfg.run.name, embedded=cluster is not None, dataset=dataset)
+        events.emit("start", run=cfg.run.name, embedded=cluster is not None, dataset=dataset,
+                    min_workers=cfg.trainer.min_workers, max_workers=cfg.trainer.max_workers)
+        head_store = None
+        if cfg.checkpoint.use_head:
+            head_store = start_head_store(cfg.checkpoint.head_root(storage_uri), cfg.run.name,
+                                          storage_uri, cfg.checkpoint.keep_latest_k,
+                                          cfg.checkpoint.milestone_every_steps, cfg.checkpoint.durable_interval_s,
+                                          events)
         events_path = os.path.join(run_dir, EVENTS_FILE)
         print(f"run {cfg.run.name}: {cfg.trainer.min_workers}-{cfg.trainer.max_workers} workers, "
               f"global batch {cfg.trainer.global_batch_size}, {cfg.trainer.max_steps} steps, "
               f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir}", flush=True)
-        context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor)
-        with ClusterMonitor(events), \
+        context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor,
+                              head_store=head_store)
+        catalog = PriceCatalog.load(cfg.ledger.prices)
+        sinks = [MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
+                 AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
+        with ClusterMonitor(events), EventFeed(events_path, sinks), \
                 ProgressPrinter(events_path, cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout) as progress:
             fit = FitThread(build_trainer(cfg, context))
-            simulator = None
-            if cfg.chaos is not None:
-                from raytrain_spot.chaos import SpotSimulator
+            drive(fit, cfg, cluster, events, progress)
+            if head_store is not None:
+                import ray
 
-                simulator = SpotSimulator(cfg.chaos, cluster, events, lambda: progress.latest_step)
-            try:
-                # Ray wants node changes from the main thread, so training runs in a thread of its own.
-                while fit.is_alive():
-                    if simulator is not None:
-                        simulator.tick()
-                    fit.join(0.1)
-            finally:
-                if simulator is not None:
-                    simulator.close()
+                ray.get(head_store.wait_for_uploads.remote(DURABLE_UPLOAD_WAIT_S))
             status = "finished" if fit.error is None else "failed"
             error_text = None if fit.error is None else f"{type(fit.error).__name__}: {fit.error}"
             if fit.error is not None:
                 logger.error("Training failed: %s", error_text)
             events.emit("end", status=status, error=error_text)
             events.flush()
+    return status
 
-    summary = summarize(events_path, started, f"{storage_uri}/{cfg.run.name}/checkpoints")
-    summary["status"] = status
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(format_summary(summary, status), flush=True)
-    if status != "finished":
-        sys.exit(1)
+
+def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: ProgressPrinter) -> None:
+    """Wait for training, running the Spot simulator if one is configured.
+
+    Ray wants node changes from the main thread, so training runs in a thread of its own.
+    """
+    simulator = None
+    if cfg.chaos is not None:
+        from raytrain_spot.chaos import SpotSimulator
+
+        simulator = SpotSimulator(cfg.chaos, cluster, events, lambda: progress.latest_step,
+                                  node_local_root=os.path.expanduser(cfg.checkpoint.local_dir))
+    try:
+        while fit.is_alive():
+            if simulator is not None:
+                simulator.tick()
+            fit.join(0.1)
+    finally:
+        if simulator is not None:
+            simulator.close()
 
 
 class FitThread(threading.Thread):

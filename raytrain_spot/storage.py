@@ -86,6 +86,12 @@ class LocalStore:
         finally:
             os.unlink(staging)
 
+    def adopt(self, key: str, path: str) -> None:
+        """Publish a file already on this filesystem under ``key`` by renaming it (atomic)."""
+        target = self._path(key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(path, target)
+
     def get_bytes(self, key: str) -> bytes:
         with open(self._path(key), "rb") as f:
             return f.read()

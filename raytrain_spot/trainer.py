@@ -11,10 +11,14 @@ from raytrain_spot.elastic import SpotTorchTrainer
 from raytrain_spot.worker import LoopContext, train_loop_per_worker
 
 
+def ray_storage(storage_uri: str) -> dict:
+    """RunConfig storage arguments: a local path, or a bucket path plus a pyarrow filesystem for GCS."""
+    if storage_uri.startswith("gs://"):
+        from raytrain_spot.gcs import GcsStore
 
-def ray_storage_path(storage_uri: str) -> str:
-    """Ray Train takes local paths without the file:// scheme."""
-    return storage_uri[len("file://"):] if storage_uri.startswith("file://") else storage_uri
+        store = GcsStore.from_uri(storage_uri)
+        return {"storage_path": store.ray_storage_path(), "storage_filesystem": store.pyarrow_filesystem()}
+    return {"storage_path": storage_uri[len("file://"):]}
 
 
 def build_trainer(cfg: Config, context: LoopContext) -> SpotTorchTrainer:
@@ -22,12 +26,12 @@ def build_trainer(cfg: Config, context: LoopContext) -> SpotTorchTrainer:
     scaling = ScalingConfig(
         num_workers=(trainer_cfg.min_workers, trainer_cfg.max_workers),
         use_gpu=trainer_cfg.use_gpu,
-        resources_per_worker={"CPU": trainer_cfg.cpus_per_worker, **({"GPU": 1} if trainer_cfg.use_gpu else {})},
+        resources_per_worker=trainer_cfg.resources_per_worker,
         elastic_resize_monitor_interval_s=trainer_cfg.resize_check_interval_s,
     )
     run_config = RunConfig(
         name=cfg.run.name,
-        storage_path=ray_storage_path(context.storage_uri),
+        **ray_storage(context.storage_uri),
         # A lost Spot node is a failure to Ray unless it came with a drain: never give up on those.
         failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
         # Ray keeps only the pointers; the checkpoints themselves have their own retention.

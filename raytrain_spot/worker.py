@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import ray.train
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from raytrain_spot.checkpoint.manager import Checkpointer, Progress, read_pointer_step, write_pointer
+from raytrain_spot.checkpoint.advisor import IntervalAdvisor
+from raytrain_spot.checkpoint.manager import (
+    CheckpointManager,
+    Progress,
+    SaveRequest,
+    read_pointer_step,
+    write_pointer,
+)
+from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config import Config, config_from_dict
 from raytrain_spot.data.parquet import ImageCaptionDataset, ensure_dataset
 from raytrain_spot.data.sampler import GlobalSampleOrder, rank_positions
@@ -21,10 +30,13 @@ from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
 from raytrain_spot.elastic import CapacityWatcher, LiveCapacity, WorkerGroupHandoff, local_preemption_notice
 from raytrain_spot.events import EventLog
 from raytrain_spot.model import VisionLanguageModel
-from raytrain_spot.storage import open_store
+from raytrain_spot.storage import LocalStore, open_store
 from raytrain_spot.train import build_optimizer, learning_rate, set_learning_rate, step_seed, train_step
 
 logger = logging.getLogger(__name__)
+
+# Slots of the one all-reduce per step: what every rank must agree on at the same step.
+LOSS, NOTICE, GROW_TO, SAVE, COMMITTED = range(5)
 
 
 @dataclass
@@ -34,9 +46,11 @@ class LoopContext:
     config: Dict[str, Any]
     storage_uri: str
     events: Any  # handle of the event-log actor, or None
+    head_store: Any  # handle of the head-node checkpoint store, or None
 
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+    quiet_handoff_tracebacks()
     context: LoopContext = loop_config["context"]
     cfg: Config = config_from_dict(context.config)
     events = EventLog(context.events)
@@ -57,24 +71,22 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                                 TOKEN_ID[PAD]).to(device)
     optimizer = build_optimizer(model, cfg.optim)
 
-    checkpointer = Checkpointer(open_store(context.storage_uri), cfg.run.name, context.config,
-                                cfg.checkpoint.keep_latest_k, events)
-    restored = checkpointer.restore(model, optimizer, hint_step=read_pointer_step(ray.train.get_checkpoint()))
+    checkpoints = build_checkpoint_manager(cfg, context, rank, world_size, events)
+    restored = checkpoints.restore(model, optimizer, rank, read_pointer_step(ray.train.get_checkpoint()))
     progress = restored.progress if restored else Progress()
+    if restored and restored.manifest.reason != "regrow" and restored.manifest.kind != "final":
+        progress.interruptions += 1  # a notice or a failure ended the previous group; a regrow is planned
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     if rank == 0:
-        if restored:
-            events.emit("restore", step=restored.progress.step, tier=restored.tier, duration_s=restored.duration_s)
-        previous = restored.manifest.world_size if restored else None
-        events.emit("group", world_size=world_size, step=progress.step,
-                    restored_step=restored.progress.step if restored else None)
-        if previous is not None and previous != world_size:
-            events.emit("resize", old_world_size=previous, world_size=world_size, step=progress.step)
+        announce_group(events, restored, world_size, progress)
+
     capacity = None
     if rank == 0 and world_size < cfg.trainer.max_workers:
-        capacity = CapacityWatcher(LiveCapacity({"CPU": cfg.trainer.cpus_per_worker}, cfg.trainer.max_workers),
+        capacity = CapacityWatcher(LiveCapacity(cfg.trainer.resources_per_worker, cfg.trainer.max_workers),
                                    world_size, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
+    advisor = IntervalAdvisor(cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s)
+    interval_steps, last_advice = cfg.checkpoint.interval_steps, None
+    reported_step = progress.step
 
     global_batch = cfg.trainer.global_batch_size
     total_samples = cfg.trainer.max_steps * global_batch
@@ -82,6 +94,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         step_started = time.time()
         positions = rank_positions(progress.samples_seen, global_batch, rank, world_size)
         images, tokens, sample_ids = dataset.batch(order.rows_at(positions))
+        data_s = time.time() - step_started
         lr = learning_rate(progress.samples_seen, total_samples, cfg.optim)
         set_learning_rate(optimizer, lr)
         torch.manual_seed(step_seed(cfg.run.seed, progress.step, rank))
@@ -89,41 +102,107 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         loss_sum = train_step(ddp_model, optimizer, images.to(device), tokens.to(device),
                               cfg.trainer.micro_batch_size, world_size / global_batch, cfg.optim.grad_clip,
                               autocast_dtype)
-        # One all-reduce carries the loss and the signals every rank must agree on at this step.
-        notice = local_preemption_notice() is not None
-        grow_to = capacity.grow_to if capacity else 0
-        totals = torch.tensor([loss_sum, float(notice), float(grow_to)], dtype=torch.float64)
-        dist.all_reduce(totals)
+
+        # Decisions rank 0 makes alone travel in the same all-reduce as the loss.
+        control = torch.zeros(5, dtype=torch.float64)
+        control[LOSS] = loss_sum
+        control[NOTICE] = float(local_preemption_notice() is not None)
+        if rank == 0:
+            control[GROW_TO] = capacity.grow_to if capacity else 0
+            control[SAVE] = float(periodic_save_due(checkpoints, progress.step + 1, interval_steps))
+            control[COMMITTED] = checkpoints.committed_step
+        dist.all_reduce(control)
         first_position = progress.samples_seen
         progress.step += 1
         progress.samples_seen += global_batch
+        progress.train_time_s += time.time() - step_started
 
         if cfg.run.log_sample_ids:
             events.emit("samples", step=progress.step, rank=rank, ids=sample_ids)
         if rank == 0:
             events.emit("step", step=progress.step, world_size=world_size,
-                        samples=[first_position, progress.samples_seen], loss=totals[0].item() / global_batch,
-                        lr=lr, duration_s=time.time() - step_started)
-        if progress.step == cfg.trainer.max_steps:
-            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=0, kind="final")
-            break
+                        samples=[first_position, progress.samples_seen], loss=control[LOSS].item() / global_batch,
+                        lr=lr, duration_s=time.time() - step_started, data_s=data_s)
 
-        if totals[1] > 0:
-            handoff_on_preemption(checkpointer, model, optimizer, progress, world_size, rank, events)
-        if totals[2] > 0:
+        if progress.step == cfg.trainer.max_steps:
+            checkpoint_and_report(checkpoints, model, optimizer, SaveRequest(progress, world_size, "final"),
+                                  rank, writer=0)
+            break
+        if control[NOTICE] > 0:
+            handoff_on_preemption(checkpoints, model, optimizer, progress, world_size, rank, events)
+        if control[GROW_TO] > 0:
             if rank == 0:
                 events.emit("handoff", reason="regrow", step=progress.step, world_size=world_size,
-                            grow_to=int(totals[2]))
-            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=0, kind="jit")
+                            grow_to=int(control[GROW_TO]))
+            checkpoint_and_report(checkpoints, model, optimizer,
+                                  SaveRequest(progress, world_size, "jit", reason="regrow"), rank, writer=0)
             raise WorkerGroupHandoff("regrow", progress.step)
-        interval = cfg.checkpoint.interval_steps
-        if interval and progress.step % interval == 0:
-            report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=0, kind="periodic")
+        if control[SAVE] > 0:
+            checkpoints.save(model, optimizer, SaveRequest(progress, world_size, "periodic"), writer=rank == 0)
+        if control[COMMITTED] > reported_step:
+            reported_step = int(control[COMMITTED])
+            report_pointer(checkpoints, reported_step, rank, writer=0)
+        if rank == 0 and cfg.checkpoint.interval_steps is None and len(checkpoints.stall_s) > 0:
+            advice = advisor.decide(stall_s=sum(checkpoints.stall_s[-5:]) / len(checkpoints.stall_s[-5:]),
+                                    commit_s=max(checkpoints.commit_s[-5:], default=0.0),
+                                    interruptions=progress.interruptions, observed_s=progress.train_time_s,
+                                    world_size=world_size, step_time_s=progress.train_time_s / max(progress.step, 1))
+            if last_advice is None or abs(advice.interval_steps - last_advice.interval_steps) > 0.2 * last_advice.interval_steps:
+                logger.info("Checkpoint advisor: %s", advice.explain())
+                events.emit("advice", **{k: v for k, v in advice.__dict__.items()})
+                interval_steps, last_advice = advice.interval_steps, advice
     if capacity:
         capacity.stop()
 
 
-def handoff_on_preemption(checkpointer, model, optimizer, progress: Progress, world_size: int, rank: int,
+def quiet_handoff_tracebacks() -> None:
+    """Ray logs every exception leaving the training function with its traceback; a handoff
+    is a planned restart, already logged as an event, so keep it out of the console."""
+    logging.getLogger("ray.train.v2._internal.util").addFilter(
+        lambda record: "WorkerGroupHandoff" not in record.getMessage())
+
+
+def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, world_size: int,
+                             events: EventLog) -> CheckpointManager:
+    """Collective. The lowest rank on each Ray node keeps that node's local copy (Ray's own
+    local_rank groups workers by IP, which virtual nodes on one machine share)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ids = [None] * world_size
+    dist.all_gather_object(node_ids, node_id)
+    local = None
+    if cfg.checkpoint.use_local:
+        local = StoreTier("local", LocalStore(cfg.checkpoint.local_root(context.storage_uri, node_id)), cfg.run.name,
+                          cfg.checkpoint.keep_latest_k)
+    durable = StoreTier("durable", open_store(context.storage_uri), cfg.run.name, cfg.checkpoint.keep_latest_k,
+                        cfg.checkpoint.milestone_every_steps)
+    shared = [HeadTier(context.head_store), durable] if context.head_store is not None else [durable]
+    return CheckpointManager(cfg.run.name, context.config, local, shared, writes_local=node_ids.index(node_id) == rank,
+                             events=events, compression=cfg.checkpoint.compression,
+                             scratch_root=local.store.root if local else None)
+
+
+def announce_group(events: EventLog, restored, world_size: int, progress: Progress) -> None:
+    if restored:
+        events.emit("restore", step=restored.progress.step, tier=restored.tier, duration_s=restored.duration_s)
+    events.emit("group", world_size=world_size, step=progress.step,
+                restored_step=restored.progress.step if restored else None)
+    if restored and restored.manifest.world_size != world_size:
+        events.emit("resize", old_world_size=restored.manifest.world_size, world_size=world_size,
+                    step=progress.step)
+
+
+def periodic_save_due(checkpoints: CheckpointManager, next_step: int, interval_steps: Optional[int]) -> bool:
+    """Whether the step about to finish should be checkpointed (rank 0 decides for everyone)."""
+    if checkpoints.busy:
+        return False  # at most one save in flight; a due one waits for it to finish
+    if checkpoints.deferred is not None:
+        return True
+    if interval_steps is None:  # the advisor has no measurement yet: take one early to measure
+        return checkpoints.last_save_step < 0 and next_step >= 5
+    return interval_steps > 0 and next_step - max(checkpoints.last_save_step, 0) >= interval_steps
+
+
+def handoff_on_preemption(checkpoints, model, optimizer, progress: Progress, world_size: int, rank: int,
                           events: EventLog) -> None:
     """All ranks agreed a notice arrived: checkpoint from a surviving rank, then restart without the node."""
     info = ray.train.get_preemption_info()  # a barrier: every rank gets rank 0's view
@@ -135,18 +214,26 @@ def handoff_on_preemption(checkpointer, model, optimizer, progress: Progress, wo
         events.emit("handoff", reason="preemption", step=progress.step, world_size=world_size,
                     preempted_ranks=info.preempted_ranks, nodes=info.preempted_node_ids,
                     deadline=info.deadline_ms / 1000 if info.deadline_ms else None)
-    report_checkpoint(checkpointer, model, optimizer, progress, world_size, rank, writer=writer, kind="jit")
+    checkpoint_and_report(checkpoints, model, optimizer,
+                          SaveRequest(progress, world_size, "jit", reason="preemption"), rank, writer)
     raise WorkerGroupHandoff("preemption", progress.step)
 
 
-def report_checkpoint(checkpointer: Checkpointer, model, optimizer, progress: Progress, world_size: int,
-                      rank: int, writer: int, kind: str) -> None:
-    """``writer`` writes the checkpoint; every rank then joins Ray Train's report of its pointer."""
+def checkpoint_and_report(checkpoints: CheckpointManager, model, optimizer, request: SaveRequest, rank: int,
+                          writer: int) -> None:
+    """Save this step on every tier now (the run is about to end or restart), then report it to Ray."""
+    if checkpoints.last_save_step != request.progress.step:
+        checkpoints.save(model, optimizer, request, writer=rank == writer, wait=True)
+    checkpoints.wait()
+    report_pointer(checkpoints, request.progress.step, rank, writer)
+
+
+def report_pointer(checkpoints: CheckpointManager, step: int, rank: int, writer: int) -> None:
+    """Every rank joins Ray Train's report; ``writer`` attaches the pointer if the step committed."""
     with tempfile.TemporaryDirectory(prefix="raytrain-spot-pointer-") as pointer_dir:
         checkpoint = None
-        if rank == writer:
-            checkpointer.save(model, optimizer, progress, world_size, kind)
-            write_pointer(pointer_dir, checkpointer.run_name, progress.step, checkpointer.store.uri)
+        if rank == writer and checkpoints.committed_step == step:
+            write_pointer(pointer_dir, checkpoints.run_name, step, [t.name for t in checkpoints.shared])
             checkpoint = ray.train.Checkpoint.from_directory(pointer_dir)
-        ray.train.report({"step": progress.step, "samples_seen": progress.samples_seen}, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"pointer_{progress.step:08d}")
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"pointer_{step:08d}")
+

@@ -1,7 +1,11 @@
 import os
 import sys
 
-import pytest
+# Every Ray process the tests start binds to 127.0.0.1. Ray reads this at import time, so it
+# is set here, before any test module imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(REPO, "conf")

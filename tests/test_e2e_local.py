@@ -23,7 +23,8 @@ def _ray_processes_under(path: str) -> list[str]:
 def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
     env = {"RAY_TMPDIR": ray_tmp}
-    first = run_main(*SMALL, "trainer.max_steps=20", cwd=str(tmp_path), env=env)
+    tiers = [f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
+    first = run_main(*SMALL, *tiers, "trainer.max_steps=20", cwd=str(tmp_path), env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== run finished ==" in first.stdout
     assert "world 2" in first.stdout and "step     20/20" in first.stdout
@@ -35,7 +36,7 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     assert checkpoints == ["step_00000010", "step_00000020"]
     assert _ray_processes_under(ray_tmp) == [], "the embedded cluster left processes behind"
 
-    second = run_main(*SMALL, "trainer.max_steps=30", cwd=str(tmp_path), env=env)
+    second = run_main(*SMALL, *tiers, "trainer.max_steps=30", cwd=str(tmp_path), env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "from restored step 20" in second.stdout
     events = read_events(str(run_dir / "events.jsonl"))

@@ -63,6 +63,8 @@ class Manifest:
     world_size: int
     files: Dict[str, FileEntry]
     config: Dict[str, Any]
+    reason: str = ""  # jit: "preemption" or "regrow"
+    compression: str = "none"  # of the state file: none | zstd | lz4
     config_hash: str = ""
     framework_version: str = ""
     torch_version: str = field(default_factory=lambda: torch.__version__)
@@ -115,11 +117,20 @@ class _ChecksummingWriter(io.RawIOBase):
         return self._f.write(data)
 
 
-def write_state(state: Dict[str, Any], path: str) -> FileEntry:
-    """Serialize ``state`` to ``path`` and return its size and checksum, computed while writing."""
+COMPRESSIONS = ("none", "zstd", "lz4")
+
+
+def write_state(state: Dict[str, Any], path: str, compression: str = "none") -> FileEntry:
+    """Serialize ``state`` to ``path``; return the size and checksum of the stored bytes, computed while writing."""
     with open(path, "wb") as f:
         writer = _ChecksummingWriter(f)
-        torch.save(state, writer)
+        if compression == "none":
+            torch.save(state, writer)
+        else:
+            import pyarrow as pa
+
+            with pa.CompressedOutputStream(pa.PythonFile(writer, mode="w"), compression) as compressed:
+                torch.save(state, compressed)
         f.flush()
         os.fsync(f.fileno())
     return FileEntry(size=writer.size, crc32c=writer.crc.hexdigest().decode())
@@ -135,11 +146,17 @@ def file_entry(path: str) -> FileEntry:
     return FileEntry(size=size, crc32c=crc.hexdigest().decode())
 
 
-def commit(store: Store, key: str, files: Dict[str, str], manifest: Manifest) -> None:
-    """Upload data files, then the manifest. Until the manifest lands the checkpoint does not exist."""
+def commit(store: Store, key: str, files: Dict[str, str], manifest: Manifest) -> bool:
+    """Upload data files, then the manifest. Until the manifest lands the checkpoint does not exist.
+
+    A committed checkpoint is never rewritten (its data would no longer match its manifest):
+    if one is there already, nothing is written and False is returned.
+    """
+    if store.exists(f"{key}/{MANIFEST}"):
+        return False
     for name, local_path in files.items():
         store.put_file(f"{key}/{name}", local_path)
-    store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json())
+    return store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True)
 
 
 def read_manifest(store: Store, key: str) -> Manifest:
@@ -179,9 +196,15 @@ def fetch_verified(store: Store, key: str, scratch_dir: str) -> tuple[Manifest, 
     return manifest, paths
 
 
-def load_state(path: str, map_location: Optional[str | torch.device] = "cpu") -> Dict[str, Any]:
+def load_state(path: str, compression: str = "none",
+               map_location: Optional[str | torch.device] = "cpu") -> Dict[str, Any]:
     """Tensors and plain containers only: never unpickles arbitrary objects."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if compression == "none":
+            return torch.load(path, map_location=map_location, weights_only=True)
+        import pyarrow as pa
+
+        with pa.CompressedInputStream(pa.OSFile(path), compression) as compressed:
+            return torch.load(io.BytesIO(compressed.read()), map_location=map_location, weights_only=True)
     except Exception as error:  # a verified file that still fails to parse is as bad as a corrupt one
         raise InvalidCheckpoint(f"cannot deserialize {os.path.basename(path)}: {error}") from None

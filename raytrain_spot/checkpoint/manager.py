@@ -1,31 +1,42 @@
-"""Saving and restoring the training state of one worker."""
+"""Saving and restoring the training state of one worker, across the checkpoint tiers.
+
+A save stalls training only for a copy of the state into reused host buffers; a background
+thread serializes it, publishes it on node-local disk and ships it to the head node (which
+forwards it to durable storage). At most one save is in flight: a periodic save asked for
+while one is running is deferred until it finishes, never queued.
+
+Restore is collective: rank 0 picks the newest checkpoint that verifies on the fastest tier
+it can reach and every rank loads that step from the fastest tier holding a valid copy; a
+rank that has none receives the state from rank 0.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn as nn
+import torch.distributed as dist
 
 from raytrain_spot.checkpoint.format import (
     STATE_FILE,
     InvalidCheckpoint,
     Manifest,
     checkpoint_key,
-    commit,
-    fetch_verified,
-    listed_steps,
+    checkpoint_name,
     load_state,
     write_state,
 )
+from raytrain_spot.checkpoint.snapshot import HostSnapshot
+from raytrain_spot.checkpoint.tiers import Tier
 from raytrain_spot.events import EventLog
-from raytrain_spot.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +45,12 @@ POINTER_FILE = "pointer.json"
 
 @dataclass
 class Progress:
-    """Where training is: the only loop state a resume needs besides model and optimizer."""
+    """Where training is: with model and optimizer, all a resume needs (the LR follows samples_seen)."""
 
     step: int = 0
     samples_seen: int = 0
+    interruptions: int = 0  # notices and failures so far: the checkpoint advisor's evidence
+    train_time_s: float = 0.0  # wall time spent in steps so far
 
 
 @dataclass
@@ -48,67 +61,177 @@ class Restored:
     duration_s: float
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> Dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "progress": {"step": progress.step, "samples_seen": progress.samples_seen}}
+@dataclass
+class SaveRequest:
+    progress: Progress
+    world_size: int
+    kind: str  # periodic | jit | final
+    reason: str = ""  # jit: preemption | regrow
 
 
-class Checkpointer:
-    """Writes checkpoints to a store and restores the newest valid one."""
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> Dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": dict(progress.__dict__)}
 
-    def __init__(self, store: Store, run_name: str, config: Dict[str, Any], keep_latest_k: int, events: EventLog):
-        self.store = store
+
+class CheckpointManager:
+    """One per worker. ``local`` is this node's tier (or None); ``shared`` are tiers every node
+    reaches, fastest first (the head, then durable storage; just durable without a head)."""
+
+    def __init__(self, run_name: str, config: Dict[str, Any], local: Optional[Tier], shared: List[Tier],
+                 writes_local: bool, events: EventLog, compression: str = "none", scratch_root: Optional[str] = None):
         self.run_name = run_name
+        self.compression = compression
         self.config = config
-        self.keep_latest_k = keep_latest_k
+        self.local = local
+        self.shared = shared
+        self.writes_local = writes_local and local is not None
         self.events = events
+        self.scratch_root = scratch_root
+        if scratch_root:
+            os.makedirs(scratch_root, exist_ok=True)
+        self._snapshot = HostSnapshot()
+        self._thread: Optional[threading.Thread] = None
+        self.deferred: Optional[SaveRequest] = None
+        self.committed_step = 0  # newest step this rank committed to a shared tier
+        self.last_save_step = -1
+        self.stall_s: List[float] = []
+        self.commit_s: List[float] = []
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, world_size: int,
-             kind: str) -> None:
-        started = time.time()
-        key = checkpoint_key(self.run_name, progress.step)
-        with tempfile.TemporaryDirectory(prefix="raytrain-spot-save-") as scratch:
+    # -- saving ---------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def save(self, model, optimizer, request: SaveRequest, writer: bool, wait: bool = False) -> float:
+        """Snapshot now and write in the background; return the stall. ``writer`` also writes the
+        shared tiers. ``wait`` blocks until every tier this rank writes has committed."""
+        if not writer and not self.writes_local:
+            return 0.0
+        if self.busy and not wait:
+            self.deferred = request
+            return 0.0
+        self.wait()
+        started = time.perf_counter()
+        request = SaveRequest(Progress(**request.progress.__dict__), request.world_size, request.kind, request.reason)
+        snapshot, _ = self._snapshot.take(training_state(model, optimizer, request.progress))
+        stall = time.perf_counter() - started
+        self.stall_s.append(stall)
+        self.deferred = None
+        self.last_save_step = request.progress.step
+        self._thread = threading.Thread(target=self._write, args=(snapshot, request, writer, stall),
+                                        name=f"checkpoint-{request.progress.step}", daemon=True)
+        self._thread.start()
+        if wait:
+            self.wait()
+        return stall
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is done."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _write(self, snapshot: Dict[str, Any], request: SaveRequest, writer: bool, stall: float) -> None:
+        """Background: publish on every tier this rank writes. A failure leaves the previous
+        checkpoint the latest everywhere; training goes on and the next save tries again."""
+        step = request.progress.step
+        key = checkpoint_key(self.run_name, step)
+        scratch = None
+        try:
+            scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=self.scratch_root)
+            started = time.time()
             path = os.path.join(scratch, STATE_FILE)
-            entry = write_state(training_state(model, optimizer, progress), path)
-            manifest = Manifest(step=progress.step, samples_seen=progress.samples_seen, kind=kind,
-                                world_size=world_size, files={STATE_FILE: entry}, config=self.config)
-            commit(self.store, key, {STATE_FILE: path}, manifest)
-        duration = time.time() - started
-        self.events.emit("checkpoint", step=progress.step, tier="durable", kind=kind, stall_s=duration,
-                         duration_s=duration, bytes=entry.size)
-        self._apply_retention()
+            entry = write_state(snapshot, path, self.compression)
+            manifest = Manifest(step=step, samples_seen=request.progress.samples_seen, kind=request.kind,
+                                reason=request.reason, world_size=request.world_size, files={STATE_FILE: entry},
+                                config=self.config, compression=self.compression, created_at=started)
+            if writer:
+                for tier in self.shared:
+                    tier.commit(key, {STATE_FILE: path}, manifest)
+                    if tier is self.shared[0]:
+                        self.commit_s.append(time.time() - started)
+                        self.committed_step = step
+                        self.events.emit("checkpoint", step=step, tier=tier.name, kind=request.kind, stall_s=stall,
+                                         duration_s=time.time() - started, bytes=entry.size)
+                    if tier.name == "head":
+                        break  # the head forwards to durable storage itself
+            if self.writes_local:
+                self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
+        except Exception as error:
+            logger.warning("Checkpoint step %d failed; the previous one stays the latest: %s", step, error,
+                           exc_info=True)
+            self.events.emit("checkpoint_failed", step=step, kind=request.kind, error=f"{type(error).__name__}: {error}")
+        finally:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
 
-    def _apply_retention(self) -> None:
-        for step in listed_steps(self.store, self.run_name)[self.keep_latest_k:]:
-            self.store.delete_prefix(checkpoint_key(self.run_name, step))
+    # -- restoring ------------------------------------------------------------------------
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, hint_step: Optional[int]) -> Optional[Restored]:
-        """Load the newest checkpoint that validates, skipping (and naming) any that do not."""
-        started = time.time()
-        steps: List[int] = listed_steps(self.store, self.run_name)
-        if hint_step is not None and hint_step not in steps:
-            logger.warning("Ray Train's latest checkpoint (step %d) is not in %s; using what is there",
-                           hint_step, self.store.uri)
-        for step in steps:
-            key = checkpoint_key(self.run_name, step)
-            with tempfile.TemporaryDirectory(prefix="raytrain-spot-restore-") as scratch:
+    def _tiers(self) -> List[Tier]:
+        return ([self.local] if self.local is not None else []) + self.shared
+
+    def _load_step(self, step: int, listings: Dict[str, List[int]]) -> Optional[Tuple[Dict[str, Any], Manifest, str]]:
+        """The verified state of ``step`` from the fastest tier holding a valid copy."""
+        key = checkpoint_key(self.run_name, step)
+        for tier in self._tiers():
+            if step not in listings[tier.name]:
+                continue
+            with tempfile.TemporaryDirectory(prefix="restore-", dir=self.scratch_root) as scratch:
                 try:
-                    manifest, paths = fetch_verified(self.store, key, scratch)
-                    state = load_state(paths[STATE_FILE])
+                    manifest, paths = tier.fetch(key, scratch)
+                    return load_state(paths[STATE_FILE], manifest.compression), manifest, tier.name
                 except InvalidCheckpoint as why:
-                    logger.warning("Skipping checkpoint %s/%s: %s", self.store.uri, key, why)
-                    continue
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            progress = Progress(**state["progress"])
-            return Restored(progress, "durable", manifest, duration_s=time.time() - started)
+                    logger.warning("Skipping checkpoint %s on the %s tier: %s", key, tier.name, why)
         return None
 
+    def restore(self, model, optimizer, rank: int, pointer_step: Optional[int]) -> Optional[Restored]:
+        """Collective: every rank ends with the same state (or none, on a first start)."""
+        started = time.time()
+        listings = {tier.name: _listing(tier, self.run_name) for tier in self._tiers()}
+        loaded = None
+        if rank == 0:
+            candidates = sorted({s for steps in listings.values() for s in steps}, reverse=True)
+            for step in candidates:
+                if (loaded := self._load_step(step, listings)) is not None:
+                    break
+            if pointer_step is not None and (loaded is None or loaded[1].step != pointer_step):
+                logger.warning("Ray Train's latest checkpoint is step %s; restoring %s", pointer_step,
+                               loaded[1].step if loaded else "nothing")
+        chosen = [loaded[1].step if loaded else -1]
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] < 0:
+            return None
+        if rank != 0:
+            loaded = self._load_step(chosen[0], listings)
+        missing = torch.tensor([0 if loaded else 1])
+        dist.all_reduce(missing)
+        if missing.item():
+            # Some rank had no valid copy (say, only rank 0's node-local disk has it): send it.
+            shipped = [loaded if rank == 0 else None]
+            dist.broadcast_object_list(shipped, src=0)
+            if loaded is None:
+                loaded = (shipped[0][0], shipped[0][1], "peer")
+        state, manifest, tier = loaded
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.last_save_step = manifest.step
+        self.committed_step = manifest.step
+        return Restored(Progress(**state["progress"]), tier, manifest, time.time() - started)
 
-def write_pointer(directory: str, run_name: str, step: int, store_uri: str) -> None:
+
+def _listing(tier: Tier, run_name: str) -> List[int]:
+    try:
+        return tier.steps(run_name)
+    except Exception as error:  # an unreachable tier is skipped, not fatal: others may have the state
+        logger.warning("Cannot list checkpoints on the %s tier: %s", tier.name, error)
+        return []
+
+
+def write_pointer(directory: str, run_name: str, step: int, tiers: List[str]) -> None:
     """The small checkpoint Ray Train keeps: which step, and where its data is."""
     with open(os.path.join(directory, POINTER_FILE), "w") as f:
-        json.dump({"run": run_name, "step": step, "key": checkpoint_key(run_name, step), "store": store_uri}, f)
+        json.dump({"run": run_name, "step": step, "key": checkpoint_key(run_name, step), "tiers": tiers}, f)
 
 
 def read_pointer_step(checkpoint) -> Optional[int]:
@@ -121,3 +244,4 @@ def read_pointer_step(checkpoint) -> Optional[int]:
                 return int(json.load(f)["step"])
         except (OSError, ValueError, KeyError):
             return None
+

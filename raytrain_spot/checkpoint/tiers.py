@@ -1,0 +1,120 @@
+"""Checkpoint tiers, fastest first: node-local disk, the on-demand head node, durable storage.
+
+Every tier commits the same way (data files, then the manifest) and hands back only
+verified files. ``local`` survives a worker-process restart but not the node;
+``head`` survives any Spot loss (the head is on-demand) and is reached over Ray;
+``durable`` (``storage.uri``: a bucket or a directory) survives the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Protocol, Tuple
+
+from raytrain_spot.checkpoint.format import (
+    MANIFEST,
+    Manifest,
+    checkpoint_key,
+    commit,
+    fetch_verified,
+    listed_steps,
+    verify_file,
+)
+from raytrain_spot.storage import LocalStore, Store
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 8 << 20  # per Ray call to the head; several raylets share a small object store
+
+
+class Tier(Protocol):
+    name: str
+
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
+        """Store the files, then the manifest; then apply retention. ``move``: the files are
+        scratch copies the tier may take (rename) instead of copying."""
+
+    def steps(self, run_name: str) -> List[int]:
+        """Checkpoint steps present (not yet validated), newest first."""
+
+    def fetch(self, key: str, scratch_dir: str) -> Tuple[Manifest, Dict[str, str]]:
+        """Verified local copies of a checkpoint's files; raise InvalidCheckpoint otherwise."""
+
+
+def steps_to_delete(steps: List[int], keep_latest_k: int, milestone_every: int) -> List[int]:
+    """Retention: keep the newest k (steps are newest first) and every milestone."""
+    return [s for s in steps[keep_latest_k:] if not (milestone_every and s % milestone_every == 0)]
+
+
+class StoreTier:
+    """A tier over a Store: node-local disk (a LocalStore) or durable storage (local or GCS)."""
+
+    def __init__(self, name: str, store: Store, run_name: str, keep_latest_k: int, milestone_every: int = 0):
+        self.name = name
+        self.store = store
+        self.run_name = run_name
+        self.keep_latest_k = keep_latest_k
+        self.milestone_every = milestone_every
+        self.pinned: set[int] = set()  # steps retention must keep for now (being read)
+
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
+        if self.store.exists(f"{key}/{MANIFEST}"):
+            return  # already committed; a checkpoint is never rewritten
+        if move and isinstance(self.store, LocalStore):
+            for name, path in files.items():
+                self.store.adopt(f"{key}/{name}", path)
+            self.store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True)
+        else:
+            commit(self.store, key, files, manifest)
+        for step in steps_to_delete(self.steps(self.run_name), self.keep_latest_k, self.milestone_every):
+            if step not in self.pinned:
+                self.store.delete_prefix(checkpoint_key(self.run_name, step))
+
+    def steps(self, run_name: str) -> List[int]:
+        return listed_steps(self.store, run_name)
+
+    def fetch(self, key: str, scratch_dir: str) -> Tuple[Manifest, Dict[str, str]]:
+        return fetch_verified(self.store, key, scratch_dir)
+
+
+class HeadTier:
+    """The head node's store, reached through the HeadStore actor (see checkpoint/head.py).
+
+    The head applies retention, and forwards commits to durable storage, on its side.
+    """
+
+    name = "head"
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
+        import ray
+
+        for name, path in files.items():
+            with open(path, "rb") as f:
+                offset = 0
+                while chunk := f.read(CHUNK_BYTES):
+                    ray.get(self.actor.write_chunk.remote(key, name, offset, chunk))
+                    offset += len(chunk)
+        ray.get(self.actor.commit.remote(key, manifest.to_json()))
+
+    def steps(self, run_name: str) -> List[int]:
+        import ray
+
+        return ray.get(self.actor.steps.remote())
+
+    def fetch(self, key: str, scratch_dir: str) -> Tuple[Manifest, Dict[str, str]]:
+        import ray
+
+        manifest = Manifest.from_json(ray.get(self.actor.read_manifest.remote(key)))
+        paths = {}
+        for name, expected in manifest.files.items():
+            path = os.path.join(scratch_dir, name)
+            with open(path, "wb") as f:
+                for offset in range(0, expected.size, CHUNK_BYTES):
+                    f.write(ray.get(self.actor.read_chunk.remote(key, name, offset, CHUNK_BYTES)))
+            verify_file(path, expected, name)
+            paths[name] = path
+        return manifest, paths

@@ -1,0 +1,206 @@
+"""Async saves across tiers, coalescing, validated restore from the fastest tier, retention, advisor."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from raytrain_spot.checkpoint.advisor import IntervalAdvisor, job_mtbi_s, daly_interval
+from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, checkpoint_key, listed_steps
+from raytrain_spot.checkpoint.head import HeadStore
+from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest
+from raytrain_spot.checkpoint.tiers import StoreTier, steps_to_delete
+from raytrain_spot.events import EventLog
+from raytrain_spot.storage import LocalStore
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank_group(tmp_path_factory):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Recorder(EventLog):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, ev, **fields):
+        self.records.append({"ev": ev, **fields})
+
+
+def _model(value=0.0):
+    model = torch.nn.Linear(32, 32)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 32)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _tiers(tmp_path, keep=3):
+    local = StoreTier("local", LocalStore(str(tmp_path / "local")), "r", keep)
+    durable = StoreTier("durable", LocalStore(str(tmp_path / "durable")), "r", keep)
+    return local, durable
+
+
+def _manager(tmp_path, local, shared, events=None, **kwargs):
+    return CheckpointManager("r", {"run": {"name": "r"}}, local, shared, writes_local=True,
+                             events=events or Recorder(), scratch_root=str(tmp_path / "scratch"), **kwargs)
+
+
+def _corrupt(store, step):
+    path = os.path.join(store.local_path(checkpoint_key("r", step)), STATE_FILE)
+    with open(path, "r+b") as f:
+        f.truncate(64)
+
+
+def test_save_commits_every_tier_in_the_background_and_stalls_only_for_the_copy(tmp_path):
+    local, durable = _tiers(tmp_path)
+    events = Recorder()
+    manager = _manager(tmp_path, local, [durable], events)
+    model, optimizer = _model(1.0)
+    saved = model.weight.detach().clone()
+    stall = manager.save(model, optimizer, SaveRequest(Progress(10, 40), 2, "periodic"), writer=True)
+    with torch.no_grad():
+        model.weight.fill_(99.0)  # training goes on while the write runs: the snapshot must not see this
+    manager.wait()
+    assert stall < 0.5 and manager.committed_step == 10
+    assert listed_steps(local.store, "r") == listed_steps(durable.store, "r") == [10]
+    fresh, fresh_optimizer = _model()
+    restored = manager.restore(fresh, fresh_optimizer, rank=0, pointer_step=10)
+    assert torch.equal(fresh.weight, saved)
+    assert restored.progress.step == 10 and restored.tier == "local"
+    record = next(r for r in events.records if r["ev"] == "checkpoint")
+    assert record["tier"] == "durable" and record["stall_s"] == pytest.approx(stall) and record["bytes"] > 0
+
+
+def test_a_save_asked_for_while_one_runs_is_deferred_not_queued(tmp_path):
+    local, durable = _tiers(tmp_path)
+    manager = _manager(tmp_path, local, [durable])
+    model, optimizer = _model()
+    manager.save(model, optimizer, SaveRequest(Progress(1, 1), 1, "periodic"), writer=True)
+    requests = [SaveRequest(Progress(step, step), 1, "periodic") for step in (2, 3, 4)]
+    for request in requests:
+        if manager.busy:
+            assert manager.save(model, optimizer, request, writer=True) == 0.0
+            assert manager.deferred is request, "the newest request replaces the deferred one"
+    manager.wait()
+    assert len(listed_steps(durable.store, "r")) <= 2
+
+
+def test_restore_prefers_the_fastest_valid_tier_and_skips_damaged_copies(tmp_path, caplog):
+    local, durable = _tiers(tmp_path)
+    manager = _manager(tmp_path, local, [durable])
+    saved = {}
+    for step, value in ((10, 1.0), (20, 2.0)):
+        model, optimizer = _model(value)
+        saved[step] = model.weight.detach().clone()
+        manager.save(model, optimizer, SaveRequest(Progress(step, step), 1, "periodic"), writer=True, wait=True)
+
+    _corrupt(local.store, 20)
+    fresh, fresh_optimizer = _model()
+    restored = manager.restore(fresh, fresh_optimizer, rank=0, pointer_step=20)
+    assert (restored.progress.step, restored.tier) == (20, "durable")
+    assert "step_00000020 on the local tier" in caplog.text
+
+    _corrupt(durable.store, 20)
+    restored = manager.restore(fresh, fresh_optimizer, rank=0, pointer_step=20)
+    assert (restored.progress.step, restored.tier) == (10, "local")
+    assert torch.equal(fresh.weight, saved[10])
+
+
+def test_manifest_less_and_empty_tiers_mean_a_fresh_start(tmp_path):
+    local, durable = _tiers(tmp_path)
+    manager = _manager(tmp_path, local, [durable])
+    model, optimizer = _model()
+    manager.save(model, optimizer, SaveRequest(Progress(5, 5), 1, "periodic"), writer=True, wait=True)
+    for tier in (local, durable):
+        os.unlink(os.path.join(tier.store.local_path(checkpoint_key("r", 5)), MANIFEST))
+    assert manager.restore(*_model(), rank=0, pointer_step=None) is None
+
+
+def test_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path):
+    local, durable = _tiers(tmp_path)
+    events = Recorder()
+    manager = _manager(tmp_path, local, [durable], events)
+    model, optimizer = _model(1.0)
+    manager.save(model, optimizer, SaveRequest(Progress(1, 1), 1, "periodic"), writer=True, wait=True)
+
+    def broken(*args, **kwargs):
+        raise OSError("bucket unreachable")
+
+    durable.store.put_file = broken
+    manager.save(model, optimizer, SaveRequest(Progress(2, 2), 1, "periodic"), writer=True, wait=True)
+    assert manager.committed_step == 1
+    assert listed_steps(durable.store, "r") == [1]
+    assert any(r["ev"] == "checkpoint_failed" and r["step"] == 2 for r in events.records)
+
+
+def test_retention_keeps_the_newest_k_and_milestones():
+    assert steps_to_delete([90, 80, 70, 60, 50, 40], keep_latest_k=2, milestone_every=0) == [70, 60, 50, 40]
+    assert steps_to_delete([90, 80, 70, 60, 50, 40], keep_latest_k=2, milestone_every=30) == [70, 50, 40]
+
+
+def test_tier_retention_applies_on_commit(tmp_path):
+    local, durable = _tiers(tmp_path, keep=2)
+    manager = _manager(tmp_path, local, [durable])
+    model, optimizer = _model()
+    for step in range(1, 6):
+        manager.save(model, optimizer, SaveRequest(Progress(step, step), 1, "periodic"), writer=True, wait=True)
+    assert listed_steps(durable.store, "r") == [5, 4]
+    assert listed_steps(local.store, "r") == [5, 4]
+
+
+def test_head_store_verifies_what_arrives_and_forwards_to_durable_storage(tmp_path):
+    head = HeadStore(str(tmp_path / "head"), "r", "file://" + str(tmp_path / "durable"), keep_latest_k=2,
+                     milestone_every=0, durable_interval_s=0.0, events=Recorder())
+    local, _ = _tiers(tmp_path)
+    manager = _manager(tmp_path, local, [])
+    model, optimizer = _model(3.0)
+    manager.save(model, optimizer, SaveRequest(Progress(7, 7), 1, "final"), writer=False, wait=True)
+    key = checkpoint_key("r", 7)
+    data = open(os.path.join(local.store.local_path(key), STATE_FILE), "rb").read()
+    manifest = open(os.path.join(local.store.local_path(key), MANIFEST), "rb").read()
+    head.write_chunk(key, STATE_FILE, 0, data[: len(data) // 2])
+    with pytest.raises(Exception, match="truncated"):
+        head.commit(key, manifest)  # half the bytes arrived: refused
+    assert head.steps() == []
+    head.write_chunk(key, STATE_FILE, len(data) // 2, data[len(data) // 2:])
+    head.commit(key, manifest)
+    assert head.steps() == [7]
+    assert head.wait_for_uploads(timeout_s=30) == 7
+    assert listed_steps(LocalStore(str(tmp_path / "durable")), "r") == [7]
+    assert head.read_chunk(key, STATE_FILE, 0, 100) == data[:100]
+
+
+def test_young_daly_matches_a_numerical_optimum():
+    cost, mtbi = 30.0, 3600.0
+
+    def expected_waste(interval):  # first-order waste per unit time: checkpoint cost + lost work
+        return cost / interval + (interval + cost) / (2 * mtbi)
+
+    numeric = min((expected_waste(t), t) for t in [x * 0.5 for x in range(20, 4000)])[1]
+    assert daly_interval(cost, mtbi) == pytest.approx(numeric, rel=0.05)
+    assert daly_interval(cost, mtbi) == pytest.approx(math.sqrt(2 * cost * mtbi), rel=0.1)
+    assert daly_interval(5000.0, 1000.0) == 1000.0  # C >= 2M: checkpoint once per MTBI
+
+
+def test_advisor_uses_observed_interruptions_and_the_commit_floor():
+    advisor = IntervalAdvisor(node_mtbi_prior_s=4 * 3600, min_interval_s=1, max_interval_s=3600)
+    prior_only = advisor.decide(stall_s=0.01, commit_s=0.2, interruptions=0, observed_s=0, world_size=4,
+                                step_time_s=0.1)
+    assert prior_only.mtbi_s == pytest.approx(3600)
+    assert prior_only.interval_s == pytest.approx(daly_interval(0.01, 3600))
+    flaky = advisor.decide(stall_s=0.01, commit_s=0.2, interruptions=9, observed_s=1400, world_size=4,
+                           step_time_s=0.1)
+    assert flaky.mtbi_s == pytest.approx(job_mtbi_s(4 * 3600, 4, 9, 1400)) and flaky.mtbi_s == pytest.approx(500)
+    assert flaky.interval_s < prior_only.interval_s
+    slow_commit = advisor.decide(stall_s=0.01, commit_s=60.0, interruptions=0, observed_s=0, world_size=4,
+                                 step_time_s=0.1)
+    assert slow_commit.interval_s == 60.0 and slow_commit.interval_steps == 600
+    assert "Young/Daly" in slow_commit.explain()

@@ -1,0 +1,369 @@
+"""Every cluster YAML through Ray's own preparation and schema, and the instances it would create.
+
+The instance bodies are the ones Ray's GCP code sends: ``GCPCompute.create_instance`` (or
+the multi-zone provider) inserts through googleapiclient into the local Compute API, which
+rejects what GCE rejects (zone URLs for another zone, a list-form ``scheduling``, GPUs
+without ``onHostMaintenance: TERMINATE``, Spot with automatic restart).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import re
+import tomllib
+
+import pytest
+import yaml
+from google.auth.credentials import AnonymousCredentials
+from ray.autoscaler._private.gcp.node import GCPCompute
+from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+
+import raytrain_spot
+from raytrain_spot import cluster_check
+from raytrain_spot.gcp.machines import built_in_gpus
+from raytrain_spot.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
+from raytrain_spot.testing.compute_api import ComputeEngineEmulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_FILES = sorted(glob.glob(os.path.join(ROOT, "cluster", "*.yaml")))
+GCP_FILES = [f for f in CLUSTER_FILES if os.path.basename(f).startswith("gcp-")]
+MAIN_YAML = os.path.join(ROOT, "cluster", "gcp-spot.yaml")
+LOCAL_YAML = os.path.join(ROOT, "cluster", "local.yaml")
+STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
+
+
+def names(paths):
+    return [os.path.basename(p) for p in paths]
+
+
+PROJECT = "my-project"
+
+
+def raw(path: str) -> dict:
+    """The YAML as a user has it after filling in the FILL-IN values."""
+    with open(path) as f:
+        return yaml.safe_load(f.read().replace("FILL-IN-project-id", PROJECT))
+
+
+def filled(path: str) -> dict:
+    return cluster_check.prepare(raw(path), source=path)
+
+
+def test_the_cluster_directory_has_the_promised_variants():
+    assert {"gcp-spot.yaml", "gcp-spot-multizone.yaml", "gcp-spot-h100.yaml", "gcp-spot-l4.yaml",
+            "gcp-spot-t4.yaml", "local.yaml"} <= set(names(CLUSTER_FILES))
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=names(CLUSTER_FILES))
+def test_ray_prepares_and_validates_the_yaml_and_the_review_finds_nothing_once_filled_in(path):
+    config = filled(path)
+    assert config["head_node_type"] in config["available_node_types"]
+    assert cluster_check.review(config) == []
+
+
+@pytest.mark.parametrize("path", GCP_FILES, ids=names(GCP_FILES))
+def test_the_shipped_files_are_refused_until_the_project_is_filled_in(path):
+    problems = cluster_check.review(cluster_check.load(path))
+    assert problems and all("placeholder" in p.problem for p in problems)
+    assert ("cluster", "provider.project_id") in {(p.node_type, p.key) for p in problems}
+    assert ("head", "node_config.serviceAccounts[0].email") in {(p.node_type, p.key) for p in problems}
+
+
+def create_every_node_type(path: str, api: ComputeEngineEmulator):
+    """Insert one VM of each node type (the head included) the way Ray would; return (config, inserts)."""
+    config = filled(path)
+    provider = config["provider"]
+    for name, node_type in config["available_node_types"].items():
+        kind = "head" if name == config["head_node_type"] else "worker"
+        tags = {TAG_RAY_USER_NODE_TYPE: name, TAG_RAY_NODE_KIND: kind, TAG_RAY_NODE_NAME: f"ray-test-{kind}"}
+        if cluster_check.is_multizone(config):
+            nodes = MultiZoneGCPNodeProvider(dict(provider, compute_api_endpoint=api.endpoint), config["cluster_name"],
+                                             credentials=AnonymousCredentials())
+            nodes.create_node(node_type["node_config"], tags, 1 if kind == "head" else 3)
+        else:
+            compute = GCPCompute(build_compute_client(AnonymousCredentials(), api.endpoint), provider["project_id"],
+                                 provider["availability_zone"], config["cluster_name"])
+            compute.create_instance(node_type["node_config"], tags)
+    return config, api.inserts()
+
+
+@pytest.mark.parametrize("path", GCP_FILES, ids=names(GCP_FILES))
+def test_instances_the_gcp_provider_would_create(path):
+    project = PROJECT
+    with ComputeEngineEmulator(project) as api:
+        config, inserts = create_every_node_type(path, api)
+    provider = config["provider"]
+    assert inserts and all(r.accepted for r in inserts), [r.body["name"] for r in inserts if not r.accepted]
+
+    for record in inserts:
+        body, zone = record.body, record.zone
+        node_type = body["labels"]["ray-user-node-type"]
+        spec = config["available_node_types"][node_type]
+        is_head = node_type == config["head_node_type"]
+        labels = spec["labels"]
+
+        # Spot scheduling on Spot workers only, as a dict, deleted on preemption.
+        scheduling = body["scheduling"]
+        assert isinstance(scheduling, dict)
+        if labels[cluster_check.PRICING_LABEL] == "spot":
+            assert not is_head
+            assert scheduling == {"provisioningModel": "SPOT", "instanceTerminationAction": "DELETE",
+                                  "onHostMaintenance": "TERMINATE", "automaticRestart": False}
+        else:
+            assert scheduling["provisioningModel"] == "STANDARD"
+
+        # Zone URLs: the zone the VM goes to, in every zonal field.
+        if cluster_check.is_multizone(config):
+            expected_zones = provider["availability_zones"] if not is_head and labels[
+                cluster_check.PRICING_LABEL] == "spot" else [provider["availability_zone"]]
+            assert zone in expected_zones
+        else:
+            assert zone == provider["availability_zone"]
+        assert body["machineType"] == f"zones/{zone}/machineTypes/{spec['node_config']['machineType']}"
+        for disk in body["disks"]:
+            assert disk["initializeParams"]["diskType"].startswith(f"zones/{zone}/diskTypes/")
+
+        # GPUs: built into A2/A3/G2 machine types, attached (with a zonal URL) on N1.
+        machine = spec["node_config"]["machineType"]
+        if built_in_gpus(machine):
+            assert "guestAccelerators" not in body
+            assert spec["resources"]["GPU"] == built_in_gpus(machine).count
+        for accelerator in body.get("guestAccelerators", []):
+            assert machine.startswith("n1-")
+            assert re.fullmatch(rf"projects/{project}/zones/{zone}/acceleratorTypes/nvidia-[a-z0-9-]+",
+                                accelerator["acceleratorType"])
+        if is_head:
+            assert not built_in_gpus(machine) and "guestAccelerators" not in body
+            assert spec["resources"] == {"CPU": 0}
+
+        # Labels: Ray's tags plus the billing labels; scopes: storage everywhere, compute on the head only.
+        assert body["labels"]["ray-cluster-name"] == config["cluster_name"]
+        assert body["labels"]["raytrain-spot-pricing"] == labels[cluster_check.PRICING_LABEL]
+        assert labels[cluster_check.NODE_TYPE_LABEL] == node_type
+        scopes = body["serviceAccounts"][0]["scopes"]
+        assert STORAGE_SCOPE in scopes
+        assert (COMPUTE_SCOPE in scopes) == is_head
+        assert not any(s.endswith("/cloud-platform") for s in scopes)
+
+
+@pytest.mark.parametrize("path", GCP_FILES, ids=names(GCP_FILES))
+def test_hybrid_files_keep_a_fixed_on_demand_fallback_and_all_spot_files_have_none(path):
+    config = filled(path)
+    workers = {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
+    on_demand = [t for t in workers.values() if t["labels"][cluster_check.PRICING_LABEL] == "on_demand"]
+    spot = [t for t in workers.values() if t["labels"][cluster_check.PRICING_LABEL] == "spot"]
+    assert spot
+    all_spot = os.path.basename(path) in ("gcp-spot-h100.yaml", "gcp-spot-t4.yaml")
+    assert (on_demand == []) == all_spot
+    for fallback in on_demand:
+        assert fallback["min_workers"] == fallback["max_workers"] >= 1
+    assert config["max_workers"] == sum(t["max_workers"] for t in workers.values())
+
+
+@pytest.mark.parametrize("path", GCP_FILES, ids=names(GCP_FILES))
+def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_jupyter_on_loopback(path):
+    config = filled(path)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert version == raytrain_spot.__version__
+    wheel = f"/tmp/raytrain-spot-dist/raytrain_spot-{version}-py3-none-any.whl"
+    assert config["file_mounts"] == {"/tmp/raytrain-spot-dist": "./dist", "~/raytrain-spot/conf": "./conf"}
+    assert os.path.isdir(os.path.join(ROOT, "conf"))
+
+    for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
+        torch_at = next(i for i, c in enumerate(commands) if '"torch==' in c)
+        package_at = next(i for i, c in enumerate(commands) if wheel in c)
+        assert torch_at < package_at
+    assert "whl/cpu" in next(c for c in config["head_setup_commands"] if '"torch==' in c)
+
+    worker_start = config["worker_start_ray_commands"]
+    ray_start_at = next(i for i, c in enumerate(worker_start) if "ray start --address=$RAY_HEAD_IP:6379" in c)
+    watcher_at = next(i for i, c in enumerate(worker_start) if "python -m raytrain_spot.watcher --margin-s 5" in c)
+    assert ray_start_at < watcher_at
+    assert "nohup" in worker_start[watcher_at] and "watcher.log" in worker_start[watcher_at]
+
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "jupyter lab --ip=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert 'JUPYTER_TOKEN="$(cat ~/.raytrain-spot/jupyter_token)"' in head_start
+    assert "token_urlsafe" in " ".join(config["head_setup_commands"])
+
+
+def test_local_yaml_mirrors_the_gcp_node_types_on_loopback():
+    local, gcp = cluster_check.load(LOCAL_YAML), filled(MAIN_YAML)
+    assert local["provider"]["module"] == "raytrain_spot.local_provider.LocalMultiNodeProvider"
+    assert {n: t["labels"] for n, t in local["available_node_types"].items()} == {
+        n: t["labels"] for n, t in gcp["available_node_types"].items()}
+    assert local["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    head_start = " ".join(local["head_start_ray_commands"])
+    assert "--node-ip-address=127.0.0.1" in head_start and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in head_start
+    port = re.search(r"--port=(\d+)", head_start).group(1)
+    assert local["provider"]["gcs_address"] == f"127.0.0.1:{port}"
+
+
+# -- refusals -------------------------------------------------------------------------------------
+def spot_head(c):
+    c["available_node_types"]["head"]["node_config"]["scheduling"] = {
+        "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE", "onHostMaintenance": "TERMINATE"}
+
+
+def list_scheduling(c):
+    c["available_node_types"]["gpu-spot"]["node_config"]["scheduling"] = [{"provisioningModel": "SPOT"}]
+
+
+def fallback_made_spot(c):
+    c["available_node_types"]["gpu-on-demand"]["node_config"]["scheduling"] = dict(
+        c["available_node_types"]["gpu-spot"]["node_config"]["scheduling"])
+
+
+def no_termination_action(c):
+    del c["available_node_types"]["gpu-spot"]["node_config"]["scheduling"]["instanceTerminationAction"]
+
+
+def stop_on_preemption(c):
+    c["available_node_types"]["gpu-spot"]["node_config"]["scheduling"]["instanceTerminationAction"] = "STOP"
+
+
+def live_migrating_gpu(c):
+    c["available_node_types"]["gpu-on-demand"]["node_config"]["scheduling"]["onHostMaintenance"] = "MIGRATE"
+
+
+def accelerators_on_a2(c):
+    c["available_node_types"]["gpu-spot"]["node_config"]["guestAccelerators"] = [
+        {"acceleratorType": "nvidia-tesla-a100", "acceleratorCount": 1}]
+
+
+def accelerators_on_n2(c):
+    node_config = c["available_node_types"]["gpu-spot"]["node_config"]
+    node_config["machineType"] = "n2-standard-8"
+    node_config["guestAccelerators"] = [{"acceleratorType": "nvidia-tesla-t4", "acceleratorCount": 1}]
+
+
+def head_with_gpus(c):
+    c["available_node_types"]["head"]["resources"] = {"CPU": 0, "GPU": 1}
+
+
+def head_with_cpus(c):
+    c["available_node_types"]["head"]["resources"] = {"CPU": 8}
+
+
+def growing_fallback(c):
+    c["available_node_types"]["gpu-on-demand"].update(min_workers=0, max_workers=2)
+
+
+def disk_in_other_zone(c):
+    c["available_node_types"]["gpu-spot"]["node_config"]["disks"][0]["initializeParams"]["diskType"] = \
+        "zones/us-central1-b/diskTypes/pd-balanced"
+
+
+def no_watcher(c):
+    c["worker_start_ray_commands"] = [cmd for cmd in c["worker_start_ray_commands"] if "watcher" not in cmd]
+
+
+def h100_on_demand(c):
+    c["available_node_types"]["gpu-on-demand"]["node_config"]["machineType"] = "a3-highgpu-1g"
+
+
+def wrong_gpu_count(c):
+    c["available_node_types"]["gpu-spot"]["resources"]["GPU"] = 2
+
+
+def wrong_type_label(c):
+    c["available_node_types"]["gpu-spot"]["labels"]["raytrain-spot/node-type"] = "workers"
+
+
+@pytest.mark.parametrize("mistake, node_type, key", [
+    (spot_head, "head", "node_config.scheduling"),
+    (list_scheduling, "gpu-spot", "node_config.scheduling"),
+    (fallback_made_spot, "gpu-on-demand", "node_config.scheduling.provisioningModel"),
+    (no_termination_action, "gpu-spot", "node_config.scheduling.instanceTerminationAction"),
+    (stop_on_preemption, "gpu-spot", "node_config.scheduling.instanceTerminationAction"),
+    (live_migrating_gpu, "gpu-on-demand", "node_config.scheduling.onHostMaintenance"),
+    (accelerators_on_a2, "gpu-spot", "node_config.guestAccelerators"),
+    (accelerators_on_n2, "gpu-spot", "node_config.guestAccelerators"),
+    (head_with_gpus, "head", "resources.GPU"),
+    (head_with_cpus, "head", "resources.CPU"),
+    (growing_fallback, "gpu-on-demand", "min_workers/max_workers"),
+    (disk_in_other_zone, "gpu-spot", "node_config.disks[0].initializeParams.diskType"),
+    (no_watcher, "cluster", "worker_start_ray_commands"),
+    (h100_on_demand, "gpu-on-demand", "node_config.machineType"),
+    (wrong_gpu_count, "gpu-spot", "resources.GPU"),
+    (wrong_type_label, "gpu-spot", "labels.raytrain-spot/node-type"),
+])
+def test_review_refuses_the_mistake_naming_node_type_key_and_fix(mistake, node_type, key):
+    config = raw(MAIN_YAML)
+    mistake(config)
+    problems = cluster_check.review(cluster_check.prepare(config))
+    assert any(p.node_type == node_type and p.key == key and p.fix for p in problems), [str(p) for p in problems]
+
+
+def test_the_emulated_gce_rejects_what_the_review_refuses():
+    # The two must agree: a list-form scheduling is refused by the review and by the API.
+    config = raw(MAIN_YAML)
+    list_scheduling(config)
+    prepared = cluster_check.prepare(config)
+    with ComputeEngineEmulator(config["provider"]["project_id"]) as api:
+        compute = GCPCompute(build_compute_client(AnonymousCredentials(), api.endpoint), api.project,
+                             config["provider"]["availability_zone"], "c")
+        with pytest.raises(Exception, match="scheduling"):
+            compute.create_instance(prepared["available_node_types"]["gpu-spot"]["node_config"],
+                                    {TAG_RAY_NODE_NAME: "ray-c-worker"})
+
+
+def test_ray_schema_errors_are_reported_as_config_errors():
+    config = raw(MAIN_YAML)
+    config["available_node_types"]["gpu-spot"]["max_workers"] = "many"
+    with pytest.raises(cluster_check.ClusterConfigError, match="max_workers"):
+        cluster_check.prepare(config)
+
+
+def test_summary_prices_every_type_with_the_injected_lookup():
+    prices = {("n2-standard-8", "on_demand"): 0.5, ("a2-highgpu-1g", "spot"): 2.0, ("a2-highgpu-1g", "on_demand"): 5.0}
+    asked = []
+
+    def lookup(item, pricing, region):
+        asked.append(region)
+        return prices.get((item, pricing))
+
+    config = filled(MAIN_YAML)
+    summary = cluster_check.summarize(config, lookup)
+    types = config["available_node_types"]
+    expected = 0.5 + types["gpu-spot"]["max_workers"] * 2.0 + types["gpu-on-demand"]["max_workers"] * 5.0
+    assert summary.cost_per_hour("max") == (pytest.approx(expected), [])
+    assert set(asked) == {config["provider"]["region"]}
+    text = cluster_check.format_summary(summary)
+    assert "hybrid" in text and f"{expected:.2f}" in text and "1x A100 40GB" in text
+
+
+def test_attached_gpus_are_priced_per_gpu_and_unknown_prices_are_named():
+    config = filled(os.path.join(ROOT, "cluster", "gcp-spot-t4.yaml"))
+    summary = cluster_check.summarize(config, lambda item, pricing, region: {"n1-standard-8": 1.0,
+                                                                             "nvidia-tesla-t4": 0.25}.get(item))
+    worker = next(t for t in summary.node_types if t.name == "gpu-spot")
+    assert worker.price_per_hour == pytest.approx(1.25)
+    total, unpriced = summary.cost_per_hour("max")
+    assert unpriced == ["head"] and total == pytest.approx(worker.max_workers * 1.25)
+
+
+def test_command_line_exit_codes(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(raw(MAIN_YAML)))
+    assert cluster_check.main([str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+    assert cluster_check.main([MAIN_YAML]) == 1  # as shipped: the project is still to fill in
+    assert "placeholder" in capsys.readouterr().err
+
+    broken = copy.deepcopy(raw(MAIN_YAML))
+    spot_head(broken)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(broken))
+    assert cluster_check.main([str(bad)]) == 1
+    assert "head: node_config.scheduling: makes the head Spot" in capsys.readouterr().err
+
+    unreadable = tmp_path / "unreadable.yaml"
+    unreadable.write_text("provider: [unclosed")
+    assert cluster_check.main([str(unreadable)]) == 2
