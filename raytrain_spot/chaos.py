@@ -33,13 +33,14 @@ from raytrain_spot.events import EventLog
 logger = logging.getLogger(__name__)
 
 
-def preempt(node: int, at_s: Optional[float] = None, at_step: Optional[int] = None,
-            notice_s: Optional[float] = None) -> ChaosEvent:
-    return ChaosEvent(action="preempt", node=node, at_s=at_s, at_step=at_step, notice_s=notice_s)
+def preempt(node: int = 0, at_s: Optional[float] = None, at_step: Optional[int] = None,
+            notice_s: Optional[float] = None, rank: Optional[int] = None) -> ChaosEvent:
+    return ChaosEvent(action="preempt", node=node, rank=rank, at_s=at_s, at_step=at_step, notice_s=notice_s)
 
 
-def no_notice(node: int, at_s: Optional[float] = None, at_step: Optional[int] = None) -> ChaosEvent:
-    return ChaosEvent(action="preempt", node=node, at_s=at_s, at_step=at_step, no_notice=True)
+def no_notice(node: int = 0, at_s: Optional[float] = None, at_step: Optional[int] = None,
+              rank: Optional[int] = None) -> ChaosEvent:
+    return ChaosEvent(action="preempt", node=node, rank=rank, at_s=at_s, at_step=at_step, no_notice=True)
 
 
 def restore(after_s: float = 20.0) -> ChaosEvent:
@@ -101,6 +102,7 @@ class SpotSimulator:
     """
 
     def __init__(self, cfg: ChaosConfig, cluster, events: EventLog, current_step: Callable[[], Optional[int]],
+                 on_kill: Callable[[str, bool], None], log_dir: str, rank_nodes: Callable[[], List[str]] = list,
                  node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time):
         from raytrain_spot.testing.metadata_server import MetadataEmulator
 
@@ -108,11 +110,16 @@ class SpotSimulator:
         self.cluster = cluster
         self.events = events
         self.current_step = current_step
+        self.rank_nodes = rank_nodes  # node id of each rank of the current worker group
         self.node_local_root = node_local_root
         self.clock = clock
+        self.on_kill = on_kill  # logs the kill (the cluster monitor, so it is logged once)
+        self.log_dir = log_dir
+        os.makedirs(log_dir, exist_ok=True)
         self.metadata = MetadataEmulator()
         self.nodes: Dict[int, object] = {}  # slot -> Ray node handle of the alive ones
         self.watchers: Dict[int, subprocess.Popen] = {}
+        self._noticed: set[int] = set()
         self._next_slot = 0
         self.kills = 0
         self.notices = 0
@@ -121,8 +128,10 @@ class SpotSimulator:
         self._started_at: Optional[float] = None
         self._pending: List[Action] = []
         self._script: List[ChaosEvent] = list(cfg.events) if cfg.mode == "events" else []
+        self._ticks = None
         if cfg.mode == "trace":
             targets = trace_targets(load_trace(cfg.trace, cfg.start_tick, cfg.max_ticks), len(self.nodes))
+            self._ticks = len(targets)
             rng = random.Random(cfg.seed)
             self._pending = trace_actions(targets, cfg.tick_s, 0.0 if cfg.no_notice else cfg.notice_s,
                                           cfg.provisioning_s, lambda alive, k: rng.sample(alive, k))
@@ -137,12 +146,15 @@ class SpotSimulator:
         self.nodes[slot] = node
         name = f"worker-{slot}"
         self.metadata.add_node(name)
-        self.watchers[slot] = subprocess.Popen(
-            [sys.executable, "-m", "raytrain_spot.watcher", "--node-id", node.node_id,
-             "--address", self.cluster.address, "--notice-s", str(self.cfg.notice_s),
-             "--margin-s", str(self.cfg.margin_s)],
-            env={**os.environ, **self.metadata.env(name)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        if not self.cfg.watchers:
+            return slot
+        with open(os.path.join(self.log_dir, f"watcher-{name}.log"), "ab") as log:
+            self.watchers[slot] = subprocess.Popen(
+                [sys.executable, "-m", "raytrain_spot.watcher", "--node-id", node.node_id,
+                 "--address", self.cluster.address, "--notice-s", str(self.cfg.notice_s),
+                 "--margin-s", str(self.cfg.margin_s)],
+                env={**os.environ, **self.metadata.env(name)}, stdout=log, stderr=subprocess.STDOUT,
+            )
         return slot
 
     def alive_slots(self) -> List[int]:
@@ -150,6 +162,7 @@ class SpotSimulator:
 
     def _notice(self, slot: int, notice_s: float) -> None:
         self.notices += 1
+        self._noticed.add(slot)
         self.metadata.preempt(f"worker-{slot}")
         self.events.emit("notice", node=self.nodes[slot].node_id, notice_s=notice_s)
         logger.info("Preemption notice to worker-%d (%s); killing it in %.1f s", slot, self.nodes[slot].node_id,
@@ -158,10 +171,11 @@ class SpotSimulator:
     def _kill(self, slot: int) -> None:
         node = self.nodes.pop(slot)
         self.kills += 1
-        watcher = self.watchers.pop(slot)
-        if watcher.poll() is None:
+        watcher = self.watchers.pop(slot, None)
+        if watcher is not None and watcher.poll() is None:
             watcher.kill()
         self.cluster.remove_worker_node(node)
+        self.on_kill(node.node_id, self.cfg.watchers and slot in self._noticed)
         if self.node_local_root:
             shutil.rmtree(os.path.join(self.node_local_root, node.node_id), ignore_errors=True)
         logger.info("Killed worker-%d (%s)", slot, node.node_id)
@@ -179,6 +193,8 @@ class SpotSimulator:
         now = self.clock()
         if self._started_at is None:
             self._started_at = now
+            self.events.emit("chaos", mode=self.cfg.mode, trace=self.cfg.trace, tick_s=self.cfg.tick_s,
+                             ticks=self._ticks, notice_s=self.cfg.notice_s, watchers=self.cfg.watchers)
         elapsed = now - self._started_at
         self._schedule_script(elapsed, step)
         while self._pending and self._pending[0].at_s <= elapsed:
@@ -200,10 +216,7 @@ class SpotSimulator:
                 self._pending.append(Action(max(last_kill, elapsed) + event.after_s, "add"))
             elif (event.at_s is not None and elapsed >= event.at_s) or (
                     event.at_step is not None and step >= event.at_step):
-                alive = self.alive_slots()
-                if event.node >= len(alive):
-                    raise ValueError(f"chaos: preempt(node={event.node}) but only {len(alive)} worker nodes are alive")
-                slot = alive[event.node]
+                slot = self._target(event)
                 notice_s = 0.0 if event.no_notice else (event.notice_s if event.notice_s is not None
                                                        else self.cfg.notice_s)
                 if not event.no_notice:
@@ -213,6 +226,19 @@ class SpotSimulator:
                 return
             self._script.pop(0)
             self._pending.sort()
+
+    def _target(self, event: ChaosEvent) -> int:
+        if event.rank is not None:
+            nodes = self.rank_nodes()
+            slot = next((s for s, n in self.nodes.items() if event.rank < len(nodes) and n.node_id == nodes[event.rank]),
+                        None)
+            if slot is None:
+                raise ValueError(f"chaos: preempt(rank={event.rank}) but no alive node runs rank {event.rank}")
+            return slot
+        alive = self.alive_slots()
+        if event.node >= len(alive):
+            raise ValueError(f"chaos: preempt(node={event.node}) but only {len(alive)} worker nodes are alive")
+        return alive[event.node]
 
     @property
     def done(self) -> bool:

@@ -7,6 +7,7 @@ deaths (``kill``) and clean departures (``remove``). The ledger turns these into
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class ClusterMonitor:
         self._interval_s = interval_s
         self._read = read
         self._known: Dict[str, NodeState] = {}
+        self._dead: set[str] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cluster-monitor", daemon=True)
 
@@ -84,8 +87,23 @@ class ClusterMonitor:
         self._stop.set()
         self._thread.join()
 
+    def reported_dead(self, node_id: str, with_notice: bool) -> None:
+        """A node died now, says someone who knows the moment (the Spot simulator): Ray itself
+        notices a killed node only after missed heartbeats, seconds later."""
+        with self._lock:
+            self._dead.add(node_id)  # the GCS may list it alive for a few more seconds
+            node = self._known.get(node_id)
+            if node is not None and node.alive:
+                self._known[node_id] = dataclasses.replace(node, alive=False)
+                self._events.emit("kill", node=node_id, with_notice=with_notice)
+
     def poll(self) -> None:
-        current = self._read()
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
+        current = {node_id: dataclasses.replace(node, alive=False) if node_id in self._dead else node
+                   for node_id, node in self._read().items()}
         for record in node_changes(self._known, current):
             self._events.emit(record.pop("ev"), **record)
         self._known = current

@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -188,6 +187,12 @@ class TrainerConfig:
     """How often rank 0 checks whether more workers would fit (regrow)."""
     regrow_settle_s: float = 2.0
     """Extra capacity must stay this long before the group restarts to use it."""
+    spot_aware: bool = True
+    """False: plain Ray Train 2.60 (the benchmark baseline): Ray's own elastic and failure policies and
+    timings, no reaction to preemption notices, no regrow handoffs, periodic checkpoints only."""
+    failure_settle_s: float = 4.0
+    """After a failure without notice, wait this long for the cluster to declare dead nodes dead
+    before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
     collective_timeout_s: float = 120.0
     """Process-group timeout: a survivor stuck in a collective with a vanished peer gives up after this."""
     log_every_steps: int = 10
@@ -205,8 +210,8 @@ class TrainerConfig:
         _require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                  "set trainer.max_failures=-1 to recover from every failure")
         _positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
-        _require(self.regrow_settle_s >= 0, "trainer.regrow_settle_s", f"must be >= 0, got {self.regrow_settle_s}",
-                 "set trainer.regrow_settle_s=2")
+        _require(self.regrow_settle_s >= 0 and self.failure_settle_s >= 0, "trainer.regrow_settle_s",
+                 "regrow_settle_s and failure_settle_s must be >= 0", "use 0 or a positive number of seconds")
 
     @property
     def resources_per_worker(self) -> dict:
@@ -241,6 +246,8 @@ class CheckpointConfig:
     """The head forwards a checkpoint to storage.uri at most this often (always the final one)."""
     compression: str = "none"
     """Compress the state file: none, zstd or lz4."""
+    max_transfer_mbps: Optional[float] = None
+    """Cap each worker's checkpoint traffic to the head (MB/s) so it never starves gradient traffic; unset: no cap."""
 
     def head_root(self, storage_uri: str) -> str:
         """Head tier root of the runs stored at ``storage_uri``: same-named runs elsewhere never mix."""
@@ -263,6 +270,8 @@ class CheckpointConfig:
                  "lower checkpoint.min_interval_s")
         _require(self.milestone_every_steps >= 0 and self.durable_interval_s >= 0, "checkpoint.durable_interval_s",
                  "milestone_every_steps and durable_interval_s must be >= 0", "use 0 or a positive value")
+        _require(self.max_transfer_mbps is None or self.max_transfer_mbps > 0, "checkpoint.max_transfer_mbps",
+                 f"must be positive or unset, got {self.max_transfer_mbps}", "unset it, or give MB/s such as 200")
         _require(self.compression in ("none", "zstd", "lz4"), "checkpoint.compression",
                  f"{self.compression!r} is not supported", "use none, zstd or lz4")
 
@@ -337,6 +346,8 @@ class ChaosEvent:
     """``preempt`` a worker node, or ``restore`` capacity (a replacement node joins)."""
     node: int = 0
     """preempt: index of the worker node among those alive, in the order they joined."""
+    rank: Optional[int] = None
+    """preempt: instead of ``node``, the node that runs this training rank (e.g. 0, the writer)."""
     at_s: Optional[float] = None
     """When, in seconds after the first training step (or use at_step)."""
     at_step: Optional[int] = None
@@ -382,6 +393,8 @@ class ChaosConfig:
     """trace: seconds a replacement node takes to join once capacity returns."""
     margin_s: float = 5.0
     """Drain deadline margin the node watchers use: they drain to end this long before the kill."""
+    watchers: bool = True
+    """Run a preemption watcher per node. False: Ray never hears of a notice, as with plain Ray on GCE."""
     seed: int = 0
     """trace: which nodes a capacity drop takes."""
 
@@ -395,6 +408,10 @@ class ChaosConfig:
         _positive("chaos", self, "tick_s")
         _require(self.notice_s >= 0 and self.provisioning_s >= 0 and self.margin_s >= 0, "chaos.notice_s",
                  "notice_s, provisioning_s and margin_s must be >= 0", "use non-negative seconds")
+        if self.watchers:
+            _require(self.margin_s < self.notice_s, "chaos.margin_s",
+                     f"{self.margin_s} is not below chaos.notice_s={self.notice_s}: the drain deadline would be at "
+                     "or before the notice", f"set chaos.margin_s below {self.notice_s}, e.g. chaos.margin_s=1")
 
 
 @dataclass
@@ -441,6 +458,8 @@ _SECTIONS = {f.type: globals()[f.type.removeprefix("Optional[").removesuffix("]"
 
 def register_configs() -> None:
     """Register the schemas so Hydra type-checks every YAML value and override."""
+    from hydra.core.config_store import ConfigStore  # imported here: workers need no Hydra
+
     ConfigStore.instance().store(name="schema", node=Config)
 
 

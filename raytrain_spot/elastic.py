@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional
 
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.controller.state import ReschedulingState, RestartingState
 from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision, ScalingDecision
@@ -47,9 +48,13 @@ RAY_TRAIN_TIMING = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # Ray Train relays a node drain to the workers within half a second (default 5 s).
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
-    # A group that cannot be placed (a node died while it started) is retried after 30 s, not 60 s.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+    # A group that cannot be placed (a node died while it started) is retried after 10 s, not 60 s:
+    # with a live capacity count, waiting for a placement means the count went stale.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
 }
+
+
+NOOP_PACE_S = 0.1
 
 
 class WorkerGroupHandoff(Exception):
@@ -112,21 +117,44 @@ class LiveCapacity:
         return self._cached[1]
 
 
+def is_handoff(error: Optional[TrainingFailedError]) -> bool:
+    return isinstance(error, WorkerGroupError) and bool(error.worker_failures) and all(
+        isinstance(failure, WorkerGroupHandoff) for failure in error.worker_failures.values()
+    )
+
+
 class SpotScalingPolicy(ElasticScalingPolicy):
     """Ray's elastic policy with a live capacity count; running groups are resized by handoff only.
 
-    Resource requests to the autoscaler (so a cloud cluster launches nodes up to
-    max_workers) are kept from the base class.
+    After a failure the new group is sized only once ``failure_settle_s`` has passed: a node
+    that died without notice still looks alive to the GCS until its health checks fail, and a
+    group placed on it would wait out the start timeout. Resource requests to the autoscaler
+    (so a cloud cluster launches nodes up to max_workers) are kept from the base class.
     """
 
-    def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None):
+    def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
+                 failure_settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         super().__init__(scaling_config)
         self._capacity = capacity or LiveCapacity(scaling_config._resources_per_worker_not_none,
                                                   scaling_config.max_workers)
+        self._failure_settle_s = failure_settle_s
+        self._clock = clock
+        self._sleep = sleep
+        self._last_failure: Optional[float] = None
         self._waiting_since: Optional[float] = None
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        """Entering a restart caused by a failure (not a handoff) starts the settle period."""
+        error = getattr(current_state, "training_failed_error", None)
+        entered = current_state is not previous_state  # a Noop decision keeps the very same state
+        if entered and isinstance(current_state, (RestartingState, ReschedulingState)) and not is_handoff(error):
+            self._last_failure = self._clock()
 
     def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
         self._maybe_send_resource_request()
+        if self._last_failure is not None and self._clock() - self._last_failure < self._failure_settle_s:
+            return self._wait()
         workers = self._capacity.workers()
         minimum = self.scaling_config.min_workers
         if workers < minimum:
@@ -134,7 +162,7 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                 self._waiting_since = time.monotonic()
                 logger.warning("Waiting for capacity: %d workers fit on alive, non-draining nodes, "
                                "min_workers=%d", workers, minimum)
-            return NoopDecision()
+            return self._wait()
         waited = time.monotonic() - self._waiting_since if self._waiting_since is not None else 0.0
         self._waiting_since = None
         logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
@@ -142,15 +170,14 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         return ResizeDecision(num_workers=workers,
                               resources_per_worker=self.scaling_config._resources_per_worker_not_none)
 
+    def _wait(self) -> NoopDecision:
+        # The controller asks again at once after a Noop; pace it rather than spin the head's CPU.
+        self._sleep(NOOP_PACE_S)
+        return NoopDecision()
+
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
         self._maybe_send_resource_request()
         return NoopDecision()
-
-
-def is_handoff(error: TrainingFailedError) -> bool:
-    return isinstance(error, WorkerGroupError) and bool(error.worker_failures) and all(
-        isinstance(failure, WorkerGroupHandoff) for failure in error.worker_failures.values()
-    )
 
 
 class SpotFailurePolicy(DefaultFailurePolicy):
@@ -171,7 +198,15 @@ class SpotFailurePolicy(DefaultFailurePolicy):
 
 
 class SpotTorchTrainer(TorchTrainer):
-    """TorchTrainer with the Spot scaling and failure policies and fast controller timings."""
+    """TorchTrainer with the Spot scaling and failure policies and fast controller timings.
+
+    ``failure_settle_s``: after a failure, how long to wait for the GCS to declare dead nodes
+    dead before sizing the new group (the cluster's health-check period times its threshold).
+    """
+
+    def __init__(self, *args, failure_settle_s: float = 4.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._failure_settle_s = failure_settle_s
 
     def fit(self):
         for key, value in RAY_TRAIN_TIMING.items():
@@ -179,7 +214,8 @@ class SpotTorchTrainer(TorchTrainer):
         return super().fit()
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config)
+        controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config,
+                                                                     failure_settle_s=self._failure_settle_s)
         controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 

@@ -5,6 +5,8 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 =====================  ======================================================================
 ``start``              driver started (``run``, ``embedded``, ``dataset``, ``min_workers``, ``max_workers``)
 ``add``                a node joined (``node``, ``node_type``, ``pricing``: spot|on_demand, ``gpus``)
+``chaos``              the Spot simulator started its clock (``mode``, ``trace``, ``tick_s``, ``ticks``,
+                       ``notice_s``, ``watchers``)
 ``notice``             the Spot simulator gave a node its preemption notice (``node``, ``notice_s``)
 ``drain``              Ray drained a node: the notice as Ray sees it (``node``, ``deadline``: unix seconds)
 ``kill``               a node died (``node``, ``with_notice``: bool)
@@ -12,7 +14,8 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 ``handoff``            the group checkpoints and restarts on purpose (``reason``: preemption|regrow,
                        ``step``, ``world_size``; preemption: ``preempted_ranks``, ``nodes``,
                        ``deadline``; regrow: ``grow_to``)
-``group``              a worker group started training (``world_size``, ``step``, ``restored_step``)
+``group``              a worker group started training (``world_size``, ``step``, ``restored_step``,
+                       ``nodes``: node id of each rank, ``startup_s``: seconds per startup phase)
 ``restore``            the group loaded a checkpoint (``step``, ``tier``: local|head|durable|peer,
                        ``duration_s``)
 ``resize``             the world size changed across a restart (``old_world_size``, ``world_size``,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
@@ -22,6 +24,9 @@ NODE_TYPE_LABEL = "raytrain-spot/node-type"
 PRICING_LABEL = "raytrain-spot/pricing"
 LOCAL_WORKER_TYPE = "local-cpu-spot"
 DEFAULT_DASHBOARD_PORT = 8265
+# A killed node is declared dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s), so
+# a new worker group stops counting it within seconds. The GCP cluster YAMLs set the same.
+FAST_DEATH_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 _MB = 1 << 20
 
 
@@ -35,6 +40,11 @@ def _free_port(preferred: int) -> int:
             except OSError:
                 continue
     raise RuntimeError("no free port on 127.0.0.1")
+
+
+def _descendants(pid: int) -> List[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [p for child in children for p in (int(child), *_descendants(int(child)))]
 
 
 def _force_loopback() -> None:
@@ -56,7 +66,8 @@ class EmbeddedCluster:
             head_node_args=dict(num_cpus=0, node_ip_address=LOOPBACK, include_dashboard=True,
                                 dashboard_host=LOOPBACK, dashboard_port=self.dashboard_port,
                                 object_store_memory=cfg.head_object_store_mb * _MB,
-                                labels={NODE_TYPE_LABEL: "local-head", PRICING_LABEL: "on_demand"}),
+                                labels={NODE_TYPE_LABEL: "local-head", PRICING_LABEL: "on_demand"},
+                                _system_config=FAST_DEATH_DETECTION),
         )
         self.workers: List = []
         for _ in range(cfg.num_worker_nodes):
@@ -76,9 +87,19 @@ class EmbeddedCluster:
         return node
 
     def remove_worker_node(self, node) -> None:
-        """Kill a worker node abruptly, like a VM deletion: no graceful shutdown."""
+        """Kill a worker node abruptly, like a VM deletion: the raylet and every process it
+        started (Ray's workers outlive a killed raylet for a while otherwise)."""
         self.workers.remove(node)
+        from ray._private import ray_constants
+
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        orphans = _descendants(raylet)
         self._cluster.remove_node(node, allow_graceful=False)
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def shutdown(self) -> None:
         self._cluster.shutdown()

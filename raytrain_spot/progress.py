@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from raytrain_spot.events import read_events
 
@@ -43,6 +43,7 @@ class ProgressPrinter:
         self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
         self._last_printed_step: Optional[Dict[str, Any]] = None
         self.latest_step: Optional[int] = None
+        self.rank_nodes: List[str] = []  # node id of each rank of the latest worker group
         self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
 
     def __enter__(self) -> "ProgressPrinter":
@@ -69,6 +70,8 @@ class ProgressPrinter:
 
     def _print(self, record: Dict[str, Any]) -> None:
         rate = None
+        if record["ev"] == "group":
+            self.rank_nodes = record.get("nodes", [])
         if record["ev"] == "step":
             self.latest_step = record["step"]
             if record["step"] % self._every and record["step"] != self._total:

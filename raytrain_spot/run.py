@@ -98,10 +98,10 @@ def train(cfg: Config, run_dir: str, storage_uri: str) -> str:
         catalog = PriceCatalog.load(cfg.ledger.prices)
         sinks = [MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
-        with ClusterMonitor(events), EventFeed(events_path, sinks), \
+        with ClusterMonitor(events) as monitor, EventFeed(events_path, sinks), \
                 ProgressPrinter(events_path, cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout) as progress:
             fit = FitThread(build_trainer(cfg, context))
-            drive(fit, cfg, cluster, events, progress)
+            drive(fit, cfg, cluster, events, progress, monitor, run_dir)
             if head_store is not None:
                 import ray
 
@@ -115,7 +115,8 @@ def train(cfg: Config, run_dir: str, storage_uri: str) -> str:
     return status
 
 
-def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: ProgressPrinter) -> None:
+def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: ProgressPrinter, monitor,
+          run_dir: str) -> None:
     """Wait for training, running the Spot simulator if one is configured.
 
     Ray wants node changes from the main thread, so training runs in a thread of its own.
@@ -125,6 +126,8 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
         from raytrain_spot.chaos import SpotSimulator
 
         simulator = SpotSimulator(cfg.chaos, cluster, events, lambda: progress.latest_step,
+                                  on_kill=monitor.reported_dead, log_dir=os.path.join(run_dir, "chaos"),
+                                  rank_nodes=lambda: progress.rank_nodes,
                                   node_local_root=os.path.expanduser(cfg.checkpoint.local_dir))
     try:
         while fit.is_alive():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
 from raytrain_spot.config import Config
@@ -21,7 +21,7 @@ def ray_storage(storage_uri: str) -> dict:
     return {"storage_path": storage_uri[len("file://"):]}
 
 
-def build_trainer(cfg: Config, context: LoopContext) -> SpotTorchTrainer:
+def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
     trainer_cfg = cfg.trainer
     scaling = ScalingConfig(
         num_workers=(trainer_cfg.min_workers, trainer_cfg.max_workers),
@@ -38,8 +38,11 @@ def build_trainer(cfg: Config, context: LoopContext) -> SpotTorchTrainer:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k),
         logging_config=LoggingConfig(log_level="WARNING"),
     )
-    return SpotTorchTrainer(
+    spot = {"failure_settle_s": trainer_cfg.failure_settle_s} if trainer_cfg.spot_aware else {}
+    trainer_cls = SpotTorchTrainer if trainer_cfg.spot_aware else TorchTrainer
+    return trainer_cls(
         train_loop_per_worker,
+        **spot,
         train_loop_config={"context": context},
         scaling_config=scaling,
         run_config=run_config,

@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import ray.train
 import torch
@@ -50,6 +50,7 @@ class LoopContext:
 
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+    phases = Phases()
     quiet_handoff_tracebacks()
     context: LoopContext = loop_config["context"]
     cfg: Config = config_from_dict(context.config)
@@ -64,24 +65,30 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     dataset = ImageCaptionDataset(ensure_dataset(cfg.data, cfg.run.seed), cfg.data.image_size,
                                   cfg.data.max_shapes, cfg.data.cached_row_groups)
     order = GlobalSampleOrder(dataset.row_group_spans(), cfg.run.seed)
+    phases.mark("data")
 
     # Model and optimizer, identical on every rank before any checkpoint is loaded.
     torch.manual_seed(cfg.run.seed)
     model = VisionLanguageModel(cfg.model, len(VOCAB), max_caption_tokens(cfg.data.max_shapes),
                                 TOKEN_ID[PAD]).to(device)
     optimizer = build_optimizer(model, cfg.optim)
+    phases.mark("model")
 
-    checkpoints = build_checkpoint_manager(cfg, context, rank, world_size, events)
+    node_ids = [None] * world_size
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    checkpoints = build_checkpoint_manager(cfg, context, rank, node_ids, events)
     restored = checkpoints.restore(model, optimizer, rank, read_pointer_step(ray.train.get_checkpoint()))
+    phases.mark("restore")
     progress = restored.progress if restored else Progress()
     if restored and restored.manifest.reason != "regrow" and restored.manifest.kind != "final":
         progress.interruptions += 1  # a notice or a failure ended the previous group; a regrow is planned
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    phases.mark("ddp")
     if rank == 0:
-        announce_group(events, restored, world_size, progress)
+        announce_group(events, restored, world_size, progress, phases.durations, node_ids)
 
     capacity = None
-    if rank == 0 and world_size < cfg.trainer.max_workers:
+    if rank == 0 and world_size < cfg.trainer.max_workers and cfg.trainer.spot_aware:
         capacity = CapacityWatcher(LiveCapacity(cfg.trainer.resources_per_worker, cfg.trainer.max_workers),
                                    world_size, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
     advisor = IntervalAdvisor(cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s)
@@ -106,7 +113,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         # Decisions rank 0 makes alone travel in the same all-reduce as the loss.
         control = torch.zeros(5, dtype=torch.float64)
         control[LOSS] = loss_sum
-        control[NOTICE] = float(local_preemption_notice() is not None)
+        control[NOTICE] = float(cfg.trainer.spot_aware and local_preemption_notice() is not None)
         if rank == 0:
             control[GROW_TO] = capacity.grow_to if capacity else 0
             control[SAVE] = float(periodic_save_due(checkpoints, progress.step + 1, interval_steps))
@@ -162,30 +169,43 @@ def quiet_handoff_tracebacks() -> None:
         lambda record: "WorkerGroupHandoff" not in record.getMessage())
 
 
-def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, world_size: int,
+def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, node_ids: List[str],
                              events: EventLog) -> CheckpointManager:
-    """Collective. The lowest rank on each Ray node keeps that node's local copy (Ray's own
-    local_rank groups workers by IP, which virtual nodes on one machine share)."""
-    node_id = ray.get_runtime_context().get_node_id()
-    node_ids = [None] * world_size
-    dist.all_gather_object(node_ids, node_id)
+    """The lowest rank on each Ray node keeps that node's local copy (Ray's own local_rank
+    groups workers by IP, which virtual nodes on one machine share)."""
+    node_id = node_ids[rank]
     local = None
     if cfg.checkpoint.use_local:
         local = StoreTier("local", LocalStore(cfg.checkpoint.local_root(context.storage_uri, node_id)), cfg.run.name,
                           cfg.checkpoint.keep_latest_k)
     durable = StoreTier("durable", open_store(context.storage_uri), cfg.run.name, cfg.checkpoint.keep_latest_k,
                         cfg.checkpoint.milestone_every_steps)
-    shared = [HeadTier(context.head_store), durable] if context.head_store is not None else [durable]
+    rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
+    shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
     return CheckpointManager(cfg.run.name, context.config, local, shared, writes_local=node_ids.index(node_id) == rank,
                              events=events, compression=cfg.checkpoint.compression,
                              scratch_root=local.store.root if local else None)
 
 
-def announce_group(events: EventLog, restored, world_size: int, progress: Progress) -> None:
+class Phases:
+    """Wall time of each startup phase of the training function, for the ``group`` event."""
+
+    def __init__(self):
+        self._last = time.time()
+        self.durations: Dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.durations[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+def announce_group(events: EventLog, restored, world_size: int, progress: Progress,
+                   startup_s: Dict[str, float], node_ids: List[str]) -> None:
     if restored:
         events.emit("restore", step=restored.progress.step, tier=restored.tier, duration_s=restored.duration_s)
     events.emit("group", world_size=world_size, step=progress.step,
-                restored_step=restored.progress.step if restored else None)
+                restored_step=restored.progress.step if restored else None, startup_s=startup_s, nodes=node_ids)
     if restored and restored.manifest.world_size != world_size:
         events.emit("resize", old_world_size=restored.manifest.world_size, world_size=world_size,
                     step=progress.step)

@@ -170,9 +170,11 @@ def test_head_store_verifies_what_arrives_and_forwards_to_durable_storage(tmp_pa
     with pytest.raises(Exception, match="truncated"):
         head.commit(key, manifest)  # half the bytes arrived: refused
     assert head.steps() == []
+    head.write_chunk(checkpoint_key("r", 6), STATE_FILE, 0, b"a writer that died mid-transfer")
     head.write_chunk(key, STATE_FILE, len(data) // 2, data[len(data) // 2:])
     head.commit(key, manifest)
     assert head.steps() == [7]
+    assert os.listdir(tmp_path / "head" / ".incoming" / "r" / "checkpoints") == [], "stale partial files are swept"
     assert head.wait_for_uploads(timeout_s=30) == 7
     assert listed_steps(LocalStore(str(tmp_path / "durable")), "r") == [7]
     assert head.read_chunk(key, STATE_FILE, 0, 100) == data[:100]

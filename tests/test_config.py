@@ -39,6 +39,13 @@ def test_bad_values_name_the_key_and_the_fix(compose, override, key):
     assert "Fix:" in message
 
 
+def test_chaos_margin_must_leave_time_before_the_kill(compose):
+    with pytest.raises(ConfigError, match="chaos.margin_s"):
+        load_config(compose("+experiment=vlm", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=5"))
+    with pytest.raises(ConfigError, match="chaos.trace: trace mode needs a trace file"):
+        load_config(compose("+experiment=vlm", "+chaos=trace"))
+
+
 def test_min_workers_must_fit_the_embedded_cluster(compose):
     with pytest.raises(ConfigError, match="trainer.min_workers"):
         load_config(compose("+experiment=vlm", "trainer.min_workers=3", "cluster.num_worker_nodes=2"))

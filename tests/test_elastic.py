@@ -7,6 +7,8 @@ from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from raytrain_spot.cluster_monitor import NodeState, node_changes
+from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
+
 from raytrain_spot.elastic import (
     CapacityWatcher,
     LiveCapacity,
@@ -58,7 +60,8 @@ def test_capacity_is_cached_briefly_then_reread():
 
 def _policy(nodes, min_workers=1, max_workers=3):
     config = ScalingConfig(num_workers=(min_workers, max_workers), resources_per_worker=CPU1)
-    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, max_workers, nodes=lambda: nodes, max_age_s=0))
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, max_workers, nodes=lambda: nodes, max_age_s=0),
+                               sleep=lambda s: None)
     policy._maybe_send_resource_request = lambda: None  # no autoscaler in a unit test
     return policy
 
@@ -71,6 +74,35 @@ def test_new_group_is_sized_from_the_live_view():
 def test_below_min_workers_waits_for_capacity():
     decision = _policy([node("a", draining=True), node("b")], min_workers=2).make_decision_for_non_running_worker_group()
     assert isinstance(decision, NoopDecision)
+
+
+def test_after_a_failure_the_new_group_waits_for_dead_nodes_to_be_declared():
+    clock = Clock()
+    config = ScalingConfig(num_workers=(1, 3), resources_per_worker=CPU1)
+    view = [node("a"), node("b"), node("c")]  # "c" just died; the GCS has not noticed yet
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0),
+                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None)
+    policy._maybe_send_resource_request = lambda: None
+    restarting = RestartingState(_group_error(RuntimeError("reset by peer")))
+    policy.after_controller_state_update(RunningState(), restarting)
+    clock.now = 1.0
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)
+    policy.after_controller_state_update(restarting, restarting)  # the controller re-enters after a Noop
+    view[2] = node("c", alive=False)  # health checks failed: declared dead
+    clock.now = 4.5
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+
+
+def test_a_handoff_restarts_at_once():
+    clock = Clock()
+    config = ScalingConfig(num_workers=(1, 3), resources_per_worker=CPU1)
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: [node("a")], max_age_s=0),
+                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None)
+    policy._maybe_send_resource_request = lambda: None
+    handoff = _group_error(WorkerGroupHandoff("preemption", 3), WorkerGroupHandoff("preemption", 3))
+    policy.after_controller_state_update(RunningState(), RestartingState(handoff))
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
 
 
 def test_running_group_is_never_resized_by_the_controller():

@@ -35,5 +35,13 @@ def test_worker_local_preemption_signal_is_where_we_read_it():
     assert "preemption_info" in PreemptionContext.__dataclass_fields__
 
 
+def test_restart_states_carry_the_error_that_caused_them():
+    from ray.train.v2._internal.execution.controller.state import ReschedulingState, RestartingState
+
+    for state_cls in (RestartingState, ReschedulingState):
+        assert list(inspect.signature(state_cls.__init__).parameters) == ["self", "training_failed_error"]
+    assert "after_controller_state_update" in dir(ElasticScalingPolicy)
+
+
 def test_drain_state_is_readable_from_the_gcs_accessor():
     assert hasattr(ray._private.state.GlobalState, "get_draining_nodes")

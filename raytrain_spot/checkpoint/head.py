@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from raytrain_spot.checkpoint.format import Manifest, checkpoint_key, read_manifest, verify_file
+from raytrain_spot.checkpoint.format import CHECKPOINTS_DIR, Manifest, checkpoint_key, read_manifest, verify_file
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.events import EventLog
 from raytrain_spot.storage import LocalStore, open_store
@@ -65,11 +65,19 @@ class HeadStore:
             verify_file(path, manifest.files[name], name)
         with self._lock:
             self.local.commit(key, files, manifest, move=True)
-        shutil.rmtree(self._incoming(key, ""), ignore_errors=True)
+        self._sweep_incoming(manifest.step)
         if self._durable_due(manifest):
             with self._lock:
                 self._pending = manifest  # replaces an older one still waiting
                 self._lock.notify_all()
+
+    def _sweep_incoming(self, committed_step: int) -> None:
+        """Drop what arrived for this step or older ones: a writer that died mid-transfer never
+        comes back for its partial files."""
+        incoming = self._store.local_path(f"{INCOMING}/{self.run_name}/{CHECKPOINTS_DIR}")
+        for name in os.listdir(incoming) if os.path.isdir(incoming) else []:
+            if name.startswith("step_") and int(name[len("step_"):]) <= committed_step:
+                shutil.rmtree(os.path.join(incoming, name), ignore_errors=True)
 
     def _durable_due(self, manifest: Manifest) -> bool:
         milestone = self.local.milestone_every and manifest.step % self.local.milestone_every == 0

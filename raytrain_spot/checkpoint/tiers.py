@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Protocol, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from raytrain_spot.checkpoint.format import (
     MANIFEST,
@@ -86,19 +87,38 @@ class HeadTier:
 
     name = "head"
 
-    def __init__(self, actor):
+    def __init__(self, actor, max_bytes_per_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         self.actor = actor
+        self.max_bytes_per_s = max_bytes_per_s
+        self._clock = clock
+        self._sleep = sleep
 
     def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
         import ray
 
+        started, sent = self._clock(), 0
         for name, path in files.items():
             with open(path, "rb") as f:
                 offset = 0
-                while chunk := f.read(CHUNK_BYTES):
+                while chunk := f.read(self._chunk_bytes()):
                     ray.get(self.actor.write_chunk.remote(key, name, offset, chunk))
                     offset += len(chunk)
+                    sent += len(chunk)
+                    self._pace(started, sent)
         ray.get(self.actor.commit.remote(key, manifest.to_json()))
+
+    def _chunk_bytes(self) -> int:
+        if self.max_bytes_per_s is None:
+            return CHUNK_BYTES
+        return max(1 << 16, min(CHUNK_BYTES, int(self.max_bytes_per_s / 10)))  # ~10 chunks a second
+
+    def _pace(self, started: float, sent: int) -> None:
+        """Keep the transfer under the rate limit, so checkpoints never starve training's network."""
+        if self.max_bytes_per_s is not None:
+            ahead = sent / self.max_bytes_per_s - (self._clock() - started)
+            if ahead > 0:
+                self._sleep(ahead)
 
     def steps(self, run_name: str) -> List[int]:
         import ray

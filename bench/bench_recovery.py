@@ -1,0 +1,219 @@
+"""Recovery from Spot preemptions: plain Ray Train 2.60 vs raytrain-spot, same machine, same trace.
+
+Both runs train the same tiny VLM on the embedded cluster while the Spot simulator replays
+the same window of a Spot trace. The baseline is plain Ray Train: Ray's own elastic and
+failure policies and timings, periodic checkpoints, and no notice handling (no watchers, so
+Ray only sees nodes die, as on GCE). raytrain-spot gets the notice through the metadata
+server and its watcher.
+
+Per preemption it reports the seconds from the notice (and from the kill) to the first step
+of the next worker group, and steps redone; over the replay, goodput = productive step time
+/ wall time. Then it projects onto the trace's real time scale: the measured overhead per
+disruption times the trace's real disruption rate, plus checkpoint stalls at a stated
+interval.
+
+    python bench/bench_recovery.py                       # ~8 minutes on 2 cores
+    python bench/bench_recovery.py --start-tick 180 --ticks 50 --tick-s 4 --notice-s 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from raytrain_spot.events import read_events  # noqa: E402
+
+DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
+                             "preemption__4-node__aws-08-03-2023__us-west-2c_v100_1.json")
+MODES = {
+    "plain-ray-train": ["trainer.spot_aware=false", "chaos.watchers=false"],
+    "raytrain-spot": [],
+}
+
+
+def scripted_events(preemptions: int, every_s: float, restore_after_s: float) -> str:
+    """One node preempted every ``every_s`` seconds, each replaced ``restore_after_s`` after its kill."""
+    steps = [f"{{action:preempt,node:{i % 3},at_s:{10 + i * every_s}}},{{action:restore,after_s:{restore_after_s}}}"
+             for i in range(preemptions)]
+    return "chaos.events=[" + ",".join(steps) + "]"
+
+
+def run(mode: str, scenario: str, args, workdir: str) -> str:
+    """Run the main command under the Spot simulator; stop it once the scenario (plus a tail) is over."""
+    name = f"bench-{scenario}-{mode}"
+    if scenario == "trace":
+        chaos = ["+chaos=trace", f"chaos.trace={os.path.abspath(args.trace)}", f"chaos.tick_s={args.tick_s}",
+                 f"chaos.start_tick={args.start_tick}", f"chaos.max_ticks={args.ticks}",
+                 f"chaos.provisioning_s={args.provisioning_s}"]
+    else:
+        chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s)]
+    command = [sys.executable, "-m", "raytrain_spot.run", "+experiment=vlm", f"run.name={name}",
+               "trainer.max_steps=1000000", f"checkpoint.interval_steps={args.checkpoint_interval_steps}",
+               f"checkpoint.local_dir={workdir}/node-local", f"checkpoint.head_dir={workdir}/head",
+               *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode]]
+    events_path = os.path.join(workdir, "outputs", name, "events.jsonl")
+    log = open(os.path.join(workdir, f"{name}.log"), "w")
+    process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
+    replay_s = scenario_length_s(scenario, args)
+    started = None
+    while process.poll() is None:
+        time.sleep(1)
+        if started is None and os.path.exists(events_path):
+            started = next((e["t"] for e in read_events(events_path) if e["ev"] == "chaos"), None)
+        if started is not None and time.time() > started + replay_s + args.tail_s:
+            process.send_signal(signal.SIGINT)  # the driver shuts the cluster down on its way out
+            process.wait(timeout=120)
+    log.close()
+    return events_path
+
+
+def scenario_length_s(scenario: str, args) -> float:
+    if scenario == "trace":
+        return args.ticks * args.tick_s
+    return 10 + args.preemptions * args.every_s
+
+
+def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
+    t0 = next(e["t"] for e in events if e["ev"] == "chaos")
+    window_end = t0 + replay_s
+    steps = [e for e in events if e["ev"] == "step"]
+    groups = [e for e in events if e["ev"] == "group"]
+    seen, redone = set(), 0
+    productive = redone_s = 0.0
+    redone_steps = set()
+    for later in reversed(steps):  # a step done again later: the earlier run of it was wasted
+        if later["step"] in seen:
+            redone_steps.add(id(later))
+        seen.add(later["step"])
+    for e in steps:
+        start = e["t"] - e["duration_s"]
+        in_window = t0 <= start and e["t"] <= window_end
+        if id(e) in redone_steps:
+            redone += 1
+            redone_s += e["duration_s"] if in_window else 0.0
+        elif in_window:
+            productive += e["duration_s"]
+    recoveries = []
+    for disruption in (e for e in events if e["ev"] in ("notice", "kill") and t0 <= e["t"] <= window_end):
+        if disruption["ev"] == "kill" and any(n["ev"] == "notice" and n["node"] == disruption["node"] for n in events):
+            continue  # counted at its notice
+        kill = next((k for k in events if k["ev"] == "kill" and k["node"] == disruption["node"]), None)
+        group = next((g for g in groups if g["t"] > disruption["t"]), None)
+        if group is None:
+            continue
+        first = next((s for s in steps if s["t"] > group["t"]), None)
+        if first is None:
+            continue
+        recoveries.append({
+            "from_notice_s": first["t"] - disruption["t"],
+            "from_kill_s": first["t"] - kill["t"] if kill and kill["t"] < first["t"] else None,
+            "new_world_size": group["world_size"],
+            "capacity_left": group["world_size"] > 0,
+        })
+    return {
+        "replay_s": replay_s,
+        "productive_s": round(productive, 1),
+        "goodput": round(productive / replay_s, 4),
+        "steps_redone": redone,
+        "redone_s": round(redone_s, 1),
+        "preemptions": len(recoveries),
+        "recovery_from_notice_s": _stats([r["from_notice_s"] for r in recoveries]),
+        "recovery_from_kill_s": _stats([r["from_kill_s"] for r in recoveries if r["from_kill_s"] is not None]),
+        "restarts": len(groups) - 1,
+        "stall_per_checkpoint_s": _stats([e["stall_s"] for e in events
+                                          if e["ev"] == "checkpoint" and e["stall_s"] > 0]),
+        "step_time_s": _stats([e["duration_s"] for e in steps]),
+    }
+
+
+def _stats(values: List[float]) -> Optional[Dict[str, float]]:
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 2), "mean": round(statistics.fmean(values), 2),
+            "min": round(min(values), 2), "max": round(max(values), 2), "n": len(values)}
+
+
+def project(result: Dict[str, Any], trace: List[int], gap_s: float, interval_s: float) -> Dict[str, float]:
+    """Goodput on the trace's real time scale.
+
+    Per disruption: the measured non-productive time of the replay per preemption (restarts,
+    shrink and regrow, waits), not counting redone steps; plus, where steps were redone (no
+    just-in-time checkpoint), half a checkpoint interval of lost work on average. Per
+    checkpoint: the measured stall.
+    """
+    hours = len(trace) * gap_s / 3600
+    per_hour = sum(1 for a, b in zip(trace, trace[1:]) if b < a) / hours
+    restarts = (result["replay_s"] - result["productive_s"] - result["redone_s"]) / max(result["preemptions"], 1)
+    lost = interval_s / 2 if result["steps_redone"] else 0.0
+    stall = result["stall_per_checkpoint_s"]["mean"] if result["stall_per_checkpoint_s"] else 0.0
+    badput_per_hour = per_hour * (restarts + lost) + (3600 / interval_s) * stall
+    return {"disruptions_per_hour": round(per_hour, 3), "restart_overhead_per_disruption_s": round(restarts, 1),
+            "lost_work_per_disruption_s": lost, "checkpoint_interval_s": interval_s,
+            "projected_goodput": round(1 - badput_per_hour / 3600, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=DEFAULT_TRACE)
+    parser.add_argument("--start-tick", type=int, default=180)
+    parser.add_argument("--ticks", type=int, default=50)
+    parser.add_argument("--tick-s", type=float, default=4.0)
+    parser.add_argument("--notice-s", type=float, default=10.0)
+    parser.add_argument("--provisioning-s", type=float, default=3.0)
+    parser.add_argument("--tail-s", type=float, default=30.0)
+    parser.add_argument("--checkpoint-interval-steps", type=int, default=100)
+    parser.add_argument("--projected-interval-s", type=float, default=600.0,
+                        help="checkpoint interval assumed on the real time scale (the seed guide's local tier: 10 min)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--scenarios", nargs="+", default=["scripted", "trace"])
+    parser.add_argument("--preemptions", type=int, default=3, help="scripted: single-node preemptions")
+    parser.add_argument("--every-s", type=float, default=60.0, help="scripted: seconds between them")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    with open(args.trace) as f:
+        raw = json.load(f)
+    workdir = tempfile.mkdtemp(prefix="bench-recovery-")
+    results: Dict[str, Dict[str, Any]] = {}
+    for scenario in args.scenarios:
+        for mode in args.modes:
+            started = time.time()
+            events = read_events(run(mode, scenario, args, workdir))
+            result = analyse(events, scenario_length_s(scenario, args))
+            result["projection"] = project(result, raw["data"], raw["metadata"]["gap_seconds"],
+                                           args.projected_interval_s)
+            result["bench_wall_s"] = round(time.time() - started, 1)
+            results[f"{scenario}/{mode}"] = result
+            print(f"{scenario}/{mode}: {json.dumps(result)}", flush=True)
+
+    print(f"trace={os.path.basename(args.trace)} ticks={args.start_tick}..{args.start_tick + args.ticks} "
+          f"tick_s={args.tick_s} notice_s={args.notice_s} workdir={workdir}")
+    for key, r in results.items():
+        notice, kill = r["recovery_from_notice_s"] or {}, r["recovery_from_kill_s"] or {}
+        print(f"{key:26} preemptions={r['preemptions']} recovery_from_notice_median_s={notice.get('median')} "
+              f"recovery_from_kill_median_s={kill.get('median')} steps_redone={r['steps_redone']} "
+              f"goodput={r['goodput']} projected_goodput={r['projection']['projected_goodput']}")
+    for scenario in args.scenarios:
+        plain, spot = results.get(f"{scenario}/plain-ray-train"), results.get(f"{scenario}/raytrain-spot")
+        if plain and spot and plain["recovery_from_notice_s"] and spot["recovery_from_notice_s"]:
+            speedup = plain["recovery_from_notice_s"]["median"] / spot["recovery_from_notice_s"]["median"]
+            print(f"{scenario}: recovery_speedup_from_notice={speedup:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
