@@ -130,9 +130,9 @@ def test_preemption_during_a_checkpoint_never_trusts_the_half_written_one(tmp_pa
                                if c["tier"] == "head" and kill["t"] < c["t"] < restart["t"]]
     assert head_commits_in_restart == [], "the dead writer's checkpoint must never land"
     last_before_kill = max(e["step"] for e in run.of("step") if e["t"] < kill["t"])
-    restored = run.of("restore")[0]
-    assert max(head_commits_before, default=0) <= restored["step"] <= last_before_kill
-    assert run.steps_redone == last_before_kill - restored["step"]
+    restored = restart["restored_step"] or 0
+    assert max(head_commits_before, default=0) <= restored <= last_before_kill
+    assert run.steps_redone == last_before_kill - restored
     assert_same_training_as(run, reference)
 
 
@@ -141,7 +141,10 @@ def test_preemption_during_a_restart(tmp_path, reference):
     run = train(tmp_path, "during-restart", "+chaos=events", "chaos.notice_s=20",
                 "chaos.events=[{action:preempt,node:2,at_step:20},{action:preempt,node:0,at_s:6,no_notice:true},"
                 "{action:restore,after_s:1},{action:restore,after_s:1}]")
+    handoff = run.of("handoff")[0]
+    hard_kill = next(k for k in run.of("kill") if not k["with_notice"])
+    restarted = next(g for g in run.of("group") if g["t"] > handoff["t"])
+    assert handoff["t"] < hard_kill["t"] < restarted["t"], "the second loss must land while the group restarts"
+    assert restarted["world_size"] == 1 and restarted["restored_step"] == handoff["step"]
     assert run.steps_redone == 0, "the restart had not trained anything yet: nothing to redo"
-    assert 1 in run.world_sizes
-    assert run.world_sizes[-1] == 3
     assert_same_training_as(run, reference)

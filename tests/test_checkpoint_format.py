@@ -97,3 +97,33 @@ def test_compressed_state_round_trips(tmp_path, compression):
     packed = write_state(state, str(tmp_path / "packed.pt"), compression)
     assert packed.size < plain.size / 10
     assert torch.equal(load_state(str(tmp_path / "packed.pt"), compression)["w"], state["w"])
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_export_writes_half_precision_model_weights_only(store, tmp_path, dtype, torch_dtype):
+    from raytrain_spot.checkpoint.export import MODEL_FILE, export_model
+
+    weights = {"w": torch.randn(128, 128), "steps": torch.tensor(3)}
+    path = tmp_path / "state.pt"
+    entry = write_state({"model": weights, "optimizer": {"state": {0: {"exp_avg": torch.ones(128, 128)}}}}, str(path))
+    manifest = Manifest(step=9, samples_seen=90, kind="final", world_size=2, files={STATE_FILE: entry}, config={})
+    commit(store, checkpoint_key("r", 9), {STATE_FILE: str(path)}, manifest)
+
+    out = tmp_path / "export"
+    size = export_model(store.local_path(checkpoint_key("r", 9)), str(out), dtype)
+    exported_manifest, paths = fetch_verified(LocalStore(str(tmp_path)), "export", str(tmp_path))
+    exported = load_state(paths[MODEL_FILE])
+    assert exported_manifest.kind == "export" and exported_manifest.step == 9
+    assert set(exported) == {"w", "steps"}, "model weights only: no optimizer state"
+    assert exported["w"].dtype == torch_dtype and exported["steps"].dtype == torch.int64
+    torch.testing.assert_close(exported["w"].float(), weights["w"], rtol=1e-2, atol=1e-2)
+    assert size < entry.size / 3
+
+
+def test_export_refuses_a_damaged_checkpoint(store, tmp_path):
+    from raytrain_spot.checkpoint.export import export_model
+
+    _commit(store, tmp_path, 4)
+    os.unlink(os.path.join(store.local_path(checkpoint_key("r", 4)), MANIFEST))
+    with pytest.raises(InvalidCheckpoint, match="no manifest"):
+        export_model(store.local_path(checkpoint_key("r", 4)), str(tmp_path / "out"), "bf16")

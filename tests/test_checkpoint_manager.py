@@ -206,3 +206,37 @@ def test_advisor_uses_observed_interruptions_and_the_commit_floor():
                                  step_time_s=0.1)
     assert slow_commit.interval_s == 60.0 and slow_commit.interval_steps == 600
     assert "Young/Daly" in slow_commit.explain()
+
+
+def _two_rank_restore(rank, tmp, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg2", rank=rank, world_size=2)
+    local = StoreTier("local", LocalStore(f"{tmp}/local-{rank}"), "r", 3)
+    durable = StoreTier("durable", LocalStore(f"{tmp}/durable"), "r", 3)
+    manager = CheckpointManager("r", {}, local, [durable], writes_local=True, events=EventLog(),
+                                scratch_root=f"{tmp}/scratch-{rank}")
+    model, optimizer = _model()
+    restored = manager.restore(model, optimizer, rank=rank, pointer_step=None)
+    torch.save({"step": restored.progress.step, "tier": restored.tier, "weight": model.weight.detach()},
+               f"{result_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_newer_checkpoint_on_another_ranks_disk_wins_and_is_shipped(tmp_path):
+    """Rank 1's node kept step 20 on its local disk; rank 0 (say, a new node) sees only step 10."""
+    import torch.multiprocessing as mp
+
+    durable = StoreTier("durable", LocalStore(f"{tmp_path}/durable"), "r", 3)
+    only_rank1 = StoreTier("local", LocalStore(f"{tmp_path}/local-1"), "r", 3)
+    saved = {}
+    for step, shared in ((10, [durable]), (20, [])):
+        model, optimizer = _model(float(step))
+        saved[step] = model.weight.detach().clone()
+        manager = CheckpointManager("r", {}, only_rank1, shared, writes_local=step == 20, events=EventLog(),
+                                    scratch_root=f"{tmp_path}/scratch")
+        manager.save(model, optimizer, SaveRequest(Progress(step, step), 2, "periodic"), writer=bool(shared),
+                     wait=True)
+    mp.start_processes(_two_rank_restore, args=(str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
+    rank0, rank1 = (torch.load(f"{tmp_path}/rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (rank0["step"], rank0["tier"]) == (20, "peer")
+    assert (rank1["step"], rank1["tier"]) == (20, "local")
+    assert torch.equal(rank0["weight"], saved[20]) and torch.equal(rank1["weight"], saved[20])

@@ -186,38 +186,37 @@ class CheckpointManager:
         return None
 
     def restore(self, model, optimizer, rank: int, pointer_step: Optional[int]) -> Optional[Restored]:
-        """Collective: every rank ends with the same state (or none, on a first start)."""
+        """Collective: every rank ends with the same state (or none, on a first start).
+
+        Candidates are every step any rank can see (the newest checkpoint may exist only on
+        some nodes' local disks), newest first. The first step that some rank loads and
+        verifies wins; each rank loads it from its own fastest valid copy, and a rank with none
+        receives it from the lowest rank that has it.
+        """
         started = time.time()
         listings = {tier.name: _listing(tier, self.run_name) for tier in self._tiers()}
-        loaded = None
-        if rank == 0:
-            candidates = sorted({s for steps in listings.values() for s in steps}, reverse=True)
-            for step in candidates:
-                if (loaded := self._load_step(step, listings)) is not None:
-                    break
-            if pointer_step is not None and (loaded is None or loaded[1].step != pointer_step):
-                logger.warning("Ray Train's latest checkpoint is step %s; restoring %s", pointer_step,
-                               loaded[1].step if loaded else "nothing")
-        chosen = [loaded[1].step if loaded else -1]
-        dist.broadcast_object_list(chosen, src=0)
-        if chosen[0] < 0:
-            return None
-        if rank != 0:
-            loaded = self._load_step(chosen[0], listings)
-        missing = torch.tensor([0 if loaded else 1])
-        dist.all_reduce(missing)
-        if missing.item():
-            # Some rank had no valid copy (say, only rank 0's node-local disk has it): send it.
-            shipped = [loaded if rank == 0 else None]
-            dist.broadcast_object_list(shipped, src=0)
-            if loaded is None:
-                loaded = (shipped[0][0], shipped[0][1], "peer")
-        state, manifest, tier = loaded
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        self.last_save_step = manifest.step
-        self.committed_step = manifest.step
-        return Restored(Progress(**state["progress"]), tier, manifest, time.time() - started)
+        visible = sorted({s for steps in listings.values() for s in steps}, reverse=True)
+        everyone: List[List[int]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(everyone, visible)
+        for step in sorted({s for steps in everyone for s in steps}, reverse=True):
+            loaded = self._load_step(step, listings) if step in visible else None
+            holders: List[bool] = [False] * dist.get_world_size()
+            dist.all_gather_object(holders, loaded is not None)
+            if not any(holders):
+                continue
+            if not all(holders):
+                shipped = [loaded]
+                dist.broadcast_object_list(shipped, src=holders.index(True))
+                loaded = loaded or (shipped[0][0], shipped[0][1], "peer")
+            state, manifest, tier = loaded
+            if rank == 0 and pointer_step is not None and pointer_step != step:
+                logger.warning("Ray Train's latest checkpoint is step %s; restoring %s, the newest valid one",
+                               pointer_step, step)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.last_save_step = self.committed_step = step
+            return Restored(Progress(**state["progress"]), tier, manifest, time.time() - started)
+        return None
 
 
 def _listing(tier: Tier, run_name: str) -> List[int]:
