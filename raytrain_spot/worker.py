@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import ray.train
 import torch
+from ray.train import CheckpointUploadMode
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -245,15 +246,20 @@ def checkpoint_and_report(checkpoints: CheckpointManager, model, optimizer, requ
     if checkpoints.last_save_step != request.progress.step:
         checkpoints.save(model, optimizer, request, writer=rank == writer, wait=True)
     checkpoints.wait()
-    report_pointer(checkpoints, request.progress.step, rank, writer)
+    report_pointer(checkpoints, request.progress.step, rank, writer, wait=request.kind == "final")
 
 
-def report_pointer(checkpoints: CheckpointManager, step: int, rank: int, writer: int) -> None:
-    """Every rank joins Ray Train's report; ``writer`` attaches the pointer if the step committed."""
-    with tempfile.TemporaryDirectory(prefix="raytrain-spot-pointer-") as pointer_dir:
-        checkpoint = None
-        if rank == writer and checkpoints.committed_step == step:
-            write_pointer(pointer_dir, checkpoints.run_name, step, [t.name for t in checkpoints.shared])
-            checkpoint = ray.train.Checkpoint.from_directory(pointer_dir)
-        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"pointer_{step:08d}")
+def report_pointer(checkpoints: CheckpointManager, step: int, rank: int, writer: int, wait: bool = False) -> None:
+    """Every rank joins Ray Train's report; ``writer`` attaches the pointer if the step committed.
 
+    Ray uploads the pointer to ``storage.uri`` in the background unless ``wait``: an outage of
+    the bucket must not stall training (the checkpoint itself is already on the head).
+    """
+    checkpoint = None
+    if rank == writer and checkpoints.committed_step == step:
+        pointer_dir = tempfile.mkdtemp(prefix="raytrain-spot-pointer-")  # Ray deletes it after the upload
+        write_pointer(pointer_dir, checkpoints.run_name, step, [t.name for t in checkpoints.shared])
+        checkpoint = ray.train.Checkpoint.from_directory(pointer_dir)
+    mode = CheckpointUploadMode.SYNC if wait else CheckpointUploadMode.ASYNC
+    ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"pointer_{step:08d}",
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)

@@ -6,6 +6,7 @@ samples at every step (whatever the world size), and a final loss within toleran
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ LOSS_TOLERANCE = 0.05  # relative, on the mean loss of the last 10 steps
 class Run:
     events: List[Dict]
     stdout: str
+    ledger: Dict
     samples_by_step: Dict[int, Set[int]] = field(default_factory=dict)
 
     def of(self, kind: str) -> List[Dict]:
@@ -56,7 +58,8 @@ def train(tmp_path, name: str, *overrides: str) -> Run:
         f"checkpoint.head_dir={tmp_path}/head", *overrides,
         cwd=str(tmp_path), env={"RAY_TMPDIR": ray_tmp}, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    run = Run(read_events(str(tmp_path / "outputs" / name / "events.jsonl")), result.stdout)
+    run_dir = tmp_path / "outputs" / name
+    run = Run(read_events(str(run_dir / "events.jsonl")), result.stdout, json.loads((run_dir / "ledger.json").read_text()))
     final: Dict[int, Dict[int, List[int]]] = defaultdict(dict)
     for record in run.of("samples"):  # a later record of the same step and rank replaces a redone one
         final[record["step"]][record["rank"]] = record["ids"]
@@ -93,6 +96,7 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
     jit = [c for c in run.of("checkpoint") if c["kind"] == "jit"]
     assert [c["step"] for c in jit] == [h["step"] for h in run.of("handoff")]
     assert len(run.of("kill")) == 1 and run.of("kill")[0]["with_notice"] is True
+    assert run.ledger["disruptions"]["preemptions"] == 1, "the ledger counts what the simulator did"
     assert_same_training_as(run, reference)
 
 
@@ -103,6 +107,7 @@ def test_two_nodes_preempted_at_once(tmp_path, reference):
     assert run.world_sizes[:2] == [3, 1], "both noticed nodes must leave in one restart"
     assert run.world_sizes[-1] == 3
     assert run.steps_redone == 0
+    assert run.ledger["disruptions"]["preemptions"] == len(run.of("kill")) == 2
     assert_same_training_as(run, reference)
 
 
