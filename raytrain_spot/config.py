@@ -173,7 +173,7 @@ class TrainerConfig:
     """Samples per optimizer step, whatever the world size (gradient accumulation fills the gap)."""
     micro_batch_size: int = 16
     """Most samples one worker puts through forward/backward at once."""
-    max_steps: int = 120
+    max_steps: int = 300
     """Optimizer steps in the whole run."""
     use_gpu: bool = False
     """One GPU per worker, NCCL and bf16 autocast; false trains on CPU with gloo."""
