@@ -42,11 +42,14 @@ arrival. Workers and the driver send records without waiting for them.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 EVENTS_FILE = "events.jsonl"
+logger = logging.getLogger(__name__)
 
 
 class EventWriter:
@@ -112,3 +115,65 @@ def iter_events(path: str, start: int = 0) -> Iterator[Dict[str, Any]]:
 
 def last(events: List[Dict[str, Any]], ev: str) -> Optional[Dict[str, Any]]:
     return next((e for e in reversed(events) if e["ev"] == ev), None)
+
+
+class RecordSink(Protocol):
+    """What an ``EventFeed`` drives: records in order, a tick after every poll, a close at the end."""
+
+    def write(self, record: Dict[str, Any]) -> None: ...
+
+    def tick(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class EventFeed:
+    """Follows ``events.jsonl`` in a thread; every new record goes to every sink, then each sink ticks.
+
+    The driver's sinks are the progress printer, live monitoring and the alert runner. The feed
+    reads the file from its start, so a resumed run's totals include the invocations before it.
+    """
+
+    def __init__(self, events_path: str, sinks: Sequence[RecordSink], poll_s: float = 1.0):
+        self._path, self._sinks, self._poll_s = events_path, list(sinks), poll_s
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="event-feed", daemon=True)
+
+    def __enter__(self) -> "EventFeed":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        for sink in self._sinks:
+            sink.close()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Hand every complete new line to the sinks, then let each sink tick once."""
+        if os.path.exists(self._path):
+            with open(self._path) as f:
+                f.seek(self._offset)
+                while (line := f.readline()).endswith("\n"):
+                    self._offset = f.tell()
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    for sink in self._sinks:
+                        self._call(sink, "write", record)
+        for sink in self._sinks:
+            self._call(sink, "tick")
+
+    @staticmethod
+    def _call(sink: RecordSink, method: str, *args: Any) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception:  # a failing sink must not stop the others or the run
+            logger.exception("event feed: %s.%s failed", type(sink).__name__, method)

@@ -31,7 +31,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional
 
-import ray  # puts Ray's bundled psutil (ray/thirdparty_files) on sys.path
+import ray  # noqa: F401  puts Ray's bundled psutil (ray/thirdparty_files) on sys.path
 import psutil  # noqa: E402  (Ray's bundled copy, see above)
 from ray._private import ray_constants
 from ray.autoscaler._private.command_runner import _with_environment_variables

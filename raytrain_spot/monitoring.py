@@ -3,16 +3,14 @@ and configured, and Ray metrics (Prometheus, hence the Ray dashboard and Grafana
 
 ``MonitoringSink.write(record)`` turns records into scalars - loss, learning rate, samples/s,
 world size, goodput so far, cost so far, preemptions - and hands them to every writer.
-``EventFeed`` follows a run's ``events.jsonl`` in a thread and feeds any number of sinks (this
-one, the alert runner), so the driver wires monitoring without touching the training loop.
+``MonitoringSink`` is a sink of ``raytrain_spot.events.EventFeed``, beside the alert runner and the
+progress printer, so the driver wires monitoring without touching the training loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Protocol, Sequence
 
@@ -155,59 +153,3 @@ class MonitoringSink:
     def close(self) -> None:
         for writer in self._writers:
             writer.close()
-
-
-class RecordSink(Protocol):
-    def write(self, record: Dict[str, Any]) -> None: ...
-
-    def tick(self) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class EventFeed:
-    """Follows ``events.jsonl`` in a thread; every new record goes to every sink, then each sink ticks."""
-
-    def __init__(self, events_path: str, sinks: Sequence[RecordSink], poll_s: float = 1.0, from_start: bool = True):
-        self._path, self._sinks, self._poll_s = events_path, list(sinks), poll_s
-        self._offset = 0 if from_start or not os.path.exists(events_path) else os.path.getsize(events_path)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="event-feed", daemon=True)
-
-    def __enter__(self) -> "EventFeed":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()
-        for sink in self._sinks:
-            sink.close()
-
-    def _follow(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            self.poll()
-
-    def poll(self) -> None:
-        """Hand every complete new line to the sinks, then let each sink tick once."""
-        if os.path.exists(self._path):
-            with open(self._path) as f:
-                f.seek(self._offset)
-                while (line := f.readline()).endswith("\n"):
-                    self._offset = f.tell()
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    for sink in self._sinks:
-                        self._call(sink, "write", record)
-        for sink in self._sinks:
-            self._call(sink, "tick")
-
-    @staticmethod
-    def _call(sink: RecordSink, method: str, *args: Any) -> None:
-        try:
-            getattr(sink, method)(*args)
-        except Exception:  # a failing sink must not stop the others or the run
-            logger.exception("monitoring: %s.%s failed", type(sink).__name__, method)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import threading
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
@@ -32,43 +29,23 @@ def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float]
 
 
 class ProgressPrinter:
-    """Follows events.jsonl in a thread and prints the lines that matter."""
+    """An event-feed sink that prints the lines that matter of this invocation (records from ``since`` on).
 
-    def __init__(self, events_path: str, total_steps: int, every_steps: int, out: TextIO):
-        self._path = events_path
+    It also keeps what the Spot simulator needs to aim: the latest step and the node of each rank.
+    """
+
+    def __init__(self, total_steps: int, every_steps: int, out: TextIO, since: float):
         self._total = total_steps
         self._every = every_steps
         self._out = out
-        self._stop = threading.Event()
-        self._offset = os.path.getsize(events_path) if os.path.exists(events_path) else 0
+        self._since = since
         self._last_printed_step: Optional[Dict[str, Any]] = None
         self.latest_step: Optional[int] = None
         self.rank_nodes: List[str] = []  # node id of each rank of the latest worker group
-        self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
 
-    def __enter__(self) -> "ProgressPrinter":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._drain()
-
-    def _follow(self) -> None:
-        while not self._stop.wait(0.5):
-            self._drain()
-
-    def _drain(self) -> None:
-        if not os.path.exists(self._path):
+    def write(self, record: Dict[str, Any]) -> None:
+        if record["t"] < self._since:
             return
-        with open(self._path) as f:
-            f.seek(self._offset)
-            while (line := f.readline()).endswith("\n"):
-                self._offset = f.tell()
-                self._print(json.loads(line))
-
-    def _print(self, record: Dict[str, Any]) -> None:
         rate = None
         if record["ev"] == "group":
             self.rank_nodes = record.get("nodes", [])
@@ -83,6 +60,12 @@ class ProgressPrinter:
         text = format_event(record, self._total, rate)
         if text:
             print(text, file=self._out, flush=True)
+
+    def tick(self) -> None:
+        """Printing is record-driven."""
+
+    def close(self) -> None:
+        """``out`` belongs to the caller."""
 
 
 def summarize(events_path: str, since: float, storage: str) -> Dict[str, Any]:

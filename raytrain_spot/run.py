@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from raytrain_spot.config import Config, ConfigError, load_config, register_configs, unknown_override_key
-from raytrain_spot.events import EVENTS_FILE, EventLog, start_event_log
+from raytrain_spot.events import EVENTS_FILE, EventFeed, EventLog, start_event_log
 from raytrain_spot.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.pricing import PriceCatalog
 from raytrain_spot.progress import ProgressPrinter, format_summary, summarize
@@ -40,7 +40,7 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
     started = time.time()
-    status = train(cfg, run_dir, storage_uri)
+    status = train(cfg, run_dir, storage_uri, started)
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
@@ -65,8 +65,11 @@ def check_storage(storage_uri: str) -> None:
             raise ConfigError(str(error)) from None
 
 
-def train(cfg: Config, run_dir: str, storage_uri: str) -> str:
-    """Run training on the configured cluster; return "finished" or "failed"."""
+def train(cfg: Config, run_dir: str, storage_uri: str, started: float) -> str:
+    """Run training on the configured cluster; return "finished" or "failed".
+
+    ``started`` is when this invocation began: progress lines show its records only.
+    """
     from raytrain_spot.data.parquet import ensure_dataset
     from raytrain_spot.local_cluster import connect
 
@@ -75,7 +78,7 @@ def train(cfg: Config, run_dir: str, storage_uri: str) -> str:
         from raytrain_spot.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.cluster_monitor import ClusterMonitor
-        from raytrain_spot.monitoring import EventFeed, MonitoringSink, build_writers
+        from raytrain_spot.monitoring import MonitoringSink, build_writers
         from raytrain_spot.trainer import build_trainer
         from raytrain_spot.worker import LoopContext
 
@@ -96,10 +99,11 @@ def train(cfg: Config, run_dir: str, storage_uri: str) -> str:
         context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor,
                               head_store=head_store)
         catalog = PriceCatalog.load(cfg.ledger.prices)
-        sinks = [MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
+        progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout, since=started)
+        sinks = [progress,
+                 MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
-        with ClusterMonitor(events) as monitor, EventFeed(events_path, sinks), \
-                ProgressPrinter(events_path, cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout) as progress:
+        with ClusterMonitor(events) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
             fit = FitThread(build_trainer(cfg, context))
             drive(fit, cfg, cluster, events, progress, monitor, run_dir)
             if head_store is not None:

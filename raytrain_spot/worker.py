@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from ray.train import CheckpointUploadMode
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from raytrain_spot.checkpoint.advisor import IntervalAdvisor
+from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
 from raytrain_spot.checkpoint.manager import (
     CheckpointManager,
     Progress,
@@ -92,8 +91,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     if rank == 0 and world_size < cfg.trainer.max_workers and cfg.trainer.spot_aware:
         capacity = CapacityWatcher(LiveCapacity(cfg.trainer.resources_per_worker, cfg.trainer.max_workers),
                                    world_size, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
-    advisor = IntervalAdvisor(cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s)
-    interval_steps, last_advice = cfg.checkpoint.interval_steps, None
+    cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
+        cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     reported_step = progress.step
 
     global_batch = cfg.trainer.global_batch_size
@@ -117,7 +116,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         control[NOTICE] = float(cfg.trainer.spot_aware and local_preemption_notice() is not None)
         if rank == 0:
             control[GROW_TO] = capacity.grow_to if capacity else 0
-            control[SAVE] = float(periodic_save_due(checkpoints, progress.step + 1, interval_steps))
+            control[SAVE] = float(periodic_save_due(checkpoints, progress.step + 1, cadence.interval_steps))
             control[COMMITTED] = checkpoints.committed_step
         dist.all_reduce(control)
         first_position = progress.samples_seen
@@ -150,15 +149,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         if control[COMMITTED] > reported_step:
             reported_step = int(control[COMMITTED])
             report_pointer(checkpoints, reported_step, rank, writer=0)
-        if rank == 0 and cfg.checkpoint.interval_steps is None and len(checkpoints.stall_s) > 0:
-            advice = advisor.decide(stall_s=sum(checkpoints.stall_s[-5:]) / len(checkpoints.stall_s[-5:]),
-                                    commit_s=max(checkpoints.commit_s[-5:], default=0.0),
-                                    interruptions=progress.interruptions, observed_s=progress.train_time_s,
-                                    world_size=world_size, step_time_s=progress.train_time_s / max(progress.step, 1))
-            if last_advice is None or abs(advice.interval_steps - last_advice.interval_steps) > 0.2 * last_advice.interval_steps:
-                logger.info("Checkpoint advisor: %s", advice.explain())
-                events.emit("advice", **{k: v for k, v in advice.__dict__.items()})
-                interval_steps, last_advice = advice.interval_steps, advice
+        if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, progress.interruptions,
+                                                   progress.train_time_s, world_size, progress.step)):
+            logger.info("Checkpoint advisor: %s", advice.explain())
+            events.emit("advice", **advice.__dict__)
     if capacity:
         capacity.stop()
 
@@ -175,17 +169,17 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, node_
     """The lowest rank on each Ray node keeps that node's local copy (Ray's own local_rank
     groups workers by IP, which virtual nodes on one machine share)."""
     node_id = node_ids[rank]
+    node_root = cfg.checkpoint.local_root(context.storage_uri, node_id)
     local = None
-    if cfg.checkpoint.use_local:
-        local = StoreTier("local", LocalStore(cfg.checkpoint.local_root(context.storage_uri, node_id)), cfg.run.name,
-                          cfg.checkpoint.keep_latest_k)
+    if cfg.checkpoint.use_local and not cfg.checkpoint.sharded:  # one node holds only its ranks' shares
+        local = StoreTier("local", LocalStore(node_root), cfg.run.name, cfg.checkpoint.keep_latest_k)
     durable = StoreTier("durable", open_store(context.storage_uri), cfg.run.name, cfg.checkpoint.keep_latest_k,
                         cfg.checkpoint.milestone_every_steps)
     rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
     shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
     return CheckpointManager(cfg.run.name, context.config, local, shared, writes_local=node_ids.index(node_id) == rank,
-                             events=events, compression=cfg.checkpoint.compression,
-                             scratch_root=local.store.root if local else None)
+                             events=events, compression=cfg.checkpoint.compression, scratch_root=node_root,
+                             sharded=cfg.checkpoint.sharded)
 
 
 class Phases:

@@ -13,7 +13,6 @@ from raytrain_spot.checkpoint.format import (
     checkpoint_key,
     commit,
     fetch_verified,
-    listed_steps,
     load_state,
     write_state,
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from raytrain_spot.checkpoint.advisor import IntervalAdvisor, job_mtbi_s, daly_interval
+from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor, daly_interval, job_mtbi_s
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, checkpoint_key, listed_steps
 from raytrain_spot.checkpoint.head import HeadStore
 from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest
@@ -206,6 +206,23 @@ def test_advisor_uses_observed_interruptions_and_the_commit_floor():
                                  step_time_s=0.1)
     assert slow_commit.interval_s == 60.0 and slow_commit.interval_steps == 600
     assert "Young/Daly" in slow_commit.explain()
+
+
+def test_cadence_adopts_only_material_changes_and_keeps_a_configured_interval():
+    advisor = IntervalAdvisor(node_mtbi_prior_s=4 * 3600, min_interval_s=1, max_interval_s=3600)
+    cadence = CheckpointCadence(None, advisor)
+    assert cadence.interval_steps is None and cadence.update([], [], 0, 10.0, 2, 100) is None
+    first = cadence.update([0.01], [0.5], interruptions=0, observed_s=10.0, world_size=2, steps=100)
+    assert first is not None and cadence.interval_steps == first.interval_steps
+    # A slightly different stall moves the advice by well under 20%: not adopted.
+    assert cadence.update([0.01, 0.0105], [0.5], 0, 20.0, 2, 200) is None
+    assert cadence.interval_steps == first.interval_steps
+    # Interruptions shrink the job's MTBI, and so the interval, by far more: adopted.
+    flaky = cadence.update([0.01], [0.5], interruptions=5, observed_s=60.0, world_size=2, steps=600)
+    assert flaky is not None and cadence.interval_steps == flaky.interval_steps < 0.8 * first.interval_steps
+
+    fixed = CheckpointCadence(50, advisor)
+    assert fixed.update([0.01], [0.5], 5, 60.0, 2, 600) is None and fixed.interval_steps == 50
 
 
 def _two_rank_restore(rank, tmp, result_dir):

@@ -1,6 +1,5 @@
 """Resize decisions without a cluster: the live capacity count, regrow settling, handoff accounting."""
 
-import pytest
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
 from ray.train.v2.api.config import FailureConfig, ScalingConfig

@@ -102,7 +102,7 @@ def test_stopping_a_cluster_ends_its_processes_and_no_others():
 def test_the_runner_runs_commands_locally_in_this_environment_and_scopes_ray_stop(tmp_path):
     name = f"runner-test-{os.getpid()}"
     runner = LocalCommandRunner("test: ", name)
-    output = runner.run(f'echo "$RAYTRAIN_SPOT_LOCAL_CLUSTER $GREETING"; command -v python',
+    output = runner.run('echo "$RAYTRAIN_SPOT_LOCAL_CLUSTER $GREETING"; command -v python',
                         with_output=True, environment_variables={"GREETING": "hello"})
     marker, python = output.split("\n")[0], output.split("\n")[1]
     assert marker == f'{name} "hello"'

@@ -1,7 +1,5 @@
 """Gradient accumulation and DDP give the update of one large batch; the loss falls."""
 
-import copy
-import os
 
 import numpy as np
 import pytest

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 
 def young_interval(checkpoint_s: float, mtbi_s: float) -> float:
@@ -73,3 +74,36 @@ class IntervalAdvisor:
         steps = max(1, round(interval / max(step_time_s, 1e-6)))
         return IntervalDecision(steps, interval, young_daly, stall_s, commit_s, mtbi, interruptions, observed_s,
                                 step_time_s)
+
+
+class CheckpointCadence:
+    """The periodic checkpoint interval in steps: the configured one, or else the advisor's.
+
+    The advisor re-decides on every step from the last few checkpoints' costs; a decision is
+    adopted (and returned, to be logged) only when it moves the interval by more than
+    ``ADOPT_CHANGE``, so noise in the measured stall does not reschedule saves every step.
+    """
+
+    ADOPT_CHANGE = 0.2
+    RECENT = 5  # checkpoints whose costs are averaged
+
+    def __init__(self, configured_steps: Optional[int], advisor: IntervalAdvisor):
+        self.interval_steps = configured_steps
+        self._advisor = advisor if configured_steps is None else None
+        self._adopted: Optional[IntervalDecision] = None
+
+    def update(self, stall_s: Sequence[float], commit_s: Sequence[float], interruptions: int, observed_s: float,
+               world_size: int, steps: int) -> Optional[IntervalDecision]:
+        """Re-decide from the run so far; return the decision when it is adopted."""
+        if self._advisor is None or not stall_s:
+            return None
+        recent_stall = stall_s[-self.RECENT:]
+        decision = self._advisor.decide(stall_s=sum(recent_stall) / len(recent_stall),
+                                        commit_s=max(commit_s[-self.RECENT:], default=0.0),
+                                        interruptions=interruptions, observed_s=observed_s, world_size=world_size,
+                                        step_time_s=observed_s / max(steps, 1))
+        if self._adopted is not None and \
+                abs(decision.interval_steps - self._adopted.interval_steps) <= self.ADOPT_CHANGE * self._adopted.interval_steps:
+            return None
+        self._adopted, self.interval_steps = decision, decision.interval_steps
+        return decision

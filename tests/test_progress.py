@@ -1,0 +1,29 @@
+import io
+import json
+
+from raytrain_spot.events import EventFeed
+from raytrain_spot.progress import ProgressPrinter
+
+
+def step(t, n, world_size=2, loss=1.0):
+    return {"t": t, "ev": "step", "step": n, "world_size": world_size, "samples": [(n - 1) * 8, n * 8],
+            "loss": loss, "lr": 1e-3}
+
+
+def test_printer_shows_only_this_invocation_every_n_steps_with_rate(tmp_path):
+    earlier = [{"t": 10.0, "ev": "group", "world_size": 3, "step": 0, "restored_step": None, "nodes": ["a", "b", "c"]},
+               step(11.0, 4)]
+    now = [{"t": 100.0, "ev": "group", "world_size": 2, "step": 4, "restored_step": 4, "nodes": ["a", "b"]},
+           *[step(100.0 + n, n) for n in range(5, 11)]]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in earlier + now))
+    out = io.StringIO()
+    printer = ProgressPrinter(total_steps=11, every_steps=3, out=out, since=50.0)
+    with EventFeed(str(path), [printer], poll_s=0.05):
+        pass
+
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[group] training with 2 workers from restored step 4"
+    assert [line.split("|")[0].strip() for line in lines[1:]] == ["step      6/11", "step      9/11"]
+    assert "8.0 samples/s" in lines[2]  # 24 samples in the 3 s between the printed steps
+    assert printer.latest_step == 10 and printer.rank_nodes == ["a", "b"]
