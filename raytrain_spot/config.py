@@ -245,7 +245,10 @@ class CheckpointConfig:
     durable_interval_s: float = 600.0
     """The head forwards a checkpoint to storage.uri at most this often (always the final one)."""
     compression: str = "none"
-    """Compress the state file: none, zstd or lz4."""
+    """Compress the state file: none, zstd or lz4 (single-file checkpoints)."""
+    sharded: bool = False
+    """Every rank saves a share of the tensors through torch.distributed.checkpoint: each rank's stall and
+    host memory per save are ~1/world_size of the state. Sharded checkpoints skip the node-local tier."""
     max_transfer_mbps: Optional[float] = None
     """Cap each worker's checkpoint traffic to the head (MB/s) so it never starves gradient traffic; unset: no cap."""
 
@@ -274,6 +277,9 @@ class CheckpointConfig:
                  f"must be positive or unset, got {self.max_transfer_mbps}", "unset it, or give MB/s such as 200")
         _require(self.compression in ("none", "zstd", "lz4"), "checkpoint.compression",
                  f"{self.compression!r} is not supported", "use none, zstd or lz4")
+        _require(not (self.sharded and self.compression != "none"), "checkpoint.compression",
+                 f"{self.compression} applies to single-file checkpoints, not to checkpoint.sharded=true",
+                 "set checkpoint.compression=none, or checkpoint.sharded=false")
 
 
 @dataclass

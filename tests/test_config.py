@@ -46,6 +46,12 @@ def test_chaos_margin_must_leave_time_before_the_kill(compose):
         load_config(compose("+experiment=vlm", "+chaos=trace"))
 
 
+def test_sharded_checkpoints_refuse_compression(compose):
+    with pytest.raises(ConfigError, match="checkpoint.compression: zstd applies to single-file checkpoints"):
+        load_config(compose("+experiment=vlm", "checkpoint.sharded=true", "checkpoint.compression=zstd"))
+    assert load_config(compose("+experiment=vlm", "checkpoint.sharded=true")).checkpoint.sharded
+
+
 def test_min_workers_must_fit_the_embedded_cluster(compose):
     with pytest.raises(ConfigError, match="trainer.min_workers"):
         load_config(compose("+experiment=vlm", "trainer.min_workers=3", "cluster.num_worker_nodes=2"))

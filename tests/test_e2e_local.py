@@ -49,3 +49,31 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     first_run_positions = [e["samples"] for e in events[:starts[1]] if e["ev"] == "step"]
     resumed_positions = [e["samples"] for e in events[starts[1]:] if e["ev"] == "step"]
     assert resumed_positions[0][0] == first_run_positions[-1][1], "the data cursor must continue where it stopped"
+
+
+def test_sharded_checkpoints_from_two_workers_resume_on_one(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    env = {"RAY_TMPDIR": ray_tmp}
+    tiers = [f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head",
+             "checkpoint.sharded=true"]
+    first = run_main(*SMALL, *tiers, "trainer.max_steps=20", cwd=str(tmp_path), env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    final = tmp_path / "outputs" / "storage" / "e2e" / "checkpoints" / "step_00000020"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["sharded"] and manifest["world_size"] == 2
+    assert sorted(manifest["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
+    shares = [manifest["files"][f"__{rank}_0.distcp"]["size"] for rank in (0, 1)]
+    assert min(shares) > 0.4 * max(shares), f"the two workers' shares should be balanced: {shares}"
+
+    second = run_main(*SMALL, *tiers, "trainer.max_workers=1", "trainer.max_steps=30", cwd=str(tmp_path), env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    events = read_events(str(tmp_path / "outputs" / "e2e" / "events.jsonl"))
+    second_start = [i for i, e in enumerate(events) if e["ev"] == "start"][1]
+    restore = next(e for e in events[second_start:] if e["ev"] == "restore")
+    resize = next(e for e in events[second_start:] if e["ev"] == "resize")
+    assert (restore["step"], restore["tier"]) == (20, "head")
+    assert (resize["old_world_size"], resize["world_size"]) == (2, 1)
+    losses = {e["step"]: e["loss"] for e in events if e["ev"] == "step"}
+    assert sorted(losses) == list(range(1, 31))
+    assert abs(losses[21] - losses[20]) < 0.5 * abs(losses[1] - losses[20]), \
+        "the resumed run must continue from the trained state, not from scratch"

@@ -2,9 +2,10 @@
 
     python -m raytrain_spot.checkpoint.export CHECKPOINT OUT [--dtype bf16|fp16|fp32]
 
-CHECKPOINT is a checkpoint directory (``.../checkpoints/step_00000120``, local or ``gs://``).
-It is verified against its manifest before anything is read. OUT becomes a directory with
-``model.pt`` and a ``manifest.json`` (kind ``export``), loadable with ``weights_only=True``.
+CHECKPOINT is a checkpoint directory (``.../checkpoints/step_00000120``, local or ``gs://``),
+single-file or sharded. It is verified against its manifest before anything is read. OUT
+becomes a directory with ``model.pt`` and a ``manifest.json`` (kind ``export``), loadable
+with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import tempfile
 
 import torch
 
-from raytrain_spot.checkpoint.format import STATE_FILE, InvalidCheckpoint, commit, fetch_verified, load_state, write_state
+from raytrain_spot.checkpoint.format import InvalidCheckpoint, commit, fetch_verified, write_state
+from raytrain_spot.checkpoint.manager import load_checkpoint_state
 from raytrain_spot.storage import LocalStore, open_store
 
 MODEL_FILE = "model.pt"
@@ -29,11 +31,12 @@ def export_model(checkpoint: str, out_dir: str, dtype: str) -> int:
     store = open_store(parent if "://" in parent else "file://" + os.path.abspath(parent))
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:
         manifest, paths = fetch_verified(store, name, scratch)
-        state = load_state(paths[STATE_FILE], manifest.compression)
+        state = load_checkpoint_state(manifest, paths)
         weights = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state["model"].items()}
         path = os.path.join(scratch, MODEL_FILE)
         entry = write_state(weights, path)
-        exported = dataclasses.replace(manifest, kind="export", files={MODEL_FILE: entry}, compression="none")
+        exported = dataclasses.replace(manifest, kind="export", files={MODEL_FILE: entry}, compression="none",
+                                       sharded=False)
         commit(LocalStore(os.path.dirname(os.path.abspath(out_dir))), os.path.basename(os.path.abspath(out_dir)),
                {MODEL_FILE: path}, exported)
     return entry.size

@@ -65,6 +65,7 @@ class Manifest:
     config: Dict[str, Any]
     reason: str = ""  # jit: "preemption" or "regrow"
     compression: str = "none"  # of the state file: none | zstd | lz4
+    sharded: bool = False  # tensors in DCP files written by every rank, the rest in the state file
     config_hash: str = ""
     framework_version: str = ""
     torch_version: str = field(default_factory=lambda: torch.__version__)

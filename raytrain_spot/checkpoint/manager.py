@@ -5,6 +5,10 @@ thread serializes it, publishes it on node-local disk and ships it to the head n
 forwards it to durable storage). At most one save is in flight: a periodic save asked for
 while one is running is deferred until it finishes, never queued.
 
+With ``sharded``, every rank snapshots and writes its share of the tensors (see
+``sharded.py``) to the first shared tier, and rank 0 publishes the manifest once every
+share has arrived.
+
 Restore is collective: rank 0 picks the newest checkpoint that verifies on the fastest tier
 it can reach and every rank loads that step from the fastest tier holding a valid copy; a
 rank that has none receives the state from rank 0.
@@ -31,8 +35,17 @@ from raytrain_spot.checkpoint.format import (
     Manifest,
     checkpoint_key,
     checkpoint_name,
+    file_entry,
     load_state,
     write_state,
+)
+from raytrain_spot.checkpoint.sharded import (
+    apply_sharded,
+    load_sharded,
+    owned_keys,
+    sharded_state,
+    tensor_bytes,
+    write_shard,
 )
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.tiers import Tier
@@ -78,9 +91,14 @@ class CheckpointManager:
     reaches, fastest first (the head, then durable storage; just durable without a head)."""
 
     def __init__(self, run_name: str, config: Dict[str, Any], local: Optional[Tier], shared: List[Tier],
-                 writes_local: bool, events: EventLog, compression: str = "none", scratch_root: Optional[str] = None):
+                 writes_local: bool, events: EventLog, compression: str = "none", scratch_root: Optional[str] = None,
+                 sharded: bool = False):
         self.run_name = run_name
         self.compression = compression
+        self.sharded = sharded
+        # Sharded saves run DCP's collectives from the background thread: on a group of their own,
+        # so they never interleave with training's.
+        self._save_group = dist.new_group(backend="gloo") if sharded else None
         self.config = config
         self.local = local
         self.shared = shared
@@ -105,21 +123,32 @@ class CheckpointManager:
 
     def save(self, model, optimizer, request: SaveRequest, writer: bool, wait: bool = False) -> float:
         """Snapshot now and write in the background; return the stall. ``writer`` also writes the
-        shared tiers. ``wait`` blocks until every tier this rank writes has committed."""
-        if not writer and not self.writes_local:
+        shared tiers. ``wait`` blocks until every tier this rank writes has committed.
+
+        Sharded, every rank saves every step asked for (their DCP collectives must pair up): a
+        save still in flight is waited for, not deferred.
+        """
+        if not writer and not self.writes_local and not self.sharded:
             return 0.0
-        if self.busy and not wait:
+        if self.busy and not wait and not self.sharded:
             self.deferred = request
             return 0.0
         self.wait()
         started = time.perf_counter()
         request = SaveRequest(Progress(**request.progress.__dict__), request.world_size, request.kind, request.reason)
-        snapshot, _ = self._snapshot.take(training_state(model, optimizer, request.progress))
+        if self.sharded:
+            tensors, rest = sharded_state(model, optimizer, dict(request.progress.__dict__))
+            owned = owned_keys(tensor_bytes(tensors), dist.get_rank(), dist.get_world_size())
+            share, _ = self._snapshot.take({key: tensors[key] for key in owned})
+            write, args = self._write_share, (share, rest, request)
+        else:
+            snapshot, _ = self._snapshot.take(training_state(model, optimizer, request.progress))
+            write, args = self._write, (snapshot, request, writer)
         stall = time.perf_counter() - started
         self.stall_s.append(stall)
         self.deferred = None
         self.last_save_step = request.progress.step
-        self._thread = threading.Thread(target=self._write, args=(snapshot, request, writer, stall),
+        self._thread = threading.Thread(target=write, args=(*args, stall),
                                         name=f"checkpoint-{request.progress.step}", daemon=True)
         self._thread.start()
         if wait:
@@ -159,12 +188,66 @@ class CheckpointManager:
             if self.writes_local:
                 self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
         except Exception as error:
-            logger.warning("Checkpoint step %d failed; the previous one stays the latest: %s", step, error,
-                           exc_info=True)
-            self.events.emit("checkpoint_failed", step=step, kind=request.kind, error=f"{type(error).__name__}: {error}")
+            self._report_failure(request, f"{type(error).__name__}: {error}")
         finally:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+    def _report_failure(self, request: SaveRequest, error: str) -> None:
+        logger.warning("Checkpoint step %d failed; the previous one stays the latest: %s", request.progress.step, error,
+                       exc_info=True)
+        self.events.emit("checkpoint_failed", step=request.progress.step, kind=request.kind, error=error)
+
+    def _write_share(self, share: Dict[str, torch.Tensor], rest: Dict[str, Any], request: SaveRequest,
+                     stall: float) -> None:
+        """Background, on every rank: write this rank's DCP share and put it on the first shared
+        tier; rank 0 also writes the rest of the state. Rank 0 publishes the manifest only when
+        every rank's files arrived, so a failure anywhere leaves the previous checkpoint the latest."""
+        step, rank = request.progress.step, dist.get_rank()
+        key = checkpoint_key(self.run_name, step)
+        tier = self.shared[0]
+        scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=self.scratch_root)
+        started = time.time()
+        try:
+            try:
+                names = write_shard(share, scratch, self._save_group)  # raises on every rank if any fails
+            except Exception as error:
+                if rank == 0:
+                    self._report_failure(request, f"{type(error).__name__}: {error}")
+                return
+            entries, problem = {}, None
+            try:
+                if rank == 0:
+                    entries[STATE_FILE] = write_state(rest, os.path.join(scratch, STATE_FILE))
+                entries.update({name: file_entry(os.path.join(scratch, name)) for name in names})
+                tier.put(key, {name: os.path.join(scratch, name) for name in entries})
+            except Exception as error:
+                problem = f"rank {rank}: {type(error).__name__}: {error}"
+            everyone: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, (entries, problem, stall), group=self._save_group)
+            published = [False]
+            if rank == 0:
+                problems = [p for _, p, _ in everyone if p]
+                files = {name: entry for rank_entries, _, _ in everyone for name, entry in rank_entries.items()}
+                try:
+                    if problems:
+                        raise RuntimeError("; ".join(problems))
+                    tier.publish(key, Manifest(step=step, samples_seen=request.progress.samples_seen,
+                                               kind=request.kind, reason=request.reason,
+                                               world_size=request.world_size, files=files, config=self.config,
+                                               sharded=True, created_at=started))
+                    published[0] = True
+                    self.commit_s.append(time.time() - started)
+                    self.events.emit("checkpoint", step=step, tier=tier.name, kind=request.kind,
+                                     stall_s=max(s for _, _, s in everyone), duration_s=time.time() - started,
+                                     bytes=sum(entry.size for entry in files.values()))
+                except Exception as error:
+                    self._report_failure(request, f"{type(error).__name__}: {error}")
+            dist.broadcast_object_list(published, src=0, group=self._save_group)
+            if published[0]:
+                self.committed_step = step
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # -- restoring ------------------------------------------------------------------------
 
@@ -180,7 +263,7 @@ class CheckpointManager:
             with tempfile.TemporaryDirectory(prefix="restore-", dir=self.scratch_root) as scratch:
                 try:
                     manifest, paths = tier.fetch(key, scratch)
-                    return load_state(paths[STATE_FILE], manifest.compression), manifest, tier.name
+                    return load_checkpoint_state(manifest, paths), manifest, tier.name
                 except InvalidCheckpoint as why:
                     logger.warning("Skipping checkpoint %s on the %s tier: %s", key, tier.name, why)
         return None
@@ -212,11 +295,19 @@ class CheckpointManager:
             if rank == 0 and pointer_step is not None and pointer_step != step:
                 logger.warning("Ray Train's latest checkpoint is step %s; restoring %s, the newest valid one",
                                pointer_step, step)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            if manifest.sharded:
+                apply_sharded(model, optimizer, state)
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
             self.last_save_step = self.committed_step = step
             return Restored(Progress(**state["progress"]), tier, manifest, time.time() - started)
         return None
+
+
+def load_checkpoint_state(manifest: Manifest, paths: Dict[str, str]) -> Dict[str, Any]:
+    """The state of a verified checkpoint, single-file or sharded."""
+    return load_sharded(paths) if manifest.sharded else load_state(paths[STATE_FILE], manifest.compression)
 
 
 def _listing(tier: Tier, run_name: str) -> List[int]:

@@ -17,7 +17,6 @@ from raytrain_spot.checkpoint.format import (
     MANIFEST,
     Manifest,
     checkpoint_key,
-    commit,
     fetch_verified,
     listed_steps,
     verify_file,
@@ -35,6 +34,12 @@ class Tier(Protocol):
     def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
         """Store the files, then the manifest; then apply retention. ``move``: the files are
         scratch copies the tier may take (rename) instead of copying."""
+
+    def put(self, key: str, files: Dict[str, str]) -> None:
+        """Store data files only: one writer's part of a checkpoint that several write."""
+
+    def publish(self, key: str, manifest: Manifest) -> None:
+        """Write the manifest of files already put (by every writer), then apply retention."""
 
     def steps(self, run_name: str) -> List[int]:
         """Checkpoint steps present (not yet validated), newest first."""
@@ -65,9 +70,16 @@ class StoreTier:
         if move and isinstance(self.store, LocalStore):
             for name, path in files.items():
                 self.store.adopt(f"{key}/{name}", path)
-            self.store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True)
         else:
-            commit(self.store, key, files, manifest)
+            self.put(key, files)
+        self.publish(key, manifest)
+
+    def put(self, key: str, files: Dict[str, str]) -> None:
+        for name, path in files.items():
+            self.store.put_file(f"{key}/{name}", path)
+
+    def publish(self, key: str, manifest: Manifest) -> None:
+        self.store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True)
         for step in steps_to_delete(self.steps(self.run_name), self.keep_latest_k, self.milestone_every):
             if step not in self.pinned:
                 self.store.delete_prefix(checkpoint_key(self.run_name, step))
@@ -95,6 +107,10 @@ class HeadTier:
         self._sleep = sleep
 
     def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
+        self.put(key, files)
+        self.publish(key, manifest)
+
+    def put(self, key: str, files: Dict[str, str]) -> None:
         import ray
 
         started, sent = self._clock(), 0
@@ -106,6 +122,10 @@ class HeadTier:
                     offset += len(chunk)
                     sent += len(chunk)
                     self._pace(started, sent)
+
+    def publish(self, key: str, manifest: Manifest) -> None:
+        import ray
+
         ray.get(self.actor.commit.remote(key, manifest.to_json()))
 
     def _chunk_bytes(self) -> int:

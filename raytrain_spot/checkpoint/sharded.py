@@ -1,0 +1,173 @@
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP).
+
+With ``checkpoint.sharded=true`` every rank saves a share of the state instead of one rank
+saving all of it. DDP replicas are identical, so the shares are a partition of the tensors,
+balanced by bytes and computed by every rank alike without communication. Each rank then
+copies only its share into host memory (the stall, and the host memory a save needs, are
+about 1/world_size of a full snapshot) and writes it in the background as part of one DCP
+checkpoint: ``__<rank>_0.distcp`` files plus DCP's ``.metadata``. Everything that is not a
+tensor (optimizer hyperparameters, progress) goes into ``state.pt`` with the state's
+structure, written by rank 0.
+
+The tensors are keyed by fully qualified names (``get_state_dict``), so a checkpoint saved
+by any number of ranks loads on any other number: loading reads DCP's metadata, allocates
+every tensor it lists and fills them from whichever files hold them.
+
+DCP stores its metadata with ``pickle``; it is read here with an unpickler that accepts only
+DCP's own metadata types, so loading never unpickles arbitrary objects from a bucket.
+Tensors are read by DCP with ``torch.load(weights_only=True)`` and ``state.pt`` with
+``load_state``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from typing import Any, Dict, List, Set, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from raytrain_spot.checkpoint.format import STATE_FILE, InvalidCheckpoint, load_state
+
+METADATA_FILE = ".metadata"  # DCP's name for it
+_SEPARATOR = "/"
+
+
+def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """Leaves of a nest of dicts, lists and tuples, keyed by their path."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    flat: Dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}{_SEPARATOR}{key}" if prefix else str(key)))
+    return flat
+
+
+def skeleton(tree: Any) -> Any:
+    """The nest with every tensor replaced by None: what ``state.pt`` keeps of the state."""
+    if isinstance(tree, torch.Tensor):
+        return None
+    if isinstance(tree, dict):
+        return {key: skeleton(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(skeleton(value) for value in tree)
+    return tree
+
+
+def rebuild(tree: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """The inverse of ``skeleton``: put each tensor back at its path."""
+    if prefix in tensors:
+        return tensors[prefix]
+    if isinstance(tree, dict):
+        return {key: rebuild(value, tensors, _join(prefix, key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(rebuild(value, tensors, _join(prefix, i)) for i, value in enumerate(tree))
+    return tree
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}{_SEPARATOR}{key}" if prefix else str(key)
+
+
+def owned_keys(sizes: Dict[str, int], rank: int, world_size: int) -> Set[str]:
+    """This rank's share: largest tensors first, each to the rank holding the fewest bytes so far."""
+    loads = [0] * world_size
+    owned: Set[str] = set()
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        owner = loads.index(min(loads))
+        loads[owner] += sizes[key]
+        if owner == rank:
+            owned.add(key)
+    return owned
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  progress: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(every tensor keyed by path, the rest of the state): model and optimizer keyed by FQN."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    tree = {"model": model_state, "optimizer": optimizer_state}
+    tensors = {key: value for key, value in flatten(tree).items() if isinstance(value, torch.Tensor)}
+    return tensors, {"structure": skeleton(tree), "progress": progress}
+
+
+def tensor_bytes(tensors: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    return {key: t.numel() * t.element_size() for key, t in tensors.items()}
+
+
+def write_shard(owned: Dict[str, torch.Tensor], directory: str, group) -> List[str]:
+    """Collective over ``group``: write this rank's share into ``directory``; return the files written.
+
+    Rank 0 (DCP's coordinator) also writes ``.metadata``, which covers every rank's share.
+    """
+    dcp.save(owned, storage_writer=dcp.FileSystemWriter(directory), process_group=group)
+    return sorted(os.listdir(directory))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata types, torch sizes, dtypes and layouts, and paths; nothing else."""
+
+    _ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata read by ``_MetadataUnpickler``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(os.path.join(self.path, METADATA_FILE), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{METADATA_FILE} holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_sharded(paths: Dict[str, str]) -> Dict[str, Any]:
+    """The state of a verified sharded checkpoint: ``model``, ``optimizer`` (FQN-keyed) and ``progress``."""
+    directories = {os.path.dirname(path) for path in paths.values()}
+    if len(directories) != 1 or METADATA_FILE not in paths or STATE_FILE not in paths:
+        raise InvalidCheckpoint(f"a sharded checkpoint needs {METADATA_FILE} and {STATE_FILE} in one directory")
+    try:
+        reader = SafeFileSystemReader(directories.pop())
+        metadata = reader.read_metadata()
+        tensors = {key: torch.empty(item.size, dtype=item.properties.dtype)
+                   for key, item in metadata.state_dict_metadata.items()
+                   if isinstance(item, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
+    except InvalidCheckpoint:
+        raise
+    except Exception as error:  # verified bytes that still fail to parse are as bad as corrupt ones
+        raise InvalidCheckpoint(f"cannot read the sharded state: {type(error).__name__}: {error}") from None
+    rest = load_state(paths[STATE_FILE])
+    state = rebuild(rest["structure"], tensors)
+    return {**state, "progress": rest["progress"]}
+
+
+def apply_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
