@@ -39,7 +39,10 @@ DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
 MODES = {
     "plain-ray-train": ["trainer.spot_aware=false", "chaos.watchers=false"],
     "raytrain-spot": [],
+    # The textbook Spot setup: a fixed worker count that waits for its replacement node.
+    "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
 }
+DEFAULT_MODES = ["plain-ray-train", "raytrain-spot"]
 
 
 def scripted_events(preemptions: int, every_s: float, restore_after_s: float) -> str:
@@ -176,7 +179,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-interval-steps", type=int, default=100)
     parser.add_argument("--projected-interval-s", type=float, default=600.0,
                         help="checkpoint interval assumed on the real time scale (the seed guide's local tier: 10 min)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--scenarios", nargs="+", default=["scripted", "trace"])
     parser.add_argument("--preemptions", type=int, default=3, help="scripted: single-node preemptions")
     parser.add_argument("--every-s", type=float, default=60.0, help="scripted: seconds between them")

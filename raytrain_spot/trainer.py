@@ -23,8 +23,9 @@ def ray_storage(storage_uri: str) -> dict:
 
 def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
     trainer_cfg = cfg.trainer
+    fixed = trainer_cfg.min_workers == trainer_cfg.max_workers
     scaling = ScalingConfig(
-        num_workers=(trainer_cfg.min_workers, trainer_cfg.max_workers),
+        num_workers=trainer_cfg.max_workers if fixed else (trainer_cfg.min_workers, trainer_cfg.max_workers),
         use_gpu=trainer_cfg.use_gpu,
         resources_per_worker=trainer_cfg.resources_per_worker,
         elastic_resize_monitor_interval_s=trainer_cfg.resize_check_interval_s,

@@ -1,12 +1,13 @@
 """Resize decisions without a cluster: the live capacity count, regrow settling, handoff accounting."""
 
+import pytest
+from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from raytrain_spot.cluster_monitor import NodeState, node_changes
-from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
 
 from raytrain_spot.elastic import (
     CapacityWatcher,
@@ -175,3 +176,21 @@ def test_node_changes_become_events():
     drained_then_dead = node_changes({"a": state("a", deadline=0)}, {"a": state("a", alive=False)})
     assert drained_then_dead == [{"ev": "kill", "node": "a", "with_notice": True}]
     assert node_changes(after, after) == []
+
+
+@pytest.mark.parametrize("overrides, trainer_type, num_workers", [
+    ([], "SpotTorchTrainer", (1, 3)),
+    (["trainer.spot_aware=false"], "TorchTrainer", (1, 3)),
+    (["trainer.spot_aware=false", "trainer.min_workers=3"], "TorchTrainer", 3),  # Ray's fixed scaling policy
+])
+def test_trainer_matches_the_configured_scaling(compose, overrides, trainer_type, num_workers):
+    from raytrain_spot.config import load_config
+    from raytrain_spot.trainer import build_trainer
+    from raytrain_spot.worker import LoopContext
+
+    cfg = load_config(compose("+experiment=vlm", *overrides))
+    trainer = build_trainer(cfg, LoopContext(config=cfg.to_dict(), storage_uri="file:///tmp/unused", events=None,
+                                             head_store=None))
+    assert type(trainer).__name__ == trainer_type
+    assert trainer.scaling_config.num_workers == num_workers
+    assert trainer.run_config.failure_config.max_failures != 0, "a lost Spot node must not end the run"
