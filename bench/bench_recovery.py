@@ -67,7 +67,7 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
                *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode]]
     events_path = os.path.join(workdir, "outputs", name, "events.jsonl")
     log = open(os.path.join(workdir, f"{name}.log"), "w")
-    process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_interruptible,
                                env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
     replay_s = scenario_length_s(scenario, args)
     started = None
@@ -80,6 +80,12 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
             process.wait(timeout=120)
     log.close()
     return events_path
+
+
+def _interruptible() -> None:
+    """The run is stopped with SIGINT, which a shell that started this benchmark in the
+    background may have set to ignored (children inherit that): give the run the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def scenario_length_s(scenario: str, args) -> float:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -195,7 +196,7 @@ class CheckpointManager:
 
     def _report_failure(self, request: SaveRequest, error: str) -> None:
         logger.warning("Checkpoint step %d failed; the previous one stays the latest: %s", request.progress.step, error,
-                       exc_info=True)
+                       exc_info=sys.exc_info()[1] is not None)
         self.events.emit("checkpoint_failed", step=request.progress.step, kind=request.kind, error=error)
 
     def _write_share(self, share: Dict[str, torch.Tensor], rest: Dict[str, Any], request: SaveRequest,
@@ -229,20 +230,22 @@ class CheckpointManager:
             if rank == 0:
                 problems = [p for _, p, _ in everyone if p]
                 files = {name: entry for rank_entries, _, _ in everyone for name, entry in rank_entries.items()}
-                try:
-                    if problems:
-                        raise RuntimeError("; ".join(problems))
-                    tier.publish(key, Manifest(step=step, samples_seen=request.progress.samples_seen,
-                                               kind=request.kind, reason=request.reason,
-                                               world_size=request.world_size, files=files, config=self.config,
-                                               sharded=True, created_at=started))
-                    published[0] = True
+                if problems:
+                    self._report_failure(request, "; ".join(problems))
+                else:
+                    try:
+                        tier.publish(key, Manifest(step=step, samples_seen=request.progress.samples_seen,
+                                                   kind=request.kind, reason=request.reason,
+                                                   world_size=request.world_size, files=files, config=self.config,
+                                                   sharded=True, created_at=started))
+                        published[0] = True
+                    except Exception as error:
+                        self._report_failure(request, f"{type(error).__name__}: {error}")
+                if published[0]:
                     self.commit_s.append(time.time() - started)
                     self.events.emit("checkpoint", step=step, tier=tier.name, kind=request.kind,
                                      stall_s=max(s for _, _, s in everyone), duration_s=time.time() - started,
                                      bytes=sum(entry.size for entry in files.values()))
-                except Exception as error:
-                    self._report_failure(request, f"{type(error).__name__}: {error}")
             dist.broadcast_object_list(published, src=0, group=self._save_group)
             if published[0]:
                 self.committed_step = step
