@@ -9,46 +9,59 @@ at full bandwidth), so a snapshot allocates nothing once the buffers exist.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 
 
 class HostSnapshot:
-    """Reusable host copies of a state nest. ``take`` returns the copy and how long it took."""
+    """Reusable host copies of a state nest. ``take`` returns the copy and how long it took.
+
+    Buffers are matched to tensors by their order in the nest, which is the same on every
+    save of the same model and optimizer; all tensors are copied in one batched call, so a
+    model with hundreds of small tensors pays little Python overhead per tensor.
+    """
 
     def __init__(self, pin_memory: bool | None = None):
         self._pin_memory = pin_memory
-        self._buffers: Dict[str, torch.Tensor] = {}
+        self._buffers: List[torch.Tensor] = []
 
     def take(self, state: Any) -> Tuple[Any, float]:
         started = time.perf_counter()
-        copies: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        snapshot = self._copy(state, "", copies)
-        if any(source.is_cuda for source, _ in copies):
-            torch.cuda.synchronize()
+        sources: List[torch.Tensor] = []
+        snapshot = self._with_buffers(state, sources)
+        if sources:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers[:len(sources)], sources, non_blocking=True)
+            if any(source.is_cuda for source in sources):
+                torch.cuda.synchronize()
         return snapshot, time.perf_counter() - started
 
-    def _copy(self, value: Any, path: str, copies: List) -> Any:
+    def _with_buffers(self, value: Any, sources: List[torch.Tensor]) -> Any:
+        """The nest with each tensor replaced by its buffer; the tensors go to ``sources``."""
         if isinstance(value, torch.Tensor):
-            buffer = self._buffer(path, value)
-            buffer.copy_(value.detach(), non_blocking=value.is_cuda)
-            copies.append((value, buffer))
+            buffer = self._buffer(len(sources), value)
+            sources.append(value)
             return buffer
         if isinstance(value, dict):
-            return {k: self._copy(v, f"{path}/{k}", copies) for k, v in value.items()}
+            return {k: self._with_buffers(v, sources) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return type(value)(self._copy(v, f"{path}/{i}", copies) for i, v in enumerate(value))
+            return type(value)(self._with_buffers(v, sources) for v in value)
         return value
 
-    def _buffer(self, path: str, like: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(path)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-            pin = self._pin_memory if self._pin_memory is not None else like.is_cuda
-            buffer = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
-            self._buffers[path] = buffer
+    def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        if index < len(self._buffers):
+            buffer = self._buffers[index]
+            if buffer.shape == like.shape and buffer.dtype == like.dtype:
+                return buffer
+        pin = self._pin_memory if self._pin_memory is not None else like.is_cuda
+        buffer = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+        if index < len(self._buffers):
+            self._buffers[index] = buffer
+        else:
+            self._buffers.append(buffer)
         return buffer
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(b.numel() * b.element_size() for b in self._buffers)
