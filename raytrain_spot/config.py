@@ -247,8 +247,8 @@ class CheckpointConfig:
     compression: str = "none"
     """Compress the state file: none, zstd or lz4 (single-file checkpoints)."""
     sharded: bool = False
-    """Every rank saves a share of the tensors through torch.distributed.checkpoint: each rank's stall and
-    host memory per save are ~1/world_size of the state. Sharded checkpoints skip the node-local tier."""
+    """Every rank saves a share of the tensors through torch.distributed.checkpoint, so each rank copies and
+    writes about 1/world_size of the bytes. Sharded checkpoints skip the node-local tier."""
     max_transfer_mbps: Optional[float] = None
     """Cap each worker's checkpoint traffic to the head (MB/s) so it never starves gradient traffic; unset: no cap."""
 

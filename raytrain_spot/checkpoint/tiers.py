@@ -75,6 +75,8 @@ class StoreTier:
         self.publish(key, manifest)
 
     def put(self, key: str, files: Dict[str, str]) -> None:
+        if self.store.exists(f"{key}/{MANIFEST}"):
+            return  # a committed checkpoint's data is never rewritten
         for name, path in files.items():
             self.store.put_file(f"{key}/{name}", path)
 
