@@ -210,8 +210,9 @@ class TrainerConfig:
         _require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                  "set trainer.max_failures=-1 to recover from every failure")
         _positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
-        _require(self.regrow_settle_s >= 0 and self.failure_settle_s >= 0, "trainer.regrow_settle_s",
-                 "regrow_settle_s and failure_settle_s must be >= 0", "use 0 or a positive number of seconds")
+        for name in ("regrow_settle_s", "failure_settle_s"):
+            _require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
+                     "use 0 or a positive number of seconds")
 
     @property
     def resources_per_worker(self) -> dict:

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional
 
 import ray.train
 import torch
-from ray.train import CheckpointUploadMode
 import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor

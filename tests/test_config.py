@@ -30,6 +30,7 @@ def test_model_presets_are_valid(compose):
     ("data.image_size=48", "data.image_size"),
     ("run.name=has/slash", "run.name"),
     ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
+    ("trainer.failure_settle_s=-1", "trainer.failure_settle_s"),
 ])
 def test_bad_values_name_the_key_and_the_fix(compose, override, key):
     with pytest.raises(ConfigError) as error:

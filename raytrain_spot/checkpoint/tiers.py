@@ -71,12 +71,14 @@ class StoreTier:
             for name, path in files.items():
                 self.store.adopt(f"{key}/{name}", path)
         else:
-            self.put(key, files)
+            self._upload(key, files)
         self.publish(key, manifest)
 
     def put(self, key: str, files: Dict[str, str]) -> None:
-        if self.store.exists(f"{key}/{MANIFEST}"):
-            return  # a committed checkpoint's data is never rewritten
+        if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
+            self._upload(key, files)
+
+    def _upload(self, key: str, files: Dict[str, str]) -> None:
         for name, path in files.items():
             self.store.put_file(f"{key}/{name}", path)
 
