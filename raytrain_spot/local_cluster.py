@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
 from raytrain_spot.config import ClusterConfig
+from raytrain_spot.standby import PRELOAD_ENV, PRELOAD_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ def _force_loopback() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+@contextmanager
+def _preloading_worker_processes() -> Iterator[None]:
+    """A raylet started inside reads this Ray setting from its environment: its worker processes
+    import the training stack before taking work (worker nodes only, as in the cluster YAMLs)."""
+    os.environ[PRELOAD_ENV] = ",".join(PRELOAD_MODULES)
+    try:
+        yield
+    finally:
+        del os.environ[PRELOAD_ENV]
+
+
 class EmbeddedCluster:
     """A local multi-node Ray cluster. Node changes must come from the main thread."""
 
@@ -78,11 +90,12 @@ class EmbeddedCluster:
         return self._cluster.address
 
     def add_worker_node(self):
-        node = self._cluster.add_node(
-            num_cpus=self.cfg.cpus_per_node, node_ip_address=LOOPBACK,
-            object_store_memory=self.cfg.object_store_mb_per_node * _MB,
-            labels={NODE_TYPE_LABEL: LOCAL_WORKER_TYPE, PRICING_LABEL: "spot"},
-        )
+        with _preloading_worker_processes():
+            node = self._cluster.add_node(
+                num_cpus=self.cfg.cpus_per_node, node_ip_address=LOOPBACK,
+                object_store_memory=self.cfg.object_store_mb_per_node * _MB,
+                labels={NODE_TYPE_LABEL: LOCAL_WORKER_TYPE, PRICING_LABEL: "spot"},
+            )
         self.workers.append(node)
         return node
 

@@ -40,6 +40,8 @@ from ray.autoscaler._private.subprocess_output_util import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
 
+from raytrain_spot.standby import PRELOAD_ENV, PRELOAD_MODULES
+
 logger = logging.getLogger(__name__)
 
 CLUSTER_ENV = "RAYTRAIN_SPOT_LOCAL_CLUSTER"
@@ -90,13 +92,15 @@ def worker_environment(node_type: str) -> Iterator[None]:
     resolves a node's resources, labels and node group from that process's environment.
     `ray up` starts the head with its own overrides there (RAY_OVERRIDE_RESOURCES={"CPU": 0},
     the head's labels, RAY_NODE_TYPE_NAME=head): left in place, every worker would come up
-    as another head with no CPUs.
+    as another head with no CPUs. Worker processes preload the training stack, as on GCP.
     """
     saved = {key: os.environ.get(key) for key in (ray_constants.RESOURCES_ENVIRONMENT_VARIABLE,
-                                                  ray_constants.LABELS_ENVIRONMENT_VARIABLE, "RAY_NODE_TYPE_NAME")}
+                                                  ray_constants.LABELS_ENVIRONMENT_VARIABLE, "RAY_NODE_TYPE_NAME",
+                                                  PRELOAD_ENV)}
     os.environ.pop(ray_constants.RESOURCES_ENVIRONMENT_VARIABLE, None)
     os.environ.pop(ray_constants.LABELS_ENVIRONMENT_VARIABLE, None)
     os.environ["RAY_NODE_TYPE_NAME"] = node_type
+    os.environ[PRELOAD_ENV] = ",".join(PRELOAD_MODULES)
     try:
         yield
     finally:

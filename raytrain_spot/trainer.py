@@ -8,6 +8,7 @@ from ray.train.v2.api.config import LoggingConfig
 
 from raytrain_spot.config import Config
 from raytrain_spot.elastic import SpotTorchTrainer
+from raytrain_spot.standby import STANDBY_MARKER, standby_enabled
 from raytrain_spot.worker import LoopContext, train_loop_per_worker
 
 
@@ -38,6 +39,8 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         # Ray keeps only the pointers; the checkpoints themselves have their own retention.
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k),
         logging_config=LoggingConfig(log_level="WARNING"),
+        # Marks the workers' processes so each node can count its idle standbys (standby.py).
+        worker_runtime_env={"env_vars": {STANDBY_MARKER: cfg.run.name}} if standby_enabled(trainer_cfg) else None,
     )
     spot = {"failure_settle_s": trainer_cfg.failure_settle_s} if trainer_cfg.spot_aware else {}
     trainer_cls = SpotTorchTrainer if trainer_cfg.spot_aware else TorchTrainer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -30,6 +31,7 @@ from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
 from raytrain_spot.elastic import CapacityWatcher, LiveCapacity, WorkerGroupHandoff, local_preemption_notice
 from raytrain_spot.events import EventLog
 from raytrain_spot.model import VisionLanguageModel
+from raytrain_spot.standby import standby_enabled, top_up
 from raytrain_spot.storage import LocalStore, open_store
 from raytrain_spot.train import build_optimizer, learning_rate, set_learning_rate, step_seed, train_step
 
@@ -74,8 +76,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     phases.mark("model")
 
-    node_ids = [None] * world_size
-    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    # Which node each rank runs on, and when its process started (a warm standby predates the restart).
+    placements = [None] * world_size
+    dist.all_gather_object(placements, (ray.get_runtime_context().get_node_id(), process_started()))
+    node_ids = [node_id for node_id, _ in placements]
     checkpoints = build_checkpoint_manager(cfg, context, rank, node_ids, events)
     restored = checkpoints.restore(model, optimizer, rank, read_pointer_step(ray.train.get_checkpoint()))
     phases.mark("restore")
@@ -85,7 +89,11 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     phases.mark("ddp")
     if rank == 0:
-        announce_group(events, restored, world_size, progress, phases.durations, node_ids)
+        announce_group(events, restored, world_size, progress, phases.durations, node_ids,
+                       [round(time.time() - started, 1) for _, started in placements])
+    if standby_enabled(cfg.trainer) and node_ids.index(node_ids[rank]) == rank:
+        threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank])),
+                         name="standby-top-up", daemon=True).start()
 
     capacity = None
     if rank == 0 and world_size < cfg.trainer.max_workers and cfg.trainer.spot_aware:
@@ -195,12 +203,19 @@ class Phases:
         self._last = now
 
 
+def process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def announce_group(events: EventLog, restored, world_size: int, progress: Progress,
-                   startup_s: Dict[str, float], node_ids: List[str]) -> None:
+                   startup_s: Dict[str, float], node_ids: List[str], process_age_s: List[float]) -> None:
     if restored:
         events.emit("restore", step=restored.progress.step, tier=restored.tier, duration_s=restored.duration_s)
     events.emit("group", world_size=world_size, step=progress.step,
-                restored_step=restored.progress.step if restored else None, startup_s=startup_s, nodes=node_ids)
+                restored_step=restored.progress.step if restored else None, startup_s=startup_s, nodes=node_ids,
+                process_age_s=process_age_s)
     if restored and restored.manifest.world_size != world_size:
         events.emit("resize", old_world_size=restored.manifest.world_size, world_size=world_size,
                     step=progress.step)

@@ -24,6 +24,7 @@ import raytrain_spot
 from raytrain_spot import cluster_check
 from raytrain_spot.gcp.machines import built_in_gpus
 from raytrain_spot.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
+from raytrain_spot.standby import PRELOAD_ENV, PRELOAD_MODULES
 from raytrain_spot.testing.compute_api import ComputeEngineEmulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -367,3 +368,11 @@ def test_command_line_exit_codes(tmp_path, capsys):
     unreadable = tmp_path / "unreadable.yaml"
     unreadable.write_text("provider: [unclosed")
     assert cluster_check.main([str(unreadable)]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "cluster", "gcp-spot*.yaml"))))
+def test_worker_raylets_preload_the_training_stack(path):
+    """Warm standbys (standby.py) need the preload on every worker node, with the package's own list."""
+    start = " ".join(raw(path)["worker_start_ray_commands"])
+    assert f"{PRELOAD_ENV}={','.join(PRELOAD_MODULES)} ray start --address" in start
+    assert PRELOAD_ENV not in " ".join(raw(path)["head_start_ray_commands"])

@@ -1,0 +1,56 @@
+"""Warm standbys on a real embedded cluster: the next actor of the run starts in a prestarted,
+preloaded process. Pins Ray's PrestartWorkers call and its preload setting (Ray-internal)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from raytrain_spot.config import ClusterConfig
+from raytrain_spot.local_cluster import connect
+from raytrain_spot.standby import STANDBY_MARKER, idle_standbys, top_up
+
+pytestmark = pytest.mark.cluster
+
+
+@ray.remote(num_cpus=1, runtime_env={"env_vars": {STANDBY_MARKER: "standby-test"}})
+class TrainWorkerStandIn:
+    def process(self):
+        return os.getpid(), "torch" in sys.modules
+
+    def top_up(self, wanted: int):
+        return top_up("standby-test", ray.get_runtime_context().get_node_id(), wanted)
+
+    def idle_standbys(self):
+        return idle_standbys("standby-test")
+
+
+def test_the_next_worker_starts_in_a_preloaded_standby(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")
+    with connect(ClusterConfig(num_worker_nodes=1)) as cluster:
+        node_id = cluster.workers[0].node_id
+        on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        first = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
+        first_pid, preloaded = ray.get(first.process.remote())
+        assert preloaded, "a worker node's processes import torch before they take work"
+
+        assert ray.get(first.top_up.remote(1)) == 1
+        deadline = time.time() + 120
+        while ray.get(first.idle_standbys.remote()) < 1:
+            assert time.time() < deadline, "the prestarted standby never became idle"
+            time.sleep(0.5)
+        assert ray.get(first.top_up.remote(1)) == 0, "a node with its standby gets no second one"
+
+        ray.kill(first)
+        started = time.time()
+        second = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
+        second_pid, preloaded = ray.get(second.process.remote())
+        import psutil
+
+        assert psutil.Process(second_pid).create_time() < started, "the new actor must take the standby process"
+        assert second_pid != first_pid and preloaded
