@@ -15,7 +15,7 @@ After every group start the lowest rank on each node tops its node up to one idl
 per rank there, with the group's own runtime environment (marked with the run's name, so
 the processes can be counted). When the group restarts, after a notice or for a regrow, the
 survivors' new workers start in those. ``PrestartWorkers`` has no Python API in Ray 2.60;
-``tests/test_ray_pins.py`` fails loudly if an upgrade moves it. A failed top-up is logged and
+``tests/test_standby.py`` fails loudly if an upgrade moves or changes it. A failed top-up is logged and
 costs only the speed-up.
 """
 
@@ -61,7 +61,7 @@ def idle_standbys(run_name: str) -> int:
     return count
 
 
-def prestart(node_id: str, count: int, keep_alive_s: float = KEEP_ALIVE_S) -> None:
+def prestart(node_id: str, count: int) -> None:
     """Ask ``node_id``'s raylet for ``count`` idle workers with this worker's job and runtime environment."""
     import grpc
     import ray
@@ -79,7 +79,7 @@ def prestart(node_id: str, count: int, keep_alive_s: float = KEEP_ALIVE_S) -> No
         job_id=bytes.fromhex(context.get_job_id()),
         runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(
             serialized_runtime_env=context.get_runtime_env_string()),
-        keep_alive_duration_secs=int(keep_alive_s),
+        keep_alive_duration_secs=KEEP_ALIVE_S,
         num_workers=count,
     )
     with grpc.insecure_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:

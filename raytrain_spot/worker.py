@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+import psutil
 import ray.train
 import torch
 import torch.distributed as dist
@@ -78,7 +79,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     # Which node each rank runs on, and when its process started (a warm standby predates the restart).
     placements = [None] * world_size
-    dist.all_gather_object(placements, (ray.get_runtime_context().get_node_id(), process_started()))
+    dist.all_gather_object(placements, (ray.get_runtime_context().get_node_id(), psutil.Process().create_time()))
     node_ids = [node_id for node_id, _ in placements]
     checkpoints = build_checkpoint_manager(cfg, context, rank, node_ids, events)
     restored = checkpoints.restore(model, optimizer, rank, read_pointer_step(ray.train.get_checkpoint()))
@@ -201,12 +202,6 @@ class Phases:
         now = time.time()
         self.durations[phase] = round(now - self._last, 3)
         self._last = now
-
-
-def process_started() -> float:
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def announce_group(events: EventLog, restored, world_size: int, progress: Progress,
