@@ -39,6 +39,7 @@ DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
 MODES = {
     "plain-ray-train": ["trainer.spot_aware=false", "chaos.watchers=false"],
     "raytrain-spot": [],
+    "raytrain-spot-standby": ["trainer.warm_standby=true"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
     "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
 }

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.controller.state import ReschedulingState, RestartingState
@@ -108,13 +108,16 @@ class LiveCapacity:
         self._nodes = nodes
         self._clock = clock
         self._max_age_s = max_age_s
-        self._cached: Optional[tuple[float, int]] = None
+        self._cached: Optional[tuple[float, List[NodeView]]] = None
 
-    def workers(self) -> int:
+    def nodes(self) -> List[NodeView]:
         now = self._clock()
         if self._cached is None or now - self._cached[0] > self._max_age_s:
-            self._cached = (now, workers_that_fit(self._nodes(), self._per_worker, self._max_workers))
+            self._cached = (now, self._nodes())
         return self._cached[1]
+
+    def workers(self) -> int:
+        return workers_that_fit(self.nodes(), self._per_worker, self._max_workers)
 
 
 def is_handoff(error: Optional[TrainingFailedError]) -> bool:
@@ -221,21 +224,26 @@ class SpotTorchTrainer(TorchTrainer):
 
 
 class CapacityWatcher:
-    """Runs on rank 0: notices when more workers would fit than the group has (regrow).
+    """Runs on rank 0: notices when more workers would fit than the group has (regrow), and
+    which of the group's nodes are draining (a preemption notice).
 
     Growth is reported only after the extra capacity has stayed for ``settle_s``, so a node
-    that joins and vanishes at once does not cost a restart.
+    that joins and vanishes at once does not cost a restart. Draining nodes are read from the
+    GCS, as Ray Train's controller reads them before relaying them to the workers: the loop
+    acts on whichever arrives first, so a busy controller cannot make a notice come too late.
     """
 
-    def __init__(self, capacity: LiveCapacity, world_size: int, interval_s: float, settle_s: float,
+    def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float, settle_s: float,
                  clock: Callable[[], float] = time.monotonic):
         self._capacity = capacity
-        self._world_size = world_size
+        self._group_nodes = set(group_nodes)
+        self._world_size = len(group_nodes)
         self._interval_s = interval_s
         self._settle_s = settle_s
         self._clock = clock
         self._more_since: Optional[float] = None
         self.grow_to: int = 0
+        self.draining: FrozenSet[str] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capacity-watcher", daemon=True)
 
@@ -247,6 +255,8 @@ class CapacityWatcher:
         self._stop.set()
 
     def check(self) -> None:
+        self.draining = frozenset(node.node_id for node in self._capacity.nodes()
+                                  if node.draining and node.node_id in self._group_nodes)
         workers = self._capacity.workers()
         now = self._clock()
         if workers <= self._world_size:
@@ -271,8 +281,7 @@ def local_preemption_notice() -> Optional[Dict[str, List[int]]]:
     """This worker's copy of Ray Train's preemption signal, read without a barrier.
 
     ``ray.train.get_preemption_info()`` is a barrier costing tens of milliseconds, too much
-    for every step; the loop agrees on this local flag with its own per-step all-reduce and
-    then calls the public API once.
+    for every step; the loop agrees on what each rank knows with its own per-step all-reduce.
     """
     from ray.train.v2._internal.execution.context import get_train_context
 

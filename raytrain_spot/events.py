@@ -12,10 +12,12 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 ``kill``               a node died (``node``, ``with_notice``: bool)
 ``remove``             a node left the cluster without dying (``node``)
 ``handoff``            the group checkpoints and restarts on purpose (``reason``: preemption|regrow,
-                       ``step``, ``world_size``; preemption: ``preempted_ranks``, ``nodes``,
-                       ``deadline``; regrow: ``grow_to``)
+                       ``step``, ``world_size``; preemption: ``preempted_ranks``, ``nodes``;
+                       regrow: ``grow_to``)
 ``group``              a worker group started training (``world_size``, ``step``, ``restored_step``,
-                       ``nodes``: node id of each rank, ``startup_s``: seconds per startup phase)
+                       ``nodes``: node id of each rank, ``startup_s``: seconds per startup phase,
+                       ``process_age_s``: age of each rank's process, older than the restart if it
+                       started in a warm standby)
 ``restore``            the group loaded a checkpoint (``step``, ``tier``: local|head|durable|peer,
                        ``duration_s``)
 ``resize``             the world size changed across a restart (``old_world_size``, ``world_size``,

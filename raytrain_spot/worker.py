@@ -39,7 +39,8 @@ from raytrain_spot.train import build_optimizer, learning_rate, set_learning_rat
 logger = logging.getLogger(__name__)
 
 # Slots of the one all-reduce per step: what every rank must agree on at the same step.
-LOSS, NOTICE, GROW_TO, SAVE, COMMITTED = range(5)
+# From LEAVING on, one slot per rank: set if that rank's node got a preemption notice.
+LOSS, GROW_TO, SAVE, COMMITTED, LEAVING = range(5)
 
 
 @dataclass
@@ -97,9 +98,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                          name="standby-top-up", daemon=True).start()
 
     capacity = None
-    if rank == 0 and world_size < cfg.trainer.max_workers and cfg.trainer.spot_aware:
+    if rank == 0 and cfg.trainer.spot_aware:
         capacity = CapacityWatcher(LiveCapacity(cfg.trainer.resources_per_worker, cfg.trainer.max_workers),
-                                   world_size, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
+                                   node_ids, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     reported_step = progress.step
@@ -120,9 +121,11 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                               autocast_dtype)
 
         # Decisions rank 0 makes alone travel in the same all-reduce as the loss.
-        control = torch.zeros(5, dtype=torch.float64)
+        control = torch.zeros(LEAVING + world_size, dtype=torch.float64)
         control[LOSS] = loss_sum
-        control[NOTICE] = float(cfg.trainer.spot_aware and local_preemption_notice() is not None)
+        if cfg.trainer.spot_aware:
+            for leaving_rank in ranks_with_notice(node_ids, capacity):
+                control[LEAVING + leaving_rank] = 1
         if rank == 0:
             control[GROW_TO] = capacity.grow_to if capacity else 0
             control[SAVE] = float(periodic_save_due(checkpoints, progress.step + 1, cadence.interval_steps))
@@ -144,8 +147,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             checkpoint_and_report(checkpoints, model, optimizer, SaveRequest(progress, world_size, "final"),
                                   rank, writer=0)
             break
-        if control[NOTICE] > 0:
-            handoff_on_preemption(checkpoints, model, optimizer, progress, world_size, rank, events)
+        leaving = [r for r in range(world_size) if control[LEAVING + r] > 0]
+        if leaving:
+            handoff_on_preemption(checkpoints, model, optimizer, progress, leaving, node_ids, rank, events)
         if control[GROW_TO] > 0:
             if rank == 0:
                 events.emit("handoff", reason="regrow", step=progress.step, world_size=world_size,
@@ -227,18 +231,25 @@ def periodic_save_due(checkpoints: CheckpointManager, next_step: int, interval_s
     return interval_steps > 0 and next_step - max(checkpoints.last_save_step, 0) >= interval_steps
 
 
-def handoff_on_preemption(checkpoints, model, optimizer, progress: Progress, world_size: int, rank: int,
-                          events: EventLog) -> None:
-    """All ranks agreed a notice arrived: checkpoint from a surviving rank, then restart without the node."""
-    info = ray.train.get_preemption_info()  # a barrier: every rank gets rank 0's view
-    if info is None:
-        return  # rank 0 has not received the signal yet; the ranks agree again next step
-    survivors = [r for r in range(world_size) if r not in set(info.preempted_ranks)]
+def ranks_with_notice(node_ids: List[str], capacity: Optional[CapacityWatcher]) -> List[int]:
+    """Ranks on nodes with a preemption notice, as this rank knows it: from Ray Train's relay of
+    the drain, and on rank 0 also from its own reading of the GCS (whichever is first)."""
+    draining = set(local_preemption_notice() or ())
+    if capacity is not None:
+        draining |= capacity.draining
+    return [r for r, node_id in enumerate(node_ids) if node_id in draining]
+
+
+def handoff_on_preemption(checkpoints, model, optimizer, progress: Progress, leaving: List[int],
+                          node_ids: List[str], rank: int, events: EventLog) -> None:
+    """All ranks agreed which ranks' nodes got a notice: checkpoint from a surviving rank, then restart
+    without those nodes."""
+    world_size = len(node_ids)
+    survivors = [r for r in range(world_size) if r not in leaving]
     writer = survivors[0] if survivors else 0
     if rank == writer:
         events.emit("handoff", reason="preemption", step=progress.step, world_size=world_size,
-                    preempted_ranks=info.preempted_ranks, nodes=info.preempted_node_ids,
-                    deadline=info.deadline_ms / 1000 if info.deadline_ms else None)
+                    preempted_ranks=leaving, nodes=sorted({node_ids[r] for r in leaving}))
     checkpoint_and_report(checkpoints, model, optimizer,
                           SaveRequest(progress, world_size, "jit", reason="preemption"), rank, writer)
     raise WorkerGroupHandoff("preemption", progress.step)

@@ -112,8 +112,8 @@ def test_running_group_is_never_resized_by_the_controller():
 
 def test_regrow_waits_for_capacity_to_settle():
     clock, view = Clock(), [node("a"), node("b")]
-    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, clock=clock, max_age_s=0), world_size=2,
-                              interval_s=1, settle_s=2, clock=clock)
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, clock=clock, max_age_s=0),
+                              group_nodes=["a", "b"], interval_s=1, settle_s=2, clock=clock)
     watcher.check()
     assert watcher.grow_to == 0
     view.append(node("c"))
@@ -130,6 +130,17 @@ def test_regrow_waits_for_capacity_to_settle():
     clock.now = 4.5
     watcher.check()
     assert watcher.grow_to == 3
+
+
+def test_watcher_reads_which_group_nodes_are_draining():
+    view = [node("a"), node("b"), node("c", draining=True)]
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0),
+                              group_nodes=["a", "a", "b"], interval_s=1, settle_s=0)
+    watcher.check()
+    assert watcher.draining == frozenset(), "a draining node outside the group is not the group's notice"
+    view[1] = node("b", draining=True)
+    watcher.check()
+    assert watcher.draining == {"b"} and watcher.grow_to == 0, "a group losing a node does not regrow"
 
 
 def _group_error(*failures):
