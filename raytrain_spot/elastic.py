@@ -228,15 +228,18 @@ class CapacityWatcher:
     which of the group's nodes are draining (a preemption notice).
 
     Growth is reported only after the extra capacity has stayed for ``settle_s``, so a node
-    that joins and vanishes at once does not cost a restart. Draining nodes are read from the
+    that joins and vanishes at once does not cost a restart. ``on_join`` hears of every node
+    that joins while the group runs (warm standbys start there before the regrow). Draining nodes are read from the
     GCS, as Ray Train's controller reads them before relaying them to the workers: the loop
     acts on whichever arrives first, so a busy controller cannot make a notice come too late.
     """
 
     def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float, settle_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None):
         self._capacity = capacity
         self._group_nodes = set(group_nodes)
+        self._on_join = on_join
+        self._seen: Optional[set] = None
         self._world_size = len(group_nodes)
         self._interval_s = interval_s
         self._settle_s = settle_s
@@ -255,8 +258,13 @@ class CapacityWatcher:
         self._stop.set()
 
     def check(self) -> None:
-        self.draining = frozenset(node.node_id for node in self._capacity.nodes()
-                                  if node.draining and node.node_id in self._group_nodes)
+        nodes = self._capacity.nodes()
+        self.draining = frozenset(node.node_id for node in nodes if node.draining and node.node_id in self._group_nodes)
+        usable = {node.node_id: node for node in nodes if node.alive and not node.draining}
+        if self._on_join and self._seen is not None:
+            for node_id in usable.keys() - self._seen:
+                self._on_join(usable[node_id])
+        self._seen = (self._seen or set()) | usable.keys()
         workers = self._capacity.workers()
         now = self._clock()
         if workers <= self._world_size:

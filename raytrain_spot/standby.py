@@ -95,6 +95,19 @@ def top_up(run_name: str, node_id: str, wanted: int) -> Optional[int]:
             prestart(node_id, missing)
         return max(missing, 0)
     except Exception:
-        logger.warning("Could not start standby worker processes on node %s; the next restart starts cold",
-                       node_id, exc_info=True)
+        _log_cold_start(node_id)
         return None
+
+
+def warm_joined_node(node_id: str, count: int) -> None:
+    """A node that joined while the group runs has no standby: start ``count`` there before the regrow."""
+    try:
+        if count > 0:
+            prestart(node_id, count)
+    except Exception:
+        _log_cold_start(node_id)
+
+
+def _log_cold_start(node_id: str) -> None:
+    logger.warning("Could not start standby worker processes on node %s; the next group starts cold there",
+                   node_id, exc_info=True)

@@ -25,14 +25,21 @@ from raytrain_spot.checkpoint.manager import (
     write_pointer,
 )
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
-from raytrain_spot.config import Config, config_from_dict
+from raytrain_spot.config import Config, TrainerConfig, config_from_dict
 from raytrain_spot.data.parquet import ImageCaptionDataset, ensure_dataset
 from raytrain_spot.data.sampler import GlobalSampleOrder, rank_positions
 from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
-from raytrain_spot.elastic import CapacityWatcher, LiveCapacity, WorkerGroupHandoff, local_preemption_notice
+from raytrain_spot.elastic import (
+    CapacityWatcher,
+    LiveCapacity,
+    NodeView,
+    WorkerGroupHandoff,
+    local_preemption_notice,
+    workers_that_fit,
+)
 from raytrain_spot.events import EventLog
 from raytrain_spot.model import VisionLanguageModel
-from raytrain_spot.standby import standby_enabled, top_up
+from raytrain_spot.standby import standby_enabled, top_up, warm_joined_node
 from raytrain_spot.storage import LocalStore, open_store
 from raytrain_spot.train import build_optimizer, learning_rate, set_learning_rate, step_seed, train_step
 
@@ -97,10 +104,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank])),
                          name="standby-top-up", daemon=True).start()
 
-    capacity = None
-    if rank == 0 and cfg.trainer.spot_aware:
-        capacity = CapacityWatcher(LiveCapacity(cfg.trainer.resources_per_worker, cfg.trainer.max_workers),
-                                   node_ids, cfg.trainer.resize_check_interval_s, cfg.trainer.regrow_settle_s).start()
+    capacity = watch_capacity(cfg.trainer, node_ids) if rank == 0 and cfg.trainer.spot_aware else None
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     reported_step = progress.step
@@ -175,6 +179,17 @@ def quiet_handoff_tracebacks() -> None:
     is a planned restart, already logged as an event, so keep it out of the console."""
     logging.getLogger("ray.train.v2._internal.util").addFilter(
         lambda record: "WorkerGroupHandoff" not in record.getMessage())
+
+
+def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityWatcher:
+    """Rank 0's watch on the cluster: regrow capacity, notices, and standbys for nodes that join."""
+    per_worker, most = trainer_cfg.resources_per_worker, trainer_cfg.max_workers
+
+    def warm(node: NodeView) -> None:
+        warm_joined_node(node.node_id, workers_that_fit([node], per_worker, most))
+
+    return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
+                           trainer_cfg.regrow_settle_s, on_join=warm if standby_enabled(trainer_cfg) else None).start()
 
 
 def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, node_ids: List[str],

@@ -143,6 +143,21 @@ def test_watcher_reads_which_group_nodes_are_draining():
     assert watcher.draining == {"b"} and watcher.grow_to == 0, "a group losing a node does not regrow"
 
 
+def test_watcher_hears_of_nodes_that_join_while_the_group_runs():
+    view, joined = [node("a"), node("b")], []
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), group_nodes=["a", "b"],
+                              interval_s=1, settle_s=0, on_join=joined.append)
+    watcher.check()
+    assert joined == [], "nodes there when the group started are not news"
+    view.append(node("c", draining=True))
+    watcher.check()
+    view[2] = node("c")
+    view.append(node("d", alive=False))
+    watcher.check()
+    watcher.check()
+    assert [n.node_id for n in joined] == ["c"], "once, and only once usable"
+
+
 def _group_error(*failures):
     return WorkerGroupError("x", worker_failures=dict(enumerate(failures)))
 
