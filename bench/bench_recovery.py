@@ -39,7 +39,8 @@ DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
 MODES = {
     "plain-ray-train": ["trainer.spot_aware=false", "chaos.watchers=false"],
     "raytrain-spot": [],
-    "raytrain-spot-standby": ["trainer.warm_standby=true"],
+    # Every group in fresh processes: what warm standbys save.
+    "raytrain-spot-cold": ["trainer.warm_standby=false"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
     "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
 }

@@ -190,12 +190,10 @@ class TrainerConfig:
     spot_aware: bool = True
     """False: plain Ray Train 2.60 (the benchmark baseline): Ray's own elastic and failure policies and
     timings, no reaction to preemption notices, no regrow handoffs, periodic checkpoints only."""
-    warm_standby: bool = False
-    """Keep on every node of the group one idle worker process per rank there, with torch and the
-    training code imported, so a restarted group (after a notice or for a regrow) starts in them
-    instead of in cold processes (restart 3-4 s instead of 11-17 s here). Off by default: on the
-    2-core embedded cluster the standbys' imports compete with training after every group start
-    (docs/preemption.md). Needs spot_aware; see raytrain_spot/standby.py."""
+    warm_standby: bool = True
+    """Keep on every node of the group, and on every node that joins, one idle worker process per rank
+    it can hold, with torch and the training code imported, so a restarted group (after a notice or for
+    a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/standby.py."""
     failure_settle_s: float = 4.0
     """After a failure without notice, wait this long for the cluster to declare dead nodes dead
     before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""

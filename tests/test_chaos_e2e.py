@@ -97,6 +97,8 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
     assert [c["step"] for c in jit] == [h["step"] for h in run.of("handoff")]
     assert len(run.of("kill")) == 1 and run.of("kill")[0]["with_notice"] is True
     assert run.ledger["disruptions"]["preemptions"] == 1, "the ledger counts what the simulator did"
+    handoff, shrunk = run.of("handoff")[0], run.of("group")[1]
+    assert min(shrunk["process_age_s"]) > shrunk["t"] - handoff["t"], "survivors restart in warm standbys"
     assert_same_training_as(run, reference)
 
 
