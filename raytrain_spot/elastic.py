@@ -229,18 +229,19 @@ class CapacityWatcher:
 
     Growth is reported only after the extra capacity has stayed for ``settle_s``, so a node
     that joins and vanishes at once does not cost a restart. ``on_join`` hears of every node
-    that joins while the group runs (warm standbys start there before the regrow). Draining nodes are read from the
-    GCS, as Ray Train's controller reads them before relaying them to the workers: the loop
-    acts on whichever arrives first, so a busy controller cannot make a notice come too late.
+    that joins while the group runs (warm standbys start there before the regrow). Draining
+    nodes are read from the GCS, as Ray Train's controller reads them before relaying them to
+    the workers: the loop acts on whichever arrives first, so a busy controller cannot make a
+    notice come too late.
     """
 
     def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float, settle_s: float,
                  clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None):
         self._capacity = capacity
         self._group_nodes = set(group_nodes)
-        self._on_join = on_join
-        self._seen: Optional[set] = None
         self._world_size = len(group_nodes)
+        self._on_join = on_join
+        self._seen: Optional[set] = None  # usable nodes seen so far; None before the first check
         self._interval_s = interval_s
         self._settle_s = settle_s
         self._clock = clock

@@ -13,10 +13,10 @@ seconds importing torch, Ray Train and the training code before its first step
 
 After every group start the lowest rank on each node tops its node up to one idle process
 per rank there, with the group's own runtime environment (marked with the run's name, so
-the processes can be counted). When the group restarts, after a notice or for a regrow, the
-survivors' new workers start in those. ``PrestartWorkers`` has no Python API in Ray 2.60;
-``tests/test_standby.py`` fails loudly if an upgrade moves or changes it. A failed top-up is logged and
-costs only the speed-up.
+the processes can be counted), and rank 0 starts standbys on every node that joins while the
+group runs. When the group restarts, after a notice or for a regrow, its new workers start
+in those. ``PrestartWorkers`` has no Python API in Ray 2.60; ``tests/test_standby.py`` fails
+loudly if an upgrade moves or changes it. A failed top-up is logged and costs only the speed-up.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def idle_standbys(run_name: str) -> int:
 
 def prestart(node_id: str, count: int) -> None:
     """Ask ``node_id``'s raylet for ``count`` idle workers with this worker's job and runtime environment."""
-    import grpc
     import ray
+    from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import (
         common_pb2,
         node_manager_pb2,
@@ -82,7 +82,8 @@ def prestart(node_id: str, count: int) -> None:
         keep_alive_duration_secs=KEEP_ALIVE_S,
         num_workers=count,
     )
-    with grpc.insecure_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
+    # Ray's own channel: it adds the cluster's auth token and TLS where the cluster uses them.
+    with init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
         node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
 
 
