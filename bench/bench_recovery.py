@@ -101,7 +101,7 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
     window_end = t0 + replay_s
     steps = [e for e in events if e["ev"] == "step"]
     groups = [e for e in events if e["ev"] == "group"]
-    seen, redone = set(), 0
+    seen, redone, trained = set(), 0, 0
     productive = redone_s = 0.0
     redone_steps = set()
     for later in reversed(steps):  # a step done again later: the earlier run of it was wasted
@@ -116,6 +116,7 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
             redone_s += e["duration_s"] if in_window else 0.0
         elif in_window:
             productive += e["duration_s"]
+            trained += 1
     recoveries = []
     for disruption in (e for e in events if e["ev"] in ("notice", "kill") and t0 <= e["t"] <= window_end):
         if disruption["ev"] == "kill" and any(n["ev"] == "notice" and n["node"] == disruption["node"] for n in events):
@@ -137,6 +138,7 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         "replay_s": replay_s,
         "productive_s": round(productive, 1),
         "goodput": round(productive / replay_s, 4),
+        "steps_trained": trained,  # in the replay window and never redone: progress, whatever the step time
         "steps_redone": redone,
         "redone_s": round(redone_s, 1),
         "preemptions": len(recoveries),
