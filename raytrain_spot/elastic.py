@@ -279,11 +279,13 @@ class CapacityWatcher:
                         workers, self._world_size, now - self._more_since)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while True:  # the first check at once: a notice may have come while the group started
             try:
                 self.check()
             except Exception:  # a GCS hiccup must not kill training; try again next interval
                 logger.warning("Capacity check failed", exc_info=True)
+            if self._stop.wait(self._interval_s):
+                return
 
 
 def local_preemption_notice() -> Optional[Dict[str, List[int]]]:
