@@ -25,6 +25,8 @@ import logging
 import os
 from typing import Optional
 
+import psutil
+
 from raytrain_spot.config import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,6 @@ def standby_enabled(trainer_cfg: TrainerConfig) -> bool:
 
 def idle_standbys(run_name: str) -> int:
     """Idle worker processes of this run on this node (siblings of this worker under its raylet)."""
-    import psutil
-
     count = 0
     for process in psutil.Process(os.getppid()).children():
         try:

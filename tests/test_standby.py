@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import psutil
 import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,7 +31,7 @@ class TrainWorkerStandIn:
         return idle_standbys("standby-test")
 
 
-def test_the_next_worker_starts_in_a_preloaded_standby(tmp_path, monkeypatch):
+def test_the_next_worker_starts_in_a_preloaded_standby(monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", "/tmp")
     with connect(ClusterConfig(num_worker_nodes=1)) as cluster:
         node_id = cluster.workers[0].node_id
@@ -50,7 +51,5 @@ def test_the_next_worker_starts_in_a_preloaded_standby(tmp_path, monkeypatch):
         started = time.time()
         second = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
         second_pid, preloaded = ray.get(second.process.remote())
-        import psutil
-
         assert psutil.Process(second_pid).create_time() < started, "the new actor must take the standby process"
         assert second_pid != first_pid and preloaded

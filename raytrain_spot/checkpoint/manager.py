@@ -40,6 +40,14 @@ from raytrain_spot.checkpoint.format import (
     load_state,
     write_state,
 )
+from raytrain_spot.checkpoint.sharded import (
+    apply_sharded,
+    load_sharded,
+    owned_keys,
+    sharded_state,
+    tensor_bytes,
+    write_shard,
+)
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.tiers import Tier
 from raytrain_spot.events import EventLog
@@ -130,9 +138,8 @@ class CheckpointManager:
         started = time.perf_counter()
         request = SaveRequest(Progress(**request.progress.__dict__), request.world_size, request.kind, request.reason)
         if self.sharded:
-            sharded = sharded_format()
-            tensors, rest = sharded.sharded_state(model, optimizer, dict(request.progress.__dict__))
-            owned = sharded.owned_keys(sharded.tensor_bytes(tensors), dist.get_rank(), dist.get_world_size())
+            tensors, rest = sharded_state(model, optimizer, dict(request.progress.__dict__))
+            owned = owned_keys(tensor_bytes(tensors), dist.get_rank(), dist.get_world_size())
             share, _ = self._snapshot.take({key: tensors[key] for key in owned})
             write, args = self._write_share, (share, rest, request)
         else:
@@ -204,7 +211,7 @@ class CheckpointManager:
         started = time.time()
         try:
             try:
-                names = sharded_format().write_shard(share, scratch, self._save_group)  # raises on every rank if any fails
+                names = write_shard(share, scratch, self._save_group)  # raises on every rank if any fails
             except Exception as error:
                 if rank == 0:
                     self._report_failure(request, f"{type(error).__name__}: {error}")
@@ -292,7 +299,7 @@ class CheckpointManager:
                 logger.warning("Ray Train's latest checkpoint is step %s; restoring %s, the newest valid one",
                                pointer_step, step)
             if manifest.sharded:
-                sharded_format().apply_sharded(model, optimizer, state)
+                apply_sharded(model, optimizer, state)
             else:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -303,16 +310,7 @@ class CheckpointManager:
 
 def load_checkpoint_state(manifest: Manifest, paths: Dict[str, str]) -> Dict[str, Any]:
     """The state of a verified checkpoint, single-file or sharded."""
-    return sharded_format().load_sharded(paths) if manifest.sharded else load_state(paths[STATE_FILE],
-                                                                                   manifest.compression)
-
-
-def sharded_format():
-    """The sharded format's module, imported on first use: it pulls in torch.distributed.checkpoint,
-    about a second of start-up for every fresh worker process of a run that does not shard."""
-    from raytrain_spot.checkpoint import sharded
-
-    return sharded
+    return load_sharded(paths) if manifest.sharded else load_state(paths[STATE_FILE], manifest.compression)
 
 
 def _listing(tier: Tier, run_name: str) -> List[int]:
