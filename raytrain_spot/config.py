@@ -52,6 +52,9 @@ class RunSection:
     """Seed for model initialisation, data order and every other random choice."""
     log_sample_ids: bool = False
     """Log the sample ids every rank trains on (``samples`` events), to audit exactly-once data."""
+    show_ray_logs: bool = False
+    """Also print Ray's own log lines on the console (workers' and the Train controller's output,
+    Ray Train's reports). They are always in Ray's session logs, which the run's first line names."""
 
     def __post_init__(self):
         _require(

@@ -118,9 +118,19 @@ class EmbeddedCluster:
         self._cluster.shutdown()
 
 
+def ray_logs_dir() -> str:
+    """Where this Ray session keeps its processes' logs (on the node this driver runs on)."""
+    import ray._private.worker
+
+    return ray._private.worker._global_node.get_logs_dir_path()
+
+
 @contextmanager
-def connect(cfg: ClusterConfig) -> Iterator[Optional[EmbeddedCluster]]:
-    """Start (embedded) or join (``cluster.address``) a cluster; yield the embedded one or None."""
+def connect(cfg: ClusterConfig, show_ray_logs: bool = False) -> Iterator[Optional[EmbeddedCluster]]:
+    """Start (embedded) or join (``cluster.address``) a cluster; yield the embedded one or None.
+
+    Ray's processes' output reaches this console only with ``show_ray_logs``: the run prints
+    its own progress and events, and Ray's lines stay in its session logs."""
     if cfg.embedded:
         _force_loopback()
     elif cfg.address != "auto" and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
@@ -130,7 +140,8 @@ def connect(cfg: ClusterConfig) -> Iterator[Optional[EmbeddedCluster]]:
 
     cluster = EmbeddedCluster(cfg) if cfg.embedded else None
     try:
-        ray.init(address=cluster.address if cluster else cfg.address, logging_level=logging.WARNING)
+        ray.init(address=cluster.address if cluster else cfg.address, logging_level=logging.WARNING,
+                 log_to_driver=show_ray_logs)
         yield cluster
     finally:
         ray.shutdown()

@@ -31,6 +31,7 @@ DURABLE_UPLOAD_WAIT_S = 300.0
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice is not the run's
     try:
         cfg = load_config(dict_cfg)
         storage_uri = cfg.storage.resolved_uri(os.getcwd())
@@ -71,10 +72,10 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float) -> str:
     ``started`` is when this invocation began: progress lines show its records only.
     """
     from raytrain_spot.data.parquet import ensure_dataset
-    from raytrain_spot.local_cluster import connect
+    from raytrain_spot.local_cluster import connect, ray_logs_dir
 
     dataset = ensure_dataset(cfg.data, cfg.run.seed)
-    with connect(cfg.cluster) as cluster:
+    with connect(cfg.cluster, cfg.run.show_ray_logs) as cluster:
         from raytrain_spot.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.cluster_monitor import ClusterMonitor
@@ -95,7 +96,7 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float) -> str:
         events_path = os.path.join(run_dir, EVENTS_FILE)
         print(f"run {cfg.run.name}: {cfg.trainer.min_workers}-{cfg.trainer.max_workers} workers, "
               f"global batch {cfg.trainer.global_batch_size}, {cfg.trainer.max_steps} steps, "
-              f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir}", flush=True)
+              f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir} (Ray's: {ray_logs_dir()})", flush=True)
         context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor,
                               head_store=head_store)
         catalog = PriceCatalog.load(cfg.ledger.prices)

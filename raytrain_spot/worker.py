@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Optional
 import psutil
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.train import CheckpointUploadMode
 from torch.nn.parallel import DistributedDataParallel
 
+from raytrain_spot.agreement import RankView, agree
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
 from raytrain_spot.checkpoint.manager import (
     CheckpointManager,
@@ -25,6 +25,7 @@ from raytrain_spot.checkpoint.manager import (
     write_pointer,
 )
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
+from raytrain_spot.collectives import RankGroup
 from raytrain_spot.config import Config, TrainerConfig, config_from_dict
 from raytrain_spot.data.parquet import ImageCaptionDataset, ensure_dataset
 from raytrain_spot.data.sampler import GlobalSampleOrder, rank_positions
@@ -44,10 +45,6 @@ from raytrain_spot.storage import LocalStore, open_store
 from raytrain_spot.train import build_optimizer, learning_rate, set_learning_rate, step_seed, train_step
 
 logger = logging.getLogger(__name__)
-
-# Slots of the one all-reduce per step: what every rank must agree on at the same step.
-# From LEAVING on, one slot per rank: set if that rank's node got a preemption notice.
-LOSS, GROW_TO, SAVE, COMMITTED, LEAVING = range(5)
 
 
 @dataclass
@@ -71,6 +68,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     torch.set_num_threads(cfg.trainer.torch_threads)
     device = ray.train.torch.get_device()
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    group = RankGroup.for_training(device)
 
     # Data: one global stream of positions; this rank takes every world_size-th of each step.
     dataset = ImageCaptionDataset(ensure_dataset(cfg.data, cfg.run.seed), cfg.data.image_size,
@@ -86,10 +84,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     phases.mark("model")
 
     # Which node each rank runs on, and when its process started (a warm standby predates the restart).
-    placements = [None] * world_size
-    dist.all_gather_object(placements, (ray.get_runtime_context().get_node_id(), psutil.Process().create_time()))
+    placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time()))
     node_ids = [node_id for node_id, _ in placements]
-    checkpoints = build_checkpoint_manager(cfg, context, rank, node_ids, events)
+    checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
     restored = checkpoints.restore(model, optimizer, rank, read_pointer_step(ray.train.get_checkpoint()))
     phases.mark("restore")
     progress = restored.progress if restored else Progress()
@@ -125,16 +122,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                               autocast_dtype)
 
         # Decisions rank 0 makes alone travel in the same all-reduce as the loss.
-        control = torch.zeros(LEAVING + world_size, dtype=torch.float64)
-        control[LOSS] = loss_sum
-        if cfg.trainer.spot_aware:
-            for leaving_rank in ranks_with_notice(node_ids, capacity):
-                control[LEAVING + leaving_rank] = 1
+        view = RankView(loss_sum, ranks_with_notice(node_ids, capacity) if cfg.trainer.spot_aware else ())
         if rank == 0:
-            control[GROW_TO] = capacity.grow_to if capacity else 0
-            control[SAVE] = float(periodic_save_due(checkpoints, progress.step + 1, cadence.interval_steps))
-            control[COMMITTED] = checkpoints.committed_step
-        dist.all_reduce(control)
+            view = RankView(loss_sum, view.leaving_ranks, grow_to=capacity.grow_to if capacity else 0,
+                            save_due=periodic_save_due(checkpoints, progress.step + 1, cadence.interval_steps),
+                            committed_step=checkpoints.committed_step)
+        agreed = agree(view, group)
         first_position = progress.samples_seen
         progress.step += 1
         progress.samples_seen += global_batch
@@ -144,27 +137,27 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             events.emit("samples", step=progress.step, rank=rank, ids=sample_ids)
         if rank == 0:
             events.emit("step", step=progress.step, world_size=world_size,
-                        samples=[first_position, progress.samples_seen], loss=control[LOSS].item() / global_batch,
+                        samples=[first_position, progress.samples_seen], loss=agreed.loss_sum / global_batch,
                         lr=lr, duration_s=time.time() - step_started, data_s=data_s)
 
         if progress.step == cfg.trainer.max_steps:
             checkpoint_and_report(checkpoints, model, optimizer, SaveRequest(progress, world_size, "final"),
                                   rank, writer=0)
             break
-        leaving = [r for r in range(world_size) if control[LEAVING + r] > 0]
-        if leaving:
-            handoff_on_preemption(checkpoints, model, optimizer, progress, leaving, node_ids, rank, events)
-        if control[GROW_TO] > 0:
+        if agreed.leaving_ranks:
+            handoff_on_preemption(checkpoints, model, optimizer, progress, agreed.leaving_ranks, node_ids, rank,
+                                  events)
+        if agreed.grow_to > 0:
             if rank == 0:
                 events.emit("handoff", reason="regrow", step=progress.step, world_size=world_size,
-                            grow_to=int(control[GROW_TO]))
+                            grow_to=agreed.grow_to)
             checkpoint_and_report(checkpoints, model, optimizer,
                                   SaveRequest(progress, world_size, "jit", reason="regrow"), rank, writer=0)
             raise WorkerGroupHandoff("regrow", progress.step)
-        if control[SAVE] > 0:
+        if agreed.save_due:
             checkpoints.save(model, optimizer, SaveRequest(progress, world_size, "periodic"), writer=rank == 0)
-        if control[COMMITTED] > reported_step:
-            reported_step = int(control[COMMITTED])
+        if agreed.committed_step > reported_step:
+            reported_step = agreed.committed_step
             report_pointer(checkpoints, reported_step, rank, writer=0)
         if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, progress.interruptions,
                                                    progress.train_time_s, world_size, progress.step)):
@@ -192,10 +185,11 @@ def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityW
                            trainer_cfg.regrow_settle_s, on_join=warm if standby_enabled(trainer_cfg) else None).start()
 
 
-def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, node_ids: List[str],
+def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup, node_ids: List[str],
                              events: EventLog) -> CheckpointManager:
     """The lowest rank on each Ray node keeps that node's local copy (Ray's own local_rank
     groups workers by IP, which virtual nodes on one machine share)."""
+    rank = group.rank
     node_id = node_ids[rank]
     node_root = cfg.checkpoint.local_root(context.storage_uri, node_id)
     local = None
@@ -205,7 +199,8 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, rank: int, node_
                         cfg.checkpoint.milestone_every_steps)
     rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
     shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
-    return CheckpointManager(cfg.run.name, context.config, local, shared, writes_local=node_ids.index(node_id) == rank,
+    return CheckpointManager(cfg.run.name, context.config, local, shared, group=group,
+                             writes_local=node_ids.index(node_id) == rank,
                              events=events, compression=cfg.checkpoint.compression, scratch_root=node_root,
                              sharded=cfg.checkpoint.sharded)
 

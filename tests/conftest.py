@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 # Every Ray process the tests start binds to 127.0.0.1. Ray reads this at import time, so it
@@ -35,3 +36,13 @@ def run_main(*overrides: str, cwd: str, timeout: float = 600, env: dict | None =
         [sys.executable, "-m", "raytrain_spot.run", *overrides],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+# Lines only Ray itself prints: worker/actor output relayed to the driver, log deduplication
+# notices, C++ log lines and stack traces. A run's console shows none of them by default.
+RAY_INTERNAL = re.compile(r"\(\w+ pid=\d+(, ip=[\d.]+)?\)|\b\w+\.cc:\d+|RAY_DEDUP_LOGS|\[repeated \d+x|"
+                          r"^\s*@\s+0x[0-9a-f]+|^\*\*\* ")
+
+
+def ray_internal_lines(output: str) -> list:
+    return [line for line in output.splitlines() if RAY_INTERNAL.search(line)]

@@ -15,7 +15,7 @@ from typing import Dict, List, Set
 import pytest
 
 from raytrain_spot.events import read_events
-from tests.conftest import run_main
+from tests.conftest import ray_internal_lines, run_main
 
 pytestmark = pytest.mark.cluster
 
@@ -58,6 +58,7 @@ def train(tmp_path, name: str, *overrides: str) -> Run:
         f"checkpoint.head_dir={tmp_path}/head", *overrides,
         cwd=str(tmp_path), env={"RAY_TMPDIR": ray_tmp}, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert ray_internal_lines(result.stdout + result.stderr) == [], "Ray's own log lines reached the console"
     run_dir = tmp_path / "outputs" / name
     run = Run(read_events(str(run_dir / "events.jsonl")), result.stdout, json.loads((run_dir / "ledger.json").read_text()))
     final: Dict[int, Dict[int, List[int]]] = defaultdict(dict)

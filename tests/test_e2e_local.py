@@ -7,7 +7,7 @@ import tempfile
 import pytest
 
 from raytrain_spot.events import read_events
-from tests.conftest import run_main
+from tests.conftest import ray_internal_lines, run_main
 
 pytestmark = pytest.mark.cluster
 
@@ -28,6 +28,7 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "== run finished ==" in first.stdout
     assert "world 2" in first.stdout and "step     20/20" in first.stdout
+    assert ray_internal_lines(first.stdout + first.stderr) == [], "Ray's own log lines reached the console"
     run_dir = tmp_path / "outputs" / "e2e"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["checkpoints_written"] == 2

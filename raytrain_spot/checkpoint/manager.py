@@ -50,6 +50,7 @@ from raytrain_spot.checkpoint.sharded import (
 )
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.tiers import Tier
+from raytrain_spot.collectives import RankGroup
 from raytrain_spot.events import EventLog
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,10 @@ class CheckpointManager:
 
     def __init__(self, run_name: str, config: Dict[str, Any], local: Optional[Tier], shared: List[Tier],
                  writes_local: bool, events: EventLog, compression: str = "none", scratch_root: Optional[str] = None,
-                 sharded: bool = False):
+                 sharded: bool = False, group: Optional[RankGroup] = None):
         self.run_name = run_name
+        # Restore's collectives; None: the default process group, gloo on the CPU (tests, benchmarks).
+        self.group = group or RankGroup(torch.device("cpu"))
         self.compression = compression
         self.sharded = sharded
         # Sharded saves run DCP's collectives from the background thread: on a group of their own,
@@ -282,18 +285,15 @@ class CheckpointManager:
         started = time.time()
         listings = {tier.name: _listing(tier, self.run_name) for tier in self._tiers()}
         visible = sorted({s for steps in listings.values() for s in steps}, reverse=True)
-        everyone: List[List[int]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(everyone, visible)
+        everyone = self.group.all_gather_object(visible)
         for step in sorted({s for steps in everyone for s in steps}, reverse=True):
             loaded = self._load_step(step, listings) if step in visible else None
-            holders: List[bool] = [False] * dist.get_world_size()
-            dist.all_gather_object(holders, loaded is not None)
+            holders = self.group.all_gather_object(loaded is not None)
             if not any(holders):
                 continue
             if not all(holders):
-                shipped = [loaded]
-                dist.broadcast_object_list(shipped, src=holders.index(True))
-                loaded = loaded or (shipped[0][0], shipped[0][1], "peer")
+                shipped = self.group.broadcast_object(loaded, src=holders.index(True))
+                loaded = loaded or (shipped[0], shipped[1], "peer")
             state, manifest, tier = loaded
             if rank == 0 and pointer_step is not None and pointer_step != step:
                 logger.warning("Ray Train's latest checkpoint is step %s; restoring %s, the newest valid one",

@@ -11,7 +11,7 @@ from raytrain_spot.data.parquet import DATASET_MANIFEST, write_generated_dataset
 
 def main(argv=None) -> None:
     defaults = DataConfig()
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m raytrain_spot.data.generate", description=__doc__)
     parser.add_argument("out", help="directory to create (must not exist)")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)

@@ -1,0 +1,49 @@
+"""``raytrain-spot``: one entry point for every tool, each the same as its ``python -m`` form.
+
+    raytrain-spot run +experiment=vlm ...     = python -m raytrain_spot.run +experiment=vlm ...
+    raytrain-spot COMMAND --help              the command's own options
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from typing import Dict, List, Optional, Tuple
+
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "run": ("raytrain_spot.run", "train (Hydra overrides: +experiment=vlm, trainer.max_steps=..., cluster=existing)"),
+    "plan": ("raytrain_spot.plan", "simulate on-demand / Spot / hybrid strategies: cost, goodput, deadline"),
+    "ledger": ("raytrain_spot.ledger", "rebuild a run's goodput and cost ledger from its event log"),
+    "cluster-check": ("raytrain_spot.cluster_check", "validate a cluster YAML before `ray up`"),
+    "export": ("raytrain_spot.checkpoint.export", "model-only bf16/fp16 export of a checkpoint"),
+    "generate-data": ("raytrain_spot.data.generate", "write the generated shapes dataset as Parquet shards"),
+    "watcher": ("raytrain_spot.watcher", "the per-VM preemption watcher (the cluster YAMLs start it)"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: raytrain-spot COMMAND [ARGS...]   (raytrain-spot COMMAND --help for its options)", "",
+             "Elastic PyTorch training on Spot VMs with Ray. Commands (each also runs as python -m MODULE):"]
+    lines += [f"  {name:<{width}}  {summary}  [{module}]" for name, (module, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"raytrain-spot: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = COMMANDS[name][0]
+    # The module reads its own arguments and exits with its own status, exactly as under `python -m`.
+    sys.argv = [f"raytrain-spot {name}", *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

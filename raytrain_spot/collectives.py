@@ -1,0 +1,68 @@
+"""Every collective of the training loop, each on the device its process group needs.
+
+The training process group is NCCL on GPUs, and NCCL takes CUDA tensors only (a CPU tensor
+fails at the first step, a hang or an error far from its cause). So:
+
+* tensors the ranks reduce go through the training group and must live on the training
+  device; ``RankGroup`` checks that on every call and names the tensor's device and the fix;
+* Python objects (placements, restore listings, a checkpoint shipped to a rank that has none)
+  go through a gloo group of the same ranks: torch's object collectives on NCCL would pickle
+  them through GPU memory, a whole checkpoint at a time.
+
+The sharded checkpoint's background saves use a gloo group of their own (checkpoint/manager.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor reached a collective on a device its process group cannot use."""
+
+
+class RankGroup:
+    """The worker group's collectives: tensors on ``device`` through the training process
+    group, Python objects through ``objects_group`` (None: the training group, which is gloo)."""
+
+    def __init__(self, device: torch.device, objects_group: Optional[dist.ProcessGroup] = None):
+        self.device = torch.device(device)
+        self._objects_group = objects_group
+
+    @classmethod
+    def for_training(cls, device: torch.device) -> "RankGroup":
+        """Collective: every rank calls it once after the training group exists."""
+        objects_group = None if dist.get_backend() == dist.Backend.GLOO else dist.new_group(backend="gloo")
+        return cls(device, objects_group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place and return it."""
+        if tensor.device != self.device:
+            raise CollectiveDeviceError(
+                f"all_reduce of a tensor on {tensor.device}: the training process group "
+                f"({dist.get_backend()}) reduces tensors on the training device {self.device}; "
+                f"create it with device={self.device!s}")
+        dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self._objects_group)
+        return gathered
+
+    def broadcast_object(self, obj: Any, src: int) -> Any:
+        """``obj`` from rank ``src`` on every rank (the other ranks' ``obj`` is ignored)."""
+        shipped = [obj]
+        dist.broadcast_object_list(shipped, src=src, group=self._objects_group)
+        return shipped[0]
