@@ -15,7 +15,7 @@ import subprocess
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
-from raytrain_spot.config import ClusterConfig
+from raytrain_spot.config import ClusterConfig, ConfigError
 from raytrain_spot.standby import PRELOAD_ENV, PRELOAD_MODULES
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,63 @@ class EmbeddedCluster:
         self._cluster.shutdown()
 
 
+PROBE_TIMEOUT_S = 3.0
+TOKEN_SOURCES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def ray_address_file() -> str:
+    """Where `ray start` on this machine records its cluster's address (Ray's own rule,
+    read without importing Ray: Ray fixes its loopback setting at import)."""
+    if "RAY_TMPDIR" in os.environ:
+        temp = os.environ["RAY_TMPDIR"]
+    else:
+        temp = os.environ.get("TMPDIR") or os.path.join(os.sep, "tmp")
+    return os.path.join(temp, "ray", "ray_current_cluster")
+
+
+def default_token_path() -> str:
+    return os.path.expanduser("~/.ray/auth_token")
+
+
+def prepare_existing_cluster(cfg: ClusterConfig) -> str:
+    """The ``host:port`` of the running cluster ``cluster.address`` names, checked in seconds.
+
+    ``auto`` means what it means to Ray: ``$RAY_ADDRESS``, else the address the last `ray start`
+    on this machine recorded. Sets what this process needs to join it, before Ray is imported:
+    a cluster bound to 127.0.0.1 (``ray up cluster/local.yaml``) keeps Ray on loopback, and a
+    token on this machine turns on token authentication (every GCP and local YAML cluster uses
+    one). Raises ConfigError naming the address tried and the fix when nothing answers there.
+    """
+    if cfg.address != "auto":
+        address, source = cfg.address, "cluster.address"
+    elif os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+    else:
+        recorded = ray_address_file()
+        if not os.path.exists(recorded):
+            raise ConfigError(f"cluster=existing: no Ray cluster was started on this machine ({recorded} is absent) "
+                              "and RAY_ADDRESS is unset; start one (ray up -y cluster/local.yaml, or ray start "
+                              "--head), or name it with cluster.address=HOST:PORT")
+        with open(recorded) as f:
+            address, source = f.read().strip(), recorded
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster.address: {address!r} (from {source}) is not HOST:PORT; "
+                          "set cluster.address=127.0.0.1:6379 or the head node's address")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConfigError(f"cluster=existing: no Ray cluster answers at {address} (from {source}): {error}. Start it "
+                          "(ray up -y cluster/local.yaml here; on GCP run on the head node, after ray up "
+                          "cluster/gcp-spot.yaml), or set cluster.address=HOST:PORT") from None
+    if host in (LOOPBACK, "localhost"):
+        _force_loopback()
+    if "RAY_AUTH_MODE" not in os.environ and (os.path.exists(default_token_path())
+                                             or any(os.environ.get(v) for v in TOKEN_SOURCES)):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return address
+
+
 def ray_logs_dir() -> str:
     """Where this Ray session keeps its processes' logs (on the node this driver runs on)."""
     import ray._private.worker
@@ -133,14 +190,12 @@ def connect(cfg: ClusterConfig, show_ray_logs: bool = False) -> Iterator[Optiona
     its own progress and events, and Ray's lines stay in its session logs."""
     if cfg.embedded:
         _force_loopback()
-    elif cfg.address != "auto" and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-        # `ray start` turns token auth on; ray.init applies it only to a cluster it found itself.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    address = None if cfg.embedded else prepare_existing_cluster(cfg)
     import ray
 
     cluster = EmbeddedCluster(cfg) if cfg.embedded else None
     try:
-        ray.init(address=cluster.address if cluster else cfg.address, logging_level=logging.WARNING,
+        ray.init(address=cluster.address if cluster else address, logging_level=logging.WARNING,
                  log_to_driver=show_ray_logs)
         yield cluster
     finally:

@@ -41,7 +41,11 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
     started = time.time()
-    status = train(cfg, run_dir, storage_uri, started)
+    try:
+        status = train(cfg, run_dir, storage_uri, started)
+    except ConfigError as error:  # the cluster to join is not there: nothing ran
+        print(f"Configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
