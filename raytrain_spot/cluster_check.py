@@ -23,7 +23,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import re
+import secrets
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -44,6 +47,9 @@ NODE_TYPE_LABEL = "raytrain-spot/node-type"
 PRICING_LABEL = "raytrain-spot/pricing"
 SPOT, ON_DEMAND = "spot", "on_demand"
 WATCHER_MODULE = "raytrain_spot.watcher"
+TOKEN_PATH = "~/.ray/auth_token"
+"""Ray's default token file: the YAMLs mount the laptop's copy there on every node."""
+TOKEN_MODE = "RAY_AUTH_MODE=token"
 PLACEHOLDER = "FILL-IN"
 
 PriceLookup = Callable[[str, str, str], Optional[float]]
@@ -208,6 +214,7 @@ def review(config: dict) -> List[Problem]:
     if gcp:
         problems += _check_zones(config)
         problems += _check_watcher(config)
+        problems += _check_token_auth(config)
     problems += _check_placeholders(config)
     return problems
 
@@ -407,6 +414,55 @@ def _check_watcher(config: dict) -> List[Problem]:
     return []
 
 
+def _check_token_auth(config: dict) -> List[Problem]:
+    """Every node gets the token, and every Ray process the YAML starts uses it: a Ray client in
+    token mode without the token aborts, and a node started without token mode cannot join."""
+    problems = []
+    if TOKEN_PATH not in config.get("file_mounts", {}):
+        problems.append(Problem("cluster", "file_mounts", f"do not copy Ray's token to {TOKEN_PATH} on the nodes, so "
+                                "workers and their preemption watchers cannot join the token-authenticated head",
+                                f"add `{TOKEN_PATH}: {TOKEN_PATH}` (and create it with python -m "
+                                "raytrain_spot.cluster_check --new-token)"))
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config.get(key, []):
+            starts_ray = re.search(r"\bray start\b", command) or WATCHER_MODULE in command
+            if starts_ray and TOKEN_MODE not in command:
+                problems.append(Problem("cluster", key, f"start {command.split()[-1]!r}... without {TOKEN_MODE}, "
+                                        "so it cannot join the token-authenticated cluster",
+                                        f"prefix the command with {TOKEN_MODE}"))
+    return problems
+
+
+def check_local_token(config: dict) -> List[Problem]:
+    """The token file the YAML mounts exists here, readable by this user alone."""
+    source = config.get("file_mounts", {}).get(TOKEN_PATH)
+    if source is None:
+        return []
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        return [Problem("cluster", f"file_mounts.{TOKEN_PATH}", f"its source {path} does not exist, so `ray up` "
+                        "fails to copy it", "create it with python -m raytrain_spot.cluster_check --new-token")]
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        return [Problem("cluster", f"file_mounts.{TOKEN_PATH}", f"its source {path} is readable by others "
+                        f"(mode {mode:o}), and the token lets anyone who has it run code on the cluster",
+                        f"chmod 600 {path}")]
+    return []
+
+
+def new_token(path: str = TOKEN_PATH) -> bool:
+    """Create the cluster token at ``path`` (mode 600) unless it exists; never print it."""
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, the format `ray get-auth-token --generate` writes
+    return True
+
+
 # -- summary ------------------------------------------------------------------------------------
 def summarize(config: dict, price_lookup: PriceLookup = approximate_price) -> ClusterSummary:
     gcp = is_gcp(config)
@@ -458,8 +514,16 @@ def format_summary(summary: ClusterSummary) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raytrain_spot.cluster_check", description=__doc__.split("\n")[0])
-    parser.add_argument("yaml", nargs="+", help="cluster YAML file(s)")
+    parser.add_argument("yaml", nargs="*", help="cluster YAML file(s)")
+    parser.add_argument("--new-token", action="store_true",
+                        help=f"create the cluster's Ray token at {TOKEN_PATH} (mode 600) if there is none; "
+                             "the GCP YAMLs copy it to every node")
     args = parser.parse_args(argv)
+    if args.new_token:
+        created = new_token()
+        print(f"{'created' if created else 'kept the existing'} {os.path.expanduser(TOKEN_PATH)} (mode 600)")
+    elif not args.yaml:
+        parser.error("name a cluster YAML, or pass --new-token")
     # Ray's config preparation logs defaults it fills in; the summary says what matters.
     logging.getLogger("ray.autoscaler").setLevel(logging.ERROR)
     status = 0
@@ -471,7 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             status = 2
             continue
         print(format_summary(summarize(config)))
-        problems = review(config)
+        problems = review(config) + check_local_token(config)
         for problem in problems:
             print(f"  problem: {problem}", file=sys.stderr)
         if problems:

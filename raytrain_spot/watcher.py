@@ -143,6 +143,7 @@ def decide_drain(notice: Notice, node_id: str, settings: WatcherSettings) -> Dra
 class AliveNode:
     node_id: str
     ip: str
+    is_head: bool = False
 
 
 class NodeLookupError(RuntimeError):
@@ -154,8 +155,13 @@ class NodeNotRegistered(NodeLookupError):
 
 
 def pick_node_id(alive: Sequence[AliveNode], ip: str, gcs_address: str) -> str:
-    """The id of the one alive node with this IP; raise NodeLookupError otherwise."""
+    """The id of the one alive node with this IP; raise NodeLookupError otherwise.
+
+    A head node on the same machine does not count: the watcher runs on worker VMs, and the
+    head (on-demand, never preempted) is never the node to drain."""
     matches = [node for node in alive if node.ip == ip]
+    if len(matches) > 1:
+        matches = [node for node in matches if not node.is_head]
     if len(matches) == 1:
         return matches[0].node_id
     if not matches:
@@ -314,7 +320,8 @@ class RayGcs:
 
         infos = self._client.get_all_node_info(timeout=self._rpc_timeout_s,
                                                state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
-        return [AliveNode(node_id=node_id.hex(), ip=info.node_manager_address) for node_id, info in infos.items()]
+        return [AliveNode(node_id=node_id.hex(), ip=info.node_manager_address, is_head=info.is_head_node)
+                for node_id, info in infos.items()]
 
     def drain(self, decision: DrainDecision) -> DrainReply:
         from ray.core.generated.autoscaler_pb2 import DrainNodeReason

@@ -171,8 +171,15 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
         version = tomllib.load(f)["project"]["version"]
     assert version == raytrain_spot.__version__
     wheel = f"/tmp/raytrain-spot-dist/raytrain_spot-{version}-py3-none-any.whl"
-    assert config["file_mounts"] == {"/tmp/raytrain-spot-dist": "./dist", "~/raytrain-spot/conf": "./conf"}
+    assert config["file_mounts"] == {"/tmp/raytrain-spot-dist": "./dist", "~/raytrain-spot/conf": "./conf",
+                                     "~/.ray/auth_token": "~/.ray/auth_token"}
     assert os.path.isdir(os.path.join(ROOT, "conf"))
+    # Token authentication: the token is private on every node, and every shell and Ray process uses it.
+    assert "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token" in config["setup_commands"]
+    assert any("echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in c for c in config["setup_commands"])
+    ray_processes = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+                     if "ray start" in c or "raytrain_spot.watcher" in c or "jupyter lab" in c]
+    assert len(ray_processes) == 4 and all("RAY_AUTH_MODE=token" in c for c in ray_processes)
 
     for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
         torch_at = next(i for i, c in enumerate(commands) if '"torch==' in c)
@@ -264,6 +271,14 @@ def no_watcher(c):
     c["worker_start_ray_commands"] = [cmd for cmd in c["worker_start_ray_commands"] if "watcher" not in cmd]
 
 
+def no_token_mount(c):
+    del c["file_mounts"]["~/.ray/auth_token"]
+
+
+def worker_without_token_mode(c):
+    c["worker_start_ray_commands"] = [cmd.replace("RAY_AUTH_MODE=token ", "") for cmd in c["worker_start_ray_commands"]]
+
+
 def h100_on_demand(c):
     c["available_node_types"]["gpu-on-demand"]["node_config"]["machineType"] = "a3-highgpu-1g"
 
@@ -290,6 +305,8 @@ def wrong_type_label(c):
     (growing_fallback, "gpu-on-demand", "min_workers/max_workers"),
     (disk_in_other_zone, "gpu-spot", "node_config.disks[0].initializeParams.diskType"),
     (no_watcher, "cluster", "worker_start_ray_commands"),
+    (no_token_mount, "cluster", "file_mounts"),
+    (worker_without_token_mode, "cluster", "worker_start_ray_commands"),
     (h100_on_demand, "gpu-on-demand", "node_config.machineType"),
     (wrong_gpu_count, "gpu-spot", "resources.GPU"),
     (wrong_type_label, "gpu-spot", "labels.raytrain-spot/node-type"),
@@ -349,11 +366,26 @@ def test_attached_gpus_are_priced_per_gpu_and_unknown_prices_are_named():
     assert unpriced == ["head"] and total == pytest.approx(worker.max_workers * 1.25)
 
 
-def test_command_line_exit_codes(tmp_path, capsys):
+def test_command_line_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(raw(MAIN_YAML)))
+    assert cluster_check.main([str(good)]) == 1
+    assert "auth_token does not exist" in capsys.readouterr().err, "ray up would fail to copy the token"
+
+    assert cluster_check.main(["--new-token"]) == 0
+    token = tmp_path / ".ray" / "auth_token"
+    secret = token.read_text()
+    assert len(secret) == 64 and secret not in capsys.readouterr().out, "the token is never printed"
+    assert (token.stat().st_mode & 0o777, (tmp_path / ".ray").stat().st_mode & 0o777) == (0o600, 0o700)
+    assert cluster_check.main(["--new-token"]) == 0 and token.read_text() == secret, "an existing token is kept"
     assert cluster_check.main([str(good)]) == 0
     assert "ok" in capsys.readouterr().out
+
+    token.chmod(0o644)
+    assert cluster_check.main([str(good)]) == 1
+    assert "readable by others (mode 644)" in capsys.readouterr().err
+    token.chmod(0o600)
 
     assert cluster_check.main([MAIN_YAML]) == 1  # as shipped: the project is still to fill in
     assert "placeholder" in capsys.readouterr().err

@@ -202,6 +202,9 @@ def test_node_lookup_by_ip():
     with pytest.raises(NodeLookupError, match="2 alive Ray nodes share IP 10.0.0.3") as error:
         pick_node_id(alive, "10.0.0.3", "gcs:6379")
     assert not isinstance(error.value, NodeNotRegistered), "an ambiguous IP must not be waited on"
+    # A worker on the head's machine: the head is never the node to drain.
+    sharing = [AliveNode("h" * 8, "10.0.0.1", is_head=True), AliveNode("w" * 8, "10.0.0.1")]
+    assert pick_node_id(sharing, "10.0.0.1", "gcs:6379") == "w" * 8
     check_node_alive(alive, "a" * 8, "gcs:6379")
     with pytest.raises(NodeNotRegistered, match="check --node-id"):
         check_node_alive(alive, "d" * 8, "gcs:6379")
@@ -532,15 +535,16 @@ def test_node_lookup_against_the_real_gcs(ray_cluster):
     gcs = RayGcs(ray_cluster.address)
     alive = gcs.alive_nodes()
     head = ray_cluster.head_node.node_id
-    assert AliveNode(head, LOOPBACK) in alive
+    assert AliveNode(head, LOOPBACK, is_head=True) in alive
     assert resolve_node_id(gcs, head, wait_s=0) == head
     with pytest.raises(NodeNotRegistered):
         resolve_node_id(gcs, "cd" * 28, wait_s=0)
-    if len(alive) > 1:  # every virtual node shares 127.0.0.1: discovery must refuse to guess
+    workers = [node.node_id for node in alive if not node.is_head]
+    if len(workers) > 1:  # every virtual worker node shares 127.0.0.1: discovery must refuse to guess
         with pytest.raises(NodeLookupError, match="share IP 127.0.0.1"):
             resolve_node_id(gcs, None, wait_s=0)
-    else:
-        assert resolve_node_id(gcs, None, wait_s=0) == head
+    else:  # the head is never the one: a lone worker beside it is
+        assert resolve_node_id(gcs, None, wait_s=0) == (workers[0] if workers else head)
 
 
 @pytest.mark.cluster
