@@ -25,17 +25,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from raytrain_spot.ledger.live import RunningTotals
 from raytrain_spot.pricing import PriceCatalog
+from raytrain_spot.redaction import REDACTED, SECRET, scrub
 
 logger = logging.getLogger(__name__)
 
 LOW_GOODPUT = "low_goodput"
 HIGH_PREEMPTION_RATE = "high_preemption_rate"
+DURABLE_UPLOAD_FAILED = "durable_upload_failed"
+"""Not a rule: every failed upload to storage.uri is told at once (the run's safety net is missing)."""
 NOTIFY = "notify"
 SWITCH_TO_ON_DEMAND = "switch_to_on_demand"
 
@@ -79,8 +83,10 @@ class AlertConfig:
     """Wall time before goodput is judged (startup alone is badput)."""
     min_spot_node_hours: float = 1.0
     """Spot exposure in the window before the rate is judged (one loss in a few node-minutes is noise)."""
-    webhook_url: Optional[str] = None
-    """POST every decision as JSON here (Slack-style ``text`` included); unset: no webhook."""
+    webhook_url: Optional[str] = field(default=None, metadata=SECRET)
+    """POST every decision as JSON here (Slack-style ``text`` included); unset: no webhook. A secret
+    (webhook URLs carry their token): never written to a file or a log, always ``https://``
+    (``http://`` only to this machine, 127.0.0.1 or localhost)."""
     webhook_timeout_s: float = 5.0
     """Give up on the webhook after this long; the alert is still logged and recorded."""
     fallback_bundle: Dict[str, float] = field(default_factory=lambda: {"GPU": 1.0, "on_demand_fallback": 1.0})
@@ -92,6 +98,13 @@ class AlertConfig:
     def __post_init__(self):
         if self.window_s <= 0 or self.min_wall_s < 0 or self.min_spot_node_hours < 0 or self.fallback_nodes < 1:
             raise ValueError("window_s must be > 0, min_wall_s and min_spot_node_hours >= 0, fallback_nodes >= 1")
+        if self.webhook_url and self.webhook_url != REDACTED:
+            parsed = urllib.parse.urlsplit(self.webhook_url)
+            loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+            if not (parsed.scheme == "https" or (parsed.scheme == "http" and loopback)) or not parsed.hostname:
+                # The URL itself is not echoed: it is a secret.
+                raise ValueError(f"alerts.webhook_url must be an https:// URL (http:// only to 127.0.0.1), "
+                                 f"not a {parsed.scheme or 'scheme-less'} one")
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,11 @@ class AlertRunner:
     def write(self, record: Dict[str, Any]) -> None:
         if record.get("ev") != "alert":
             self.totals.feed(record)
+        if record.get("ev") == "checkpoint_failed" and record.get("tier") == "durable":
+            self._tell({"t": self._clock(), "alert": DURABLE_UPLOAD_FAILED, "action": NOTIFY, "step": record["step"],
+                        "reason": f"checkpoint step {record['step']} did not reach durable storage "
+                                  f"({record.get('error', 'unknown error')}); retrying in "
+                                  f"{record.get('retry_in_s', '?')} s"})
 
     def tick(self) -> List[AlertDecision]:
         now = self._clock()
@@ -215,12 +233,16 @@ class AlertRunner:
                 fields["requested_bundles"] = bundles
             except Exception as error:  # the alert must still be told
                 fields["request_error"] = f"{type(error).__name__}: {error}"
+        self._tell(fields)
+
+    def _tell(self, fields: Dict[str, Any]) -> None:
+        """Deliver an alert: the webhook (if any), the log and the event log."""
         if self.config.webhook_url:
             try:
                 fields["webhook_status"] = self._post(self.config.webhook_url,
-                                                      {"text": f"raytrain-spot alert: {decision.reason}", **fields},
+                                                      {"text": f"raytrain-spot alert: {fields['reason']}", **fields},
                                                       self.config.webhook_timeout_s)
             except Exception as error:  # a dead webhook must not stop training
-                fields["webhook_error"] = f"{type(error).__name__}: {error}"
+                fields["webhook_error"] = scrub(f"{type(error).__name__}: {error}", [self.config.webhook_url])
         logger.warning("alert %s", " ".join(f"{k}={v}" for k, v in fields.items() if k != "t"))
         self._emit("alert", **fields)

@@ -16,11 +16,13 @@ wall seconds and node counts scaled to the embedded cluster's size.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -94,6 +96,24 @@ def load_trace(path: str, start_tick: int, max_ticks: Optional[int]) -> List[int
     return data[:max_ticks] if max_ticks else data
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def spawn_tied(command: List[str], env: Dict[str, str], log) -> subprocess.Popen:
+    """Start a helper process that the kernel kills when this process dies, however it dies
+    (a SIGKILLed driver included), so no simulator process polls on forever.
+
+    The signal is SIGKILL: SIGTERM would be a preemption notice to a watcher."""
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+
 class SpotSimulator:
     """Drives preemptions on an EmbeddedCluster. Call ``tick()`` from the main thread.
 
@@ -149,11 +169,11 @@ class SpotSimulator:
         if not self.cfg.watchers:
             return slot
         with open(os.path.join(self.log_dir, f"watcher-{name}.log"), "ab") as log:
-            self.watchers[slot] = subprocess.Popen(
+            self.watchers[slot] = spawn_tied(
                 [sys.executable, "-m", "raytrain_spot.watcher", "--node-id", node.node_id,
                  "--address", self.cluster.address, "--notice-s", str(self.cfg.notice_s),
                  "--margin-s", str(self.cfg.margin_s)],
-                env={**os.environ, **self.metadata.env(name)}, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.metadata.env(name)}, log=log,
             )
         return slot
 

@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from raytrain_spot.alerts import AlertConfig
 from raytrain_spot.monitoring import MonitoringConfig
+from raytrain_spot.redaction import redacted_dict
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,10 @@ class RunSection:
     """Seed for model initialisation, data order and every other random choice."""
     log_sample_ids: bool = False
     """Log the sample ids every rank trains on (``samples`` events), to audit exactly-once data."""
+    lease_ttl_s: float = 60.0
+    """One driver owns a run name at a time (a lease in storage.uri, renewed every third of this).
+    A second driver with the same name stops at start; a dead driver's lease is free after this
+    long, at once when it died on the same machine."""
     show_ray_logs: bool = False
     """Also print Ray's own log lines on the console (workers' and the Train controller's output,
     Ray Train's reports). They are always in Ray's session logs, which the run's first line names."""
@@ -63,6 +68,8 @@ class RunSection:
             f"{self.name!r} is not a valid run name (letters, digits, '.', '_', '-'; at most 128)",
             "pick a name such as run.name=vlm-exp1",
         )
+        _require(self.lease_ttl_s >= 3, "run.lease_ttl_s", f"{self.lease_ttl_s} s leaves no time to renew",
+                 "set run.lease_ttl_s=60 (or at least 3)")
 
 
 @dataclass
@@ -259,6 +266,12 @@ class CheckpointConfig:
     writes about 1/world_size of the bytes. Sharded checkpoints skip the node-local tier."""
     max_transfer_mbps: Optional[float] = None
     """Cap each worker's checkpoint traffic to the head (MB/s) so it never starves gradient traffic; unset: no cap."""
+    final_upload_wait_s: float = 300.0
+    """At the end, wait this long for the head to upload the final checkpoint to storage.uri; a run
+    whose final checkpoint is not there by then ends with exit status 1 and says so."""
+    allow_config_change: bool = False
+    """Resume from a checkpoint saved with other model or data settings (``model.*``, ``data.*``,
+    ``run.seed``). Off: such a resume stops before training, naming the settings that differ."""
 
     def head_root(self, storage_uri: str) -> str:
         """Head tier root of the runs stored at ``storage_uri``: same-named runs elsewhere never mix."""
@@ -462,7 +475,8 @@ class Config:
                      "drop +chaos=..., or unset cluster.address")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as plain values, secrets redacted: this is what checkpoints keep and workers get."""
+        return redacted_dict(self)
 
 
 # Field annotations are strings under `from __future__ import annotations`.

@@ -20,6 +20,8 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
                        started in a warm standby)
 ``restore``            the group loaded a checkpoint (``step``, ``tier``: local|head|durable|peer,
                        ``duration_s``)
+``restore_mismatch``   ranks loaded copies of one step that verified yet differ (``step``, ``digests``);
+                       every rank took rank 0's
 ``resize``             the world size changed across a restart (``old_world_size``, ``world_size``,
                        ``step``)
 ``step``               an optimizer step finished (``step``, ``world_size``, ``samples``: [first, end)
@@ -30,7 +32,8 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
                        periodic|jit|final, ``stall_s``: training blocked for it, ``duration_s``: from
                        snapshot to commit, ``bytes``)
 ``checkpoint_failed``  a save failed; the previous checkpoint stays the latest (``step``, ``kind``,
-                       ``error``)
+                       ``error``; ``tier`` when one tier failed; ``retry_in_s`` for the head's
+                       durable uploads, which are retried)
 ``advice``             the checkpoint interval advisor changed its mind (``interval_steps``,
                        ``interval_s``, and its inputs)
 ``alert``              an alert fired (``alert``, ``action``, ``value``, ``threshold``, ``reason``)

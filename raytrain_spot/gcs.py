@@ -326,7 +326,30 @@ class GcsStore:
                 return False
             return existing.size == len(data) and existing.crc32c == _crc32c_base64(google_crc32c.value(data))
 
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        """Write only if the object is still at generation ``version`` (None: only if absent)."""
+        try:
+            self._blob(key).upload_from_string(data, content_type="application/octet-stream", checksum="crc32c",
+                                               if_generation_match=0 if version is None else int(version),
+                                               **self._call_kwargs())
+            return True
+        except api_exceptions.PreconditionFailed:
+            return False
+
     # -- reads ---------------------------------------------------------------------------
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        while True:
+            blob = self._blob(key)
+            try:
+                blob.reload(**self._call_kwargs())
+                data = blob.download_as_bytes(checksum="crc32c", if_generation_match=blob.generation,
+                                              **self._call_kwargs())
+            except api_exceptions.NotFound:
+                raise FileNotFoundError(f"{self.uri}/{key}") from None
+            except api_exceptions.PreconditionFailed:
+                continue  # replaced between the two requests: read the new one
+            return data, str(blob.generation)
 
     def get_bytes(self, key: str) -> bytes:
         try:

@@ -19,14 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from raytrain_spot.config import Config, ConfigError, load_config, register_configs, unknown_override_key
+from raytrain_spot.console import console_for_run
 from raytrain_spot.events import EVENTS_FILE, EventFeed, EventLog, start_event_log
 from raytrain_spot.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.pricing import PriceCatalog
 from raytrain_spot.progress import ProgressPrinter, format_summary, summarize
+from raytrain_spot.redaction import scrub_files, secret_values
 
 logger = logging.getLogger("raytrain_spot")
 register_configs()
-DURABLE_UPLOAD_WAIT_S = 300.0
+NOT_DURABLE = "finished without its final durable checkpoint"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -36,16 +38,26 @@ def main(dict_cfg: DictConfig) -> None:
         cfg = load_config(dict_cfg)
         storage_uri = cfg.storage.resolved_uri(os.getcwd())
         check_storage(storage_uri)
+        check_resume(cfg, storage_uri)
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
+    scrub_files(os.path.join(run_dir, ".hydra"), secret_values(cfg))  # Hydra wrote the raw values there
+    warn_about_redirects()
     started = time.time()
     try:
-        status = train(cfg, run_dir, storage_uri, started)
+        lease = take_lease(cfg, storage_uri)
+    except ConfigError as error:
+        print(f"Configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        status = train(cfg, run_dir, storage_uri, started, lease)
     except ConfigError as error:  # the cluster to join is not there: nothing ran
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        lease.release()
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
@@ -59,6 +71,18 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+# Variables that send checkpoints or preemption notices to another host than Google's.
+REDIRECTS = {"STORAGE_EMULATOR_HOST": "checkpoints (gs://) go to", "GCE_METADATA_HOST": "preemption notices are read from"}
+
+
+def warn_about_redirects() -> None:
+    """Say loudly when the environment points Google's endpoints elsewhere (an emulator, a proxy)."""
+    for variable, what in REDIRECTS.items():
+        if os.environ.get(variable):
+            print(f"WARNING: {variable} is set: {what} {os.environ[variable]}, not Google's servers. "
+                  f"Unset it unless that is meant.", file=sys.stderr, flush=True)
+
+
 def check_storage(storage_uri: str) -> None:
     """Fail in seconds, before Ray starts, when the bucket is unusable."""
     if storage_uri.startswith("gs://"):
@@ -70,7 +94,34 @@ def check_storage(storage_uri: str) -> None:
             raise ConfigError(str(error)) from None
 
 
-def train(cfg: Config, run_dir: str, storage_uri: str, started: float) -> str:
+def check_resume(cfg: Config, storage_uri: str) -> None:
+    """Refuse, before Ray starts, to resume a checkpoint saved with other model or data settings."""
+    if cfg.checkpoint.allow_config_change:
+        return
+    from raytrain_spot.checkpoint.resume import resume_problem
+    from raytrain_spot.storage import LocalStore, open_store
+
+    stores = [("durable", open_store(storage_uri))]
+    if cfg.checkpoint.use_head:
+        stores.insert(0, ("head", LocalStore(cfg.checkpoint.head_root(storage_uri))))
+    if problem := resume_problem(stores, cfg.run.name, cfg.to_dict()):
+        raise ConfigError(problem)
+
+
+def take_lease(cfg: Config, storage_uri: str):
+    """This driver's claim on the run name (see checkpoint/lease.py), renewed in the background."""
+    from raytrain_spot.checkpoint.lease import RunInUse, RunLease
+    from raytrain_spot.storage import open_store
+
+    lease = RunLease(open_store(storage_uri), cfg.run.name, cfg.run.lease_ttl_s)
+    try:
+        lease.acquire()
+    except RunInUse as error:
+        raise ConfigError(str(error)) from None
+    return lease.start_renewing()
+
+
+def train(cfg: Config, run_dir: str, storage_uri: str, started: float, lease) -> str:
     """Run training on the configured cluster; return "finished" or "failed".
 
     ``started`` is when this invocation began: progress lines show its records only.
@@ -79,7 +130,9 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float) -> str:
     from raytrain_spot.local_cluster import connect, ray_logs_dir
 
     dataset = ensure_dataset(cfg.data, cfg.run.seed)
-    with connect(cfg.cluster, cfg.run.show_ray_logs) as cluster:
+    run_log = os.path.join(run_dir, f"{HydraConfig.get().job.name}.log")
+    with console_for_run(run_log, quiet=not cfg.run.show_ray_logs) as (console, _), \
+            connect(cfg.cluster, cfg.run.show_ray_logs) as cluster:
         from raytrain_spot.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.cluster_monitor import ClusterMonitor
@@ -100,33 +153,55 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float) -> str:
         events_path = os.path.join(run_dir, EVENTS_FILE)
         print(f"run {cfg.run.name}: {cfg.trainer.min_workers}-{cfg.trainer.max_workers} workers, "
               f"global batch {cfg.trainer.global_batch_size}, {cfg.trainer.max_steps} steps, "
-              f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir} (Ray's: {ray_logs_dir()})", flush=True)
+              f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir} (Ray's: {ray_logs_dir()})",
+              file=console, flush=True)
         context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor,
                               head_store=head_store)
         catalog = PriceCatalog.load(cfg.ledger.prices)
-        progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, sys.stdout, since=started)
+        progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, console, since=started)
         sinks = [progress,
                  MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
         with ClusterMonitor(events) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
             fit = FitThread(build_trainer(cfg, context))
-            drive(fit, cfg, cluster, events, progress, monitor, run_dir)
-            if head_store is not None:
+            drive(fit, cfg, cluster, events, progress, monitor, run_dir, lease)
+            if lease.lost.is_set():
+                fit.error = RuntimeError(f"another driver took over run.name={cfg.run.name}; this one stopped")
+            elif head_store is not None:
                 import ray
 
-                ray.get(head_store.wait_for_uploads.remote(DURABLE_UPLOAD_WAIT_S))
+                ray.get(head_store.wait_for_uploads.remote(cfg.checkpoint.final_upload_wait_s))
             status = "finished" if fit.error is None else "failed"
             error_text = None if fit.error is None else f"{type(fit.error).__name__}: {fit.error}"
-            if fit.error is not None:
-                logger.error("Training failed: %s", error_text)
+            if fit.error is None and (durable := newest_durable_step(storage_uri, cfg.run.name)) != cfg.trainer.max_steps:
+                status = NOT_DURABLE
+                error_text = (f"the final checkpoint (step {cfg.trainer.max_steps}) is not in {storage_uri} "
+                              f"(newest there: {durable}); it is on the head. Run the same command again "
+                              "when the storage is back: the head uploads its newest checkpoint first")
+            if error_text is not None:
+                logger.error("Training %s: %s", status, error_text)
             events.emit("end", status=status, error=error_text)
             events.flush()
     return status
 
 
+def newest_durable_step(storage_uri: str, run_name: str):
+    """Newest step committed in durable storage, or None (none, or storage unreachable)."""
+    from raytrain_spot.checkpoint.tiers import StoreTier
+    from raytrain_spot.storage import open_store
+
+    try:
+        committed, _ = StoreTier("durable", open_store(storage_uri), run_name, keep_latest_k=2).committed_and_partial()
+    except Exception as error:  # noqa: BLE001 - unreachable storage: the copy cannot be confirmed
+        logger.warning("Cannot list %s: %s: %s", storage_uri, type(error).__name__, error)
+        return None
+    return committed[0] if committed else None
+
+
 def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: ProgressPrinter, monitor,
-          run_dir: str) -> None:
-    """Wait for training, running the Spot simulator if one is configured.
+          run_dir: str, lease) -> None:
+    """Wait for training, running the Spot simulator if one is configured; stop if the run's
+    lease went to another driver (leaving the cluster context ends this driver's Ray job).
 
     Ray wants node changes from the main thread, so training runs in a thread of its own.
     """
@@ -139,7 +214,7 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
                                   rank_nodes=lambda: progress.rank_nodes,
                                   node_local_root=os.path.expanduser(cfg.checkpoint.local_dir))
     try:
-        while fit.is_alive():
+        while fit.is_alive() and not lease.lost.is_set():
             if simulator is not None:
                 simulator.tick()
             fit.join(0.1)

@@ -7,10 +7,12 @@ content against a manifest: on GCS a failed streaming write can publish a trunca
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
-from typing import List, Protocol
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Protocol, Tuple
 
 
 class Store(Protocol):
@@ -32,6 +34,13 @@ class Store(Protocol):
         """A path to read the key in place, when the store is a local filesystem."""
 
     def exists(self, key: str) -> bool: ...
+
+    def get_versioned(self, key: str) -> Tuple[bytes, str]:
+        """The bytes of ``key`` and its version (opaque). Raise FileNotFoundError if absent."""
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        """Write ``data`` only if ``key`` is still at ``version`` (None: only if absent); else return False.
+        Atomic against every other writer of the store (compare-and-swap)."""
 
     def list_children(self, prefix: str) -> List[str]:
         """Names of the immediate children (files and 'directories') under ``prefix``."""
@@ -72,11 +81,13 @@ class LocalStore:
             with open(local_path, "rb") as src:
                 shutil.copyfileobj(src, f, 8 << 20)
         os.replace(self._publish(key, copy), self._path(key))
+        _fsync_directory(os.path.dirname(self._path(key)))
 
     def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
         staging = self._publish(key, lambda f: f.write(data))
         if not if_absent:
             os.replace(staging, self._path(key))
+            _fsync_directory(os.path.dirname(self._path(key)))
             return True
         try:
             os.link(staging, self._path(key))  # atomic create-if-absent
@@ -85,12 +96,19 @@ class LocalStore:
             return False
         finally:
             os.unlink(staging)
+            _fsync_directory(os.path.dirname(self._path(key)))
 
     def adopt(self, key: str, path: str) -> None:
-        """Publish a file already on this filesystem under ``key`` by renaming it (atomic)."""
+        """Publish a file already on this filesystem under ``key`` by renaming it (atomic).
+
+        Its bytes reach the disk before the rename, and the rename before this returns: a
+        manifest written after it never names bytes that a power loss could take back."""
         target = self._path(key)
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(path, target)
+        _fsync_directory(os.path.dirname(target))
 
     def get_bytes(self, key: str) -> bytes:
         with open(self._path(key), "rb") as f:
@@ -105,6 +123,34 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
 
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[str]:
+        """An exclusive lock of ``key`` among every process using this directory (flock on a sidecar)."""
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield path
+
+    @staticmethod
+    def _version(path: str) -> str:
+        status = os.stat(path)
+        return f"{status.st_ino}:{status.st_mtime_ns}:{status.st_size}"
+
+    def get_versioned(self, key: str) -> Tuple[bytes, str]:
+        with self._locked(key) as path:
+            with open(path, "rb") as f:
+                return f.read(), self._version(path)
+
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+        with self._locked(key) as path:
+            current = self._version(path) if os.path.exists(path) else None
+            if current != version:
+                return False
+            os.replace(self._publish(key, lambda f: f.write(data)), path)
+            _fsync_directory(os.path.dirname(path))
+            return True
+
     def list_children(self, prefix: str) -> List[str]:
         path = self._path(prefix)
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
@@ -115,6 +161,15 @@ class LocalStore:
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
             os.unlink(path)
+
+
+def _fsync_directory(path: str) -> None:
+    """Make the directory's entries (a rename, a new file) durable, as a file's fsync does its bytes."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def open_store(uri: str) -> Store:

@@ -141,9 +141,12 @@ def test_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pat
     assert any(r["ev"] == "checkpoint_failed" and r["step"] == 2 for r in events.records)
 
 
-def test_retention_keeps_the_newest_k_and_milestones():
-    assert steps_to_delete([90, 80, 70, 60, 50, 40], keep_latest_k=2, milestone_every=0) == [70, 60, 50, 40]
-    assert steps_to_delete([90, 80, 70, 60, 50, 40], keep_latest_k=2, milestone_every=30) == [70, 50, 40]
+def test_retention_keeps_the_newest_k_commits_and_milestones_and_drops_stale_partials():
+    assert steps_to_delete([90, 80, 70, 60, 50, 40], [], keep_latest_k=2, milestone_every=0) == [70, 60, 50, 40]
+    assert steps_to_delete([90, 80, 70, 60, 50, 40], [], keep_latest_k=2, milestone_every=30) == [70, 50, 40]
+    # partials: older than the newest commit are stale; newer ones may be in flight
+    assert steps_to_delete([90, 80, 70], [95, 85, 60], keep_latest_k=2, milestone_every=0) == [85, 70, 60]
+    assert steps_to_delete([], [40, 30], keep_latest_k=2, milestone_every=0) == [], "no commit yet: nothing is stale"
 
 
 def test_tier_retention_applies_on_commit(tmp_path):
@@ -170,7 +173,9 @@ def test_head_store_verifies_what_arrives_and_forwards_to_durable_storage(tmp_pa
     with pytest.raises(Exception, match="truncated"):
         head.commit(key, manifest)  # half the bytes arrived: refused
     assert head.steps() == []
+    assert not os.path.exists(tmp_path / "head" / ".incoming" / key), "a refused commit frees what arrived"
     head.write_chunk(checkpoint_key("r", 6), STATE_FILE, 0, b"a writer that died mid-transfer")
+    head.write_chunk(key, STATE_FILE, 0, data[: len(data) // 2])
     head.write_chunk(key, STATE_FILE, len(data) // 2, data[len(data) // 2:])
     head.commit(key, manifest)
     assert head.steps() == [7]

@@ -13,13 +13,17 @@ from tests.conftest import run_main
 
 
 @pytest.fixture
-def shell(tmp_path, monkeypatch):
-    """A user's shell: its own HOME and Ray temp dir, none of Ray's variables set."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+def shell(tmp_path):
+    """A user's shell: its own HOME and Ray temp dir, none of Ray's variables set. The code under
+    test sets variables for Ray itself; all of them are undone after the test, so that no later
+    test's Ray cluster inherits token authentication from this one."""
+    saved = dict(os.environ)
+    os.environ.update(HOME=str(tmp_path / "home"), RAY_TMPDIR=str(tmp_path / "raytmp"))
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
+        os.environ.pop(name, None)
+    yield tmp_path
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

@@ -155,6 +155,26 @@ def test_metadata_that_would_run_code_is_refused(two_rank_checkpoints, tmp_path)
     assert not marker.exists()
 
 
+def test_a_dotted_name_through_an_allowed_module_is_refused(tmp_path):
+    """The exploit: STACK_GLOBAL of DCP's metadata module with the name ``os.system`` (protocol 4
+    resolves dotted names, and that module imports os)."""
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    assert dcp_metadata.os is os, "the exploit needs the module to import os"
+    marker = tmp_path / "pwned"
+
+    def unicode(text: str) -> bytes:
+        data = text.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+
+    exploit = (pickle.PROTO + b"\x04" + unicode("torch.distributed.checkpoint.metadata") + unicode("os.system")
+               + pickle.STACK_GLOBAL + unicode(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    (tmp_path / METADATA_FILE).write_bytes(exploit)
+    with pytest.raises(pickle.UnpicklingError, match="os.system is not allowed"):
+        SafeFileSystemReader(str(tmp_path)).read_metadata()
+    assert not marker.exists()
+
+
 def test_shares_cover_every_tensor_once_balanced_by_bytes():
     sizes = {f"t{i}": size for i, size in enumerate([4096, 4096, 1024, 1024, 256, 64, 64, 8])}
     for world_size in (1, 2, 3, 5):

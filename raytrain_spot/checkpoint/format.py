@@ -28,6 +28,8 @@ MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
 CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"step_(\d{8})$")
+# A manifest names files of its own directory only: no separators, no "." or "..".
+_FILE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,255}")
 
 
 class InvalidCheckpoint(Exception):
@@ -93,6 +95,9 @@ class Manifest:
             raise InvalidCheckpoint(f"unreadable manifest ({error})") from None
         if manifest.format_version != FORMAT_VERSION:
             raise InvalidCheckpoint(f"format version {manifest.format_version}, expected {FORMAT_VERSION}")
+        for name in manifest.files:
+            if not _FILE_NAME.fullmatch(name):
+                raise InvalidCheckpoint(f"the manifest names {name!r}, not a file of the checkpoint's directory")
         return manifest
 
 

@@ -4,8 +4,9 @@ Workers stream a checkpoint's files here in chunks and commit it; the head verif
 file against the manifest, publishes it on its own disk (manifest last) and, on its own
 cadence, forwards it to durable storage in a background thread. The head is never
 preempted, so an upload it has started finishes even if the worker that wrote the
-checkpoint is gone. At most one durable upload runs; a newer checkpoint replaces one that
-is still waiting (coalescing), so the queue never grows.
+checkpoint is gone. At most one durable upload runs; a newer checkpoint replaces an older
+one still waiting (coalescing), except a milestone or the final one, which always go
+(``UploadQueue``), so the queue stays short.
 """
 
 from __future__ import annotations
@@ -25,6 +26,38 @@ from raytrain_spot.storage import LocalStore, open_store
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+RETRY_BACKOFF_S = (1.0, 60.0)
+"""First and longest wait before a failed durable upload is tried again (doubling)."""
+
+
+class UploadQueue:
+    """Checkpoints waiting to be forwarded to durable storage, oldest first.
+
+    A newer checkpoint replaces the ordinary one still waiting; milestones and the final
+    checkpoint are kept whatever follows them."""
+
+    def __init__(self, milestone_every: int):
+        self._milestone_every = milestone_every
+        self._waiting: List[Manifest] = []
+
+    def _kept(self, manifest: Manifest) -> bool:
+        return manifest.kind == "final" or bool(self._milestone_every and manifest.step % self._milestone_every == 0)
+
+    def offer(self, manifest: Manifest) -> None:
+        self._waiting = [m for m in self._waiting
+                         if m.step != manifest.step and (self._kept(m) or m.step > manifest.step)] + [manifest]
+        self._waiting.sort(key=lambda m: m.step)
+
+    def take(self) -> Optional[Manifest]:
+        return self._waiting.pop(0) if self._waiting else None
+
+    def retry(self, manifest: Manifest) -> None:
+        """Queue a failed upload again, unless a newer checkpoint waiting makes it pointless."""
+        if self._kept(manifest) or not any(m.step > manifest.step for m in self._waiting):
+            self.offer(manifest)
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
 
 
 class HeadStore:
@@ -37,11 +70,14 @@ class HeadStore:
         self._durable_interval_s = durable_interval_s
         self._events = events
         self._lock = threading.Condition()
-        self._pending: Optional[Manifest] = None
+        self._pending = UploadQueue(milestone_every)
         self._uploading: Optional[int] = None
         self._last_durable_at = float("-inf")
         self.latest_durable_step: Optional[int] = None
         self.failed_uploads = 0
+        self._retry_at = 0.0
+        self._retry_delay_s = RETRY_BACKOFF_S[0]
+        self._caught_up = threading.Event()
         threading.Thread(target=self._upload_loop, name="durable-upload", daemon=True).start()
 
     # -- receiving ------------------------------------------------------------------------
@@ -51,25 +87,35 @@ class HeadStore:
 
     def write_chunk(self, key: str, name: str, offset: int, data: bytes) -> None:
         path = self._incoming(key, name)
-        if offset == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb" if offset == 0 else "r+b") as f:
-            f.seek(offset)
-            f.write(data)
+        try:
+            if offset == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb" if offset == 0 else "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+        except OSError:  # a full disk: free what this checkpoint took, so the next one has room
+            shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
+            raise
 
-    def commit(self, key: str, manifest_json: bytes) -> None:
-        """Verify what arrived against the manifest, publish it, maybe forward it to durable storage."""
+    def commit(self, key: str, manifest_json: bytes) -> bytes:
+        """Verify what arrived against the manifest, publish it, maybe forward it to durable
+        storage. Returns the manifest the head now holds for ``key`` (a valid copy already
+        there is kept). What arrived is dropped either way, so a failed commit frees its disk."""
         manifest = Manifest.from_json(manifest_json)
         files = {name: self._incoming(key, name) for name in manifest.files}
-        for name, path in files.items():
-            verify_file(path, manifest.files[name], name)
-        with self._lock:
-            self.local.commit(key, files, manifest, move=True)
-        self._sweep_incoming(manifest.step)
-        if self._durable_due(manifest):
+        try:
+            for name, path in files.items():
+                verify_file(path, manifest.files[name], name)
             with self._lock:
-                self._pending = manifest  # replaces an older one still waiting
+                committed = self.local.commit(key, files, manifest, move=True)
+        finally:
+            shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
+        self._sweep_incoming(committed.step)
+        if self._durable_due(committed):
+            with self._lock:
+                self._pending.offer(committed)
                 self._lock.notify_all()
+        return committed.to_json()
 
     def _sweep_incoming(self, committed_step: int) -> None:
         """Drop what arrived for this step or older ones: a writer that died mid-transfer never
@@ -86,12 +132,31 @@ class HeadStore:
 
     # -- forwarding to durable storage ----------------------------------------------------
 
+    def _catch_up(self) -> None:
+        """At start: a newest head checkpoint that durable storage lacks (an outage, a driver that
+        died before the upload) goes first."""
+        try:
+            held, _ = self.local.committed_and_partial()
+            stored, _ = self.durable.committed_and_partial()
+            if held and (not stored or held[0] > stored[0]):
+                manifest = read_manifest(self._store, checkpoint_key(self.run_name, held[0]))
+                logger.info("Durable storage lacks the head's newest checkpoint (step %d): uploading it", held[0])
+                with self._lock:
+                    self._pending.offer(manifest)
+            self.latest_durable_step = stored[0] if stored else None
+        except Exception as error:  # noqa: BLE001 - storage down at start: the next commit uploads anyway
+            logger.warning("Cannot compare the head's checkpoints with durable storage: %s: %s",
+                           type(error).__name__, error)
+        finally:
+            self._caught_up.set()
+
     def _upload_loop(self) -> None:
+        self._catch_up()
         while True:
             with self._lock:
-                while self._pending is None:
-                    self._lock.wait()
-                manifest, self._pending = self._pending, None
+                while not self._pending or time.time() < self._retry_at:
+                    self._lock.wait(timeout=max(self._retry_at - time.time(), 0.05) if self._pending else None)
+                manifest = self._pending.take()
                 self._uploading = manifest.step
                 self.local.pinned.add(manifest.step)  # retention must not delete what is being read
             key = checkpoint_key(self.run_name, manifest.step)
@@ -100,15 +165,23 @@ class HeadStore:
                 files = {name: self._store.local_path(f"{key}/{name}") for name in manifest.files}
                 self.durable.commit(key, files, manifest)
                 self._last_durable_at = started
-                self.latest_durable_step = manifest.step
+                self.latest_durable_step = max(self.latest_durable_step or 0, manifest.step)
+                self._retry_delay_s = RETRY_BACKOFF_S[0]
                 self._events.emit("checkpoint", step=manifest.step, tier="durable", kind=manifest.kind, stall_s=0.0,
                                   duration_s=time.time() - manifest.created_at, bytes=_size(manifest))
                 logger.info("Checkpoint step %d uploaded to %s in %.2f s", manifest.step, self.durable.store.uri,
                             time.time() - started)
-            except Exception:  # the previous durable checkpoint stays the latest; the next one retries
+            except Exception as error:  # the previous durable checkpoint stays the latest; this one is retried
                 self.failed_uploads += 1
-                logger.warning("Upload of checkpoint step %d to %s failed; the previous one stays the latest",
-                               manifest.step, self.durable.store.uri, exc_info=True)
+                logger.warning("Upload of checkpoint step %d to %s failed; the previous one stays the latest, "
+                               "retry in %.0f s", manifest.step, self.durable.store.uri, self._retry_delay_s,
+                               exc_info=True)
+                self._events.emit("checkpoint_failed", step=manifest.step, kind=manifest.kind, tier="durable",
+                                  error=f"{type(error).__name__}: {error}", retry_in_s=self._retry_delay_s)
+                with self._lock:
+                    self._pending.retry(manifest)
+                    self._retry_at = time.time() + self._retry_delay_s
+                    self._retry_delay_s = min(2 * self._retry_delay_s, RETRY_BACKOFF_S[1])
             finally:
                 with self._lock:
                     self.local.pinned.discard(manifest.step)
@@ -118,8 +191,9 @@ class HeadStore:
     def wait_for_uploads(self, timeout_s: float) -> Optional[int]:
         """Block until no upload is waiting or running; return the newest step in durable storage."""
         deadline = time.time() + timeout_s
+        self._caught_up.wait(timeout_s)
         with self._lock:
-            while (self._pending is not None or self._uploading is not None) and time.time() < deadline:
+            while (self._pending or self._uploading is not None) and time.time() < deadline:
                 self._lock.wait(timeout=max(deadline - time.time(), 0.01))
         return self.latest_durable_step
 

@@ -16,6 +16,7 @@ rank that has none receives the state from rank 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from raytrain_spot.checkpoint.format import (
     STATE_FILE,
-    InvalidCheckpoint,
+    FileEntry,
     Manifest,
     checkpoint_key,
     checkpoint_name,
@@ -54,6 +55,8 @@ from raytrain_spot.collectives import RankGroup
 from raytrain_spot.events import EventLog
 
 logger = logging.getLogger(__name__)
+# Where a save is staged when this node's disk is full: memory-backed on Linux.
+MEMORY_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 POINTER_FILE = "pointer.json"
 
@@ -172,35 +175,64 @@ class CheckpointManager:
         key = checkpoint_key(self.run_name, step)
         scratch = None
         try:
-            scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=self.scratch_root)
             started = time.time()
+            scratch, entry = self._serialize(snapshot, step)
             path = os.path.join(scratch, STATE_FILE)
-            entry = write_state(snapshot, path, self.compression)
             manifest = Manifest(step=step, samples_seen=request.progress.samples_seen, kind=request.kind,
                                 reason=request.reason, world_size=request.world_size, files={STATE_FILE: entry},
                                 config=self.config, compression=self.compression, created_at=started)
             if writer:
-                for tier in self.shared:
-                    tier.commit(key, {STATE_FILE: path}, manifest)
-                    if tier is self.shared[0]:
-                        self.commit_s.append(time.time() - started)
-                        self.committed_step = step
-                        self.events.emit("checkpoint", step=step, tier=tier.name, kind=request.kind, stall_s=stall,
-                                         duration_s=time.time() - started, bytes=entry.size)
-                    if tier.name == "head":
-                        break  # the head forwards to durable storage itself
+                self._commit_shared(key, path, manifest, request, stall, started)
             if self.writes_local:
-                self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
+                try:
+                    self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
+                except Exception as error:  # the shared copies stand; this node's is only faster
+                    self._report_failure(request, f"{type(error).__name__}: {error}", tier=self.local.name)
         except Exception as error:
             self._report_failure(request, f"{type(error).__name__}: {error}")
         finally:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _report_failure(self, request: SaveRequest, error: str) -> None:
-        logger.warning("Checkpoint step %d failed; the previous one stays the latest: %s", request.progress.step, error,
-                       exc_info=sys.exc_info()[1] is not None)
-        self.events.emit("checkpoint_failed", step=request.progress.step, kind=request.kind, error=error)
+    def _serialize(self, snapshot: Dict[str, Any], step: int) -> Tuple[str, FileEntry]:
+        """Write the state file into a scratch directory on this node's disk; when that disk is
+        full, into memory (``/dev/shm``), so a full node-local disk costs only the local copy."""
+        for root in (self.scratch_root, MEMORY_SCRATCH):
+            scratch = None
+            try:
+                scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=root)
+                return scratch, write_state(snapshot, os.path.join(scratch, STATE_FILE), self.compression)
+            # torch.save reports a failed write as a RuntimeError ("file write failed"), not an OSError.
+            except (OSError, RuntimeError) as error:
+                if scratch:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                if root == MEMORY_SCRATCH:
+                    raise
+                logger.warning("Cannot stage checkpoint step %d in %s (%s: %s); staging it in %s", step, root,
+                               type(error).__name__, error, MEMORY_SCRATCH)
+        raise AssertionError("unreachable")
+
+    def _commit_shared(self, key: str, path: str, manifest: Manifest, request: SaveRequest, stall: float,
+                       started: float) -> None:
+        """Commit on the shared tiers, fastest first: the head forwards to durable storage itself,
+        so the first tier that commits is enough; a tier that fails hands on to the next."""
+        for tier in self.shared:
+            try:
+                committed = tier.commit(key, {STATE_FILE: path}, manifest)
+            except Exception as error:
+                self._report_failure(request, f"{type(error).__name__}: {error}", tier=tier.name)
+                continue
+            self.commit_s.append(time.time() - started)
+            self.committed_step = committed.step
+            self.events.emit("checkpoint", step=committed.step, tier=tier.name, kind=request.kind, stall_s=stall,
+                             duration_s=time.time() - started, bytes=sum(e.size for e in committed.files.values()))
+            return
+
+    def _report_failure(self, request: SaveRequest, error: str, tier: Optional[str] = None) -> None:
+        logger.warning("Checkpoint step %d failed%s; the previous one stays the latest: %s", request.progress.step,
+                       f" on the {tier} tier" if tier else "", error, exc_info=sys.exc_info()[1] is not None)
+        self.events.emit("checkpoint_failed", step=request.progress.step, kind=request.kind, error=error,
+                         **({"tier": tier} if tier else {}))
 
     def _write_share(self, share: Dict[str, torch.Tensor], rest: Dict[str, Any], request: SaveRequest,
                      stall: float) -> None:
@@ -270,8 +302,11 @@ class CheckpointManager:
                 try:
                     manifest, paths = tier.fetch(key, scratch)
                     return load_checkpoint_state(manifest, paths), manifest, tier.name
-                except InvalidCheckpoint as why:
-                    logger.warning("Skipping checkpoint %s on the %s tier: %s", key, tier.name, why)
+                # Whatever fails (a damaged copy, an unreachable tier, a missing file), the next
+                # tier may hold a good copy: this rank must never abort the collective restore.
+                except Exception as why:  # noqa: BLE001
+                    logger.warning("Skipping checkpoint %s on the %s tier: %s: %s", key, tier.name,
+                                   type(why).__name__, why)
         return None
 
     def restore(self, model, optimizer, rank: int, pointer_step: Optional[int]) -> Optional[Restored]:
@@ -295,6 +330,13 @@ class CheckpointManager:
                 shipped = self.group.broadcast_object(loaded, src=holders.index(True))
                 loaded = loaded or (shipped[0], shipped[1], "peer")
             state, manifest, tier = loaded
+            digests = self.group.all_gather_object(state_digest(state))
+            if len(set(digests)) > 1:  # copies that all verified, yet differ: take one, loudly
+                logger.error("Ranks loaded different states for step %d (digests %s); every rank takes rank 0's",
+                             step, [d[:12] for d in digests])
+                self.events.emit("restore_mismatch", step=step, digests=[d[:12] for d in digests])
+                state, manifest = self.group.broadcast_object((state, manifest), src=0)
+                tier = tier if rank == 0 else "peer"
             if rank == 0 and pointer_step is not None and pointer_step != step:
                 logger.warning("Ray Train's latest checkpoint is step %s; restoring %s, the newest valid one",
                                pointer_step, step)
@@ -306,6 +348,31 @@ class CheckpointManager:
             self.last_save_step = self.committed_step = step
             return Restored(Progress(**state["progress"]), tier, manifest, time.time() - started)
         return None
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a state nest's structure, values and tensor bytes: equal on every rank that
+    loaded the same checkpoint, whichever tier each read it from."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key!r}".encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def load_checkpoint_state(manifest: Manifest, paths: Dict[str, str]) -> Dict[str, Any]:

@@ -112,23 +112,35 @@ def write_shard(owned: Dict[str, torch.Tensor], directory: str, group) -> List[s
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's metadata types, torch sizes, dtypes and layouts, and paths; nothing else."""
+    """Exactly the classes DCP's metadata pickles (as traced from ``dcp.save``), nothing else.
 
+    Names are matched whole: pickle protocol 4 resolves a dotted name attribute by attribute,
+    so allowing "anything under a module" would let ``<module>.os.system`` through.
+    """
+
+    _DCP_METADATA = "torch.distributed.checkpoint.metadata"
     _ALLOWED = {
+        (_DCP_METADATA, "Metadata"),
+        (_DCP_METADATA, "TensorStorageMetadata"),
+        (_DCP_METADATA, "BytesStorageMetadata"),
+        (_DCP_METADATA, "ChunkStorageMetadata"),
+        (_DCP_METADATA, "TensorProperties"),
+        (_DCP_METADATA, "MetadataIndex"),
+        (_DCP_METADATA, "StorageMeta"),
+        (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("torch", "Size"),
         ("torch.serialization", "_get_layout"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("pathlib", "PosixPath"),
         ("pathlib", "PurePosixPath"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
+        if "." not in name:
+            if (module, name) in self._ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
 
 

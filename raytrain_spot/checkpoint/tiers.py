@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from raytrain_spot.checkpoint.format import (
     MANIFEST,
+    InvalidCheckpoint,
     Manifest,
     checkpoint_key,
     fetch_verified,
     listed_steps,
+    read_manifest,
     verify_file,
 )
 from raytrain_spot.storage import LocalStore, Store
@@ -28,18 +31,25 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 8 << 20  # per Ray call to the head; several raylets share a small object store
 
 
+class CommitConflict(RuntimeError):
+    """Another writer's manifest for the same step landed first; nothing of ours replaced it."""
+
+
 class Tier(Protocol):
     name: str
 
-    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
-        """Store the files, then the manifest; then apply retention. ``move``: the files are
-        scratch copies the tier may take (rename) instead of copying."""
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> Manifest:
+        """Store the files, then the manifest; then apply retention. Return the manifest the
+        tier now holds for ``key``: ``manifest``, or the one of a valid copy already there
+        (a valid checkpoint is never rewritten; a damaged one is replaced). ``move``: the files
+        are scratch copies the tier may take (rename) instead of copying."""
 
     def put(self, key: str, files: Dict[str, str]) -> None:
         """Store data files only: one writer's part of a checkpoint that several write."""
 
     def publish(self, key: str, manifest: Manifest) -> None:
-        """Write the manifest of files already put (by every writer), then apply retention."""
+        """Write the manifest of files already put (by every writer), then apply retention.
+        Raise CommitConflict if a manifest for ``key`` is already there."""
 
     def steps(self, run_name: str) -> List[int]:
         """Checkpoint steps present (not yet validated), newest first."""
@@ -48,9 +58,15 @@ class Tier(Protocol):
         """Verified local copies of a checkpoint's files; raise InvalidCheckpoint otherwise."""
 
 
-def steps_to_delete(steps: List[int], keep_latest_k: int, milestone_every: int) -> List[int]:
-    """Retention: keep the newest k (steps are newest first) and every milestone."""
-    return [s for s in steps[keep_latest_k:] if not (milestone_every and s % milestone_every == 0)]
+def steps_to_delete(committed: List[int], partial: List[int], keep_latest_k: int, milestone_every: int) -> List[int]:
+    """Retention over a tier's step directories (both lists newest first).
+
+    Only commits count and are kept: the newest k and every milestone. A partial directory (no
+    manifest: a save that died) goes once a newer step has committed, because saves commit in
+    step order and it can never complete; a newer partial may still be in flight and stays."""
+    drop = [s for s in committed[keep_latest_k:] if not (milestone_every and s % milestone_every == 0)]
+    newest = committed[0] if committed else None
+    return sorted(drop + [s for s in partial if newest is not None and s < newest], reverse=True)
 
 
 class StoreTier:
@@ -64,15 +80,28 @@ class StoreTier:
         self.milestone_every = milestone_every
         self.pinned: set[int] = set()  # steps retention must keep for now (being read)
 
-    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> Manifest:
         if self.store.exists(f"{key}/{MANIFEST}"):
-            return  # already committed; a checkpoint is never rewritten
+            existing = self.valid_copy(key)
+            if existing is not None:
+                return existing  # a valid checkpoint is never rewritten
+            self.store.delete_prefix(key)  # a damaged copy is no checkpoint: replace it
         if move and isinstance(self.store, LocalStore):
             for name, path in files.items():
                 self.store.adopt(f"{key}/{name}", path)
         else:
             self._upload(key, files)
         self.publish(key, manifest)
+        return manifest
+
+    def valid_copy(self, key: str) -> Optional[Manifest]:
+        """The manifest of ``key`` if its files verify against it, else None (logged)."""
+        with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+            try:
+                return fetch_verified(self.store, key, scratch)[0]
+            except (InvalidCheckpoint, OSError) as why:
+                logger.warning("The %s tier's copy of %s is damaged (%s); replacing it", self.name, key, why)
+                return None
 
     def put(self, key: str, files: Dict[str, str]) -> None:
         if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
@@ -83,10 +112,26 @@ class StoreTier:
             self.store.put_file(f"{key}/{name}", path)
 
     def publish(self, key: str, manifest: Manifest) -> None:
-        self.store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True)
-        for step in steps_to_delete(self.steps(self.run_name), self.keep_latest_k, self.milestone_every):
+        if not self.store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True):
+            raise CommitConflict(f"{self.store.uri}/{key} was committed by another writer meanwhile")
+        self.apply_retention()
+
+    def apply_retention(self) -> None:
+        committed, partial = self.committed_and_partial()
+        for step in steps_to_delete(committed, partial, self.keep_latest_k, self.milestone_every):
             if step not in self.pinned:
                 self.store.delete_prefix(checkpoint_key(self.run_name, step))
+
+    def committed_and_partial(self) -> Tuple[List[int], List[int]]:
+        """This run's step directories (newest first) with a readable manifest, and without one."""
+        committed, partial = [], []
+        for step in listed_steps(self.store, self.run_name):
+            try:
+                read_manifest(self.store, checkpoint_key(self.run_name, step))
+                committed.append(step)
+            except InvalidCheckpoint:
+                partial.append(step)
+        return committed, partial
 
     def steps(self, run_name: str) -> List[int]:
         return listed_steps(self.store, run_name)
@@ -110,9 +155,11 @@ class HeadTier:
         self._clock = clock
         self._sleep = sleep
 
-    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> None:
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> Manifest:
+        import ray
+
         self.put(key, files)
-        self.publish(key, manifest)
+        return Manifest.from_json(ray.get(self.actor.commit.remote(key, manifest.to_json())))
 
     def put(self, key: str, files: Dict[str, str]) -> None:
         import ray
