@@ -103,8 +103,9 @@ class AlertConfig:
             loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
             if not (parsed.scheme == "https" or (parsed.scheme == "http" and loopback)) or not parsed.hostname:
                 # The URL itself is not echoed: it is a secret.
-                raise ValueError(f"alerts.webhook_url must be an https:// URL (http:// only to 127.0.0.1), "
-                                 f"not a {parsed.scheme or 'scheme-less'} one")
+                raise ValueError(f"alerts.webhook_url: a {parsed.scheme or 'scheme-less'} URL is not allowed. Fix: "
+                                 "give an https:// URL (http:// only to 127.0.0.1), e.g. "
+                                 "alerts.webhook_url='${oc.env:ALERT_WEBHOOK}'")
 
 
 @dataclass(frozen=True)

@@ -524,6 +524,8 @@ def load_config(cfg: DictConfig) -> Config:
         config = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:
         raise ConfigError(f"{error.full_key}: no value given. Fix: set {error.full_key}=...") from None
+    except ValueError as error:  # a section validated outside this module (alerts, monitoring)
+        raise ConfigError(str(error)) from None
     except OmegaConfBaseException as error:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None

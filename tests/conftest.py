@@ -46,3 +46,36 @@ RAY_INTERNAL = re.compile(r"\(\w+ pid=\d+(, ip=[\d.]+)?\)|\b\w+\.cc:\d+|RAY_DEDU
 
 def ray_internal_lines(output: str) -> list:
     return [line for line in output.splitlines() if RAY_INTERNAL.search(line)]
+
+
+def processes_of(ray_tmp: str) -> list:
+    """Processes still running with this run's RAY_TMPDIR: the driver's cluster, its watchers, anything it started."""
+    import psutil
+
+    left = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.environ().get("RAY_TMPDIR") == ray_tmp or ray_tmp in " ".join(process.info["cmdline"] or []):
+                left.append(f"{process.pid}: {' '.join(process.info['cmdline'] or [])[:120]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return left
+
+
+def assert_clean_audit(run_name: str, storage_uri: str, head_dir: str, local_dir: str, last_step: int,
+                       ray_tmp: str | None = None) -> None:
+    """The chaos suite's closing check: every committed checkpoint on every tier verifies, the
+    newest valid one is at least the last reported step, and no process of the run is left."""
+    from raytrain_spot.verify import INVALID, VALID, audit, format_findings
+
+    findings = audit(run_name, storage_uri, head_dir, local_dir)
+    assert not [f for f in findings if f.status == INVALID], format_findings(findings)
+    newest = max((f.step for f in findings if f.status == VALID), default=None)
+    assert newest is not None and newest >= last_step, f"newest valid checkpoint {newest} < {last_step}"
+    if ray_tmp is not None:
+        import time
+
+        deadline = time.time() + 15  # a driver's cluster takes a moment to go after it exits
+        while (left := processes_of(ray_tmp)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert left == [], f"processes left behind: {left}"

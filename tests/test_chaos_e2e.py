@@ -15,9 +15,9 @@ from typing import Dict, List, Set
 import pytest
 
 from raytrain_spot.events import read_events
-from tests.conftest import ray_internal_lines, run_main
+from tests.conftest import assert_clean_audit, ray_internal_lines, run_main
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
 
 STEPS = 150
 GLOBAL_BATCH = 24
@@ -49,16 +49,21 @@ class Run:
         return sum(last[s] for s in range(STEPS - 9, STEPS + 1)) / 10
 
 
+def main_overrides(tmp_path, name: str) -> List[str]:
+    return ["+experiment=vlm", f"run.name={name}", f"trainer.max_steps={STEPS}",
+            f"trainer.global_batch_size={GLOBAL_BATCH}", "trainer.micro_batch_size=8", "run.log_sample_ids=true",
+            "trainer.log_every_steps=30", f"checkpoint.local_dir={tmp_path}/node-local",
+            f"checkpoint.head_dir={tmp_path}/head"]
+
+
 def train(tmp_path, name: str, *overrides: str) -> Run:
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
-    result = run_main(
-        "+experiment=vlm", f"run.name={name}", f"trainer.max_steps={STEPS}",
-        f"trainer.global_batch_size={GLOBAL_BATCH}", "trainer.micro_batch_size=8", "run.log_sample_ids=true",
-        "trainer.log_every_steps=30", f"checkpoint.local_dir={tmp_path}/node-local",
-        f"checkpoint.head_dir={tmp_path}/head", *overrides,
-        cwd=str(tmp_path), env={"RAY_TMPDIR": ray_tmp}, timeout=900)
+    result = run_main(*main_overrides(tmp_path, name), *overrides,
+                      cwd=str(tmp_path), env={"RAY_TMPDIR": ray_tmp}, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert ray_internal_lines(result.stdout + result.stderr) == [], "Ray's own log lines reached the console"
+    assert_clean_audit(name, f"file://{tmp_path}/outputs/storage", f"{tmp_path}/head", f"{tmp_path}/node-local",
+                       STEPS, ray_tmp)
     run_dir = tmp_path / "outputs" / name
     run = Run(read_events(str(run_dir / "events.jsonl")), result.stdout, json.loads((run_dir / "ledger.json").read_text()))
     final: Dict[int, Dict[int, List[int]]] = defaultdict(dict)
@@ -155,4 +160,64 @@ def test_preemption_during_a_restart(tmp_path, reference):
     assert handoff["t"] < hard_kill["t"] < restarted["t"], "the second loss must land while the group restarts"
     assert restarted["world_size"] == 1 and restarted["restored_step"] == handoff["step"]
     assert run.steps_redone == 0, "the restart had not trained anything yet: nothing to redo"
+    assert_same_training_as(run, reference)
+
+
+def test_a_notice_during_a_slow_periodic_save_cancels_it_and_the_jit_lands_in_the_notice(tmp_path, reference):
+    # At 1 MB/s the periodic save of step 30 takes ~3 s to reach the head; the notice at step 31
+    # leaves 3 s before the drain deadline. The JIT save must not queue behind the periodic one.
+    run = train(tmp_path, "jit-over-periodic", "checkpoint.interval_steps=30", "checkpoint.max_transfer_mbps=1",
+                "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
+                "chaos.events=[{action:preempt,node:1,at_step:31},{action:restore,after_s:1}]")
+    assert run.steps_redone == 0
+    assert [c["step"] for c in run.of("checkpoint_cancelled")][:1] == [30], "the periodic save gives way"
+    notice = run.of("notice")[0]
+    jit = next(c for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "head")
+    assert jit["t"] - notice["t"] < 3.0, "the JIT checkpoint must commit inside the notice"
+    assert run.of("jit_late") == []
+    assert_same_training_as(run, reference)
+
+
+def test_all_spot_capacity_gone_for_a_while_the_run_waits_then_resumes(tmp_path, reference):
+    run = train(tmp_path, "capacity-gone", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
+                "chaos.events=[{action:preempt,node:0,at_step:20},{action:preempt,node:1,at_step:20},"
+                "{action:preempt,node:2,at_step:20},{action:restore,after_s:20},{action:restore,after_s:1},"
+                "{action:restore,after_s:1}]")
+    assert len(run.of("kill")) == 3 and run.steps_redone == 0
+    gone = max(k["t"] for k in run.of("kill"))
+    back = next(g for g in run.of("group") if g["t"] > gone)
+    assert back["restored_step"] == run.of("handoff")[0]["step"]
+    assert run.ledger["time_s"]["waiting_for_capacity"] > 10, "the wait is counted as waiting for capacity"
+    assert_same_training_as(run, reference)
+
+
+def test_a_sigkilled_driver_leaves_no_process_and_its_run_resumes_by_name(tmp_path, reference):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import processes_of
+
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    command = [sys.executable, "-m", "raytrain_spot.run", *main_overrides(tmp_path, "killed"),
+               "+chaos=events", "chaos.events=[]"]
+    driver = subprocess.Popen(command, cwd=str(tmp_path), env={**os.environ, "RAY_TMPDIR": ray_tmp},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events_path = tmp_path / "outputs" / "killed" / "events.jsonl"
+    deadline = time.time() + 300
+    while not (events_path.exists() and any(e["ev"] == "step" and e["step"] >= 40 for e in read_events(str(events_path)))):
+        assert time.time() < deadline and driver.poll() is None, "the first driver never reached step 40"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30
+    while (left := processes_of(ray_tmp)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert left == [], f"a SIGKILLed driver left processes behind: {left}"
+
+    run = train(tmp_path, "killed")  # the same name: the lease of the dead driver is free at once
+    first_group = next(g for g in run.of("group") if g["t"] > max(e["t"] for e in run.of("start")))
+    assert first_group["restored_step"] is not None and first_group["restored_step"] >= 5
     assert_same_training_as(run, reference)

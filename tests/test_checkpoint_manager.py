@@ -262,3 +262,21 @@ def test_a_newer_checkpoint_on_another_ranks_disk_wins_and_is_shipped(tmp_path):
     assert (rank0["step"], rank0["tier"]) == (20, "peer")
     assert (rank1["step"], rank1["tier"]) == (20, "local")
     assert torch.equal(rank0["weight"], saved[20]) and torch.equal(rank1["weight"], saved[20])
+
+
+def test_ranks_that_loaded_different_copies_of_a_step_all_take_rank_zeros(tmp_path):
+    """Both copies of step 30 verify against their own manifests, yet differ (a tier that kept a
+    copy from another run of the same name): the ranks notice and agree on rank 0's."""
+    import torch.multiprocessing as mp
+
+    durable = StoreTier("durable", LocalStore(f"{tmp_path}/durable"), "r", 3)
+    rank1_disk = StoreTier("local", LocalStore(f"{tmp_path}/local-1"), "r", 3)
+    for value, local, shared in ((30.0, None, [durable]), (31.0, rank1_disk, [])):
+        model, optimizer = _model(value)
+        CheckpointManager("r", {}, local, shared, writes_local=local is not None, events=EventLog(),
+                          scratch_root=f"{tmp_path}/scratch").save(
+            model, optimizer, SaveRequest(Progress(30, 30), 2, "periodic"), writer=bool(shared), wait=True)
+    mp.start_processes(_two_rank_restore, args=(str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
+    rank0, rank1 = (torch.load(f"{tmp_path}/rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (rank0["tier"], rank1["tier"]) == ("durable", "peer")
+    assert torch.equal(rank0["weight"], rank1["weight"]) and float(rank0["weight"][0, 0]) == 30.0

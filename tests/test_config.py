@@ -81,3 +81,17 @@ def test_main_command_stops_before_ray_on_a_bad_value(tmp_path):
     assert "trainer.global_batch_size" in result.stderr and "Fix:" in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "outputs" / "storage").exists()
+
+
+@pytest.mark.parametrize("url", ["ftp://hooks.example/T0KEN", "http://hooks.example/T0KEN", "hooks.example/T0KEN"])
+def test_a_webhook_url_must_be_https_and_is_never_echoed(compose, url):
+    with pytest.raises(ConfigError, match="alerts.webhook_url") as error:
+        load_config(compose("+experiment=vlm", f"alerts.webhook_url={url}"))
+    assert "T0KEN" not in str(error.value)
+
+
+def test_secrets_are_redacted_from_what_checkpoints_and_workers_get(compose):
+    cfg = load_config(compose("+experiment=vlm", "alerts.webhook_url=https://hooks.example/T0KEN"))
+    assert cfg.alerts.webhook_url == "https://hooks.example/T0KEN"
+    assert "T0KEN" not in str(cfg.to_dict())
+    assert load_config(compose("+experiment=vlm", "alerts.webhook_url=http://127.0.0.1:9/T0KEN")).alerts.webhook_url

@@ -1,8 +1,11 @@
 """The main command on the embedded local cluster: trains, checkpoints, and resumes by name."""
 
 import json
+import os
 import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
@@ -24,8 +27,13 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
     env = {"RAY_TMPDIR": ray_tmp}
     tiers = [f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
-    first = run_main(*SMALL, *tiers, "trainer.max_steps=20", cwd=str(tmp_path), env=env)
+    secret = "T0KEN-e2e-0a1b2c"  # a webhook URL carries its token: it must never be written anywhere
+    first = run_main(*SMALL, *tiers, "trainer.max_steps=20", f"alerts.webhook_url=http://127.0.0.1:9/hooks/{secret}",
+                     cwd=str(tmp_path), env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert secret not in first.stdout + first.stderr
+    leaked = subprocess.run(["grep", "-rl", secret, str(tmp_path)], capture_output=True, text=True).stdout
+    assert leaked == "", f"the webhook token was written to {leaked}"
     assert "== run finished ==" in first.stdout
     assert "world 2" in first.stdout and "step     20/20" in first.stdout
     assert ray_internal_lines(first.stdout + first.stderr) == [], "Ray's own log lines reached the console"
@@ -37,7 +45,21 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     assert checkpoints == ["step_00000010", "step_00000020"]
     assert _ray_processes_under(ray_tmp) == [], "the embedded cluster left processes behind"
 
-    second = run_main(*SMALL, *tiers, "trainer.max_steps=30", cwd=str(tmp_path), env=env)
+    changed = run_main(*SMALL, *tiers, "trainer.max_steps=30", "model.text_layers=3", cwd=str(tmp_path), env=env,
+                       timeout=120)
+    assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "saved with other settings: model.text_layers: 2 -> 3" in changed.stderr
+
+    command = [sys.executable, "-m", "raytrain_spot.run", *SMALL, *tiers, "trainer.max_steps=30"]
+    with subprocess.Popen(command, cwd=str(tmp_path), env={**os.environ, **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as resumed:
+        while not (run_dir.parent / "storage" / "e2e" / "lease.json").exists() or "renewed_at\": 0" in \
+                (run_dir.parent / "storage" / "e2e" / "lease.json").read_text():
+            time.sleep(0.2)
+        twin = run_main(*SMALL, *tiers, "trainer.max_steps=30", cwd=str(tmp_path), env=env, timeout=120)
+        out, err = resumed.communicate(timeout=600)
+    assert twin.returncode == 2 and "run.name=e2e is in use by another driver" in twin.stderr, twin.stderr[-2000:]
+    second = subprocess.CompletedProcess(command, resumed.returncode, out, err)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "from restored step 20" in second.stdout
     events = read_events(str(run_dir / "events.jsonl"))
