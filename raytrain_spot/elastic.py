@@ -288,6 +288,19 @@ class CapacityWatcher:
                 return
 
 
+def drain_deadline_s(node_ids) -> Optional[float]:
+    """The earliest drain deadline (unix seconds) of these nodes, from the GCS; None if none has one."""
+    import ray
+
+    try:
+        draining = ray._private.state.state.get_draining_nodes()
+    except Exception:  # noqa: BLE001 - without the deadline the handoff goes on; only the lateness check is lost
+        logger.warning("Cannot read drain deadlines", exc_info=True)
+        return None
+    deadlines = [ms for node, ms in draining.items() if node in node_ids and ms]
+    return min(deadlines) / 1000.0 if deadlines else None
+
+
 def local_preemption_notice() -> Optional[Dict[str, List[int]]]:
     """This worker's copy of Ray Train's preemption signal, read without a barrier.
 

@@ -31,6 +31,10 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 ``checkpoint``         a checkpoint committed on a tier (``step``, ``tier``: head|durable, ``kind``:
                        periodic|jit|final, ``stall_s``: training blocked for it, ``duration_s``: from
                        snapshot to commit, ``bytes``)
+``checkpoint_cancelled`` a periodic save gave way to a just-in-time one before it committed
+                       (``step``, ``kind``, ``tier``, ``reason``)
+``jit_late``           a just-in-time checkpoint at a notice committed after the node's drain
+                       deadline (``step``, ``late_by_s``, ``deadline``)
 ``checkpoint_failed``  a save failed; the previous checkpoint stays the latest (``step``, ``kind``,
                        ``error``; ``tier`` when one tier failed; ``retry_in_s`` for the head's
                        durable uploads, which are retried)

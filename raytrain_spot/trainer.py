@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
@@ -36,8 +36,6 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         **ray_storage(context.storage_uri),
         # A lost Spot node is a failure to Ray unless it came with a drain: never give up on those.
         failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
-        # Ray keeps only the pointers; the checkpoints themselves have their own retention.
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k),
         logging_config=LoggingConfig(log_level="WARNING"),
         # Marks the workers' processes so each node can count its idle standbys (standby.py).
         worker_runtime_env={"env_vars": {STANDBY_MARKER: cfg.run.name}} if standby_enabled(trainer_cfg) else None,

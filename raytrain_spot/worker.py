@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -12,18 +11,11 @@ from typing import Any, Dict, List, Optional
 import psutil
 import ray.train
 import torch
-from ray.train import CheckpointUploadMode
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_spot.agreement import RankView, agree
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
-from raytrain_spot.checkpoint.manager import (
-    CheckpointManager,
-    Progress,
-    SaveRequest,
-    read_pointer_step,
-    write_pointer,
-)
+from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.collectives import RankGroup
 from raytrain_spot.config import Config, TrainerConfig, config_from_dict
@@ -35,6 +27,7 @@ from raytrain_spot.elastic import (
     LiveCapacity,
     NodeView,
     WorkerGroupHandoff,
+    drain_deadline_s,
     local_preemption_notice,
     workers_that_fit,
 )
@@ -87,7 +80,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time()))
     node_ids = [node_id for node_id, _ in placements]
     checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
-    restored = checkpoints.restore(model, optimizer, rank, read_pointer_step(ray.train.get_checkpoint()))
+    restored = checkpoints.restore(model, optimizer, rank)
     phases.mark("restore")
     progress = restored.progress if restored else Progress()
     if restored and restored.manifest.reason != "regrow" and restored.manifest.kind != "final":
@@ -158,7 +151,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             checkpoints.save(model, optimizer, SaveRequest(progress, world_size, "periodic"), writer=rank == 0)
         if agreed.committed_step > reported_step:
             reported_step = agreed.committed_step
-            report_pointer(checkpoints, reported_step, rank, writer=0)
+            report_step(reported_step)
         if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, progress.interruptions,
                                                    progress.train_time_s, world_size, progress.step)):
             logger.info("Checkpoint advisor: %s", advice.explain())
@@ -260,8 +253,13 @@ def handoff_on_preemption(checkpoints, model, optimizer, progress: Progress, lea
     if rank == writer:
         events.emit("handoff", reason="preemption", step=progress.step, world_size=world_size,
                     preempted_ranks=leaving, nodes=sorted({node_ids[r] for r in leaving}))
+    deadline_s = drain_deadline_s({node_ids[r] for r in leaving}) if rank == writer else None
     checkpoint_and_report(checkpoints, model, optimizer,
                           SaveRequest(progress, world_size, "jit", reason="preemption"), rank, writer)
+    if deadline_s is not None and (late_by_s := time.time() - deadline_s) > 0:
+        logger.error("The JIT checkpoint of step %d committed %.1f s after the drain deadline", progress.step,
+                     late_by_s)
+        events.emit("jit_late", step=progress.step, late_by_s=late_by_s, deadline=deadline_s)
     raise WorkerGroupHandoff("preemption", progress.step)
 
 
@@ -271,20 +269,11 @@ def checkpoint_and_report(checkpoints: CheckpointManager, model, optimizer, requ
     if checkpoints.last_save_step != request.progress.step:
         checkpoints.save(model, optimizer, request, writer=rank == writer, wait=True)
     checkpoints.wait()
-    report_pointer(checkpoints, request.progress.step, rank, writer, wait=request.kind == "final")
+    report_step(request.progress.step)
 
 
-def report_pointer(checkpoints: CheckpointManager, step: int, rank: int, writer: int, wait: bool = False) -> None:
-    """Every rank joins Ray Train's report; ``writer`` attaches the pointer if the step committed.
-
-    Ray uploads the pointer to ``storage.uri`` in the background unless ``wait``: an outage of
-    the bucket must not stall training (the checkpoint itself is already on the head).
-    """
-    checkpoint = None
-    if rank == writer and checkpoints.committed_step == step:
-        pointer_dir = tempfile.mkdtemp(prefix="raytrain-spot-pointer-")  # Ray deletes it after the upload
-        write_pointer(pointer_dir, checkpoints.run_name, step, [t.name for t in checkpoints.shared])
-        checkpoint = ray.train.Checkpoint.from_directory(pointer_dir)
-    mode = CheckpointUploadMode.SYNC if wait else CheckpointUploadMode.ASYNC
-    ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"pointer_{step:08d}",
-                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+def report_step(step: int) -> None:
+    """Every rank joins Ray Train's report of a committed step: a barrier, so no rank hands off
+    before the checkpoint is in. No checkpoint goes to Ray: its upload into storage.uri would
+    re-raise a long bucket outage into training (docs/checkpoints.md, "Ray Train holds no checkpoint")."""
+    ray.train.report({"step": step})

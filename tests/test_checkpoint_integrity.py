@@ -197,7 +197,7 @@ def test_restore_takes_the_next_tier_whatever_fails_on_one(tmp_path):
     state = head.store.local_path(f"{key}/{STATE_FILE}")
     os.unlink(state)
     os.makedirs(state)
-    restored = manager.restore(torch.nn.Linear(4, 4), torch.optim.AdamW(model.parameters()), rank=0, pointer_step=5)
+    restored = manager.restore(torch.nn.Linear(4, 4), torch.optim.AdamW(model.parameters()), rank=0)
     assert restored is not None and restored.tier == "durable" and restored.progress.step == 5
 
 

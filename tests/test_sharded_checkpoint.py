@@ -98,7 +98,7 @@ def test_restores_on_one_rank_and_trains_on_exactly_like_the_uninterrupted_run(t
     manager = CheckpointManager("r", {}, None, [_durable(f"{two_rank_checkpoints}/durable")], writes_local=False,
                                 events=EventLog(), scratch_root=str(tmp_path))
     model, optimizer = _model()
-    restored = manager.restore(model, optimizer, rank=0, pointer_step=None)
+    restored = manager.restore(model, optimizer, rank=0)
     assert restored.progress.step == 5 and restored.progress.samples_seen == 40 and restored.tier == "durable"
 
     reference, reference_optimizer = _model()
@@ -124,7 +124,7 @@ def test_a_corrupt_share_is_skipped_for_the_previous_checkpoint(two_rank_checkpo
     manager = CheckpointManager("r", {}, None, [durable], writes_local=False, events=EventLog(),
                                 scratch_root=str(tmp_path / "scratch"))
     model, optimizer = _model()
-    restored = manager.restore(model, optimizer, rank=0, pointer_step=None)
+    restored = manager.restore(model, optimizer, rank=0)
     assert restored.progress.step == 3
     assert "step_00000005" in caplog.text and "__1_0.distcp" in caplog.text and "corrupt" in caplog.text
 

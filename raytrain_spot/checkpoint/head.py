@@ -97,6 +97,10 @@ class HeadStore:
             shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
             raise
 
+    def drop_incoming(self, key: str) -> None:
+        """A writer gave up on this transfer (a more urgent save took its place): free what arrived."""
+        shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
+
     def commit(self, key: str, manifest_json: bytes) -> bytes:
         """Verify what arrived against the manifest, publish it, maybe forward it to durable
         storage. Returns the manifest the head now holds for ``key`` (a valid copy already

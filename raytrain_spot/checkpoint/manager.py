@@ -17,7 +17,6 @@ rank that has none receives the state from rank 0.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -50,15 +49,13 @@ from raytrain_spot.checkpoint.sharded import (
     write_shard,
 )
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
-from raytrain_spot.checkpoint.tiers import Tier
+from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
 from raytrain_spot.collectives import RankGroup
 from raytrain_spot.events import EventLog
 
 logger = logging.getLogger(__name__)
 # Where a save is staged when this node's disk is full: memory-backed on Linux.
 MEMORY_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-POINTER_FILE = "pointer.json"
 
 
 @dataclass
@@ -116,6 +113,7 @@ class CheckpointManager:
             os.makedirs(scratch_root, exist_ok=True)
         self._snapshot = HostSnapshot()
         self._thread: Optional[threading.Thread] = None
+        self._transfer = Transfer()  # of the save in flight
         self.deferred: Optional[SaveRequest] = None
         self.committed_step = 0  # newest step this rank committed to a shared tier
         self.last_save_step = -1
@@ -140,7 +138,11 @@ class CheckpointManager:
         if self.busy and not wait and not self.sharded:
             self.deferred = request
             return 0.0
+        urgent = request.kind != "periodic"  # the group is about to restart or end
+        if urgent and self.busy and not self._transfer.urgent and not self.sharded:
+            self._transfer.cancelled.set()  # it gives way between two chunks (sharded saves pair up: they finish)
         self.wait()
+        self._transfer = Transfer(urgent=urgent)
         started = time.perf_counter()
         request = SaveRequest(Progress(**request.progress.__dict__), request.world_size, request.kind, request.reason)
         if self.sharded:
@@ -150,7 +152,7 @@ class CheckpointManager:
             write, args = self._write_share, (share, rest, request)
         else:
             snapshot, _ = self._snapshot.take(training_state(model, optimizer, request.progress))
-            write, args = self._write, (snapshot, request, writer)
+            write, args = self._write, (snapshot, request, writer, self._transfer)
         stall = time.perf_counter() - started
         self.stall_s.append(stall)
         self.deferred = None
@@ -168,7 +170,8 @@ class CheckpointManager:
             self._thread.join()
             self._thread = None
 
-    def _write(self, snapshot: Dict[str, Any], request: SaveRequest, writer: bool, stall: float) -> None:
+    def _write(self, snapshot: Dict[str, Any], request: SaveRequest, writer: bool, transfer: Transfer,
+               stall: float) -> None:
         """Background: publish on every tier this rank writes. A failure leaves the previous
         checkpoint the latest everywhere; training goes on and the next save tries again."""
         step = request.progress.step
@@ -182,7 +185,7 @@ class CheckpointManager:
                                 reason=request.reason, world_size=request.world_size, files={STATE_FILE: entry},
                                 config=self.config, compression=self.compression, created_at=started)
             if writer:
-                self._commit_shared(key, path, manifest, request, stall, started)
+                self._commit_shared(key, path, manifest, request, stall, started, transfer)
             if self.writes_local:
                 try:
                     self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
@@ -213,12 +216,17 @@ class CheckpointManager:
         raise AssertionError("unreachable")
 
     def _commit_shared(self, key: str, path: str, manifest: Manifest, request: SaveRequest, stall: float,
-                       started: float) -> None:
+                       started: float, transfer: Transfer) -> None:
         """Commit on the shared tiers, fastest first: the head forwards to durable storage itself,
         so the first tier that commits is enough; a tier that fails hands on to the next."""
         for tier in self.shared:
             try:
-                committed = tier.commit(key, {STATE_FILE: path}, manifest)
+                committed = tier.commit(key, {STATE_FILE: path}, manifest, transfer=transfer)
+            except SaveCancelled:
+                logger.info("Checkpoint step %d gave way to a just-in-time save", request.progress.step)
+                self.events.emit("checkpoint_cancelled", step=request.progress.step, kind=request.kind,
+                                 tier=tier.name, reason="a just-in-time save took its place")
+                return
             except Exception as error:
                 self._report_failure(request, f"{type(error).__name__}: {error}", tier=tier.name)
                 continue
@@ -309,7 +317,7 @@ class CheckpointManager:
                                    type(why).__name__, why)
         return None
 
-    def restore(self, model, optimizer, rank: int, pointer_step: Optional[int]) -> Optional[Restored]:
+    def restore(self, model, optimizer, rank: int) -> Optional[Restored]:
         """Collective: every rank ends with the same state (or none, on a first start).
 
         Candidates are every step any rank can see (the newest checkpoint may exist only on
@@ -337,9 +345,6 @@ class CheckpointManager:
                 self.events.emit("restore_mismatch", step=step, digests=[d[:12] for d in digests])
                 state, manifest = self.group.broadcast_object((state, manifest), src=0)
                 tier = tier if rank == 0 else "peer"
-            if rank == 0 and pointer_step is not None and pointer_step != step:
-                logger.warning("Ray Train's latest checkpoint is step %s; restoring %s, the newest valid one",
-                               pointer_step, step)
             if manifest.sharded:
                 apply_sharded(model, optimizer, state)
             else:
@@ -386,22 +391,3 @@ def _listing(tier: Tier, run_name: str) -> List[int]:
     except Exception as error:  # an unreachable tier is skipped, not fatal: others may have the state
         logger.warning("Cannot list checkpoints on the %s tier: %s", tier.name, error)
         return []
-
-
-def write_pointer(directory: str, run_name: str, step: int, tiers: List[str]) -> None:
-    """The small checkpoint Ray Train keeps: which step, and where its data is."""
-    with open(os.path.join(directory, POINTER_FILE), "w") as f:
-        json.dump({"run": run_name, "step": step, "key": checkpoint_key(run_name, step), "tiers": tiers}, f)
-
-
-def read_pointer_step(checkpoint) -> Optional[int]:
-    """The step of a pointer checkpoint from ``ray.train.get_checkpoint()``, if any."""
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        try:
-            with open(os.path.join(directory, POINTER_FILE)) as f:
-                return int(json.load(f)["step"])
-        except (OSError, ValueError, KeyError):
-            return None
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -35,16 +36,34 @@ class CommitConflict(RuntimeError):
     """Another writer's manifest for the same step landed first; nothing of ours replaced it."""
 
 
+class SaveCancelled(Exception):
+    """A more urgent save (just-in-time, at a notice) took this one's place; nothing was committed."""
+
+
+class Transfer:
+    """How a save travels: ``urgent`` ones (just-in-time, final) ignore the transfer cap; a set
+    ``cancelled`` stops one between two chunks."""
+
+    def __init__(self, urgent: bool = False, cancelled: Optional[threading.Event] = None):
+        self.urgent = urgent
+        self.cancelled = cancelled or threading.Event()
+
+
+ORDINARY = Transfer()
+
+
 class Tier(Protocol):
     name: str
 
-    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> Manifest:
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False,
+               transfer: Transfer = ORDINARY) -> Manifest:
         """Store the files, then the manifest; then apply retention. Return the manifest the
         tier now holds for ``key``: ``manifest``, or the one of a valid copy already there
         (a valid checkpoint is never rewritten; a damaged one is replaced). ``move``: the files
-        are scratch copies the tier may take (rename) instead of copying."""
+        are scratch copies the tier may take (rename) instead of copying. Raise SaveCancelled
+        when ``transfer.cancelled`` is set before the manifest is written."""
 
-    def put(self, key: str, files: Dict[str, str]) -> None:
+    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> None:
         """Store data files only: one writer's part of a checkpoint that several write."""
 
     def publish(self, key: str, manifest: Manifest) -> None:
@@ -80,7 +99,9 @@ class StoreTier:
         self.milestone_every = milestone_every
         self.pinned: set[int] = set()  # steps retention must keep for now (being read)
 
-    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> Manifest:
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False,
+               transfer: Transfer = ORDINARY) -> Manifest:
+        # A store upload is neither paced nor cut short: only the manifest waits for the check.
         if self.store.exists(f"{key}/{MANIFEST}"):
             existing = self.valid_copy(key)
             if existing is not None:
@@ -91,6 +112,8 @@ class StoreTier:
                 self.store.adopt(f"{key}/{name}", path)
         else:
             self._upload(key, files)
+        if transfer.cancelled.is_set():
+            raise SaveCancelled(key)
         self.publish(key, manifest)
         return manifest
 
@@ -103,7 +126,7 @@ class StoreTier:
                 logger.warning("The %s tier's copy of %s is damaged (%s); replacing it", self.name, key, why)
                 return None
 
-    def put(self, key: str, files: Dict[str, str]) -> None:
+    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> None:
         if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
             self._upload(key, files)
 
@@ -155,24 +178,30 @@ class HeadTier:
         self._clock = clock
         self._sleep = sleep
 
-    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False) -> Manifest:
+    def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False,
+               transfer: Transfer = ORDINARY) -> Manifest:
         import ray
 
-        self.put(key, files)
+        self.put(key, files, transfer)
         return Manifest.from_json(ray.get(self.actor.commit.remote(key, manifest.to_json())))
 
-    def put(self, key: str, files: Dict[str, str]) -> None:
+    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> None:
         import ray
 
         started, sent = self._clock(), 0
+        paced = self.max_bytes_per_s is not None and not transfer.urgent
         for name, path in files.items():
             with open(path, "rb") as f:
                 offset = 0
-                while chunk := f.read(self._chunk_bytes()):
+                while chunk := f.read(self._chunk_bytes() if paced else CHUNK_BYTES):
+                    if transfer.cancelled.is_set():
+                        ray.get(self.actor.drop_incoming.remote(key))
+                        raise SaveCancelled(key)
                     ray.get(self.actor.write_chunk.remote(key, name, offset, chunk))
                     offset += len(chunk)
                     sent += len(chunk)
-                    self._pace(started, sent)
+                    if paced:
+                        self._pace(started, sent)
 
     def publish(self, key: str, manifest: Manifest) -> None:
         import ray
@@ -186,10 +215,9 @@ class HeadTier:
 
     def _pace(self, started: float, sent: int) -> None:
         """Keep the transfer under the rate limit, so checkpoints never starve training's network."""
-        if self.max_bytes_per_s is not None:
-            ahead = sent / self.max_bytes_per_s - (self._clock() - started)
-            if ahead > 0:
-                self._sleep(ahead)
+        ahead = sent / self.max_bytes_per_s - (self._clock() - started)
+        if ahead > 0:
+            self._sleep(ahead)
 
     def steps(self, run_name: str) -> List[int]:
         import ray
