@@ -42,7 +42,7 @@ import torch.distributed as dist  # noqa: E402
 from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest, write_state  # noqa: E402
 from raytrain_spot.checkpoint.head import start_head_store  # noqa: E402
 from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest, training_state  # noqa: E402
-from raytrain_spot.checkpoint.snapshot import HostSnapshot  # noqa: E402
+from raytrain_spot.checkpoint.snapshot import HostSnapshot, tensors_in  # noqa: E402
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier  # noqa: E402
 from raytrain_spot.config import ModelConfig  # noqa: E402
 from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens  # noqa: E402
@@ -82,10 +82,10 @@ def seconds(fn, repeats: int) -> List[float]:
 def measure(name: str, model, optimizer, bucket_uri: str, head, workdir: str, repeats: int) -> Dict[str, float]:
     progress = Progress(step=1, samples_seen=1)
     state = training_state(model, optimizer, progress)
-    nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors_in(state))
 
-    buffers = [torch.empty_like(t) for t in _tensors(state)]
-    copy = lambda: [b.copy_(t) for b, t in zip(buffers, _tensors(state))]  # noqa: E731
+    buffers = [torch.empty_like(t) for t in tensors_in(state)]
+    copy = lambda: [b.copy_(t) for b, t in zip(buffers, tensors_in(state))]  # noqa: E731
     copy()  # touch the pages once: the snapshot's buffers are reused too
     memcpy = statistics.median(seconds(copy, repeats))
     del buffers
@@ -193,17 +193,6 @@ def measure_sharded(gb: float, ranks: int, repeats: int, workdir: str) -> Dict[s
             "full_snapshot_s": round(slowest["full_snapshot_s"], 4), "share_stall_s": round(slowest["share_stall_s"], 4),
             "share_vs_full": round(slowest["share_stall_s"] / slowest["full_snapshot_s"], 3),
             "sharded_commit_s": round(slowest["commit_s"], 2)}
-
-
-def _tensors(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from _tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from _tensors(value)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 from raytrain_spot.agreement import RankView, agree  # noqa: E402
 from raytrain_spot.checkpoint.manager import Progress, training_state  # noqa: E402
-from raytrain_spot.checkpoint.snapshot import HostSnapshot  # noqa: E402
+from raytrain_spot.checkpoint.snapshot import HostSnapshot, tensors_in  # noqa: E402
 from raytrain_spot.collectives import RankGroup  # noqa: E402
 from raytrain_spot.config import ModelConfig, OptimConfig  # noqa: E402
 from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, generate_sample, max_caption_tokens, tokenize  # noqa: E402
@@ -137,7 +137,7 @@ def main() -> int:
     extra_elements = int(args.state_gb * 1e9 / 4)
     if extra_elements:
         state["extra"] = torch.randn(extra_elements, device=device)
-    state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors_in(state))
     snapshot = HostSnapshot()
     snapshot.take(state)  # allocates the (pinned) host buffers, once per run as in training
     _, snapshot_s = snapshot.take(state)
@@ -159,17 +159,6 @@ def main() -> int:
     dist.destroy_process_group()
     print(json.dumps(figures))
     return 0
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
 
 
 if __name__ == "__main__":

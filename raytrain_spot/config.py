@@ -58,8 +58,9 @@ class RunSection:
     A second driver with the same name stops at start; a dead driver's lease is free after this
     long, at once when it died on the same machine."""
     show_ray_logs: bool = False
-    """Also print Ray's own log lines on the console (workers' and the Train controller's output,
-    Ray Train's reports). They are always in Ray's session logs, which the run's first line names."""
+    """Also print Ray's own lines on the console (workers' and the Train controller's output, Ray
+    Train's reports, errors relayed from the GCS, C++ log lines). Off, they go to the run's
+    ``run.log`` and Ray's session logs, which the run's first line names."""
 
     def __post_init__(self):
         _require(

@@ -84,6 +84,8 @@ def summarize(events_path: str, since: float, storage: str) -> Dict[str, Any]:
         "world_sizes": world_sizes,
         "checkpoints_written": len({e["step"] for e in checkpoints}),
         "latest_checkpoint_step": checkpoints[-1]["step"] if checkpoints else None,
+        "durable_checkpoint_step": max((e["step"] for e in checkpoints if e["tier"] == "durable"), default=None),
+        "failed_saves": sum(1 for e in events if e["ev"] == "checkpoint_failed"),
         "checkpoints_at": storage,
         "events": events_path,
     }
@@ -96,7 +98,8 @@ def format_summary(summary: Dict[str, Any], status: str) -> str:
     lines = [f"== run {status} =="]
     labels = {"steps": "steps", "samples": "samples", "wall_time_s": "wall time (s)", "first_loss": "first loss",
               "final_loss": "final loss", "world_sizes": "world sizes", "checkpoints_written": "checkpoints written",
-              "latest_checkpoint_step": "latest checkpoint", "checkpoints_at": "checkpoints at", "events": "event log"}
+              "latest_checkpoint_step": "latest checkpoint", "durable_checkpoint_step": "in durable storage",
+              "failed_saves": "failed saves", "checkpoints_at": "checkpoints at", "events": "event log"}
     width = max(len(label) for label in labels.values())
     lines += [f"{label:<{width}}  {fmt(summary[key])}" for key, label in labels.items()]
     return "\n".join(lines)

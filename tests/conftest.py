@@ -63,13 +63,17 @@ def processes_of(ray_tmp: str) -> list:
 
 
 def assert_clean_audit(run_name: str, storage_uri: str, head_dir: str, local_dir: str, last_step: int,
-                       ray_tmp: str | None = None) -> None:
+                       ray_tmp: str | None = None, damaged: tuple = ()) -> None:
     """The chaos suite's closing check: every committed checkpoint on every tier verifies, the
-    newest valid one is at least the last reported step, and no process of the run is left."""
+    newest valid one is at least the last reported step, and no process of the run is left.
+
+    ``damaged``: (tier, step) copies the scenario itself damaged; the audit must report exactly
+    those as invalid (and a restore must have skipped them)."""
     from raytrain_spot.verify import INVALID, VALID, audit, format_findings
 
     findings = audit(run_name, storage_uri, head_dir, local_dir)
-    assert not [f for f in findings if f.status == INVALID], format_findings(findings)
+    invalid = {(f.tier, f.step) for f in findings if f.status == INVALID}
+    assert invalid == set(damaged), format_findings(findings)
     newest = max((f.step for f in findings if f.status == VALID), default=None)
     assert newest is not None and newest >= last_step, f"newest valid checkpoint {newest} < {last_step}"
     if ray_tmp is not None:
@@ -79,3 +83,26 @@ def assert_clean_audit(run_name: str, storage_uri: str, head_dir: str, local_dir
         while (left := processes_of(ray_tmp)) and time.time() < deadline:
             time.sleep(0.5)
         assert left == [], f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def single_rank_group(tmp_path_factory):
+    """A one-rank gloo process group for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Recorder:
+    """An event log that keeps what is emitted, for tests without an event-log actor."""
+
+    def __init__(self):
+        self.records = []
+
+    def emit(self, ev, **fields):
+        self.records.append({"ev": ev, **fields})
+
+    def flush(self):
+        pass

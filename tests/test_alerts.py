@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from raytrain_spot.alerts import (HIGH_PREEMPTION_RATE, LOW_GOODPUT, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
+from raytrain_spot.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
                                   AlertPolicy, AlertRule, AlertRunner, Observation)
 from raytrain_spot.events import EventWriter, read_events
 from raytrain_spot.pricing import PriceCatalog
@@ -158,6 +158,27 @@ def test_low_goodput_notifies_by_log_event_and_webhook(tmp_path, webhook, caplog
     assert payload["alert"] == LOW_GOODPUT and "0.333 below 0.7" in payload["text"]
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "low_goodput" in lines[0] and "value=0.333" in lines[0]
+
+
+def test_a_failed_durable_upload_is_told_at_once_and_a_dead_webhook_never_leaks_its_token(tmp_path, webhook):
+    writer, emit = event_log(tmp_path)
+    runner = AlertRunner(AlertConfig(webhook_url=webhook.url), PriceCatalog.load(), emit, clock=Clock(100.0),
+                         request_capacity=lambda bundles: None)
+    runner.write({"ev": "checkpoint_failed", "t": 99.0, "step": 40, "kind": "periodic", "tier": "durable",
+                  "error": "RetryError: deadline exceeded", "retry_in_s": 2.0})
+    runner.write({"ev": "checkpoint_failed", "t": 99.5, "step": 41, "kind": "periodic", "tier": "local",
+                  "error": "OSError: no space"})  # the node's own copy: not worth a page
+    assert [p["alert"] for _, p in webhook.received] == [DURABLE_UPLOAD_FAILED]
+    assert "step 40 did not reach durable storage" in webhook.received[0][1]["text"]
+
+    dead = "http://127.0.0.1:1/hooks/T0KEN-dead"
+    runner = AlertRunner(AlertConfig(webhook_url=dead), PriceCatalog.load(), emit, clock=Clock(100.0),
+                         request_capacity=lambda bundles: None)
+    runner.write({"ev": "checkpoint_failed", "t": 99.0, "step": 42, "kind": "final", "tier": "durable",
+                  "error": "RetryError", "retry_in_s": 4.0})
+    writer.flush()
+    alerts = [r for r in read_events(str(tmp_path / "events.jsonl")) if r["ev"] == "alert"]
+    assert len(alerts) == 2 and "webhook_error" in alerts[1] and "T0KEN" not in json.dumps(alerts[1])
 
 
 def test_high_preemption_rate_asks_for_on_demand_capacity(tmp_path):

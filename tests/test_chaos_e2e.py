@@ -181,8 +181,8 @@ def test_a_notice_during_a_slow_periodic_save_cancels_it_and_the_jit_lands_in_th
 def test_all_spot_capacity_gone_for_a_while_the_run_waits_then_resumes(tmp_path, reference):
     run = train(tmp_path, "capacity-gone", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
                 "chaos.events=[{action:preempt,node:0,at_step:20},{action:preempt,node:1,at_step:20},"
-                "{action:preempt,node:2,at_step:20},{action:restore,after_s:20},{action:restore,after_s:1},"
-                "{action:restore,after_s:1}]")
+                "{action:preempt,node:2,at_step:20},{action:restore,after_s:20},{action:restore,after_s:20},"
+                "{action:restore,after_s:20}]")
     assert len(run.of("kill")) == 3 and run.steps_redone == 0
     gone = max(k["t"] for k in run.of("kill"))
     back = next(g for g in run.of("group") if g["t"] > gone)

@@ -1,7 +1,8 @@
 """A committed checkpoint is never lost and a damaged one never loaded, under adversarial storage states.
 
-Each test reproduces one way it failed before (issue: checkpoint integrity), against the real
-tiers on local disk; the sharded metadata exploit is in test_sharded_checkpoint.py.
+Each scenario reproduces one way it failed before, against the real tiers on local disk laid
+out where ``verify`` finds them, and ends with the audit (tests/conftest.py). The sharded
+metadata exploit is in test_sharded_checkpoint.py.
 """
 
 import json
@@ -12,32 +13,42 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, file_entry, write_state
 from raytrain_spot.checkpoint.head import HeadStore, UploadQueue
 from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest
 from raytrain_spot.checkpoint.tiers import CommitConflict, StoreTier
-from raytrain_spot.events import EventLog
+from raytrain_spot.config import CheckpointConfig
 from raytrain_spot.storage import LocalStore
+from tests.conftest import Recorder, assert_clean_audit
 
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("single_rank_group")]
 RUN = "r"
+NODE = "ab" * 28  # a Ray node id
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_rank_group(tmp_path_factory):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+class Layout:
+    """One run's tiers where a real run (and ``verify``) keeps them: storage.uri, the head's
+    directory and one node's directory."""
+
+    def __init__(self, tmp_path, local_dir=None, head_dir=None):
+        self.storage = f"file://{tmp_path}/storage"
+        self.head_dir, self.local_dir = str(head_dir or tmp_path / "head"), str(local_dir or tmp_path / "local")
+        paths = CheckpointConfig(head_dir=self.head_dir, local_dir=self.local_dir)
+        self.roots = {"durable": f"{tmp_path}/storage", "head": paths.head_root(self.storage),
+                      "local": paths.local_root(self.storage, NODE)}
+
+    def tier(self, name: str, keep: int = 3, milestone_every: int = 0) -> StoreTier:
+        return StoreTier(name, LocalStore(self.roots[name]), RUN, keep, milestone_every)
+
+    def head_store(self, keep: int = 3, milestone_every: int = 0, durable_uri=None, events=None) -> HeadStore:
+        return HeadStore(self.roots["head"], RUN, durable_uri or self.storage, keep_latest_k=keep,
+                         milestone_every=milestone_every, durable_interval_s=0.0, events=events or Recorder())
+
+    def audit(self, last_step: int, damaged=()) -> None:
+        assert_clean_audit(RUN, self.storage, self.head_dir, self.local_dir, last_step, damaged=damaged)
 
 
-class Recorder(EventLog):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
 
 
 def _state(value: float):
@@ -72,7 +83,8 @@ def _valid_steps(tier: StoreTier):
 
 # -- retention counts commits only ------------------------------------------------------------
 def test_retention_keeps_the_newest_commits_whatever_half_written_directories_are_newer(tmp_path):
-    tier = StoreTier("durable", LocalStore(str(tmp_path / "durable")), RUN, keep_latest_k=2)
+    layout = Layout(tmp_path)
+    tier = layout.tier("durable", keep=2)
     _commit(tier, tmp_path, 600)
     _half_written(tier.store, 620)
     _half_written(tier.store, 640)
@@ -82,11 +94,13 @@ def test_retention_keeps_the_newest_commits_whatever_half_written_directories_ar
     _commit(tier, tmp_path, 615)
     committed, partial = tier.committed_and_partial()
     assert committed == [615, 610] and partial == [640, 620], "a stale partial (605) goes; newer ones may be in flight"
+    layout.audit(last_step=615)
 
 
 # -- a step committed again -----------------------------------------------------------------
 def test_committing_a_step_again_keeps_a_valid_copy_and_replaces_a_damaged_one(tmp_path):
-    tier = StoreTier("head", LocalStore(str(tmp_path / "head")), RUN, keep_latest_k=3)
+    layout = Layout(tmp_path)
+    tier = layout.tier("head")
     first = _commit(tier, tmp_path, 10, value=1.0)
     again = _commit(tier, tmp_path, 10, value=2.0)
     assert again.to_json() == first.to_json(), "a valid checkpoint is never rewritten"
@@ -98,11 +112,12 @@ def test_committing_a_step_again_keeps_a_valid_copy_and_replaces_a_damaged_one(t
     assert replaced.created_at != first.created_at
     manifest, paths = tier.fetch(checkpoint_key(RUN, 10), str(tmp_path))
     assert torch.load(paths[STATE_FILE], weights_only=True)["model"]["w"][0] == 3.0
+    layout.audit(last_step=10)
 
 
 def test_the_head_forwards_the_copy_it_holds_not_the_new_manifest(tmp_path):
-    head = HeadStore(str(tmp_path / "head"), RUN, "file://" + str(tmp_path / "durable"), keep_latest_k=3,
-                     milestone_every=0, durable_interval_s=0.0, events=Recorder())
+    layout = Layout(tmp_path)
+    head = layout.head_store()
     for value in (1.0, 2.0):  # the same step sent twice, with other bytes the second time
         files, manifest = _files(tmp_path, 10, value)
         key = checkpoint_key(RUN, 10)
@@ -112,18 +127,20 @@ def test_the_head_forwards_the_copy_it_holds_not_the_new_manifest(tmp_path):
             first = held
     assert held.to_json() == first.to_json()
     assert head.wait_for_uploads(timeout_s=30) == 10
-    durable = StoreTier("durable", LocalStore(str(tmp_path / "durable")), RUN, keep_latest_k=3)
-    manifest, paths = durable.fetch(checkpoint_key(RUN, 10), str(tmp_path))  # verifies bytes against manifest
+    manifest, paths = layout.tier("durable").fetch(checkpoint_key(RUN, 10), str(tmp_path))  # verifies the bytes
     assert manifest.to_json() == first.to_json()
+    layout.audit(last_step=10)
 
 
 def test_a_lost_race_for_the_manifest_is_a_conflict_and_touches_nothing(tmp_path):
-    tier = StoreTier("durable", LocalStore(str(tmp_path / "durable")), RUN, keep_latest_k=3)
+    layout = Layout(tmp_path)
+    tier = layout.tier("durable")
     winner = _commit(tier, tmp_path, 20, value=1.0)
     files, loser = _files(tmp_path, 20, value=2.0)
     with pytest.raises(CommitConflict, match="another writer"):
         tier.publish(checkpoint_key(RUN, 20), loser)
     assert tier.valid_copy(checkpoint_key(RUN, 20)).to_json() == winner.to_json()
+    layout.audit(last_step=20)
 
 
 # -- milestones and failed uploads reach durable storage --------------------------------------
@@ -145,24 +162,25 @@ def test_the_upload_queue_coalesces_ordinary_checkpoints_but_never_a_milestone_o
 
 
 def test_a_milestone_followed_at_once_by_newer_checkpoints_still_reaches_durable_storage(tmp_path):
-    head = HeadStore(str(tmp_path / "head"), RUN, "file://" + str(tmp_path / "durable"), keep_latest_k=1,
-                     milestone_every=50, durable_interval_s=0.0, events=Recorder())
+    layout = Layout(tmp_path)
+    head = layout.head_store(keep=2, milestone_every=50)
     for step in (49, 50, 51, 52):
         files, manifest = _files(tmp_path, step)
         key = checkpoint_key(RUN, step)
         head.write_chunk(key, STATE_FILE, 0, open(files[STATE_FILE], "rb").read())
         head.commit(key, manifest.to_json())
     assert head.wait_for_uploads(timeout_s=30) == 52
-    durable = StoreTier("durable", LocalStore(str(tmp_path / "durable")), RUN, keep_latest_k=1, milestone_every=50)
-    assert 50 in _valid_steps(durable)
+    assert 50 in _valid_steps(layout.tier("durable", keep=2, milestone_every=50))
+    layout.audit(last_step=52)
 
 
 def test_a_failed_durable_upload_is_retried_and_reported(tmp_path):
-    blocked = tmp_path / "durable"
-    blocked.write_text("a file where the bucket's directory should be: every upload fails")
+    layout = Layout(tmp_path)
+    blocked = tmp_path / "storage" / RUN
+    blocked.parent.mkdir()
+    blocked.write_text("a file where the run's directory should be: every upload fails")
     events = Recorder()
-    head = HeadStore(str(tmp_path / "head"), RUN, "file://" + str(blocked), keep_latest_k=3,
-                     milestone_every=0, durable_interval_s=0.0, events=events)
+    head = layout.head_store(events=events)
     files, manifest = _files(tmp_path, 7)
     key = checkpoint_key(RUN, 7)
     head.write_chunk(key, STATE_FILE, 0, open(files[STATE_FILE], "rb").read())
@@ -173,13 +191,13 @@ def test_a_failed_durable_upload_is_retried_and_reported(tmp_path):
     blocked.unlink()  # storage comes back
     assert head.wait_for_uploads(timeout_s=30) == 7, "the failed upload is tried again"
     assert head.stats()["failed_uploads"] >= 1
+    layout.audit(last_step=7)
 
 
 # -- restore falls back on anything ----------------------------------------------------------
 def test_restore_takes_the_next_tier_whatever_fails_on_one(tmp_path):
-    local = StoreTier("local", LocalStore(str(tmp_path / "local")), RUN, keep_latest_k=3)
-    head = StoreTier("head", LocalStore(str(tmp_path / "head")), RUN, keep_latest_k=3)
-    durable = StoreTier("durable", LocalStore(str(tmp_path / "durable")), RUN, keep_latest_k=3)
+    layout = Layout(tmp_path)
+    local, head, durable = layout.tier("local"), layout.tier("head"), layout.tier("durable")
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     manager = CheckpointManager(RUN, {}, local, [head, durable], writes_local=True, events=Recorder(),
@@ -199,6 +217,7 @@ def test_restore_takes_the_next_tier_whatever_fails_on_one(tmp_path):
     os.makedirs(state)
     restored = manager.restore(torch.nn.Linear(4, 4), torch.optim.AdamW(model.parameters()), rank=0)
     assert restored is not None and restored.tier == "durable" and restored.progress.step == 5
+    layout.audit(last_step=5, damaged={("local:abababab", 5), ("head", 5)})
 
 
 # -- a full node-local disk costs only the local copy ------------------------------------------
@@ -217,28 +236,33 @@ def full_disk(tmp_path):
 
 
 def test_a_full_node_local_disk_still_commits_the_shared_copies(tmp_path, full_disk):
-    local = StoreTier("local", LocalStore(str(full_disk / "local")), RUN, keep_latest_k=3)
-    durable = StoreTier("durable", LocalStore(str(tmp_path / "durable")), RUN, keep_latest_k=3)
+    layout = Layout(tmp_path, local_dir=full_disk)
+    local, durable = layout.tier("local"), layout.tier("durable")
     events = Recorder()
     manager = CheckpointManager(RUN, {}, local, [durable], writes_local=True, events=events,
-                                scratch_root=str(full_disk / "scratch"))
+                                scratch_root=layout.roots["local"])
     model = torch.nn.Linear(256, 256)  # 257 KB of weights: more than the 64 KB disk holds
     manager.save(model, torch.optim.SGD(model.parameters(), lr=0.1), SaveRequest(Progress(3, 3), 1, "periodic"),
                  writer=True, wait=True)
     assert manager.committed_step == 3 and _valid_steps(durable) == [3]
     failures = [r for r in events.records if r["ev"] == "checkpoint_failed"]
     assert [f.get("tier") for f in failures] == ["local"], failures
+    layout.audit(last_step=3)
 
 
 def test_a_full_head_disk_frees_what_a_transfer_had_written(tmp_path, full_disk):
-    head = HeadStore(str(full_disk / "head"), RUN, "file://" + str(tmp_path / "durable"), keep_latest_k=3,
-                     milestone_every=0, durable_interval_s=0.0, events=Recorder())
+    layout = Layout(tmp_path, head_dir=full_disk)
+    head = layout.head_store()
     key = checkpoint_key(RUN, 9)
     head.write_chunk(key, STATE_FILE, 0, b"x" * 32_000)
     with pytest.raises(OSError):
         head.write_chunk(key, STATE_FILE, 32_000, b"x" * 64_000)
-    assert not os.path.exists(full_disk / "head" / ".incoming" / key)
-    head.write_chunk(key, STATE_FILE, 0, b"y" * 32_000)  # the next transfer has the room again
+    assert not os.path.exists(os.path.join(layout.roots["head"], ".incoming", key))
+    files, manifest = _files(tmp_path, 9)  # the next transfer has the room again, and commits
+    head.write_chunk(key, STATE_FILE, 0, open(files[STATE_FILE], "rb").read())
+    head.commit(key, manifest.to_json())
+    assert head.wait_for_uploads(timeout_s=30) == 9
+    layout.audit(last_step=9)
 
 
 # -- data reaches the disk before the manifest names it ----------------------------------------
@@ -251,7 +275,8 @@ def test_data_and_its_directory_are_synced_before_the_manifest_exists(tmp_path, 
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    tier = StoreTier("head", LocalStore(str(tmp_path / "head")), RUN, keep_latest_k=3)
+    layout = Layout(tmp_path)
+    tier = layout.tier("head")
     files, manifest = _files(tmp_path, 4)
     synced.clear()
     tier.commit(checkpoint_key(RUN, 4), files, manifest, move=True)
@@ -262,6 +287,8 @@ def test_data_and_its_directory_are_synced_before_the_manifest_exists(tmp_path, 
     assert data_synced < directory_synced < manifest_synced
     assert synced[-1] == directory, "the manifest's own entry is synced last"
     assert file_entry(os.path.join(directory, STATE_FILE)) == manifest.files[STATE_FILE]
+    monkeypatch.undo()
+    layout.audit(last_step=4)
 
 
 # -- no simulator process outlives its driver --------------------------------------------------

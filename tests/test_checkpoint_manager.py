@@ -14,22 +14,11 @@ from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRe
 from raytrain_spot.checkpoint.tiers import StoreTier, steps_to_delete
 from raytrain_spot.events import EventLog
 from raytrain_spot.storage import LocalStore
+from tests.conftest import Recorder
+
+pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_rank_group(tmp_path_factory):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-class Recorder(EventLog):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
 
 
 def _model(value=0.0):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from raytrain_spot.events import read_events
-from tests.conftest import ray_internal_lines, run_main
+from tests.conftest import assert_clean_audit, ray_internal_lines, run_main
 
 pytestmark = pytest.mark.cluster
 
@@ -23,6 +23,7 @@ def _ray_processes_under(path: str) -> list[str]:
     return [line for line in listing.splitlines() if path in line]
 
 
+@pytest.mark.chaos
 def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
     env = {"RAY_TMPDIR": ray_tmp}
@@ -72,6 +73,8 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     first_run_positions = [e["samples"] for e in events[:starts[1]] if e["ev"] == "step"]
     resumed_positions = [e["samples"] for e in events[starts[1]:] if e["ev"] == "step"]
     assert resumed_positions[0][0] == first_run_positions[-1][1], "the data cursor must continue where it stopped"
+    assert_clean_audit("e2e", f"file://{tmp_path}/outputs/storage", f"{tmp_path}/head", f"{tmp_path}/node-local", 30,
+                       ray_tmp)
 
 
 def test_sharded_checkpoints_from_two_workers_resume_on_one(tmp_path):

@@ -76,7 +76,9 @@ def test_the_main_command_stops_with_the_error_before_training(shell):
     address = _closed_port()
     started = time.time()
     result = run_main("+experiment=vlm", "cluster=existing", f"cluster.address={address}", cwd=str(shell), timeout=120,
-                      env={"HOME": str(shell / "home"), "RAY_TMPDIR": str(shell / "raytmp")})
+                      env={"HOME": str(shell / "home"), "RAY_TMPDIR": str(shell / "raytmp"),
+                           "GCE_METADATA_HOST": "127.0.0.1:1"})
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "WARNING: GCE_METADATA_HOST is set: preemption notices are read from 127.0.0.1:1" in result.stderr
     assert f"no Ray cluster answers at {address}" in result.stderr and "Traceback" not in result.stderr
     assert time.time() - started < 60

@@ -20,7 +20,7 @@ from raytrain_spot.checkpoint.format import fetch_verified, listed_steps
 from raytrain_spot.events import read_events
 from raytrain_spot.gcs import GcsStore
 from raytrain_spot.testing.fake_gcs import FakeGcsServer
-from tests.conftest import run_main
+from tests.conftest import assert_clean_audit, run_main
 
 pytestmark = pytest.mark.cluster
 
@@ -52,7 +52,8 @@ def _wait_for_step(events_path: str, step: int, timeout_s: float) -> float:
     raise TimeoutError(f"step {step} not reached in {timeout_s} s")
 
 
-def test_bucket_outage_then_resume_from_gcs_alone(tmp_path, gcs):
+@pytest.mark.chaos
+def test_bucket_outage_then_resume_from_gcs_alone(tmp_path, gcs, monkeypatch):
     env = {**os.environ, **gcs.env(), "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")}
     events_path = str(tmp_path / "outputs" / "gcs" / "events.jsonl")
     driver = subprocess.Popen(_command(tmp_path, "trainer.max_steps=400"), cwd=tmp_path, env=env,
@@ -89,6 +90,10 @@ def test_bucket_outage_then_resume_from_gcs_alone(tmp_path, gcs):
     restore = next(e for e in events[restart:] if e["ev"] == "restore")
     assert (restore["step"], restore["tier"]) == (400, "durable")
     assert [e["step"] for e in events[restart:] if e["ev"] == "step"] == list(range(401, 421))
+    for name, value in gcs.env().items():
+        monkeypatch.setenv(name, value)
+    assert_clean_audit("gcs", f"gs://{BUCKET}/runs", f"{tmp_path}/head", f"{tmp_path}/node-local", 420,
+                       env["RAY_TMPDIR"])
 
 
 def test_missing_credentials_fail_before_ray_starts(tmp_path):

@@ -190,6 +190,16 @@ def test_steps_redone_after_a_restore_count_once():
     assert summary["samples"] == 30 * BATCH
 
 
+def test_failed_saves_are_counted_per_tier_and_shown():
+    log = preempted_run()
+    log.emit("checkpoint_failed", step=20, kind="periodic", tier="durable", error="RetryError", retry_in_s=1.0)
+    log.emit("checkpoint_failed", step=21, kind="periodic", tier="durable", error="RetryError", retry_in_s=2.0)
+    log.emit("checkpoint_failed", step=22, kind="periodic", error="OSError")
+    summary = build(log).summary
+    assert summary["checkpoints"]["failed_saves"] == {"all": 1, "durable": 2}
+    assert "failed saves {'all': 1, 'durable': 2}" in format_table(summary)
+
+
 def test_preemptions_are_counted_per_node_with_and_without_notice():
     disruptions = build(preempted_run()).summary["disruptions"]
     assert disruptions == {"preemptions": 2, "with_notice": 1, "without_notice": 1, "on_demand_losses": 0}

@@ -9,7 +9,7 @@ at full bandwidth), so a snapshot allocates nothing once the buffers exist.
 from __future__ import annotations
 
 import time
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import torch
 
@@ -65,3 +65,15 @@ class HostSnapshot:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers)
+
+
+def tensors_in(state: Any) -> Iterator[torch.Tensor]:
+    """Every tensor of a state nest, in the nest's order."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from tensors_in(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from tensors_in(value)

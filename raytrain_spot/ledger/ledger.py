@@ -290,8 +290,10 @@ def _checkpoint_figures(events: Sequence[Dict[str, Any]], wall_s: float, preempt
     mtbi = wall_s / preemptions if preemptions else None
     recommended = daly_interval(mean_stall, mtbi) if mean_stall is not None and mtbi is not None else None
     step_s = productive_s / completed_steps if completed_steps else None
+    failures = [r.get("tier", "all") for r in events if r["ev"] == "checkpoint_failed"]
     return {
         "saves": len(stall_by_step),
+        "failed_saves": {tier: failures.count(tier) for tier in sorted(set(failures))},
         "mean_stall_s": mean_stall,
         "restores": len(restores),
         "mean_restore_s": sum(restores) / len(restores) if restores else None,
@@ -399,7 +401,9 @@ def format_table(summary: Dict[str, Any]) -> str:
     d = summary["disruptions"]
     lines += [f"goodput {_fmt(summary['goodput'], '.1%')} | steps {summary['steps']['completed']} "
               f"({summary['steps']['redone']} redone) | preemptions {d['preemptions']} "
-              f"({d['with_notice']} with notice)",
+              f"({d['with_notice']} with notice)"
+              + (f" | failed saves {summary['checkpoints']['failed_saves']}"
+                 if summary["checkpoints"]["failed_saves"] else ""),
               f"{'node type':<20}{'pricing':<11}{'nodes':>6}{'node-h':>10}{'cost $':>11}{'on-demand $':>13}"]
     for row in summary["node_usage"]:
         lines.append(f"{row['node_type']:<20}{row['pricing']:<11}{row['nodes']:>6}{row['node_hours']:10.3f}"
