@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def preempt(node: int = 0, at_s: Optional[float] = None, at_step: Optional[int] = None,
-            notice_s: Optional[float] = None, rank: Optional[int] = None) -> ChaosEvent:
-    return ChaosEvent(action="preempt", node=node, rank=rank, at_s=at_s, at_step=at_step, notice_s=notice_s)
+            notice_s: Optional[float] = None, rank: Optional[int] = None, metadata_delay_s: float = 0.0) -> ChaosEvent:
+    return ChaosEvent(action="preempt", node=node, rank=rank, at_s=at_s, at_step=at_step, notice_s=notice_s,
+                      metadata_delay_s=metadata_delay_s)
 
 
 def no_notice(node: int = 0, at_s: Optional[float] = None, at_step: Optional[int] = None,
@@ -180,9 +181,11 @@ class SpotSimulator:
     def alive_slots(self) -> List[int]:
         return sorted(self.nodes)
 
-    def _notice(self, slot: int, notice_s: float) -> None:
+    def _notice(self, slot: int, notice_s: float, metadata_delay_s: float = 0.0) -> None:
         self.notices += 1
         self._noticed.add(slot)
+        if metadata_delay_s:
+            self.metadata.stall(metadata_delay_s, node=f"worker-{slot}")
         self.metadata.preempt(f"worker-{slot}")
         self.events.emit("notice", node=self.nodes[slot].node_id, notice_s=notice_s)
         logger.info("Preemption notice to worker-%d (%s); killing it in %.1f s", slot, self.nodes[slot].node_id,
@@ -240,7 +243,7 @@ class SpotSimulator:
                 notice_s = 0.0 if event.no_notice else (event.notice_s if event.notice_s is not None
                                                        else self.cfg.notice_s)
                 if not event.no_notice:
-                    self._notice(slot, notice_s)
+                    self._notice(slot, notice_s, event.metadata_delay_s)
                 self._pending.append(Action(elapsed + notice_s, "kill", slot))
             else:
                 return

@@ -384,6 +384,9 @@ class ChaosEvent:
     """preempt: seconds from the notice (metadata TRUE, drain) to the abrupt kill (unset: chaos.notice_s)."""
     no_notice: bool = False
     """preempt: kill at once, with no notice at all."""
+    metadata_delay_s: float = 0.0
+    """preempt: the node's metadata server answers nothing for this long from the notice on (a slow
+    server at the worst moment); the watcher hears the notice that much late."""
     after_s: float = 20.0
     """restore: seconds after the previous preemption's kill until the replacement node joins."""
 
@@ -393,8 +396,9 @@ class ChaosEvent:
         if self.action == "preempt":
             _require((self.at_s is None) != (self.at_step is None), "chaos.events[].at_s",
                      "a preempt needs exactly one of at_s and at_step", "set at_s (seconds) or at_step (step)")
-        _require((self.notice_s or 0) >= 0 and self.after_s >= 0 and self.node >= 0, "chaos.events[]",
-                 "node, notice_s and after_s must be >= 0", "use non-negative values")
+        _require((self.notice_s or 0) >= 0 and self.after_s >= 0 and self.node >= 0 and self.metadata_delay_s >= 0,
+                 "chaos.events[]", "node, notice_s, after_s and metadata_delay_s must be >= 0",
+                 "use non-negative values")
 
 
 @dataclass

@@ -46,18 +46,16 @@ def main(dict_cfg: DictConfig) -> None:
     scrub_files(os.path.join(run_dir, ".hydra"), secret_values(cfg))  # Hydra wrote the raw values there
     warn_about_redirects()
     started = time.time()
+    lease = None
     try:
         lease = take_lease(cfg, storage_uri)
-    except ConfigError as error:
-        print(f"Configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
-    try:
         status = train(cfg, run_dir, storage_uri, started, lease)
-    except ConfigError as error:  # the cluster to join is not there: nothing ran
+    except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
-        lease.release()
+        if lease is not None:
+            lease.release()
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
@@ -122,7 +120,7 @@ def take_lease(cfg: Config, storage_uri: str):
 
 
 def train(cfg: Config, run_dir: str, storage_uri: str, started: float, lease) -> str:
-    """Run training on the configured cluster; return "finished" or "failed".
+    """Run training on the configured cluster; return "finished", "failed" or NOT_DURABLE.
 
     ``started`` is when this invocation began: progress lines show its records only.
     """

@@ -115,11 +115,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                               autocast_dtype)
 
         # Decisions rank 0 makes alone travel in the same all-reduce as the loss.
-        view = RankView(loss_sum, ranks_with_notice(node_ids, capacity) if cfg.trainer.spot_aware else ())
-        if rank == 0:
-            view = RankView(loss_sum, view.leaving_ranks, grow_to=capacity.grow_to if capacity else 0,
-                            save_due=periodic_save_due(checkpoints, progress.step + 1, cadence.interval_steps),
-                            committed_step=checkpoints.committed_step)
+        leaving = ranks_with_notice(node_ids, capacity) if cfg.trainer.spot_aware else ()
+        view = (RankView(loss_sum, leaving, grow_to=capacity.grow_to if capacity else 0,
+                         save_due=periodic_save_due(checkpoints, progress.step + 1, cadence.interval_steps),
+                         committed_step=checkpoints.committed_step) if rank == 0 else RankView(loss_sum, leaving))
         agreed = agree(view, group)
         first_position = progress.samples_seen
         progress.step += 1

@@ -221,3 +221,15 @@ def test_a_sigkilled_driver_leaves_no_process_and_its_run_resumes_by_name(tmp_pa
     first_group = next(g for g in run.of("group") if g["t"] > max(e["t"] for e in run.of("start")))
     assert first_group["restored_step"] is not None and first_group["restored_step"] >= 5
     assert_same_training_as(run, reference)
+
+
+def test_a_metadata_server_slow_at_the_notice_still_leaves_time_for_the_jit(tmp_path, reference):
+    # The node's metadata server answers nothing for 3 s from the notice on: the watcher hears
+    # it 3 s late, and the JIT checkpoint must still land before the kill 8 s after the notice.
+    run = train(tmp_path, "slow-metadata", "+chaos=events", "chaos.notice_s=8", "chaos.margin_s=1",
+                "chaos.events=[{action:preempt,node:1,at_step:20,metadata_delay_s:3},{action:restore,after_s:1}]")
+    notice, drain, kill = run.of("notice")[0], run.of("drain")[0], run.of("kill")[0]
+    assert drain["t"] - notice["t"] >= 2.5, "the watcher must have heard the notice late"
+    jit = next(c for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "head")
+    assert jit["t"] < kill["t"] and run.steps_redone == 0
+    assert_same_training_as(run, reference)

@@ -7,6 +7,7 @@ uploads resume. Then a new driver with the node-local and head tiers gone resume
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -105,3 +106,38 @@ def test_missing_credentials_fail_before_ray_starts(tmp_path):
     assert "storage.uri" in result.stderr and "gcloud auth application-default login" in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "outputs" / "storage").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_an_outage_longer_than_the_retry_deadline_even_at_the_final_upload(tmp_path, gcs, monkeypatch):
+    """The bucket is down for 150 s, past the storage client's 120 s retry deadline, and still down
+    when the run ends: training goes on on the head without a restart, the run ends with exit
+    status 1 saying the final checkpoint is not in the bucket, and the same command, once the
+    bucket is back, uploads it and succeeds."""
+    env = {**os.environ, **gcs.env(), "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")}
+    command = _command(tmp_path, "trainer.max_steps=3000", "checkpoint.final_upload_wait_s=20")
+    events_path = str(tmp_path / "outputs" / "gcs" / "events.jsonl")
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=open(tmp_path / "run1.log", "w"),
+                              stderr=subprocess.STDOUT)
+    _wait_for_step(events_path, 40, timeout_s=300)
+    gcs.kill()
+    down_at = time.time()
+    assert driver.wait(timeout=900) == 1, (tmp_path / "run1.log").read_text()[-4000:]
+    assert time.time() - down_at > 120, "the outage must outlast the client's retry deadline"
+    log = (tmp_path / "run1.log").read_text()
+    assert "the final checkpoint (step 3000) is not in" in log
+    events = read_events(events_path)
+    assert len([e for e in events if e["ev"] == "group"]) == 1, "the outage must not restart the group"
+    assert [e["step"] for e in events if e["ev"] == "step"][-1] == 3000
+    assert any(e["ev"] == "checkpoint_failed" and e.get("tier") == "durable" for e in events)
+    summary = json.loads((tmp_path / "outputs" / "gcs" / "summary.json").read_text())
+    assert summary["status"].startswith("finished without") and summary["failed_saves"] >= 1
+
+    gcs.restart()
+    second = run_main(*command[3:], cwd=str(tmp_path), env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    for name, value in gcs.env().items():
+        monkeypatch.setenv(name, value)
+    assert_clean_audit("gcs", f"gs://{BUCKET}/runs", f"{tmp_path}/head", f"{tmp_path}/node-local", 3000,
+                       env["RAY_TMPDIR"])
