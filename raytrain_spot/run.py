@@ -29,6 +29,8 @@ from raytrain_spot.redaction import scrub_files, secret_values
 logger = logging.getLogger("raytrain_spot")
 register_configs()
 NOT_DURABLE = "finished without its final durable checkpoint"
+LISTING_DEADLINE_S = 20.0
+"""How long the end-of-run check of durable storage may retry before it says the copy is missing."""
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -111,7 +113,9 @@ def take_lease(cfg: Config, storage_uri: str):
     from raytrain_spot.checkpoint.lease import RunInUse, RunLease
     from raytrain_spot.storage import open_store
 
-    lease = RunLease(open_store(storage_uri), cfg.run.name, cfg.run.lease_ttl_s)
+    # A renewal that waits out a long outage must not outlast the lease itself.
+    lease = RunLease(open_store(storage_uri, retry_deadline_s=cfg.run.lease_ttl_s / 3), cfg.run.name,
+                     cfg.run.lease_ttl_s)
     try:
         lease.acquire()
     except RunInUse as error:
@@ -189,7 +193,8 @@ def newest_durable_step(storage_uri: str, run_name: str):
     from raytrain_spot.storage import open_store
 
     try:
-        committed, _ = StoreTier("durable", open_store(storage_uri), run_name, keep_latest_k=2).committed_and_partial()
+        store = open_store(storage_uri, retry_deadline_s=LISTING_DEADLINE_S)
+        committed, _ = StoreTier("durable", store, run_name, keep_latest_k=2).committed_and_partial()
     except Exception as error:  # noqa: BLE001 - unreachable storage: the copy cannot be confirmed
         logger.warning("Cannot list %s: %s: %s", storage_uri, type(error).__name__, error)
         return None

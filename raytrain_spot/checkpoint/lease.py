@@ -127,9 +127,15 @@ class RunLease:
         return self
 
     def release(self) -> None:
-        """Give the lease up at once (an expired record), unless another driver holds it now."""
+        """Give the lease up at once (an expired record), unless another driver holds it now.
+        Storage that does not answer is not waited for: the lease then runs out by itself."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        if not self.lost.is_set():
+            self._thread.join(timeout=self.ttl_s / 3)
+        if self.lost.is_set():
+            return
+        try:
             self.store.put_if_version(self.key, self._record(0.0), self._version)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("Could not release the lease of run %s (%s: %s); it is free in %.0f s", self.run_name,
+                           type(error).__name__, error, self.ttl_s)
