@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 LOW_GOODPUT = "low_goodput"
 HIGH_PREEMPTION_RATE = "high_preemption_rate"
+NO_CAPACITY = "no_capacity"
 DURABLE_UPLOAD_FAILED = "durable_upload_failed"
 """Not a rule: every failed upload to storage.uri is told at once (the run's safety net is missing)."""
 NOTIFY = "notify"
@@ -49,17 +50,18 @@ class AlertRule:
     """One alert: a metric, a threshold and what to do when it is crossed."""
 
     type: str
-    """``low_goodput`` (fires below the threshold) or ``high_preemption_rate`` (fires above it)."""
+    """``low_goodput`` (fires below the threshold), ``high_preemption_rate`` or ``no_capacity`` (fire above it)."""
     threshold: float
-    """Goodput as a fraction, or preemptions per Spot node-hour."""
+    """Goodput as a fraction, preemptions per Spot node-hour, or seconds without room for
+    trainer.min_workers workers (all Spot capacity gone)."""
     action: str
     """``notify`` or ``switch_to_on_demand``."""
     rearm_margin: float = 0.05
     """How far back past the threshold the metric must come before the alert can fire again."""
 
     def __post_init__(self):
-        if self.type not in (LOW_GOODPUT, HIGH_PREEMPTION_RATE):
-            raise ValueError(f"alert type {self.type!r}: use {LOW_GOODPUT} or {HIGH_PREEMPTION_RATE}")
+        if self.type not in (LOW_GOODPUT, HIGH_PREEMPTION_RATE, NO_CAPACITY):
+            raise ValueError(f"alert type {self.type!r}: use {LOW_GOODPUT}, {HIGH_PREEMPTION_RATE} or {NO_CAPACITY}")
         if self.action not in (NOTIFY, SWITCH_TO_ON_DEMAND):
             raise ValueError(f"alert action {self.action!r}: use {NOTIFY} or {SWITCH_TO_ON_DEMAND}")
         if self.rearm_margin < 0:
@@ -67,8 +69,10 @@ class AlertRule:
 
 
 def seed_rules() -> List[AlertRule]:
-    """The seed guide's alerts: goodput < 0.70 -> notify; preemption rate > 0.40 -> switch to on-demand."""
-    return [AlertRule(LOW_GOODPUT, 0.70, NOTIFY), AlertRule(HIGH_PREEMPTION_RATE, 0.40, SWITCH_TO_ON_DEMAND)]
+    """The seed guide's alerts (goodput < 0.70 -> notify; preemption rate > 0.40 -> switch to
+    on-demand), and a run that has had no room for its minimum workers for 5 minutes -> notify."""
+    return [AlertRule(LOW_GOODPUT, 0.70, NOTIFY), AlertRule(HIGH_PREEMPTION_RATE, 0.40, SWITCH_TO_ON_DEMAND),
+            AlertRule(NO_CAPACITY, 300.0, NOTIFY)]
 
 
 @dataclass
@@ -117,6 +121,8 @@ class Observation:
     goodput: Optional[float]
     preemptions_in_window: int
     spot_node_hours_in_window: float
+    short_of_capacity_s: float = 0.0
+    """How long the alive nodes have been unable to hold trainer.min_workers workers."""
 
     @property
     def preemption_rate(self) -> Optional[float]:
@@ -127,7 +133,8 @@ class Observation:
 
 def observe(totals: RunningTotals, now: float, window_s: float) -> Observation:
     count, node_hours = totals.preemption_rate(now, window_s)
-    return Observation(now, totals.wall_s(now), totals.goodput(now), count, node_hours)
+    return Observation(now, totals.wall_s(now), totals.goodput(now), count, node_hours,
+                       totals.short_of_capacity_s(now))
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,8 @@ class AlertPolicy:
             if observation.goodput is None or observation.wall_s < self.config.min_wall_s:
                 return None, ""
             return observation.goodput, f"over {observation.wall_s:.0f} s of wall time"
+        if rule.type == NO_CAPACITY:
+            return observation.short_of_capacity_s, "seconds the alive nodes could not hold trainer.min_workers"
         if observation.spot_node_hours_in_window < self.config.min_spot_node_hours:
             return None, ""
         return observation.preemption_rate, (f"{observation.preemptions_in_window} preemptions in "

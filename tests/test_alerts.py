@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from raytrain_spot.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
+from raytrain_spot.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
                                   AlertPolicy, AlertRule, AlertRunner, Observation)
 from raytrain_spot.events import EventWriter, read_events
 from raytrain_spot.pricing import PriceCatalog
@@ -179,6 +179,34 @@ def test_a_failed_durable_upload_is_told_at_once_and_a_dead_webhook_never_leaks_
     writer.flush()
     alerts = [r for r in read_events(str(tmp_path / "events.jsonl")) if r["ev"] == "alert"]
     assert len(alerts) == 2 and "webhook_error" in alerts[1] and "T0KEN" not in json.dumps(alerts[1])
+
+
+def test_no_room_for_the_minimum_workers_for_long_asks_for_on_demand_and_rearms_when_capacity_returns(tmp_path):
+    log = RunLog()
+    log.start(min_workers=1)
+    log.add("head", pricing="on_demand", node_type="local-head")
+    for node in ("w1", "w2"):
+        log.add(node)
+    log.spend(60.0, "productive")
+    log.kill("w1", with_notice=True)
+    log.kill("w2", with_notice=True)  # every Spot node gone: the head alone holds no worker
+    writer, emit = event_log(tmp_path)
+    clock = Clock(log.t + 100.0)
+    requests = []
+    runner = AlertRunner(AlertConfig(rules=[AlertRule(NO_CAPACITY, 300.0, SWITCH_TO_ON_DEMAND)]), PriceCatalog.load(),
+                         emit, clock=clock, request_capacity=requests.append)
+    for record in log.records:
+        runner.write(record)
+    assert runner.tick() == [], "100 s without capacity is below the threshold"
+    clock.now += 250.0
+    decisions = runner.tick()
+    assert [(d.rule.type, round(d.value)) for d in decisions] == [(NO_CAPACITY, 350)]
+    assert requests == [[{"GPU": 1.0, "on_demand_fallback": 1.0}]]
+    assert runner.tick() == [], "fires once"
+    log.t = clock.now
+    log.add("w3")
+    runner.write(log.records[-1])
+    assert runner.tick() == [] and runner.policy._armed == [True], "capacity is back: armed again"
 
 
 def test_high_preemption_rate_asks_for_on_demand_capacity(tmp_path):

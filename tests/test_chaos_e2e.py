@@ -180,6 +180,7 @@ def test_a_notice_during_a_slow_periodic_save_cancels_it_and_the_jit_lands_in_th
 
 def test_all_spot_capacity_gone_for_a_while_the_run_waits_then_resumes(tmp_path, reference):
     run = train(tmp_path, "capacity-gone", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
+                "alerts.rules=[{type:no_capacity,threshold:10,action:notify}]",
                 "chaos.events=[{action:preempt,node:0,at_step:20},{action:preempt,node:1,at_step:20},"
                 "{action:preempt,node:2,at_step:20},{action:restore,after_s:20},{action:restore,after_s:20},"
                 "{action:restore,after_s:20}]")
@@ -188,6 +189,8 @@ def test_all_spot_capacity_gone_for_a_while_the_run_waits_then_resumes(tmp_path,
     back = next(g for g in run.of("group") if g["t"] > gone)
     assert back["restored_step"] == run.of("handoff")[0]["step"]
     assert run.ledger["time_s"]["waiting_for_capacity"] > 10, "the wait is counted as waiting for capacity"
+    alert = next(a for a in run.of("alert") if a["alert"] == "no_capacity")
+    assert gone < alert["t"] < back["t"], "the wait is told while it lasts"
     assert_same_training_as(run, reference)
 
 

@@ -84,6 +84,12 @@ class RunningTotals:
     """Speed between the last two consecutive steps of one group; None right after a (re)start."""
     last_step: Optional[Dict[str, Any]] = field(default=None, init=False)
     last_t: Optional[float] = field(default=None, init=False)
+    min_workers: int = field(default=1, init=False)
+    """The run's trainer.min_workers (from its start record)."""
+    short_since: Optional[float] = field(default=None, init=False)
+    """Since when the alive worker nodes cannot hold min_workers workers; None while they can."""
+    head_node_types: Tuple[str, ...] = ("local-head", "head")
+    """Node types that never train (their nodes add no worker capacity)."""
     _latest_step_duration: Dict[int, float] = field(default_factory=dict, init=False)
     _open: Dict[str, NodeSpan] = field(default_factory=dict, init=False)
     _quotes: Dict[Tuple[str, str, float], Optional[Quote]] = field(default_factory=dict, init=False)
@@ -92,6 +98,7 @@ class RunningTotals:
         t, ev = float(record["t"]), record["ev"]
         if ev == "start":
             self._open_session(t)
+            self.min_workers = int(record.get("min_workers", 1))
         elif not self.sessions:
             self._open_session(t)  # a log cut before its start record: begin at its first record
         elif self.sessions[-1][1] is not None:
@@ -107,6 +114,12 @@ class RunningTotals:
             span = self._open.pop(record["node"], None)
             if span is not None:
                 span.end = t
+        if ev in ("add", "kill", "remove"):
+            short = self.worker_capacity() < self.min_workers
+            if short and self.short_since is None:
+                self.short_since = t
+            elif not short:
+                self.short_since = None
         if ev in ("notice", "kill"):
             self._note_disruption(record, t)
         elif ev == "step":
@@ -115,6 +128,15 @@ class RunningTotals:
             self.world_size = int(record["world_size"])
             self.last_step = None  # a new group: its speed is not measured against the old one
         self.last_t = t
+
+    def worker_capacity(self) -> float:
+        """Workers the alive nodes can hold: a GPU node one per GPU, a CPU node one, a head none."""
+        return sum(span.gpus if span.gpus > 0 else float(span.node_type not in self.head_node_types)
+                   for span in self._open.values())
+
+    def short_of_capacity_s(self, now: float) -> float:
+        """How long the alive nodes have been unable to hold min_workers workers (0: they can)."""
+        return 0.0 if self.short_since is None else now - self.short_since
 
     def _open_session(self, t: float) -> None:
         if self.sessions and self.sessions[-1][1] is None:
@@ -128,6 +150,7 @@ class RunningTotals:
             span.end = t
         self._open.clear()
         self.world_size = 0
+        self.short_since = None  # between sessions nothing waits for capacity
 
     def _note_disruption(self, record: Dict[str, Any], t: float) -> None:
         node = record["node"]
