@@ -326,15 +326,16 @@ class GcsStore:
                 return False
             return existing.size == len(data) and existing.crc32c == _crc32c_base64(google_crc32c.value(data))
 
-    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
-        """Write only if the object is still at generation ``version`` (None: only if absent)."""
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> Optional[str]:
+        """Write only if the object is still at generation ``version`` (None: only if absent);
+        return the new generation, or None when the object has moved on."""
+        blob = self._blob(key)
         try:
-            self._blob(key).upload_from_string(data, content_type="application/octet-stream", checksum="crc32c",
-                                               if_generation_match=0 if version is None else int(version),
-                                               **self._call_kwargs())
-            return True
+            blob.upload_from_string(data, content_type="application/octet-stream", checksum="crc32c",
+                                    if_generation_match=0 if version is None else int(version), **self._call_kwargs())
         except api_exceptions.PreconditionFailed:
-            return False
+            return None
+        return str(blob.generation)  # the upload's response set it
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -186,7 +186,7 @@ def ray_logs_dir() -> str:
 def connect(cfg: ClusterConfig, show_ray_logs: bool = False) -> Iterator[Optional[EmbeddedCluster]]:
     """Start (embedded) or join (``cluster.address``) a cluster; yield the embedded one or None.
 
-    Ray's processes' output reaches this console only with ``show_ray_logs``: the run prints
+    Ray's processes' output reaches this process only with ``show_ray_logs``: the run prints
     its own progress and events, and Ray's lines stay in its session logs."""
     if cfg.embedded:
         _force_loopback()

@@ -72,7 +72,8 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 # Variables that send checkpoints or preemption notices to another host than Google's.
-REDIRECTS = {"STORAGE_EMULATOR_HOST": "checkpoints (gs://) go to", "GCE_METADATA_HOST": "preemption notices are read from"}
+REDIRECTS = {"STORAGE_EMULATOR_HOST": "checkpoints (gs://) go to",
+             "GCE_METADATA_HOST": "preemption notices are read from"}
 
 
 def warn_about_redirects() -> None:
@@ -175,11 +176,13 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float, lease) ->
                 ray.get(head_store.wait_for_uploads.remote(cfg.checkpoint.final_upload_wait_s))
             status = "finished" if fit.error is None else "failed"
             error_text = None if fit.error is None else f"{type(fit.error).__name__}: {fit.error}"
-            if fit.error is None and (durable := newest_durable_step(storage_uri, cfg.run.name)) != cfg.trainer.max_steps:
+            durable = newest_durable_step(storage_uri, cfg.run.name) if fit.error is None else None
+            if fit.error is None and durable != cfg.trainer.max_steps:
                 status = NOT_DURABLE
                 error_text = (f"the final checkpoint (step {cfg.trainer.max_steps}) is not in {storage_uri} "
-                              f"(newest there: {durable}); it is on the head. Run the same command again "
-                              "when the storage is back: the head uploads its newest checkpoint first")
+                              f"(newest there: {durable})" + ("; it is on the head. Run the same command again "
+                              "when the storage is back: the head uploads its newest checkpoint first"
+                                                              if head_store is not None else ""))
             if error_text is not None:
                 logger.error("Training %s: %s", status, error_text)
             events.emit("end", status=status, error=error_text)
@@ -189,16 +192,15 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float, lease) ->
 
 def newest_durable_step(storage_uri: str, run_name: str):
     """Newest step committed in durable storage, or None (none, or storage unreachable)."""
-    from raytrain_spot.checkpoint.tiers import StoreTier
+    from raytrain_spot.checkpoint.resume import newest_commit
     from raytrain_spot.storage import open_store
 
     try:
-        store = open_store(storage_uri, retry_deadline_s=LISTING_DEADLINE_S)
-        committed, _ = StoreTier("durable", store, run_name, keep_latest_k=2).committed_and_partial()
+        found = newest_commit([("durable", open_store(storage_uri, retry_deadline_s=LISTING_DEADLINE_S))], run_name)
     except Exception as error:  # noqa: BLE001 - unreachable storage: the copy cannot be confirmed
-        logger.warning("Cannot list %s: %s: %s", storage_uri, type(error).__name__, error)
+        logger.warning("Cannot read %s: %s: %s", storage_uri, type(error).__name__, error)
         return None
-    return committed[0] if committed else None
+    return found[1].step if found else None
 
 
 def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: ProgressPrinter, monitor,

@@ -38,9 +38,10 @@ class Store(Protocol):
     def get_versioned(self, key: str) -> Tuple[bytes, str]:
         """The bytes of ``key`` and its version (opaque). Raise FileNotFoundError if absent."""
 
-    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
-        """Write ``data`` only if ``key`` is still at ``version`` (None: only if absent); else return False.
-        Atomic against every other writer of the store (compare-and-swap)."""
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> Optional[str]:
+        """Write ``data`` only if ``key`` is still at ``version`` (None: only if absent); return the
+        new version, or None when the key has moved on. Atomic against every other writer of the
+        store (compare-and-swap)."""
 
     def list_children(self, prefix: str) -> List[str]:
         """Names of the immediate children (files and 'directories') under ``prefix``."""
@@ -142,14 +143,14 @@ class LocalStore:
             with open(path, "rb") as f:
                 return f.read(), self._version(path)
 
-    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> bool:
+    def put_if_version(self, key: str, data: bytes, version: Optional[str]) -> Optional[str]:
         with self._locked(key) as path:
             current = self._version(path) if os.path.exists(path) else None
             if current != version:
-                return False
+                return None
             os.replace(self._publish(key, lambda f: f.write(data)), path)
             _fsync_directory(os.path.dirname(path))
-            return True
+            return self._version(path)
 
     def list_children(self, prefix: str) -> List[str]:
         path = self._path(prefix)

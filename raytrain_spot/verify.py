@@ -113,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "2 no checkpoint found.")
     parser.add_argument("target", help="a run name (with --storage), or STORAGE_URI/RUN_NAME")
     parser.add_argument("--storage", help="storage.uri of the run (default: the local default, outputs/storage)")
-    parser.add_argument("--head-dir", default=CheckpointConfig.head_dir, help="checkpoint.head_dir (default %(default)s)")
+    parser.add_argument("--head-dir", default=CheckpointConfig.head_dir,
+                        help="checkpoint.head_dir (default %(default)s)")
     parser.add_argument("--local-dir", default=CheckpointConfig.local_dir,
                         help="checkpoint.local_dir (default %(default)s)")
     args = parser.parse_args(argv)

@@ -7,7 +7,12 @@ samples at every step (whatever the world size), and a final loss within toleran
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Set
@@ -15,7 +20,7 @@ from typing import Dict, List, Set
 import pytest
 
 from raytrain_spot.events import read_events
-from tests.conftest import assert_clean_audit, ray_internal_lines, run_main
+from tests.conftest import assert_clean_audit, processes_of, ray_internal_lines, run_main
 
 pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
 
@@ -195,14 +200,6 @@ def test_all_spot_capacity_gone_for_a_while_the_run_waits_then_resumes(tmp_path,
 
 
 def test_a_sigkilled_driver_leaves_no_process_and_its_run_resumes_by_name(tmp_path, reference):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import processes_of
-
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
     command = [sys.executable, "-m", "raytrain_spot.run", *main_overrides(tmp_path, "killed"),
                "+chaos=events", "chaos.events=[]"]

@@ -43,7 +43,8 @@ def export_model(checkpoint: str, out_dir: str, dtype: str) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m raytrain_spot.checkpoint.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m raytrain_spot.checkpoint.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint directory: path or gs:// URI")
     parser.add_argument("out", help="directory to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")

@@ -40,12 +40,14 @@ class UploadQueue:
         self._milestone_every = milestone_every
         self._waiting: List[Manifest] = []
 
-    def _kept(self, manifest: Manifest) -> bool:
+    def always_uploaded(self, manifest: Manifest) -> bool:
+        """The final checkpoint and milestones: never coalesced away, due whatever the interval."""
         return manifest.kind == "final" or bool(self._milestone_every and manifest.step % self._milestone_every == 0)
 
     def offer(self, manifest: Manifest) -> None:
         self._waiting = [m for m in self._waiting
-                         if m.step != manifest.step and (self._kept(m) or m.step > manifest.step)] + [manifest]
+                         if m.step != manifest.step and (self.always_uploaded(m) or m.step > manifest.step)]
+        self._waiting.append(manifest)
         self._waiting.sort(key=lambda m: m.step)
 
     def take(self) -> Optional[Manifest]:
@@ -53,7 +55,7 @@ class UploadQueue:
 
     def retry(self, manifest: Manifest) -> None:
         """Queue a failed upload again, unless a newer checkpoint waiting makes it pointless."""
-        if self._kept(manifest) or not any(m.step > manifest.step for m in self._waiting):
+        if self.always_uploaded(manifest) or not any(m.step > manifest.step for m in self._waiting):
             self.offer(manifest)
 
     def __bool__(self) -> bool:
@@ -94,11 +96,12 @@ class HeadStore:
                 f.seek(offset)
                 f.write(data)
         except OSError:  # a full disk: free what this checkpoint took, so the next one has room
-            shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
+            self.drop_incoming(key)
             raise
 
     def drop_incoming(self, key: str) -> None:
-        """A writer gave up on this transfer (a more urgent save took its place): free what arrived."""
+        """Free what arrived for ``key``: a failed or committed transfer, or one a writer gave up
+        (a more urgent save took its place)."""
         shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
 
     def commit(self, key: str, manifest_json: bytes) -> bytes:
@@ -113,7 +116,7 @@ class HeadStore:
             with self._lock:
                 committed = self.local.commit(key, files, manifest, move=True)
         finally:
-            shutil.rmtree(self._store.local_path(f"{INCOMING}/{key}"), ignore_errors=True)
+            self.drop_incoming(key)
         self._sweep_incoming(committed.step)
         if self._durable_due(committed):
             with self._lock:
@@ -130,8 +133,7 @@ class HeadStore:
                 shutil.rmtree(os.path.join(incoming, name), ignore_errors=True)
 
     def _durable_due(self, manifest: Manifest) -> bool:
-        milestone = self.local.milestone_every and manifest.step % self.local.milestone_every == 0
-        return (manifest.kind == "final" or milestone
+        return (self._pending.always_uploaded(manifest)
                 or time.time() - self._last_durable_at >= self._durable_interval_s)
 
     # -- forwarding to durable storage ----------------------------------------------------

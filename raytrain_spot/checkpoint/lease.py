@@ -88,27 +88,26 @@ class RunLease:
         holder, version = self._current()
         now = self._clock()
         if holder is not None and holder.owner != self.owner and not holder.expired(now) and not holder.dead_here():
+            age = now - holder.renewed_at
             raise RunInUse(
                 f"run.name={self.run_name} is in use by another driver (pid {holder.pid} on {holder.host}, lease "
-                f"renewed {now - holder.renewed_at:.0f} s ago, free {holder.ttl_s - (now - holder.renewed_at):.0f} s "
-                f"after its last renewal): {self.store.uri}/{self.key}. Fix: stop that driver, wait for its lease "
+                f"renewed {age:.0f} s ago, free in {holder.ttl_s - age:.0f} s unless renewed): {self.store.uri}/{self.key}. Fix: stop that driver, wait for its lease "
                 "to run out, or start this run under another run.name")
-        if not self.store.put_if_version(self.key, self._record(now), version):
+        self._version = self.store.put_if_version(self.key, self._record(now), version)
+        if self._version is None:
             raise RunInUse(f"run.name={self.run_name}: another driver took the lease at the same moment "
                            f"({self.store.uri}/{self.key}); start this run under another run.name")
-        _, self._version = self.store.get_versioned(self.key)
 
     def renew(self) -> bool:
         """Extend the lease; False (and ``lost`` set) if another driver holds it now."""
-        if self.store.put_if_version(self.key, self._record(self._clock()), self._version):
-            _, self._version = self.store.get_versioned(self.key)
-            return True
-        holder, _ = self._current()
-        if holder is not None and holder.owner == self.owner:  # our write landed, its answer was lost
-            _, self._version = self.store.get_versioned(self.key)
-            return True
-        self.lost.set()
-        return False
+        renewed = self.store.put_if_version(self.key, self._record(self._clock()), self._version)
+        if renewed is None:
+            holder, renewed = self._current()
+            if holder is None or holder.owner != self.owner:  # else: our write landed, its answer was lost
+                self.lost.set()
+                return False
+        self._version = renewed
+        return True
 
     def start_renewing(self) -> "RunLease":
         def loop() -> None:

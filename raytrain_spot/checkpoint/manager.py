@@ -16,7 +16,6 @@ rank that has none receives the state from rank 0.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -200,20 +199,21 @@ class CheckpointManager:
     def _serialize(self, snapshot: Dict[str, Any], step: int) -> Tuple[str, FileEntry]:
         """Write the state file into a scratch directory on this node's disk; when that disk is
         full, into memory (``/dev/shm``), so a full node-local disk costs only the local copy."""
-        for root in (self.scratch_root, MEMORY_SCRATCH):
-            scratch = None
-            try:
-                scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=root)
-                return scratch, write_state(snapshot, os.path.join(scratch, STATE_FILE), self.compression)
-            # torch.save reports a failed write as a RuntimeError ("file write failed"), not an OSError.
-            except (OSError, RuntimeError) as error:
-                if scratch:
-                    shutil.rmtree(scratch, ignore_errors=True)
-                if root == MEMORY_SCRATCH:
-                    raise
-                logger.warning("Cannot stage checkpoint step %d in %s (%s: %s); staging it in %s", step, root,
-                               type(error).__name__, error, MEMORY_SCRATCH)
-        raise AssertionError("unreachable")
+        try:
+            return self._serialize_into(self.scratch_root, snapshot, step)
+        # torch.save reports a failed write as a RuntimeError ("file write failed"), not an OSError.
+        except (OSError, RuntimeError) as error:
+            logger.warning("Cannot stage checkpoint step %d in %s (%s: %s); staging it in %s", step,
+                           self.scratch_root, type(error).__name__, error, MEMORY_SCRATCH)
+            return self._serialize_into(MEMORY_SCRATCH, snapshot, step)
+
+    def _serialize_into(self, root: Optional[str], snapshot: Dict[str, Any], step: int) -> Tuple[str, FileEntry]:
+        scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=root)
+        try:
+            return scratch, write_state(snapshot, os.path.join(scratch, STATE_FILE), self.compression)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
 
     def _commit_shared(self, key: str, path: str, manifest: Manifest, request: SaveRequest, stall: float,
                        started: float, transfer: Transfer) -> None:
@@ -338,11 +338,12 @@ class CheckpointManager:
                 shipped = self.group.broadcast_object(loaded, src=holders.index(True))
                 loaded = loaded or (shipped[0], shipped[1], "peer")
             state, manifest, tier = loaded
-            digests = self.group.all_gather_object(state_digest(state))
+            # Every loaded copy was verified against its manifest, so equal checksums mean equal content.
+            digests = self.group.all_gather_object(content_digest(manifest))
             if len(set(digests)) > 1:  # copies that all verified, yet differ: take one, loudly
                 logger.error("Ranks loaded different states for step %d (digests %s); every rank takes rank 0's",
-                             step, [d[:12] for d in digests])
-                self.events.emit("restore_mismatch", step=step, digests=[d[:12] for d in digests])
+                             step, digests)
+                self.events.emit("restore_mismatch", step=step, digests=digests)
                 state, manifest = self.group.broadcast_object((state, manifest), src=0)
                 tier = tier if rank == 0 else "peer"
             if manifest.sharded:
@@ -355,29 +356,10 @@ class CheckpointManager:
         return None
 
 
-def state_digest(state: Any) -> str:
-    """SHA-256 of a state nest's structure, values and tensor bytes: equal on every rank that
-    loaded the same checkpoint, whichever tier each read it from."""
-    digest = hashlib.sha256()
-
-    def feed(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                digest.update(f"K{key!r}".encode())
-                feed(value[key])
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"L{len(value)}".encode())
-            for item in value:
-                feed(item)
-        else:
-            digest.update(f"V{value!r}".encode())
-
-    feed(state)
-    return digest.hexdigest()
+def content_digest(manifest: Manifest) -> str:
+    """What a verified copy holds, from its manifest's checksums (no second pass over the state):
+    equal on every rank that loaded the same checkpoint, whichever tier each read it from."""
+    return ",".join(f"{name}:{entry.crc32c}" for name, entry in sorted(manifest.files.items()))
 
 
 def load_checkpoint_state(manifest: Manifest, paths: Dict[str, str]) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from raytrain_spot.checkpoint.format import InvalidCheckpoint, Manifest, checkpoint_key, read_manifest
+from raytrain_spot.checkpoint.format import InvalidCheckpoint, Manifest, checkpoint_key, listed_steps, read_manifest
 from raytrain_spot.storage import Store
 
 STATE_SHAPING = ("model", "data", "run.seed")
@@ -36,8 +36,6 @@ def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
 
 def newest_commit(stores: Iterable[Tuple[str, Store]], run_name: str) -> Optional[Tuple[str, Manifest]]:
     """(tier, manifest) of the newest committed checkpoint over ``stores``; unreadable tiers are skipped."""
-    from raytrain_spot.checkpoint.format import listed_steps
-
     best: Optional[Tuple[str, Manifest]] = None
     for tier, store in stores:
         try:

@@ -63,7 +63,7 @@ class Tier(Protocol):
         are scratch copies the tier may take (rename) instead of copying. Raise SaveCancelled
         when ``transfer.cancelled`` is set before the manifest is written."""
 
-    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> None:
+    def put(self, key: str, files: Dict[str, str]) -> None:
         """Store data files only: one writer's part of a checkpoint that several write."""
 
     def publish(self, key: str, manifest: Manifest) -> None:
@@ -126,7 +126,7 @@ class StoreTier:
                 logger.warning("The %s tier's copy of %s is damaged (%s); replacing it", self.name, key, why)
                 return None
 
-    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> None:
+    def put(self, key: str, files: Dict[str, str]) -> None:
         if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
             self._upload(key, files)
 
@@ -190,10 +190,11 @@ class HeadTier:
 
         started, sent = self._clock(), 0
         paced = self.max_bytes_per_s is not None and not transfer.urgent
+        chunk_bytes = self._paced_chunk_bytes() if paced else CHUNK_BYTES
         for name, path in files.items():
             with open(path, "rb") as f:
                 offset = 0
-                while chunk := f.read(self._chunk_bytes() if paced else CHUNK_BYTES):
+                while chunk := f.read(chunk_bytes):
                     if transfer.cancelled.is_set():
                         ray.get(self.actor.drop_incoming.remote(key))
                         raise SaveCancelled(key)
@@ -208,9 +209,7 @@ class HeadTier:
 
         ray.get(self.actor.commit.remote(key, manifest.to_json()))
 
-    def _chunk_bytes(self) -> int:
-        if self.max_bytes_per_s is None:
-            return CHUNK_BYTES
+    def _paced_chunk_bytes(self) -> int:
         return max(1 << 16, min(CHUNK_BYTES, int(self.max_bytes_per_s / 10)))  # ~10 chunks a second
 
     def _pace(self, started: float, sent: int) -> None:
