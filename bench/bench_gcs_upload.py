@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Callable, List
 
-from raytrain_spot.gcs import GcsStore
+from raytrain_spot.storage.gcs import GcsStore
 from raytrain_spot.testing.fake_gcs import FakeGcsServer
 
 MIB = 1 << 20

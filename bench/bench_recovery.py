@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from raytrain_spot.events import read_events  # noqa: E402
+from raytrain_spot.observe.events import read_events  # noqa: E402
 
 DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
                              "preemption__4-node__aws-08-03-2023__us-west-2c_v100_1.json")

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -36,29 +35,30 @@ from torch.nn.parallel import DistributedDataParallel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raytrain_spot.agreement import RankView, agree  # noqa: E402
-from raytrain_spot.checkpoint.manager import Progress, training_state  # noqa: E402
+from raytrain_spot.train.agreement import RankView, agree  # noqa: E402
+from raytrain_spot.checkpoint.state import LoopState, training_state  # noqa: E402
 from raytrain_spot.checkpoint.snapshot import HostSnapshot, tensors_in  # noqa: E402
-from raytrain_spot.collectives import RankGroup  # noqa: E402
-from raytrain_spot.config import ModelConfig, OptimConfig  # noqa: E402
-from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, generate_sample, max_caption_tokens, tokenize  # noqa: E402
-from raytrain_spot.model import VisionLanguageModel  # noqa: E402
-from raytrain_spot.train import build_optimizer, train_step  # noqa: E402
+from raytrain_spot.train.collectives import RankGroup  # noqa: E402
+from raytrain_spot.config.schema import OptimConfig  # noqa: E402
+from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig  # noqa: E402
+from raytrain_spot.tasks.vlm.shapes import generate_sample, max_caption_tokens, tokenize  # noqa: E402
+from raytrain_spot.tasks.vlm.task import VisionLanguageTask  # noqa: E402
+from raytrain_spot.train.step import build_optimizer, split, train_step  # noqa: E402
+from raytrain_spot.train.task import move_to  # noqa: E402
 
 MAX_SHAPES = 3
 
 
 def model_preset(name: str) -> ModelConfig:
-    with open(os.path.join(ROOT, "conf", "model", f"{name}.yaml")) as f:
+    with open(os.path.join(ROOT, "conf", "task", "model", f"{name}.yaml")) as f:
         return ModelConfig(**yaml.safe_load(f))
 
 
-def shapes_batch(size: int, image_size: int, seed: int = 0):
-    """A batch of the generated shapes data, as the dataset yields it."""
+def shapes_samples(size: int, image_size: int, seed: int = 0):
+    """Samples of the generated shapes data, as the dataset yields them."""
     samples = [generate_sample(seed, i, image_size, MAX_SHAPES) for i in range(size)]
-    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    tokens = torch.from_numpy(np.stack([tokenize(s.caption, max_caption_tokens(MAX_SHAPES)) for s in samples]))
-    return images, tokens
+    return [(torch.from_numpy(s.image).permute(2, 0, 1).float().div_(127.5).sub_(1.0),
+             torch.from_numpy(tokenize(s.caption, max_caption_tokens(MAX_SHAPES)))) for s in samples]
 
 
 def init_one_rank_group(device: torch.device) -> None:
@@ -83,7 +83,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--model", default="small", help="model preset from conf/model/ (default %(default)s)")
+    parser.add_argument("--model", default="small", help="model preset from conf/task/model/ (default %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="samples per step (default %(default)s)")
     parser.add_argument("--micro-batch", type=int, default=32, help="micro-batch size (default %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps after 3 warm-up steps")
@@ -100,18 +100,20 @@ def main() -> int:
                "backend": dist.get_backend(), "model": args.model, "torch": torch.__version__}
 
     cfg = model_preset(args.model)
+    task = VisionLanguageTask(model=cfg, data=CaptionDataConfig(image_size=cfg.image_size, max_shapes=MAX_SHAPES))
     torch.manual_seed(0)
-    model = VisionLanguageModel(cfg, len(VOCAB), max_caption_tokens(MAX_SHAPES), TOKEN_ID[PAD]).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
+    model = task.build_model().to(device)
+    optimizer = build_optimizer(task.param_groups(model), OptimConfig())
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    images, tokens = (t.to(device) for t in shapes_batch(args.batch, cfg.image_size))
+    samples = shapes_samples(args.batch, cfg.image_size)
+    micro_batches = [(move_to(task.collate(chunk), device), len(chunk)) for chunk in split(samples, args.micro_batch)]
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     figures["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
 
     step_s, agree_s, losses = [], [], []
     for step in range(3 + args.steps):
-        loss_sum, seconds = timed(lambda: train_step(ddp, optimizer, images, tokens, args.micro_batch,
-                                                     1 / args.batch, 1.0, autocast_dtype), device)
+        loss_sum, seconds = timed(lambda: train_step(ddp, optimizer, micro_batches, task.loss, 1 / args.batch, 1.0,
+                                                     autocast_dtype), device)
         agreed, agreement_seconds = timed(lambda: agree(RankView(loss_sum, [0], grow_to=2, save_due=True,
                                                                  committed_step=step), group), device)
         if (agreed.leaving_ranks, agreed.grow_to, agreed.save_due, agreed.committed_step) != ([0], 2, True, step):
@@ -133,7 +135,7 @@ def main() -> int:
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert group.all_gather_object(("node", 1)) == [("node", 1)]
 
-    state = training_state(model, optimizer, Progress(step=3 + args.steps))
+    state = training_state({"model": model, "optimizer": optimizer}, LoopState(step=3 + args.steps))
     extra_elements = int(args.state_gb * 1e9 / 4)
     if extra_elements:
         state["extra"] = torch.randn(extra_elements, device=device)

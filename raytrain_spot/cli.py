@@ -12,13 +12,13 @@ from typing import Dict, List, Optional, Tuple
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "run": ("raytrain_spot.run", "train (Hydra overrides: +experiment=vlm, trainer.max_steps=..., cluster=existing)"),
-    "plan": ("raytrain_spot.plan", "simulate on-demand / Spot / hybrid strategies: cost, goodput, deadline"),
-    "ledger": ("raytrain_spot.ledger", "rebuild a run's goodput and cost ledger from its event log"),
-    "verify": ("raytrain_spot.verify", "check every checkpoint of a run on every tier (manifest, sizes, CRC32C)"),
-    "cluster-check": ("raytrain_spot.cluster_check", "validate a cluster YAML before `ray up`"),
+    "plan": ("raytrain_spot.cost.plan", "simulate on-demand / Spot / hybrid strategies: cost, goodput, deadline"),
+    "ledger": ("raytrain_spot.cost.ledger", "rebuild a run's goodput and cost ledger from its event log"),
+    "verify": ("raytrain_spot.checkpoint.verify", "check every checkpoint of a run on every tier (manifest, sizes, CRC32C)"),
+    "cluster-check": ("raytrain_spot.cluster.check", "validate a cluster YAML before `ray up`"),
     "export": ("raytrain_spot.checkpoint.export", "model-only bf16/fp16 export of a checkpoint"),
-    "generate-data": ("raytrain_spot.data.generate", "write the generated shapes dataset as Parquet shards"),
-    "watcher": ("raytrain_spot.watcher", "the per-VM preemption watcher (the cluster YAMLs start it)"),
+    "generate-data": ("raytrain_spot.tasks.vlm.generate", "write the generated shapes dataset as Parquet shards"),
+    "watcher": ("raytrain_spot.preemption.watcher", "the per-VM preemption watcher (the cluster YAMLs start it)"),
 }
 
 

@@ -18,13 +18,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from raytrain_spot.config import Config, ConfigError, load_config, register_configs, unknown_override_key
-from raytrain_spot.console import console_for_run
-from raytrain_spot.events import EVENTS_FILE, EventFeed, EventLog, start_event_log
-from raytrain_spot.ledger import LedgerOptions, format_table, write_ledger
-from raytrain_spot.pricing import PriceCatalog
-from raytrain_spot.progress import ProgressPrinter, format_summary, summarize
-from raytrain_spot.redaction import scrub_files, secret_values
+from raytrain_spot.config.overrides import unknown_override_key
+from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.config.schema import Config, load_config, register_configs
+from raytrain_spot.observe.console import console_for_run
+from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, start_event_log
+from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
+from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.observe.progress import ProgressPrinter, format_summary, summarize
+from raytrain_spot.config.redaction import scrub_files, secret_values
+from raytrain_spot.train.task import TrainingTask, build_task
 
 logger = logging.getLogger("raytrain_spot")
 register_configs()
@@ -38,9 +41,10 @@ def main(dict_cfg: DictConfig) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice is not the run's
     try:
         cfg = load_config(dict_cfg)
+        task = build_task(cfg.task)
         storage_uri = cfg.storage.resolved_uri(os.getcwd())
         check_storage(storage_uri)
-        check_resume(cfg, storage_uri)
+        check_resume(cfg, task, storage_uri)
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -51,7 +55,7 @@ def main(dict_cfg: DictConfig) -> None:
     lease = None
     try:
         lease = take_lease(cfg, storage_uri)
-        status = train(cfg, run_dir, storage_uri, started, lease)
+        status = train(cfg, task, run_dir, storage_uri, started, lease)
     except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -87,7 +91,7 @@ def warn_about_redirects() -> None:
 def check_storage(storage_uri: str) -> None:
     """Fail in seconds, before Ray starts, when the bucket is unusable."""
     if storage_uri.startswith("gs://"):
-        from raytrain_spot.gcs import GcsAccessError, GcsStore
+        from raytrain_spot.storage.gcs import GcsAccessError, GcsStore
 
         try:
             GcsStore.from_uri(storage_uri, retry_deadline_s=20.0).check_access()
@@ -95,24 +99,24 @@ def check_storage(storage_uri: str) -> None:
             raise ConfigError(str(error)) from None
 
 
-def check_resume(cfg: Config, storage_uri: str) -> None:
-    """Refuse, before Ray starts, to resume a checkpoint saved with other model or data settings."""
+def check_resume(cfg: Config, task: TrainingTask, storage_uri: str) -> None:
+    """Refuse, before Ray starts, to resume a checkpoint saved with other task settings or seed."""
     if cfg.checkpoint.allow_config_change:
         return
     from raytrain_spot.checkpoint.resume import resume_problem
-    from raytrain_spot.storage import LocalStore, open_store
+    from raytrain_spot.storage.store import LocalStore, open_store
 
     stores = [("durable", open_store(storage_uri))]
     if cfg.checkpoint.use_head:
         stores.insert(0, ("head", LocalStore(cfg.checkpoint.head_root(storage_uri))))
-    if problem := resume_problem(stores, cfg.run.name, cfg.to_dict()):
+    if problem := resume_problem(stores, cfg.run.name, cfg.to_dict(), task.resumable_settings):
         raise ConfigError(problem)
 
 
 def take_lease(cfg: Config, storage_uri: str):
     """This driver's claim on the run name (see checkpoint/lease.py), renewed in the background."""
     from raytrain_spot.checkpoint.lease import RunInUse, RunLease
-    from raytrain_spot.storage import open_store
+    from raytrain_spot.storage.store import open_store
 
     # A renewal that waits out a long outage must not outlast the lease itself.
     lease = RunLease(open_store(storage_uri, retry_deadline_s=cfg.run.lease_ttl_s / 3), cfg.run.name,
@@ -124,24 +128,23 @@ def take_lease(cfg: Config, storage_uri: str):
     return lease.start_renewing()
 
 
-def train(cfg: Config, run_dir: str, storage_uri: str, started: float, lease) -> str:
+def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, started: float, lease) -> str:
     """Run training on the configured cluster; return "finished", "failed" or NOT_DURABLE.
 
     ``started`` is when this invocation began: progress lines show its records only.
     """
-    from raytrain_spot.data.parquet import ensure_dataset
-    from raytrain_spot.local_cluster import connect, ray_logs_dir
+    from raytrain_spot.cluster.embedded import connect, ray_logs_dir
 
-    dataset = ensure_dataset(cfg.data, cfg.run.seed)
+    dataset = task.prepare(cfg.run.seed)
     run_log = os.path.join(run_dir, f"{HydraConfig.get().job.name}.log")
     with console_for_run(run_log, quiet=not cfg.run.show_ray_logs) as (console, _), \
             connect(cfg.cluster, cfg.run.show_ray_logs) as cluster:
-        from raytrain_spot.alerts import AlertRunner
+        from raytrain_spot.observe.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
-        from raytrain_spot.cluster_monitor import ClusterMonitor
-        from raytrain_spot.monitoring import MonitoringSink, build_writers
-        from raytrain_spot.trainer import build_trainer
-        from raytrain_spot.worker import LoopContext
+        from raytrain_spot.preemption.node_events import ClusterMonitor
+        from raytrain_spot.observe.monitoring import MonitoringSink, build_writers
+        from raytrain_spot.train.trainer import build_trainer
+        from raytrain_spot.train.loop import LoopContext
 
         event_actor = start_event_log(run_dir)
         events = EventLog(event_actor)
@@ -193,7 +196,7 @@ def train(cfg: Config, run_dir: str, storage_uri: str, started: float, lease) ->
 def newest_durable_step(storage_uri: str, run_name: str):
     """Newest step committed in durable storage, or None (none, or storage unreachable)."""
     from raytrain_spot.checkpoint.resume import newest_commit
-    from raytrain_spot.storage import open_store
+    from raytrain_spot.storage.store import open_store
 
     try:
         found = newest_commit([("durable", open_store(storage_uri, retry_deadline_s=LISTING_DEADLINE_S))], run_name)
@@ -212,7 +215,7 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
     """
     simulator = None
     if cfg.chaos is not None:
-        from raytrain_spot.chaos import SpotSimulator
+        from raytrain_spot.simulator.chaos import SpotSimulator
 
         simulator = SpotSimulator(cfg.chaos, cluster, events, lambda: progress.latest_step,
                                   on_kill=monitor.reported_dead, log_dir=os.path.join(run_dir, "chaos"),

@@ -17,7 +17,7 @@ def compose():
     """Compose the real Hydra config the way the main command does."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from raytrain_spot.config import register_configs
+    from raytrain_spot.config.schema import register_configs
 
     register_configs()
 
@@ -69,7 +69,7 @@ def assert_clean_audit(run_name: str, storage_uri: str, head_dir: str, local_dir
 
     ``damaged``: (tier, step) copies the scenario itself damaged; the audit must report exactly
     those as invalid (and a restore must have skipped them)."""
-    from raytrain_spot.verify import INVALID, VALID, audit, format_findings
+    from raytrain_spot.checkpoint.verify import INVALID, VALID, audit, format_findings
 
     findings = audit(run_name, storage_uri, head_dir, local_dir)
     invalid = {(f.tier, f.step) for f in findings if f.status == INVALID}

@@ -19,7 +19,7 @@ from typing import Dict, List, Set
 
 import pytest
 
-from raytrain_spot.events import read_events
+from raytrain_spot.observe.events import read_events
 from tests.conftest import assert_clean_audit, processes_of, ray_internal_lines, run_main
 
 pytestmark = [pytest.mark.cluster, pytest.mark.chaos]

@@ -16,7 +16,7 @@ from raytrain_spot.checkpoint.format import (
     load_state,
     write_state,
 )
-from raytrain_spot.storage import LocalStore
+from raytrain_spot.storage.store import LocalStore
 
 
 def _commit(store, tmp_path, step, value=1.0):

@@ -16,10 +16,11 @@ import torch
 
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, file_entry, write_state
 from raytrain_spot.checkpoint.head import HeadStore, UploadQueue
-from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest
+from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
+from raytrain_spot.checkpoint.state import LoopState
 from raytrain_spot.checkpoint.tiers import CommitConflict, StoreTier
-from raytrain_spot.config import CheckpointConfig
-from raytrain_spot.storage import LocalStore
+from raytrain_spot.config.schema import CheckpointConfig
+from raytrain_spot.storage.store import LocalStore
 from tests.conftest import Recorder, assert_clean_audit
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("single_rank_group")]
@@ -202,7 +203,8 @@ def test_restore_takes_the_next_tier_whatever_fails_on_one(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     manager = CheckpointManager(RUN, {}, local, [head, durable], writes_local=True, events=Recorder(),
                                 scratch_root=str(tmp_path / "scratch"))
-    manager.save(model, optimizer, SaveRequest(Progress(5, 5), 1, "periodic"), writer=True, wait=True)
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(5, 5), 1, "periodic"), writer=True,
+                 wait=True)
     key = checkpoint_key(RUN, 5)
     held, paths = head.fetch(key, str(tmp_path))
     durable.commit(key, paths, held)  # what the head forwards in production
@@ -215,8 +217,9 @@ def test_restore_takes_the_next_tier_whatever_fails_on_one(tmp_path):
     state = head.store.local_path(f"{key}/{STATE_FILE}")
     os.unlink(state)
     os.makedirs(state)
-    restored = manager.restore(torch.nn.Linear(4, 4), torch.optim.AdamW(model.parameters()), rank=0)
-    assert restored is not None and restored.tier == "durable" and restored.progress.step == 5
+    fresh = torch.nn.Linear(4, 4)
+    restored = manager.restore({"model": fresh, "optimizer": torch.optim.AdamW(fresh.parameters())}, rank=0)
+    assert restored is not None and restored.tier == "durable" and restored.loop.step == 5
     layout.audit(last_step=5, damaged={("local:abababab", 5), ("head", 5)})
 
 
@@ -242,8 +245,8 @@ def test_a_full_node_local_disk_still_commits_the_shared_copies(tmp_path, full_d
     manager = CheckpointManager(RUN, {}, local, [durable], writes_local=True, events=events,
                                 scratch_root=layout.roots["local"])
     model = torch.nn.Linear(256, 256)  # 257 KB of weights: more than the 64 KB disk holds
-    manager.save(model, torch.optim.SGD(model.parameters(), lr=0.1), SaveRequest(Progress(3, 3), 1, "periodic"),
-                 writer=True, wait=True)
+    manager.save({"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)},
+                 SaveRequest(LoopState(3, 3), 1, "periodic"), writer=True, wait=True)
     assert manager.committed_step == 3 and _valid_steps(durable) == [3]
     failures = [r for r in events.records if r["ev"] == "checkpoint_failed"]
     assert [f.get("tier") for f in failures] == ["local"], failures
@@ -294,7 +297,7 @@ def test_data_and_its_directory_are_synced_before_the_manifest_exists(tmp_path, 
 # -- no simulator process outlives its driver --------------------------------------------------
 DRIVER = """
 import subprocess, sys, time
-from raytrain_spot.chaos import spawn_tied
+from raytrain_spot.simulator.chaos import spawn_tied
 child = spawn_tied(["sleep", "300"], env={}, log=subprocess.DEVNULL)
 print(child.pid, flush=True)
 time.sleep(300)

@@ -10,10 +10,11 @@ import torch.distributed as dist
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor, daly_interval, job_mtbi_s
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, checkpoint_key, listed_steps
 from raytrain_spot.checkpoint.head import HeadStore
-from raytrain_spot.checkpoint.manager import CheckpointManager, Progress, SaveRequest
+from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
+from raytrain_spot.checkpoint.state import LoopState
 from raytrain_spot.checkpoint.tiers import StoreTier, steps_to_delete
-from raytrain_spot.events import EventLog
-from raytrain_spot.storage import LocalStore
+from raytrain_spot.observe.events import EventLog
+from raytrain_spot.storage.store import LocalStore
 from tests.conftest import Recorder
 
 pytestmark = pytest.mark.usefixtures("single_rank_group")
@@ -54,16 +55,16 @@ def test_save_commits_every_tier_in_the_background_and_stalls_only_for_the_copy(
     manager = _manager(tmp_path, local, [durable], events)
     model, optimizer = _model(1.0)
     saved = model.weight.detach().clone()
-    stall = manager.save(model, optimizer, SaveRequest(Progress(10, 40), 2, "periodic"), writer=True)
+    stall = manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(10, 40), 2, "periodic"), writer=True)
     with torch.no_grad():
         model.weight.fill_(99.0)  # training goes on while the write runs: the snapshot must not see this
     manager.wait()
     assert stall < 0.5 and manager.committed_step == 10
     assert listed_steps(local.store, "r") == listed_steps(durable.store, "r") == [10]
     fresh, fresh_optimizer = _model()
-    restored = manager.restore(fresh, fresh_optimizer, rank=0)
+    restored = manager.restore({"model": fresh, "optimizer": fresh_optimizer}, rank=0)
     assert torch.equal(fresh.weight, saved)
-    assert restored.progress.step == 10 and restored.tier == "local"
+    assert restored.loop.step == 10 and restored.tier == "local"
     record = next(r for r in events.records if r["ev"] == "checkpoint")
     assert record["tier"] == "durable" and record["stall_s"] == pytest.approx(stall) and record["bytes"] > 0
 
@@ -72,11 +73,11 @@ def test_a_save_asked_for_while_one_runs_is_deferred_not_queued(tmp_path):
     local, durable = _tiers(tmp_path)
     manager = _manager(tmp_path, local, [durable])
     model, optimizer = _model()
-    manager.save(model, optimizer, SaveRequest(Progress(1, 1), 1, "periodic"), writer=True)
-    requests = [SaveRequest(Progress(step, step), 1, "periodic") for step in (2, 3, 4)]
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(1, 1), 1, "periodic"), writer=True)
+    requests = [SaveRequest(LoopState(step, step), 1, "periodic") for step in (2, 3, 4)]
     for request in requests:
         if manager.busy:
-            assert manager.save(model, optimizer, request, writer=True) == 0.0
+            assert manager.save({"model": model, "optimizer": optimizer}, request, writer=True) == 0.0
             assert manager.deferred is request, "the newest request replaces the deferred one"
     manager.wait()
     assert len(listed_steps(durable.store, "r")) <= 2
@@ -89,17 +90,17 @@ def test_restore_prefers_the_fastest_valid_tier_and_skips_damaged_copies(tmp_pat
     for step, value in ((10, 1.0), (20, 2.0)):
         model, optimizer = _model(value)
         saved[step] = model.weight.detach().clone()
-        manager.save(model, optimizer, SaveRequest(Progress(step, step), 1, "periodic"), writer=True, wait=True)
+        manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(step, step), 1, "periodic"), writer=True, wait=True)
 
     _corrupt(local.store, 20)
     fresh, fresh_optimizer = _model()
-    restored = manager.restore(fresh, fresh_optimizer, rank=0)
-    assert (restored.progress.step, restored.tier) == (20, "durable")
+    restored = manager.restore({"model": fresh, "optimizer": fresh_optimizer}, rank=0)
+    assert (restored.loop.step, restored.tier) == (20, "durable")
     assert "step_00000020 on the local tier" in caplog.text
 
     _corrupt(durable.store, 20)
-    restored = manager.restore(fresh, fresh_optimizer, rank=0)
-    assert (restored.progress.step, restored.tier) == (10, "local")
+    restored = manager.restore({"model": fresh, "optimizer": fresh_optimizer}, rank=0)
+    assert (restored.loop.step, restored.tier) == (10, "local")
     assert torch.equal(fresh.weight, saved[10])
 
 
@@ -107,10 +108,11 @@ def test_manifest_less_and_empty_tiers_mean_a_fresh_start(tmp_path):
     local, durable = _tiers(tmp_path)
     manager = _manager(tmp_path, local, [durable])
     model, optimizer = _model()
-    manager.save(model, optimizer, SaveRequest(Progress(5, 5), 1, "periodic"), writer=True, wait=True)
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(5, 5), 1, "periodic"), writer=True, wait=True)
     for tier in (local, durable):
         os.unlink(os.path.join(tier.store.local_path(checkpoint_key("r", 5)), MANIFEST))
-    assert manager.restore(*_model(), rank=0) is None
+    model, optimizer = _model()
+    assert manager.restore({"model": model, "optimizer": optimizer}, rank=0) is None
 
 
 def test_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path):
@@ -118,13 +120,13 @@ def test_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pat
     events = Recorder()
     manager = _manager(tmp_path, local, [durable], events)
     model, optimizer = _model(1.0)
-    manager.save(model, optimizer, SaveRequest(Progress(1, 1), 1, "periodic"), writer=True, wait=True)
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(1, 1), 1, "periodic"), writer=True, wait=True)
 
     def broken(*args, **kwargs):
         raise OSError("bucket unreachable")
 
     durable.store.put_file = broken
-    manager.save(model, optimizer, SaveRequest(Progress(2, 2), 1, "periodic"), writer=True, wait=True)
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(2, 2), 1, "periodic"), writer=True, wait=True)
     assert manager.committed_step == 1
     assert listed_steps(durable.store, "r") == [1]
     assert any(r["ev"] == "checkpoint_failed" and r["step"] == 2 for r in events.records)
@@ -143,7 +145,7 @@ def test_tier_retention_applies_on_commit(tmp_path):
     manager = _manager(tmp_path, local, [durable])
     model, optimizer = _model()
     for step in range(1, 6):
-        manager.save(model, optimizer, SaveRequest(Progress(step, step), 1, "periodic"), writer=True, wait=True)
+        manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(step, step), 1, "periodic"), writer=True, wait=True)
     assert listed_steps(durable.store, "r") == [5, 4]
     assert listed_steps(local.store, "r") == [5, 4]
 
@@ -154,7 +156,7 @@ def test_head_store_verifies_what_arrives_and_forwards_to_durable_storage(tmp_pa
     local, _ = _tiers(tmp_path)
     manager = _manager(tmp_path, local, [])
     model, optimizer = _model(3.0)
-    manager.save(model, optimizer, SaveRequest(Progress(7, 7), 1, "final"), writer=False, wait=True)
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(7, 7), 1, "final"), writer=False, wait=True)
     key = checkpoint_key("r", 7)
     data = open(os.path.join(local.store.local_path(key), STATE_FILE), "rb").read()
     manifest = open(os.path.join(local.store.local_path(key), MANIFEST), "rb").read()
@@ -226,8 +228,8 @@ def _two_rank_restore(rank, tmp, result_dir):
     manager = CheckpointManager("r", {}, local, [durable], writes_local=True, events=EventLog(),
                                 scratch_root=f"{tmp}/scratch-{rank}")
     model, optimizer = _model()
-    restored = manager.restore(model, optimizer, rank=rank)
-    torch.save({"step": restored.progress.step, "tier": restored.tier, "weight": model.weight.detach()},
+    restored = manager.restore({"model": model, "optimizer": optimizer}, rank=rank)
+    torch.save({"step": restored.loop.step, "tier": restored.tier, "weight": model.weight.detach()},
                f"{result_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -244,7 +246,7 @@ def test_a_newer_checkpoint_on_another_ranks_disk_wins_and_is_shipped(tmp_path):
         saved[step] = model.weight.detach().clone()
         manager = CheckpointManager("r", {}, only_rank1, shared, writes_local=step == 20, events=EventLog(),
                                     scratch_root=f"{tmp_path}/scratch")
-        manager.save(model, optimizer, SaveRequest(Progress(step, step), 2, "periodic"), writer=bool(shared),
+        manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(step, step), 2, "periodic"), writer=bool(shared),
                      wait=True)
     mp.start_processes(_two_rank_restore, args=(str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
     rank0, rank1 = (torch.load(f"{tmp_path}/rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -264,7 +266,8 @@ def test_ranks_that_loaded_different_copies_of_a_step_all_take_rank_zeros(tmp_pa
         model, optimizer = _model(value)
         CheckpointManager("r", {}, local, shared, writes_local=local is not None, events=EventLog(),
                           scratch_root=f"{tmp_path}/scratch").save(
-            model, optimizer, SaveRequest(Progress(30, 30), 2, "periodic"), writer=bool(shared), wait=True)
+            {"model": model, "optimizer": optimizer}, SaveRequest(LoopState(30, 30), 2, "periodic"), writer=bool(shared),
+            wait=True)
     mp.start_processes(_two_rank_restore, args=(str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
     rank0, rank1 = (torch.load(f"{tmp_path}/rank{r}.pt", weights_only=True) for r in (0, 1))
     assert (rank0["tier"], rank1["tier"]) == ("durable", "peer")

@@ -21,10 +21,10 @@ from ray.autoscaler._private.gcp.node import GCPCompute
 from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
 
 import raytrain_spot
-from raytrain_spot import cluster_check
-from raytrain_spot.gcp.machines import built_in_gpus
-from raytrain_spot.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
-from raytrain_spot.standby import PRELOAD_ENV, PRELOAD_MODULES
+from raytrain_spot.cluster import check as cluster_check
+from raytrain_spot.cluster.gcp.machines import built_in_gpus
+from raytrain_spot.cluster.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
+from raytrain_spot.elastic.standby import PRELOAD_ENV, PRELOAD_MODULES
 from raytrain_spot.testing.compute_api import ComputeEngineEmulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +178,7 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
     assert "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token" in config["setup_commands"]
     assert any("echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in c for c in config["setup_commands"])
     ray_processes = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
-                     if "ray start" in c or "raytrain_spot.watcher" in c or "jupyter lab" in c]
+                     if "ray start" in c or "raytrain_spot.preemption.watcher" in c or "jupyter lab" in c]
     assert len(ray_processes) == 4 and all("RAY_AUTH_MODE=token" in c for c in ray_processes)
 
     for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
@@ -189,7 +189,7 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
 
     worker_start = config["worker_start_ray_commands"]
     ray_start_at = next(i for i, c in enumerate(worker_start) if "ray start --address=$RAY_HEAD_IP:6379" in c)
-    watcher_at = next(i for i, c in enumerate(worker_start) if "python -m raytrain_spot.watcher --margin-s 5" in c)
+    watcher_at = next(i for i, c in enumerate(worker_start) if "python -m raytrain_spot.preemption.watcher --margin-s 5" in c)
     assert ray_start_at < watcher_at
     assert "nohup" in worker_start[watcher_at] and "watcher.log" in worker_start[watcher_at]
 
@@ -202,7 +202,7 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
 
 def test_local_yaml_mirrors_the_gcp_node_types_on_loopback():
     local, gcp = cluster_check.load(LOCAL_YAML), filled(MAIN_YAML)
-    assert local["provider"]["module"] == "raytrain_spot.local_provider.LocalMultiNodeProvider"
+    assert local["provider"]["module"] == "raytrain_spot.cluster.local_provider.LocalMultiNodeProvider"
     assert {n: t["labels"] for n, t in local["available_node_types"].items()} == {
         n: t["labels"] for n, t in gcp["available_node_types"].items()}
     assert local["available_node_types"]["head"]["resources"] == {"CPU": 0}

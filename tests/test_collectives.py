@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raytrain_spot.agreement import RankView, StepAgreement, agree
-from raytrain_spot.collectives import CollectiveDeviceError, RankGroup
+from raytrain_spot.train.agreement import RankView, StepAgreement, agree
+from raytrain_spot.train.collectives import CollectiveDeviceError, RankGroup
 
 CPU = torch.device("cpu")
 

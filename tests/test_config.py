@@ -1,6 +1,9 @@
 import pytest
 
-from raytrain_spot.config import ConfigError, load_config, unknown_override_key
+from raytrain_spot.config.overrides import unknown_override_key
+from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.config.schema import load_config
+from raytrain_spot.train.task import build_task
 from tests.conftest import run_main
 
 
@@ -8,26 +11,26 @@ def test_experiment_composes_into_typed_config(compose):
     cfg = load_config(compose("+experiment=vlm", "trainer.max_steps=7"))
     assert cfg.trainer.max_steps == 7
     assert cfg.run.name.startswith("vlm-")
-    assert cfg.data.image_size == cfg.model.image_size
+    assert cfg.task["data"]["image_size"] == cfg.task["model"]["image_size"]
     assert cfg.cluster.embedded
 
 
 def test_model_presets_are_valid(compose):
     for preset in ("tiny", "small", "base"):
-        cfg = load_config(compose("+experiment=vlm", f"model={preset}"))
-        assert cfg.model.preset == preset
-        assert cfg.data.image_size == cfg.model.image_size
+        task = build_task(load_config(compose("+experiment=vlm", f"task/model={preset}")).task)
+        assert task.model.preset == preset
+        assert task.data.image_size == task.model.image_size
 
 
 @pytest.mark.parametrize("override, key", [
     ("trainer.global_batch_size=2", "trainer.global_batch_size"),
     ("trainer.min_workers=4", "trainer.min_workers"),
-    ("model.patch_size=7", "model.patch_size"),
-    ("model.num_heads=5", "model.num_heads"),
+    ("task.model.patch_size=7", "task.model.patch_size"),
+    ("task.model.num_heads=5", "task.model.num_heads"),
     ("checkpoint.keep_latest_k=1", "checkpoint.keep_latest_k"),
     ("storage.uri=s3://bucket/x", "storage.uri"),
     ("storage.uri=gs://Bad_Bucket/x", "storage.uri"),
-    ("data.image_size=48", "data.image_size"),
+    ("task.data.image_size=48", "task.data.image_size"),
     ("run.name=has/slash", "run.name"),
     ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
     ("trainer.failure_settle_s=-1", "trainer.failure_settle_s"),
@@ -71,8 +74,11 @@ def test_unknown_key_is_rejected(compose):
 def test_unknown_key_gets_a_suggestion():
     assert unknown_override_key(["+experiment=vlm", "trainer.max_stepz=3"]) == \
         "trainer.max_stepz: no such setting. Fix: did you mean trainer.max_steps?"
-    assert "settings under model are" in unknown_override_key(["model.zzz=1"])
-    assert unknown_override_key(["+experiment=vlm", "model=small", "trainer.max_steps=3", "hydra.run.dir=x"]) is None
+    assert unknown_override_key(["task.model.text_layerz=1"]) == \
+        "task.model.text_layerz: no such setting. Fix: did you mean task.model.text_layers?"
+    assert "settings under task.model are" in unknown_override_key(["task.model.zzz=1"])
+    assert unknown_override_key(["+experiment=vlm", "task/model=small", "trainer.max_steps=3", "hydra.run.dir=x",
+                                 "task.data.path=/x"]) is None
 
 
 def test_main_command_stops_before_ray_on_a_bad_value(tmp_path):

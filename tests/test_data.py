@@ -2,16 +2,17 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
-from raytrain_spot.config import DataConfig
-from raytrain_spot.data.parquet import DATASET_MANIFEST, ImageCaptionDataset, ensure_dataset
-from raytrain_spot.data.sampler import GlobalSampleOrder, rank_positions
-from raytrain_spot.data.shapes import COLORS, SHAPES, TOKEN_ID, VOCAB, generate_sample, max_caption_tokens, tokenize
+from raytrain_spot.tasks.vlm.config import CaptionDataConfig
+from raytrain_spot.tasks.vlm.parquet import DATASET_MANIFEST, ImageCaptionDataset, ensure_dataset
+from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.tasks.vlm.shapes import COLORS, SHAPES, TOKEN_ID, VOCAB, generate_sample, max_caption_tokens, tokenize
 
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    cfg = DataConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), num_samples=300, shard_size=128,
+    cfg = CaptionDataConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), num_samples=300, shard_size=128,
                      row_group_size=32)
     return ensure_dataset(cfg, seed=3), cfg
 
@@ -48,12 +49,15 @@ def test_parquet_dataset_round_trip(dataset_dir):
     dataset = ImageCaptionDataset(path, cfg.image_size, cfg.max_shapes)
     assert len(dataset) == cfg.num_samples
     indices = [0, 31, 32, 299, 150]
-    images, tokens, ids = dataset.batch(indices)
-    assert images.shape == (5, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
-    for row, sample_id in enumerate(ids):
-        expected = generate_sample(3, sample_id, cfg.image_size, cfg.max_shapes)
-        assert np.array_equal(tokens[row].numpy(), tokenize(expected.caption, max_caption_tokens(cfg.max_shapes)))
-    assert ids == indices  # the generator writes sample i at row i
+    for index in indices:
+        image, tokens = dataset[index]
+        assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1
+        expected = generate_sample(3, index, cfg.image_size, cfg.max_shapes)  # the generator writes sample i at row i
+        assert np.array_equal(tokens.numpy(), tokenize(expected.caption, max_caption_tokens(cfg.max_shapes)))
+        pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        assert np.array_equal(pixels, expected.image)
+    with pytest.raises(IndexError):
+        dataset[cfg.num_samples]
 
 
 def test_generation_is_idempotent_and_atomic(dataset_dir, tmp_path):
@@ -61,8 +65,8 @@ def test_generation_is_idempotent_and_atomic(dataset_dir, tmp_path):
     assert ensure_dataset(cfg, seed=3) == path  # found, not regenerated
     half_written = tmp_path / "partial"
     half_written.mkdir()
-    with pytest.raises(FileNotFoundError, match="data.path"):
-        ensure_dataset(DataConfig(path=str(half_written)), seed=0)
+    with pytest.raises(FileNotFoundError, match="task.data.path"):
+        ensure_dataset(CaptionDataConfig(path=str(half_written)), seed=0)
     assert (tmp_path / "partial" / DATASET_MANIFEST).exists() is False
 
 

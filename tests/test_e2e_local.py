@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from raytrain_spot.events import read_events
+from raytrain_spot.observe.events import read_events
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main
 
 pytestmark = pytest.mark.cluster
@@ -46,10 +46,10 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     assert checkpoints == ["step_00000010", "step_00000020"]
     assert _ray_processes_under(ray_tmp) == [], "the embedded cluster left processes behind"
 
-    changed = run_main(*SMALL, *tiers, "trainer.max_steps=30", "model.text_layers=3", cwd=str(tmp_path), env=env,
+    changed = run_main(*SMALL, *tiers, "trainer.max_steps=30", "task.model.text_layers=3", cwd=str(tmp_path), env=env,
                        timeout=120)
     assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
-    assert "saved with other settings: model.text_layers: 2 -> 3" in changed.stderr
+    assert "saved with other settings: task.model.text_layers: 2 -> 3" in changed.stderr
 
     command = [sys.executable, "-m", "raytrain_spot.run", *SMALL, *tiers, "trainer.max_steps=30"]
     with subprocess.Popen(command, cwd=str(tmp_path), env={**os.environ, **env}, stdout=subprocess.PIPE,

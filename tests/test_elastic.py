@@ -7,17 +7,10 @@ from ray.train.v2._internal.execution.scaling_policy import NoopDecision, Resize
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from raytrain_spot.cluster_monitor import NodeState, node_changes
-
-from raytrain_spot.elastic import (
-    CapacityWatcher,
-    LiveCapacity,
-    NodeView,
-    SpotFailurePolicy,
-    SpotScalingPolicy,
-    WorkerGroupHandoff,
-    workers_that_fit,
-)
+from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
+from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
+from raytrain_spot.train.handoff import WorkerGroupHandoff
+from raytrain_spot.train.task import TaskContractError
 
 CPU1 = {"CPU": 1.0}
 
@@ -105,9 +98,13 @@ def test_a_handoff_restarts_at_once():
     assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
 
 
-def test_running_group_is_never_resized_by_the_controller():
-    policy = _policy([node("a"), node("b"), node("c")])
-    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
+def test_a_running_group_with_room_to_grow_is_left_to_its_handoff_but_capacity_is_still_requested():
+    policy = _policy([node("a"), node("b"), node("c")])  # three fit; the running group has one
+    requests = []
+    policy._maybe_send_resource_request = lambda: requests.append(1)
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision), \
+        "a controller resize would kill the group and lose the steps since its last checkpoint"
+    assert requests, "the autoscaler must still hear of max_workers while the group runs"
 
 
 def test_regrow_waits_for_capacity_to_settle():
@@ -178,30 +175,18 @@ def test_a_real_error_beside_a_handoff_is_a_failure():
     assert policy.make_decision(mixed) == FailureDecision.RAISE
 
 
+def test_a_task_that_breaks_its_contract_stops_the_run_even_with_failures_to_spare():
+    policy = SpotFailurePolicy(FailureConfig(max_failures=-1))
+    breach = _group_error(TaskContractError("loss returned (), not one loss per sample"), RuntimeError("peer gone"))
+    assert policy.make_decision(breach) == FailureDecision.RAISE
+    assert policy.make_decision(_group_error(RuntimeError("peer gone"))) == FailureDecision.RETRY
+
+
 def test_handoff_survives_pickling():
     import pickle
 
     error = pickle.loads(pickle.dumps(WorkerGroupHandoff("regrow", 12)))
     assert (error.reason, error.step) == ("regrow", 12)
-
-
-def state(node_id, alive=True, deadline=None, node_type="t", pricing="spot"):
-    return NodeState(node_id, alive, deadline, node_type, pricing, 0.0)
-
-
-def test_node_changes_become_events():
-    before = {"a": state("a"), "b": state("b"), "c": state("c")}
-    after = {"a": state("a", deadline=5000), "b": state("b", alive=False), "d": state("d", pricing="on_demand")}
-    records = sorted(node_changes(before, after), key=lambda r: (r["ev"], r["node"]))
-    assert records == [
-        {"ev": "add", "node": "d", "node_type": "t", "pricing": "on_demand", "gpus": 0.0},
-        {"ev": "drain", "node": "a", "deadline": 5.0},
-        {"ev": "kill", "node": "b", "with_notice": False},
-        {"ev": "remove", "node": "c"},
-    ]
-    drained_then_dead = node_changes({"a": state("a", deadline=0)}, {"a": state("a", alive=False)})
-    assert drained_then_dead == [{"ev": "kill", "node": "a", "with_notice": True}]
-    assert node_changes(after, after) == []
 
 
 @pytest.mark.parametrize("overrides, trainer_type, num_workers", [
@@ -210,9 +195,9 @@ def test_node_changes_become_events():
     (["trainer.spot_aware=false", "trainer.min_workers=3"], "TorchTrainer", 3),  # Ray's fixed scaling policy
 ])
 def test_trainer_matches_the_configured_scaling(compose, overrides, trainer_type, num_workers):
-    from raytrain_spot.config import load_config
-    from raytrain_spot.trainer import build_trainer
-    from raytrain_spot.worker import LoopContext
+    from raytrain_spot.config.schema import load_config
+    from raytrain_spot.train.trainer import build_trainer
+    from raytrain_spot.train.loop import LoopContext
 
     cfg = load_config(compose("+experiment=vlm", *overrides))
     trainer = build_trainer(cfg, LoopContext(config=cfg.to_dict(), storage_uri="file:///tmp/unused", events=None,

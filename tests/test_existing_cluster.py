@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from raytrain_spot.config import ClusterConfig, ConfigError
-from raytrain_spot.local_cluster import prepare_existing_cluster, ray_address_file
+from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.config.schema import ClusterConfig
+from raytrain_spot.cluster.embedded import prepare_existing_cluster, ray_address_file
 from tests.conftest import run_main
 
 

@@ -27,9 +27,9 @@ import time
 
 import pytest
 
-from raytrain_spot import cluster_check
-from raytrain_spot.local_provider import CLUSTER_ENV, stop_cluster
-from raytrain_spot.testing.metadata_server import MetadataEmulator
+from raytrain_spot.cluster import check as cluster_check
+from raytrain_spot.cluster.local_provider import CLUSTER_ENV, stop_cluster
+from raytrain_spot.simulator.metadata_server import MetadataEmulator
 
 pytestmark = pytest.mark.cluster
 
@@ -110,7 +110,7 @@ def test_the_yamls_start_commands_run_a_token_cluster_whose_watcher_drains_on_no
     laptop = tmp_path / "laptop"
     laptop.mkdir()
     ports = {"gcs": _free_port()}
-    subprocess.run([sys.executable, "-m", "raytrain_spot.cluster_check", "--new-token"],
+    subprocess.run([sys.executable, "-m", "raytrain_spot.cluster.check", "--new-token"],
                    env={**os.environ, "HOME": str(laptop)}, check=True, capture_output=True)
     token = (laptop / ".ray" / "auth_token").read_text()
 

@@ -25,8 +25,8 @@ from raytrain_spot.checkpoint.format import (
     load_state,
     write_state,
 )
-from raytrain_spot.gcs import PART_MARKER, GcsAccessError, GcsStore, _crc32c_base64, crc32c_combine
-from raytrain_spot.storage import open_store
+from raytrain_spot.storage.gcs import PART_MARKER, GcsAccessError, GcsStore, _crc32c_base64, crc32c_combine
+from raytrain_spot.storage.store import open_store
 from raytrain_spot.testing import fake_gcs
 from raytrain_spot.testing.fake_gcs import FakeGcsServer, FakeGcsServerError
 
@@ -87,7 +87,7 @@ def test_small_file_round_trip_carries_its_crc32c(store, server, bucket, tmp_pat
 
 def test_large_file_goes_up_in_parallel_parts_and_is_composed(store, server, bucket, tmp_path, caplog):
     data = random_file(tmp_path / "large.bin", 12 * MIB + 12345)  # over 32 minimum-size parts
-    with caplog.at_level(logging.INFO, logger="raytrain_spot.gcs"):
+    with caplog.at_level(logging.INFO, logger="raytrain_spot.storage.gcs"):
         store.put_file("run/large.bin", str(tmp_path / "large.bin"))
 
     assert "as 32 composed parts" in caplog.text  # capped by the compose limit, not min_part_bytes

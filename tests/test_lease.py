@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from raytrain_spot.checkpoint.lease import RunInUse, RunLease
-from raytrain_spot.gcs import GcsStore
-from raytrain_spot.storage import LocalStore
+from raytrain_spot.storage.gcs import GcsStore
+from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.testing.fake_gcs import FakeGcsServer
 
 
@@ -68,7 +68,7 @@ def test_the_compare_and_swap_lets_one_of_two_racing_writers_win(store):
 def test_a_dead_driver_on_this_machine_frees_its_lease_at_once(tmp_path):
     store = LocalStore(str(tmp_path / "storage"))
     script = ("import sys; from raytrain_spot.checkpoint.lease import RunLease; "
-              "from raytrain_spot.storage import LocalStore; "
+              "from raytrain_spot.storage.store import LocalStore; "
               f"RunLease(LocalStore({str(tmp_path / 'storage')!r}), 'exp', ttl_s=3600).acquire()")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     RunLease(store, "exp", ttl_s=3600).acquire()  # the holder's process is gone: no wait for the hour

@@ -10,8 +10,8 @@ from typing import Dict, Tuple
 
 import pytest
 
-from raytrain_spot.ledger import CATEGORIES, LedgerOptions, build_ledger, format_table, write_ledger
-from raytrain_spot.pricing import PriceCatalog
+from raytrain_spot.cost.ledger import CATEGORIES, LedgerOptions, build_ledger, format_table, write_ledger
+from raytrain_spot.cost.pricing import PriceCatalog
 
 T0 = 1_750_000_000.0
 BATCH = 48
@@ -349,7 +349,7 @@ def test_cli_rebuilds_json_and_png(tmp_path):
     run_dir = preempted_run().write(tmp_path)
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps(simple_catalog().document))
-    result = subprocess.run([sys.executable, "-m", "raytrain_spot.ledger", run_dir, "--prices", str(prices)],
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.ledger", run_dir, "--prices", str(prices)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "goodput" in result.stdout and "infrastructure_recovery" in result.stdout
@@ -379,7 +379,7 @@ def test_cli_reads_min_workers_from_the_saved_hydra_config(tmp_path):
     run_dir = log.write(tmp_path)
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("trainer:\n  min_workers: 2\n")
-    result = subprocess.run([sys.executable, "-m", "raytrain_spot.ledger", run_dir, "--no-plot"],
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.ledger", run_dir, "--no-plot"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "ledger.json").read_text())

@@ -26,7 +26,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from raytrain_spot.local_provider import (
+from raytrain_spot.cluster.local_provider import (
     CLUSTER_ENV,
     LocalCommandRunner,
     LocalMultiNodeProvider,
@@ -58,7 +58,7 @@ def test_ray_fake_provider_is_the_version_this_subclass_was_written_against():
 @pytest.fixture
 def provider_config(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")
-    return {"type": "external", "module": "raytrain_spot.local_provider.LocalMultiNodeProvider",
+    return {"type": "external", "module": "raytrain_spot.cluster.local_provider.LocalMultiNodeProvider",
             "state_dir": str(tmp_path), "gcs_address": "127.0.0.1:1"}
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from raytrain_spot.testing.metadata_server import MetadataEmulator, etag_of
+from raytrain_spot.simulator.metadata_server import MetadataEmulator, etag_of
 
 GOOGLE = {"Metadata-Flavor": "Google"}
 

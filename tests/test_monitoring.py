@@ -11,12 +11,12 @@ from collections import defaultdict
 
 import pytest
 
-from raytrain_spot.alerts import LOW_GOODPUT, NOTIFY, AlertConfig, AlertRule, AlertRunner
-from raytrain_spot.events import EventFeed
-from raytrain_spot.ledger import build_ledger
-from raytrain_spot.monitoring import (TENSORBOARD_DIR, MonitoringConfig, MonitoringSink,
+from raytrain_spot.observe.alerts import LOW_GOODPUT, NOTIFY, AlertConfig, AlertRule, AlertRunner
+from raytrain_spot.observe.events import EventFeed
+from raytrain_spot.cost.ledger import build_ledger
+from raytrain_spot.observe.monitoring import (TENSORBOARD_DIR, MonitoringConfig, MonitoringSink,
                                       RayMetricsWriter, TensorBoardWriter, build_writers)
-from raytrain_spot.pricing import PriceCatalog
+from raytrain_spot.cost.pricing import PriceCatalog
 from tests.test_alerts import slow_run
 from tests.test_ledger import T0, preempted_run
 

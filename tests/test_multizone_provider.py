@@ -18,13 +18,13 @@ from ray.autoscaler._private.gcp import node as gcp_node
 from ray.autoscaler._private.gcp.node_provider import GCPNodeProvider
 from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
 
-from raytrain_spot.gcp.multizone_provider import (
+from raytrain_spot.cluster.gcp.multizone_provider import (
     MultiZoneGCPNodeProvider,
     MultiZoneSettings,
     NoZoneAvailableError,
     localize_node_config,
 )
-from raytrain_spot.gcp.zone_policy import (
+from raytrain_spot.cluster.gcp.zone_policy import (
     FailureKind,
     Placement,
     ZonePolicy,
@@ -77,7 +77,7 @@ def clock():
 @pytest.fixture
 def provider(api, clock):
     def make(**overrides):
-        config = dict(type="external", module="raytrain_spot.gcp.multizone_provider.MultiZoneGCPNodeProvider",
+        config = dict(type="external", module="raytrain_spot.cluster.gcp.multizone_provider.MultiZoneGCPNodeProvider",
                       project_id=PROJECT, region="us-central1", availability_zone=ZONES[0],
                       availability_zones=ZONES, zone_block_s=BLOCK_S, compute_api_endpoint=api.endpoint)
         config.update(overrides)
@@ -127,12 +127,12 @@ def test_spot_workers_spread_evenly_with_each_zone_in_its_own_urls(api, provider
 def test_a_stockout_fails_over_to_the_next_zone_and_blocks_the_zone(api, provider, clock, caplog):
     api.exhaust(zone=ZONES[0])
     nodes = provider()
-    with caplog.at_level(logging.INFO, logger="raytrain_spot.gcp.multizone_provider"):
+    with caplog.at_level(logging.INFO, logger="raytrain_spot.cluster.gcp.multizone_provider"):
         nodes.create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 3)
 
     assert sorted(zone_of(i) for i in api.instances()) == [ZONES[1], ZONES[1], ZONES[2]]
     assert [r.accepted for r in api.inserts(zone=ZONES[0])] == [False]
-    decisions = [r.getMessage() for r in caplog.records if r.name == "raytrain_spot.gcp.multizone_provider"]
+    decisions = [r.getMessage() for r in caplog.records if r.name == "raytrain_spot.cluster.gcp.multizone_provider"]
     failure = next(m for m in decisions if "failed" in m)
     assert "ZONE_RESOURCE_POOL_EXHAUSTED" in failure and ZONES[0] in failure and f"{BLOCK_S:.0f}s" in failure
     assert any(f"blocked: {ZONES[0]}" in m for m in decisions)

@@ -13,9 +13,9 @@ import sys
 import pytest
 
 from raytrain_spot.checkpoint.advisor import daly_interval, young_interval
-from raytrain_spot.plan import (ClusterShape, ExponentialLosses, Job, Preemptions, TraceReplay,
+from raytrain_spot.cost.plan import (ClusterShape, ExponentialLosses, Job, Preemptions, TraceReplay,
                                 fixed_goodput_estimate, plan, simulate_run)
-from raytrain_spot.pricing import PriceCatalog
+from raytrain_spot.cost.pricing import PriceCatalog
 
 HOUR = 3600.0
 TRACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "traces")
@@ -242,7 +242,7 @@ def test_trace_replay_loses_and_regains_the_nodes_the_trace_does():
 @pytest.mark.skipif(not os.path.isdir(TRACES), reason="shared/traces is not next to the repository")
 def test_plan_replays_a_shared_trace(catalog):
     path = os.path.join(TRACES, "preemption__4-node__aws-08-03-2023__us-east-1f_v100_1.json")
-    result = subprocess.run([sys.executable, "-m", "raytrain_spot.plan", "--steps", "3600", "--step-time-s", "10",
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.plan", "--steps", "3600", "--step-time-s", "10",
                              "--gpu", "v100", "--gpus", "4", "--hybrid", "1", "--regions", "us-central1",
                              "--trace", path, "--replications", "20"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -253,7 +253,7 @@ def test_plan_replays_a_shared_trace(catalog):
 
 def test_cli_prints_a_plan_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
-    result = subprocess.run([sys.executable, "-m", "raytrain_spot.plan", "--steps", "5000", "--step-time-s", "3.6",
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.plan", "--steps", "5000", "--step-time-s", "3.6",
                              "--regions", "us-central1,us-west1", "--deadline-h", "48", "--replications", "20",
                              "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -264,7 +264,7 @@ def test_cli_prints_a_plan_and_writes_json(tmp_path):
 
 
 def test_cli_fixed_goodput_mode_reproduces_the_seed_table():
-    result = subprocess.run([sys.executable, "-m", "raytrain_spot.plan", "--steps", "10000", "--step-time-s", "36",
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.plan", "--steps", "10000", "--step-time-s", "36",
                              "--regions", "us-central1", "--goodput", "0.9090909"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from raytrain_spot.pricing import PriceCatalog, PriceNotFound
+from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound
 
 # The seed guide's Section 1 figures (us-central1, per GPU-hour): name -> (Spot, on-demand, stated saving).
 SEED_FIGURES = {

@@ -1,8 +1,8 @@
 import io
 import json
 
-from raytrain_spot.events import EventFeed
-from raytrain_spot.progress import ProgressPrinter
+from raytrain_spot.observe.events import EventFeed
+from raytrain_spot.observe.progress import ProgressPrinter
 
 
 def step(t, n, world_size=2, loss=1.0):

@@ -9,7 +9,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 
 def test_ray_version_is_the_pinned_one():
-    assert ray.__version__ == "2.60.0", "re-check raytrain_spot/elastic.py against the new Ray, then update this pin"
+    assert ray.__version__ == "2.60.0", "re-check raytrain_spot/elastic/policy.py against the new Ray, then update this pin"
 
 
 def test_controller_is_built_with_replaceable_policies():

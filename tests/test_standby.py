@@ -12,9 +12,9 @@ import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raytrain_spot.config import ClusterConfig
-from raytrain_spot.local_cluster import connect
-from raytrain_spot.standby import STANDBY_MARKER, idle_standbys, top_up
+from raytrain_spot.config.schema import ClusterConfig
+from raytrain_spot.cluster.embedded import connect
+from raytrain_spot.elastic.standby import STANDBY_MARKER, idle_standbys, top_up
 
 pytestmark = pytest.mark.cluster
 

@@ -7,14 +7,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raytrain_spot.config import DataConfig, ModelConfig, OptimConfig
-from raytrain_spot.data.parquet import ImageCaptionDataset, ensure_dataset
-from raytrain_spot.data.sampler import GlobalSampleOrder, rank_positions
-from raytrain_spot.data.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
-from raytrain_spot.model import VisionLanguageModel
-from raytrain_spot.train import build_optimizer, learning_rate, train_step
+from raytrain_spot.config.schema import OptimConfig
+from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig
+from raytrain_spot.tasks.vlm.task import VisionLanguageTask
+from raytrain_spot.tasks.vlm.parquet import ImageCaptionDataset, ensure_dataset
+from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.train.step import build_optimizer, learning_rate, split, train_step
 
 MODEL = ModelConfig(vision_layers=1, text_layers=1, dropout=0.0)
+TASK = VisionLanguageTask(model=MODEL)
 
 
 def _sgd(model):
@@ -25,27 +26,25 @@ def _sgd(model):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return VisionLanguageModel(MODEL, len(VOCAB), max_caption_tokens(2), TOKEN_ID[PAD])
+    return TASK.build_model()
 
 
-def _batch(dataset_path, indices):
+def _micro_batches(dataset_path, indices, size):
     dataset = ImageCaptionDataset(dataset_path, 32, 2)
-    images, tokens, _ = dataset.batch(indices)
-    return images, tokens
+    return [(TASK.collate([dataset[i] for i in chunk]), len(chunk)) for chunk in split(indices, size)]
 
 
 @pytest.fixture(scope="module")
 def dataset_path(tmp_path_factory):
-    return ensure_dataset(DataConfig(cache_dir=str(tmp_path_factory.mktemp("data")), num_samples=512,
+    return ensure_dataset(CaptionDataConfig(cache_dir=str(tmp_path_factory.mktemp("data")), num_samples=512,
                                      shard_size=256, row_group_size=64), seed=0)
 
 
 def _one_big_batch_update(dataset_path, indices, grad_clip):
     model = _model()
     optimizer = _sgd(model)
-    images, tokens = _batch(dataset_path, indices)
-    train_step(model, optimizer, images, tokens, micro_batch_size=len(indices), loss_scale=1 / len(indices),
-               grad_clip=grad_clip)
+    train_step(model, optimizer, _micro_batches(dataset_path, indices, len(indices)), TASK.loss,
+               loss_scale=1 / len(indices), grad_clip=grad_clip)
     return model
 
 
@@ -55,8 +54,8 @@ def test_accumulation_matches_one_large_batch(dataset_path, micro_batch_size):
     reference = _one_big_batch_update(dataset_path, indices, grad_clip=0.5)
     model = _model()
     optimizer = _sgd(model)
-    images, tokens = _batch(dataset_path, indices)
-    train_step(model, optimizer, images, tokens, micro_batch_size, loss_scale=1 / len(indices), grad_clip=0.5)
+    train_step(model, optimizer, _micro_batches(dataset_path, indices, micro_batch_size), TASK.loss,
+               loss_scale=1 / len(indices), grad_clip=0.5)
     before = _model()
     for (name, p), ref, untouched in zip(model.named_parameters(), reference.parameters(), before.parameters()):
         assert not torch.equal(ref, untouched), f"{name} did not move: the check would be vacuous"
@@ -69,9 +68,8 @@ def _ddp_worker(rank, world_size, init_file, dataset_path, indices, micro_batch_
     model = torch.nn.parallel.DistributedDataParallel(_model())
     optimizer = _sgd(model.module)
     mine = [indices[p] for p in rank_positions(0, len(indices), rank, world_size)]
-    images, tokens = _batch(dataset_path, mine)
-    train_step(model, optimizer, images, tokens, micro_batch_size, loss_scale=world_size / len(indices),
-               grad_clip=0.5)
+    train_step(model, optimizer, _micro_batches(dataset_path, mine, micro_batch_size), TASK.loss,
+               loss_scale=world_size / len(indices), grad_clip=0.5)
     if rank == 0:
         torch.save(model.module.state_dict(), result_path)
     dist.destroy_process_group()
@@ -104,12 +102,13 @@ def test_loss_falls_clearly_on_generated_data(dataset_path):
     order = GlobalSampleOrder(dataset.row_group_spans(), seed=0)
     model = _model()
     optim_cfg = OptimConfig(lr=3e-3, warmup_samples=256)
-    optimizer = build_optimizer(model, optim_cfg)
+    optimizer = build_optimizer(TASK.param_groups(model), optim_cfg)
     batch, steps, losses = 32, 60, []
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step * batch, steps * batch, optim_cfg)
-        images, tokens, _ = dataset.batch(order.rows_at(rank_positions(step * batch, batch, 0, 1)))
-        losses.append(train_step(model, optimizer, images, tokens, 32, 1 / batch, 1.0) / batch)
+        rows = order.rows_at(rank_positions(step * batch, batch, 0, 1))
+        micro_batches = [(TASK.collate([dataset[row] for row in rows]), batch)]
+        losses.append(train_step(model, optimizer, micro_batches, TASK.loss, 1 / batch, 1.0) / batch)
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.45 * first, f"loss went {first:.3f} -> {last:.3f}"

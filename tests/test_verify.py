@@ -1,4 +1,4 @@
-"""``python -m raytrain_spot.verify``: every checkpoint of a run on every tier, and an exit status to trust."""
+"""``python -m raytrain_spot.checkpoint.verify``: every checkpoint of a run on every tier, and an exit status to trust."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import torch
 
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, write_state
 from raytrain_spot.checkpoint.tiers import StoreTier
-from raytrain_spot.config import CheckpointConfig
-from raytrain_spot.storage import LocalStore
-from raytrain_spot.verify import INVALID, PARTIAL, VALID, audit
+from raytrain_spot.config.schema import CheckpointConfig
+from raytrain_spot.storage.store import LocalStore
+from raytrain_spot.checkpoint.verify import INVALID, PARTIAL, VALID, audit
 
 RUN = "audited"
 
@@ -53,7 +53,7 @@ def test_every_tier_is_audited_and_each_bad_copy_says_why(tmp_path):
 
 def test_the_command_exits_non_zero_on_a_committed_but_invalid_checkpoint(tmp_path):
     storage, head_dir, local_dir = _layout(tmp_path)
-    command = [sys.executable, "-m", "raytrain_spot.verify", RUN, "--storage", storage, "--head-dir", head_dir,
+    command = [sys.executable, "-m", "raytrain_spot.checkpoint.verify", RUN, "--storage", storage, "--head-dir", head_dir,
                "--local-dir", local_dir]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
@@ -63,6 +63,6 @@ def test_the_command_exits_non_zero_on_a_committed_but_invalid_checkpoint(tmp_pa
         for root in (head_dir, local_dir):
             subprocess.run(["find", root, "-name", f"step_{step:08d}", "-exec", "rm", "-rf", "{}", "+"], check=True)
     assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
-    missing = subprocess.run([sys.executable, "-m", "raytrain_spot.verify", f"{storage}/other"],
+    missing = subprocess.run([sys.executable, "-m", "raytrain_spot.checkpoint.verify", f"{storage}/other"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no checkpoint of run 'other'" in missing.stderr

@@ -17,8 +17,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import pytest
 
-from raytrain_spot.testing.metadata_server import MetadataEmulator
-from raytrain_spot.watcher import (
+from raytrain_spot.simulator.metadata_server import MetadataEmulator
+from raytrain_spot.preemption.watcher import (
     AliveNode,
     Backoff,
     DrainDecision,
@@ -255,7 +255,7 @@ def test_a_real_sigterm_reaches_a_watcher_waiting_in_run():
 
 @pytest.mark.parametrize("first", ["sigterm", "metadata"])
 def test_both_notices_drain_exactly_once(first, caplog):
-    caplog.set_level(logging.INFO, logger="raytrain_spot.watcher")
+    caplog.set_level(logging.INFO, logger="raytrain_spot.preemption.watcher")
     holder = {}
 
     def metadata_true_after_sigterm():
@@ -478,7 +478,7 @@ class WatcherProcess:
         env = {**os.environ, "GCE_METADATA_HOST": metadata_host}
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "raytrain_spot.watcher", "--address", cluster.address, "--node-id", node.node_id,
+            [sys.executable, "-m", "raytrain_spot.preemption.watcher", "--address", cluster.address, "--node-id", node.node_id,
              "--notice-s", str(NOTICE_S), "--margin-s", str(MARGIN_S), "--poll-timeout-s", "5"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
 

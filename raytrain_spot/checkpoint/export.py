@@ -19,7 +19,7 @@ import torch
 
 from raytrain_spot.checkpoint.format import InvalidCheckpoint, commit, fetch_verified, write_state
 from raytrain_spot.checkpoint.manager import load_checkpoint_state
-from raytrain_spot.storage import LocalStore, open_store
+from raytrain_spot.storage.store import LocalStore, open_store
 
 MODEL_FILE = "model.pt"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Dict, List, Optional
 import google_crc32c
 import torch
 
-from raytrain_spot.storage import Store
+from raytrain_spot.storage.store import Store
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

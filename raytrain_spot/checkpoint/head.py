@@ -20,8 +20,8 @@ from typing import Dict, List, Optional
 
 from raytrain_spot.checkpoint.format import CHECKPOINTS_DIR, Manifest, checkpoint_key, read_manifest, verify_file
 from raytrain_spot.checkpoint.tiers import StoreTier
-from raytrain_spot.events import EventLog
-from raytrain_spot.storage import LocalStore, open_store
+from raytrain_spot.observe.events import EventLog
+from raytrain_spot.storage.store import LocalStore, open_store
 
 logger = logging.getLogger(__name__)
 

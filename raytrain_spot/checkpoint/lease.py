@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from raytrain_spot.storage import Store
+from raytrain_spot.storage.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,9 +48,10 @@ from raytrain_spot.checkpoint.sharded import (
     write_shard,
 )
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
+from raytrain_spot.checkpoint.state import LoopState, Stateful, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
-from raytrain_spot.collectives import RankGroup
-from raytrain_spot.events import EventLog
+from raytrain_spot.train.collectives import RankGroup
+from raytrain_spot.observe.events import EventLog
 
 logger = logging.getLogger(__name__)
 # Where a save is staged when this node's disk is full: memory-backed on Linux.
@@ -58,18 +59,8 @@ MEMORY_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdi
 
 
 @dataclass
-class Progress:
-    """Where training is: with model and optimizer, all a resume needs (the LR follows samples_seen)."""
-
-    step: int = 0
-    samples_seen: int = 0
-    interruptions: int = 0  # notices and failures so far: the checkpoint advisor's evidence
-    train_time_s: float = 0.0  # wall time spent in steps so far
-
-
-@dataclass
 class Restored:
-    progress: Progress
+    loop: LoopState
     tier: str
     manifest: Manifest
     duration_s: float
@@ -77,14 +68,10 @@ class Restored:
 
 @dataclass
 class SaveRequest:
-    progress: Progress
+    loop: LoopState
     world_size: int
     kind: str  # periodic | jit | final
     reason: str = ""  # jit: preemption | regrow
-
-
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> Dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": dict(progress.__dict__)}
 
 
 class CheckpointManager:
@@ -125,8 +112,8 @@ class CheckpointManager:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def save(self, model, optimizer, request: SaveRequest, writer: bool, wait: bool = False) -> float:
-        """Snapshot now and write in the background; return the stall. ``writer`` also writes the
+    def save(self, parts: Mapping[str, Stateful], request: SaveRequest, writer: bool, wait: bool = False) -> float:
+        """Snapshot ``parts`` and the request's loop state now and write in the background; return the stall. ``writer`` also writes the
         shared tiers. ``wait`` blocks until every tier this rank writes has committed.
 
         Sharded, every rank saves every step asked for (their DCP collectives must pair up): a
@@ -143,21 +130,21 @@ class CheckpointManager:
         self.wait()
         self._transfer = Transfer(urgent=urgent)
         started = time.perf_counter()
-        request = SaveRequest(Progress(**request.progress.__dict__), request.world_size, request.kind, request.reason)
+        request = SaveRequest(replace(request.loop), request.world_size, request.kind, request.reason)
         if self.sharded:
-            tensors, rest = sharded_state(model, optimizer, dict(request.progress.__dict__))
+            tensors, rest = sharded_state(parts, request.loop)
             owned = owned_keys(tensor_bytes(tensors), dist.get_rank(), dist.get_world_size())
             share, _ = self._snapshot.take({key: tensors[key] for key in owned})
             write, args = self._write_share, (share, rest, request)
         else:
-            snapshot, _ = self._snapshot.take(training_state(model, optimizer, request.progress))
+            snapshot, _ = self._snapshot.take(training_state(parts, request.loop))
             write, args = self._write, (snapshot, request, writer, self._transfer)
         stall = time.perf_counter() - started
         self.stall_s.append(stall)
         self.deferred = None
-        self.last_save_step = request.progress.step
+        self.last_save_step = request.loop.step
         self._thread = threading.Thread(target=write, args=(*args, stall),
-                                        name=f"checkpoint-{request.progress.step}", daemon=True)
+                                        name=f"checkpoint-{request.loop.step}", daemon=True)
         self._thread.start()
         if wait:
             self.wait()
@@ -173,14 +160,14 @@ class CheckpointManager:
                stall: float) -> None:
         """Background: publish on every tier this rank writes. A failure leaves the previous
         checkpoint the latest everywhere; training goes on and the next save tries again."""
-        step = request.progress.step
+        step = request.loop.step
         key = checkpoint_key(self.run_name, step)
         scratch = None
         try:
             started = time.time()
             scratch, entry = self._serialize(snapshot, step)
             path = os.path.join(scratch, STATE_FILE)
-            manifest = Manifest(step=step, samples_seen=request.progress.samples_seen, kind=request.kind,
+            manifest = Manifest(step=step, samples_seen=request.loop.samples_seen, kind=request.kind,
                                 reason=request.reason, world_size=request.world_size, files={STATE_FILE: entry},
                                 config=self.config, compression=self.compression, created_at=started)
             if writer:
@@ -223,8 +210,8 @@ class CheckpointManager:
             try:
                 committed = tier.commit(key, {STATE_FILE: path}, manifest, transfer=transfer)
             except SaveCancelled:
-                logger.info("Checkpoint step %d gave way to a just-in-time save", request.progress.step)
-                self.events.emit("checkpoint_cancelled", step=request.progress.step, kind=request.kind,
+                logger.info("Checkpoint step %d gave way to a just-in-time save", request.loop.step)
+                self.events.emit("checkpoint_cancelled", step=request.loop.step, kind=request.kind,
                                  tier=tier.name, reason="a just-in-time save took its place")
                 return
             except Exception as error:
@@ -237,9 +224,9 @@ class CheckpointManager:
             return
 
     def _report_failure(self, request: SaveRequest, error: str, tier: Optional[str] = None) -> None:
-        logger.warning("Checkpoint step %d failed%s; the previous one stays the latest: %s", request.progress.step,
+        logger.warning("Checkpoint step %d failed%s; the previous one stays the latest: %s", request.loop.step,
                        f" on the {tier} tier" if tier else "", error, exc_info=sys.exc_info()[1] is not None)
-        self.events.emit("checkpoint_failed", step=request.progress.step, kind=request.kind, error=error,
+        self.events.emit("checkpoint_failed", step=request.loop.step, kind=request.kind, error=error,
                          **({"tier": tier} if tier else {}))
 
     def _write_share(self, share: Dict[str, torch.Tensor], rest: Dict[str, Any], request: SaveRequest,
@@ -247,7 +234,7 @@ class CheckpointManager:
         """Background, on every rank: write this rank's DCP share and put it on the first shared
         tier; rank 0 also writes the rest of the state. Rank 0 publishes the manifest only when
         every rank's files arrived, so a failure anywhere leaves the previous checkpoint the latest."""
-        step, rank = request.progress.step, dist.get_rank()
+        step, rank = request.loop.step, dist.get_rank()
         key = checkpoint_key(self.run_name, step)
         tier = self.shared[0]
         scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=self.scratch_root)
@@ -277,7 +264,7 @@ class CheckpointManager:
                     self._report_failure(request, "; ".join(problems))
                 else:
                     try:
-                        tier.publish(key, Manifest(step=step, samples_seen=request.progress.samples_seen,
+                        tier.publish(key, Manifest(step=step, samples_seen=request.loop.samples_seen,
                                                    kind=request.kind, reason=request.reason,
                                                    world_size=request.world_size, files=files, config=self.config,
                                                    sharded=True, created_at=started))
@@ -317,8 +304,8 @@ class CheckpointManager:
                                    type(why).__name__, why)
         return None
 
-    def restore(self, model, optimizer, rank: int) -> Optional[Restored]:
-        """Collective: every rank ends with the same state (or none, on a first start).
+    def restore(self, parts: Mapping[str, Stateful], rank: int) -> Optional[Restored]:
+        """Collective: every rank loads the same state into ``parts`` (or none, on a first start).
 
         Candidates are every step any rank can see (the newest checkpoint may exist only on
         some nodes' local disks), newest first. The first step that some rank loads and
@@ -346,13 +333,9 @@ class CheckpointManager:
                 self.events.emit("restore_mismatch", step=step, digests=digests)
                 state, manifest = self.group.broadcast_object((state, manifest), src=0)
                 tier = tier if rank == 0 else "peer"
-            if manifest.sharded:
-                apply_sharded(model, optimizer, state)
-            else:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
+            loop = apply_sharded(parts, state) if manifest.sharded else load_training_state(parts, state)
             self.last_save_step = self.committed_step = step
-            return Restored(Progress(**state["progress"]), tier, manifest, time.time() - started)
+            return Restored(loop, tier, manifest, time.time() - started)
         return None
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from raytrain_spot.checkpoint.format import InvalidCheckpoint, Manifest, checkpoint_key, listed_steps, read_manifest
-from raytrain_spot.storage import Store
+from raytrain_spot.storage.store import Store
 
-STATE_SHAPING = ("model", "data", "run.seed")
-"""Settings a resume must keep (dotted prefixes of the config)."""
+STATE_SHAPING = ("task", "run.seed")
+"""Settings a resume must keep (dotted prefixes of the config), but for the task's ``resumable_settings``."""
 
 
 def _flat(values: Any, prefix: str = "") -> Dict[str, Any]:
@@ -25,11 +25,16 @@ def _flat(values: Any, prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """``key: saved -> current`` for every state-shaping setting that differs."""
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def differences(saved: Dict[str, Any], current: Dict[str, Any], resumable: Iterable[str] = ()) -> List[str]:
+    """``key: saved -> current`` for every state-shaping setting that differs; ``resumable`` are
+    task settings (relative to ``task``) that may change."""
     before, after = _flat(saved), _flat(current)
-    keys = sorted(k for k in before.keys() | after.keys()
-                  if any(k == p or k.startswith(p + ".") for p in STATE_SHAPING))
+    exempt = [f"task.{name}" for name in resumable]
+    keys = sorted(k for k in before.keys() | after.keys() if _under(k, STATE_SHAPING) and not _under(k, exempt))
     return [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys
             if before.get(k) != after.get(k)]
 
@@ -53,7 +58,8 @@ def newest_commit(stores: Iterable[Tuple[str, Store]], run_name: str) -> Optiona
     return best
 
 
-def resume_problem(stores: Iterable[Tuple[str, Store]], run_name: str, current: Dict[str, Any]) -> Optional[str]:
+def resume_problem(stores: Iterable[Tuple[str, Store]], run_name: str, current: Dict[str, Any],
+                   resumable: Iterable[str] = ()) -> Optional[str]:
     """Why the newest checkpoint must not resume this run, or None when it may (or there is none)."""
     found = newest_commit(stores, run_name)
     if found is None:
@@ -61,7 +67,7 @@ def resume_problem(stores: Iterable[Tuple[str, Store]], run_name: str, current: 
     tier, manifest = found
     if not manifest.config:  # saved without its settings: nothing to compare
         return None
-    changed = differences(manifest.config, current)
+    changed = differences(manifest.config, current, resumable)
     if not changed:
         return None
     return (f"run {run_name!r} would resume from step {manifest.step} ({tier} tier), saved with other settings: "

@@ -6,7 +6,7 @@ balanced by bytes and computed by every rank alike without communication. Each r
 copies only its share into host memory (the stall, and the host memory a save needs, are
 about 1/world_size of a full snapshot) and writes it in the background as part of one DCP
 checkpoint: ``__<rank>_0.distcp`` files plus DCP's ``.metadata``. Everything that is not a
-tensor (optimizer hyperparameters, progress) goes into ``state.pt`` with the state's
+tensor (optimizer hyperparameters, the loop state) goes into ``state.pt`` with the state's
 structure, written by rank 0.
 
 The tensors are keyed by fully qualified names (``get_state_dict``), so a checkpoint saved
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Mapping, Set, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -32,8 +32,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from raytrain_spot.checkpoint.format import STATE_FILE, InvalidCheckpoint, load_state
+from raytrain_spot.checkpoint.state import LOOP_STATE, LoopState, Stateful, load_training_state, training_state
 
 METADATA_FILE = ".metadata"  # DCP's name for it
+DCP_PARTS = ("model", "optimizer")
+"""Parts saved through DCP's FQN-keyed state dicts; every other part as its own state dict."""
 _SEPARATOR = "/"
 
 
@@ -89,13 +92,15 @@ def owned_keys(sizes: Dict[str, int], rank: int, world_size: int) -> Set[str]:
     return owned
 
 
-def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  progress: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(every tensor keyed by path, the rest of the state): model and optimizer keyed by FQN."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    tree = {"model": model_state, "optimizer": optimizer_state}
+def sharded_state(parts: Mapping[str, Stateful], loop: LoopState) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(every tensor keyed by path, the rest of the state): model and optimizer keyed by FQN, so a
+    share loads into a model wrapped differently; the task's extra parts by their state dicts."""
+    model_state, optimizer_state = get_state_dict(parts["model"], parts["optimizer"])
+    tree = {**training_state({n: p for n, p in parts.items() if n not in DCP_PARTS}, loop),
+            "model": model_state, "optimizer": optimizer_state}
+    loop_state = tree.pop(LOOP_STATE)
     tensors = {key: value for key, value in flatten(tree).items() if isinstance(value, torch.Tensor)}
-    return tensors, {"structure": skeleton(tree), "progress": progress}
+    return tensors, {"structure": skeleton(tree), LOOP_STATE: loop_state}
 
 
 def tensor_bytes(tensors: Dict[str, torch.Tensor]) -> Dict[str, int]:
@@ -159,7 +164,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
 
 def load_sharded(paths: Dict[str, str]) -> Dict[str, Any]:
-    """The state of a verified sharded checkpoint: ``model``, ``optimizer`` (FQN-keyed) and ``progress``."""
+    """The state of a verified sharded checkpoint: ``model``, ``optimizer`` (FQN-keyed), the other parts and the loop state."""
     directories = {os.path.dirname(path) for path in paths.values()}
     if len(directories) != 1 or METADATA_FILE not in paths or STATE_FILE not in paths:
         raise InvalidCheckpoint(f"a sharded checkpoint needs {METADATA_FILE} and {STATE_FILE} in one directory")
@@ -178,8 +183,12 @@ def load_sharded(paths: Dict[str, str]) -> Dict[str, Any]:
         raise InvalidCheckpoint(f"cannot read the sharded state: {type(error).__name__}: {error}") from None
     rest = load_state(paths[STATE_FILE])
     state = rebuild(rest["structure"], tensors)
-    return {**state, "progress": rest["progress"]}
+    return {**state, LOOP_STATE: rest[LOOP_STATE]}
 
 
-def apply_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+def apply_sharded(parts: Mapping[str, Stateful], state: Dict[str, Any]) -> LoopState:
+    """Load a sharded checkpoint's state into ``parts``; return its loop state."""
+    set_state_dict(parts["model"], parts["optimizer"], model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    others = {name: part for name, part in parts.items() if name not in DCP_PARTS}
+    return load_training_state(others, {name: state[name] for name in state if name not in DCP_PARTS})

@@ -1,7 +1,7 @@
 """Copying the training state into host memory: the only part of a save training waits for.
 
 The state is a nest of dicts/lists holding tensors and plain values (model and optimizer
-state dicts, progress). ``HostSnapshot`` keeps one host buffer per tensor and reuses it on
+state dicts, the loop state). ``HostSnapshot`` keeps one host buffer per tensor and reuses it on
 every save (pinned memory when the tensor lives on a GPU, so the device-to-host copy runs
 at full bandwidth), so a snapshot allocates nothing once the buffers exist.
 """

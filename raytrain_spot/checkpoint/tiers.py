@@ -25,7 +25,7 @@ from raytrain_spot.checkpoint.format import (
     read_manifest,
     verify_file,
 )
-from raytrain_spot.storage import LocalStore, Store
+from raytrain_spot.storage.store import LocalStore, Store
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,550 @@
+"""Check a cluster YAML before ``ray up``, and say what it will cost.
+
+    python -m raytrain_spot.cluster.check cluster/gcp-spot.yaml
+
+Loads the file through Ray's own preparation and schema validation (``prepare_config``, the
+provider's ``fillout_available_node_types_resources``, ``validate_config``: what ``ray up``
+does before it calls the cloud; nothing here calls GCP), then reviews what Ray's schema
+cannot know: a Spot head, a list-form ``scheduling``, Spot workers that GCE would stop
+instead of delete, GPUs on machine types that do not take them, a head with training
+resources, an on-demand GPU type that can grow, labels the framework reads that disagree
+with the node config, zone URLs for another zone, a missing preemption watcher, values
+still to fill in. Every
+problem names the node type, the key and the fix. Exit status: 0 fine, 1 problems, 2 the
+file does not load.
+
+Prices come from a lookup ``(item, pricing, region) -> USD/h or None`` where ``item`` is a
+machine type or an attached accelerator type and ``pricing`` is ``spot`` or ``on_demand``;
+the default is the small approximate table ``APPROXIMATE_PRICES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import re
+import secrets
+import stat
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import yaml
+
+from raytrain_spot.cluster.gcp.machines import (
+    ATTACHABLE_GPUS,
+    SPOT_ONLY_MACHINES,
+    attached_gpus,
+    built_in_gpus,
+    gpus_of,
+    is_accelerator_optimized,
+    short_name,
+)
+
+NODE_TYPE_LABEL = "raytrain-spot/node-type"
+PRICING_LABEL = "raytrain-spot/pricing"
+SPOT, ON_DEMAND = "spot", "on_demand"
+WATCHER_MODULE = "raytrain_spot.preemption.watcher"
+TOKEN_PATH = "~/.ray/auth_token"
+"""Ray's default token file: the YAMLs mount the laptop's copy there on every node."""
+TOKEN_MODE = "RAY_AUTH_MODE=token"
+PLACEHOLDER = "FILL-IN"
+
+PriceLookup = Callable[[str, str, str], Optional[float]]
+
+# USD per hour, us-central1, rounded; machine types include their built-in GPUs. Rough
+# figures for a first estimate (the seed guide's GPU prices plus the host), not a quote:
+# pass a lookup backed by your own catalog for real numbers. None: not sold that way.
+APPROXIMATE_PRICES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    # item: (on_demand, spot)
+    "n2-standard-8": (0.39, 0.10),
+    "n1-standard-8": (0.38, 0.08),
+    "a2-highgpu-1g": (3.67, 1.59),
+    "a2-ultragpu-1g": (5.07, 2.04),
+    "a3-highgpu-1g": (None, 3.05),
+    "g2-standard-8": (0.85, 0.52),
+    "nvidia-tesla-t4": (0.35, 0.20),
+}
+
+
+def approximate_price(item: str, pricing: str, region: str) -> Optional[float]:
+    """Price from ``APPROXIMATE_PRICES`` (region ignored: the table is us-central1)."""
+    prices = APPROXIMATE_PRICES.get(item)
+    if prices is None:
+        return None
+    return prices[0] if pricing == ON_DEMAND else prices[1]
+
+
+class ClusterConfigError(ValueError):
+    """The YAML does not load or Ray's schema rejects it."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake in the YAML: where, what, and how to fix it."""
+
+    node_type: str
+    """Node type name, or ``provider``/``cluster`` for top-level keys."""
+    key: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.node_type}: {self.key}: {self.problem}. Fix: {self.fix}."
+
+
+@dataclass(frozen=True)
+class NodeTypeSummary:
+    name: str
+    role: str
+    """``head`` or ``worker``."""
+    pricing: str
+    machine: str
+    gpus: str
+    min_workers: int
+    max_workers: int
+    price_per_hour: Optional[float]
+    """One node of this type, USD/h; None when the lookup has no price."""
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    cluster_name: str
+    provider: str
+    region: str
+    zones: str
+    node_types: List[NodeTypeSummary]
+
+    def cost_per_hour(self, at: str) -> Tuple[float, List[str]]:
+        """USD/h with every type at its ``min`` or ``max`` count, and the types left unpriced."""
+        total, unpriced = 0.0, []
+        for node_type in self.node_types:
+            count = 1 if node_type.role == "head" else (
+                node_type.min_workers if at == "min" else node_type.max_workers)
+            if count == 0:
+                continue
+            if node_type.price_per_hour is None:
+                unpriced.append(node_type.name)
+            else:
+                total += count * node_type.price_per_hour
+        return total, unpriced
+
+
+# -- loading --------------------------------------------------------------------------------
+def load(path: str) -> dict:
+    """Read a cluster YAML and run Ray's preparation and schema validation on it."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise ClusterConfigError(f"{path}: cannot read the YAML: {error}") from None
+    return prepare(raw, source=path)
+
+
+def prepare(config: dict, source: str = "config") -> dict:
+    """What ``ray up`` does to a YAML before it calls the cloud: defaults, resources, schema."""
+    import jsonschema
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    if not isinstance(config, dict) or "provider" not in config:
+        raise ClusterConfigError(f"{source}: not a cluster config (no provider section)")
+    try:
+        prepared = prepare_config(copy.deepcopy(config))
+        prepared = _get_node_provider_cls(prepared["provider"]).fillout_available_node_types_resources(prepared)
+        validate_config(prepared)
+    except jsonschema.ValidationError as error:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ClusterConfigError(f"{source}: Ray's cluster schema rejects {where}: {error.message}") from None
+    except (ValueError, KeyError, RuntimeError, ImportError, NotImplementedError) as error:
+        raise ClusterConfigError(f"{source}: Ray cannot prepare this config: {error}") from None
+    return prepared
+
+
+def _provider_class(config: dict):
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+
+    return _get_node_provider_cls(config["provider"])
+
+
+def is_gcp(config: dict) -> bool:
+    from ray.autoscaler._private.gcp.node_provider import GCPNodeProvider
+
+    return issubclass(_provider_class(config), GCPNodeProvider)
+
+
+def is_multizone(config: dict) -> bool:
+    from raytrain_spot.cluster.gcp.multizone_provider import MultiZoneGCPNodeProvider
+
+    return issubclass(_provider_class(config), MultiZoneGCPNodeProvider)
+
+
+def pricing_of(node_type: dict, gcp: bool) -> str:
+    """Spot or on-demand: from GCE scheduling on GCP, from the pricing label elsewhere."""
+    if not gcp:
+        return str(node_type.get("labels", {}).get(PRICING_LABEL, ON_DEMAND))
+    scheduling = node_type.get("node_config", {}).get("scheduling")
+    if isinstance(scheduling, dict) and scheduling.get("provisioningModel") == "SPOT":
+        return SPOT
+    if isinstance(scheduling, list) and any(
+            isinstance(s, dict) and (s.get("provisioningModel") == "SPOT" or s.get("preemptible")) for s in scheduling):
+        return SPOT
+    if isinstance(scheduling, dict) and scheduling.get("preemptible"):
+        return SPOT
+    return ON_DEMAND
+
+
+# -- review -----------------------------------------------------------------------------------
+def review(config: dict) -> List[Problem]:
+    """Every problem in a prepared config (see ``prepare``); empty when it is fine."""
+    gcp = is_gcp(config)
+    problems: List[Problem] = []
+    head_name = config["head_node_type"]
+    for name, node_type in config["available_node_types"].items():
+        is_head = name == head_name
+        problems += _check_labels(name, node_type, gcp)
+        if is_head:
+            problems += _check_head(name, node_type, gcp)
+        if gcp:
+            problems += _check_gcp_node(name, node_type, is_head)
+            if not is_head:
+                problems += _check_on_demand_growth(name, node_type)
+    if gcp:
+        problems += _check_zones(config)
+        problems += _check_watcher(config)
+        problems += _check_token_auth(config)
+    problems += _check_placeholders(config)
+    return problems
+
+
+def _check_placeholders(config: dict) -> List[Problem]:
+    problems = []
+
+    def visit(value, path: List[str]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, path + [str(key)])
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit(item, path[:-1] + [f"{path[-1]}[{index}]"] if path else [f"[{index}]"])
+        elif isinstance(value, str) and PLACEHOLDER in value:
+            in_node_type = len(path) > 2 and path[0] == "available_node_types"
+            problems.append(Problem(path[1] if in_node_type else "cluster", ".".join(path[2:] if in_node_type else path),
+                                    f"still holds the placeholder {value!r}",
+                                    "replace it with your value (the comment beside it says which)"))
+
+    visit(config, [])
+    return problems
+
+
+def _check_labels(name: str, node_type: dict, gcp: bool) -> List[Problem]:
+    labels = node_type.get("labels") or {}
+    problems = []
+    if labels.get(NODE_TYPE_LABEL) != name:
+        problems.append(Problem(name, f"labels.{NODE_TYPE_LABEL}",
+                                f"is {labels.get(NODE_TYPE_LABEL)!r}; the framework tells node types apart by it",
+                                f"set labels: {{{NODE_TYPE_LABEL}: {name}}}"))
+    expected = pricing_of(node_type, gcp)
+    label = labels.get(PRICING_LABEL)
+    if label not in (SPOT, ON_DEMAND):
+        problems.append(Problem(name, f"labels.{PRICING_LABEL}", f"is {label!r}; the ledger prices nodes by it",
+                                f"set labels: {{{PRICING_LABEL}: {expected}}}"))
+    elif gcp and label != expected:
+        meant = ("meant as the on-demand fallback of a hybrid cluster, but it would run as Spot"
+                 if label == ON_DEMAND else "labelled Spot, but it would run on demand")
+        problems.append(Problem(name, "node_config.scheduling.provisioningModel", meant,
+                                "set provisioningModel: STANDARD for an on-demand fallback"
+                                if label == ON_DEMAND else f"set labels: {{{PRICING_LABEL}: {expected}}} "
+                                                          "or make the type Spot"))
+    return problems
+
+
+def _check_head(name: str, node_type: dict, gcp: bool) -> List[Problem]:
+    problems = []
+    resources = node_type.get("resources") or {}
+    for resource in ("CPU", "GPU"):
+        if resources.get(resource, 0) > 0:
+            problems.append(Problem(name, f"resources.{resource}",
+                                    f"is {resources[resource]}: the head would run training work and be busy "
+                                    "when it must coordinate", "set resources: {CPU: 0} on the head"))
+    if "CPU" not in resources:
+        problems.append(Problem(name, "resources", "has no CPU entry, so Ray counts the machine's cores and "
+                                "schedules training work on the head", "set resources: {CPU: 0} on the head"))
+    if gcp and pricing_of(node_type, gcp) == SPOT:
+        problems.append(Problem(name, "node_config.scheduling",
+                                "makes the head Spot: a preemption would take GCS, the Train controller and "
+                                "the driver with it", "set scheduling: {provisioningModel: STANDARD} on the head"))
+    if gcp and gpus_of(node_type.get("node_config", {})):
+        problems.append(Problem(name, "node_config.machineType",
+                                f"{gpus_of(node_type['node_config'])} on the head pay for GPUs that never train",
+                                "use a CPU machine type such as n2-standard-8 for the head"))
+    return problems
+
+
+def _check_gcp_node(name: str, node_type: dict, is_head: bool) -> List[Problem]:
+    node_config = node_type.get("node_config", {})
+    scheduling = node_config.get("scheduling", {})
+    machine = short_name(str(node_config.get("machineType", "")))
+    problems = []
+    if isinstance(scheduling, list):
+        problems.append(Problem(name, "node_config.scheduling",
+                                "is a list; Ray sends node_config unchanged and GCE takes scheduling as an object",
+                                "write it as a mapping, e.g. scheduling: {provisioningModel: SPOT, "
+                                "instanceTerminationAction: DELETE, onHostMaintenance: TERMINATE, "
+                                "automaticRestart: false}"))
+        return problems
+    if scheduling.get("preemptible"):
+        problems.append(Problem(name, "node_config.scheduling.preemptible",
+                                "asks for a legacy preemptible VM (24 h limit)",
+                                "use provisioningModel: SPOT with instanceTerminationAction: DELETE"))
+    spot = scheduling.get("provisioningModel") == "SPOT"
+    if spot and not is_head:
+        if scheduling.get("instanceTerminationAction") != "DELETE":
+            problems.append(Problem(name, "node_config.scheduling.instanceTerminationAction",
+                                    f"is {scheduling.get('instanceTerminationAction')!r}: a preempted VM would stay "
+                                    "as a stopped instance Ray does not see, its disk still billed",
+                                    "set instanceTerminationAction: DELETE"))
+        if scheduling.get("automaticRestart"):
+            problems.append(Problem(name, "node_config.scheduling.automaticRestart",
+                                    "is true; GCE refuses automatic restart for Spot VMs",
+                                    "set automaticRestart: false"))
+    gpus = gpus_of(node_config)
+    if (gpus or spot) and scheduling.get("onHostMaintenance") != "TERMINATE" and not is_head:
+        problems.append(Problem(name, "node_config.scheduling.onHostMaintenance",
+                                f"is {scheduling.get('onHostMaintenance')!r}; Spot and GPU VMs cannot live-migrate and GCE "
+                                "rejects them without TERMINATE", "set onHostMaintenance: TERMINATE"))
+    if node_config.get("guestAccelerators"):
+        attached = attached_gpus(node_config)
+        if is_accelerator_optimized(machine):
+            problems.append(Problem(name, "node_config.guestAccelerators",
+                                    f"{machine} comes with its GPUs ({built_in_gpus(machine) or 'built in'}); "
+                                    "GCE takes no guestAccelerators for A2/A3/A4/G2/G4 machine types",
+                                    "remove guestAccelerators (pick the machine type for the GPU count)"))
+        elif not machine.startswith("n1-"):
+            problems.append(Problem(name, "node_config.guestAccelerators",
+                                    f"{machine} does not take attached GPUs; only N1 machine types do",
+                                    "use an n1-standard-* machine type, or an accelerator-optimized one "
+                                    "(a2-highgpu-1g, a3-highgpu-1g, g2-standard-8) without guestAccelerators"))
+        elif attached is not None and attached.accelerator_type not in ATTACHABLE_GPUS:
+            problems.append(Problem(name, "node_config.guestAccelerators.acceleratorType",
+                                    f"{attached.accelerator_type} cannot be attached to N1",
+                                    f"use one of {', '.join(sorted(ATTACHABLE_GPUS))}, or the accelerator-"
+                                    "optimized machine type that carries it"))
+    declared = (node_type.get("resources") or {}).get("GPU", 0)
+    if not is_head and gpus is not None and declared != gpus.count:
+        problems.append(Problem(name, "resources.GPU", f"is {declared} but {machine} has {gpus}",
+                                f"set resources.GPU: {gpus.count}"))
+    if not is_head and gpus is None and declared:
+        problems.append(Problem(name, "resources.GPU", f"is {declared} but {machine} has no GPUs",
+                                "remove the GPU resource or use a GPU machine type"))
+    if machine in SPOT_ONLY_MACHINES and not spot:
+        problems.append(Problem(name, "node_config.machineType",
+                                f"{machine} is sold only as Spot (or flex-start), not on demand",
+                                "make this type Spot, or use a3-highgpu-8g / an A2 type for on-demand"))
+    return problems
+
+
+def _check_on_demand_growth(name: str, node_type: dict) -> List[Problem]:
+    # An on-demand GPU type with room to grow soaks up demand that Spot should serve,
+    # at on-demand prices: the fallback of a hybrid cluster is a fixed count.
+    if pricing_of(node_type, gcp=True) != ON_DEMAND or not gpus_of(node_type.get("node_config", {})):
+        return []
+    low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
+    if high > 0 and (low == 0 or low != high):
+        return [Problem(name, "min_workers/max_workers",
+                        f"the on-demand GPU fallback runs {low}..{high} nodes: the autoscaler may launch on-demand "
+                        "GPUs for demand Spot should serve, and with min_workers 0 there is no fallback",
+                        "pin it: min_workers: N, max_workers: N with N >= 1 (hybrid), or max_workers: 0 (all Spot)")]
+    return []
+
+
+_ZONE_SEGMENT = re.compile(r"(?:^|/)zones/([^/]+)/")
+
+
+def _check_zones(config: dict) -> List[Problem]:
+    provider = config["provider"]
+    if is_multizone(config):
+        from raytrain_spot.cluster.gcp.multizone_provider import MultiZoneSettings
+
+        try:
+            MultiZoneSettings.from_provider_config(provider)
+        except ValueError as error:
+            key, _, rest = str(error).partition(": ")
+            problem, _, fix = rest.partition(". Fix: ")
+            return [Problem("provider", key.removeprefix("provider."), problem, fix.rstrip("."))]
+        return []  # the provider writes each VM's zone into its URLs
+    zone = provider.get("availability_zone", "")
+    problems = []
+    if not zone or zone.rsplit("-", 1)[0] != provider.get("region"):
+        problems.append(Problem("provider", "availability_zone", f"{zone!r} is not a zone of region "
+                                f"{provider.get('region')!r}", "pick a zone of the region, e.g. us-central1-a"))
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type.get("node_config", {})
+        urls = [("node_config.machineType", str(node_config.get("machineType", "")))]
+        urls += [(f"node_config.guestAccelerators[{i}].acceleratorType", str(a.get("acceleratorType", "")))
+                 for i, a in enumerate(node_config.get("guestAccelerators") or [])]
+        for i, disk in enumerate(node_config.get("disks") or []):
+            disk_type = (disk.get("initializeParams") or {}).get("diskType")
+            if disk_type is None:
+                continue
+            key = f"node_config.disks[{i}].initializeParams.diskType"
+            if "/" not in str(disk_type):
+                problems.append(Problem(name, key, f"{disk_type!r} is a bare name; GCE takes a disk type URL here",
+                                        f"write zones/{zone}/diskTypes/{disk_type}"))
+            urls.append((key, str(disk_type)))
+        for key, url in urls:
+            match = _ZONE_SEGMENT.search(url)
+            if match and match.group(1) != zone:
+                problems.append(Problem(name, key, f"names zone {match.group(1)} but the cluster runs in {zone}",
+                                        f"write zones/{zone}/ in it"))
+    return problems
+
+
+def _check_watcher(config: dict) -> List[Problem]:
+    spot_workers = [name for name, node_type in config["available_node_types"].items()
+                    if name != config["head_node_type"] and pricing_of(node_type, gcp=True) == SPOT]
+    if spot_workers and not any(WATCHER_MODULE in command for command in config.get("worker_start_ray_commands", [])):
+        return [Problem("cluster", "worker_start_ray_commands",
+                        f"do not start the preemption watcher, so {', '.join(spot_workers)} nodes die without "
+                        "a drain or a just-in-time checkpoint",
+                        f"append: nohup python -m {WATCHER_MODULE} --margin-s 5 >> ~/.raytrain-spot/watcher.log "
+                        "2>&1 < /dev/null &")]
+    return []
+
+
+def _check_token_auth(config: dict) -> List[Problem]:
+    """Every node gets the token, and every Ray process the YAML starts uses it: a Ray client in
+    token mode without the token aborts, and a node started without token mode cannot join."""
+    problems = []
+    if TOKEN_PATH not in config.get("file_mounts", {}):
+        problems.append(Problem("cluster", "file_mounts", f"do not copy Ray's token to {TOKEN_PATH} on the nodes, so "
+                                "workers and their preemption watchers cannot join the token-authenticated head",
+                                f"add `{TOKEN_PATH}: {TOKEN_PATH}` (and create it with python -m "
+                                "raytrain_spot.cluster.check --new-token)"))
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config.get(key, []):
+            starts_ray = re.search(r"\bray start\b", command) or WATCHER_MODULE in command
+            if starts_ray and TOKEN_MODE not in command:
+                problems.append(Problem("cluster", key, f"start {command.split()[-1]!r}... without {TOKEN_MODE}, "
+                                        "so it cannot join the token-authenticated cluster",
+                                        f"prefix the command with {TOKEN_MODE}"))
+    return problems
+
+
+def check_local_token(config: dict) -> List[Problem]:
+    """The token file the YAML mounts exists here, readable by this user alone."""
+    source = config.get("file_mounts", {}).get(TOKEN_PATH)
+    if source is None:
+        return []
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        return [Problem("cluster", f"file_mounts.{TOKEN_PATH}", f"its source {path} does not exist, so `ray up` "
+                        "fails to copy it", "create it with python -m raytrain_spot.cluster.check --new-token")]
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        return [Problem("cluster", f"file_mounts.{TOKEN_PATH}", f"its source {path} is readable by others "
+                        f"(mode {mode:o}), and the token lets anyone who has it run code on the cluster",
+                        f"chmod 600 {path}")]
+    return []
+
+
+def new_token(path: str = TOKEN_PATH) -> bool:
+    """Create the cluster token at ``path`` (mode 600) unless it exists; never print it."""
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, the format `ray get-auth-token --generate` writes
+    return True
+
+
+# -- summary ------------------------------------------------------------------------------------
+def summarize(config: dict, price_lookup: PriceLookup = approximate_price) -> ClusterSummary:
+    gcp = is_gcp(config)
+    provider = config["provider"]
+    region = provider.get("region", "local")
+    rows = []
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type.get("node_config", {})
+        pricing = pricing_of(node_type, gcp)
+        machine = short_name(str(node_config.get("machineType", "local"))) if gcp else "local"
+        gpus = gpus_of(node_config) if gcp else None
+        price = None if gcp else 0.0  # a local cluster costs nothing by the hour
+        if gcp:
+            price = price_lookup(machine, pricing, region)
+            attached = attached_gpus(node_config)
+            if price is not None and attached is not None:
+                gpu_price = price_lookup(attached.accelerator_type, pricing, region)
+                price = None if gpu_price is None else price + attached.count * gpu_price
+        rows.append(NodeTypeSummary(
+            name=name, role="head" if name == config["head_node_type"] else "worker", pricing=pricing,
+            machine=machine, gpus=str(gpus) if gpus else "-", min_workers=node_type.get("min_workers", 0),
+            max_workers=node_type.get("max_workers", 0), price_per_hour=price))
+    if is_multizone(config):
+        zones = f"head {provider.get('availability_zone')}, Spot over {', '.join(provider.get('availability_zones', []))}"
+    else:
+        zones = provider.get("availability_zone", "-")
+    return ClusterSummary(config["cluster_name"], provider["type"], region, zones, rows)
+
+
+def format_summary(summary: ClusterSummary) -> str:
+    header = ("node type", "role", "pricing", "machine", "GPUs", "workers", "$/h each")
+    rows = [(t.name, t.role, t.pricing, t.machine, t.gpus,
+             "1" if t.role == "head" else f"{t.min_workers}-{t.max_workers}",
+             "?" if t.price_per_hour is None else f"{t.price_per_hour:.2f}") for t in summary.node_types]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = [f"cluster {summary.cluster_name}: provider {summary.provider}, region {summary.region}, "
+             f"zones {summary.zones}"]
+    lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
+    spot = sum(t.max_workers for t in summary.node_types if t.role == "worker" and t.pricing == SPOT)
+    on_demand = sum(t.max_workers for t in summary.node_types if t.role == "worker" and t.pricing == ON_DEMAND)
+    lines.append(f"  mode: {'hybrid' if spot and on_demand else 'all Spot' if spot else 'all on-demand'} "
+                 f"({on_demand} on-demand + {spot} Spot workers at most)")
+    for at in ("min", "max"):
+        total, unpriced = summary.cost_per_hour(at)
+        note = f" (not counting {', '.join(unpriced)}: no price)" if unpriced else ""
+        lines.append(f"  estimated $/h with every type at {at}_workers: {total:.2f}{note}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raytrain_spot.cluster.check", description=__doc__.split("\n")[0])
+    parser.add_argument("yaml", nargs="*", help="cluster YAML file(s)")
+    parser.add_argument("--new-token", action="store_true",
+                        help=f"create the cluster's Ray token at {TOKEN_PATH} (mode 600) if there is none; "
+                             "the GCP YAMLs copy it to every node")
+    args = parser.parse_args(argv)
+    if args.new_token:
+        created = new_token()
+        print(f"{'created' if created else 'kept the existing'} {os.path.expanduser(TOKEN_PATH)} (mode 600)")
+    elif not args.yaml:
+        parser.error("name a cluster YAML, or pass --new-token")
+    # Ray's config preparation logs defaults it fills in; the summary says what matters.
+    logging.getLogger("ray.autoscaler").setLevel(logging.ERROR)
+    status = 0
+    for path in args.yaml:
+        try:
+            config = load(path)
+        except ClusterConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            status = 2
+            continue
+        print(format_summary(summarize(config)))
+        problems = review(config) + check_local_token(config)
+        for problem in problems:
+            print(f"  problem: {problem}", file=sys.stderr)
+        if problems:
+            print(f"{path}: {len(problems)} problem(s); fix them before `ray up`.", file=sys.stderr)
+            status = max(status, 1)
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Catch a mistyped override before Hydra does, with a suggestion instead of Hydra's advice to append it."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, List, Optional
+
+from raytrain_spot.config.schema import DEFAULT_TASK, Config
+from raytrain_spot.train.task import task_class
+
+
+def unknown_override_key(overrides: List[str]) -> Optional[str]:
+    """A message for the first ``key=value`` override that names no setting, with a suggestion.
+
+    Hydra rejects such keys too, but suggests appending them with ``+``; the right fix is
+    almost always a typo. Keys under ``task.`` are checked against the chosen task's settings.
+    """
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key.startswith(("+", "~", "hydra.")) or "." not in key:
+            continue
+        node: Any = Config
+        path: List[str] = []
+        for part in key.split("."):
+            names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+            if names is None:
+                break
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f"did you mean {'.'.join(path + close)}?" if close else \
+                    f"settings under {'.'.join(path) or 'the top level'} are: {', '.join(names)}"
+                return f"{key}: no such setting. Fix: {hint}"
+            path.append(part)
+            node = _task_of(overrides) if path == ["task"] else typing.get_type_hints(node)[part]
+            node = typing.get_args(node)[0] if typing.get_origin(node) is typing.Union else node
+    return None
+
+
+def _task_of(overrides: List[str]) -> Optional[type]:
+    """The task class the overrides choose: the default one unless another is named."""
+    chosen = dict(o.split("=", 1) for o in overrides if o.startswith(("task=", "task._target_=")))
+    if "task._target_" in chosen:
+        target = chosen["task._target_"]
+    elif chosen.get("task", "vlm") == "vlm":
+        target = DEFAULT_TASK
+    else:
+        return None
+    try:
+        return task_class(target)
+    except ValueError:  # the run reports an unimportable task with its own message
+        return None

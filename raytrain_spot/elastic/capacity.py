@@ -1,0 +1,192 @@
+"""The live view of the cluster: how many workers fit now, which nodes are draining, when more joined.
+
+Read from the GCS at decision time (Ray's own elastic policy counts from a node view refreshed
+every 20 s and blind to draining nodes). The scaling policy sizes new groups with
+``LiveCapacity``; rank 0 watches the running group with ``CapacityWatcher``; ``RaySignals`` is
+what the training loop hears from the cluster (train/runtime.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set
+
+from raytrain_spot.config.schema import TrainerConfig
+from raytrain_spot.elastic.standby import standby_enabled, warm_joined_node
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    node_id: str
+    alive: bool
+    draining: bool
+    resources: Mapping[str, float]
+
+
+def workers_that_fit(nodes: List[NodeView], per_worker: Mapping[str, float], max_workers: int) -> int:
+    """Workers that fit on alive, non-draining nodes, at most ``max_workers``."""
+    needed = {k: v for k, v in per_worker.items() if v > 0}
+    if not needed:
+        return max_workers
+    total = 0
+    for node in nodes:
+        if node.alive and not node.draining:
+            total += int(min(node.resources.get(k, 0.0) // v for k, v in needed.items()))
+    return min(total, max_workers)
+
+
+def live_nodes() -> List[NodeView]:
+    """Nodes as the GCS sees them right now (production source of the live view)."""
+    import ray
+
+    draining = ray._private.state.state.get_draining_nodes()
+    return [NodeView(n["NodeID"], n["Alive"], n["NodeID"] in draining, n.get("Resources", {})) for n in ray.nodes()]
+
+
+class LiveCapacity:
+    """Counts the workers a new group can have; cached briefly, the controller asks in a loop."""
+
+    def __init__(self, per_worker: Mapping[str, float], max_workers: int,
+                 nodes: Callable[[], List[NodeView]] = live_nodes, clock: Callable[[], float] = time.monotonic,
+                 max_age_s: float = 0.25):
+        self._per_worker = dict(per_worker)
+        self._max_workers = max_workers
+        self._nodes = nodes
+        self._clock = clock
+        self._max_age_s = max_age_s
+        self._cached: Optional[tuple[float, List[NodeView]]] = None
+
+    def nodes(self) -> List[NodeView]:
+        now = self._clock()
+        if self._cached is None or now - self._cached[0] > self._max_age_s:
+            self._cached = (now, self._nodes())
+        return self._cached[1]
+
+    def workers(self) -> int:
+        return workers_that_fit(self.nodes(), self._per_worker, self._max_workers)
+
+
+class CapacityWatcher:
+    """Runs on rank 0: notices when more workers would fit than the group has (regrow), and
+    which of the group's nodes are draining (a preemption notice).
+
+    Growth is reported only after the extra capacity has stayed for ``settle_s``, so a node
+    that joins and vanishes at once does not cost a restart. ``on_join`` hears of every node
+    that joins while the group runs (warm standbys start there before the regrow). Draining
+    nodes are read from the GCS, as Ray Train's controller reads them before relaying them to
+    the workers: the loop acts on whichever arrives first, so a busy controller cannot make a
+    notice come too late.
+    """
+
+    def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float, settle_s: float,
+                 clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None):
+        self._capacity = capacity
+        self._group_nodes = set(group_nodes)
+        self._world_size = len(group_nodes)
+        self._on_join = on_join
+        self._seen: Optional[set] = None  # usable nodes seen so far; None before the first check
+        self._interval_s = interval_s
+        self._settle_s = settle_s
+        self._clock = clock
+        self._more_since: Optional[float] = None
+        self.grow_to: int = 0
+        self.draining: FrozenSet[str] = frozenset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capacity-watcher", daemon=True)
+
+    def start(self) -> "CapacityWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> None:
+        nodes = self._capacity.nodes()
+        self.draining = frozenset(node.node_id for node in nodes if node.draining and node.node_id in self._group_nodes)
+        usable = {node.node_id: node for node in nodes if node.alive and not node.draining}
+        if self._on_join and self._seen is not None:
+            for node_id in usable.keys() - self._seen:
+                self._on_join(usable[node_id])
+        self._seen = (self._seen or set()) | usable.keys()
+        workers = self._capacity.workers()
+        now = self._clock()
+        if workers <= self._world_size:
+            self._more_since = None
+            return
+        if self._more_since is None:
+            self._more_since = now
+        if now - self._more_since >= self._settle_s and not self.grow_to:
+            self.grow_to = workers
+            logger.info("Capacity for %d workers (group has %d) for %.1f s: regrowing",
+                        workers, self._world_size, now - self._more_since)
+
+    def _run(self) -> None:
+        while True:  # the first check at once: a notice may have come while the group started
+            try:
+                self.check()
+            except Exception:  # a GCS hiccup must not kill training; try again next interval
+                logger.warning("Capacity check failed", exc_info=True)
+            if self._stop.wait(self._interval_s):
+                return
+
+
+def drain_deadline_s(node_ids) -> Optional[float]:
+    """The earliest drain deadline (unix seconds) of these nodes, from the GCS; None if none has one."""
+    import ray
+
+    try:
+        draining = ray._private.state.state.get_draining_nodes()
+    except Exception:  # noqa: BLE001 - without the deadline the handoff goes on; only the lateness check is lost
+        logger.warning("Cannot read drain deadlines", exc_info=True)
+        return None
+    deadlines = [ms for node, ms in draining.items() if node in node_ids and ms]
+    return min(deadlines) / 1000.0 if deadlines else None
+
+
+def local_preemption_notice() -> Optional[Dict[str, List[int]]]:
+    """This worker's copy of Ray Train's preemption signal, read without a barrier.
+
+    ``ray.train.get_preemption_info()`` is a barrier costing tens of milliseconds, too much
+    for every step; the loop agrees on what each rank knows with its own per-step all-reduce.
+    """
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    info = get_train_context().preemption_context.preemption_info
+    return None if info is None else info.preempted_node_to_ranks
+
+
+class RaySignals:
+    """What the loop hears from the cluster in a run: notices from Ray Train's relay of the drain
+    and, on rank 0, from its own reading of the GCS (whichever is first); regrow from rank 0's watch."""
+
+    def __init__(self, capacity: Optional[CapacityWatcher]):
+        self._capacity = capacity
+
+    def leaving_nodes(self, step: int) -> Set[str]:
+        draining = set(local_preemption_notice() or ())
+        if self._capacity is not None:
+            draining |= self._capacity.draining
+        return draining
+
+    def grow_to(self, step: int) -> int:
+        return self._capacity.grow_to if self._capacity is not None else 0
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        return drain_deadline_s(nodes)
+
+
+def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityWatcher:
+    """Rank 0's watch on the cluster: regrow capacity, notices, and standbys for nodes that join."""
+    per_worker, most = trainer_cfg.resources_per_worker, trainer_cfg.max_workers
+
+    def warm(node: NodeView) -> None:
+        warm_joined_node(node.node_id, workers_that_fit([node], per_worker, most))
+
+    return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
+                           trainer_cfg.regrow_settle_s, on_join=warm if standby_enabled(trainer_cfg) else None).start()

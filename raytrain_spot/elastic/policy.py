@@ -1,0 +1,174 @@
+"""The Ray Train hooks of elastic training: the scaling and failure policies, the trainer that installs them.
+
+Plain Ray Train 2.60 resizes slowly on Spot: its elastic policy counts workers from the
+autoscaling coordinator's node view, refreshed every 20 s and blind to draining nodes, so
+after a loss it first retries the old size and waits out the worker-group start timeout.
+And it grows a running group by killing it, losing every step since the last checkpoint.
+
+Here instead:
+
+* the size of a new worker group is counted from a **live view** of the cluster: alive,
+  non-draining nodes, read from the GCS at decision time;
+* the training loop itself starts every resize with a **handoff**: at a preemption notice
+  or when more capacity has joined, all ranks agree at one step, commit a just-in-time
+  checkpoint, and raise ``WorkerGroupHandoff`` so that Ray restarts the group at once,
+  before the preempted node dies; no step is redone;
+* a running group is never resized by the controller (that would lose progress).
+
+Two private Ray classes are extended (``ElasticScalingPolicy``, ``DefaultFailurePolicy``)
+and installed through ``TorchTrainer._initialize_and_run_controller``;
+``tests/test_ray_pins.py`` fails loudly if a Ray upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.controller.state import ReschedulingState, RestartingState
+from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision, ScalingDecision
+from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+from ray.train.v2.api.config import FailureConfig, ScalingConfig
+from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
+
+from raytrain_spot.elastic.capacity import LiveCapacity
+from raytrain_spot.train.handoff import WorkerGroupHandoff
+from raytrain_spot.train.task import TaskContractError
+
+logger = logging.getLogger(__name__)
+
+
+# Ray Train reads these in the driver and passes them on to its controller and workers.
+# Values already in the environment win.
+RAY_TRAIN_TIMING = {
+    # The controller notices a finished handoff or a dead worker within half a second (default 2 s).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train relays a node drain to the workers within half a second (default 5 s).
+    "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+    # A group that cannot be placed (a node died while it started) is retried after 10 s, not 60 s:
+    # with a live capacity count, waiting for a placement means the count went stale.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+}
+
+
+NOOP_PACE_S = 0.1
+
+
+def is_handoff(error: Optional[TrainingFailedError]) -> bool:
+    return isinstance(error, WorkerGroupError) and bool(error.worker_failures) and all(
+        isinstance(failure, WorkerGroupHandoff) for failure in error.worker_failures.values()
+    )
+
+
+def contract_breach(error: Optional[TrainingFailedError]) -> Optional[TaskContractError]:
+    """The task's contract error among the workers' failures, if one is there (retrying cannot help)."""
+    failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else ()
+    return next((failure for failure in failures if isinstance(failure, TaskContractError)), None)
+
+
+class SpotScalingPolicy(ElasticScalingPolicy):
+    """Ray's elastic policy with a live capacity count; running groups are resized by handoff only.
+
+    After a failure the new group is sized only once ``failure_settle_s`` has passed: a node
+    that died without notice still looks alive to the GCS until its health checks fail, and a
+    group placed on it would wait out the start timeout. Resource requests to the autoscaler
+    (so a cloud cluster launches nodes up to max_workers) are kept from the base class.
+    """
+
+    def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
+                 failure_settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        super().__init__(scaling_config)
+        self._capacity = capacity or LiveCapacity(scaling_config._resources_per_worker_not_none,
+                                                  scaling_config.max_workers)
+        self._failure_settle_s = failure_settle_s
+        self._clock = clock
+        self._sleep = sleep
+        self._last_failure: Optional[float] = None
+        self._waiting_since: Optional[float] = None
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        """Entering a restart caused by a failure (not a handoff) starts the settle period."""
+        error = getattr(current_state, "training_failed_error", None)
+        entered = current_state is not previous_state  # a Noop decision keeps the very same state
+        if entered and isinstance(current_state, (RestartingState, ReschedulingState)) and not is_handoff(error):
+            self._last_failure = self._clock()
+
+    def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
+        self._maybe_send_resource_request()
+        if self._last_failure is not None and self._clock() - self._last_failure < self._failure_settle_s:
+            return self._wait()
+        workers = self._capacity.workers()
+        minimum = self.scaling_config.min_workers
+        if workers < minimum:
+            if self._waiting_since is None:
+                self._waiting_since = self._clock()
+                logger.warning("Waiting for capacity: %d workers fit on alive, non-draining nodes, "
+                               "min_workers=%d", workers, minimum)
+            return self._wait()
+        waited = self._clock() - self._waiting_since if self._waiting_since is not None else 0.0
+        self._waiting_since = None
+        logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
+                    "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
+        return ResizeDecision(num_workers=workers,
+                              resources_per_worker=self.scaling_config._resources_per_worker_not_none)
+
+    def _wait(self) -> NoopDecision:
+        # The controller asks again at once after a Noop; pace it rather than spin the head's CPU.
+        self._sleep(NOOP_PACE_S)
+        return NoopDecision()
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
+        self._maybe_send_resource_request()
+        return NoopDecision()
+
+
+class SpotFailurePolicy(DefaultFailurePolicy):
+    """A handoff is a planned restart: retry it without spending the failure budget. A task that
+    breaks its contract fails the same way in every group: stop at once, with the task's message."""
+
+    def __init__(self, failure_config: FailureConfig):
+        super().__init__(failure_config)
+        self.handoffs = 0
+
+    def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
+        if breach := contract_breach(training_failed_error):
+            logger.error("The training task breaks its contract; a restart would fail the same way: %s", breach)
+            return FailureDecision.RAISE
+        if is_handoff(training_failed_error):
+            self.handoffs += 1
+            reasons = sorted({f.reason for f in training_failed_error.worker_failures.values()})
+            logger.info("Restarting the worker group for a handoff (%s); handoffs so far: %d",
+                        ", ".join(reasons), self.handoffs)
+            return FailureDecision.RETRY
+        return super().make_decision(training_failed_error)
+
+
+class SpotTorchTrainer(TorchTrainer):
+    """TorchTrainer with the Spot scaling and failure policies and fast controller timings.
+
+    ``failure_settle_s``: after a failure, how long to wait for the GCS to declare dead nodes
+    dead before sizing the new group (the cluster's health-check period times its threshold).
+    """
+
+    def __init__(self, *args, failure_settle_s: float = 4.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._failure_settle_s = failure_settle_s
+
+    def fit(self):
+        for key, value in RAY_TRAIN_TIMING.items():
+            os.environ.setdefault(key, value)
+        return super().fit()
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config,
+                                                                     failure_settle_s=self._failure_settle_s)
+        controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+

@@ -1,0 +1,114 @@
+"""Warm standby worker processes: a restarted worker group starts in seconds, not in imports.
+
+Every Ray Train worker group runs in fresh worker processes, and a fresh process spends
+seconds importing torch, Ray Train and the training code before its first step
+(``python bench/bench_startup.py``). Two Ray mechanisms take that off the restart path:
+
+* ``RAY_preload_python_modules`` (a Ray setting, read by a raylet from its environment;
+  the embedded cluster and the cluster YAMLs set it on worker nodes): every worker process
+  that raylet starts imports ``PRELOAD_MODULES`` before it takes work;
+* the raylet's ``PrestartWorkers`` call: it starts idle worker processes for a job and a
+  runtime environment and keeps them alive; the next actor of that job and environment on
+  the node is placed in one of them instead of a new process.
+
+After every group start the lowest rank on each node tops its node up to one idle process
+per rank there, with the group's own runtime environment (marked with the run's name, so
+the processes can be counted), and rank 0 starts standbys on every node that joins while the
+group runs. When the group restarts, after a notice or for a regrow, its new workers start
+in those. ``PrestartWorkers`` has no Python API in Ray 2.60; ``tests/test_standby.py`` fails
+loudly if an upgrade moves or changes it. A failed top-up is logged and costs only the speed-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import psutil
+
+from raytrain_spot.config.schema import TrainerConfig
+
+logger = logging.getLogger(__name__)
+
+PRELOAD_MODULES = ("torch", "torch._dynamo", "raytrain_spot.train.loop")
+"""What every worker process imports before it takes work: torch._dynamo is imported by the
+first optimizer a process builds; raytrain_spot.train.loop pulls in Ray Train."""
+
+PRELOAD_ENV = "RAY_preload_python_modules"
+
+STANDBY_MARKER = "RAYTRAIN_SPOT_STANDBY"
+"""Environment variable in the Train workers' runtime environment; its value is the run name."""
+
+# Idle standbys are started per group; the job's end removes them, so they may wait long.
+KEEP_ALIVE_S = 7 * 24 * 3600
+IDLE_TITLE = "ray::IDLE"
+
+
+def standby_enabled(trainer_cfg: TrainerConfig) -> bool:
+    return trainer_cfg.spot_aware and trainer_cfg.warm_standby
+
+
+def idle_standbys(run_name: str) -> int:
+    """Idle worker processes of this run on this node (siblings of this worker under its raylet)."""
+    count = 0
+    for process in psutil.Process(os.getppid()).children():
+        try:
+            if process.cmdline()[:1] == [IDLE_TITLE] and process.environ().get(STANDBY_MARKER) == run_name:
+                count += 1
+        except (psutil.Error, IndexError):
+            continue  # exited or not ours to read
+    return count
+
+
+def prestart(node_id: str, count: int) -> None:
+    """Ask ``node_id``'s raylet for ``count`` idle workers with this worker's job and runtime environment."""
+    import ray
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import (
+        common_pb2,
+        node_manager_pb2,
+        node_manager_pb2_grpc,
+        runtime_environment_pb2,
+    )
+
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"])
+    context = ray.get_runtime_context()
+    request = node_manager_pb2.PrestartWorkersRequest(
+        language=common_pb2.PYTHON,
+        job_id=bytes.fromhex(context.get_job_id()),
+        runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(
+            serialized_runtime_env=context.get_runtime_env_string()),
+        keep_alive_duration_secs=KEEP_ALIVE_S,
+        num_workers=count,
+    )
+    # Ray's own channel: it adds the cluster's auth token and TLS where the cluster uses them.
+    with init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
+        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
+
+
+def top_up(run_name: str, node_id: str, wanted: int) -> Optional[int]:
+    """Start idle standbys on this node until it has ``wanted``; returns how many were started,
+    or None if that failed (logged: a failed top-up only loses the speed-up)."""
+    try:
+        missing = wanted - idle_standbys(run_name)
+        if missing > 0:
+            prestart(node_id, missing)
+        return max(missing, 0)
+    except Exception:
+        _log_cold_start(node_id)
+        return None
+
+
+def warm_joined_node(node_id: str, count: int) -> None:
+    """A node that joined while the group runs has no standby: start ``count`` there before the regrow."""
+    try:
+        if count > 0:
+            prestart(node_id, count)
+    except Exception:
+        _log_cold_start(node_id)
+
+
+def _log_cold_start(node_id: str) -> None:
+    logger.warning("Could not start standby worker processes on node %s; the next group starts cold there",
+                   node_id, exc_info=True)

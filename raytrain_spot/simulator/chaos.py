@@ -1,0 +1,276 @@
+"""The Spot simulator: preemptions and returning capacity on the embedded cluster.
+
+A preemption goes through the same path as on GCE. The node's metadata turns ``TRUE``
+(a real HTTP metadata emulator, one port per virtual node), the node's watcher process
+drains its Ray node, and ``notice_s`` later the node is killed abruptly, like a VM
+deletion, its local disk gone with it. Capacity coming back adds a node after a
+provisioning delay, with a watcher of its own.
+
+Scripts read like sentences::
+
+    [preempt(node=2, at_s=40, notice_s=30), restore(after_s=20), no_notice(node=0, at_step=90)]
+
+or come from a Spot trace (``../shared/traces/``), with one trace tick compressed to ``tick_s``
+wall seconds and node counts scaled to the embedded cluster's size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from raytrain_spot.config.schema import ChaosConfig, ChaosEvent
+from raytrain_spot.observe.events import EventLog
+
+logger = logging.getLogger(__name__)
+
+
+def preempt(node: int = 0, at_s: Optional[float] = None, at_step: Optional[int] = None,
+            notice_s: Optional[float] = None, rank: Optional[int] = None, metadata_delay_s: float = 0.0) -> ChaosEvent:
+    return ChaosEvent(action="preempt", node=node, rank=rank, at_s=at_s, at_step=at_step, notice_s=notice_s,
+                      metadata_delay_s=metadata_delay_s)
+
+
+def no_notice(node: int = 0, at_s: Optional[float] = None, at_step: Optional[int] = None,
+              rank: Optional[int] = None) -> ChaosEvent:
+    return ChaosEvent(action="preempt", node=node, rank=rank, at_s=at_s, at_step=at_step, no_notice=True)
+
+
+def restore(after_s: float = 20.0) -> ChaosEvent:
+    return ChaosEvent(action="restore", after_s=after_s)
+
+
+@dataclass(order=True)
+class Action:
+    """Something the simulator does at a wall time (seconds after the first step)."""
+
+    at_s: float
+    kind: str = field(compare=False)  # notice | kill | add
+    node: Optional[int] = field(default=None, compare=False)
+    notice_s: float = field(default=0.0, compare=False)
+
+
+def trace_targets(data: List[int], num_nodes: int) -> List[int]:
+    """Nodes alive per tick, scaled from the trace's fleet to ``num_nodes``."""
+    fleet = max(max(data), 1)
+    return [round(count * num_nodes / fleet) for count in data]
+
+
+def trace_actions(targets: List[int], tick_s: float, notice_s: float, provisioning_s: float,
+                  pick: Callable[[List[int], int], List[int]]) -> List[Action]:
+    """Notices, kills and adds that make the alive count follow ``targets`` tick by tick.
+
+    ``pick(alive, k)`` chooses which k of the alive node slots a drop takes.
+    """
+    actions: List[Action] = []
+    alive = list(range(targets[0]))
+    next_slot = len(alive)
+    for tick, target in enumerate(targets[1:], start=1):
+        now = tick * tick_s
+        if target < len(alive):
+            for slot in pick(alive, len(alive) - target):
+                alive.remove(slot)
+                if notice_s > 0:
+                    actions.append(Action(now, "notice", slot, notice_s))
+                actions.append(Action(now + notice_s, "kill", slot))
+        for _ in range(target - len(alive)):
+            alive.append(next_slot)
+            actions.append(Action(now + provisioning_s, "add", next_slot))
+            next_slot += 1
+    return sorted(actions)
+
+
+def load_trace(path: str, start_tick: int, max_ticks: Optional[int]) -> List[int]:
+    with open(os.path.expanduser(path)) as f:
+        data = json.load(f)["data"]
+    data = data[start_tick:]
+    return data[:max_ticks] if max_ticks else data
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def spawn_tied(command: List[str], env: Dict[str, str], log) -> subprocess.Popen:
+    """Start a helper process that the kernel kills when this process dies, however it dies
+    (a SIGKILLed driver included), so no simulator process polls on forever.
+
+    The signal is SIGKILL: SIGTERM would be a preemption notice to a watcher."""
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+
+class SpotSimulator:
+    """Drives preemptions on an EmbeddedCluster. Call ``tick()`` from the main thread.
+
+    Node slots: the cluster's worker nodes at start are slots 0..N-1; every node added later
+    takes the next slot. Scripted ``preempt(node=i)`` means the i-th alive node.
+    """
+
+    def __init__(self, cfg: ChaosConfig, cluster, events: EventLog, current_step: Callable[[], Optional[int]],
+                 on_kill: Callable[[str, bool], None], log_dir: str, rank_nodes: Callable[[], List[str]] = list,
+                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time):
+        from raytrain_spot.simulator.metadata_server import MetadataEmulator
+
+        self.cfg = cfg
+        self.cluster = cluster
+        self.events = events
+        self.current_step = current_step
+        self.rank_nodes = rank_nodes  # node id of each rank of the current worker group
+        self.node_local_root = node_local_root
+        self.clock = clock
+        self.on_kill = on_kill  # logs the kill (the cluster monitor, so it is logged once)
+        self.log_dir = log_dir
+        os.makedirs(log_dir, exist_ok=True)
+        self.metadata = MetadataEmulator()
+        self.nodes: Dict[int, object] = {}  # slot -> Ray node handle of the alive ones
+        self.watchers: Dict[int, subprocess.Popen] = {}
+        self._noticed: set[int] = set()
+        self._next_slot = 0
+        self.kills = 0
+        self.notices = 0
+        for node in list(cluster.workers):
+            self._track(node)
+        self._started_at: Optional[float] = None
+        self._pending: List[Action] = []
+        self._script: List[ChaosEvent] = list(cfg.events) if cfg.mode == "events" else []
+        self._ticks = None
+        if cfg.mode == "trace":
+            targets = trace_targets(load_trace(cfg.trace, cfg.start_tick, cfg.max_ticks), len(self.nodes))
+            self._ticks = len(targets)
+            rng = random.Random(cfg.seed)
+            self._pending = trace_actions(targets, cfg.tick_s, 0.0 if cfg.no_notice else cfg.notice_s,
+                                          cfg.provisioning_s, lambda alive, k: rng.sample(alive, k))
+            logger.info("Replaying %s: %d ticks of %.1f s, %d node losses", cfg.trace, len(targets), cfg.tick_s,
+                        sum(a.kind == "kill" for a in self._pending))
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    def _track(self, node) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        self.nodes[slot] = node
+        name = f"worker-{slot}"
+        self.metadata.add_node(name)
+        if not self.cfg.watchers:
+            return slot
+        with open(os.path.join(self.log_dir, f"watcher-{name}.log"), "ab") as log:
+            self.watchers[slot] = spawn_tied(
+                [sys.executable, "-m", "raytrain_spot.preemption.watcher", "--node-id", node.node_id,
+                 "--address", self.cluster.address, "--notice-s", str(self.cfg.notice_s),
+                 "--margin-s", str(self.cfg.margin_s)],
+                env={**os.environ, **self.metadata.env(name)}, log=log,
+            )
+        return slot
+
+    def alive_slots(self) -> List[int]:
+        return sorted(self.nodes)
+
+    def _notice(self, slot: int, notice_s: float, metadata_delay_s: float = 0.0) -> None:
+        self.notices += 1
+        self._noticed.add(slot)
+        if metadata_delay_s:
+            self.metadata.stall(metadata_delay_s, node=f"worker-{slot}")
+        self.metadata.preempt(f"worker-{slot}")
+        self.events.emit("notice", node=self.nodes[slot].node_id, notice_s=notice_s)
+        logger.info("Preemption notice to worker-%d (%s); killing it in %.1f s", slot, self.nodes[slot].node_id,
+                    notice_s)
+
+    def _kill(self, slot: int) -> None:
+        node = self.nodes.pop(slot)
+        self.kills += 1
+        watcher = self.watchers.pop(slot, None)
+        if watcher is not None and watcher.poll() is None:
+            watcher.kill()
+        self.cluster.remove_worker_node(node)
+        self.on_kill(node.node_id, self.cfg.watchers and slot in self._noticed)
+        if self.node_local_root:
+            shutil.rmtree(os.path.join(self.node_local_root, node.node_id), ignore_errors=True)
+        logger.info("Killed worker-%d (%s)", slot, node.node_id)
+
+    def _add(self) -> None:
+        slot = self._track(self.cluster.add_worker_node())
+        logger.info("Capacity back: worker-%d (%s) joined", slot, self.nodes[slot].node_id)
+
+    # -- the clock -----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        step = self.current_step()
+        if step is None:
+            return
+        now = self.clock()
+        if self._started_at is None:
+            self._started_at = now
+            self.events.emit("chaos", mode=self.cfg.mode, trace=self.cfg.trace, tick_s=self.cfg.tick_s,
+                             ticks=self._ticks, notice_s=self.cfg.notice_s, watchers=self.cfg.watchers)
+        elapsed = now - self._started_at
+        self._schedule_script(elapsed, step)
+        while self._pending and self._pending[0].at_s <= elapsed:
+            action = self._pending.pop(0)
+            if action.kind == "add":
+                self._add()
+            elif action.node not in self.nodes:
+                continue  # already gone
+            elif action.kind == "notice":
+                self._notice(action.node, action.notice_s)
+            else:
+                self._kill(action.node)
+
+    def _schedule_script(self, elapsed: float, step: int) -> None:
+        while self._script:
+            event = self._script[0]
+            if event.action == "restore":
+                last_kill = max((a.at_s for a in self._pending if a.kind == "kill"), default=elapsed)
+                self._pending.append(Action(max(last_kill, elapsed) + event.after_s, "add"))
+            elif (event.at_s is not None and elapsed >= event.at_s) or (
+                    event.at_step is not None and step >= event.at_step):
+                slot = self._target(event)
+                notice_s = 0.0 if event.no_notice else (event.notice_s if event.notice_s is not None
+                                                       else self.cfg.notice_s)
+                if not event.no_notice:
+                    self._notice(slot, notice_s, event.metadata_delay_s)
+                self._pending.append(Action(elapsed + notice_s, "kill", slot))
+            else:
+                return
+            self._script.pop(0)
+            self._pending.sort()
+
+    def _target(self, event: ChaosEvent) -> int:
+        if event.rank is not None:
+            nodes = self.rank_nodes()
+            slot = next((s for s, n in self.nodes.items() if event.rank < len(nodes) and n.node_id == nodes[event.rank]),
+                        None)
+            if slot is None:
+                raise ValueError(f"chaos: preempt(rank={event.rank}) but no alive node runs rank {event.rank}")
+            return slot
+        alive = self.alive_slots()
+        if event.node >= len(alive):
+            raise ValueError(f"chaos: preempt(node={event.node}) but only {len(alive)} worker nodes are alive")
+        return alive[event.node]
+
+    @property
+    def done(self) -> bool:
+        return not self._script and not self._pending
+
+    def close(self) -> None:
+        for watcher in self.watchers.values():
+            if watcher.poll() is None:
+                watcher.kill()  # not SIGTERM: to a watcher that is a preemption notice
+        for watcher in self.watchers.values():
+            watcher.wait(timeout=10)
+        self.metadata.close()

@@ -1,0 +1,66 @@
+"""What every rank must agree on after each step, in the one all-reduce the step makes.
+
+Each rank contributes a ``RankView``; the sum over ranks decodes into one ``StepAgreement``
+that every rank acts on at the same step. The sum works because every slot has either one
+writer (rank 0's decisions: regrow, periodic save, committed step) or means "any rank says
+so" (a rank's notice flag, set by whichever ranks know of it; read as > 0). The loss is the
+one true sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from raytrain_spot.train.collectives import RankGroup
+
+_LOSS, _GROW_TO, _SAVE, _COMMITTED, _LEAVING = range(5)
+
+
+@dataclass(frozen=True)
+class RankView:
+    """One rank's contribution. The decisions are rank 0's: other ranks' values are ignored."""
+
+    loss_sum: float
+    """Sum of this rank's per-sample losses this step."""
+    leaving_ranks: Sequence[int] = ()
+    """Ranks this rank knows to be on a node with a preemption notice."""
+    grow_to: int = 0
+    """Rank 0: restart at this larger size after this step (0: no regrow)."""
+    save_due: bool = False
+    """Rank 0: take a periodic checkpoint of this step."""
+    committed_step: int = 0
+    """Rank 0: newest step committed to a shared tier."""
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What all ranks act on after the step."""
+
+    loss_sum: float
+    """Sum of per-sample losses over the global batch."""
+    leaving_ranks: List[int]
+    """Ranks on nodes with a notice, as known to any rank: hand off without them."""
+    grow_to: int
+    save_due: bool
+    committed_step: int
+
+
+def agree(view: RankView, group: RankGroup) -> StepAgreement:
+    """Collective: every rank calls it once per step with its own view."""
+    slots = [0.0] * (_LEAVING + group.world_size)
+    slots[_LOSS] = view.loss_sum
+    for rank in view.leaving_ranks:
+        slots[_LEAVING + rank] = 1.0
+    if group.rank == 0:
+        slots[_GROW_TO] = float(view.grow_to)
+        slots[_SAVE] = float(view.save_due)
+        slots[_COMMITTED] = float(view.committed_step)
+    # float64: step numbers stay exact far beyond any run's length.
+    summed = group.all_reduce_sum(torch.tensor(slots, dtype=torch.float64, device=group.device)).tolist()
+    return StepAgreement(loss_sum=summed[_LOSS],
+                         leaving_ranks=[r for r in range(group.world_size) if summed[_LEAVING + r] > 0],
+                         grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
+                         committed_step=int(summed[_COMMITTED]))

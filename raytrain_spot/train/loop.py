@@ -1,0 +1,285 @@
+"""The training loop each Ray Train worker runs. Read ``train`` top to bottom.
+
+The loop knows no model: the task (train/task.py) builds it, the dataset and the loss. What the
+loop needs from Ray is injected through ``WorkerRuntime``, so the same loop runs in a plain
+process group in tests; ``train_loop_per_worker`` is the Ray Train entry that builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Collection, Dict, List, Optional, Set
+
+import psutil
+import ray.train
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
+from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRequest
+from raytrain_spot.checkpoint.state import LoopState
+from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
+from raytrain_spot.config.schema import Config, config_from_dict
+from raytrain_spot.elastic.capacity import RaySignals, watch_capacity
+from raytrain_spot.elastic.standby import standby_enabled, top_up
+from raytrain_spot.observe.events import EventLog
+from raytrain_spot.storage.store import LocalStore, open_store
+from raytrain_spot.train.agreement import RankView, agree
+from raytrain_spot.train.collectives import RankGroup
+from raytrain_spot.train.handoff import checkpoint_and_report, hand_off, handoff_after
+from raytrain_spot.train.runtime import WorkerRuntime
+from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.train.step import build_optimizer, learning_rate, set_learning_rate, split, step_seed, train_step
+from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopContext:
+    """What the driver hands every worker besides the config."""
+
+    config: Dict[str, Any]
+    storage_uri: str
+    events: Any  # handle of the event-log actor, or None
+    head_store: Any  # handle of the head-node checkpoint store, or None
+
+
+def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: CheckpointManager,
+          events: EventLog, phases: "Phases") -> None:
+    rank, world_size, group = runtime.rank, runtime.world_size, runtime.group
+    device = group.device
+    global_batch = cfg.trainer.global_batch_size
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    # Data: one global stream of positions; this rank takes every world_size-th of each step.
+    dataset = task.build_dataset(cfg.run.seed)
+    order = GlobalSampleOrder(sample_spans(dataset), cfg.run.seed)
+    phases.mark("data")
+
+    # Model and optimizer, identical on every rank before any checkpoint is loaded.
+    torch.manual_seed(cfg.run.seed)
+    model = task.build_model().to(device)
+    check_same_parameters(model, group)
+    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
+    parts = {"model": model, "optimizer": optimizer, **task.extra_state()}
+    phases.mark("model")
+
+    restored = checkpoints.restore(parts, rank)
+    phases.mark("restore")
+    loop = restored.loop if restored else LoopState()
+    if restored and restored.manifest.reason != "regrow" and restored.manifest.kind != "final":
+        loop.interruptions += 1  # a notice or a failure ended the previous group; a regrow is planned
+    check_dataset(dataset, order.rows_at(rank_positions(loop.samples_seen, global_batch, rank, world_size))[:1],
+                  group)
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    phases.mark("ddp")
+    if rank == 0:
+        announce_group(events, restored, world_size, loop, phases.durations, runtime.node_ids, **runtime.group_facts)
+
+    cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
+        cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
+    reported_step = loop.step
+    total_samples = cfg.trainer.max_steps * global_batch
+    while loop.step < cfg.trainer.max_steps:
+        step_started = time.time()
+        rows = order.rows_at(rank_positions(loop.samples_seen, global_batch, rank, world_size))
+        micro_batches = [(move_to(task.collate([dataset[row] for row in chunk]), device), len(chunk))
+                         for chunk in split(rows, cfg.trainer.micro_batch_size)]
+        data_s = time.time() - step_started
+        lr = learning_rate(loop.samples_seen, total_samples, cfg.optim)
+        set_learning_rate(optimizer, lr)
+        torch.manual_seed(step_seed(cfg.run.seed, loop.step, rank))
+
+        loss_sum = train_step(ddp_model, optimizer, micro_batches, task.loss, world_size / global_batch,
+                              cfg.optim.grad_clip, autocast_dtype)
+
+        # What each rank heard from the cluster, and rank 0's decisions, in the same all-reduce as the loss.
+        next_step = loop.step + 1
+        leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
+        view = (RankView(loss_sum, leaving, grow_to=runtime.signals.grow_to(next_step),
+                         save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
+                         committed_step=checkpoints.committed_step) if rank == 0 else RankView(loss_sum, leaving))
+        agreed = agree(view, group)
+        first_position = loop.samples_seen
+        loop.step = next_step
+        loop.samples_seen += global_batch
+        loop.train_time_s += time.time() - step_started
+
+        if cfg.run.log_sample_ids:
+            events.emit("samples", step=loop.step, rank=rank, ids=rows)
+        if rank == 0:
+            events.emit("step", step=loop.step, world_size=world_size,
+                        samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
+                        lr=lr, duration_s=time.time() - step_started, data_s=data_s)
+
+        if loop.step == cfg.trainer.max_steps:
+            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)
+            break
+        if handoff := handoff_after(agreed, loop.step, world_size):
+            hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
+                     runtime.signals.drain_deadline_s)
+        if agreed.save_due:
+            checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
+        if agreed.committed_step > reported_step:
+            reported_step = agreed.committed_step
+            runtime.report(reported_step)
+        if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, loop.interruptions,
+                                                   loop.train_time_s, world_size, loop.step)):
+            logger.info("Checkpoint advisor: %s", advice.explain())
+            events.emit("advice", **advice.__dict__)
+
+
+def sample_spans(dataset) -> List[tuple]:
+    """Index ranges the sample order shuffles within (a dataset's ``row_group_spans`` keeps reads
+    local to a Parquet row group); one span of the whole dataset otherwise."""
+    spans = getattr(dataset, "row_group_spans", None)
+    return spans() if callable(spans) else [(0, len(dataset))]
+
+
+def check_same_parameters(model: torch.nn.Module, group: RankGroup) -> None:
+    """Every rank must build the same initial parameters (train/task.py's contract)."""
+    digests = group.all_gather_object(parameter_digest(model))
+    if len(set(digests)) > 1:
+        raise TaskContractError(
+            f"build_model built different parameters on different ranks (digests {digests}): a fresh start would "
+            "train from rank 0's alone and no rerun would reproduce it. Fix: draw every random initial value from "
+            "torch's default generator (the framework seeds it with run.seed), not from the clock or a generator "
+            "of your own")
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    with torch.no_grad():
+        sums = [(name, tuple(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
+                for name, p in model.named_parameters()]
+    return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
+
+
+def check_dataset(dataset, probe_rows: List[int], group: RankGroup) -> None:
+    """Collective: every rank stops with the same error when any rank's dataset breaks the contract."""
+    problems = [p for p in group.all_gather_object(task_contract_problem(dataset, probe_rows)) if p]
+    if problems:
+        raise TaskContractError(problems[0])
+
+
+def ranks_on(node_ids: List[str], nodes: Collection[str]) -> List[int]:
+    return [r for r, node_id in enumerate(node_ids) if node_id in nodes]
+
+
+def periodic_save_due(checkpoints: CheckpointManager, next_step: int, interval_steps: Optional[int]) -> bool:
+    """Whether the step about to finish should be checkpointed (rank 0 decides for everyone)."""
+    if checkpoints.busy:
+        return False  # at most one save in flight; a due one waits for it to finish
+    if checkpoints.deferred is not None:
+        return True
+    if interval_steps is None:  # the advisor has no measurement yet: take one early to measure
+        return checkpoints.last_save_step < 0 and next_step >= 5
+    return interval_steps > 0 and next_step - max(checkpoints.last_save_step, 0) >= interval_steps
+
+
+class Phases:
+    """Wall time of each startup phase of the training function, for the ``group`` event."""
+
+    def __init__(self):
+        self._last = time.time()
+        self.durations: Dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.durations[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+def announce_group(events: EventLog, restored: Optional[Restored], world_size: int, loop: LoopState,
+                   startup_s: Dict[str, float], node_ids: List[str], **details: Any) -> None:
+    if restored:
+        events.emit("restore", step=restored.loop.step, tier=restored.tier, duration_s=restored.duration_s)
+    events.emit("group", world_size=world_size, step=loop.step,
+                restored_step=restored.loop.step if restored else None, startup_s=startup_s, nodes=node_ids,
+                **details)
+    if restored and restored.manifest.world_size != world_size:
+        events.emit("resize", old_world_size=restored.manifest.world_size, world_size=world_size, step=loop.step)
+
+
+# -- the Ray Train entry ------------------------------------------------------------------
+
+def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+    phases = Phases()
+    quiet_handoff_tracebacks()
+    context: LoopContext = loop_config["context"]
+    cfg: Config = config_from_dict(context.config)
+    task = build_task(cfg.task)
+    events = EventLog(context.events)
+    torch.set_num_threads(cfg.trainer.torch_threads)
+    group = RankGroup.for_training(ray.train.torch.get_device())
+    rank = group.rank
+
+    # Which node each rank runs on, and when its process started (a warm standby predates the restart).
+    placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time()))
+    node_ids = [node_id for node_id, _ in placements]
+    if standby_enabled(cfg.trainer) and node_ids.index(node_ids[rank]) == rank:
+        threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank])),
+                         name="standby-top-up", daemon=True).start()
+    capacity = watch_capacity(cfg.trainer, node_ids) if rank == 0 and cfg.trainer.spot_aware else None
+    try:
+        checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
+        runtime = WorkerRuntime(group, node_ids, report=report_step,
+                                signals=RaySignals(capacity) if cfg.trainer.spot_aware else QuietCluster(),
+                                group_facts={"process_age_s": [round(time.time() - t, 1) for _, t in placements]})
+        train(cfg, task, runtime, checkpoints, events, phases)
+    finally:
+        if capacity is not None:
+            capacity.stop()
+
+
+class QuietCluster:
+    """Plain Ray Train (``trainer.spot_aware=false``): the loop hears of no notice and never regrows."""
+
+    def leaving_nodes(self, step: int) -> Set[str]:
+        return set()
+
+    def grow_to(self, step: int) -> int:
+        return 0
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        return None
+
+
+def quiet_handoff_tracebacks() -> None:
+    """Ray logs every exception leaving the training function with its traceback; a handoff
+    is a planned restart, already logged as an event, so keep it out of the console."""
+    logging.getLogger("ray.train.v2._internal.util").addFilter(
+        lambda record: "WorkerGroupHandoff" not in record.getMessage())
+
+
+def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup, node_ids: List[str],
+                             events: EventLog) -> CheckpointManager:
+    """The lowest rank on each Ray node keeps that node's local copy (Ray's own local_rank
+    groups workers by IP, which virtual nodes on one machine share)."""
+    rank = group.rank
+    node_id = node_ids[rank]
+    node_root = cfg.checkpoint.local_root(context.storage_uri, node_id)
+    local = None
+    if cfg.checkpoint.use_local and not cfg.checkpoint.sharded:  # one node holds only its ranks' shares
+        local = StoreTier("local", LocalStore(node_root), cfg.run.name, cfg.checkpoint.keep_latest_k)
+    durable = StoreTier("durable", open_store(context.storage_uri), cfg.run.name, cfg.checkpoint.keep_latest_k,
+                        cfg.checkpoint.milestone_every_steps)
+    rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
+    shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
+    return CheckpointManager(cfg.run.name, context.config, local, shared, group=group,
+                             writes_local=node_ids.index(node_id) == rank,
+                             events=events, compression=cfg.checkpoint.compression, scratch_root=node_root,
+                             sharded=cfg.checkpoint.sharded)
+
+
+def report_step(step: int) -> None:
+    """Every rank joins Ray Train's report of a committed step: a barrier, so no rank hands off
+    before the checkpoint is in. No checkpoint goes to Ray: its upload into storage.uri would
+    re-raise a long bucket outage into training (docs/checkpoints.md, "Ray Train holds no checkpoint")."""
+    import ray.train
+
+    ray.train.report({"step": step})

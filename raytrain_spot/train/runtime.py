@@ -1,0 +1,44 @@
+"""What the training loop needs from its surroundings, injected: Ray Train in a run, a plain
+process group and a fault injector in the loop's unit tests (tests/test_loop.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Dict, List, Optional, Protocol, Set
+
+from raytrain_spot.train.collectives import RankGroup
+
+
+class ClusterSignals(Protocol):
+    """What the cluster says after a step. Every rank asks once per step; the answers of all
+    ranks are then agreed on (train/agreement.py), so a rank that hears first is enough."""
+
+    def leaving_nodes(self, step: int) -> Set[str]:
+        """Nodes of the group with a preemption notice, as this rank knows them after ``step``."""
+
+    def grow_to(self, step: int) -> int:
+        """Asked on rank 0 only: the larger group that would fit now (0: none)."""
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        """When the first of these nodes stops (unix seconds), if known."""
+
+
+@dataclass
+class WorkerRuntime:
+    group: RankGroup
+    """This rank's collectives (rank, world size, training device)."""
+    node_ids: List[str]
+    """The node every rank runs on, by rank."""
+    report: Callable[[int], None]
+    """Joined by every rank for a committed step: a barrier (Ray Train's report in a run)."""
+    signals: ClusterSignals
+    group_facts: Dict[str, Any] = field(default_factory=dict)
+    """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size

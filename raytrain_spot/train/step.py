@@ -1,0 +1,85 @@
+"""The pieces of an optimizer step that must not depend on the world size.
+
+* the learning rate is a function of samples seen, not of steps or workers;
+* each rank sums the task's per-sample losses scaled by world_size / global_batch_size, so DDP's
+  gradient average over ranks equals the mean over the whole global batch, however the
+  batch is split across ranks and micro-batches;
+* randomness is reseeded every step from (seed, step, rank), so a resumed run replays the
+  random stream of the run it continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from raytrain_spot.config.schema import OptimConfig
+from raytrain_spot.train.task import per_sample_loss
+
+
+def learning_rate(samples_seen: int, total_samples: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``total_samples``."""
+    if samples_seen < cfg.warmup_samples:
+        return cfg.lr * (samples_seen + 1) / cfg.warmup_samples
+    decay_span = max(total_samples - cfg.warmup_samples, 1)
+    progress = min((samples_seen - cfg.warmup_samples) / decay_span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(param_groups: List[Dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the task's parameter groups; a group without its own weight decay gets optim.weight_decay."""
+    groups = [group for group in param_groups if group["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63)
+
+
+def split(indices: Sequence[int], size: int) -> List[Sequence[int]]:
+    """``indices`` in micro-batches of at most ``size``."""
+    return [indices[start:start + size] for start in range(0, len(indices), size)]
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[Tuple[Any, int]],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    loss_scale: float,
+    grad_clip: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """One optimizer step over this rank's share of the global batch.
+
+    ``micro_batches`` are (batch, number of samples) pairs; ``loss(model, batch)`` returns one
+    loss per sample. ``model`` may be DDP-wrapped: gradients are synchronised once, on the last
+    micro-batch. ``loss_scale`` is world_size / global_batch_size. Returns the sum of per-sample losses.
+    """
+    device_type = next(model.parameters()).device.type
+    loss_sum = 0.0
+    for i, (batch, size) in enumerate(micro_batches):
+        is_last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if is_last or not hasattr(model, "no_sync") else model.no_sync()
+        autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
+                    if autocast_dtype is not None else contextlib.nullcontext())
+        with sync:
+            with autocast:
+                per_sample = per_sample_loss(loss(model, batch), size)
+            (per_sample.sum() * loss_scale).backward()
+        loss_sum += per_sample.detach().sum().item()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum

@@ -1,0 +1,53 @@
+"""Builds the Ray Train ``TorchTrainer`` for a run: elastic scaling, Spot-proof failure handling."""
+
+from __future__ import annotations
+
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+
+from raytrain_spot.config.schema import Config
+from raytrain_spot.elastic.policy import SpotTorchTrainer
+from raytrain_spot.elastic.standby import STANDBY_MARKER, standby_enabled
+from raytrain_spot.train.loop import LoopContext, train_loop_per_worker
+
+
+def ray_storage(storage_uri: str) -> dict:
+    """RunConfig storage arguments: a local path, or a bucket path plus a pyarrow filesystem for GCS."""
+    if storage_uri.startswith("gs://"):
+        from raytrain_spot.storage.gcs import GcsStore
+
+        store = GcsStore.from_uri(storage_uri)
+        return {"storage_path": store.ray_storage_path(), "storage_filesystem": store.pyarrow_filesystem()}
+    return {"storage_path": storage_uri[len("file://"):]}
+
+
+def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
+    trainer_cfg = cfg.trainer
+    fixed = trainer_cfg.min_workers == trainer_cfg.max_workers
+    scaling = ScalingConfig(
+        num_workers=trainer_cfg.max_workers if fixed else (trainer_cfg.min_workers, trainer_cfg.max_workers),
+        use_gpu=trainer_cfg.use_gpu,
+        resources_per_worker=trainer_cfg.resources_per_worker,
+        elastic_resize_monitor_interval_s=trainer_cfg.resize_check_interval_s,
+    )
+    run_config = RunConfig(
+        name=cfg.run.name,
+        **ray_storage(context.storage_uri),
+        # A lost Spot node is a failure to Ray unless it came with a drain: never give up on those.
+        failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
+        logging_config=LoggingConfig(log_level="WARNING"),
+        # Marks the workers' processes so each node can count its idle standbys (standby.py).
+        worker_runtime_env={"env_vars": {STANDBY_MARKER: cfg.run.name}} if standby_enabled(trainer_cfg) else None,
+    )
+    spot = {"failure_settle_s": trainer_cfg.failure_settle_s} if trainer_cfg.spot_aware else {}
+    trainer_cls = SpotTorchTrainer if trainer_cfg.spot_aware else TorchTrainer
+    return trainer_cls(
+        train_loop_per_worker,
+        **spot,
+        train_loop_config={"context": context},
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if trainer_cfg.use_gpu else "gloo",
+                                 timeout_s=int(trainer_cfg.collective_timeout_s)),
+    )
