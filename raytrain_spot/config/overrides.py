@@ -25,7 +25,7 @@ def unknown_override_key(overrides: List[str]) -> Optional[str]:
         path: List[str] = []
         for part in key.split("."):
             names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
-            if names is None:
+            if names is None or (path == ["task"] and part == "_target_"):
                 break
             if part not in names:
                 close = difflib.get_close_matches(part, names, n=1)

@@ -1,0 +1,258 @@
+"""The training loop's handoff and save decisions, on a plain gloo group with no Ray cluster.
+
+The cluster's signals come from a fault injector keyed on the step (``notice_at(step, rank)``,
+``capacity_at(step, workers)``); the loop, the agreement, the checkpoint manager and a durable
+tier on local disk are the real ones. A preempted run resumed at another world size must
+continue the uninterrupted run's loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Collection, Dict, List, Optional, Set
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest
+from raytrain_spot.checkpoint.manager import CheckpointManager
+from raytrain_spot.checkpoint.state import LoopState, StateMismatch, load_training_state, training_state
+from raytrain_spot.checkpoint.tiers import StoreTier
+from raytrain_spot.config.schema import CheckpointConfig, Config, OptimConfig, TrainerConfig
+from raytrain_spot.storage.store import LocalStore
+from raytrain_spot.train.collectives import RankGroup
+from raytrain_spot.train.handoff import WorkerGroupHandoff
+from raytrain_spot.train.loop import Phases, train
+from raytrain_spot.train.runtime import WorkerRuntime
+from raytrain_spot.train.task import TaskContractError, TrainingTask
+from tests.conftest import Recorder
+
+RUN = "loop"
+
+
+class FaultInjector:
+    """What the cluster says after each step, scripted: ``FaultInjector(nodes).notice_at(step=5, rank=1)``."""
+
+    def __init__(self, node_ids: List[str]):
+        self.node_ids = node_ids
+        self.notices: Dict[int, int] = {}  # rank -> first step after which its node has a notice
+        self.capacity: Optional[tuple] = None  # (step, workers)
+
+    def notice_at(self, step: int, rank: int) -> "FaultInjector":
+        self.notices[rank] = step
+        return self
+
+    def capacity_at(self, step: int, workers: int) -> "FaultInjector":
+        self.capacity = (step, workers)
+        return self
+
+    def leaving_nodes(self, step: int) -> Set[str]:
+        return {self.node_ids[rank] for rank, at in self.notices.items() if step >= at}
+
+    def grow_to(self, step: int) -> int:
+        return self.capacity[1] if self.capacity and step >= self.capacity[0] else 0
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        return None
+
+
+class Counter:
+    """Extra state a task declares: how many micro-batches this rank's loss has seen."""
+
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+@dataclass
+class LinearTask(TrainingTask):
+    """Least squares on a fixed random linear map: small, deterministic, and the loss falls."""
+
+    breach: str = ""
+    """'' or the contract breach to commit: scalar_loss, changing_items, rank_dependent_model."""
+
+    def __post_init__(self):
+        self.counter = Counter()
+
+    def build_model(self) -> torch.nn.Module:
+        model = torch.nn.Linear(8, 1)
+        if self.breach == "rank_dependent_model":
+            with torch.no_grad():
+                model.bias.fill_(float(dist.get_rank()))
+        return model
+
+    def build_dataset(self, seed: int):
+        breach = self.breach
+
+        class Points(torch.utils.data.Dataset):
+            def __len__(self):
+                return 256
+
+            def __getitem__(self, index):
+                rng = np.random.default_rng([seed, index])
+                x = rng.standard_normal(8).astype(np.float32)
+                if breach == "changing_items":
+                    x = x + np.random.standard_normal(8).astype(np.float32)
+                return torch.from_numpy(x), torch.tensor([x @ np.arange(1, 9, dtype=np.float32)])
+
+        return Points()
+
+    def collate(self, samples):
+        xs, ys = zip(*samples)
+        return torch.stack(xs), torch.stack(ys)
+
+    def loss(self, model, batch):
+        self.counter.count += 1
+        x, y = batch
+        per_sample = ((model(x) - y) ** 2).squeeze(1)
+        return per_sample.mean() if self.breach == "scalar_loss" else per_sample
+
+    def extra_state(self):
+        return {"counter": self.counter}
+
+
+def config(max_steps: int, interval_steps: int = 0) -> Config:
+    return Config(trainer=TrainerConfig(min_workers=1, max_workers=2, global_batch_size=8, micro_batch_size=2,
+                                        max_steps=max_steps, torch_threads=1),
+                  checkpoint=CheckpointConfig(interval_steps=interval_steps),
+                  optim=OptimConfig(lr=0.1, warmup_samples=0, weight_decay=0.0),
+                  task={"_target_": "tests.test_loop.LinearTask"})
+
+
+def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask, out: str) -> dict:
+    """One rank of a group: train until the end, a handoff or a contract error; what it saw."""
+    group = RankGroup(torch.device("cpu"))
+    events, reports = Recorder(), []
+    durable = StoreTier("durable", LocalStore(storage), RUN, keep_latest_k=5)
+    checkpoints = CheckpointManager(RUN, cfg.to_dict(), None, [durable], writes_local=False, events=events,
+                                    scratch_root=f"{storage}/../scratch-{group.rank}", group=group)
+    runtime = WorkerRuntime(group, faults.node_ids[:group.world_size], report=reports.append, signals=faults)
+    outcome: dict = {"outcome": "finished"}
+    try:
+        train(cfg, task, runtime, checkpoints, events, Phases())
+    except WorkerGroupHandoff as handoff:
+        outcome = {"outcome": "handoff", "reason": handoff.reason, "step": handoff.step}
+    except TaskContractError as error:
+        outcome = {"outcome": "contract", "error": str(error)}
+    result = {**outcome, "rank": group.rank, "reports": reports, "events": events.records,
+              "counter": task.counter.count}
+    with open(f"{out}/rank{group.rank}.json", "w") as f:
+        json.dump(result, f, default=str)
+    return result
+
+
+def _spawned_rank(rank, world_size, init_file, storage, faults, cfg, task, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        run_rank(storage, faults, cfg, task, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(tmp_path, world_size: int, faults: FaultInjector, cfg: Config, task: Optional[LinearTask] = None,
+              storage: Optional[str] = None) -> List[dict]:
+    """A worker group of ``world_size`` ranks in fresh processes; each rank's result."""
+    out = tmp_path / f"group-{len(list(tmp_path.glob('group-*')))}"
+    out.mkdir()
+    storage = storage or str(tmp_path / "durable")
+    mp.start_processes(_spawned_rank, args=(world_size, str(out / "pg"), storage, faults, cfg, task or LinearTask(),
+                                            str(out)), nprocs=world_size, start_method="spawn")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def of(result: dict, kind: str) -> List[dict]:
+    return [e for e in result["events"] if e["ev"] == kind]
+
+
+def losses(result: dict) -> Dict[int, float]:
+    return {e["step"]: e["loss"] for e in of(result, "step")}
+
+
+NODES = ["node-a", "node-b", "node-c"]
+
+
+def test_a_notice_hands_off_at_the_agreed_step_with_a_checkpoint_from_a_survivor(tmp_path):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=20))
+    assert [(r["outcome"], r["reason"], r["step"]) for r in ranks] == [("handoff", "preemption", 5)] * 2
+    assert [h["preempted_ranks"] for h in of(ranks[0], "handoff")] == [[1]] and of(ranks[1], "handoff") == []
+    manifest = read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 5))
+    assert (manifest.kind, manifest.reason, manifest.world_size) == ("jit", "preemption", 2)
+    assert all(r["reports"][-1] == 5 for r in ranks), "no rank leaves before the checkpoint is reported"
+
+
+def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=3, rank=0), config(max_steps=20))
+    assert [r["step"] for r in ranks] == [3, 3]
+    assert of(ranks[0], "handoff") == [] and [h["nodes"] for h in of(ranks[1], "handoff")] == [["node-a"]]
+    assert [c["step"] for c in of(ranks[1], "checkpoint")] == [3]
+    assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 3)).kind == "jit"
+
+
+def test_capacity_for_more_workers_regrows_through_the_same_handoff(tmp_path):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3), config(max_steps=20))
+    assert [(r["reason"], r["step"]) for r in ranks] == [("regrow", 4)] * 2
+    assert [(h["reason"], h["grow_to"]) for h in of(ranks[0], "handoff")] == [("regrow", 3)]
+    assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 4)).reason == "regrow"
+
+
+def test_a_notice_wins_over_a_regrow_at_the_same_step(tmp_path):
+    faults = FaultInjector(NODES).capacity_at(step=4, workers=3).notice_at(step=4, rank=1)
+    ranks = run_group(tmp_path, 2, faults, config(max_steps=20))
+    assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 4)] * 2
+
+
+def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=7, interval_steps=3))
+    assert [r["outcome"] for r in ranks] == ["finished", "finished"]
+    assert [(c["step"], c["kind"]) for c in of(ranks[0], "checkpoint")] == [(3, "periodic"), (6, "periodic"),
+                                                                             (7, "final")]
+    assert ranks[1]["reports"][-1] == 7 and of(ranks[1], "checkpoint") == [], "only rank 0 writes"
+
+
+def test_a_preempted_run_resumed_at_another_size_continues_the_uninterrupted_loss_curve(tmp_path):
+    steps = 12
+    reference = run_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps), storage=str(tmp_path / "ref"))
+    preempted = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=steps))
+    resumed = run_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps))
+    assert [r["step"] for r in preempted] == [5, 5] and resumed[0]["outcome"] == "finished"
+    assert of(resumed[0], "group")[0]["restored_step"] == 5
+    curve = {**losses(preempted[0]), **losses(resumed[0])}
+    assert sorted(curve) == list(range(1, steps + 1)), "no step skipped, none redone"
+    expected = losses(reference[0])
+    assert expected[steps] < 0.5 * expected[1], "the loss must fall for the comparison to mean anything"
+    for step in range(1, steps + 1):
+        assert math.isclose(curve[step], expected[step], rel_tol=1e-4), f"step {step}: {curve[step]} vs {expected[step]}"
+    # The task's extra state came back: rank 0 had seen 5 steps x 2 micro-batches when it was saved.
+    assert resumed[0]["counter"] == 5 * 2 + (steps - 5) * 4
+
+
+@pytest.mark.parametrize("breach, message", [
+    ("scalar_loss", "TrainingTask.loss returned () for a micro-batch of 2 samples; it must return one loss per sample"),
+    ("changing_items", "returned different items on two reads"),
+    ("rank_dependent_model", "build_model built different parameters on different ranks"),
+])
+def test_a_task_that_breaks_the_contract_stops_every_rank_with_the_fix(tmp_path, breach, message):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=5), task=LinearTask(breach=breach))
+    assert [r["outcome"] for r in ranks] == ["contract", "contract"]
+    assert all(message in r["error"] and "Fix:" in r["error"] for r in ranks), ranks[0]["error"]
+    assert all(r["counter"] <= 1 for r in ranks), "it stops at once, before a step commits"
+
+
+def test_a_part_may_not_take_the_loop_states_name_and_a_missing_part_is_named():
+    with pytest.raises(ValueError, match="'loop'"):
+        training_state({"loop": Counter()}, LoopState())
+    saved = training_state({"model": torch.nn.Linear(2, 2)}, LoopState(step=3))
+    with pytest.raises(StateMismatch, match=r"not \['counter'\]"):
+        load_training_state({"model": torch.nn.Linear(2, 2), "counter": Counter()}, saved)
+    assert load_training_state({"model": torch.nn.Linear(2, 2)}, saved).step == 3
