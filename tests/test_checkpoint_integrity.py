@@ -19,7 +19,7 @@ from raytrain_spot.checkpoint.head import HeadStore, UploadQueue
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState
 from raytrain_spot.checkpoint.tiers import CommitConflict, StoreTier
-from raytrain_spot.config.schema import CheckpointConfig
+from raytrain_spot.config.schema import CheckpointingConfig
 from raytrain_spot.storage.store import LocalStore
 from tests.conftest import Recorder, assert_clean_audit
 
@@ -35,7 +35,7 @@ class Layout:
     def __init__(self, tmp_path, local_dir=None, head_dir=None):
         self.storage = f"file://{tmp_path}/storage"
         self.head_dir, self.local_dir = str(head_dir or tmp_path / "head"), str(local_dir or tmp_path / "local")
-        paths = CheckpointConfig(head_dir=self.head_dir, local_dir=self.local_dir)
+        paths = CheckpointingConfig(head_dir=self.head_dir, local_dir=self.local_dir)
         self.roots = {"durable": f"{tmp_path}/storage", "head": paths.head_root(self.storage),
                       "local": paths.local_root(self.storage, NODE)}
 

@@ -44,11 +44,11 @@ services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
 """
 
 NODES = """
-import json, ray, ray._raylet
-from ray.core.generated.gcs_pb2 import GcsNodeInfo
+import json, ray
+from raytrain_spot._ray import GcsClient, GcsNodeInfo, draining_nodes
 ray.init(address="{address}", logging_level="ERROR")
-client = ray._raylet.GcsClient(address="{address}")
-draining = ray._private.state.state.get_draining_nodes()
+client = GcsClient(address="{address}")
+draining = draining_nodes()
 print(json.dumps([{{"id": node_id.hex(), "head": info.is_head_node, "draining": node_id.hex() in draining,
                    "state": GcsNodeInfo.GcsNodeState.Name(info.state),
                    "death": info.death_info.Reason.Name(info.death_info.reason)}}

@@ -23,7 +23,7 @@ from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest
 from raytrain_spot.checkpoint.manager import CheckpointManager
 from raytrain_spot.checkpoint.state import LoopState, StateMismatch, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import StoreTier
-from raytrain_spot.config.schema import CheckpointConfig, Config, OptimConfig, TrainerConfig
+from raytrain_spot.config.schema import CheckpointingConfig, Config, OptimConfig, TrainerConfig
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import WorkerGroupHandoff
@@ -124,7 +124,7 @@ class LinearTask(TrainingTask):
 def config(max_steps: int, interval_steps: int = 0) -> Config:
     return Config(trainer=TrainerConfig(min_workers=1, max_workers=2, global_batch_size=8, micro_batch_size=2,
                                         max_steps=max_steps, torch_threads=1),
-                  checkpoint=CheckpointConfig(interval_steps=interval_steps),
+                  checkpoint=CheckpointingConfig(interval_steps=interval_steps),
                   optim=OptimConfig(lr=0.1, warmup_samples=0, weight_decay=0.0),
                   task={"_target_": "tests.test_loop.LinearTask"})
 

@@ -9,7 +9,7 @@ import torch
 
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, write_state
 from raytrain_spot.checkpoint.tiers import StoreTier
-from raytrain_spot.config.schema import CheckpointConfig
+from raytrain_spot.config.schema import CheckpointingConfig
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.checkpoint.verify import INVALID, PARTIAL, VALID, audit
 
@@ -29,8 +29,8 @@ def _layout(tmp_path):
     storage = f"file://{tmp_path / 'storage'}"
     head_dir, local_dir = str(tmp_path / "head"), str(tmp_path / "local")
     durable = LocalStore(str(tmp_path / "storage"))
-    head = LocalStore(CheckpointConfig(head_dir=head_dir).head_root(storage))
-    node = LocalStore(CheckpointConfig(local_dir=local_dir).local_root(storage, "ab" * 28))
+    head = LocalStore(CheckpointingConfig(head_dir=head_dir).head_root(storage))
+    node = LocalStore(CheckpointingConfig(local_dir=local_dir).local_root(storage, "ab" * 28))
     _commit(durable, tmp_path, 10)
     truncated = _commit(head, tmp_path, 20)
     with open(os.path.join(truncated, STATE_FILE), "r+b") as f:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import pytest
 
+from raytrain_spot._ray import draining_nodes
 from raytrain_spot.simulator.metadata_server import MetadataEmulator
 from raytrain_spot.preemption.watcher import (
     AliveNode,
@@ -31,7 +32,7 @@ from raytrain_spot.preemption.watcher import (
     Notice,
     PreemptedReading,
     PreemptionWatcher,
-    RayGcs,
+    RayControlStore,
     WatcherSettings,
     check_node_alive,
     classify_preempted_answer,
@@ -527,12 +528,12 @@ def drain_line(log: str) -> dict:
 def draining_deadline_ms(node_id: str) -> Optional[int]:
     import ray
 
-    return ray._private.state.state.get_draining_nodes().get(node_id)
+    return draining_nodes().get(node_id)
 
 
 @pytest.mark.cluster
 def test_node_lookup_against_the_real_gcs(ray_cluster):
-    gcs = RayGcs(ray_cluster.address)
+    gcs = RayControlStore(ray_cluster.address)
     alive = gcs.alive_nodes()
     head = ray_cluster.head_node.node_id
     assert AliveNode(head, LOOPBACK, is_head=True) in alive

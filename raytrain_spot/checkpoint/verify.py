@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from raytrain_spot.checkpoint.format import InvalidCheckpoint, checkpoint_key, fetch_verified, listed_steps
-from raytrain_spot.config.schema import CheckpointConfig, StorageConfig
+from raytrain_spot.config.schema import CheckpointingConfig, StorageConfig
 from raytrain_spot.storage.store import LocalStore, Store, open_store
 
 VALID, PARTIAL, INVALID = "valid", "partial", "INVALID"
@@ -69,7 +69,7 @@ def check_tier(tier: str, store: Store, run_name: str) -> List[Finding]:
 
 def run_tiers(run_name: str, storage_uri: str, head_dir: str, local_dir: str) -> List[Tuple[str, Store]]:
     """Every tier that may hold the run's checkpoints: durable storage, the head's dir, each node's dir."""
-    checkpoint = CheckpointConfig(head_dir=head_dir, local_dir=local_dir)
+    checkpoint = CheckpointingConfig(head_dir=head_dir, local_dir=local_dir)
     tiers: List[Tuple[str, Store]] = [("durable", open_store(storage_uri))]
     head_root = checkpoint.head_root(storage_uri)
     if os.path.isdir(head_root):
@@ -80,8 +80,8 @@ def run_tiers(run_name: str, storage_uri: str, head_dir: str, local_dir: str) ->
     return tiers
 
 
-def audit(run_name: str, storage_uri: str, head_dir: str = CheckpointConfig.head_dir,
-          local_dir: str = CheckpointConfig.local_dir) -> List[Finding]:
+def audit(run_name: str, storage_uri: str, head_dir: str = CheckpointingConfig.head_dir,
+          local_dir: str = CheckpointingConfig.local_dir) -> List[Finding]:
     """Every checkpoint of ``run_name`` on every tier, newest first per tier."""
     return [finding for tier, store in run_tiers(run_name, storage_uri, head_dir, local_dir)
             for finding in check_tier(tier, store, run_name)]
@@ -113,9 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "2 no checkpoint found.")
     parser.add_argument("target", help="a run name (with --storage), or STORAGE_URI/RUN_NAME")
     parser.add_argument("--storage", help="storage.uri of the run (default: the local default, outputs/storage)")
-    parser.add_argument("--head-dir", default=CheckpointConfig.head_dir,
+    parser.add_argument("--head-dir", default=CheckpointingConfig.head_dir,
                         help="checkpoint.head_dir (default %(default)s)")
-    parser.add_argument("--local-dir", default=CheckpointConfig.local_dir,
+    parser.add_argument("--local-dir", default=CheckpointingConfig.local_dir,
                         help="checkpoint.local_dir (default %(default)s)")
     args = parser.parse_args(argv)
     run_name, storage_uri = split_target(args.target, args.storage)

@@ -146,14 +146,13 @@ def load(path: str) -> dict:
 def prepare(config: dict, source: str = "config") -> dict:
     """What ``ray up`` does to a YAML before it calls the cloud: defaults, resources, schema."""
     import jsonschema
-    from ray.autoscaler._private.providers import _get_node_provider_cls
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from raytrain_spot._ray import get_node_provider_cls, prepare_config, validate_config
 
     if not isinstance(config, dict) or "provider" not in config:
         raise ClusterConfigError(f"{source}: not a cluster config (no provider section)")
     try:
         prepared = prepare_config(copy.deepcopy(config))
-        prepared = _get_node_provider_cls(prepared["provider"]).fillout_available_node_types_resources(prepared)
+        prepared = get_node_provider_cls(prepared["provider"]).fillout_available_node_types_resources(prepared)
         validate_config(prepared)
     except jsonschema.ValidationError as error:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -164,13 +163,13 @@ def prepare(config: dict, source: str = "config") -> dict:
 
 
 def _provider_class(config: dict):
-    from ray.autoscaler._private.providers import _get_node_provider_cls
+    from raytrain_spot._ray import get_node_provider_cls
 
-    return _get_node_provider_cls(config["provider"])
+    return get_node_provider_cls(config["provider"])
 
 
 def is_gcp(config: dict) -> bool:
-    from ray.autoscaler._private.gcp.node_provider import GCPNodeProvider
+    from raytrain_spot._ray import GCPNodeProvider
 
     return issubclass(_provider_class(config), GCPNodeProvider)
 

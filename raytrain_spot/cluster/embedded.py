@@ -104,7 +104,7 @@ class EmbeddedCluster:
         """Kill a worker node abruptly, like a VM deletion: the raylet and every process it
         started (Ray's workers outlive a killed raylet for a while otherwise)."""
         self.workers.remove(node)
-        from ray._private import ray_constants
+        from raytrain_spot._ray import ray_constants
 
         raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
         orphans = _descendants(raylet)
@@ -178,9 +178,9 @@ def prepare_existing_cluster(cfg: ClusterConfig) -> str:
 
 def ray_logs_dir() -> str:
     """Where this Ray session keeps its processes' logs (on the node this driver runs on)."""
-    import ray._private.worker
+    from raytrain_spot._ray import session_logs_dir
 
-    return ray._private.worker._global_node.get_logs_dir_path()
+    return session_logs_dir()
 
 
 @contextmanager

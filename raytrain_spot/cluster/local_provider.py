@@ -33,10 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import ray  # noqa: F401  puts Ray's bundled psutil (ray/thirdparty_files) on sys.path
 import psutil  # noqa: E402  (Ray's bundled copy, see above)
-from ray._private import ray_constants
-from ray.autoscaler._private.command_runner import _with_environment_variables
-from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
-from ray.autoscaler._private.subprocess_output_util import ProcessRunnerError
+from raytrain_spot._ray import FakeMultiNodeProvider, ProcessRunnerError, ray_constants, with_environment_variables
 from ray.autoscaler.command_runner import CommandRunnerInterface
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
 
@@ -136,7 +133,7 @@ class LocalCommandRunner(CommandRunnerInterface):
             stop_cluster(self.cluster_name)
             return ""
         if environment_variables:
-            cmd = _with_environment_variables(cmd, environment_variables)
+            cmd = with_environment_variables(cmd, environment_variables)
         command = ["bash", "-c", cmd]
         try:
             if with_output:

@@ -32,7 +32,7 @@ def _namespace(storage_uri: str) -> str:
 
 
 @dataclass
-class RunSection:
+class TrainingRunConfig:
     """Identity of a run. Re-running with the same name resumes it."""
 
     name: str = "run"
@@ -153,7 +153,7 @@ class TrainerConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointingConfig:
     """When checkpoints are taken, which tiers they go to, and how many are kept."""
 
     interval_steps: Optional[int] = None
@@ -368,14 +368,14 @@ class ChaosConfig:
 class Config:
     """Everything a run needs. Saved, resolved, inside every checkpoint."""
 
-    run: RunSection = field(default_factory=RunSection)
+    run: TrainingRunConfig = field(default_factory=TrainingRunConfig)
     task: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEFAULT_TASK})
     """The training task (raytrain_spot/train/task.py): ``_target_`` names its class, the other keys
     are its settings. ``conf/task/vlm.yaml`` is the built-in vision-language model; a task of your
     own: ``task=custom task._target_=my_pkg.MyTask +task.SETTING=VALUE`` (docs/extending.md)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chaos: Optional[ChaosConfig] = None

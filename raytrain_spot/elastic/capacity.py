@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set
 
+from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import TrainerConfig
 from raytrain_spot.elastic.standby import standby_enabled, warm_joined_node
 
@@ -44,7 +45,7 @@ def live_nodes() -> List[NodeView]:
     """Nodes as the GCS sees them right now (production source of the live view)."""
     import ray
 
-    draining = ray._private.state.state.get_draining_nodes()
+    draining = draining_nodes()
     return [NodeView(n["NodeID"], n["Alive"], n["NodeID"] in draining, n.get("Resources", {})) for n in ray.nodes()]
 
 
@@ -138,10 +139,8 @@ class CapacityWatcher:
 
 def drain_deadline_s(node_ids) -> Optional[float]:
     """The earliest drain deadline (unix seconds) of these nodes, from the GCS; None if none has one."""
-    import ray
-
     try:
-        draining = ray._private.state.state.get_draining_nodes()
+        draining = draining_nodes()
     except Exception:  # noqa: BLE001 - without the deadline the handoff goes on; only the lateness check is lost
         logger.warning("Cannot read drain deadlines", exc_info=True)
         return None
@@ -155,10 +154,7 @@ def local_preemption_notice() -> Optional[Dict[str, List[int]]]:
     ``ray.train.get_preemption_info()`` is a barrier costing tens of milliseconds, too much
     for every step; the loop agrees on what each rank knows with its own per-step all-reduce.
     """
-    from ray.train.v2._internal.execution.context import get_train_context
-
-    info = get_train_context().preemption_context.preemption_info
-    return None if info is None else info.preempted_node_to_ranks
+    return preempted_node_to_ranks()
 
 
 class RaySignals:

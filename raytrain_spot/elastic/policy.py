@@ -17,7 +17,7 @@ Here instead:
 
 Two private Ray classes are extended (``ElasticScalingPolicy``, ``DefaultFailurePolicy``)
 and installed through ``TorchTrainer._initialize_and_run_controller``;
-``tests/test_ray_pins.py`` fails loudly if a Ray upgrade moves them.
+both come from ``raytrain_spot/_ray.py``, pinned by ``tests/test_ray_pins.py``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,19 @@ import time
 from typing import Callable, Optional
 
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.controller.state import ReschedulingState, RestartingState
-from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
-from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision, ScalingDecision
-from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
+from raytrain_spot._ray import (
+    DefaultFailurePolicy,
+    ElasticScalingPolicy,
+    FailureDecision,
+    NoopDecision,
+    ReschedulingState,
+    ResizeDecision,
+    RestartingState,
+    ScalingDecision,
+)
 from raytrain_spot.elastic.capacity import LiveCapacity
 from raytrain_spot.train.handoff import WorkerGroupHandoff
 from raytrain_spot.train.task import TaskContractError

@@ -64,9 +64,9 @@ def idle_standbys(run_name: str) -> int:
 def prestart(node_id: str, count: int) -> None:
     """Ask ``node_id``'s raylet for ``count`` idle workers with this worker's job and runtime environment."""
     import ray
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import (
+    from raytrain_spot._ray import (
         common_pb2,
+        init_grpc_channel,
         node_manager_pb2,
         node_manager_pb2_grpc,
         runtime_environment_pb2,

@@ -52,7 +52,9 @@ def node_changes(before: Mapping[str, NodeState], after: Mapping[str, NodeState]
 def read_cluster() -> Dict[str, NodeState]:
     import ray
 
-    draining = ray._private.state.state.get_draining_nodes()
+    from raytrain_spot._ray import draining_nodes
+
+    draining = draining_nodes()
     return {
         n["NodeID"]: NodeState(
             node_id=n["NodeID"], alive=n["Alive"], draining_deadline_ms=draining.get(n["NodeID"]),

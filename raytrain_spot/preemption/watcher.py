@@ -304,19 +304,19 @@ class HttpPreemptedPoller:
                 pass
 
 
-class RayGcs:
-    """This cluster's GCS: looks up nodes and drains them."""
+class RayControlStore:
+    """Ray's Global Control Store (GCS) of this cluster, not Google Cloud Storage: looks up nodes and drains them."""
 
     def __init__(self, address: str, *, rpc_timeout_s: float = 5.0):
-        import ray._raylet
+        from raytrain_spot._ray import GcsClient
 
         self.address = address
         self._rpc_timeout_s = rpc_timeout_s
         # Connecting waits for the GCS (about 40 s when it is down), then raises.
-        self._client = ray._raylet.GcsClient(address=address)
+        self._client = GcsClient(address=address)
 
     def alive_nodes(self) -> List[AliveNode]:
-        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+        from raytrain_spot._ray import GcsNodeInfo
 
         infos = self._client.get_all_node_info(timeout=self._rpc_timeout_s,
                                                state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
@@ -324,7 +324,7 @@ class RayGcs:
                 for node_id, info in infos.items()]
 
     def drain(self, decision: DrainDecision) -> DrainReply:
-        from ray.core.generated.autoscaler_pb2 import DrainNodeReason
+        from raytrain_spot._ray import DrainNodeReason
 
         try:
             accepted, rejection = self._client.drain_node(
@@ -346,10 +346,7 @@ def discover_gcs_address() -> str:
     and the GCS then refuses clients without the token. An explicit address never does, so
     with one the caller sets ``RAY_AUTH_MODE=token`` itself, as for ``ray.init(address)``.
     """
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
-    from ray._private.services import canonicalize_bootstrap_address_or_die
+    from raytrain_spot._ray import canonicalize_bootstrap_address_or_die, maybe_enable_token_auth_if_token_available
 
     address = canonicalize_bootstrap_address_or_die("auto")
     if not os.environ.get("RAY_ADDRESS"):
@@ -357,10 +354,10 @@ def discover_gcs_address() -> str:
     return address
 
 
-def resolve_node_id(gcs: RayGcs, node_id: Optional[str], *, wait_s: float = 30.0) -> str:
+def resolve_node_id(gcs: RayControlStore, node_id: Optional[str], *, wait_s: float = 30.0) -> str:
     """Check ``node_id``, or find this machine's node by its IP. Waits up to ``wait_s`` for the
     node to register (the watcher may start right after ``ray start``)."""
-    from ray._private.services import get_node_ip_address
+    from raytrain_spot._ray import get_node_ip_address
 
     give_up_at = time.monotonic() + wait_s
     while True:
@@ -528,7 +525,7 @@ def build_watcher(*, node_id: Optional[str] = None, gcs_address: Optional[str] =
     discovery may turn token authentication on for the whole process, and raylets started
     from it afterwards would then disagree with the cluster.
     """
-    gcs = RayGcs(gcs_address or discover_gcs_address())
+    gcs = RayControlStore(gcs_address or discover_gcs_address())
     return PreemptionWatcher(resolve_node_id(gcs, node_id), poller=HttpPreemptedPoller(metadata_host or
                                                                                        metadata_host_from_env()),
                              drainer=gcs, settings=settings, inbox=inbox)

@@ -19,6 +19,7 @@ import ray.train
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from raytrain_spot._ray import TRAIN_UTIL_LOGGER
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
 from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState
@@ -252,7 +253,7 @@ class QuietCluster:
 def quiet_handoff_tracebacks() -> None:
     """Ray logs every exception leaving the training function with its traceback; a handoff
     is a planned restart, already logged as an event, so keep it out of the console."""
-    logging.getLogger("ray.train.v2._internal.util").addFilter(
+    logging.getLogger(TRAIN_UTIL_LOGGER).addFilter(
         lambda record: "WorkerGroupHandoff" not in record.getMessage())
 
 

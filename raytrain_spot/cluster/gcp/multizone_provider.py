@@ -36,10 +36,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
-from ray.autoscaler._private.gcp.config import build_request, construct_clients_from_provider_config, get_node_type
-from ray.autoscaler._private.gcp.node import GCPTPU, GCPCompute, GCPNodeType, GCPResource
-from ray.autoscaler._private.gcp.node_provider import GCPNodeProvider, _retry
 from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+
+from raytrain_spot._ray import (
+    GCPTPU,
+    GCPCompute,
+    GCPNodeProvider,
+    GCPNodeType,
+    GCPResource,
+    build_request,
+    construct_clients_from_provider_config,
+    gcp_retry,
+    get_node_type,
+)
 
 from raytrain_spot.cluster.gcp.zone_policy import (
     LaunchFailure,
@@ -201,7 +210,7 @@ class MultiZoneGCPNodeProvider(GCPNodeProvider):
         return list(self.zone_resources.values()) + tpu
 
     # -- queries across zones ----------------------------------------------------------------
-    @_retry
+    @gcp_retry
     def non_terminated_nodes(self, tag_filters: dict) -> List[str]:
         with self.lock:
             instances = []
@@ -227,7 +236,7 @@ class MultiZoneGCPNodeProvider(GCPNodeProvider):
             counts[zone] += len(resource.list_instances({TAG_RAY_USER_NODE_TYPE: node_type}))
         return dict(counts)
 
-    @_retry
+    @gcp_retry
     def terminate_node(self, node_id: str):
         # Ray 2.60's terminate_node raises UnboundLocalError when the instance is already
         # gone (HTTP 404), which is how a Spot VM that GCE deleted on preemption looks.
@@ -244,7 +253,7 @@ class MultiZoneGCPNodeProvider(GCPNodeProvider):
             self._policies[node_type] = ZonePolicy(self.settings.policy, self._clock)
         return self._policies[node_type]
 
-    @_retry
+    @gcp_retry
     def create_node(self, base_config: dict, tags: dict, count: int) -> Dict[str, dict]:
         if get_node_type(base_config) != GCPNodeType.COMPUTE or not is_spot(base_config):
             return super().create_node(localize_node_config(base_config, self.settings.head_zone), tags, count)
