@@ -65,7 +65,7 @@ def test_decisions_carry_the_numbers():
 def test_bad_rules_are_rejected():
     with pytest.raises(ValueError, match="alert type"):
         AlertRule("high_cost", 1.0, NOTIFY)
-    with pytest.raises(ValueError, match="alert action"):
+    with pytest.raises(ValueError, match=r"alerts.rules\[\].action: 'page_everyone' is not an action"):
         AlertRule(LOW_GOODPUT, 0.7, "page_everyone")
 
 

@@ -339,7 +339,8 @@ def test_ray_schema_errors_are_reported_as_config_errors():
 
 
 def test_summary_prices_every_type_with_the_injected_lookup():
-    prices = {("n2-standard-8", "on_demand"): 0.5, ("a2-highgpu-1g", "spot"): 2.0, ("a2-highgpu-1g", "on_demand"): 5.0}
+    prices = {("n2-standard-8", "on_demand"): 0.5, ("a2-highgpu-1g", "spot"): 0.5, ("a2-highgpu-1g", "on_demand"): 1.0,
+              ("nvidia-tesla-a100", "spot"): 1.5, ("nvidia-tesla-a100", "on_demand"): 4.0}  # host + its built-in GPU
     asked = []
 
     def lookup(item, pricing, region):
@@ -364,6 +365,23 @@ def test_attached_gpus_are_priced_per_gpu_and_unknown_prices_are_named():
     assert worker.price_per_hour == pytest.approx(1.25)
     total, unpriced = summary.cost_per_hour("max")
     assert unpriced == ["head"] and total == pytest.approx(worker.max_workers * 1.25)
+
+
+def test_the_default_prices_are_the_ledgers_catalog_and_a_price_file_overrides_them(tmp_path):
+    from raytrain_spot.cost.pricing import PriceCatalog
+
+    config = filled(MAIN_YAML)
+    catalog = PriceCatalog.load()
+    spot = next(t for t in cluster_check.summarize(config).node_types if t.name == "gpu-spot")
+    expected = (catalog.machine_price("a2-highgpu-1g", "spot").usd_per_hour
+                + catalog.gpu_price("nvidia-tesla-a100", "spot").usd_per_hour)
+    assert spot.price_per_hour == pytest.approx(expected)
+    own = tmp_path / "prices.yaml"
+    own.write_text("accelerators:\n  nvidia-tesla-a100:\n    prices:\n      us-central1:\n        spot: "
+                   "{usd: 9.0, date: '2026-12-01', source: mine}\n")
+    lookup = cluster_check.catalog_lookup(PriceCatalog.load(str(own)))
+    spot = next(t for t in cluster_check.summarize(config, lookup).node_types if t.name == "gpu-spot")
+    assert spot.price_per_hour == pytest.approx(catalog.machine_price("a2-highgpu-1g", "spot").usd_per_hour + 9.0)
 
 
 def test_command_line_exit_codes(tmp_path, capsys, monkeypatch):

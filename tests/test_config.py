@@ -34,10 +34,17 @@ def test_model_presets_are_valid(compose):
     ("run.name=has/slash", "run.name"),
     ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
     ("trainer.failure_settle_s=-1", "trainer.failure_settle_s"),
+    # sections whose checks once named another key, or several at once
+    ("checkpoint.milestone_every_steps=-1", "checkpoint.milestone_every_steps"),
+    ("checkpoint.final_upload_wait_s=-1", "checkpoint.final_upload_wait_s"),
+    ("alerts.min_wall_s=-1", "alerts.min_wall_s"),
+    ("alerts.fallback_nodes=0", "alerts.fallback_nodes"),
+    ("monitoring.wandb_mode=sometimes", "monitoring.wandb_mode"),
 ])
 def test_bad_values_name_the_key_and_the_fix(compose, override, key):
     with pytest.raises(ConfigError) as error:
         load_config(compose("+experiment=vlm", override))
+    assert str(error.value).count("Fix:") == 1, "one key at a time"
     message = str(error.value)
     assert message.startswith(key + ":")
     assert "Fix:" in message
@@ -101,3 +108,14 @@ def test_secrets_are_redacted_from_what_checkpoints_and_workers_get(compose):
     assert cfg.alerts.webhook_url == "https://hooks.example/T0KEN"
     assert "T0KEN" not in str(cfg.to_dict())
     assert load_config(compose("+experiment=vlm", "alerts.webhook_url=http://127.0.0.1:9/T0KEN")).alerts.webhook_url
+
+
+@pytest.mark.parametrize("override, key", [
+    ("chaos.provisioning_s=-1", "chaos.provisioning_s"),
+    ("chaos.margin_s=-1", "chaos.margin_s"),
+    ("chaos.events=[{action:preempt,at_step:3,after_s:-1}]", "chaos.events[].after_s"),
+    ("chaos.events=[{action:preempt,at_step:3,metadata_delay_s:-2}]", "chaos.events[].metadata_delay_s"),
+])
+def test_simulator_settings_name_the_one_bad_key(compose, override, key):
+    with pytest.raises(ConfigError, match=r"^" + key.replace("[", r"\[").replace("]", r"\]") + ":"):
+        load_config(compose("+experiment=vlm", "+chaos=events", override))

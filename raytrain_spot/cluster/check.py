@@ -14,8 +14,9 @@ problem names the node type, the key and the fix. Exit status: 0 fine, 1 problem
 file does not load.
 
 Prices come from a lookup ``(item, pricing, region) -> USD/h or None`` where ``item`` is a
-machine type or an attached accelerator type and ``pricing`` is ``spot`` or ``on_demand``;
-the default is the small approximate table ``APPROXIMATE_PRICES``.
+machine type (its host: vCPU and memory) or an accelerator type (one GPU, built in or attached)
+and ``pricing`` is ``spot`` or ``on_demand``; the default reads the price catalog the ledger
+uses (raytrain_spot/cost/), with ``--prices FILE`` merged over it.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import secrets
 import stat
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import yaml
 
+from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound
 from raytrain_spot.cluster.gcp.machines import (
     ATTACHABLE_GPUS,
     SPOT_ONLY_MACHINES,
@@ -54,27 +56,18 @@ PLACEHOLDER = "FILL-IN"
 
 PriceLookup = Callable[[str, str, str], Optional[float]]
 
-# USD per hour, us-central1, rounded; machine types include their built-in GPUs. Rough
-# figures for a first estimate (the seed guide's GPU prices plus the host), not a quote:
-# pass a lookup backed by your own catalog for real numbers. None: not sold that way.
-APPROXIMATE_PRICES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
-    # item: (on_demand, spot)
-    "n2-standard-8": (0.39, 0.10),
-    "n1-standard-8": (0.38, 0.08),
-    "a2-highgpu-1g": (3.67, 1.59),
-    "a2-ultragpu-1g": (5.07, 2.04),
-    "a3-highgpu-1g": (None, 3.05),
-    "g2-standard-8": (0.85, 0.52),
-    "nvidia-tesla-t4": (0.35, 0.20),
-}
+def catalog_lookup(catalog: PriceCatalog) -> PriceLookup:
+    """Prices from the catalog the ledger uses: a machine type's host, or one GPU; None where it has none."""
 
+    def lookup(item: str, pricing: str, region: str) -> Optional[float]:
+        try:
+            if item in catalog.document.get("machines", {}):
+                return catalog.machine_price(item, pricing, region).usd_per_hour
+            return catalog.gpu_price(item, pricing, region).usd_per_hour
+        except PriceNotFound:
+            return None
 
-def approximate_price(item: str, pricing: str, region: str) -> Optional[float]:
-    """Price from ``APPROXIMATE_PRICES`` (region ignored: the table is us-central1)."""
-    prices = APPROXIMATE_PRICES.get(item)
-    if prices is None:
-        return None
-    return prices[0] if pricing == ON_DEMAND else prices[1]
+    return lookup
 
 
 class ClusterConfigError(ValueError):
@@ -463,7 +456,8 @@ def new_token(path: str = TOKEN_PATH) -> bool:
 
 
 # -- summary ------------------------------------------------------------------------------------
-def summarize(config: dict, price_lookup: PriceLookup = approximate_price) -> ClusterSummary:
+def summarize(config: dict, price_lookup: Optional[PriceLookup] = None) -> ClusterSummary:
+    price_lookup = price_lookup or catalog_lookup(PriceCatalog.load())
     gcp = is_gcp(config)
     provider = config["provider"]
     region = provider.get("region", "local")
@@ -475,11 +469,10 @@ def summarize(config: dict, price_lookup: PriceLookup = approximate_price) -> Cl
         gpus = gpus_of(node_config) if gcp else None
         price = None if gcp else 0.0  # a local cluster costs nothing by the hour
         if gcp:
-            price = price_lookup(machine, pricing, region)
-            attached = attached_gpus(node_config)
-            if price is not None and attached is not None:
-                gpu_price = price_lookup(attached.accelerator_type, pricing, region)
-                price = None if gpu_price is None else price + attached.count * gpu_price
+            price = price_lookup(machine, pricing, region)  # the host
+            if price is not None and gpus is not None:
+                gpu_price = price_lookup(gpus.accelerator_type, pricing, region)
+                price = None if gpu_price is None else price + gpus.count * gpu_price
         rows.append(NodeTypeSummary(
             name=name, role="head" if name == config["head_node_type"] else "worker", pricing=pricing,
             machine=machine, gpus=str(gpus) if gpus else "-", min_workers=node_type.get("min_workers", 0),
@@ -514,6 +507,7 @@ def format_summary(summary: ClusterSummary) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raytrain_spot.cluster.check", description=__doc__.split("\n")[0])
     parser.add_argument("yaml", nargs="*", help="cluster YAML file(s)")
+    parser.add_argument("--prices", default=None, help="user price file (JSON or YAML) merged over the catalog")
     parser.add_argument("--new-token", action="store_true",
                         help=f"create the cluster's Ray token at {TOKEN_PATH} (mode 600) if there is none; "
                              "the GCP YAMLs copy it to every node")
@@ -533,7 +527,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             status = 2
             continue
-        print(format_summary(summarize(config)))
+        print(format_summary(summarize(config, catalog_lookup(PriceCatalog.load(args.prices)))))
         problems = review(config) + check_local_token(config)
         for problem in problems:
             print(f"  problem: {problem}", file=sys.stderr)

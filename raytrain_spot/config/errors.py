@@ -15,6 +15,15 @@ def require(ok: bool, key: str, problem: str, fix: str) -> None:
 
 
 def require_positive(section: str, obj: Any, *names: str) -> None:
+    """Each of ``names`` is > 0; the first that is not is named alone."""
     for name in names:
         value = getattr(obj, name)
         require(value > 0, f"{section}.{name}", f"must be > 0, got {value}", f"set {section}.{name} to a positive number")
+
+
+def require_non_negative(section: str, obj: Any, *names: str) -> None:
+    """Each of ``names`` is >= 0 (None counts as unset); the first that is not is named alone."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value is None or value >= 0, f"{section}.{name}", f"must be >= 0, got {value}",
+                f"set {section}.{name}=0 or a positive number")

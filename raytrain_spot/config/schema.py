@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from raytrain_spot.observe.alerts import AlertConfig
 from raytrain_spot.observe.monitoring import MonitoringConfig
-from raytrain_spot.config.errors import ConfigError, require, require_positive
+from raytrain_spot.config.errors import ConfigError, require, require_non_negative, require_positive
 from raytrain_spot.config.redaction import redacted_dict
 from raytrain_spot.train.task import build_task
 
@@ -211,8 +211,7 @@ class CheckpointingConfig:
         require(self.min_interval_s <= self.max_interval_s, "checkpoint.min_interval_s",
                 f"{self.min_interval_s} is above checkpoint.max_interval_s={self.max_interval_s}",
                 "lower checkpoint.min_interval_s")
-        require(self.milestone_every_steps >= 0 and self.durable_interval_s >= 0, "checkpoint.durable_interval_s",
-                "milestone_every_steps and durable_interval_s must be >= 0", "use 0 or a positive value")
+        require_non_negative("checkpoint", self, "milestone_every_steps", "durable_interval_s", "final_upload_wait_s")
         require(self.max_transfer_mbps is None or self.max_transfer_mbps > 0, "checkpoint.max_transfer_mbps",
                 f"must be positive or unset, got {self.max_transfer_mbps}", "unset it, or give MB/s such as 200")
         require(self.compression in ("none", "zstd", "lz4"), "checkpoint.compression",
@@ -314,9 +313,7 @@ class ChaosEvent:
         if self.action == "preempt":
             require((self.at_s is None) != (self.at_step is None), "chaos.events[].at_s",
                     "a preempt needs exactly one of at_s and at_step", "set at_s (seconds) or at_step (step)")
-        require((self.notice_s or 0) >= 0 and self.after_s >= 0 and self.node >= 0 and self.metadata_delay_s >= 0,
-                "chaos.events[]", "node, notice_s, after_s and metadata_delay_s must be >= 0",
-                "use non-negative values")
+        require_non_negative("chaos.events[]", self, "node", "notice_s", "after_s", "metadata_delay_s")
 
 
 @dataclass
@@ -356,8 +353,7 @@ class ChaosConfig:
             require(os.path.isfile(os.path.expanduser(self.trace)), "chaos.trace",
                     f"{self.trace} does not exist", "point chaos.trace at a trace JSON file")
         require_positive("chaos", self, "tick_s")
-        require(self.notice_s >= 0 and self.provisioning_s >= 0 and self.margin_s >= 0, "chaos.notice_s",
-                "notice_s, provisioning_s and margin_s must be >= 0", "use non-negative seconds")
+        require_non_negative("chaos", self, "notice_s", "provisioning_s", "margin_s", "start_tick")
         if self.watchers:
             require(self.margin_s < self.notice_s, "chaos.margin_s",
                     f"{self.margin_s} is not below chaos.notice_s={self.notice_s}: the drain deadline would be at "
@@ -414,8 +410,6 @@ def load_config(cfg: DictConfig) -> Config:
         config = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:
         raise ConfigError(f"{error.full_key}: no value given. Fix: set {error.full_key}=...") from None
-    except ValueError as error:  # a section validated outside this module (alerts, monitoring)
-        raise ConfigError(str(error)) from None
     except OmegaConfBaseException as error:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None

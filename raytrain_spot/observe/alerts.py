@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.config.errors import ConfigError, require, require_non_negative, require_positive
 from raytrain_spot.config.redaction import REDACTED, SECRET, scrub
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,11 @@ class AlertRule:
     """How far back past the threshold the metric must come before the alert can fire again."""
 
     def __post_init__(self):
-        if self.type not in (LOW_GOODPUT, HIGH_PREEMPTION_RATE, NO_CAPACITY):
-            raise ValueError(f"alert type {self.type!r}: use {LOW_GOODPUT}, {HIGH_PREEMPTION_RATE} or {NO_CAPACITY}")
-        if self.action not in (NOTIFY, SWITCH_TO_ON_DEMAND):
-            raise ValueError(f"alert action {self.action!r}: use {NOTIFY} or {SWITCH_TO_ON_DEMAND}")
-        if self.rearm_margin < 0:
-            raise ValueError("rearm_margin must be >= 0")
+        require(self.type in (LOW_GOODPUT, HIGH_PREEMPTION_RATE, NO_CAPACITY), "alerts.rules[].type",
+                f"{self.type!r} is not an alert type", f"use {LOW_GOODPUT}, {HIGH_PREEMPTION_RATE} or {NO_CAPACITY}")
+        require(self.action in (NOTIFY, SWITCH_TO_ON_DEMAND), "alerts.rules[].action",
+                f"{self.action!r} is not an action", f"use {NOTIFY} or {SWITCH_TO_ON_DEMAND}")
+        require_non_negative("alerts.rules[]", self, "rearm_margin")
 
 
 def seed_rules() -> List[AlertRule]:
@@ -100,16 +100,16 @@ class AlertConfig:
     """Fallback nodes to ask for on a switch."""
 
     def __post_init__(self):
-        if self.window_s <= 0 or self.min_wall_s < 0 or self.min_spot_node_hours < 0 or self.fallback_nodes < 1:
-            raise ValueError("window_s must be > 0, min_wall_s and min_spot_node_hours >= 0, fallback_nodes >= 1")
+        require_positive("alerts", self, "window_s", "webhook_timeout_s", "fallback_nodes")
+        require_non_negative("alerts", self, "min_wall_s", "min_spot_node_hours")
         if self.webhook_url and self.webhook_url != REDACTED:
             parsed = urllib.parse.urlsplit(self.webhook_url)
             loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
             if not (parsed.scheme == "https" or (parsed.scheme == "http" and loopback)) or not parsed.hostname:
                 # The URL itself is not echoed: it is a secret.
-                raise ValueError(f"alerts.webhook_url: a {parsed.scheme or 'scheme-less'} URL is not allowed. Fix: "
-                                 "give an https:// URL (http:// only to 127.0.0.1), e.g. "
-                                 "alerts.webhook_url='${oc.env:ALERT_WEBHOOK}'")
+                raise ConfigError(f"alerts.webhook_url: a {parsed.scheme or 'scheme-less'} URL is not allowed. Fix: "
+                                  "give an https:// URL (http:// only to 127.0.0.1), e.g. "
+                                  "alerts.webhook_url='${oc.env:ALERT_WEBHOOK}'")
 
 
 @dataclass(frozen=True)

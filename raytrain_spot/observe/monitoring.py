@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Protocol, Sequence
 
+from raytrain_spot.config.errors import require
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.cost.pricing import PriceCatalog
 
@@ -36,8 +37,8 @@ class MonitoringConfig:
     """Export goodput, world size, cost and preemptions as Ray metrics (Prometheus gauges)."""
 
     def __post_init__(self):
-        if self.wandb_mode not in ("offline", "online"):
-            raise ValueError(f"wandb_mode {self.wandb_mode!r}: use offline or online")
+        require(self.wandb_mode in ("offline", "online"), "monitoring.wandb_mode", f"{self.wandb_mode!r} is not a mode",
+                "use monitoring.wandb_mode=offline or online")
 
 
 class ScalarWriter(Protocol):
