@@ -2,6 +2,7 @@
 
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -18,8 +19,6 @@ from raytrain_spot.storage.store import LocalStore
 from tests.conftest import Recorder
 
 pytestmark = pytest.mark.usefixtures("single_rank_group")
-
-
 
 
 def _model(value=0.0):
@@ -70,17 +69,29 @@ def test_save_commits_every_tier_in_the_background_and_stalls_only_for_the_copy(
 
 
 def test_a_save_asked_for_while_one_runs_is_deferred_not_queued(tmp_path):
-    local, durable = _tiers(tmp_path)
+    local, _ = _tiers(tmp_path)
+    uploads_may_go = threading.Event()
+
+    class HeldStore(LocalStore):
+        """Durable storage that holds every upload until the test lets it go: the first save stays in flight."""
+
+        def put_file(self, key, path):
+            assert uploads_may_go.wait(30)
+            super().put_file(key, path)
+
+    durable = StoreTier("durable", HeldStore(str(tmp_path / "held")), "r", 3)
     manager = _manager(tmp_path, local, [durable])
-    model, optimizer = _model()
-    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(1, 1), 1, "periodic"), writer=True)
+    parts = dict(zip(("model", "optimizer"), _model()))
+    manager.save(parts, SaveRequest(LoopState(1, 1), 1, "periodic"), writer=True)
+    assert manager.busy
     requests = [SaveRequest(LoopState(step, step), 1, "periodic") for step in (2, 3, 4)]
     for request in requests:
-        if manager.busy:
-            assert manager.save({"model": model, "optimizer": optimizer}, request, writer=True) == 0.0
-            assert manager.deferred is request, "the newest request replaces the deferred one"
+        assert manager.save(parts, request, writer=True) == 0.0, "a deferred save takes no snapshot"
+        assert manager.deferred is request, "the newest request replaces the deferred one"
+    uploads_may_go.set()
     manager.wait()
-    assert len(listed_steps(durable.store, "r")) <= 2
+    assert listed_steps(durable.store, "r") == [1], "the deferred requests were not queued behind it"
+    assert manager.deferred is requests[-1] and manager.last_save_step == 1
 
 
 def test_restore_prefers_the_fastest_valid_tier_and_skips_damaged_copies(tmp_path, caplog):

@@ -123,9 +123,6 @@ class _ChecksummingWriter(io.RawIOBase):
         return self._f.write(data)
 
 
-COMPRESSIONS = ("none", "zstd", "lz4")
-
-
 def write_state(state: Dict[str, Any], path: str, compression: str = "none") -> FileEntry:
     """Serialize ``state`` to ``path``; return the size and checksum of the stored bytes, computed while writing."""
     with open(path, "wb") as f:
@@ -160,8 +157,18 @@ def commit(store: Store, key: str, files: Dict[str, str], manifest: Manifest) ->
     """
     if store.exists(f"{key}/{MANIFEST}"):
         return False
+    upload_files(store, key, files)
+    return publish_manifest(store, key, manifest)
+
+
+def upload_files(store: Store, key: str, files: Dict[str, str]) -> None:
+    """The data files of a checkpoint, each under ``key``; they count for nothing until the manifest."""
     for name, local_path in files.items():
         store.put_file(f"{key}/{name}", local_path)
+
+
+def publish_manifest(store: Store, key: str, manifest: Manifest) -> bool:
+    """Write the manifest unless one is there: the moment the checkpoint exists. False: another writer's is."""
     return store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True)
 
 

@@ -59,6 +59,7 @@ class UploadQueue:
             self.offer(manifest)
 
     def __bool__(self) -> bool:
+        """Whether a checkpoint waits for its upload."""
         return bool(self._waiting)
 
 

@@ -167,9 +167,7 @@ class CheckpointManager:
             started = time.time()
             scratch, entry = self._serialize(snapshot, step)
             path = os.path.join(scratch, STATE_FILE)
-            manifest = Manifest(step=step, samples_seen=request.loop.samples_seen, kind=request.kind,
-                                reason=request.reason, world_size=request.world_size, files={STATE_FILE: entry},
-                                config=self.config, compression=self.compression, created_at=started)
+            manifest = self._manifest(request, {STATE_FILE: entry}, started, compression=self.compression)
             if writer:
                 self._commit_shared(key, path, manifest, request, stall, started, transfer)
             if self.writes_local:
@@ -217,11 +215,20 @@ class CheckpointManager:
             except Exception as error:
                 self._report_failure(request, f"{type(error).__name__}: {error}", tier=tier.name)
                 continue
-            self.commit_s.append(time.time() - started)
-            self.committed_step = committed.step
-            self.events.emit("checkpoint", step=committed.step, tier=tier.name, kind=request.kind, stall_s=stall,
-                             duration_s=time.time() - started, bytes=sum(e.size for e in committed.files.values()))
+            self._committed(committed, tier, request, stall, started)
             return
+
+    def _manifest(self, request: SaveRequest, files: Dict[str, FileEntry], started: float, **format: Any) -> Manifest:
+        return Manifest(step=request.loop.step, samples_seen=request.loop.samples_seen, kind=request.kind,
+                        reason=request.reason, world_size=request.world_size, files=files, config=self.config,
+                        created_at=started, **format)
+
+    def _committed(self, manifest: Manifest, tier: Tier, request: SaveRequest, stall: float, started: float) -> None:
+        """A shared tier holds the checkpoint: record it for the advisor, the loop and the event log."""
+        self.commit_s.append(time.time() - started)
+        self.committed_step = manifest.step
+        self.events.emit("checkpoint", step=manifest.step, tier=tier.name, kind=request.kind, stall_s=stall,
+                         duration_s=time.time() - started, bytes=sum(e.size for e in manifest.files.values()))
 
     def _report_failure(self, request: SaveRequest, error: str, tier: Optional[str] = None) -> None:
         logger.warning("Checkpoint step %d failed%s; the previous one stays the latest: %s", request.loop.step,
@@ -263,19 +270,14 @@ class CheckpointManager:
                 if problems:
                     self._report_failure(request, "; ".join(problems))
                 else:
+                    manifest = self._manifest(request, files, started, sharded=True)
                     try:
-                        tier.publish(key, Manifest(step=step, samples_seen=request.loop.samples_seen,
-                                                   kind=request.kind, reason=request.reason,
-                                                   world_size=request.world_size, files=files, config=self.config,
-                                                   sharded=True, created_at=started))
+                        tier.publish(key, manifest)
                         published[0] = True
                     except Exception as error:
                         self._report_failure(request, f"{type(error).__name__}: {error}")
                 if published[0]:
-                    self.commit_s.append(time.time() - started)
-                    self.events.emit("checkpoint", step=step, tier=tier.name, kind=request.kind,
-                                     stall_s=max(s for _, _, s in everyone), duration_s=time.time() - started,
-                                     bytes=sum(entry.size for entry in files.values()))
+                    self._committed(manifest, tier, request, max(s for _, _, s in everyone), started)
             dist.broadcast_object_list(published, src=0, group=self._save_group)
             if published[0]:
                 self.committed_step = step

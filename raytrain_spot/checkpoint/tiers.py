@@ -22,7 +22,9 @@ from raytrain_spot.checkpoint.format import (
     checkpoint_key,
     fetch_verified,
     listed_steps,
+    publish_manifest,
     read_manifest,
+    upload_files,
     verify_file,
 )
 from raytrain_spot.storage.store import LocalStore, Store
@@ -111,7 +113,7 @@ class StoreTier:
             for name, path in files.items():
                 self.store.adopt(f"{key}/{name}", path)
         else:
-            self._upload(key, files)
+            upload_files(self.store, key, files)
         if transfer.cancelled.is_set():
             raise SaveCancelled(key)
         self.publish(key, manifest)
@@ -128,14 +130,10 @@ class StoreTier:
 
     def put(self, key: str, files: Dict[str, str]) -> None:
         if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
-            self._upload(key, files)
-
-    def _upload(self, key: str, files: Dict[str, str]) -> None:
-        for name, path in files.items():
-            self.store.put_file(f"{key}/{name}", path)
+            upload_files(self.store, key, files)
 
     def publish(self, key: str, manifest: Manifest) -> None:
-        if not self.store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json(), if_absent=True):
+        if not publish_manifest(self.store, key, manifest):
             raise CommitConflict(f"{self.store.uri}/{key} was committed by another writer meanwhile")
         self.apply_retention()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
@@ -23,10 +23,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NodeView:
+    """One node as the GCS lists it: the one read of the node table (capacity here, node events in preemption/)."""
+
     node_id: str
     alive: bool
     draining: bool
     resources: Mapping[str, float]
+    drain_deadline_ms: Optional[int] = None
+    """While draining: the deadline in unix milliseconds (0: none given)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def workers_that_fit(nodes: List[NodeView], per_worker: Mapping[str, float], max_workers: int) -> int:
@@ -46,7 +51,8 @@ def live_nodes() -> List[NodeView]:
     import ray
 
     draining = draining_nodes()
-    return [NodeView(n["NodeID"], n["Alive"], n["NodeID"] in draining, n.get("Resources", {})) for n in ray.nodes()]
+    return [NodeView(n["NodeID"], n["Alive"], n["NodeID"] in draining, n.get("Resources", {}),
+                     drain_deadline_ms=draining.get(n["NodeID"]), labels=n.get("Labels", {})) for n in ray.nodes()]
 
 
 class LiveCapacity:

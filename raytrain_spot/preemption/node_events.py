@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.cluster.embedded import NODE_TYPE_LABEL, PRICING_LABEL
+from raytrain_spot.elastic.capacity import live_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +51,13 @@ def node_changes(before: Mapping[str, NodeState], after: Mapping[str, NodeState]
 
 
 def read_cluster() -> Dict[str, NodeState]:
-    import ray
-
-    from raytrain_spot._ray import draining_nodes
-
-    draining = draining_nodes()
     return {
-        n["NodeID"]: NodeState(
-            node_id=n["NodeID"], alive=n["Alive"], draining_deadline_ms=draining.get(n["NodeID"]),
-            node_type=n.get("Labels", {}).get(NODE_TYPE_LABEL, "unknown"),
-            pricing=n.get("Labels", {}).get(PRICING_LABEL, "on_demand"),
-            gpus=n.get("Resources", {}).get("GPU", 0.0),
+        node.node_id: NodeState(
+            node_id=node.node_id, alive=node.alive, draining_deadline_ms=node.drain_deadline_ms,
+            node_type=node.labels.get(NODE_TYPE_LABEL, "unknown"), pricing=node.labels.get(PRICING_LABEL, "on_demand"),
+            gpus=node.resources.get("GPU", 0.0),
         )
-        for n in ray.nodes()
+        for node in live_nodes()
     }
 
 

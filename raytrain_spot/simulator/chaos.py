@@ -142,8 +142,6 @@ class SpotSimulator:
         self.watchers: Dict[int, subprocess.Popen] = {}
         self._noticed: set[int] = set()
         self._next_slot = 0
-        self.kills = 0
-        self.notices = 0
         for node in list(cluster.workers):
             self._track(node)
         self._started_at: Optional[float] = None
@@ -182,7 +180,6 @@ class SpotSimulator:
         return sorted(self.nodes)
 
     def _notice(self, slot: int, notice_s: float, metadata_delay_s: float = 0.0) -> None:
-        self.notices += 1
         self._noticed.add(slot)
         if metadata_delay_s:
             self.metadata.stall(metadata_delay_s, node=f"worker-{slot}")
@@ -193,7 +190,6 @@ class SpotSimulator:
 
     def _kill(self, slot: int) -> None:
         node = self.nodes.pop(slot)
-        self.kills += 1
         watcher = self.watchers.pop(slot, None)
         if watcher is not None and watcher.poll() is None:
             watcher.kill()
