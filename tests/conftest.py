@@ -2,11 +2,13 @@ import os
 import re
 import sys
 
-# Every Ray process the tests start binds to 127.0.0.1. Ray reads this at import time, so it
-# is set here, before any test module imports ray.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import pytest
 
-import pytest  # noqa: E402
+from raytrain_spot.cluster.embedded import force_loopback
+
+# Every Ray process the tests start binds to 127.0.0.1, as the embedded cluster's do. Ray reads
+# the setting at import time, so it is made here, before any test module imports ray.
+force_loopback()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(REPO, "conf")

@@ -71,6 +71,7 @@ def train(tmp_path, name: str, *overrides: str) -> Run:
                        STEPS, ray_tmp)
     run_dir = tmp_path / "outputs" / name
     run = Run(read_events(str(run_dir / "events.jsonl")), result.stdout, json.loads((run_dir / "ledger.json").read_text()))
+    assert run.of("restore_mismatch") == [], "every tier's copy of a step must hold the same state"
     final: Dict[int, Dict[int, List[int]]] = defaultdict(dict)
     for record in run.of("samples"):  # a later record of the same step and rank replaces a redone one
         final[record["step"]][record["rank"]] = record["ids"]

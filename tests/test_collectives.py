@@ -31,9 +31,10 @@ def test_a_tensor_off_the_training_device_is_refused_with_the_fix(one_rank):
 
 def test_the_step_agreement_creates_its_tensor_on_the_training_device(one_rank):
     with torch.device("meta"):  # whatever is not placed explicitly lands here
-        agreement = agree(RankView(loss_sum=2.5, leaving_ranks=[0], grow_to=3, save_due=True, committed_step=40),
-                          one_rank)
-    assert agreement == StepAgreement(loss_sum=2.5, leaving_ranks=[0], grow_to=3, save_due=True, committed_step=40)
+        agreement = agree(RankView(loss_sum=2.5, leaving_ranks=[0], grow_to=3, save_due=True, committed_step=40,
+                                   step_s=0.25), one_rank)
+    assert agreement == StepAgreement(loss_sum=2.5, leaving_ranks=[0], grow_to=3, save_due=True, committed_step=40,
+                                      step_s=0.25)
 
 
 def test_object_collectives_stay_off_the_training_device(one_rank):
@@ -47,7 +48,7 @@ def _two_ranks(rank: int, store: str, results: str) -> None:
     group = RankGroup.for_training(CPU)
     # Rank 1 alone knows rank 1 is leaving; only rank 0's decisions count.
     view = RankView(loss_sum=1.0 + rank, leaving_ranks=[1] if rank == 1 else [], grow_to=4 + rank,
-                    save_due=rank == 1, committed_step=10 * (rank + 1))
+                    save_due=rank == 1, committed_step=10 * (rank + 1), step_s=0.5 + 8 * rank)
     agreement = agree(view, group)
     placements = group.all_gather_object(f"node-{rank}")
     shipped = group.broadcast_object("state" if rank == 1 else None, src=1)
@@ -61,5 +62,6 @@ def test_two_ranks_agree_on_the_sum_any_notice_and_rank_zeros_decisions(tmp_path
     outcomes = [torch.load(f"{results}.{rank}", weights_only=False) for rank in (0, 1)]
     assert outcomes[0] == outcomes[1]
     agreement, placements, shipped = outcomes[0]
-    assert agreement == StepAgreement(loss_sum=3.0, leaving_ranks=[1], grow_to=4, save_due=False, committed_step=10)
+    assert agreement == StepAgreement(loss_sum=3.0, leaving_ranks=[1], grow_to=4, save_due=False, committed_step=10,
+                                      step_s=0.5)
     assert placements == ["node-0", "node-1"] and shipped == "state"

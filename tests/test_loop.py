@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Collection, Dict, List, Optional, Set
 
@@ -80,6 +81,8 @@ class LinearTask(TrainingTask):
 
     breach: str = ""
     """'' or the contract breach to commit: scalar_loss, changing_items, rank_dependent_model."""
+    step_s: float = 0.0
+    """Make every step last at least this long (a save then finishes within a step)."""
 
     def __post_init__(self):
         self.counter = Counter()
@@ -113,6 +116,7 @@ class LinearTask(TrainingTask):
 
     def loss(self, model, batch):
         self.counter.count += 1
+        time.sleep(self.step_s / 2)  # two micro-batches a step
         x, y = batch
         per_sample = ((model(x) - y) ** 2).squeeze(1)
         return per_sample.mean() if self.breach == "scalar_loss" else per_sample
@@ -130,11 +134,13 @@ def config(max_steps: int, interval_steps: int = 0) -> Config:
 
 
 def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask, out: str) -> dict:
-    """One rank of a group: train until the end, a handoff or a contract error; what it saw."""
+    """One rank of a group: train until the end, a handoff or a contract error; what it saw.
+    Every rank is on a node of its own and keeps that node's local copy, as in a run."""
     group = RankGroup(torch.device("cpu"))
     events, reports = Recorder(), []
     durable = StoreTier("durable", LocalStore(storage), RUN, keep_latest_k=5)
-    checkpoints = CheckpointManager(RUN, cfg.to_dict(), None, [durable], writes_local=False, events=events,
+    local = StoreTier("local", LocalStore(f"{storage}-on-{faults.node_ids[group.rank]}"), RUN, keep_latest_k=5)
+    checkpoints = CheckpointManager(RUN, cfg.to_dict(), local, [durable], writes_local=True, events=events,
                                     scratch_root=f"{storage}/../scratch-{group.rank}", group=group)
     runtime = WorkerRuntime(group, faults.node_ids[:group.world_size], report=reports.append, signals=faults)
     outcome: dict = {"outcome": "finished"}
@@ -199,6 +205,14 @@ def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
     assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 3)).kind == "jit"
 
 
+def test_every_node_keeps_the_same_checkpoint_so_a_restore_finds_no_mismatch(tmp_path):
+    run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1), config(max_steps=20))
+    # The restarted group: rank 0 on node-b, whose local copy rank 1 wrote; rank 1 on node-a.
+    resumed = run_group(tmp_path, 2, FaultInjector(["node-b", "node-a"]), config(max_steps=6))
+    assert [of(r, "restore")[0]["tier"] if of(r, "restore") else None for r in resumed][0] == "local"
+    assert [e for r in resumed for e in of(r, "restore_mismatch")] == [], "the copies of one step must be equal"
+
+
 def test_capacity_for_more_workers_regrows_through_the_same_handoff(tmp_path):
     ranks = run_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3), config(max_steps=20))
     assert [(r["reason"], r["step"]) for r in ranks] == [("regrow", 4)] * 2
@@ -213,7 +227,8 @@ def test_a_notice_wins_over_a_regrow_at_the_same_step(tmp_path):
 
 
 def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=7, interval_steps=3))
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=7, interval_steps=3),
+                      task=LinearTask(step_s=0.3))
     assert [r["outcome"] for r in ranks] == ["finished", "finished"]
     assert [(c["step"], c["kind"]) for c in of(ranks[0], "checkpoint")] == [(3, "periodic"), (6, "periodic"),
                                                                              (7, "final")]

@@ -49,7 +49,7 @@ def _descendants(pid: int) -> List[int]:
     return [p for child in children for p in (int(child), *_descendants(int(child)))]
 
 
-def _force_loopback() -> None:
+def force_loopback() -> None:
     # Read by Ray at import time: makes every Ray process of this cluster pick 127.0.0.1
     # rather than the machine's routable address.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -169,7 +169,7 @@ def prepare_existing_cluster(cfg: ClusterConfig) -> str:
                           "(ray up -y cluster/local.yaml here; on GCP run on the head node, after ray up "
                           "cluster/gcp-spot.yaml), or set cluster.address=HOST:PORT") from None
     if host in (LOOPBACK, "localhost"):
-        _force_loopback()
+        force_loopback()
     if "RAY_AUTH_MODE" not in os.environ and (os.path.exists(default_token_path())
                                              or any(os.environ.get(v) for v in TOKEN_SOURCES)):
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -190,7 +190,7 @@ def connect(cfg: ClusterConfig, show_ray_logs: bool = False) -> Iterator[Optiona
     Ray's processes' output reaches this process only with ``show_ray_logs``: the run prints
     its own progress and events, and Ray's lines stay in its session logs."""
     if cfg.embedded:
-        _force_loopback()
+        force_loopback()
     address = None if cfg.embedded else prepare_existing_cluster(cfg)
     import ray
 

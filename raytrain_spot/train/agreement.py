@@ -2,7 +2,7 @@
 
 Each rank contributes a ``RankView``; the sum over ranks decodes into one ``StepAgreement``
 that every rank acts on at the same step. The sum works because every slot has either one
-writer (rank 0's decisions: regrow, periodic save, committed step) or means "any rank says
+writer (rank 0's decisions: regrow, periodic save, committed step, and its clock) or means "any rank says
 so" (a rank's notice flag, set by whichever ranks know of it; read as > 0). The loss is the
 one true sum.
 """
@@ -16,7 +16,7 @@ import torch
 
 from raytrain_spot.train.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _COMMITTED, _LEAVING = range(5)
+_LOSS, _GROW_TO, _SAVE, _COMMITTED, _STEP_S, _LEAVING = range(6)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class RankView:
     """Rank 0: take a periodic checkpoint of this step."""
     committed_step: int = 0
     """Rank 0: newest step committed to a shared tier."""
+    step_s: float = 0.0
+    """Rank 0: wall time of this step. Every rank counts rank 0's, so every rank's loop state, and
+    so every node's copy of a checkpoint, is the same."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class StepAgreement:
     grow_to: int
     save_due: bool
     committed_step: int
+    step_s: float
 
 
 def agree(view: RankView, group: RankGroup) -> StepAgreement:
@@ -58,9 +62,10 @@ def agree(view: RankView, group: RankGroup) -> StepAgreement:
         slots[_GROW_TO] = float(view.grow_to)
         slots[_SAVE] = float(view.save_due)
         slots[_COMMITTED] = float(view.committed_step)
+        slots[_STEP_S] = view.step_s
     # float64: step numbers stay exact far beyond any run's length.
     summed = group.all_reduce_sum(torch.tensor(slots, dtype=torch.float64, device=group.device)).tolist()
     return StepAgreement(loss_sum=summed[_LOSS],
                          leaving_ranks=[r for r in range(group.world_size) if summed[_LEAVING + r] > 0],
                          grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
-                         committed_step=int(summed[_COMMITTED]))
+                         committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S])

@@ -104,12 +104,13 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
         view = (RankView(loss_sum, leaving, grow_to=runtime.signals.grow_to(next_step),
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
-                         committed_step=checkpoints.committed_step) if rank == 0 else RankView(loss_sum, leaving))
+                         committed_step=checkpoints.committed_step, step_s=time.time() - step_started)
+                if rank == 0 else RankView(loss_sum, leaving))
         agreed = agree(view, group)
         first_position = loop.samples_seen
         loop.step = next_step
         loop.samples_seen += global_batch
-        loop.train_time_s += time.time() - step_started
+        loop.train_time_s += agreed.step_s
 
         if cfg.run.log_sample_ids:
             events.emit("samples", step=loop.step, rank=rank, ids=rows)
