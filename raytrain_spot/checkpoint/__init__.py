@@ -1,1 +1,1 @@
-"""Checkpoints: format and validation, tiers, and the per-worker manager."""
+"""Checkpoints: what they hold, the per-worker manager, tiers, format and validation, resume checks, audit."""

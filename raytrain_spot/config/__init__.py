@@ -1,0 +1,1 @@
+"""Typed settings: the schema, the error every bad setting raises, override checks, secrets."""

@@ -1,0 +1,1 @@
+"""Elastic training on Spot capacity: the live capacity view, Ray Train's policies, warm standbys."""

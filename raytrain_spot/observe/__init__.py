@@ -1,0 +1,1 @@
+"""What a run tells: the event log, progress lines, monitoring sinks, alerts, the console."""

@@ -1,0 +1,1 @@
+"""Object storage behind a URI: local files and Google Cloud Storage."""

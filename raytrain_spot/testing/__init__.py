@@ -1,1 +1,1 @@
-"""Real local stand-ins for cloud services (GCS, GCE metadata, Compute API), used by tests and benchmarks."""
+"""Real local stand-ins for cloud services (GCS, Compute API), used by tests and benchmarks only."""
