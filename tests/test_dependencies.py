@@ -17,16 +17,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "raytrain_spot")
 TEST_ONLY = os.path.join(PACKAGE, "testing")  # the tests' servers, never imported by runtime code
 OPTIONAL = {"wandb": "imported only when monitoring.wandb_project is set"}
+EXTRA_SCOPES = {os.path.join("raytrain_spot", "tasks", "hf_vlm"): "hf"}
+"""Modules that only run with an optional extra installed, and that extra: they may import from it."""
 
 
 def _key(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def _available() -> set:
-    """Declared distributions and what they require with the extras asked for."""
+def _available(extra: str = "") -> set:
+    """Declared distributions (with ``extra``'s) and what they require with the extras asked for."""
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        declared = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+        project = tomllib.load(f)["project"]
+    declared = [Requirement(r) for r in project["dependencies"] + (project["optional-dependencies"][extra]
+                                                                   if extra else [])]
     available = {_key(r.name) for r in declared}
     for requirement in declared:
         for line in metadata.requires(requirement.name) or ():
@@ -81,8 +85,21 @@ def _owner(module: str) -> str:
     return files[at][1]
 
 
+def _extra_of(where: str) -> str:
+    return next((extra for scope, extra in EXTRA_SCOPES.items() if where.startswith(scope + os.sep)), "")
+
+
 def test_every_runtime_import_comes_from_a_declared_dependency():
-    available = _available()
+    available = {extra: _available(extra) for extra in {"", *EXTRA_SCOPES.values()}}
     missing = sorted({f"{_owner(module)} (import {module} in {where})" for module, where in _imports()
-                      if module.split(".")[0] not in OPTIONAL and _owner(module) not in available})
-    assert not missing, f"add to [project] dependencies in pyproject.toml: {missing}"
+                      if module.split(".")[0] not in OPTIONAL and _owner(module) not in available[_extra_of(where)]})
+    assert not missing, f"add to [project] dependencies (or the module's extra) in pyproject.toml: {missing}"
+
+
+def test_modules_of_an_extra_are_not_imported_by_the_rest_of_the_package():
+    from tests.test_layout import import_graph
+
+    scopes = tuple(scope.replace(os.sep, ".") for scope in EXTRA_SCOPES)
+    offenders = {name: sorted(t for t in targets if t.startswith(scopes))
+                 for name, targets in import_graph().items() if not name.startswith(scopes)}
+    assert {k: v for k, v in offenders.items() if v} == {}, "pip install . (no extras) would fail to import these"

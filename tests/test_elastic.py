@@ -182,6 +182,22 @@ def test_a_task_that_breaks_its_contract_stops_the_run_even_with_failures_to_spa
     assert policy.make_decision(_group_error(RuntimeError("peer gone"))) == FailureDecision.RETRY
 
 
+def test_the_same_error_again_and_again_is_a_bug_not_a_lost_node():
+    policy = SpotFailurePolicy(FailureConfig(max_failures=-1), max_identical_failures=3)
+    bug = lambda: _group_error(RuntimeError("Expected to have finished reduction in the prior iteration"))  # noqa: E731
+    assert [policy.make_decision(bug()) for _ in range(2)] == [FailureDecision.RETRY] * 2
+    assert policy.make_decision(bug()) == FailureDecision.RAISE
+    other = SpotFailurePolicy(FailureConfig(max_failures=-1), max_identical_failures=3)
+    lost = [RuntimeError("connection reset by peer 10.0.0.3"), RuntimeError("connection reset by peer 10.0.0.4"),
+            RuntimeError("connection reset by peer 10.0.0.3")]
+    assert [other.make_decision(_group_error(e)) for e in lost] == [FailureDecision.RETRY] * 3, "not the same error"
+    between = SpotFailurePolicy(FailureConfig(max_failures=-1), max_identical_failures=3)
+    for _ in range(2):
+        between.make_decision(bug())
+    between.make_decision(_group_error(WorkerGroupHandoff("preemption", 9), WorkerGroupHandoff("preemption", 9)))
+    assert between.make_decision(bug()) == FailureDecision.RETRY, "a handoff between starts the count again"
+
+
 def test_handoff_survives_pickling():
     import pickle
 

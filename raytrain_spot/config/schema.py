@@ -112,6 +112,9 @@ class TrainerConfig:
     """torch intra-op threads per worker (keep small when several workers share a machine)."""
     max_failures: int = -1
     """Non-preemption failures to recover from; -1 recovers forever. Ray's default 0 would end a Spot run."""
+    max_identical_failures: int = 3
+    """Stop when the worker group fails this many times in a row with the same error and no handoff
+    between: a bug, not a lost node (0: never stop for it; spot_aware only)."""
     resize_check_interval_s: float = 1.0
     """How often rank 0 checks whether more workers would fit (regrow)."""
     regrow_settle_s: float = 2.0
@@ -142,6 +145,7 @@ class TrainerConfig:
                 f"set trainer.global_batch_size >= {self.max_workers}")
         require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                 "set trainer.max_failures=-1 to recover from every failure")
+        require_non_negative("trainer", self, "max_identical_failures")
         require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
         for name in ("regrow_settle_s", "failure_settle_s"):
             require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",

@@ -133,13 +133,24 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         return NoopDecision()
 
 
+def failure_signature(error: TrainingFailedError) -> str:
+    """What a failure says, whichever ranks said it: equal for the same bug hit again."""
+    failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else [error]
+    return "; ".join(sorted({f"{type(f).__name__}: {str(f).strip().splitlines()[-1] if str(f).strip() else ''}"
+                             for f in failures}))
+
+
 class SpotFailurePolicy(DefaultFailurePolicy):
     """A handoff is a planned restart: retry it without spending the failure budget. A task that
-    breaks its contract fails the same way in every group: stop at once, with the task's message."""
+    breaks its contract fails the same way in every group: stop at once, with the task's message.
+    And the same error ``max_identical_failures`` times in a row, with no handoff between, is a bug,
+    not a lost node: stop (``trainer.max_failures=-1`` would otherwise restart it forever)."""
 
-    def __init__(self, failure_config: FailureConfig):
+    def __init__(self, failure_config: FailureConfig, max_identical_failures: int = 3):
         super().__init__(failure_config)
         self.handoffs = 0
+        self._max_identical = max_identical_failures
+        self._last_failure = ("", 0)  # (signature, times in a row)
 
     def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
         if breach := contract_breach(training_failed_error):
@@ -147,10 +158,18 @@ class SpotFailurePolicy(DefaultFailurePolicy):
             return FailureDecision.RAISE
         if is_handoff(training_failed_error):
             self.handoffs += 1
+            self._last_failure = ("", 0)
             reasons = sorted({f.reason for f in training_failed_error.worker_failures.values()})
             logger.info("Restarting the worker group for a handoff (%s); handoffs so far: %d",
                         ", ".join(reasons), self.handoffs)
             return FailureDecision.RETRY
+        signature = failure_signature(training_failed_error)
+        times = self._last_failure[1] + 1 if signature == self._last_failure[0] else 1
+        self._last_failure = (signature, times)
+        if self._max_identical and times >= self._max_identical:
+            logger.error("The worker group failed %d times in a row with the same error, so it is not a lost node; "
+                         "stopping (trainer.max_identical_failures=%d): %s", times, self._max_identical, signature)
+            return FailureDecision.RAISE
         return super().make_decision(training_failed_error)
 
 
@@ -159,11 +178,13 @@ class SpotTorchTrainer(TorchTrainer):
 
     ``failure_settle_s``: after a failure, how long to wait for the GCS to declare dead nodes
     dead before sizing the new group (the cluster's health-check period times its threshold).
+    ``max_identical_failures``: see ``SpotFailurePolicy`` (0: never stop for it).
     """
 
-    def __init__(self, *args, failure_settle_s: float = 4.0, **kwargs):
+    def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
         self._failure_settle_s = failure_settle_s
+        self._max_identical_failures = max_identical_failures
 
     def fit(self):
         for key, value in RAY_TRAIN_TIMING.items():
@@ -173,7 +194,8 @@ class SpotTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config,
                                                                      failure_settle_s=self._failure_settle_s)
-        controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config)
+        controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config,
+                                                                     self._max_identical_failures)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 

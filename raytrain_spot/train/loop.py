@@ -77,7 +77,8 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         loop.interruptions += 1  # a notice or a failure ended the previous group; a regrow is planned
     check_dataset(dataset, order.rows_at(rank_positions(loop.samples_seen, global_batch, rank, world_size))[:1],
                   group)
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=task.unused_parameters)
     phases.mark("ddp")
     if rank == 0:
         announce_group(events, restored, world_size, loop, phases.durations, runtime.node_ids, **runtime.group_facts)

@@ -46,6 +46,11 @@ class MapDataset(Protocol):
 class TrainingTask(abc.ABC):
     """What a model brings to the framework. Subclass it (a dataclass subclass gets typed settings)."""
 
+    unused_parameters: ClassVar[bool] = False
+    """Some parameters get no gradient in a step (a vision tower's pooler that the model never
+    reads, say): DDP then looks for them every step (``find_unused_parameters``), a little slower.
+    Without it such a model fails at its second step."""
+
     resumable_settings: ClassVar[Tuple[str, ...]] = ()
     """Settings of this task (dotted, under ``task.``) that a resume may change: they do not shape
     the model, the optimizer state or the sample order (a cache size, a download directory).

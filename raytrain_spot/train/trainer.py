@@ -40,7 +40,8 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         # Marks the workers' processes so each node can count its idle standbys (standby.py).
         worker_runtime_env={"env_vars": {STANDBY_MARKER: cfg.run.name}} if standby_enabled(trainer_cfg) else None,
     )
-    spot = {"failure_settle_s": trainer_cfg.failure_settle_s} if trainer_cfg.spot_aware else {}
+    spot = ({"failure_settle_s": trainer_cfg.failure_settle_s,
+             "max_identical_failures": trainer_cfg.max_identical_failures} if trainer_cfg.spot_aware else {})
     trainer_cls = SpotTorchTrainer if trainer_cfg.spot_aware else TorchTrainer
     return trainer_cls(
         train_loop_per_worker,

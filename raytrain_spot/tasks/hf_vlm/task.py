@@ -1,0 +1,187 @@
+"""A Hugging Face image-text-to-text model as a training task: any model ``transformers`` builds
+from a model directory (``AutoModelForImageTextToText``), with its own processor and tokenizer.
+
+Tested families: LLaVA and Idefics3 (SmolVLM). The model directory is what ``save_pretrained``
+writes: ``config.json``, the processor's and tokenizer's files, and the weights; without weights
+the model starts from a seeded random init (the presets, for tests and smoke runs). Nothing is
+ever fetched from a model hub: directories are read with ``local_files_only``.
+
+The loss is next-token cross-entropy on the caption only: padding, image tokens and the prompt
+are masked, and each sample's loss is the mean over its own caption tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from raytrain_spot.config.errors import ConfigError, require
+from raytrain_spot.tasks.hf_vlm.data import (
+    BadRow,
+    ImageTextDataConfig,
+    ImageTextShards,
+    generated_data_dir,
+    skipped_rows,
+)
+from raytrain_spot.tasks.hf_vlm.presets import IMAGE_TOKEN, PRESET_MARKER, PRESETS, write_preset
+from raytrain_spot.train.task import TrainingTask
+
+IGNORE = -100
+"""Label of a position the loss skips (transformers' convention)."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+IMAGE_WRAPPERS = ("<fake_token_around_image>", "<global-img>")
+"""Tokens Idefics3-style processors put around an image's tokens: masked like the image tokens."""
+
+
+@dataclass
+class HfModelConfig:
+    """Which model, and how to train it."""
+
+    path: Optional[str] = None
+    """A model directory (``save_pretrained`` layout). Unset: ``preset``'s directory, written into
+    ``cache_dir`` on first use."""
+    preset: str = "tiny-llava"
+    """With no ``path``: a built-in model directory without weights (``tiny-llava``, ``tiny-idefics3``)."""
+    cache_dir: str = "~/.cache/raytrain_spot/hf_models"
+    """Where preset directories are written."""
+    dtype: str = "float32"
+    """Weights in ``float32`` or ``bfloat16``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    freeze_vision: bool = False
+    """Train the projector and the language model only; the vision tower keeps its weights."""
+
+    def __post_init__(self):
+        require(self.path is not None or self.preset in PRESETS, "task.model.preset",
+                f"{self.preset!r} is not a preset", f"use one of {', '.join(sorted(PRESETS))}, or set task.model.path")
+        require(self.dtype in ("float32", "bfloat16"), "task.model.dtype", f"{self.dtype!r} is not supported",
+                "use float32 or bfloat16")
+
+
+@dataclass
+class HuggingFaceVLMTask(TrainingTask):
+    """Fine-tune an image-text-to-text model on your image-caption shards."""
+
+    model: HfModelConfig = field(default_factory=HfModelConfig)
+    data: ImageTextDataConfig = field(default_factory=ImageTextDataConfig)
+
+    resumable_settings: ClassVar[Tuple[str, ...]] = ("model.cache_dir", "model.gradient_checkpointing",
+                                                     "data.cache_dir")
+    unused_parameters: ClassVar[bool] = True  # e.g. LLaVA never reads its CLIP tower's last norm and pooler
+
+    # -- driver --------------------------------------------------------------------------------
+
+    def prepare(self, seed: int) -> Optional[str]:
+        """Write what is generated, then check the model directory and every row before Ray starts."""
+        model_dir = self.model_dir()
+        processor = self.processor()
+        tokenizer = processor.tokenizer
+        if IMAGE_TOKEN not in tokenizer.get_vocab() and getattr(processor, "image_token", None) is None:
+            raise ConfigError(f"task.model.path: the tokenizer in {model_dir} has no {IMAGE_TOKEN} token. Fix: use "
+                              "the processor saved with the model (its tokenizer knows the image token)")
+        data_dir = self.data_dir(seed)
+        try:
+            skipped = skipped_rows(self.data, data_dir)
+        except (BadRow, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from None
+        return f"{model_dir} on {data_dir}" + (f" ({skipped} bad rows left out)" if skipped else "")
+
+    def model_dir(self) -> str:
+        if self.model.path is not None:
+            path = os.path.expanduser(self.model.path)
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise ConfigError(f"task.model.path: {path} has no config.json. Fix: point it at a model directory "
+                                  "as save_pretrained writes it (config, processor and tokenizer files, weights)")
+            return path
+        path = os.path.join(os.path.expanduser(self.model.cache_dir), self.model.preset)
+        if not os.path.exists(os.path.join(path, PRESET_MARKER)):
+            write_preset(self.model.preset, path)
+        return path
+
+    def data_dir(self, seed: int) -> str:
+        return os.path.expanduser(self.data.path) if self.data.path else generated_data_dir(self.data, seed)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def processor(self):
+        if getattr(self, "_processor", None) is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_dir(), local_files_only=True)
+        return self._processor
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        path = self.model_dir()
+        dtype = getattr(torch, self.model.dtype)
+        if any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES):
+            model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
+        else:  # a config alone: a seeded random init, the same on every rank
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                            dtype=dtype)
+        model.config.use_cache = False  # training: no key/value cache
+        if self.model.freeze_vision:
+            for parameter in vision_tower(model).parameters():
+                parameter.requires_grad_(False)
+        if self.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def build_dataset(self, seed: int) -> ImageTextShards:
+        return ImageTextShards(self.data, self.data_dir(seed))
+
+    def collate(self, samples: Sequence[Tuple[Any, str]]) -> Dict[str, torch.Tensor]:
+        processor = self.processor()
+        images, captions = zip(*samples)
+        prefix = f"{IMAGE_TOKEN}{(' ' + self.data.prompt) if self.data.prompt else ''}"
+        texts = [f"{prefix} {caption}" for caption in captions]
+        batch = dict(processor(images=[[image] for image in images] if nested_images(processor) else list(images),
+                               text=texts, return_tensors="pt", padding=True))
+        batch["labels"] = caption_labels(batch["input_ids"], batch["attention_mask"], processor.tokenizer,
+                                         len(processor.tokenizer(self.data.prompt, add_special_tokens=False)
+                                             ["input_ids"]) if self.data.prompt else 0)
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        targets = labels[:, 1:]
+        token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     ignore_index=IGNORE, reduction="none").view(targets.shape)
+        counted = (targets != IGNORE).float()
+        return (token_loss * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0)
+
+
+def nested_images(processor) -> bool:
+    """Idefics3-style processors take a list of images per sample; LLaVA-style ones a flat list."""
+    return type(processor).__name__.startswith("Idefics")
+
+
+def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, prompt_tokens: int) -> torch.Tensor:
+    """``input_ids`` with everything but the caption set to IGNORE: padding, special and image
+    tokens, and the prompt that follows the image."""
+    specials = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN,
+                                                                                                *IMAGE_WRAPPERS)
+                                                 if t in tokenizer.get_vocab()}
+    labels = input_ids.clone()
+    is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=input_ids.dtype))
+    for row in range(input_ids.shape[0]):
+        image_positions = torch.nonzero(is_special[row] & (attention_mask[row] > 0)).flatten()
+        caption_start = (int(image_positions.max()) + 1 if len(image_positions) else 0) + prompt_tokens
+        labels[row, :caption_start] = IGNORE
+    labels[is_special | (attention_mask == 0)] = IGNORE
+    return labels
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision encoder of an image-text-to-text model (LLaVA: ``vision_tower``, Idefics3: ``vision_model``)."""
+    for name, module in model.named_modules():
+        if name.endswith(("vision_tower", "vision_model")):
+            return module
+    raise ConfigError(f"task.model.freeze_vision: {type(model).__name__} has no vision_tower or vision_model. Fix: "
+                      "set task.model.freeze_vision=false for this model")
