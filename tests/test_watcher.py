@@ -526,7 +526,6 @@ def drain_line(log: str) -> dict:
 
 
 def draining_deadline_ms(node_id: str) -> Optional[int]:
-    import ray
 
     return draining_nodes().get(node_id)
 
