@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from typing import Any, List, Optional
 
 from raytrain_spot.config.schema import DEFAULT_TASK, Config
 from raytrain_spot.train.task import task_class
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+"""The Hydra groups run.py composes from (``config_path="../conf"``)."""
 
 
 def unknown_override_key(overrides: List[str]) -> Optional[str]:
@@ -39,15 +43,33 @@ def unknown_override_key(overrides: List[str]) -> Optional[str]:
 
 
 def _task_of(overrides: List[str]) -> Optional[type]:
-    """The task class the overrides choose: the default one unless another is named."""
-    chosen = dict(o.split("=", 1) for o in overrides if o.startswith(("task=", "task._target_=")))
-    if "task._target_" in chosen:
-        target = chosen["task._target_"]
-    elif chosen.get("task", "vlm") == "vlm":
-        target = DEFAULT_TASK
-    else:
-        return None
+    """The task class the overrides choose: ``task._target_``, else the task group's file (``task=NAME``,
+    else the experiment's ``override /task: NAME``, else the default); None when it cannot be told."""
+    given = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
+    target = given.get("task._target_")
+    if target is None:
+        name = given.get("task") or _experiment_task(given.get("experiment")) or "vlm"
+        target = _yaml(os.path.join(CONF_DIR, "task", f"{name}.yaml")).get("_target_")
+        target = DEFAULT_TASK if name == "vlm" and not target else target
     try:
-        return task_class(target)
+        return task_class(target) if target and target != "???" else None
     except ValueError:  # the run reports an unimportable task with its own message
         return None
+
+
+def _experiment_task(experiment: Optional[str]) -> Optional[str]:
+    for entry in _yaml(os.path.join(CONF_DIR, "experiment", f"{experiment}.yaml")).get("defaults", []) if experiment \
+            else []:
+        if isinstance(entry, dict) and "override /task" in entry:
+            return entry["override /task"]
+    return None
+
+
+def _yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError:
+        return {}

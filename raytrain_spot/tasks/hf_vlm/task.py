@@ -165,13 +165,13 @@ def nested_images(processor) -> bool:
 def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, prompt_tokens: int) -> torch.Tensor:
     """``input_ids`` with everything but the caption set to IGNORE: padding, special and image
     tokens, and the prompt that follows the image."""
-    specials = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN,
-                                                                                                *IMAGE_WRAPPERS)
-                                                 if t in tokenizer.get_vocab()}
+    image_ids = {tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, *IMAGE_WRAPPERS) if t in tokenizer.get_vocab()}
+    specials = set(tokenizer.all_special_ids) | image_ids
     labels = input_ids.clone()
     is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=input_ids.dtype))
+    is_image = torch.isin(input_ids, torch.tensor(sorted(image_ids), dtype=input_ids.dtype))
     for row in range(input_ids.shape[0]):
-        image_positions = torch.nonzero(is_special[row] & (attention_mask[row] > 0)).flatten()
+        image_positions = torch.nonzero(is_image[row] & (attention_mask[row] > 0)).flatten()
         caption_start = (int(image_positions.max()) + 1 if len(image_positions) else 0) + prompt_tokens
         labels[row, :caption_start] = IGNORE
     labels[is_special | (attention_mask == 0)] = IGNORE
