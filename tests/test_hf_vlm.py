@@ -147,6 +147,14 @@ def test_raw_pixel_images_and_png_are_read_too(tmp_path):
     image, _ = ImageTextShards(ImageTextDataConfig(path=str(raw), raw_image_size=32, cache_dir=str(tmp_path)),
                                str(raw))[0]
     assert np.array_equal(np.asarray(image), pixels)
+    structs = tmp_path / "datasets-style"
+    structs.mkdir()
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    pq.write_table(pa.table({"image": [{"bytes": encoded.getvalue(), "path": None}], "caption": ["a"]}),
+                   str(structs / "a.parquet"))
+    image, _ = ImageTextShards(ImageTextDataConfig(path=str(structs), cache_dir=str(tmp_path)), str(structs))[0]
+    assert np.array_equal(np.asarray(image), pixels), "the datasets Image feature's {bytes, path} struct"
 
 
 @pytest.mark.parametrize("problem, fix", [
