@@ -9,7 +9,9 @@ Contract (checked at the start of every worker group; a breach stops the run wit
 
 * ``build_dataset`` returns a map-style dataset: ``len(dataset)`` and a deterministic
   ``dataset[i]``. The framework picks indices from one global, world-size-independent order,
-  so a resume at any world size continues at the exact next sample.
+  so a resume at any world size continues at the exact next sample. A dataset may also have
+  ``row_group_spans()``, index ranges ``[(start, stop), ...]`` that the order shuffles within
+  (rows of one Parquet row group or shard), so a step's reads stay local.
 * ``build_model`` builds the same parameters on every rank (the framework seeds torch with
   ``run.seed`` first).
 * ``loss`` returns one loss per sample, shape ``[batch]``. The framework sums them with the

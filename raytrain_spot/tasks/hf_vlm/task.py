@@ -79,10 +79,9 @@ class HuggingFaceVLMTask(TrainingTask):
         """Write what is generated, then check the model directory and every row before Ray starts."""
         model_dir = self.model_dir()
         processor = self.processor()
-        tokenizer = processor.tokenizer
-        if IMAGE_TOKEN not in tokenizer.get_vocab() and getattr(processor, "image_token", None) is None:
-            raise ConfigError(f"task.model.path: the tokenizer in {model_dir} has no {IMAGE_TOKEN} token. Fix: use "
-                              "the processor saved with the model (its tokenizer knows the image token)")
+        if image_token(processor) not in processor.tokenizer.get_vocab():
+            raise ConfigError(f"task.model.path: the tokenizer in {model_dir} has no {image_token(processor)} token. "
+                              "Fix: use the processor saved with the model (its tokenizer knows the image token)")
         data_dir = self.data_dir(seed)
         try:
             skipped = skipped_rows(self.data, data_dir)
@@ -138,13 +137,14 @@ class HuggingFaceVLMTask(TrainingTask):
     def collate(self, samples: Sequence[Tuple[Any, str]]) -> Dict[str, torch.Tensor]:
         processor = self.processor()
         images, captions = zip(*samples)
-        prefix = f"{IMAGE_TOKEN}{(' ' + self.data.prompt) if self.data.prompt else ''}"
+        prefix = f"{image_token(processor)}{(' ' + self.data.prompt) if self.data.prompt else ''}"
         texts = [f"{prefix} {caption}" for caption in captions]
         batch = dict(processor(images=[[image] for image in images] if nested_images(processor) else list(images),
                                text=texts, return_tensors="pt", padding=True))
+        prompt_tokens = len(processor.tokenizer(self.data.prompt, add_special_tokens=False)["input_ids"]) \
+            if self.data.prompt else 0
         batch["labels"] = caption_labels(batch["input_ids"], batch["attention_mask"], processor.tokenizer,
-                                         len(processor.tokenizer(self.data.prompt, add_special_tokens=False)
-                                             ["input_ids"]) if self.data.prompt else 0)
+                                         (image_token(processor), *IMAGE_WRAPPERS), prompt_tokens)
         return batch
 
     def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -157,15 +157,21 @@ class HuggingFaceVLMTask(TrainingTask):
         return (token_loss * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0)
 
 
+def image_token(processor) -> str:
+    """The token a processor expands into the image's tokens (``<image>`` for both tested families)."""
+    return getattr(processor, "image_token", None) or IMAGE_TOKEN
+
+
 def nested_images(processor) -> bool:
     """Idefics3-style processors take a list of images per sample; LLaVA-style ones a flat list."""
     return type(processor).__name__.startswith("Idefics")
 
 
-def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, prompt_tokens: int) -> torch.Tensor:
+def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, image_tokens: Sequence[str],
+                   prompt_tokens: int) -> torch.Tensor:
     """``input_ids`` with everything but the caption set to IGNORE: padding, special and image
     tokens, and the prompt that follows the image."""
-    image_ids = {tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, *IMAGE_WRAPPERS) if t in tokenizer.get_vocab()}
+    image_ids = {tokenizer.convert_tokens_to_ids(t) for t in image_tokens if t in tokenizer.get_vocab()}
     specials = set(tokenizer.all_special_ids) | image_ids
     labels = input_ids.clone()
     is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=input_ids.dtype))
