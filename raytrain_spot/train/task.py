@@ -49,7 +49,7 @@ class TrainingTask(abc.ABC):
     """What a model brings to the framework. Subclass it (a dataclass subclass gets typed settings)."""
 
     unused_parameters: ClassVar[bool] = False
-    """Some parameters get no gradient in a step (a vision tower's pooler that the model never
+    """Some parameters get no gradient in a step (a vision tower's final norm that the model never
     reads, say): DDP then looks for them every step (``find_unused_parameters``), a little slower.
     Without it such a model fails at its second step."""
 

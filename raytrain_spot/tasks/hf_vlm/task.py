@@ -71,7 +71,7 @@ class HuggingFaceVLMTask(TrainingTask):
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ("model.cache_dir", "model.gradient_checkpointing",
                                                      "data.cache_dir")
-    unused_parameters: ClassVar[bool] = True  # e.g. LLaVA never reads its CLIP tower's last norm and pooler
+    unused_parameters: ClassVar[bool] = True  # LLaVA never uses its CLIP tower's post_layernorm
 
     # -- driver --------------------------------------------------------------------------------
 
