@@ -12,7 +12,7 @@ means: bump the pin in pyproject.toml, run those tests, fix this module.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 RAY_VERSION = "2.60.0"
 
@@ -100,7 +100,3 @@ def session_logs_dir() -> str:
     import ray._private.worker
 
     return ray._private.worker._global_node.get_logs_dir_path()
-
-
-def __dir__() -> List[str]:
-    return sorted([*globals(), *PRIVATE])

@@ -156,9 +156,10 @@ def check_same_parameters(model: torch.nn.Module, group: RankGroup) -> None:
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
+    # Reduced in float64 without a float64 copy of the weights: a start-up pass, not a second model.
     with torch.no_grad():
-        sums = [(name, tuple(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
-                for name, p in model.named_parameters()]
+        sums = [(name, tuple(p.shape), float(p.sum(dtype=torch.float64)),
+                 float(torch.linalg.vector_norm(p, dtype=torch.float64))) for name, p in model.named_parameters()]
     return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
 
 

@@ -113,6 +113,12 @@ class HuggingFaceVLMTask(TrainingTask):
             self._processor = AutoProcessor.from_pretrained(self.model_dir(), local_files_only=True)
         return self._processor
 
+    def label_mask(self) -> "LabelMask":
+        """What collate masks out of the labels, worked out once from the processor and the prompt."""
+        if getattr(self, "_label_mask", None) is None:
+            self._label_mask = LabelMask.of(self.processor(), self.data.prompt)
+        return self._label_mask
+
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -141,10 +147,7 @@ class HuggingFaceVLMTask(TrainingTask):
         texts = [f"{prefix} {caption}" for caption in captions]
         batch = dict(processor(images=[[image] for image in images] if nested_images(processor) else list(images),
                                text=texts, return_tensors="pt", padding=True))
-        prompt_tokens = len(processor.tokenizer(self.data.prompt, add_special_tokens=False)["input_ids"]) \
-            if self.data.prompt else 0
-        batch["labels"] = caption_labels(batch["input_ids"], batch["attention_mask"], processor.tokenizer,
-                                         (image_token(processor), *IMAGE_WRAPPERS), prompt_tokens)
+        batch["labels"] = self.label_mask().caption_labels(batch["input_ids"], batch["attention_mask"])
         return batch
 
     def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -167,21 +170,31 @@ def nested_images(processor) -> bool:
     return type(processor).__name__.startswith("Idefics")
 
 
-def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, image_tokens: Sequence[str],
-                   prompt_tokens: int) -> torch.Tensor:
-    """``input_ids`` with everything but the caption set to IGNORE: padding, special and image
-    tokens, and the prompt that follows the image."""
-    image_ids = {tokenizer.convert_tokens_to_ids(t) for t in image_tokens if t in tokenizer.get_vocab()}
-    specials = set(tokenizer.all_special_ids) | image_ids
-    labels = input_ids.clone()
-    is_special = torch.isin(input_ids, torch.tensor(sorted(specials), dtype=input_ids.dtype))
-    is_image = torch.isin(input_ids, torch.tensor(sorted(image_ids), dtype=input_ids.dtype))
-    for row in range(input_ids.shape[0]):
-        image_positions = torch.nonzero(is_image[row] & (attention_mask[row] > 0)).flatten()
-        caption_start = (int(image_positions.max()) + 1 if len(image_positions) else 0) + prompt_tokens
-        labels[row, :caption_start] = IGNORE
-    labels[is_special | (attention_mask == 0)] = IGNORE
-    return labels
+@dataclass(frozen=True)
+class LabelMask:
+    """The tokens a caption's labels leave out: special tokens, the image's tokens, and the prompt after them."""
+
+    special_ids: torch.Tensor
+    image_ids: torch.Tensor
+    prompt_tokens: int
+
+    @classmethod
+    def of(cls, processor, prompt: str) -> "LabelMask":
+        tokenizer = processor.tokenizer
+        vocab = tokenizer.get_vocab()
+        image_ids = sorted({vocab[t] for t in (image_token(processor), *IMAGE_WRAPPERS) if t in vocab})
+        prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        return cls(torch.tensor(sorted(set(tokenizer.all_special_ids) | set(image_ids))), torch.tensor(image_ids),
+                   prompt_tokens)
+
+    def caption_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` with everything but the caption set to IGNORE."""
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        is_image = torch.isin(input_ids, self.image_ids) & (attention_mask > 0)
+        last_image = torch.where(is_image, positions, -1).max(dim=1, keepdim=True).values
+        before_caption = positions <= last_image + self.prompt_tokens
+        return input_ids.masked_fill(before_caption | torch.isin(input_ids, self.special_ids) | (attention_mask == 0),
+                                     IGNORE)
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
