@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, InvalidCheckpoint, checkpoint_key, read_manifest
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
-from raytrain_spot.checkpoint.state import LoopState
+from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.sharded import METADATA_FILE, SafeFileSystemReader, load_sharded, owned_keys
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.observe.events import EventLog
@@ -56,13 +56,13 @@ def _save_from_two_ranks(rank, tmp):
     for step in (3, 5):
         _train(model, optimizer, BATCHES[trained:step])
         trained = step
-        manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(step, step * 8), 2, "periodic"), writer=rank == 0,
+        manager.save({"model": ModelWeights(model), "optimizer": optimizer}, SaveRequest(LoopState(step, step * 8), 2, "periodic"), writer=rank == 0,
                      wait=True)
         assert manager.committed_step == step
     if rank == 1:
         manager.shared = [_durable(f"{tmp}/blocked")]
     _train(model, optimizer, BATCHES[5:6])
-    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(6, 48), 2, "periodic"), writer=rank == 0, wait=True)
+    manager.save({"model": ModelWeights(model), "optimizer": optimizer}, SaveRequest(LoopState(6, 48), 2, "periodic"), writer=rank == 0, wait=True)
     torch.save({"committed": manager.committed_step, "share_bytes": manager._snapshot.nbytes},
                f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -99,7 +99,7 @@ def test_restores_on_one_rank_and_trains_on_exactly_like_the_uninterrupted_run(t
     manager = CheckpointManager("r", {}, None, [_durable(f"{two_rank_checkpoints}/durable")], writes_local=False,
                                 events=EventLog(), scratch_root=str(tmp_path))
     model, optimizer = _model()
-    restored = manager.restore({"model": model, "optimizer": optimizer}, rank=0)
+    restored = manager.restore({"model": ModelWeights(model), "optimizer": optimizer}, rank=0)
     assert restored.loop.step == 5 and restored.loop.samples_seen == 40 and restored.tier == "durable"
 
     reference, reference_optimizer = _model()
@@ -125,7 +125,7 @@ def test_a_corrupt_share_is_skipped_for_the_previous_checkpoint(two_rank_checkpo
     manager = CheckpointManager("r", {}, None, [durable], writes_local=False, events=EventLog(),
                                 scratch_root=str(tmp_path / "scratch"))
     model, optimizer = _model()
-    restored = manager.restore({"model": model, "optimizer": optimizer}, rank=0)
+    restored = manager.restore({"model": ModelWeights(model), "optimizer": optimizer}, rank=0)
     assert restored.loop.step == 3
     assert "step_00000005" in caplog.text and "__1_0.distcp" in caplog.text and "corrupt" in caplog.text
 

@@ -95,9 +95,10 @@ def owned_keys(sizes: Dict[str, int], rank: int, world_size: int) -> Set[str]:
 def sharded_state(parts: Mapping[str, Stateful], loop: LoopState) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(every tensor keyed by path, the rest of the state): model and optimizer keyed by FQN, so a
     share loads into a model wrapped differently; the task's extra parts by their state dicts."""
-    model_state, optimizer_state = get_state_dict(parts["model"], parts["optimizer"])
+    weights = parts["model"]
+    model_state, optimizer_state = get_state_dict(weights.module, parts["optimizer"])
     tree = {**training_state({n: p for n, p in parts.items() if n not in DCP_PARTS}, loop),
-            "model": model_state, "optimizer": optimizer_state}
+            "model": weights.saved(model_state), "optimizer": optimizer_state}
     loop_state = tree.pop(LOOP_STATE)
     tensors = {key: value for key, value in flatten(tree).items() if isinstance(value, torch.Tensor)}
     return tensors, {"structure": skeleton(tree), LOOP_STATE: loop_state}
@@ -188,7 +189,8 @@ def load_sharded(paths: Dict[str, str]) -> Dict[str, Any]:
 
 def apply_sharded(parts: Mapping[str, Stateful], state: Dict[str, Any]) -> LoopState:
     """Load a sharded checkpoint's state into ``parts``; return its loop state."""
-    set_state_dict(parts["model"], parts["optimizer"], model_state_dict=state["model"],
+    weights = parts["model"]
+    set_state_dict(weights.module, parts["optimizer"], model_state_dict=weights.completed(state["model"]),
                    optim_state_dict=state["optimizer"])
     others = {name: part for name, part in parts.items() if name not in DCP_PARTS}
     return load_training_state(others, {name: state[name] for name in state if name not in DCP_PARTS})

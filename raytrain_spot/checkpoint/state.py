@@ -9,11 +9,16 @@ reseeds from (seed, step, rank), so the loop state determines both.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Protocol, runtime_checkable
+from typing import Any, Dict, Mapping, Protocol, Set, runtime_checkable
+
+import torch
 
 LOOP_STATE = "loop"
 """Key of the loop state in a checkpoint's state; the parts use their own names."""
+FROZEN_FINGERPRINT = "_frozen_fingerprint"
+"""Key, in the model's saved state, of the fingerprint of the parameters it leaves out."""
 
 
 @runtime_checkable
@@ -40,6 +45,68 @@ class LoopState:
 
 class StateMismatch(ValueError):
     """A checkpoint does not hold the parts this run needs: it was saved by another task."""
+
+
+class ModelWeights:
+    """The model's part of a checkpoint: its buffers and the parameters it trains.
+
+    Parameters that are frozen when the task has built the model (a LoRA base, a frozen vision
+    tower) are not saved: every start rebuilds them the same way (from the model directory or the
+    seeded init), and with a frozen base they are nearly all the bytes. In their place the state
+    holds a fingerprint of them (element count, sum, sum of squares), checked at load, so a
+    checkpoint never resumes on top of a different base.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.frozen: Set[str] = {name for name, value in module.state_dict(keep_vars=True).items()
+                                 if isinstance(value, torch.nn.Parameter) and not value.requires_grad}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.saved(self.module.state_dict())
+
+    def load_state_dict(self, state: Dict[str, Any]) -> Any:
+        return self.module.load_state_dict(self.completed(state))
+
+    def saved(self, full_state: Dict[str, Any]) -> Dict[str, Any]:
+        """What a checkpoint keeps of ``full_state`` (the module's state dict, FQN-keyed)."""
+        kept = {name: value for name, value in full_state.items() if name not in self.frozen}
+        if self.frozen:
+            kept[FROZEN_FINGERPRINT] = self.fingerprint
+        return kept
+
+    def completed(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """A saved state with the frozen parameters filled in from the module, once their fingerprint matches."""
+        state = dict(state)
+        saved_fingerprint = state.pop(FROZEN_FINGERPRINT, None)
+        if not self.frozen:
+            if saved_fingerprint is not None:
+                raise StateMismatch("the checkpoint was saved with frozen parameters (not saved) that this run "
+                                    "trains: resume with the same freezing settings")
+            return state
+        if saved_fingerprint is None:
+            raise StateMismatch(f"this run freezes {len(self.frozen)} parameters the checkpoint trained: resume "
+                                "with the same freezing settings")
+        ours = self.fingerprint
+        if saved_fingerprint.shape != ours.shape or not torch.allclose(saved_fingerprint.double(), ours,
+                                                                        rtol=1e-6, atol=1e-6):
+            raise StateMismatch(f"the frozen parameters this run built (count, sum, sum of squares {ours.tolist()}) "
+                                f"are not those the checkpoint was trained on ({saved_fingerprint.tolist()}): the "
+                                "model directory changed. Resume with the base model the run started from")
+        module_state = self.module.state_dict()
+        return {**state, **{name: module_state[name] for name in self.frozen}}
+
+    @functools.cached_property
+    def fingerprint(self) -> torch.Tensor:
+        """Computed once: frozen parameters do not change. Reduced in float64 without float64
+        copies of the weights (the frozen base may be most of them)."""
+        parameters = self.module.state_dict()
+        with torch.no_grad():
+            count = sum(parameters[name].numel() for name in self.frozen)
+            total = sum(float(parameters[name].sum(dtype=torch.float64)) for name in self.frozen)
+            squares = sum(float(torch.linalg.vector_norm(parameters[name], dtype=torch.float64)) ** 2
+                          for name in self.frozen)
+        return torch.tensor([count, total, squares], dtype=torch.float64)
 
 
 def training_state(parts: Mapping[str, Stateful], loop: LoopState) -> Dict[str, Any]:

@@ -23,6 +23,7 @@ import re
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, List, Optional, Sequence
 from urllib.parse import urlsplit
@@ -58,13 +59,28 @@ class ChecksumMismatch(IOError):
     """An object's CRC32C on the server differs from what was uploaded."""
 
 
-def parse_gs_uri(uri: str) -> tuple[str, str]:
-    """``gs://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing reports it: enough to fetch exactly that version and check the bytes."""
+
+    key: str
+    """Relative to the store's root."""
+    size: int
+    generation: str
+    """The object's version: a re-upload, even of the same bytes, gets a new one."""
+    crc32c: Optional[str]
+    """Base64 of the big-endian CRC32C, as GCS reports it."""
+    md5: Optional[str]
+    """Base64 MD5; composed objects have none."""
+
+
+def parse_gs_uri(uri: str, setting: str = "storage.uri") -> tuple[str, str]:
+    """``gs://bucket/some/prefix`` -> ``("bucket", "some/prefix")``; errors name ``setting``, the URI's source."""
     if not uri.startswith("gs://"):
-        raise ValueError(f"storage.uri={uri!r} is not a GCS URI: use gs://<bucket>/<prefix>")
+        raise ValueError(f"{setting}={uri!r} is not a GCS URI: use gs://<bucket>/<prefix>")
     bucket, _, prefix = uri[len("gs://"):].partition("/")
     if not _BUCKET_NAME.fullmatch(bucket):
-        raise ValueError(f"storage.uri={uri!r}: {bucket!r} is not a valid bucket name (3-222 characters: "
+        raise ValueError(f"{setting}={uri!r}: {bucket!r} is not a valid bucket name (3-222 characters: "
                          "lowercase letters, digits, '-', '_', '.'): fix the bucket part of gs://<bucket>/<prefix>")
     return bucket, prefix.strip("/")
 
@@ -365,6 +381,15 @@ class GcsStore:
         except api_exceptions.NotFound:
             raise FileNotFoundError(f"{self.uri}/{key}") from None
 
+    def get_generation(self, key: str, generation: str, local_path: str) -> None:
+        """Download ``key`` as it was at ``generation`` (from a listing), so the bytes match what that
+        listing said. Raise FileNotFoundError once that generation is gone (replaced or deleted)."""
+        try:
+            self.bucket.blob(self._name(key), generation=int(generation)).download_to_filename(
+                local_path, checksum="crc32c", **self._call_kwargs())
+        except api_exceptions.NotFound:
+            raise FileNotFoundError(f"{self.uri}/{key} at generation {generation}") from None
+
     def local_path(self, key: str) -> None:
         return None
 
@@ -378,6 +403,14 @@ class GcsStore:
         names |= {sub[len(directory):].rstrip("/") for sub in listing.prefixes}
         names.discard("")  # a placeholder object named like the directory itself
         return sorted(names)
+
+    def list_objects(self, prefix: str = "") -> List[ObjectInfo]:
+        """Every object under ``prefix``, at any depth, with its size, generation and hashes, in name
+        order. A "folder" placeholder (an empty object named ``dir/``) is listed with its trailing slash."""
+        root = self._directory("")
+        listing = self.client.list_blobs(self.bucket_name, prefix=self._directory(prefix), **self._call_kwargs())
+        return [ObjectInfo(key=blob.name[len(root):], size=blob.size, generation=str(blob.generation),
+                           crc32c=blob.crc32c, md5=blob.md5_hash) for blob in listing]
 
     def delete_prefix(self, prefix: str) -> None:
         directory = self._directory(prefix)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from raytrain_spot._ray import TRAIN_UTIL_LOGGER
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
 from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRequest
-from raytrain_spot.checkpoint.state import LoopState
+from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import RaySignals, watch_capacity
@@ -67,7 +67,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     model = task.build_model().to(device)
     check_same_parameters(model, group)
     optimizer = build_optimizer(task.param_groups(model), cfg.optim)
-    parts = {"model": model, "optimizer": optimizer, **task.extra_state()}
+    parts = {"model": ModelWeights(model), "optimizer": optimizer, **task.extra_state()}
     phases.mark("model")
 
     restored = checkpoints.restore(parts, rank)

@@ -88,6 +88,14 @@ class TrainingTask(abc.ABC):
         """The loss of each sample of ``batch``, shape ``[batch]``. Call ``model(...)`` (it is the
         DDP-wrapped model: calling its submodules directly would skip the gradient sync)."""
 
+    def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
+        """Write ``model`` (from ``build_model``, the trained weights loaded) into the existing
+        directory ``out_dir`` in its library's own format: what ``python -m
+        raytrain_spot.checkpoint.export --format pretrained`` writes. ``adapter_only``: the
+        trained adapters alone, for a task that trains adapters on a frozen base."""
+        raise ConfigError(f"--format pretrained: {type(self).__name__} has no format of its own (it does not define "
+                          "save_pretrained). Fix: export with --format torch")
+
     def extra_state(self) -> Dict[str, Stateful]:
         """Further state a resume needs (say, an EMA of the weights), saved in every checkpoint
         beside the model, the optimizer and the loop state, and restored into these objects."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from raytrain_spot.config.errors import ConfigError, require
+from raytrain_spot.config.errors import ConfigError, require, require_non_negative
 from raytrain_spot.tasks.hf_vlm.data import (
     BadRow,
     ImageTextDataConfig,
@@ -28,6 +28,7 @@ from raytrain_spot.tasks.hf_vlm.data import (
     skipped_rows,
 )
 from raytrain_spot.tasks.hf_vlm.presets import IMAGE_TOKEN, PRESET_MARKER, PRESETS, write_preset
+from raytrain_spot.storage.node_cache import local_copy
 from raytrain_spot.train.task import TrainingTask
 
 IGNORE = -100
@@ -42,8 +43,9 @@ class HfModelConfig:
     """Which model, and how to train it."""
 
     path: Optional[str] = None
-    """A model directory (``save_pretrained`` layout). Unset: ``preset``'s directory, written into
-    ``cache_dir`` on first use."""
+    """A model directory (``save_pretrained`` layout): a local path, or ``gs://bucket/prefix``, which
+    each node copies once into ``cache_dir`` (verified; fetched anew when the objects change).
+    Unset: ``preset``'s directory, written into ``cache_dir`` on first use."""
     preset: str = "tiny-llava"
     """With no ``path``: a built-in model directory without weights (``tiny-llava``, ``tiny-idefics3``)."""
     cache_dir: str = "~/.cache/raytrain_spot/hf_models"
@@ -63,11 +65,39 @@ class HfModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (``peft``): the base model is frozen and only the adapters train, so a
+    checkpoint holds the adapters and their optimizer state alone (docs/checkpoints.md)."""
+
+    r: int = 0
+    """Rank of the adapters; 0 trains the whole model (no LoRA)."""
+    alpha: int = 16
+    """Scale of the adapters' update (``alpha / r``)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names (last path component) of the linear layers that get adapters: attention projections by default."""
+    modules_to_save: List[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. ``multi_modal_projector`` or ``connector``)."""
+
+    def __post_init__(self):
+        require_non_negative("task.lora", self, "r", "dropout")
+        require(self.r == 0 or bool(self.target_modules), "task.lora.target_modules", "no module names given",
+                "name the linear layers to adapt, e.g. [q_proj,v_proj]")
+        require(self.dropout < 1, "task.lora.dropout", f"{self.dropout} drops every input", "use a value in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass
 class HuggingFaceVLMTask(TrainingTask):
     """Fine-tune an image-text-to-text model on your image-caption shards."""
 
     model: HfModelConfig = field(default_factory=HfModelConfig)
     data: ImageTextDataConfig = field(default_factory=ImageTextDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ("model.cache_dir", "model.gradient_checkpointing",
                                                      "data.cache_dir")
@@ -82,6 +112,7 @@ class HuggingFaceVLMTask(TrainingTask):
         if image_token(processor) not in processor.tokenizer.get_vocab():
             raise ConfigError(f"task.model.path: the tokenizer in {model_dir} has no {image_token(processor)} token. "
                               "Fix: use the processor saved with the model (its tokenizer knows the image token)")
+        self.check_modules(model_dir)
         data_dir = self.data_dir(seed)
         try:
             skipped = skipped_rows(self.data, data_dir)
@@ -89,11 +120,34 @@ class HuggingFaceVLMTask(TrainingTask):
             raise ConfigError(str(error)) from None
         return f"{model_dir} on {data_dir}" + (f" ({skipped} bad rows left out)" if skipped else "")
 
+    def check_modules(self, model_dir: str) -> None:
+        """The layers ``task.lora.target_modules`` and ``task.model.freeze_vision`` name exist (on the
+        meta device: no weights are allocated)."""
+        if not (self.lora.enabled or self.model.freeze_vision):
+            return
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+        if self.model.freeze_vision:
+            vision_tower(model)
+        if self.lora.enabled:
+            linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+            children = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            for setting, names, known in (("target_modules", self.lora.target_modules, linear),
+                                          ("modules_to_save", self.lora.modules_to_save, children)):
+                if missing := sorted(set(names) - known):
+                    raise ConfigError(f"task.lora.{setting}: {type(model).__name__} has no layer named "
+                                      f"{', '.join(missing)}. Fix: use names it has, e.g. "
+                                      f"{', '.join(sorted(known)[:12])}")
+
     def model_dir(self) -> str:
         if self.model.path is not None:
-            path = os.path.expanduser(self.model.path)
+            path = local_copy(self.model.path, self.model.cache_dir, setting="task.model.path")
             if not os.path.isfile(os.path.join(path, "config.json")):
-                raise ConfigError(f"task.model.path: {path} has no config.json. Fix: point it at a model directory "
+                where = path if path == os.path.expanduser(self.model.path) else f"{self.model.path} (its copy {path})"
+                raise ConfigError(f"task.model.path: {where} has no config.json. Fix: point it at a model directory "
                                   "as save_pretrained writes it (config, processor and tokenizer files, weights)")
             return path
         path = os.path.join(os.path.expanduser(self.model.cache_dir), self.model.preset)
@@ -102,7 +156,9 @@ class HuggingFaceVLMTask(TrainingTask):
         return path
 
     def data_dir(self, seed: int) -> str:
-        return os.path.expanduser(self.data.path) if self.data.path else generated_data_dir(self.data, seed)
+        if not self.data.path:
+            return generated_data_dir(self.data, seed)
+        return local_copy(self.data.path, self.data.cache_dir, setting="task.data.path")
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -124,7 +180,7 @@ class HuggingFaceVLMTask(TrainingTask):
 
         path = self.model_dir()
         dtype = getattr(torch, self.model.dtype)
-        if any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES):
+        if has_weights(path):
             model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
         else:  # a config alone: a seeded random init, the same on every rank
             model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
@@ -135,6 +191,8 @@ class HuggingFaceVLMTask(TrainingTask):
                 parameter.requires_grad_(False)
         if self.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.lora.enabled:
+            model = with_adapters(model, self.lora, self.model.gradient_checkpointing)
         return model
 
     def build_dataset(self, seed: int) -> ImageTextShards:
@@ -150,6 +208,22 @@ class HuggingFaceVLMTask(TrainingTask):
         batch["labels"] = self.label_mask().caption_labels(batch["input_ids"], batch["attention_mask"])
         return batch
 
+    def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
+        """The model directory ``from_pretrained`` loads (adapters merged), or the adapters alone,
+        with the processor either way so the directory is all inference needs."""
+        if adapter_only:
+            if not self.lora.enabled:
+                raise ConfigError("--adapter-only: this run trained no adapters (task.lora.r=0). Fix: export the "
+                                  "whole model (without --adapter-only)")
+            if not has_weights(self.model_dir()):
+                raise ConfigError(f"--adapter-only: the base model in {self.model_dir()} has no weights file (a "
+                                  "preset's seeded init), so nothing outside this run could load the adapters "
+                                  "onto it. Fix: export merged weights (without --adapter-only)")
+            model.save_pretrained(out_dir)
+        else:
+            (model.merge_and_unload() if self.lora.enabled else model).save_pretrained(out_dir)
+        self.processor().save_pretrained(out_dir)
+
     def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -158,6 +232,10 @@ class HuggingFaceVLMTask(TrainingTask):
                                      ignore_index=IGNORE, reduction="none").view(targets.shape)
         counted = (targets != IGNORE).float()
         return (token_loss * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0)
+
+
+def has_weights(model_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(model_dir, name)) for name in WEIGHT_FILES)
 
 
 def image_token(processor) -> str:
@@ -195,6 +273,18 @@ class LabelMask:
         before_caption = positions <= last_image + self.prompt_tokens
         return input_ids.masked_fill(before_caption | torch.isin(input_ids, self.special_ids) | (attention_mask == 0),
                                      IGNORE)
+
+
+def with_adapters(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
+    """``model`` with LoRA adapters; everything else frozen but ``lora.modules_to_save``."""
+    import peft
+
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=list(lora.target_modules),
+                                                         modules_to_save=list(lora.modules_to_save) or None))
+    if gradient_checkpointing:
+        adapted.enable_input_require_grads()  # a frozen embedding would cut the recomputed graph
+    return adapted
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
