@@ -19,13 +19,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from raytrain_spot.config.overrides import unknown_override_key
-from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
 from raytrain_spot.observe.console import console_for_run
 from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, start_event_log
 from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
-from raytrain_spot.observe.progress import ProgressPrinter, format_summary, summarize
+from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
 from raytrain_spot.config.redaction import scrub_files, secret_values
 from raytrain_spot.train.task import TrainingTask, build_task
 
@@ -47,7 +47,7 @@ def main(dict_cfg: DictConfig) -> None:
         check_resume(cfg, task, storage_uri)
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT)
     run_dir = HydraConfig.get().runtime.output_dir
     scrub_files(os.path.join(run_dir, ".hydra"), secret_values(cfg))  # Hydra wrote the raw values there
     warn_about_redirects()
@@ -58,14 +58,14 @@ def main(dict_cfg: DictConfig) -> None:
         status = train(cfg, task, run_dir, storage_uri, started, lease)
     except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
         print(f"Configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT)
     finally:
         if lease is not None:
             lease.release()
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=1)
     print(format_summary(summary, status), flush=True)
     ledger = write_ledger(run_dir, PriceCatalog.load(cfg.ledger.prices),
@@ -250,5 +250,5 @@ class FitThread(threading.Thread):
 if __name__ == "__main__":
     if problem := unknown_override_key(sys.argv[1:]):
         print(f"Configuration error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT)
     main()

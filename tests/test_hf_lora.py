@@ -45,7 +45,8 @@ with torch.no_grad():
     generated = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)
 caption = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 assert not [m for m in sys.modules if m.startswith("raytrain_spot")], "loaded without this package"
-print(json.dumps({"logits": logits, "caption": caption, "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1]}))
+new_tokens = generated.shape[1] - inputs["input_ids"].shape[1]
+print(json.dumps({"logits": logits, "caption": caption, "new_tokens": new_tokens}))
 """
 
 
@@ -64,7 +65,8 @@ def pretrained_base(tmp_path_factory) -> str:
 def lora_overrides(tmp_path, base: str) -> list:
     return ["+experiment=hf_vlm", "run.name=lora", f"trainer.max_steps={STEPS}", "trainer.global_batch_size=24",
             "trainer.micro_batch_size=8", f"task.model.path={base}", "task.lora.r=4", "task.lora.alpha=8",
-            "optim.lr=0.05", "optim.warmup_samples=48", "task.data.num_samples=1024", f"task.data.cache_dir={tmp_path}/data-cache",
+            "optim.lr=0.05", "optim.warmup_samples=48", "task.data.num_samples=1024",
+            f"task.data.cache_dir={tmp_path}/data-cache",
             f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
 
 

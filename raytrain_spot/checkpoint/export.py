@@ -43,7 +43,8 @@ FORMATS = ("torch", "pretrained")
 def export_model(checkpoint: str, out_dir: str, dtype: str, form: str = "torch", adapter_only: bool = False) -> int:
     """Write the model of ``checkpoint`` to ``out_dir`` in ``dtype`` and ``form``; return the bytes written."""
     if adapter_only and form != "pretrained":
-        raise ConfigError("--adapter-only: adapters are exported in the pretrained format. Fix: add --format pretrained")
+        raise ConfigError("--adapter-only: adapters are exported in the pretrained format. "
+                          "Fix: add --format pretrained")
     parent, name = checkpoint.rstrip("/").rsplit("/", 1)
     store = open_store(parent if "://" in parent else "file://" + os.path.abspath(parent))
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:

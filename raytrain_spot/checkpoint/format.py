@@ -16,6 +16,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Any, BinaryIO, Dict, List, Optional
 
 import google_crc32c
@@ -78,9 +79,7 @@ class Manifest:
         if not self.config_hash:
             self.config_hash = config_hash(self.config)
         if not self.framework_version:
-            from raytrain_spot import __version__
-
-            self.framework_version = __version__
+            self.framework_version = version("raytrain-spot")
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()

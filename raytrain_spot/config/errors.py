@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+CONFIG_ERROR_EXIT = 2
+"""Exit status of a command that refused its settings (nothing ran)."""
+
 
 class ConfigError(ValueError):
     """A setting is wrong. The message names the key, the problem and the fix."""

@@ -7,6 +7,9 @@ from typing import Any, Dict, List, Optional, TextIO
 
 from raytrain_spot.observe.events import read_events
 
+SUMMARY_FILE = "summary.json"
+"""What the main command writes into the run directory at its end: ``summarize``'s figures and the status."""
+
 
 def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float]) -> Optional[str]:
     ev = record["ev"]

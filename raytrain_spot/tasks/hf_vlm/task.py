@@ -128,7 +128,8 @@ class HuggingFaceVLMTask(TrainingTask):
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+            model = AutoModelForImageTextToText.from_config(config)
         if self.model.freeze_vision:
             vision_tower(model)
         if self.lora.enabled:
@@ -199,14 +200,27 @@ class HuggingFaceVLMTask(TrainingTask):
         return ImageTextShards(self.data, self.data_dir(seed))
 
     def collate(self, samples: Sequence[Tuple[Any, str]]) -> Dict[str, torch.Tensor]:
-        processor = self.processor()
         images, captions = zip(*samples)
-        prefix = f"{image_token(processor)}{(' ' + self.data.prompt) if self.data.prompt else ''}"
-        texts = [f"{prefix} {caption}" for caption in captions]
-        batch = dict(processor(images=[[image] for image in images] if nested_images(processor) else list(images),
-                               text=texts, return_tensors="pt", padding=True))
+        batch = self.model_inputs(images, [f"{self.prompt_text()} {caption}" for caption in captions])
         batch["labels"] = self.label_mask().caption_labels(batch["input_ids"], batch["attention_mask"])
         return batch
+
+    def caption(self, model: torch.nn.Module, image, max_new_tokens: int = 16) -> str:
+        """The caption ``model`` writes for ``image`` (a Pillow image), greedily, after the training prompt."""
+        inputs = self.model_inputs([image.convert("RGB")], [self.prompt_text()])
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.processor().tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:],
+                                                 skip_special_tokens=True).strip()
+
+    def prompt_text(self) -> str:
+        """What precedes a caption: the image, then ``task.data.prompt``."""
+        return f"{image_token(self.processor())}{(' ' + self.data.prompt) if self.data.prompt else ''}"
+
+    def model_inputs(self, images: Sequence[Any], texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        processor = self.processor()
+        return dict(processor(images=[[image] for image in images] if nested_images(processor) else list(images),
+                              text=list(texts), return_tensors="pt", padding=True))
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
         """The model directory ``from_pretrained`` loads (adapters merged), or the adapters alone,
