@@ -1,14 +1,18 @@
-"""Your image-text data as Parquet shards: one image column, one text column, any names.
+"""Your image-text data: one image column, one text column, any names, in files of record batches:
+Parquet shards, or a Hugging Face ``datasets`` directory as ``Dataset.save_to_disk`` writes it
+(Arrow IPC stream files, read memory-mapped with pyarrow alone: ``datasets`` is not needed to train).
 
 Images are encoded bytes (JPEG, PNG, WebP: whatever Pillow opens), raw HxWx3 uint8 bytes of a
-known side, or ``{"bytes": ...}`` structs (the Hugging Face ``datasets`` image feature); text is a
-caption string. A sample is known by its row over the shards in name order.
+known side, ``{"bytes": ...}`` structs (the ``datasets`` Image feature), or HxWx3 arrays of 0..255
+integers (nested lists, or the ``datasets`` Array3D feature); text is a caption string. A sample is
+known by its row over the files: Parquet shards in name order, a ``datasets`` directory's files in
+the order its ``state.json`` lists them (the dataset's own row order).
 
 The whole dataset is checked once per node before training (every row's image decodes, every
-text is non-empty, the columns exist). A bad row stops the run naming the shard, the row and the
+text is non-empty, the columns exist). A bad row stops the run naming the file, the row and the
 column (``task.data.bad_rows=fail``, the default), or is left out of the sample order and counted
 (``skip``): never a silent skip. The check's result is cached next to the generated data, keyed
-by the shards' names, sizes and modification times.
+by the files' names, sizes and modification times.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raytrain_spot.config.errors import require, require_positive
@@ -31,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 class BadRow(ValueError):
-    """A row of the data that cannot be trained on; the message names the shard, row and column."""
+    """A row of the data that cannot be trained on; the message names the file, row and column."""
 
 
 @dataclass
@@ -39,7 +45,9 @@ class ImageTextDataConfig:
     """Where the image-text shards are and how to read them."""
 
     path: Optional[str] = None
-    """Directory of ``*.parquet`` shards. Unset: the generated shapes, written in this same format
+    """Directory of ``*.parquet`` shards or a ``datasets`` ``save_to_disk`` directory (one split): a
+    local path, or ``gs://bucket/prefix``, which each node copies once into ``cache_dir`` (verified;
+    fetched anew when the objects change). Unset: the generated shapes, written as Parquet shards
     (PNG images, a caption column) into ``task.data.cache_dir`` on first use."""
     image_column: str = "image"
     """Column with the images."""
@@ -68,20 +76,107 @@ class ImageTextDataConfig:
 
 
 def shard_files(path: str) -> List[str]:
+    """The files of record batches under ``path``, in row order."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"task.data.path={path} is not a directory. Fix: point it at a directory of "
-                                "*.parquet shards")
+                                "*.parquet shards or at a datasets save_to_disk directory")
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        raise FileNotFoundError(f"task.data.path={path} is a datasets DatasetDict (splits {', '.join(splits)}). "
+                                f"Fix: point it at one split's directory, e.g. {os.path.join(path, *splits[:1])}")
+    if any(os.path.exists(os.path.join(path, name)) for name in ("state.json", "dataset_info.json")):
+        return saved_dataset_files(path)
     files = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".parquet"))
     if not files:
-        raise FileNotFoundError(f"task.data.path={path} holds no *.parquet shards. Fix: point it at your shards, "
-                                "or unset it to train on generated data")
+        raise FileNotFoundError(f"task.data.path={path} holds no *.parquet shards and no datasets save_to_disk "
+                                "files. Fix: point it at your data, or unset it to train on generated data")
     return files
+
+
+def saved_dataset_files(path: str) -> List[str]:
+    """A ``save_to_disk`` directory's Arrow files in the order ``state.json`` lists them: the dataset's row order."""
+    state = os.path.join(path, "state.json")
+    if not os.path.exists(state):
+        raise FileNotFoundError(f"task.data.path={path} has a dataset_info.json but no state.json. Fix: write the "
+                                "dataset again with Dataset.save_to_disk")
+    with open(state) as f:
+        files = [os.path.join(path, entry["filename"]) for entry in json.load(f)["_data_files"]]
+    missing = [os.path.basename(file) for file in files if not os.path.exists(file)]
+    if missing or not files:
+        raise FileNotFoundError(f"task.data.path={path}: state.json lists {', '.join(missing) or 'no files'}, not "
+                                "in the directory. Fix: copy the whole directory, or write it again")
+    return files
+
+
+def file_rows(file: str) -> int:
+    """Rows in a Parquet shard (from its footer) or an Arrow IPC stream file (from its batches' headers)."""
+    if file.endswith(".parquet"):
+        return pq.ParquetFile(file).metadata.num_rows
+    with pa.ipc.open_stream(pa.memory_map(file)) as reader:
+        return sum(batch.num_rows for batch in reader)
+
+
+class FileRows:
+    """One file's image and text cells by row: a Parquet shard read, or an Arrow IPC stream file
+    memory-mapped (the page cache holds it, nothing is copied). A missing column is a BadRow."""
+
+    def __init__(self, cfg: ImageTextDataConfig, file: str):
+        if file.endswith(".parquet"):
+            parquet = pq.ParquetFile(file)
+            names, read = parquet.schema_arrow.names, lambda columns: parquet.read(columns=columns)
+        else:
+            stream = pa.ipc.open_stream(pa.memory_map(file))
+            names, read = stream.schema.names, lambda columns: stream.read_all().select(columns)
+        for column, kind in ((cfg.image_column, "image"), (cfg.text_column, "text")):
+            if column not in names:
+                raise BadRow(f"{file}: no column {column!r} (it has {', '.join(names)}). Fix: set "
+                             f"task.data.{kind}_column to one of them")
+        self.batches = read([cfg.image_column, cfg.text_column]).to_batches()
+        self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, row: int) -> Tuple[Any, Any]:
+        """(image cell, text cell); the batch found by bisection, not by a walk over the batches."""
+        index = int(np.searchsorted(self.starts, row, side="right")) - 1
+        batch, local = self.batches[index], row - int(self.starts[index])
+        return image_cell(batch.column(0)[local]), batch.column(1)[local].as_py()
+
+
+def image_cell(scalar: pa.Scalar) -> Any:
+    """An image cell as Python, but nested lists (raw pixel arrays) as a NumPy array, without a
+    Python int per pixel."""
+    if isinstance(scalar, pa.ExtensionScalar):  # datasets' Array3D, where `datasets` is imported
+        scalar = scalar.value
+    if scalar is None or not scalar.is_valid or not is_list(scalar.type):
+        return None if scalar is None else scalar.as_py()
+    level, shape = scalar.values, [len(scalar.values)]
+    while is_list(level.type):
+        lengths = pc.list_value_length(level).to_numpy(zero_copy_only=False)
+        if len(lengths) == 0 or (lengths != lengths[0]).any():
+            raise ValueError("holds ragged or empty lists, not an HxWx3 pixel array")
+        shape.append(int(lengths[0]))
+        level = level.flatten()
+    return level.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def is_list(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(
+        arrow_type)
 
 
 def decode_image(value, raw_image_size: int):
     """A Pillow RGB image from a cell; raises ValueError when it is not an image."""
     from PIL import Image
 
+    if isinstance(value, np.ndarray):
+        if value.ndim != 3 or value.shape[2] != 3 or value.dtype.kind not in "ui" or not value.size:
+            raise ValueError(f"holds a {'x'.join(map(str, value.shape))} {value.dtype} array, not HxWx3 pixels")
+        if value.min() < 0 or value.max() > 255:
+            raise ValueError("holds pixel values outside 0..255")
+        return Image.fromarray(value.astype(np.uint8))
     if isinstance(value, dict):  # the `datasets` Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes")
     if not isinstance(value, (bytes, bytearray)) or not value:
@@ -96,14 +191,14 @@ def decode_image(value, raw_image_size: int):
 
 
 class ImageTextShards:
-    """Map-style access to the good rows of the shards: ``dataset[i]`` is (RGB image, text)."""
+    """Map-style access to the good rows of the files: ``dataset[i]`` is (RGB image, text)."""
 
     def __init__(self, cfg: ImageTextDataConfig, path: str):
         self.cfg = cfg
         self.files = shard_files(path)
         self.rows = checked_rows(cfg, path, self.files)
-        self._offsets = np.cumsum([0] + [pq.ParquetFile(f).metadata.num_rows for f in self.files])
-        self._open: Tuple[int, Optional[object]] = (-1, None)
+        self._offsets = np.cumsum([0] + [file_rows(f) for f in self.files])
+        self._open: Tuple[int, Optional[FileRows]] = (-1, None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -111,16 +206,13 @@ class ImageTextShards:
     def __getitem__(self, index: int):
         row = self.rows[index]
         shard = int(np.searchsorted(self._offsets, row, side="right")) - 1
-        if self._open[0] != shard:  # rows come in a shuffle within spans: keep the last shard's table
-            self._open = (shard, pq.read_table(self.files[shard], columns=[self.cfg.image_column,
-                                                                           self.cfg.text_column]))
-        table = self._open[1]
-        local = row - int(self._offsets[shard])
-        image = decode_image(table.column(self.cfg.image_column)[local].as_py(), self.cfg.raw_image_size)
-        return image, str(table.column(self.cfg.text_column)[local].as_py())
+        if self._open[0] != shard:  # rows come in a shuffle within spans: keep the last file open
+            self._open = (shard, FileRows(self.cfg, self.files[shard]))
+        image, text = self._open[1][row - int(self._offsets[shard])]
+        return decode_image(image, self.cfg.raw_image_size), str(text)
 
     def row_group_spans(self) -> List[Tuple[int, int]]:
-        """One span per shard, so a step's reads stay within few shards."""
+        """One span per file, so a step's reads stay within few files."""
         spans, start = [], 0
         for shard in range(len(self.files)):
             stop = int(np.searchsorted(self.rows, self._offsets[shard + 1], side="left"))
@@ -141,20 +233,17 @@ def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.nd
             return np.array(json.load(f)["good_rows"], dtype=np.int64)
     good, bad, row = [], [], 0
     for file in files:
-        names = pq.ParquetFile(file).schema_arrow.names
-        for column in (cfg.image_column, cfg.text_column):
-            if column not in names:
-                raise BadRow(f"{file}: no column {column!r} (it has {', '.join(names)}). Fix: set "
-                             f"task.data.{'image' if column == cfg.image_column else 'text'}_column to one of them")
-        table = pq.read_table(file, columns=[cfg.image_column, cfg.text_column])
-        for local, (image, text) in enumerate(zip(table.column(cfg.image_column).to_pylist(),
-                                                  table.column(cfg.text_column).to_pylist())):
+        rows = FileRows(cfg, file)
+        for local in range(len(rows)):
             problem = None
             try:
+                image, text = rows[local]
                 decode_image(image, cfg.raw_image_size)
             except Exception as error:  # noqa: BLE001 - Pillow raises many types for a bad file
                 problem = f"column {cfg.image_column!r} {error}"
-            if problem is None and not (isinstance(text, str) and text.strip()):
+            if problem is None and not isinstance(text, str):
+                problem = f"column {cfg.text_column!r} holds {type(text).__name__}, not a caption string"
+            elif problem is None and not text.strip():
                 problem = f"column {cfg.text_column!r} is empty"
             if problem is None:
                 good.append(row)
@@ -177,7 +266,7 @@ def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.nd
 def skipped_rows(cfg: ImageTextDataConfig, path: str) -> int:
     """How many rows the check left out (after ``checked_rows`` ran on this node)."""
     files = shard_files(path)
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files) - len(checked_rows(cfg, path, files))
+    return sum(file_rows(f) for f in files) - len(checked_rows(cfg, path, files))
 
 
 def generated_data_dir(cfg: ImageTextDataConfig, seed: int) -> str:
@@ -190,8 +279,6 @@ def generated_data_dir(cfg: ImageTextDataConfig, seed: int) -> str:
     path = os.path.join(os.path.expanduser(cfg.cache_dir), f"shapes-png-{digest}")
     if os.path.isdir(path):
         return path
-    import pyarrow as pa
-
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".generating-", dir=parent)

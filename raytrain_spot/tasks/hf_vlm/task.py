@@ -47,7 +47,9 @@ class HfModelConfig:
     each node copies once into ``cache_dir`` (verified; fetched anew when the objects change).
     Unset: ``preset``'s directory, written into ``cache_dir`` on first use."""
     preset: str = "tiny-llava"
-    """With no ``path``: a built-in model directory without weights (``tiny-llava``, ``tiny-idefics3``)."""
+    """With no ``path``: a built-in model directory without weights (seeded random init): ``tiny-llava``,
+    ``tiny-idefics3`` (CPU-sized), or the SmolVLM configurations ``smolvlm-256m``, ``smolvlm-500m``,
+    ``smolvlm-2.2b``."""
     cache_dir: str = "~/.cache/raytrain_spot/hf_models"
     """Where preset directories are written."""
     dtype: str = "float32"

@@ -1,0 +1,153 @@
+"""The Hugging Face task's data in both formats it reads: Parquet shards and a ``datasets``
+``save_to_disk`` directory, row by row in the directory's own order, with bad rows named (file,
+row, column) or skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+datasets = pytest.importorskip("datasets")
+
+from PIL import Image  # noqa: E402
+
+from raytrain_spot.tasks.hf_vlm.data import (  # noqa: E402
+    BadRow,
+    ImageTextDataConfig,
+    ImageTextShards,
+    checked_rows,
+    shard_files,
+    skipped_rows,
+)
+from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
+
+ROWS = 30
+FILES = 3
+
+
+@pytest.fixture(autouse=True)
+def quiet_datasets():
+    datasets.disable_progress_bars()
+
+
+def shapes(i: int) -> np.ndarray:
+    return generate_sample(7, i, 16, max_shapes=2).image
+
+
+def png(pixels: np.ndarray) -> bytes:
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def shuffled_rows(bad: dict = None):
+    """(PNG bytes, caption) rows in an order that is neither generation nor caption order."""
+    order = np.random.default_rng(3).permutation(ROWS)
+    samples = [generate_sample(7, int(i), 16, max_shapes=2) for i in order]
+    rows = [(png(s.image), s.caption) for s in samples]
+    for row, image in (bad or {}).items():
+        rows[row] = (image, rows[row][1])
+    return rows
+
+
+def save_to_disk(path, rows) -> str:
+    """The rows as a ``datasets`` directory with the Image feature, in FILES Arrow files."""
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": image, "path": None} for image, _ in rows],
+                                          "caption": [caption for _, caption in rows]}, features=features)
+    dataset.save_to_disk(str(path), num_shards=FILES)
+    return str(path)
+
+
+def parquet_shards(path, rows) -> str:
+    """The same rows as Parquet shards of ``{"bytes", "path"}`` structs, in row groups of 4 (batches to find)."""
+    os.makedirs(path)
+    per_file = ROWS // FILES
+    for shard in range(FILES):
+        chunk = rows[shard * per_file:(shard + 1) * per_file]
+        pq.write_table(pa.table({"image": [{"bytes": image, "path": None} for image, _ in chunk],
+                                 "caption": [caption for _, caption in chunk]}),
+                       os.path.join(path, f"part-{shard}.parquet"), row_group_size=4)
+    return str(path)
+
+
+@pytest.mark.parametrize("write", [save_to_disk, parquet_shards])
+def test_dataset_i_is_the_directorys_row_i(tmp_path, write):
+    rows = shuffled_rows()
+    path = write(tmp_path / "data", rows)
+    dataset = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "cache")), path)
+    assert len(dataset) == ROWS
+    assert dataset.row_group_spans() == [(0, 10), (10, 20), (20, 30)], "one span per file"
+    reference = datasets.load_from_disk(path) if write is save_to_disk else None
+    for i in range(ROWS):
+        image, caption = dataset[i]
+        assert caption == rows[i][1]
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(rows[i][0])).convert("RGB")))
+        if reference is not None:
+            assert caption == reference[i]["caption"]
+            assert np.array_equal(np.asarray(image), np.asarray(reference[i]["image"].convert("RGB")))
+
+
+def test_a_bad_image_is_named_by_file_row_and_column_or_skipped_and_counted(tmp_path):
+    rows = shuffled_rows(bad={13: b"not an image"})
+    path = save_to_disk(tmp_path / "data", rows)
+    with pytest.raises(BadRow, match=r"data-00001-of-00003\.arrow: row 3: column 'image' .*Fix:"):
+        checked_rows(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c1")), path, shard_files(path))
+    skip = ImageTextDataConfig(path=path, bad_rows="skip", cache_dir=str(tmp_path / "c2"))
+    dataset = ImageTextShards(skip, path)
+    assert len(dataset) == ROWS - 1 and 13 not in dataset.rows
+    assert skipped_rows(skip, path) == 1
+    assert dataset[13][1] == rows[14][1], "the good rows close up over the skipped one"
+
+
+def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):
+    path = save_to_disk(tmp_path / "data", shuffled_rows())
+    with pytest.raises(BadRow, match=r"data-00000-of-00003\.arrow: no column 'text' \(it has image, caption\)\. "
+                                     r"Fix: set task\.data\.text_column"):
+        checked_rows(ImageTextDataConfig(path=path, text_column="text", cache_dir=str(tmp_path / "c")), path,
+                     shard_files(path))
+
+
+def test_chat_turns_are_not_taken_for_a_caption(tmp_path):
+    turns = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "a red circle"}]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "caption": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]})
+    datasets.Dataset.from_dict({"image": [{"bytes": png(shapes(0)), "path": None}], "caption": [turns]},
+                               features=features).save_to_disk(str(tmp_path / "chat"))
+    with pytest.raises(BadRow, match=r"row 0: column 'caption' holds list, not a caption string"):
+        ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c")), str(tmp_path / "chat"))
+
+
+def test_raw_pixel_arrays_as_array3d_or_nested_lists(tmp_path):
+    pixels = shapes(0)
+    features = datasets.Features({"image": datasets.Array3D(pixels.shape, "uint8"),
+                                  "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [pixels], "caption": ["a"]}, features=features).save_to_disk(
+        str(tmp_path / "array3d"))
+    (tmp_path / "lists").mkdir()
+    pq.write_table(pa.table({"image": [pixels.tolist()], "caption": ["a"]}), str(tmp_path / "lists" / "a.parquet"))
+    for name in ("array3d", "lists"):
+        path = str(tmp_path / name)
+        image, _ = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path)[0]
+        assert np.array_equal(np.asarray(image), pixels), name
+    ragged = tmp_path / "ragged"
+    ragged.mkdir()
+    pq.write_table(pa.table({"image": [[[[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]]], "caption": ["a"]}),
+                   str(ragged / "a.parquet"))
+    with pytest.raises(BadRow, match="row 0: column 'image' holds ragged"):
+        checked_rows(ImageTextDataConfig(path=str(ragged), cache_dir=str(tmp_path / "c")), str(ragged),
+                     shard_files(str(ragged)))
+
+
+def test_a_dataset_dict_directory_names_its_splits(tmp_path):
+    split = datasets.Dataset.from_dict({"image": [png(shapes(0))], "caption": ["a"]})
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(FileNotFoundError, match=r"DatasetDict \(splits train, test\)\. Fix: .*dict/train"):
+        shard_files(str(tmp_path / "dict"))
+    train = str(tmp_path / "dict" / "train")
+    assert len(ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c")), train)) == 1, "a split reads"
