@@ -46,10 +46,10 @@ LEARNING_RATE = 1e-4
 
 
 def shapes_samples(size: int, image_size: int):
-    """(RGB image, caption) pairs as the dataset yields them: generated shapes, drawn small and
+    """(RGB image, caption, prompt) as the dataset yields them: generated shapes, drawn small and
     scaled up to ``image_size`` (drawing at 512 px is slow and shows the same shapes)."""
     samples = [generate_sample(0, i, 64, max_shapes=3) for i in range(size)]
-    return [(Image.fromarray(s.image).resize((image_size, image_size)), s.caption) for s in samples]
+    return [(Image.fromarray(s.image).resize((image_size, image_size)), s.caption, "") for s in samples]
 
 
 def timed(fn, device: torch.device):

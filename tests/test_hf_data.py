@@ -85,7 +85,8 @@ def test_dataset_i_is_the_directorys_row_i(tmp_path, write):
     assert dataset.row_group_spans() == [(0, 10), (10, 20), (20, 30)], "one span per file"
     reference = datasets.load_from_disk(path) if write is save_to_disk else None
     for i in range(ROWS):
-        image, caption = dataset[i]
+        image, caption, prompt = dataset[i]
+        assert prompt == ""
         assert caption == rows[i][1]
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(rows[i][0])).convert("RGB")))
         if reference is not None:
@@ -113,14 +114,22 @@ def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):
                      shard_files(path))
 
 
-def test_chat_turns_are_not_taken_for_a_caption(tmp_path):
-    turns = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "a red circle"}]
+def test_chat_turns_give_each_sample_its_prompt_and_caption(tmp_path):
+    turns = [[{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "a red circle"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "and this?"},
+              {"role": "assistant", "content": "blue"}, {"role": "user", "content": "size?"},
+              {"role": "assistant", "content": "large"}],
+             [{"role": "user", "content": "no answer"}]]
     features = datasets.Features({"image": datasets.Image(),
                                   "caption": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]})
-    datasets.Dataset.from_dict({"image": [{"bytes": png(shapes(0)), "path": None}], "caption": [turns]},
-                               features=features).save_to_disk(str(tmp_path / "chat"))
-    with pytest.raises(BadRow, match=r"row 0: column 'caption' holds list, not a caption string"):
+    datasets.Dataset.from_dict({"image": [{"bytes": png(shapes(i)), "path": None} for i in range(3)],
+                                "caption": turns}, features=features).save_to_disk(str(tmp_path / "chat"))
+    with pytest.raises(BadRow, match=r"row 2: column 'caption' holds chat turns without an assistant turn"):
         ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c")), str(tmp_path / "chat"))
+    dataset = ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c2"), bad_rows="skip"),
+                              str(tmp_path / "chat"))
+    assert [sample[1:] for sample in dataset] == [("a red circle", "what is it?"),
+                                                  ("large", "be brief and this? blue size?")]
 
 
 def test_raw_pixel_arrays_as_array3d_or_nested_lists(tmp_path):
@@ -133,7 +142,7 @@ def test_raw_pixel_arrays_as_array3d_or_nested_lists(tmp_path):
     pq.write_table(pa.table({"image": [pixels.tolist()], "caption": ["a"]}), str(tmp_path / "lists" / "a.parquet"))
     for name in ("array3d", "lists"):
         path = str(tmp_path / name)
-        image, _ = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path)[0]
+        image, *_ = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path)[0]
         assert np.array_equal(np.asarray(image), pixels), name
     ragged = tmp_path / "ragged"
     ragged.mkdir()

@@ -111,11 +111,14 @@ def test_the_loss_counts_the_caption_only_one_loss_per_sample(tmp_path, preset, 
     dataset = task.build_dataset(0)
     torch.manual_seed(0)
     model = task.build_model()
-    batch = task.collate([dataset[i] for i in range(4)])
+    # Each sample's own prompt too, as chat turns give (words of the tiny tokenizer's vocabulary).
+    samples = [(image, caption, " ".join(["red large"] * i)) for i, (image, caption, _) in
+               enumerate(dataset[i] for i in range(4))]
+    batch = task.collate(samples)
     tokenizer = task.processor().tokenizer
     for row in range(4):
         kept = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
-        assert tokenizer.decode(kept).split() == dataset[row][1].split(), "exactly the caption is trained on"
+        assert tokenizer.decode(kept).split() == samples[row][1].split(), "exactly the caption is trained on"
     losses = task.loss(model, batch)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
 
@@ -137,14 +140,14 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
 
 def test_raw_pixel_images_and_png_are_read_too(tmp_path):
     shards = write_user_shards(tmp_path / "png", 10, image_format="PNG")
-    image, text = ImageTextShards(ImageTextDataConfig(path=shards, image_column="photo", text_column="text",
+    image, *_ = ImageTextShards(ImageTextDataConfig(path=shards, image_column="photo", text_column="text",
                                                       cache_dir=str(tmp_path)), shards)[3]
     assert np.array_equal(np.asarray(image), generate_sample(7, 3, 32, max_shapes=2).image)
     raw = tmp_path / "raw"
     raw.mkdir()
     pixels = generate_sample(7, 0, 32, max_shapes=2).image
     pq.write_table(pa.table({"image": [pixels.tobytes()], "caption": ["a"]}), str(raw / "a.parquet"))
-    image, _ = ImageTextShards(ImageTextDataConfig(path=str(raw), raw_image_size=32, cache_dir=str(tmp_path)),
+    image, *_ = ImageTextShards(ImageTextDataConfig(path=str(raw), raw_image_size=32, cache_dir=str(tmp_path)),
                                str(raw))[0]
     assert np.array_equal(np.asarray(image), pixels)
     structs = tmp_path / "datasets-style"
@@ -153,7 +156,7 @@ def test_raw_pixel_images_and_png_are_read_too(tmp_path):
     Image.fromarray(pixels).save(encoded, format="PNG")
     pq.write_table(pa.table({"image": [{"bytes": encoded.getvalue(), "path": None}], "caption": ["a"]}),
                    str(structs / "a.parquet"))
-    image, _ = ImageTextShards(ImageTextDataConfig(path=str(structs), cache_dir=str(tmp_path)), str(structs))[0]
+    image, *_ = ImageTextShards(ImageTextDataConfig(path=str(structs), cache_dir=str(tmp_path)), str(structs))[0]
     assert np.array_equal(np.asarray(image), pixels), "the datasets Image feature's {bytes, path} struct"
 
 
@@ -173,6 +176,44 @@ def test_a_bad_model_directory_or_shard_stops_before_ray(tmp_path, problem, fix)
     assert result.returncode == 2, result.stderr[-2000:]
     assert fix.format(path=empty) in result.stderr and "Fix:" in result.stderr
     assert "checkpoints in" not in result.stdout, "the run's first line comes once the cluster is up"
+
+
+def mismatched_model_dir(path, problem: str) -> str:
+    """The tiny LLaVA's directory with a processor that does not belong to its model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoProcessor, PreTrainedTokenizerFast
+
+    from raytrain_spot.tasks.hf_vlm.presets import write_preset
+
+    write_preset("tiny-llava", str(path))
+    processor = AutoProcessor.from_pretrained(str(path))
+    if problem == "image size":
+        processor.image_processor.size = {"shortest_edge": 48}
+        processor.image_processor.crop_size = {"height": 48, "width": 48}
+    elif problem == "image tokens":
+        processor.patch_size = 16
+    else:
+        words = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2}, unk_token="<unk>"))
+        words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        processor.tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>")
+    processor.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("image size", "makes 48x48 images, but the vision tower in its config.json takes 32x32"),
+    ("image tokens", "writes 4 image tokens for an image, but the model's config.json yields 16 image features"),
+    ("tokenizer", "has no <image> token"),
+])
+def test_a_processor_that_does_not_fit_its_model_is_named_before_ray(tmp_path, user_shards, problem, message):
+    from raytrain_spot.config.errors import ConfigError
+
+    model_dir = mismatched_model_dir(tmp_path / "model", problem)
+    task = HuggingFaceVLMTask(model=HfModelConfig(path=model_dir),
+                              data=ImageTextDataConfig(path=user_shards, image_column="photo", text_column="text",
+                                                       cache_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=f"task.model.path: .*{model_dir}.*{message}.*Fix:"):
+        task.prepare(0)
 
 
 def test_the_task_groups_file_lists_every_setting_at_its_default():

@@ -209,6 +209,8 @@ def test_a_hugging_face_model_and_shards_in_gcs_work_as_task_paths(bucket, tmp_p
     assert data_dir.startswith(str(tmp_path / "data" / "gs" / bucket.name / "data"))
     assert len(task.build_dataset(seed=1)) == 8
 
+    assert task.model_dir() == model_dir, "listed once per task: every use reads the same copy"
     bucket.blob("models/tiny/config.json").delete()
+    fresh = HuggingFaceVLMTask(model=HfModelConfig(path=model_uri, cache_dir=str(tmp_path / "models")))
     with pytest.raises(ConfigError, match=rf"task.model.path: {model_uri} \(its copy .*\) has no config.json"):
-        task.model_dir()
+        fresh.model_dir()

@@ -4,7 +4,10 @@ Parquet shards, or a Hugging Face ``datasets`` directory as ``Dataset.save_to_di
 
 Images are encoded bytes (JPEG, PNG, WebP: whatever Pillow opens), raw HxWx3 uint8 bytes of a
 known side, ``{"bytes": ...}`` structs (the ``datasets`` Image feature), or HxWx3 arrays of 0..255
-integers (nested lists, or the ``datasets`` Array3D feature); text is a caption string. A sample is
+integers (nested lists, or the ``datasets`` Array3D feature); text is a caption string, or chat
+turns (``[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]``): the last
+assistant turn is the caption, the turns before it the sample's prompt. ``dataset[i]`` is
+(RGB image, caption, prompt). A sample is
 known by its row over the files: Parquet shards in name order, a ``datasets`` directory's files in
 the order its ``state.json`` lists them (the dataset's own row order).
 
@@ -191,7 +194,7 @@ def decode_image(value, raw_image_size: int):
 
 
 class ImageTextShards:
-    """Map-style access to the good rows of the files: ``dataset[i]`` is (RGB image, text)."""
+    """Map-style access to the good rows of the files: ``dataset[i]`` is (RGB image, caption, prompt)."""
 
     def __init__(self, cfg: ImageTextDataConfig, path: str):
         self.cfg = cfg
@@ -209,7 +212,8 @@ class ImageTextShards:
         if self._open[0] != shard:  # rows come in a shuffle within spans: keep the last file open
             self._open = (shard, FileRows(self.cfg, self.files[shard]))
         image, text = self._open[1][row - int(self._offsets[shard])]
-        return decode_image(image, self.cfg.raw_image_size), str(text)
+        caption, prompt = caption_and_prompt(text)
+        return decode_image(image, self.cfg.raw_image_size), caption, prompt
 
     def row_group_spans(self) -> List[Tuple[int, int]]:
         """One span per file, so a step's reads stay within few files."""
@@ -220,6 +224,38 @@ class ImageTextShards:
                 spans.append((start, stop))
             start = stop
         return spans
+
+
+def caption_and_prompt(text) -> Tuple[str, str]:
+    """(what the model learns to write, what comes before it) from a text cell: a caption string,
+    or chat turns ``[{"role": ..., "content": ...}, ...]`` whose last assistant turn is the caption
+    and whose earlier turns are the prompt. Raises ValueError naming what the cell holds instead."""
+    if isinstance(text, str):
+        if not text.strip():
+            raise ValueError("is empty")
+        return text.strip(), ""
+    if not (isinstance(text, list) and text and all(isinstance(t, dict) and {"role", "content"} <= t.keys()
+                                                    for t in text)):
+        raise ValueError(f"holds {type(text).__name__}, neither a caption string nor chat turns "
+                         "[{role, content}, ...]")
+    replies = [i for i, turn in enumerate(text) if turn["role"] == "assistant"]
+    if not replies:
+        raise ValueError("holds chat turns without an assistant turn (the caption to learn)")
+    caption = turn_text(text[replies[-1]]["content"])
+    if not caption:
+        raise ValueError("holds chat turns whose last assistant turn is empty")
+    return caption, " ".join(t for t in (turn_text(turn["content"]) for turn in text[:replies[-1]]) if t)
+
+
+def turn_text(content) -> str:
+    """A turn's text: a string, or the text parts of a list of ``{"type": "text", "text": ...}``
+    parts (the Hugging Face chat format, where ``{"type": "image"}`` marks the image)."""
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, list):
+        return " ".join(part["text"].strip() for part in content
+                        if isinstance(part, dict) and part.get("type") == "text" and part.get("text"))
+    return ""
 
 
 def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.ndarray:
@@ -241,10 +277,11 @@ def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.nd
                 decode_image(image, cfg.raw_image_size)
             except Exception as error:  # noqa: BLE001 - Pillow raises many types for a bad file
                 problem = f"column {cfg.image_column!r} {error}"
-            if problem is None and not isinstance(text, str):
-                problem = f"column {cfg.text_column!r} holds {type(text).__name__}, not a caption string"
-            elif problem is None and not text.strip():
-                problem = f"column {cfg.text_column!r} is empty"
+            if problem is None:
+                try:
+                    caption_and_prompt(text)
+                except ValueError as error:
+                    problem = f"column {cfg.text_column!r} {error}"
             if problem is None:
                 good.append(row)
             elif cfg.bad_rows == "fail":

@@ -34,6 +34,12 @@ from raytrain_spot.train.task import TrainingTask
 IGNORE = -100
 """Label of a position the loss skips (transformers' convention)."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+IMAGE_TOKENS_PER_TILE = {
+    "llava": lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2
+    + (c.vision_feature_select_strategy == "full"),
+    "idefics3": lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2 // c.scale_factor ** 2,
+}
+"""How many image features a tested family's model yields per image tile (the check before Ray starts)."""
 IMAGE_WRAPPERS = ("<fake_token_around_image>", "<global-img>")
 """Tokens Idefics3-style processors put around an image's tokens: masked like the image tokens."""
 
@@ -120,7 +126,35 @@ class HuggingFaceVLMTask(TrainingTask):
             skipped = skipped_rows(self.data, data_dir)
         except (BadRow, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
+        self.check_inputs(model_dir, ImageTextShards(self.data, data_dir)[0][0])
         return f"{model_dir} on {data_dir}" + (f" ({skipped} bad rows left out)" if skipped else "")
+
+    def check_inputs(self, model_dir: str, image) -> None:
+        """What the processor makes of an image fits the model: the tile side its vision tower
+        takes and, for the tested families, as many image tokens as the tower yields features.
+        A mismatch (a processor saved with another model) would fail every rank's first step."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        vision = getattr(config, "vision_config", None)
+        if vision is None:
+            return
+        batch = self.model_inputs([image], [f"{self.prompt_text('')} a"])
+        side = tuple(batch["pixel_values"].shape[-2:])
+        if side != (vision.image_size, vision.image_size):
+            raise ConfigError(f"task.model.path: the processor in {model_dir} makes {side[0]}x{side[1]} images, but "
+                              f"the vision tower in its config.json takes {vision.image_size}x{vision.image_size}. "
+                              "Fix: save the processor that belongs to this model into the directory "
+                              "(AutoProcessor.from_pretrained(ITS_SOURCE).save_pretrained(DIR))")
+        if (per_tile := IMAGE_TOKENS_PER_TILE.get(config.model_type)) is not None:
+            tiles = batch["pixel_values"].shape[1] if batch["pixel_values"].dim() == 5 else 1
+            expected = per_tile(config) * tiles
+            made = int((batch["input_ids"] == self.processor().tokenizer.convert_tokens_to_ids(
+                image_token(self.processor()))).sum())
+            if made != expected:
+                raise ConfigError(f"task.model.path: the processor in {model_dir} writes {made} image tokens for an "
+                                  f"image, but the model's config.json yields {expected} image features. Fix: save "
+                                  "the processor that belongs to this model into the directory")
 
     def check_modules(self, model_dir: str) -> None:
         """The layers ``task.lora.target_modules`` and ``task.model.freeze_vision`` name exist (on the
@@ -146,6 +180,13 @@ class HuggingFaceVLMTask(TrainingTask):
                                       f"{', '.join(sorted(known)[:12])}")
 
     def model_dir(self) -> str:
+        """The local model directory, worked out once: a bucket's copy is listed and checked once
+        per process, and every later use reads the same copy."""
+        if getattr(self, "_model_dir", None) is None:
+            self._model_dir = self._local_model_dir()
+        return self._model_dir
+
+    def _local_model_dir(self) -> str:
         if self.model.path is not None:
             path = local_copy(self.model.path, self.model.cache_dir, setting="task.model.path")
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -173,9 +214,9 @@ class HuggingFaceVLMTask(TrainingTask):
         return self._processor
 
     def label_mask(self) -> "LabelMask":
-        """What collate masks out of the labels, worked out once from the processor and the prompt."""
+        """What collate masks out of the labels, worked out once from the processor."""
         if getattr(self, "_label_mask", None) is None:
-            self._label_mask = LabelMask.of(self.processor(), self.data.prompt)
+            self._label_mask = LabelMask.of(self.processor())
         return self._label_mask
 
     def build_model(self) -> torch.nn.Module:
@@ -201,23 +242,31 @@ class HuggingFaceVLMTask(TrainingTask):
     def build_dataset(self, seed: int) -> ImageTextShards:
         return ImageTextShards(self.data, self.data_dir(seed))
 
-    def collate(self, samples: Sequence[Tuple[Any, str]]) -> Dict[str, torch.Tensor]:
-        images, captions = zip(*samples)
-        batch = self.model_inputs(images, [f"{self.prompt_text()} {caption}" for caption in captions])
-        batch["labels"] = self.label_mask().caption_labels(batch["input_ids"], batch["attention_mask"])
+    def collate(self, samples: Sequence[Tuple[Any, str, str]]) -> Dict[str, torch.Tensor]:
+        images, captions, prompts = zip(*samples)
+        batch = self.model_inputs(images, [f"{self.prompt_text(prompt)} {caption}"
+                                           for caption, prompt in zip(captions, prompts)])
+        prompt_tokens = torch.tensor([[self.label_mask().prompt_tokens(self.prompt(prompt))] for prompt in prompts])
+        batch["labels"] = self.label_mask().caption_labels(batch["input_ids"], batch["attention_mask"], prompt_tokens)
         return batch
 
-    def caption(self, model: torch.nn.Module, image, max_new_tokens: int = 16) -> str:
-        """The caption ``model`` writes for ``image`` (a Pillow image), greedily, after the training prompt."""
-        inputs = self.model_inputs([image.convert("RGB")], [self.prompt_text()])
+    def caption(self, model: torch.nn.Module, image, prompt: str = "", max_new_tokens: int = 16) -> str:
+        """The caption ``model`` writes for ``image`` (a Pillow image) after ``prompt`` (a sample's own,
+        as chat turns give), greedily."""
+        inputs = self.model_inputs([image.convert("RGB")], [self.prompt_text(prompt)])
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return self.processor().tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:],
                                                  skip_special_tokens=True).strip()
 
-    def prompt_text(self) -> str:
-        """What precedes a caption: the image, then ``task.data.prompt``."""
-        return f"{image_token(self.processor())}{(' ' + self.data.prompt) if self.data.prompt else ''}"
+    def prompt(self, sample_prompt: str) -> str:
+        """The text between the image and the caption: ``task.data.prompt``, then the sample's own."""
+        return " ".join(p for p in (self.data.prompt, sample_prompt) if p)
+
+    def prompt_text(self, sample_prompt: str) -> str:
+        """What precedes a caption: the image, then the prompt."""
+        prompt = self.prompt(sample_prompt)
+        return f"{image_token(self.processor())}{(' ' + prompt) if prompt else ''}"
 
     def model_inputs(self, images: Sequence[Any], texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         processor = self.processor()
@@ -270,23 +319,31 @@ class LabelMask:
 
     special_ids: torch.Tensor
     image_ids: torch.Tensor
-    prompt_tokens: int
+    tokenizer: Any
+    _prompt_tokens: Dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, processor, prompt: str) -> "LabelMask":
+    def of(cls, processor) -> "LabelMask":
         tokenizer = processor.tokenizer
         vocab = tokenizer.get_vocab()
         image_ids = sorted({vocab[t] for t in (image_token(processor), *IMAGE_WRAPPERS) if t in vocab})
-        prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
         return cls(torch.tensor(sorted(set(tokenizer.all_special_ids) | set(image_ids))), torch.tensor(image_ids),
-                   prompt_tokens)
+                   tokenizer)
 
-    def caption_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` with everything but the caption set to IGNORE."""
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of ``prompt``, counted once per distinct prompt (most datasets have one or a few)."""
+        if prompt not in self._prompt_tokens:
+            self._prompt_tokens[prompt] = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return self._prompt_tokens[prompt]
+
+    def caption_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       prompt_tokens: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` with everything but the caption set to IGNORE; ``prompt_tokens`` ([batch, 1]):
+        each row's prompt length after its image."""
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         is_image = torch.isin(input_ids, self.image_ids) & (attention_mask > 0)
         last_image = torch.where(is_image, positions, -1).max(dim=1, keepdim=True).values
-        before_caption = positions <= last_image + self.prompt_tokens
+        before_caption = positions <= last_image + prompt_tokens
         return input_ids.masked_fill(before_caption | torch.isin(input_ids, self.special_ids) | (attention_mask == 0),
                                      IGNORE)
 
