@@ -42,7 +42,7 @@ import torch.distributed as dist  # noqa: E402
 from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest, write_state  # noqa: E402
 from raytrain_spot.checkpoint.head import start_head_store  # noqa: E402
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest  # noqa: E402
-from raytrain_spot.checkpoint.state import LoopState, training_state  # noqa: E402
+from raytrain_spot.checkpoint.state import LoopState, ModelWeights, training_state  # noqa: E402
 from raytrain_spot.checkpoint.snapshot import HostSnapshot, tensors_in  # noqa: E402
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier  # noqa: E402
 from raytrain_spot.observe.events import EventLog  # noqa: E402
@@ -80,7 +80,7 @@ def seconds(fn, repeats: int) -> List[float]:
 
 def measure(name: str, model, optimizer, bucket_uri: str, head, workdir: str, repeats: int) -> Dict[str, float]:
     progress = LoopState(step=1, samples_seen=1)
-    state = training_state({"model": model, "optimizer": optimizer}, progress)
+    state = training_state({"model": ModelWeights(model), "optimizer": optimizer}, progress)
     nbytes = sum(t.numel() * t.element_size() for t in tensors_in(state))
 
     buffers = [torch.empty_like(t) for t in tensors_in(state)]
@@ -98,7 +98,7 @@ def measure(name: str, model, optimizer, bucket_uri: str, head, workdir: str, re
     sync_path = os.path.join(workdir, f"{name}-sync.pt")
 
     def synchronous_save():
-        write_state(training_state({"model": model, "optimizer": optimizer}, progress), sync_path)
+        write_state(training_state({"model": ModelWeights(model), "optimizer": optimizer}, progress), sync_path)
         gcs.put_file(f"sync/{name}/state.pt", sync_path)
 
     sync_stall = statistics.median(seconds(synchronous_save, max(1, repeats // 2)))
@@ -112,7 +112,7 @@ def measure(name: str, model, optimizer, bucket_uri: str, head, workdir: str, re
     stalls, commits = [], []
     for step in range(1, repeats + 1):
         started = time.perf_counter()
-        stalls.append(manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(step, step), 1, "periodic"), writer=True))
+        stalls.append(manager.save({"model": ModelWeights(model), "optimizer": optimizer}, SaveRequest(LoopState(step, step), 1, "periodic"), writer=True))
         manager.wait()
         commits.append(time.perf_counter() - started)
     async_stall = statistics.median(stalls[1:] or stalls)  # steady state: buffers exist
@@ -162,8 +162,8 @@ def _sharded_rank(rank: int, ranks: int, gb: float, repeats: int, workdir: str) 
     model = Big(gb)
     optimizer = trained(model)
     full = HostSnapshot()
-    full.take(training_state({"model": model, "optimizer": optimizer}, LoopState()))  # allocate, as a running job would have
-    full_stall = statistics.median(seconds(lambda: full.take(training_state({"model": model, "optimizer": optimizer}, LoopState())), repeats))
+    full.take(training_state({"model": ModelWeights(model), "optimizer": optimizer}, LoopState()))  # allocate, as a running job would have
+    full_stall = statistics.median(seconds(lambda: full.take(training_state({"model": ModelWeights(model), "optimizer": optimizer}, LoopState())), repeats))
     del full
     durable = StoreTier("durable", LocalStore(os.path.join(workdir, "sharded-durable")), "sharded", 2)
     manager = CheckpointManager("sharded", {}, None, [durable], writes_local=False, events=EventLog(),
@@ -172,7 +172,7 @@ def _sharded_rank(rank: int, ranks: int, gb: float, repeats: int, workdir: str) 
     for step in range(1, repeats + 2):
         dist.barrier()
         started = time.perf_counter()
-        stalls.append(manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(step, step), ranks, "periodic"),
+        stalls.append(manager.save({"model": ModelWeights(model), "optimizer": optimizer}, SaveRequest(LoopState(step, step), ranks, "periodic"),
                                    writer=rank == 0, wait=True))
         commits.append(time.perf_counter() - started)
     torch.save({"full_snapshot_s": full_stall, "share_stall_s": statistics.median(stalls[1:]),

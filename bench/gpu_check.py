@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from raytrain_spot.train.agreement import RankView, agree  # noqa: E402
-from raytrain_spot.checkpoint.state import LoopState, training_state  # noqa: E402
+from raytrain_spot.checkpoint.state import LoopState, ModelWeights, training_state  # noqa: E402
 from raytrain_spot.checkpoint.snapshot import HostSnapshot, tensors_in  # noqa: E402
 from raytrain_spot.train.collectives import RankGroup  # noqa: E402
 from raytrain_spot.config.schema import OptimConfig  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> int:
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert group.all_gather_object(("node", 1)) == [("node", 1)]
 
-    state = training_state({"model": model, "optimizer": optimizer}, LoopState(step=3 + args.steps))
+    state = training_state({"model": ModelWeights(model), "optimizer": optimizer}, LoopState(step=3 + args.steps))
     extra_elements = int(args.state_gb * 1e9 / 4)
     if extra_elements:
         state["extra"] = torch.randn(extra_elements, device=device)

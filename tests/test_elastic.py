@@ -10,6 +10,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
 from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
 from raytrain_spot.train.handoff import WorkerGroupHandoff
+from raytrain_spot.train.runtime import ExtraCapacity
 from raytrain_spot.train.task import TaskContractError
 
 CPU1 = {"CPU": 1.0}
@@ -107,43 +108,43 @@ def test_a_running_group_with_room_to_grow_is_left_to_its_handoff_but_capacity_i
     assert requests, "the autoscaler must still hear of max_workers while the group runs"
 
 
-def test_regrow_waits_for_capacity_to_settle():
+def test_extra_capacity_is_reported_with_its_age_which_restarts_when_it_vanishes():
     clock, view = Clock(), [node("a"), node("b")]
     watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, clock=clock, max_age_s=0),
-                              group_nodes=["a", "b"], interval_s=1, settle_s=2, clock=clock)
+                              group_nodes=["a", "b"], interval_s=1, clock=clock)
     watcher.check()
-    assert watcher.grow_to == 0
+    assert watcher.extra is None
     view.append(node("c"))
     watcher.check()
     clock.now = 1.0
     watcher.check()
-    assert watcher.grow_to == 0, "extra capacity seen for 1 s only"
-    view.pop()  # the new node vanished: the settle window starts over
+    assert watcher.extra == ExtraCapacity(3, 1.0)
+    view.pop()  # the new node vanished: its age starts over with the next one
     clock.now = 1.5
     watcher.check()
+    assert watcher.extra is None
     view.append(node("d"))
     clock.now = 2.0
     watcher.check()
     clock.now = 4.5
-    watcher.check()
-    assert watcher.grow_to == 3
+    assert watcher.extra == ExtraCapacity(3, 2.5)
 
 
 def test_watcher_reads_which_group_nodes_are_draining():
     view = [node("a"), node("b"), node("c", draining=True)]
     watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0),
-                              group_nodes=["a", "a", "b"], interval_s=1, settle_s=0)
+                              group_nodes=["a", "a", "b"], interval_s=1)
     watcher.check()
     assert watcher.draining == frozenset(), "a draining node outside the group is not the group's notice"
     view[1] = node("b", draining=True)
     watcher.check()
-    assert watcher.draining == {"b"} and watcher.grow_to == 0, "a group losing a node does not regrow"
+    assert watcher.draining == {"b"} and watcher.extra is None, "a group losing a node does not regrow"
 
 
 def test_watcher_hears_of_nodes_that_join_while_the_group_runs():
     view, joined = [node("a"), node("b")], []
     watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), group_nodes=["a", "b"],
-                              interval_s=1, settle_s=0, on_join=joined.append)
+                              interval_s=1, on_join=joined.append)
     watcher.check()
     assert joined == [], "nodes there when the group started are not news"
     view.append(node("c", draining=True))

@@ -29,6 +29,7 @@ from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import WorkerGroupHandoff
 from raytrain_spot.train.loop import Phases, train
+from raytrain_spot.train.runtime import ExtraCapacity
 from raytrain_spot.train.runtime import WorkerRuntime
 from raytrain_spot.train.task import TaskContractError, TrainingTask
 from tests.conftest import Recorder
@@ -55,8 +56,9 @@ class FaultInjector:
     def leaving_nodes(self, step: int) -> Set[str]:
         return {self.node_ids[rank] for rank, at in self.notices.items() if step >= at}
 
-    def grow_to(self, step: int) -> int:
-        return self.capacity[1] if self.capacity and step >= self.capacity[0] else 0
+    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        """The capacity has been there since long before the step it is heard at."""
+        return ExtraCapacity(self.capacity[1], math.inf) if self.capacity and step >= self.capacity[0] else None
 
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         return None
@@ -125,9 +127,9 @@ class LinearTask(TrainingTask):
         return {"counter": self.counter}
 
 
-def config(max_steps: int, interval_steps: int = 0) -> Config:
+def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle") -> Config:
     return Config(trainer=TrainerConfig(min_workers=1, max_workers=2, global_batch_size=8, micro_batch_size=2,
-                                        max_steps=max_steps, torch_threads=1),
+                                        max_steps=max_steps, torch_threads=1, regrow=regrow),
                   checkpoint=CheckpointingConfig(interval_steps=interval_steps),
                   optim=OptimConfig(lr=0.1, warmup_samples=0, weight_decay=0.0),
                   task={"_target_": "tests.test_loop.LinearTask"})
@@ -218,6 +220,15 @@ def test_capacity_for_more_workers_regrows_through_the_same_handoff(tmp_path):
     assert [(r["reason"], r["step"]) for r in ranks] == [("regrow", 4)] * 2
     assert [(h["reason"], h["grow_to"]) for h in of(ranks[0], "handoff")] == [("regrow", 3)]
     assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 4)).reason == "regrow"
+
+
+def test_a_regrow_that_would_not_pay_before_the_run_ends_is_not_taken_and_the_decision_is_logged(tmp_path):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3),
+                      config(max_steps=20, regrow="when_it_pays"))
+    assert [r["outcome"] for r in ranks] == ["finished", "finished"], "ten seconds of restart for a 20-step run"
+    decisions = of(ranks[0], "regrow_decision")
+    assert decisions and not decisions[0]["grow"] and "before a regrow pays" in decisions[0]["reason"]
+    assert of(ranks[1], "regrow_decision") == [], "rank 0 decides"
 
 
 def test_a_notice_wins_over_a_regrow_at_the_same_step(tmp_path):

@@ -10,7 +10,7 @@ reseeds from (seed, step, rank), so the loop state determines both.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Protocol, Set, runtime_checkable
 
 import torch
@@ -41,6 +41,13 @@ class LoopState:
     """Notices and failures so far: the checkpoint advisor's evidence."""
     train_time_s: float = 0.0
     """Wall time spent in steps so far."""
+    samples_per_s: Dict[int, float] = field(default_factory=dict)
+    """Throughput by world size in this run (a moving average): the regrow rule's evidence."""
+    restart_s: float = 0.0
+    """Mean cost of this run's measured restarts (handoff to the next group's first step); 0: none yet."""
+    restarts_measured: int = 0
+    handed_off_at: float = 0.0
+    """Unix time of the last handoff: the next group measures its restart from it."""
 
 
 class StateMismatch(ValueError):

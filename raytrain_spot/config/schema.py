@@ -90,6 +90,9 @@ class OptimConfig:
                 "set optim.grad_clip=0 to disable clipping")
 
 
+REGROW_MODES = ("when_it_pays", "after_settle")
+
+
 @dataclass
 class TrainerConfig:
     """Elastic data-parallel training: the worker range, the batch and the step budget."""
@@ -117,8 +120,14 @@ class TrainerConfig:
     between: a bug, not a lost node (0: never stop for it; spot_aware only)."""
     resize_check_interval_s: float = 1.0
     """How often rank 0 checks whether more workers would fit (regrow)."""
+    regrow: str = "when_it_pays"
+    """``when_it_pays``: regrow once the extra capacity's expected gain covers the restarts it costs,
+    from this run's measured samples/s per world size, restart cost and node lifetimes
+    (raytrain_spot/elastic/regrow.py); ``after_settle``: whenever it has stayed ``regrow_settle_s``."""
     regrow_settle_s: float = 2.0
-    """Extra capacity must stay this long before the group restarts to use it."""
+    """Extra capacity must stay at least this long before the group restarts to use it."""
+    restart_prior_s: float = 10.0
+    """What a group restart is taken to cost until this run has measured one (at a handoff)."""
     spot_aware: bool = True
     """False: plain Ray Train 2.60 (the benchmark baseline): Ray's own elastic and failure policies and
     timings, no reaction to preemption notices, no regrow handoffs, periodic checkpoints only."""
@@ -147,7 +156,9 @@ class TrainerConfig:
                 "set trainer.max_failures=-1 to recover from every failure")
         require_non_negative("trainer", self, "max_identical_failures")
         require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
-        for name in ("regrow_settle_s", "failure_settle_s"):
+        require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
+                f"use one of {', '.join(REGROW_MODES)}")
+        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s"):
             require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
                     "use 0 or a positive number of seconds")
 

@@ -12,11 +12,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set
+from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import TrainerConfig
 from raytrain_spot.elastic.standby import standby_enabled, warm_joined_node
+from raytrain_spot.train.runtime import ExtraCapacity
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +80,16 @@ class LiveCapacity:
 
 
 class CapacityWatcher:
-    """Runs on rank 0: notices when more workers would fit than the group has (regrow), and
-    which of the group's nodes are draining (a preemption notice).
-
-    Growth is reported only after the extra capacity has stayed for ``settle_s``, so a node
-    that joins and vanishes at once does not cost a restart. ``on_join`` hears of every node
+    """Runs on rank 0: notices when more workers would fit than the group has (``extra``: how many
+    and since when; the regrow rule decides whether to use them), and which of the group's nodes
+    are draining (a preemption notice). ``on_join`` hears of every node
     that joins while the group runs (warm standbys start there before the regrow). Draining
     nodes are read from the GCS, as Ray Train's controller reads them before relaying them to
     the workers: the loop acts on whichever arrives first, so a busy controller cannot make a
     notice come too late.
     """
 
-    def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float, settle_s: float,
+    def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float,
                  clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None):
         self._capacity = capacity
         self._group_nodes = set(group_nodes)
@@ -98,10 +97,8 @@ class CapacityWatcher:
         self._on_join = on_join
         self._seen: Optional[set] = None  # usable nodes seen so far; None before the first check
         self._interval_s = interval_s
-        self._settle_s = settle_s
         self._clock = clock
-        self._more_since: Optional[float] = None
-        self.grow_to: int = 0
+        self._more: Optional[Tuple[int, float]] = None  # (workers that fit, since when)
         self.draining: FrozenSet[str] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capacity-watcher", daemon=True)
@@ -122,16 +119,16 @@ class CapacityWatcher:
                 self._on_join(usable[node_id])
         self._seen = (self._seen or set()) | usable.keys()
         workers = self._capacity.workers()
-        now = self._clock()
         if workers <= self._world_size:
-            self._more_since = None
-            return
-        if self._more_since is None:
-            self._more_since = now
-        if now - self._more_since >= self._settle_s and not self.grow_to:
-            self.grow_to = workers
-            logger.info("Capacity for %d workers (group has %d) for %.1f s: regrowing",
-                        workers, self._world_size, now - self._more_since)
+            self._more = None
+        elif self._more is None or self._more[0] != workers:
+            self._more = (workers, self._clock())
+            logger.info("Capacity for %d workers (the group has %d)", workers, self._world_size)
+
+    @property
+    def extra(self) -> Optional[ExtraCapacity]:
+        more = self._more
+        return ExtraCapacity(more[0], self._clock() - more[1]) if more else None
 
     def _run(self) -> None:
         while True:  # the first check at once: a notice may have come while the group started
@@ -176,8 +173,8 @@ class RaySignals:
             draining |= self._capacity.draining
         return draining
 
-    def grow_to(self, step: int) -> int:
-        return self._capacity.grow_to if self._capacity is not None else 0
+    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        return self._capacity.extra if self._capacity is not None else None
 
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         return drain_deadline_s(nodes)
@@ -191,4 +188,4 @@ def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityW
         warm_joined_node(node.node_id, workers_that_fit([node], per_worker, most))
 
     return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
-                           trainer_cfg.regrow_settle_s, on_join=warm if standby_enabled(trainer_cfg) else None).start()
+                           on_join=warm if standby_enabled(trainer_cfg) else None).start()

@@ -16,7 +16,7 @@ import torch
 
 from raytrain_spot.train.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _COMMITTED, _STEP_S, _LEAVING = range(6)
+_LOSS, _GROW_TO, _SAVE, _COMMITTED, _STEP_S, _AT, _LEAVING = range(7)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class RankView:
     step_s: float = 0.0
     """Rank 0: wall time of this step. Every rank counts rank 0's, so every rank's loop state, and
     so every node's copy of a checkpoint, is the same."""
+    at: float = 0.0
+    """Rank 0: its clock (unix seconds) when it made this view; for the same reason."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class StepAgreement:
     save_due: bool
     committed_step: int
     step_s: float
+    at: float = 0.0
 
 
 def agree(view: RankView, group: RankGroup) -> StepAgreement:
@@ -63,9 +66,10 @@ def agree(view: RankView, group: RankGroup) -> StepAgreement:
         slots[_SAVE] = float(view.save_due)
         slots[_COMMITTED] = float(view.committed_step)
         slots[_STEP_S] = view.step_s
+        slots[_AT] = view.at
     # float64: step numbers stay exact far beyond any run's length.
     summed = group.all_reduce_sum(torch.tensor(slots, dtype=torch.float64, device=group.device)).tolist()
     return StepAgreement(loss_sum=summed[_LOSS],
                          leaving_ranks=[r for r in range(group.world_size) if summed[_LEAVING + r] > 0],
                          grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
-                         committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S])
+                         committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT])

@@ -26,18 +26,21 @@ from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import RaySignals, watch_capacity
+from raytrain_spot.elastic.regrow import RegrowPolicy, measured_rate
 from raytrain_spot.elastic.standby import standby_enabled, top_up
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
 from raytrain_spot.train.agreement import RankView, agree
 from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import checkpoint_and_report, hand_off, handoff_after
-from raytrain_spot.train.runtime import WorkerRuntime
+from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
 from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.train.step import build_optimizer, learning_rate, set_learning_rate, split, step_seed, train_step
 from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
 
 logger = logging.getLogger(__name__)
+WARMUP_STEPS = 2
+"""A group's first steps (allocation, first collectives) are left out of its samples/s."""
 
 
 @dataclass
@@ -85,7 +88,11 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
 
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
+    regrow = RegrowPolicy(cfg.trainer, cfg.checkpoint.mtbi_prior_s, events.emit)
+    if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
+        measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
     reported_step = loop.step
+    steps_in_group = 0
     total_samples = cfg.trainer.max_steps * global_batch
     while loop.step < cfg.trainer.max_steps:
         step_started = time.time()
@@ -103,15 +110,20 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         # What each rank heard from the cluster, and rank 0's decisions, in the same all-reduce as the loss.
         next_step = loop.step + 1
         leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
-        view = (RankView(loss_sum, leaving, grow_to=runtime.signals.grow_to(next_step),
+        view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
+                                                                   world_size),
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
-                         committed_step=checkpoints.committed_step, step_s=time.time() - step_started)
+                         committed_step=checkpoints.committed_step, step_s=time.time() - step_started,
+                         at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
         agreed = agree(view, group)
         first_position = loop.samples_seen
         loop.step = next_step
         loop.samples_seen += global_batch
         loop.train_time_s += agreed.step_s
+        steps_in_group += 1
+        if steps_in_group > WARMUP_STEPS:  # rank 0's clock, so every rank keeps the same figures
+            loop.samples_per_s = measured_rate(loop.samples_per_s, world_size, global_batch / agreed.step_s)
 
         if cfg.run.log_sample_ids:
             events.emit("samples", step=loop.step, rank=rank, ids=rows)
@@ -124,6 +136,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)
             break
         if handoff := handoff_after(agreed, loop.step, world_size):
+            loop.handed_off_at = agreed.at  # the next group measures its restart from here
             hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                      runtime.signals.drain_deadline_s)
         if agreed.save_due:
@@ -135,6 +148,14 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                                                    loop.train_time_s, world_size, loop.step)):
             logger.info("Checkpoint advisor: %s", advice.explain())
             events.emit("advice", **advice.__dict__)
+
+
+def measure_restart(loop: LoopState, seconds: float) -> None:
+    """Fold the restart that began at the last handoff into the run's mean restart cost."""
+    loop.restart_s = (loop.restart_s * loop.restarts_measured + seconds) / (loop.restarts_measured + 1)
+    loop.restarts_measured += 1
+    logger.info("This restart took %.1f s from the handoff (mean of %d: %.1f s)", seconds, loop.restarts_measured,
+                loop.restart_s)
 
 
 def sample_spans(dataset) -> List[tuple]:
@@ -246,8 +267,8 @@ class QuietCluster:
     def leaving_nodes(self, step: int) -> Set[str]:
         return set()
 
-    def grow_to(self, step: int) -> int:
-        return 0
+    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        return None
 
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         return None

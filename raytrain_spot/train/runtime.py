@@ -9,6 +9,14 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Protocol, Se
 from raytrain_spot.train.collectives import RankGroup
 
 
+@dataclass(frozen=True)
+class ExtraCapacity:
+    """More workers fit than the group has: how many in all, and since how long."""
+
+    workers: int
+    age_s: float
+
+
 class ClusterSignals(Protocol):
     """What the cluster says after a step. Every rank asks once per step; the answers of all
     ranks are then agreed on (train/agreement.py), so a rank that hears first is enough."""
@@ -16,8 +24,9 @@ class ClusterSignals(Protocol):
     def leaving_nodes(self, step: int) -> Set[str]:
         """Nodes of the group with a preemption notice, as this rank knows them after ``step``."""
 
-    def grow_to(self, step: int) -> int:
-        """Asked on rank 0 only: the larger group that would fit now (0: none)."""
+    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        """Asked on rank 0 only: the larger group that would fit now, if any (the regrow rule,
+        elastic/regrow.py, decides whether it pays)."""
 
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         """When the first of these nodes stops (unix seconds), if known."""
