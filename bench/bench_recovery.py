@@ -14,6 +14,7 @@ interval.
 
     python bench/bench_recovery.py                       # ~8 minutes on 2 cores
     python bench/bench_recovery.py --start-tick 180 --ticks 50 --tick-s 4 --notice-s 10
+    python bench/bench_recovery.py --scenarios scripted --experiment hf_vlm trainer.global_batch_size=24
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
                  f"chaos.provisioning_s={args.provisioning_s}"]
     else:
         chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s)]
-    command = [sys.executable, "-m", "raytrain_spot.run", "+experiment=vlm", f"run.name={name}",
+    command = [sys.executable, "-m", "raytrain_spot.run", f"+experiment={args.experiment}", f"run.name={name}",
                "trainer.max_steps=1000000", f"checkpoint.interval_steps={args.checkpoint_interval_steps}",
                f"checkpoint.local_dir={workdir}/node-local", f"checkpoint.head_dir={workdir}/head",
-               *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode]]
+               *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode], *args.overrides]
     events_path = os.path.join(workdir, "outputs", name, "events.jsonl")
     log = open(os.path.join(workdir, f"{name}.log"), "w")
     process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_interruptible,
@@ -180,6 +181,8 @@ def project(result: Dict[str, Any], trace: List[int], gap_s: float, interval_s: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=DEFAULT_TRACE)
+    parser.add_argument("--experiment", default="vlm", help="the task: vlm (the built-in VLM) or hf_vlm")
+    parser.add_argument("overrides", nargs="*", help="further overrides for every mode, e.g. task.model.preset=...")
     parser.add_argument("--start-tick", type=int, default=180)
     parser.add_argument("--ticks", type=int, default=50)
     parser.add_argument("--tick-s", type=float, default=4.0)

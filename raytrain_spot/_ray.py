@@ -2,11 +2,11 @@
 
 Ray's public API has no hook for what a Spot run needs (a scaling policy that counts live
 capacity, a failure policy that knows a handoff, a drain at the preemption notice, a raylet
-asked to prestart workers, the autoscaler's GCP provider spread over zones). Those names are
-private and move between Ray releases, so they are imported only through this module, lazily
-(importing it costs nothing; the cluster tools do not pull in Ray Train), and each one is pinned
-by tests/test_ray_pins.py, which exercises the behaviour raytrain-spot relies on. Upgrading Ray
-means: bump the pin in pyproject.toml, run those tests, fix this module.
+asked to prestart workers, the autoscaler's GCP provider spread over zones, which autoscaler
+runs). Those names are private and move between Ray releases, so they are imported only through
+this module, lazily (importing it costs nothing; the cluster tools do not pull in Ray Train),
+and each one is pinned by tests/test_ray_pins.py, which exercises the behaviour raytrain-spot
+relies on. Upgrading Ray means: bump the pin in pyproject.toml, run those tests, fix this module.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "GCPTPU": ("ray.autoscaler._private.gcp.node", "GCPTPU"),
     "GCPNodeType": ("ray.autoscaler._private.gcp.node", "GCPNodeType"),
     "GCPResource": ("ray.autoscaler._private.gcp.node", "GCPResource"),
+    # Which autoscaler runs: v1 counts a draining VM until GCE stops it, v2 does not (elastic/replacements.py).
+    "is_autoscaler_v2": ("ray.autoscaler.v2.utils", "is_autoscaler_v2"),
 }
 
 TRAIN_UTIL_LOGGER = "ray.train.v2._internal.util"

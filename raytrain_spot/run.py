@@ -142,6 +142,7 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
         from raytrain_spot.observe.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.preemption.node_events import ClusterMonitor
+        from raytrain_spot.elastic.replacements import ReplacementRequester
         from raytrain_spot.observe.monitoring import MonitoringSink, build_writers
         from raytrain_spot.train.trainer import build_trainer
         from raytrain_spot.train.loop import LoopContext
@@ -168,7 +169,10 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
         sinks = [progress,
                  MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
-        with ClusterMonitor(events) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
+        # At a preemption notice, ask the autoscaler for the replacement at once (elastic/replacements.py).
+        replacements = ReplacementRequester(cfg.trainer.resources_per_worker, cfg.trainer.max_workers,
+                                            events.emit) if cfg.trainer.spot_aware else None
+        with ClusterMonitor(events, replacements=replacements) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
             fit = FitThread(build_trainer(cfg, context))
             drive(fit, cfg, cluster, events, progress, monitor, run_dir, lease)
             if lease.lost.is_set():

@@ -34,10 +34,13 @@ from raytrain_spot.preemption.watcher import (
     PreemptionWatcher,
     RayControlStore,
     WatcherSettings,
+    GCE_NOTICE_S,
+    GCE_SHUTDOWN_S,
     check_node_alive,
     classify_preempted_answer,
     decide_drain,
     main,
+    notice_window_s,
     pick_node_id,
     resolve_node_id,
 )
@@ -138,6 +141,35 @@ def test_deadline_is_margin_before_the_hard_stop(notice_s, margin_s, deadline_af
     assert decision.deadline_s == T0 + deadline_after_notice_s
     assert decision.deadline_ms == round((T0 + deadline_after_notice_s) * 1000)
     assert "metadata" in decision.message
+
+
+@pytest.mark.parametrize("source, notice_s, margin_s, hard_stop_after_s, deadline_after_s", [
+    # GCE's 120 s advance notice: the metadata notice comes 150 s before the hard stop, SIGTERM
+    # (the ACPI soft-off) still 30 s before it.
+    ("metadata", 150, 5, 150, 145),
+    ("sigterm", 150, 5, 30, 25),
+    # No advance notice: both come together, however compressed (the simulator's 4 s).
+    ("metadata", 4, 1, 4, 3),
+    ("sigterm", 4, 1, 4, 3),
+    # A margin wider than the soft-off leaves: the deadline is the notice itself, never before it.
+    ("sigterm", 150, 40, 30, 0),
+])
+def test_the_deadline_follows_the_notice_each_source_implies(source, notice_s, margin_s, hard_stop_after_s,
+                                                             deadline_after_s):
+    decision = decide_drain(Notice(source, T0), NODE, WatcherSettings(margin_s=margin_s, notice_s=notice_s))
+    assert decision.notice_s == notice_window_s(source, WatcherSettings(margin_s=margin_s, notice_s=notice_s))
+    assert decision.hard_stop_s == T0 + hard_stop_after_s
+    assert decision.deadline_s == T0 + deadline_after_s
+    assert f"VM stops at {T0 + hard_stop_after_s:.3f}" in decision.message
+
+
+def test_the_cli_takes_the_advance_notice_as_notice_s():
+    from raytrain_spot.preemption.watcher import _parse_args
+
+    settings = _parse_args(["--margin-s", "5", "--notice-s", "150"]).settings
+    assert (settings.notice_s, settings.margin_s, settings.shutdown_s) == (150, 5, GCE_SHUTDOWN_S)
+    assert notice_window_s("sigterm", settings) == GCE_SHUTDOWN_S == 30
+    assert _parse_args([]).settings.notice_s == GCE_NOTICE_S == 30, "without a flag: GCE's default notice"
 
 
 @pytest.mark.parametrize("settings, problem", [
@@ -335,6 +367,17 @@ def test_drain_gives_up_when_the_vm_would_be_gone():
     assert len(drainer.attempt_times) == 9
 
 
+def test_with_an_advance_notice_the_drain_is_retried_until_its_later_hard_stop():
+    clock = FakeClock()
+    drainer = FakeDrainer([DrainUnavailable("RpcError")] * 100, clock)
+    watcher, _, _ = make_watcher(FakePoller([TRUE_B]), drainer, clock, notice_s=150, margin_s=5,
+                                 backoff=Backoff(0.5, 2, 5))
+    outcome = watcher.run()
+    assert not outcome.drained and outcome.decision.deadline_s == T0 + 145
+    # 0, 0.5, 1.5, 3.5, 7.5, then every 5 s: the last try at 147.5 s, the next would be past 150 s.
+    assert drainer.attempt_times[-1] == T0 + 147.5
+
+
 def test_a_rejected_drain_fails_the_watcher():
     drainer = FakeDrainer([DrainReply(False, "node is dead")])
     watcher, _, _ = make_watcher(FakePoller([TRUE_B]), drainer)
@@ -421,6 +464,27 @@ def test_watcher_rides_out_a_misbehaving_server_then_drains_once(metadata):
     assert preempted_at <= outcome.decision.notice.at_s < preempted_at + 1.5
 
 
+def test_an_advance_notice_over_http_drains_for_the_hard_stop_150_s_later(metadata):
+    """Real poller, emulator and clock: with --notice-s 150 (GCE's 120 s advance notice) the drain's
+    deadline is 145 s after the metadata notice, not 25 s; a SIGTERM after it changes nothing."""
+    drainer = FakeDrainer()
+    watcher = PreemptionWatcher(NODE, poller=HttpPreemptedPoller(metadata.host("vm-1")), drainer=drainer,
+                                settings=WatcherSettings(notice_s=150, margin_s=5, poll_timeout_s=5))
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(outcome=watcher.run()))
+    runner.start()
+    time.sleep(0.3)
+    preempted_at = time.time()
+    metadata.preempt("vm-1")
+    runner.join(timeout=10)
+    watcher.notify_sigterm()  # GCE's soft-off, 120 s later on a real VM: the drain is already done
+    decision = result["outcome"].decision
+    assert result["outcome"].drained and drainer.decisions == [decision]
+    assert decision.notice.source == "metadata" and preempted_at <= decision.notice.at_s < preempted_at + 1.5
+    assert decision.hard_stop_s == decision.notice.at_s + 150
+    assert decision.deadline_ms == round((decision.notice.at_s + 145) * 1000)
+
+
 # ----------------------------------------------------------------------------------------
 # Integration: the watcher process, the emulator and a real local Ray cluster
 # ----------------------------------------------------------------------------------------
@@ -474,13 +538,13 @@ def busy_node(ray_cluster, request):
 
 
 class WatcherProcess:
-    def __init__(self, cluster, node, metadata_host: str, log_path: Path):
+    def __init__(self, cluster, node, metadata_host: str, log_path: Path, notice_s: float = NOTICE_S):
         self.log_path = log_path
         env = {**os.environ, "GCE_METADATA_HOST": metadata_host}
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "raytrain_spot.preemption.watcher", "--address", cluster.address, "--node-id", node.node_id,
-             "--notice-s", str(NOTICE_S), "--margin-s", str(MARGIN_S), "--poll-timeout-s", "5"],
+             "--notice-s", str(notice_s), "--margin-s", str(MARGIN_S), "--poll-timeout-s", "5"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -507,8 +571,8 @@ class WatcherProcess:
 def start_watcher(ray_cluster, tmp_path) -> Iterator[Callable[..., WatcherProcess]]:
     started: List[WatcherProcess] = []
 
-    def start(node, metadata_host: str) -> WatcherProcess:
-        watcher = WatcherProcess(ray_cluster, node, metadata_host, tmp_path / f"watcher-{len(started)}.log")
+    def start(node, metadata_host: str, notice_s: float = NOTICE_S) -> WatcherProcess:
+        watcher = WatcherProcess(ray_cluster, node, metadata_host, tmp_path / f"watcher-{len(started)}.log", notice_s)
         started.append(watcher)
         return watcher
 
@@ -607,3 +671,26 @@ def test_sigterm_drains_the_node_and_exits_cleanly(busy_node, cluster_metadata, 
     assert numbers["source"] == "sigterm"
     assert sent_at - 0.001 <= float(numbers["notice_at"]) < sent_at + 2, watcher.log()  # the log rounds to ms
     assert abs(draining_deadline_ms(node.node_id) - (float(numbers["notice_at"]) + NOTICE_S - MARGIN_S) * 1000) < 5
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("source, deadline_after_notice_s", [("metadata", 150 - MARGIN_S), ("sigterm", 30 - MARGIN_S)])
+def test_an_advance_notice_reaches_the_gcs_as_its_deadline(busy_node, cluster_metadata, start_watcher, source,
+                                                          deadline_after_notice_s):
+    """The watcher process with --notice-s 150: the GCS holds a deadline 150 s after a metadata
+    notice, minus the margin, and 30 s after a SIGTERM (the soft-off), minus the margin."""
+    node, _ = busy_node
+    name = f"vm-advance-{source}"
+    cluster_metadata.add_node(name)
+    watcher = start_watcher(node, cluster_metadata.host(name), notice_s=150)
+    text = watcher.wait_for_log("watching node=")
+    assert "notice_s=150.0 sigterm_notice_s=30.0" in text
+    if source == "metadata":
+        cluster_metadata.preempt(name)
+    else:
+        watcher.proc.send_signal(signal.SIGTERM)
+    assert watcher.proc.wait(timeout=30) == 0, watcher.log()
+    numbers = drain_line(watcher.log())
+    assert numbers["source"] == source
+    expected_ms = (float(numbers["notice_at"]) + deadline_after_notice_s) * 1000
+    assert abs(draining_deadline_ms(node.node_id) - expected_ms) < 5

@@ -8,8 +8,9 @@ does before it calls the cloud; nothing here calls GCP), then reviews what Ray's
 cannot know: a Spot head, a list-form ``scheduling``, Spot workers that GCE would stop
 instead of delete, GPUs on machine types that do not take them, a head with training
 resources, an on-demand GPU type that can grow, labels the framework reads that disagree
-with the node config, zone URLs for another zone, a missing preemption watcher, values
-still to fill in. Every
+with the node config, zone URLs for another zone, a missing preemption watcher, an advance
+preemption notice (``scheduling.preemptionNoticeDuration``) GCE would refuse or the watcher's
+``--notice-s`` does not match, values still to fill in. Every
 problem names the node type, the key and the fix. Exit status: 0 fine, 1 problems, 2 the
 file does not load.
 
@@ -35,6 +36,7 @@ from typing import Callable, List, Optional, Tuple
 import yaml
 
 from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound
+from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
 from raytrain_spot.cluster.gcp.machines import (
     ATTACHABLE_GPUS,
     SPOT_ONLY_MACHINES,
@@ -49,6 +51,11 @@ NODE_TYPE_LABEL = "raytrain-spot/node-type"
 PRICING_LABEL = "raytrain-spot/pricing"
 SPOT, ON_DEMAND = "spot", "on_demand"
 WATCHER_MODULE = "raytrain_spot.preemption.watcher"
+NOTICE_KEY = "preemptionNoticeDuration"
+"""GCE's advance preemption notice (preview): ``scheduling.preemptionNoticeDuration: {seconds: 120}``
+turns ``instance/preempted`` TRUE that long before the ACPI soft-off, on Spot VMs only."""
+MAX_ADVANCE_NOTICE_S = 120
+"""The longest advance notice GCE's preview offers."""
 TOKEN_PATH = "~/.ray/auth_token"
 """Ray's default token file: the YAMLs mount the laptop's copy there on every node."""
 TOKEN_MODE = "RAY_AUTH_MODE=token"
@@ -100,6 +107,14 @@ class NodeTypeSummary:
     max_workers: int
     price_per_hour: Optional[float]
     """One node of this type, USD/h; None when the lookup has no price."""
+    notice_s: Optional[float] = None
+    """Spot types: seconds from the metadata notice to the hard stop (30, or 30 + the advance
+    notice); None for types GCE never preempts."""
+    advance_notice_s: int = 0
+    """The type's ``scheduling.preemptionNoticeDuration`` in seconds (0: none)."""
+    replacement_room: int = 0
+    """Nodes of this type the autoscaler may launch beyond ``min_workers`` (within the cluster's
+    ``max_workers``): replacements it can start while preempted VMs still run out their notice."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,48 @@ def pricing_of(node_type: dict, gcp: bool) -> str:
     if isinstance(scheduling, dict) and scheduling.get("preemptible"):
         return SPOT
     return ON_DEMAND
+
+
+def advance_notice_s(node_config: dict) -> Tuple[Optional[int], Optional[str]]:
+    """``(seconds, None)`` from ``scheduling.preemptionNoticeDuration`` (0 when absent), or
+    ``(None, what is wrong)`` when GCE would not take it as a whole-second duration."""
+    scheduling = node_config.get("scheduling")
+    if not isinstance(scheduling, dict) or NOTICE_KEY not in scheduling:
+        return 0, None
+    value = scheduling[NOTICE_KEY]
+    if not isinstance(value, dict) or set(value) - {"seconds", "nanos"} or "seconds" not in value:
+        return None, f"is {value!r}; GCE takes a Duration mapping, {{seconds: N}}"
+    seconds, nanos = value["seconds"], value.get("nanos", 0)
+    # JSON writes an int64 as a string ("120"); YAML as a number. Either is a whole number of seconds.
+    if isinstance(seconds, str) and re.fullmatch(r"\d+", seconds):
+        seconds = int(seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or nanos not in (0, None):
+        return None, f"is {value!r}; the notice is whole seconds (seconds: N, no nanos)"
+    if not 0 <= seconds <= MAX_ADVANCE_NOTICE_S:
+        return None, f"is {seconds} s; GCE's preview offers 0 to {MAX_ADVANCE_NOTICE_S} s"
+    return seconds, None
+
+
+def notice_of(node_type: dict, gcp: bool) -> Optional[float]:
+    """Seconds from the metadata notice to the hard stop on a Spot type; None if GCE never preempts it."""
+    if pricing_of(node_type, gcp) != SPOT:
+        return None
+    seconds, _ = advance_notice_s(node_type.get("node_config", {})) if gcp else (0, None)
+    return GCE_SHUTDOWN_S + (seconds or 0)
+
+
+_WATCHER_FLAG = r"--{}(?:=|\s+)(\S+)"
+
+
+def watcher_flag(command: str, flag: str, default: float) -> Optional[float]:
+    """The watcher's ``--flag`` value in a start command (its default when absent), None if not a number."""
+    match = re.search(_WATCHER_FLAG.format(flag), command.split(WATCHER_MODULE, 1)[-1])
+    if match is None:
+        return default
+    try:
+        return float(match.group(1))
+    except ValueError:
+        return None
 
 
 # -- review -----------------------------------------------------------------------------------
@@ -287,6 +344,17 @@ def _check_gcp_node(name: str, node_type: dict, is_head: bool) -> List[Problem]:
                                 "instanceTerminationAction: DELETE, onHostMaintenance: TERMINATE, "
                                 "automaticRestart: false}"))
         return problems
+    if NOTICE_KEY in scheduling:
+        seconds, wrong = advance_notice_s(node_config)
+        key = f"node_config.scheduling.{NOTICE_KEY}"
+        if wrong:
+            problems.append(Problem(name, key, wrong,
+                                    f"write {NOTICE_KEY}: {{seconds: {MAX_ADVANCE_NOTICE_S}}}, or remove it for "
+                                    f"GCE's default ({GCE_SHUTDOWN_S:.0f} s from the notice to the hard stop)"))
+        elif pricing_of(node_type, gcp=True) != SPOT:
+            problems.append(Problem(name, key, f"asks for a {seconds} s advance preemption notice on a VM GCE "
+                                    "does not preempt; GCE takes it for Spot VMs only",
+                                    f"remove {NOTICE_KEY}, or make the type Spot (provisioningModel: SPOT)"))
     if scheduling.get("preemptible"):
         problems.append(Problem(name, "node_config.scheduling.preemptible",
                                 "asks for a legacy preemptible VM (24 h limit)",
@@ -397,13 +465,55 @@ def _check_zones(config: dict) -> List[Problem]:
 def _check_watcher(config: dict) -> List[Problem]:
     spot_workers = [name for name, node_type in config["available_node_types"].items()
                     if name != config["head_node_type"] and pricing_of(node_type, gcp=True) == SPOT]
-    if spot_workers and not any(WATCHER_MODULE in command for command in config.get("worker_start_ray_commands", [])):
+    watchers = [command for command in config.get("worker_start_ray_commands", []) if WATCHER_MODULE in command]
+    if spot_workers and not watchers:
         return [Problem("cluster", "worker_start_ray_commands",
                         f"do not start the preemption watcher, so {', '.join(spot_workers)} nodes die without "
                         "a drain or a just-in-time checkpoint",
                         f"append: nohup python -m {WATCHER_MODULE} --margin-s 5 >> ~/.raytrain-spot/watcher.log "
                         "2>&1 < /dev/null &")]
-    return []
+    if not watchers:
+        return []
+    return _check_watcher_notice(config, spot_workers, watchers[0])
+
+
+def _check_watcher_notice(config: dict, spot_workers: List[str], command: str) -> List[Problem]:
+    """The watcher's drain deadline is ``--notice-s`` after the metadata notice (minus the margin):
+    it must be the notice GCE gives the Spot types. The start commands are shared by every worker
+    type, so every Spot type needs the same notice."""
+    key = "worker_start_ray_commands"
+    notice_s = watcher_flag(command, "notice-s", GCE_SHUTDOWN_S)
+    margin_s = watcher_flag(command, "margin-s", 5.0)
+    if notice_s is None or margin_s is None:
+        return [Problem("cluster", key, "pass the preemption watcher a --notice-s or --margin-s that is not a number",
+                        "write seconds, e.g. --margin-s 5 --notice-s 30")]
+    types = config["available_node_types"]
+    if any(advance_notice_s(types[name].get("node_config", {}))[1] for name in spot_workers):
+        return []  # a notice GCE would refuse is reported on its node type; nothing to compare yet
+    notices = {name: notice_of(types[name], gcp=True) for name in spot_workers}
+    if len(set(notices.values())) > 1:
+        listed = ", ".join(f"{name} {notice:.0f} s" for name, notice in sorted(notices.items()))
+        return [Problem("cluster", f"available_node_types.*.node_config.scheduling.{NOTICE_KEY}",
+                        f"differ between the Spot types ({listed} from the metadata notice to the hard stop), but "
+                        "every worker runs the one watcher command with one --notice-s",
+                        f"give every Spot type the same {NOTICE_KEY}")]
+    expected = next(iter(notices.values()), GCE_SHUTDOWN_S)
+    problems = []
+    if notice_s != expected:
+        advance = expected - GCE_SHUTDOWN_S
+        where = (f"{', '.join(spot_workers)} VMs get their metadata notice {expected:.0f} s before the hard stop ("
+                 + (f"{NOTICE_KEY} {advance:.0f} s + GCE's {GCE_SHUTDOWN_S:.0f} s)" if advance else
+                    f"no {NOTICE_KEY})") if spot_workers else "no worker type is Spot")
+        effect = ("the drain deadline would be set after the VM is gone, so the just-in-time checkpoint and "
+                  "Ray Train's preemption handling would count on time the node does not have" if notice_s > expected
+                  else "the drain deadline would come too early and waste the advance notice")
+        problems.append(Problem("cluster", key, f"start the preemption watcher with --notice-s {notice_s:g}, but "
+                                f"{where}: {effect}", f"pass --notice-s {expected:.0f} to the watcher"))
+    if margin_s >= min(notice_s, expected):
+        problems.append(Problem("cluster", key, f"start the preemption watcher with --margin-s {margin_s:g}, not "
+                                f"below its notice ({min(notice_s, expected):g} s); it would refuse to start",
+                                "pass --margin-s 5"))
+    return problems
 
 
 def _check_token_auth(config: dict) -> List[Problem]:
@@ -462,6 +572,10 @@ def summarize(config: dict, price_lookup: Optional[PriceLookup] = None) -> Clust
     provider = config["provider"]
     region = provider.get("region", "local")
     rows = []
+    head_name = config["head_node_type"]
+    workers = {name: t for name, t in config["available_node_types"].items() if name != head_name}
+    # Room the cluster's max_workers leaves above every worker type's min_workers.
+    cluster_room = config.get("max_workers", 0) - sum(t.get("min_workers", 0) for t in workers.values())
     for name, node_type in config["available_node_types"].items():
         node_config = node_type.get("node_config", {})
         pricing = pricing_of(node_type, gcp)
@@ -473,10 +587,14 @@ def summarize(config: dict, price_lookup: Optional[PriceLookup] = None) -> Clust
             if price is not None and gpus is not None:
                 gpu_price = price_lookup(gpus.accelerator_type, pricing, region)
                 price = None if gpu_price is None else price + gpus.count * gpu_price
+        advance, _ = advance_notice_s(node_config) if gcp else (0, None)
+        type_room = node_type.get("max_workers", 0) - node_type.get("min_workers", 0)
         rows.append(NodeTypeSummary(
-            name=name, role="head" if name == config["head_node_type"] else "worker", pricing=pricing,
+            name=name, role="head" if name == head_name else "worker", pricing=pricing,
             machine=machine, gpus=str(gpus) if gpus else "-", min_workers=node_type.get("min_workers", 0),
-            max_workers=node_type.get("max_workers", 0), price_per_hour=price))
+            max_workers=node_type.get("max_workers", 0), price_per_hour=price,
+            notice_s=notice_of(node_type, gcp) if name != head_name else None, advance_notice_s=advance or 0,
+            replacement_room=max(0, min(type_room, cluster_room)) if name != head_name else 0))
     if is_multizone(config):
         zones = f"head {provider.get('availability_zone')}, Spot over {', '.join(provider.get('availability_zones', []))}"
     else:
@@ -485,9 +603,10 @@ def summarize(config: dict, price_lookup: Optional[PriceLookup] = None) -> Clust
 
 
 def format_summary(summary: ClusterSummary) -> str:
-    header = ("node type", "role", "pricing", "machine", "GPUs", "workers", "$/h each")
+    header = ("node type", "role", "pricing", "machine", "GPUs", "workers", "notice", "$/h each")
     rows = [(t.name, t.role, t.pricing, t.machine, t.gpus,
              "1" if t.role == "head" else f"{t.min_workers}-{t.max_workers}",
+             "-" if t.notice_s is None else f"{t.notice_s:.0f} s",
              "?" if t.price_per_hour is None else f"{t.price_per_hour:.2f}") for t in summary.node_types]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = [f"cluster {summary.cluster_name}: provider {summary.provider}, region {summary.region}, "
@@ -497,6 +616,18 @@ def format_summary(summary: ClusterSummary) -> str:
     on_demand = sum(t.max_workers for t in summary.node_types if t.role == "worker" and t.pricing == ON_DEMAND)
     lines.append(f"  mode: {'hybrid' if spot and on_demand else 'all Spot' if spot else 'all on-demand'} "
                  f"({on_demand} on-demand + {spot} Spot workers at most)")
+    for t in summary.node_types:
+        if t.notice_s is None:
+            continue
+        if not t.advance_notice_s:
+            lines.append(f"  {t.name}: preemption notice {t.notice_s:.0f} s before the hard stop (GCE's default)")
+            continue
+        room = (f"the autoscaler can start up to {t.replacement_room} replacement(s) while preempted VMs run out "
+                "their notice" if t.replacement_room else
+                "no room to start a replacement before a preempted VM stops (raise this type's max_workers and "
+                "the top-level max_workers above min_workers)")
+        lines.append(f"  {t.name}: preemption notice {t.notice_s:.0f} s before the hard stop ({NOTICE_KEY} "
+                     f"{t.advance_notice_s} s, preview, + GCE's {GCE_SHUTDOWN_S:.0f} s); {room}")
     for at in ("min", "max"):
         total, unpriced = summary.cost_per_hour(at)
         note = f" (not counting {', '.join(unpriced)}: no price)" if unpriced else ""

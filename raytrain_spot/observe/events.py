@@ -10,6 +10,10 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 ``notice``             the Spot simulator gave a node its preemption notice (``node``, ``notice_s``)
 ``drain``              Ray drained a node: the notice as Ray sees it (``node``, ``deadline``: unix seconds)
 ``kill``               a node died (``node``, ``with_notice``: bool)
+``replacement_requested`` the driver asked the autoscaler for a noticed node's replacement while its VM
+                       runs out an advance notice (``node``, ``workers``: on it, ``bundles``: worker
+                       bundles requested in all, ``bundle``: one worker's resources, ``until``: unix
+                       seconds when GCE's shutdown of it starts); elastic/replacements.py
 ``remove``             a node left the cluster without dying (``node``)
 ``handoff``            the group checkpoints and restarts on purpose (``reason``: preemption|regrow,
                        ``step``, ``world_size``; preemption: ``preempted_ranks``, ``nodes``;

@@ -3,6 +3,8 @@
 The same on the embedded cluster and on GCP: nodes joining (``add``, with node type and
 pricing model from their labels), drains (``drain``, a preemption notice as Ray sees it),
 deaths (``kill``) and clean departures (``remove``). The ledger turns these into node-hours.
+With a ``ReplacementRequester`` (elastic/replacements.py) it also hands every view of the
+cluster to it, which asks the autoscaler for replacements at a preemption notice.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.cluster.embedded import NODE_TYPE_LABEL, PRICING_LABEL
 from raytrain_spot.elastic.capacity import live_nodes
+
+if TYPE_CHECKING:
+    from raytrain_spot.elastic.replacements import ReplacementRequester
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,8 @@ class NodeState:
     node_type: str
     pricing: str
     gpus: float
+    resources: Mapping[str, float] = field(default_factory=dict, compare=False)
+    """The node's total resources (what a worker needs to fit)."""
 
 
 def node_changes(before: Mapping[str, NodeState], after: Mapping[str, NodeState]) -> List[Dict]:
@@ -55,20 +62,23 @@ def read_cluster() -> Dict[str, NodeState]:
         node.node_id: NodeState(
             node_id=node.node_id, alive=node.alive, draining_deadline_ms=node.drain_deadline_ms,
             node_type=node.labels.get(NODE_TYPE_LABEL, "unknown"), pricing=node.labels.get(PRICING_LABEL, "on_demand"),
-            gpus=node.resources.get("GPU", 0.0),
+            gpus=node.resources.get("GPU", 0.0), resources=dict(node.resources),
         )
         for node in live_nodes()
     }
 
 
 class ClusterMonitor:
-    """Polls the cluster in a thread; emits one event per change."""
+    """Polls the cluster in a thread; emits one event per change, and hands each view to
+    ``replacements`` (if any)."""
 
     def __init__(self, events: EventLog, interval_s: float = 0.5,
-                 read: Callable[[], Dict[str, NodeState]] = read_cluster):
+                 read: Callable[[], Dict[str, NodeState]] = read_cluster,
+                 replacements: Optional["ReplacementRequester"] = None):
         self._events = events
         self._interval_s = interval_s
         self._read = read
+        self._replacements = replacements
         self._known: Dict[str, NodeState] = {}
         self._dead: set[str] = set()
         self._lock = threading.Lock()
@@ -104,6 +114,8 @@ class ClusterMonitor:
         for record in node_changes(self._known, current):
             self._events.emit(record.pop("ev"), **record)
         self._known = current
+        if self._replacements is not None:
+            self._replacements.update(current.values())
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

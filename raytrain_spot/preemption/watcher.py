@@ -1,15 +1,21 @@
 """The per-node preemption watcher: a GCE preemption notice becomes one Ray drain.
 
-GCE announces a Spot preemption 30 s before the hard stop in two ways: the metadata value
-``instance/preempted`` turns ``TRUE``, and the guest's ACPI soft-off sends SIGTERM to
-processes. Ray 2.60 reads neither on GCE, so this process, one per worker node, turns
-whichever comes first into a drain of its own Ray node with reason PREEMPTION and a
-deadline ``margin_s`` before the hard stop. Ray Train sees the drain and tells every rank
-through ``ray.train.get_preemption_info()``.
+GCE announces a Spot preemption in two ways: the metadata value ``instance/preempted`` turns
+``TRUE``, and the guest's ACPI soft-off sends SIGTERM to processes; the VM stops hard 30 s after
+the soft-off. By default both come together, 30 s before the hard stop. A Spot VM created with
+``scheduling.preemptionNoticeDuration`` (preview) gets the metadata notice that much earlier:
+with 120 s, ``preempted`` turns TRUE 150 s before the hard stop, and SIGTERM still comes 30 s
+before it. Ray 2.60 reads neither on GCE, so this process, one per worker node, turns whichever
+comes first into a drain of its own Ray node with reason PREEMPTION and a deadline ``margin_s``
+before the hard stop that notice implies. Ray Train sees the drain and tells every rank through
+``ray.train.get_preemption_info()``.
 
 Run it as a process (the cluster YAML's worker start commands, the local Spot simulator)::
 
     python -m raytrain_spot.preemption.watcher --margin-s 5 [--notice-s 30] [--node-id HEX] [--address HOST:PORT]
+
+``--notice-s`` is the metadata notice: 30, or 30 + the node type's ``preemptionNoticeDuration``
+(150 for 120 s); ``python -m raytrain_spot.cluster.check`` checks that the two agree.
 
 or in-process: ``build_watcher(...)`` wires the production parts, ``PreemptionWatcher`` takes
 injected ones (poller, drainer, clock) so its decisions are testable without a cluster.
@@ -42,8 +48,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_METADATA_HOST = "metadata.google.internal"
 PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
-GCE_NOTICE_S = 30.0
-"""Seconds GCE leaves between the preemption notice and the hard stop."""
+GCE_SHUTDOWN_S = 30.0
+"""Seconds GCE leaves between the ACPI soft-off (SIGTERM in the guest) and the hard stop."""
+GCE_NOTICE_S = GCE_SHUTDOWN_S
+"""Seconds between the metadata notice and the hard stop without an advance notice: the metadata
+value turns TRUE at the soft-off. With ``scheduling.preemptionNoticeDuration`` it is that plus 30."""
 
 EXIT_OK = 0
 EXIT_DRAIN_FAILED = 1
@@ -81,7 +90,12 @@ class WatcherSettings:
     """Drain deadline = notice + notice_s - margin_s: the node must count as preempted before
     it dies, or survivors' collective errors arrive first and Ray Train charges a plain failure."""
     notice_s: float = GCE_NOTICE_S
-    """Seconds from notice to hard stop (30 on GCE; the local simulator may compress it)."""
+    """Seconds from the metadata notice to the hard stop: 30 on GCE, 30 + the VM's
+    ``preemptionNoticeDuration`` with an advance notice (150 for 120 s); the simulator may compress it."""
+    shutdown_s: float = GCE_SHUTDOWN_S
+    """Seconds from SIGTERM (the ACPI soft-off) to the hard stop (or ``notice_s``, if shorter): an
+    advance notice moves the metadata notice earlier, never the soft-off. A SIGTERM heard first (the
+    metadata server was down, or the watcher started late) leaves only this long."""
     poll_timeout_s: float = 60.0
     """``timeout_sec`` of each metadata long-poll; bounds how long a hung server goes unnoticed."""
     backoff: Backoff = field(default_factory=Backoff)
@@ -92,6 +106,8 @@ class WatcherSettings:
         if self.notice_s <= self.margin_s:
             raise ValueError(f"--margin-s ({self.margin_s}) must be below --notice-s ({self.notice_s}), "
                              "or the drain deadline would be at or before the notice")
+        if self.shutdown_s <= 0:
+            raise ValueError(f"shutdown_s must be > 0, got {self.shutdown_s}")
         if self.poll_timeout_s < 1:
             raise ValueError(f"--poll-timeout-s must be >= 1 (the metadata server counts whole seconds), "
                              f"got {self.poll_timeout_s}")
@@ -120,8 +136,9 @@ class DrainDecision:
 
     @property
     def deadline_s(self) -> float:
-        """The drain deadline handed to Ray (unix seconds), margin_s before the hard stop."""
-        return self.hard_stop_s - self.margin_s
+        """The drain deadline handed to Ray (unix seconds), margin_s before the hard stop; never
+        before the notice (a SIGTERM leaves less time than the metadata notice the margin fits)."""
+        return max(self.notice.at_s, self.hard_stop_s - self.margin_s)
 
     @property
     def deadline_ms(self) -> int:
@@ -134,9 +151,17 @@ class DrainDecision:
                 f"VM stops at {self.hard_stop_s:.3f}")
 
 
+def notice_window_s(source: NoticeSource, settings: WatcherSettings) -> float:
+    """Seconds from a notice of this source to the hard stop. The metadata notice comes
+    ``notice_s`` before it; SIGTERM comes at the soft-off, ``shutdown_s`` before it (or with the
+    metadata notice, when there is no advance notice and ``notice_s`` is the shorter)."""
+    return settings.notice_s if source == "metadata" else min(settings.notice_s, settings.shutdown_s)
+
+
 def decide_drain(notice: Notice, node_id: str, settings: WatcherSettings) -> DrainDecision:
     """The drain a notice calls for."""
-    return DrainDecision(node_id=node_id, notice=notice, notice_s=settings.notice_s, margin_s=settings.margin_s)
+    return DrainDecision(node_id=node_id, notice=notice, notice_s=notice_window_s(notice.source, settings),
+                         margin_s=settings.margin_s)
 
 
 @dataclass(frozen=True)
@@ -540,7 +565,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--margin-s", type=float, default=WatcherSettings.margin_s,
                         help="drain deadline this many seconds before the hard stop (default %(default)s)")
     parser.add_argument("--notice-s", type=float, default=WatcherSettings.notice_s,
-                        help="seconds from notice to hard stop (default %(default)s, GCE's)")
+                        help="seconds from the metadata notice to the hard stop (default %(default)s, GCE's; "
+                             "30 + the VM's scheduling.preemptionNoticeDuration with an advance notice, e.g. 150). "
+                             f"SIGTERM always means {GCE_SHUTDOWN_S:.0f} s (or --notice-s, if shorter)")
     parser.add_argument("--poll-timeout-s", type=float, default=WatcherSettings.poll_timeout_s,
                         help="timeout_sec of each metadata long-poll (default %(default)s)")
     parser.add_argument("--node-id", help="hex id of the Ray node to drain (default: the one alive node "
@@ -574,9 +601,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:  # noqa: BLE001 - any startup failure ends here, with its reason
         logger.error("cannot start: %s: %s", type(error).__name__, error)
         return EXIT_STARTUP_FAILED
-    logger.info("watching node=%s metadata=http://%s%s margin_s=%.1f notice_s=%.1f poll_timeout_s=%.0f",
-                watcher.node_id, metadata_host, PREEMPTED_PATH, args.settings.margin_s, args.settings.notice_s,
-                args.settings.poll_timeout_s)
+    logger.info("watching node=%s metadata=http://%s%s margin_s=%.1f notice_s=%.1f sigterm_notice_s=%.1f "
+                "poll_timeout_s=%.0f", watcher.node_id, metadata_host, PREEMPTED_PATH, args.settings.margin_s,
+                args.settings.notice_s, notice_window_s("sigterm", args.settings), args.settings.poll_timeout_s)
     return watcher.run().exit_code
 
 
