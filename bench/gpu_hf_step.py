@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 from PIL import Image
@@ -41,6 +40,9 @@ from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
 from raytrain_spot.train.step import build_optimizer, split, train_step  # noqa: E402
 from raytrain_spot.train.task import move_to  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import timed  # noqa: E402  (bench/gpu_check.py: the same timing on CUDA or the CPU)
+
 LEARNING_RATE = 1e-4
 """A fine-tuning rate: the default optim.lr (3e-3, for the small built-in VLM) can diverge a 256M model."""
 
@@ -50,16 +52,6 @@ def shapes_samples(size: int, image_size: int):
     scaled up to ``image_size`` (drawing at 512 px is slow and shows the same shapes)."""
     samples = [generate_sample(0, i, 64, max_shapes=3) for i in range(size)]
     return [(Image.fromarray(s.image).resize((image_size, image_size)), s.caption, "") for s in samples]
-
-
-def timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - started
 
 
 def main() -> int:
