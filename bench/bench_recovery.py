@@ -1,10 +1,14 @@
-"""Recovery from Spot preemptions: plain Ray Train 2.60 vs raytrain-spot, same machine, same trace.
+"""Recovery from Spot preemptions: Ray Train 2.60's own paths vs raytrain-spot, same machine, same trace.
 
-Both runs train the same tiny VLM on the embedded cluster while the Spot simulator replays
-the same window of a Spot trace. The baseline is plain Ray Train: Ray's own elastic and
-failure policies and timings, periodic checkpoints, and no notice handling (no watchers, so
-Ray only sees nodes die, as on GCE). raytrain-spot gets the notice through the metadata
-server and its watcher.
+Every mode trains the same tiny VLM on the embedded cluster while the Spot simulator replays
+the same window of a Spot trace. The baselines are plain Ray Train with Ray's own elastic and
+failure policies and timings and periodic checkpoints: ``ray-preemption-api`` follows Ray
+2.60's documented preemption recipe (``get_preemption_info()`` after every step, a just-in-time
+checkpoint at the first notice, training on until the node dies; the drain comes from this
+project's watcher turning the metadata notice into a Ray drain, since Ray reads no GCE notice);
+``plain-ray-train`` has no notice handling (no watchers, so Ray only sees nodes die, as on GCE);
+``plain-ray-train-fixed`` waits for its replacement at a fixed size. raytrain-spot gets the
+notice through the metadata server and its watcher.
 
 Per preemption it reports the seconds from the notice (and from the kill) to the first step
 of the next worker group, and steps redone; over the replay, goodput = productive step time
@@ -39,13 +43,17 @@ DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
                              "preemption__4-node__aws-08-03-2023__us-west-2c_v100_1.json")
 MODES = {
     "plain-ray-train": ["trainer.spot_aware=false", "chaos.watchers=false"],
+    # Ray 2.60's documented recipe: get_preemption_info() every step, a JIT checkpoint at the first
+    # notice, train on until the node dies, max_preemption_failures=-1; the drain comes from this
+    # project's watcher turning the metadata notice into a Ray drain (Ray reads no GCE notice itself).
+    "ray-preemption-api": ["trainer.spot_aware=false", "trainer.ray_preemption_api=true"],
     "raytrain-spot": [],
     # Every group in fresh processes: what warm standbys save.
     "raytrain-spot-cold": ["trainer.warm_standby=false"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
     "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
 }
-DEFAULT_MODES = ["plain-ray-train", "raytrain-spot"]
+DEFAULT_MODES = ["ray-preemption-api", "plain-ray-train", "raytrain-spot"]
 
 
 def scripted_events(preemptions: int, every_s: float, restore_after_s: float) -> str:

@@ -127,9 +127,9 @@ class LinearTask(TrainingTask):
         return {"counter": self.counter}
 
 
-def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle") -> Config:
+def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle", **trainer) -> Config:
     return Config(trainer=TrainerConfig(min_workers=1, max_workers=2, global_batch_size=8, micro_batch_size=2,
-                                        max_steps=max_steps, torch_threads=1, regrow=regrow),
+                                        max_steps=max_steps, torch_threads=1, regrow=regrow, **trainer),
                   checkpoint=CheckpointingConfig(interval_steps=interval_steps),
                   optim=OptimConfig(lr=0.1, warmup_samples=0, weight_decay=0.0),
                   task={"_target_": "tests.test_loop.LinearTask"})
@@ -229,6 +229,14 @@ def test_a_regrow_that_would_not_pay_before_the_run_ends_is_not_taken_and_the_de
     decisions = of(ranks[0], "regrow_decision")
     assert decisions and not decisions[0]["grow"] and "before a regrow pays" in decisions[0]["reason"]
     assert of(ranks[1], "regrow_decision") == [], "rank 0 decides"
+
+
+def test_the_ray_preemption_api_baseline_checkpoints_once_at_the_notice_and_trains_on(tmp_path):
+    ranks = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1),
+                      config(max_steps=10, spot_aware=False, ray_preemption_api=True))
+    assert [r["outcome"] for r in ranks] == ["finished", "finished"], "the node's death, not a handoff, ends it"
+    assert [(c["step"], c["kind"]) for c in of(ranks[0], "checkpoint")] == [(4, "jit"), (10, "final")]
+    assert of(ranks[0], "handoff") == []
 
 
 def test_a_notice_wins_over_a_regrow_at_the_same_step(tmp_path):

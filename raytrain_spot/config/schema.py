@@ -131,6 +131,11 @@ class TrainerConfig:
     spot_aware: bool = True
     """False: plain Ray Train 2.60 (the benchmark baseline): Ray's own elastic and failure policies and
     timings, no reaction to preemption notices, no regrow handoffs, periodic checkpoints only."""
+    ray_preemption_api: bool = False
+    """With spot_aware=false: Ray 2.60's documented preemption recipe (the ``ray-preemption-api``
+    baseline): every rank polls ``ray.train.get_preemption_info()`` after every step and at the first
+    notice saves a just-in-time checkpoint, then trains on until the node dies and Ray restarts the
+    group (``max_preemption_failures=-1``)."""
     warm_standby: bool = True
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
@@ -156,6 +161,8 @@ class TrainerConfig:
                 "set trainer.max_failures=-1 to recover from every failure")
         require_non_negative("trainer", self, "max_identical_failures")
         require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
+        require(not (self.ray_preemption_api and self.spot_aware), "trainer.ray_preemption_api",
+                "is the plain Ray Train baseline's notice handling", "also set trainer.spot_aware=false")
         require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
         for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s"):

@@ -93,6 +93,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
     reported_step = loop.step
     steps_in_group = 0
+    checkpointed_at_notice = False
     total_samples = cfg.trainer.max_steps * global_batch
     while loop.step < cfg.trainer.max_steps:
         step_started = time.time()
@@ -135,7 +136,12 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         if loop.step == cfg.trainer.max_steps:
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)
             break
-        if handoff := handoff_after(agreed, loop.step, world_size):
+        if (handoff := handoff_after(agreed, loop.step, world_size)) and cfg.trainer.ray_preemption_api:
+            if not checkpointed_at_notice:  # Ray's recipe: one checkpoint, then train on until the node dies
+                checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "jit", reason="preemption"),
+                                      rank, 0, runtime.report)
+                checkpointed_at_notice = True
+        elif handoff:
             loop.handed_off_at = agreed.at  # the next group measures its restart from here
             hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                      runtime.signals.drain_deadline_s)
@@ -252,13 +258,33 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     capacity = watch_capacity(cfg.trainer, node_ids) if rank == 0 and cfg.trainer.spot_aware else None
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
-        runtime = WorkerRuntime(group, node_ids, report=report_step,
-                                signals=RaySignals(capacity) if cfg.trainer.spot_aware else QuietCluster(),
+        runtime = WorkerRuntime(group, node_ids, report=report_step, signals=cluster_signals(cfg, capacity),
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t in placements]})
         train(cfg, task, runtime, checkpoints, events, phases)
     finally:
         if capacity is not None:
             capacity.stop()
+
+
+def cluster_signals(cfg: Config, capacity):
+    if cfg.trainer.spot_aware:
+        return RaySignals(capacity)
+    return RayPreemptionApi() if cfg.trainer.ray_preemption_api else QuietCluster()
+
+
+class RayPreemptionApi:
+    """The ``ray-preemption-api`` baseline: notices from ``ray.train.get_preemption_info()``, which
+    every rank calls after every step (Ray's documented use; it is a barrier)."""
+
+    def leaving_nodes(self, step: int) -> Set[str]:
+        info = ray.train.get_preemption_info()
+        return set(info.preempted_node_ids) if info is not None else set()
+
+    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        return None
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        return None
 
 
 class QuietCluster:
