@@ -13,8 +13,11 @@ import sys
 import pytest
 
 from raytrain_spot.checkpoint.advisor import daly_interval, young_interval
-from raytrain_spot.cost.plan import (ClusterShape, ExponentialLosses, Job, Preemptions, TraceReplay,
-                                fixed_goodput_estimate, plan, simulate_run)
+from raytrain_spot.cost.ledger import write_ledger
+from raytrain_spot.cost.plan import (PLAIN, PLAIN_RECOVERY_S, PRODUCT, PRODUCT_INTERVAL_BOUNDS_S, ClusterShape,
+                                     ExponentialLosses, Job, Preemptions, TraceReplay, build_jobs,
+                                     fixed_goodput_estimate, interval_for, jit_complete_fraction, measure_run,
+                                     parse_args, plain_ray_train, plan, resolve_figures, simulate_run)
 from raytrain_spot.cost.pricing import PriceCatalog
 
 HOUR = 3600.0
@@ -260,7 +263,12 @@ def test_cli_prints_a_plan_and_writes_json(tmp_path):
     assert "recommended:" in result.stdout and "2 on-demand + 6 spot" in result.stdout
     document = json.loads(out.read_text())
     assert document["recommended"]["meets_deadline"] is True
-    assert len(document["estimates"]) == 4 * 2
+    assert document["recommended"]["strategy"] == PRODUCT
+    # 4 shapes in 2 regions, and a plain Ray Train row beside each of the 3 with Spot nodes.
+    assert len(document["estimates"]) == 4 * 2 + 3 * 2
+    assert {e["config"] for e in document["estimates"] if e["strategy"] == PLAIN} == {
+        "8 spot", "1 on-demand + 7 spot", "2 on-demand + 6 spot"}
+    assert "8 spot (plain Ray Train)" in result.stdout and "plain Ray Train on the same shape:" in result.stdout
 
 
 def test_cli_fixed_goodput_mode_reproduces_the_seed_table():
@@ -270,3 +278,167 @@ def test_cli_fixed_goodput_mode_reproduces_the_seed_table():
     assert result.returncode == 0, result.stderr
     lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
     assert "$     2,936" in lines["8 on-demand"] and "$     1,382" in lines["8 spot"]
+
+
+# raytrain-spot's defaults and the plain Ray Train row ---------------------------------------------------
+
+def test_the_cli_defaults_describe_raytrain_spot_with_a_plain_row_beside_it():
+    args = parse_args(["--steps", "1000", "--step-time-s", "3.6"])
+    values, shown, run = resolve_figures(args)
+    job, baseline = build_jobs(args, values)
+    assert run is None and all(not f.source.startswith("run:") for f in shown)
+    # Notice-time checkpoints, the advisor's interval, elastic down to one node, GCE's 30 s notice.
+    assert job.jit_checkpoint and job.interval_bounds_s == PRODUCT_INTERVAL_BOUNDS_S
+    assert job.min_nodes == 1 and job.notice_s == 30.0 and job.regrow_by_handoff
+    assert jit_complete_fraction(job) == 1.0  # a 10 s save in a 30 s notice (5 s margin), 3.6 s steps
+    # Plain Ray Train: no notice handling, periodic checkpoints only, its own restart.
+    assert not baseline.jit_checkpoint and not baseline.regrow_by_handoff and baseline.interval_bounds_s is None
+    assert baseline.kill_restart_s == PLAIN_RECOVERY_S and baseline.min_nodes == job.min_nodes
+    assert jit_complete_fraction(baseline) == 0.0
+    assert parse_args(["--steps", "1", "--step-time-s", "1", "--no-jit", "--no-plain"]).jit is False
+
+
+def test_the_plain_row_loses_work_and_restarts_slower(catalog):
+    job = Job(steps=36_000, step_time_s=1.0, checkpoint_s=1.0, restore_s=30.0, recovery_s=6.0, jit_checkpoint=True,
+              jit_s=10.0, kill_recovery_s=15.0, interval_bounds_s=PRODUCT_INTERVAL_BOUNDS_S)
+    result = plan(job, [A100_8], ["us-central1"], catalog, Preemptions(mtbi_s=6 * HOUR, replacement_s=600.0),
+                  replications=40, baseline=plain_ray_train(job))
+    product = next(e for e in result.estimates if e.strategy == PRODUCT)
+    plain = result.plain_for(product)
+    assert product.jit_complete == 1.0 and plain.jit_complete is None
+    assert plain.wall_h > product.wall_h and plain.cost_usd > product.cost_usd
+    assert result.recommended.strategy == PRODUCT
+    # The product's advisor clamps Daly on every interruption; plain gets the planner's Daly.
+    assert product.checkpoint_interval_s == pytest.approx(
+        min(max(daly_interval(1.0, 6 * HOUR / 8), 10.0), 1800.0))
+    assert plain.checkpoint_interval_s == pytest.approx(daly_interval(1.0, 6 * HOUR / 8))
+
+
+def test_a_longer_notice_completes_more_just_in_time_checkpoints(catalog):
+    # 20 s steps and 15 s to commit the save: in a 30 s notice with a 5 s margin, 10 s of slack cover
+    # half of the notices (those landing in the last half of a step); a 120 s notice covers them all.
+    job = Job(steps=3_600, step_time_s=20.0, checkpoint_s=1.0, restore_s=60.0, recovery_s=6.0, jit_checkpoint=True,
+              jit_s=15.0, kill_recovery_s=15.0, interval_bounds_s=PRODUCT_INTERVAL_BOUNDS_S)
+    assert jit_complete_fraction(job) == pytest.approx(0.5)
+    assert jit_complete_fraction(job, group_fraction=0.5) == pytest.approx(0.25)  # half the group: 40 s steps
+    longer = dataclasses.replace(job, notice_s=120.0)
+    assert jit_complete_fraction(longer) == 1.0
+    assert jit_complete_fraction(dataclasses.replace(job, notice_s=15.0)) == 0.0
+    shapes = [ClusterShape("a100-80gb", 0, 8)]
+    calm = Preemptions(mtbi_s=6 * HOUR, replacement_s=0.0)  # immediate replacement: always the full group
+    short, long = (plan(j, shapes, ["us-central1"], catalog, calm, replications=60).estimates[0] for j in (job, longer))
+    assert short.jit_complete == pytest.approx(0.5, abs=0.08)
+    assert long.jit_complete == 1.0
+    assert long.wall_h < short.wall_h
+    cli = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.plan", "--steps", "3600", "--step-time-s", "20",
+                          "--jit-s", "15", "--notice-s", "120", "--regions", "us-central1", "--replications", "5",
+                          "--no-plain"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "120 s notice" in cli.stdout and "option --notice-s" in cli.stdout
+
+
+def test_without_full_notice_coverage_the_planner_checkpoints_for_the_uncovered_losses():
+    job = Job(steps=1000, step_time_s=20.0, checkpoint_s=60.0, jit_checkpoint=True, jit_s=15.0)  # half covered
+    assert interval_for(job, 6 * HOUR, 8) == pytest.approx(daly_interval(60.0, 6 * HOUR / 8 / 0.5))
+    assert math.isinf(interval_for(dataclasses.replace(job, notice_s=120.0), 6 * HOUR, 8))
+
+
+# Planning from a measured run ------------------------------------------------------------------------------
+
+def _measured_run(tmp_path, spot_aware=True):
+    """A hand-built run: 20 steps of 0.4 s on 3 workers, a notice answered by a handoff (a 0.7 s
+    just-in-time save, a 1.0 s restore, training again 6.4 s after the notice), 20 steps on 2, then a
+    kill without notice (a 0.5 s restore, training again 11.9 s after the kill) and steps 21-25 redone."""
+    t0, records = 1000.0, []
+
+    def ev(t, record, **fields):
+        records.append({"t": t0 + t, "ev": record, **fields})
+
+    ev(0.0, "start", run="measured", min_workers=1, max_workers=3)
+    ev(0.1, "add", node="h", node_type="local-head", pricing="on_demand", gpus=0.0)
+    for node in ("w1", "w2", "w3"):
+        ev(0.1, "add", node=node, node_type="local-cpu-spot", pricing="spot", gpus=0.0)
+    ev(10.0, "group", world_size=3, step=0, restored_step=None, nodes=["w1", "w2", "w3"])
+
+    def steps(first, last, start, duration, world):
+        for i, step in enumerate(range(first, last + 1)):
+            ev(start + (i + 1) * duration, "step", step=step, world_size=world, samples=[step * 8, step * 8 + 8],
+               loss=1.0, lr=0.1, duration_s=duration)
+
+    steps(1, 10, 10.0, 0.4, 3)
+    ev(14.05, "checkpoint", step=10, tier="head", kind="periodic", stall_s=0.01, duration_s=0.1, bytes=1)
+    steps(11, 20, 14.1, 0.4, 3)
+    ev(18.2, "notice", node="w3", notice_s=10.0)
+    ev(18.25, "drain", node="w3", deadline=t0 + 23.2)
+    ev(18.4, "handoff", reason="preemption", step=20, world_size=3, preempted_ranks=[2], nodes=["w3"])
+    ev(18.9, "checkpoint", step=20, tier="head", kind="jit", stall_s=0.02, duration_s=0.1, bytes=1)
+    ev(24.0, "restore", step=20, tier="local", duration_s=1.0)
+    ev(24.1, "group", world_size=2, step=20, restored_step=20, nodes=["w1", "w2"])
+    ev(28.2, "kill", node="w3", with_notice=True)
+    steps(21, 40, 24.6, 0.6, 2)
+    ev(36.7, "kill", node="w2", with_notice=False)
+    ev(48.0, "restore", step=20, tier="head", duration_s=0.5)
+    ev(48.1, "group", world_size=1, step=20, restored_step=20, nodes=["w1"])
+    steps(21, 25, 48.6, 1.2, 1)
+    ev(55.0, "end", status="finished")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if not spot_aware:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "config.yaml").write_text("trainer:\n  spot_aware: false\n  min_workers: 1\n")
+    return run_dir
+
+
+def test_plan_from_a_measured_run(tmp_path, catalog):
+    run_dir = _measured_run(tmp_path)
+    write_ledger(str(run_dir), catalog, plot=False)
+    figures = measure_run(str(run_dir)).figures
+    assert figures["step_time_s"].value == pytest.approx(0.4)  # world size 3, redone steps left out
+    assert figures["checkpoint_s"].value == pytest.approx(0.015)  # the ledger's mean stall
+    assert figures["restore_s"].value == pytest.approx(0.75)  # the ledger's mean restore
+    assert figures["jit_s"].value == pytest.approx(0.7)
+    assert figures["recovery_s"].value == pytest.approx(6.4 - 0.7 - 1.0)  # notice to training, less save, restore
+    assert figures["kill_recovery_s"].value == pytest.approx(11.9 - 0.5)  # kill to training, less the restore
+    out = tmp_path / "plan.json"
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.plan", "--steps", "100000", "--from-run",
+                             str(run_dir), "--restore-s", "9", "--gpus", "4", "--hybrid", "1", "--regions",
+                             "us-central1", "--mtbi-hours", "6", "--replications", "5", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    job = document["job"]
+    assert job["step_time_s"] == pytest.approx(0.4) and job["checkpoint_s"] == pytest.approx(0.015)
+    assert job["restore_s"] == 9.0  # an option wins over the run
+    assert job["jit_s"] == pytest.approx(0.7) and job["recovery_s"] == pytest.approx(4.7)
+    assert job["kill_recovery_s"] == pytest.approx(11.4)
+    sources = {f["key"]: f["source"] for f in document["figures"]}
+    assert all(sources[k].startswith("run:") for k in ("step_time_s", "checkpoint_s", "jit_s", "recovery_s",
+                                                        "kill_recovery_s"))
+    assert sources["restore_s"] == "option --restore-s" and sources["plain_recovery_s"].startswith("default")
+    assert f"from run {run_dir}" in result.stdout and "1 of 1 handoffs at a notice committed" in result.stdout
+
+
+def test_a_plain_ray_train_run_measures_the_plain_row(tmp_path):
+    run_dir = _measured_run(tmp_path, spot_aware=False)  # no ledger.json: it is built from the event log
+    measured = measure_run(str(run_dir))
+    assert measured.plain and "kill_recovery_s" not in measured.figures
+    assert measured.figures["plain_recovery_s"].value == pytest.approx(11.4)
+    assert measured.figures["checkpoint_s"].how.startswith("the ledger of events.jsonl")
+
+
+def test_from_run_needs_a_run_directory(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "raytrain_spot.cost.plan", "--steps", "10", "--from-run",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no ledger.json or events.jsonl" in result.stderr
+
+
+def test_a_trace_of_more_nodes_keeps_its_per_node_rate_on_fewer_spot_nodes():
+    counts = [4, 4, 3, 4, 2, 2, 4, 1, 4, 4, 3, 3, 4, 0, 0, 4] * 20
+    per_node = sum(max(0, a - b) for a, b in zip(counts, counts[1:])) / sum(counts)
+    rates = []
+    for seed in range(20):
+        replay = TraceReplay(counts, tick_s=1.0, spot_nodes=3, offset_s=0.0, rng=random.Random(seed))
+        assert max(replay.targets) == 3
+        rates.append(sum(max(0, a - b) for a, b in zip(replay.targets, replay.targets[1:])) / sum(replay.targets))
+    assert statistics.fmean(rates) == pytest.approx(per_node, rel=0.1)

@@ -11,7 +11,7 @@ Scripts read like sentences::
     [preempt(node=2, at_s=40, notice_s=30), restore(after_s=20), no_notice(node=0, at_step=90)]
 
 or come from a Spot trace (``../shared/traces/``), with one trace tick compressed to ``tick_s``
-wall seconds and node counts scaled to the embedded cluster's size.
+wall seconds, and the trace's nodes mapped onto the embedded cluster's slots (``scale_trace``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from raytrain_spot.config.schema import ChaosConfig, ChaosEvent
 from raytrain_spot.observe.events import EventLog
@@ -60,10 +60,59 @@ class Action:
     notice_s: float = field(default=0.0, compare=False)
 
 
-def trace_targets(data: List[int], num_nodes: int) -> List[int]:
-    """Nodes alive per tick, scaled from the trace's fleet to ``num_nodes``."""
-    fleet = max(max(data), 1)
-    return [round(count * num_nodes / fleet) for count in data]
+def trace_fleet(data: Sequence[int]) -> int:
+    """The trace's node count N: its largest count (preemption traces count nodes alive out of a
+    fixed request of N, availability traces nodes obtainable up to N; the file names say N too)."""
+    return max(max(data, default=0), 1)
+
+
+def trace_node_streams(data: Sequence[int], fleet: int, rng: random.Random) -> List[List[bool]]:
+    """One alive/dead stream per trace node, consistent with the counts: a drop of d takes d of the
+    alive nodes, a rise of r brings back r of the dead ones, each chosen uniformly (the trace does
+    not say which), so the N streams are exchangeable."""
+    alive = set(rng.sample(range(fleet), min(data[0], fleet))) if data else set()
+    streams = [[] for _ in range(fleet)]
+    for count in data:
+        count = min(count, fleet)
+        if count < len(alive):
+            alive -= set(rng.sample(sorted(alive), len(alive) - count))
+        elif count > len(alive):
+            alive |= set(rng.sample(sorted(set(range(fleet)) - alive), count - len(alive)))
+        for node in range(fleet):
+            streams[node].append(node in alive)
+    return streams
+
+
+def scale_trace(data: Sequence[int], num_nodes: int, rng: random.Random, fleet: Optional[int] = None) -> List[int]:
+    """Nodes alive per tick on a cluster of ``num_nodes`` slots, from a trace of ``fleet`` nodes.
+
+    The rule (docs/preemption.md, "Replaying a trace on fewer or more nodes"): split the counts
+    into per-node streams (``trace_node_streams``) and give each slot one of them.
+
+    - ``num_nodes < fleet``: the slots follow ``num_nodes`` distinct streams sampled at random.
+      Each slot is one trace node, so the preemption rate per node is the trace's, and a tick on
+      which the trace lost d of its A alive nodes costs the slots d/A of their alive capacity on
+      average (hypergeometric), all of it when the whole trace fleet went at once.
+    - ``num_nodes > fleet``: every stream drives ``num_nodes // fleet`` slots, and ``num_nodes % fleet``
+      streams (at random) one slot more; a multiple of the fleet is an exact multiple of the counts.
+    - ``num_nodes == fleet``: the counts themselves.
+    """
+    fleet = fleet or trace_fleet(data)
+    if num_nodes == fleet or not data:
+        return [min(count, fleet) for count in data]
+    streams = trace_node_streams(data, fleet, rng)
+    if num_nodes < fleet:
+        copies = dict.fromkeys(rng.sample(range(fleet), num_nodes), 1)
+    else:
+        extra = set(rng.sample(range(fleet), num_nodes % fleet))
+        copies = {node: num_nodes // fleet + (node in extra) for node in range(fleet)}
+    return [sum(n for node, n in copies.items() if streams[node][tick]) for tick in range(len(data))]
+
+
+def trace_targets(data: List[int], num_nodes: int, rng: Optional[random.Random] = None,
+                  fleet: Optional[int] = None) -> List[int]:
+    """Nodes alive per tick, scaled from the trace's fleet to ``num_nodes`` by ``scale_trace``."""
+    return scale_trace(data, num_nodes, rng or random.Random(0), fleet)
 
 
 def trace_actions(targets: List[int], tick_s: float, notice_s: float, provisioning_s: float,
@@ -90,10 +139,15 @@ def trace_actions(targets: List[int], tick_s: float, notice_s: float, provisioni
     return sorted(actions)
 
 
-def load_trace(path: str, start_tick: int, max_ticks: Optional[int]) -> List[int]:
+def read_trace(path: str) -> Tuple[List[int], float]:
+    """Counts and tick seconds of a trace file (``{"metadata": {"gap_seconds": s}, "data": [...]}``)."""
     with open(os.path.expanduser(path)) as f:
-        data = json.load(f)["data"]
-    data = data[start_tick:]
+        document = json.load(f)
+    return [int(c) for c in document["data"]], float(document["metadata"]["gap_seconds"])
+
+
+def load_trace(path: str, start_tick: int, max_ticks: Optional[int]) -> List[int]:
+    data = read_trace(path)[0][start_tick:]
     return data[:max_ticks] if max_ticks else data
 
 
@@ -149,13 +203,18 @@ class SpotSimulator:
         self._script: List[ChaosEvent] = list(cfg.events) if cfg.mode == "events" else []
         self._ticks = None
         if cfg.mode == "trace":
-            targets = trace_targets(load_trace(cfg.trace, cfg.start_tick, cfg.max_ticks), len(self.nodes))
-            self._ticks = len(targets)
             rng = random.Random(cfg.seed)
+            fleet = trace_fleet(read_trace(cfg.trace)[0])  # of the whole trace, not of the window
+            targets = trace_targets(load_trace(cfg.trace, cfg.start_tick, cfg.max_ticks), len(self.nodes), rng,
+                                    fleet)
+            self._ticks = len(targets)
             self._pending = trace_actions(targets, cfg.tick_s, 0.0 if cfg.no_notice else cfg.notice_s,
                                           cfg.provisioning_s, lambda alive, k: rng.sample(alive, k))
-            logger.info("Replaying %s: %d ticks of %.1f s, %d node losses", cfg.trace, len(targets), cfg.tick_s,
-                        sum(a.kind == "kill" for a in self._pending))
+            logger.info("Replaying %s: %d ticks of %.1f s, a %d-node trace on %d slots (%s), %d node losses",
+                        cfg.trace, len(targets), cfg.tick_s, fleet, len(self.nodes),
+                        "its counts" if fleet == len(self.nodes) else
+                        f"{len(self.nodes)} of its node streams sampled" if fleet > len(self.nodes) else
+                        "each node stream driving several slots", sum(a.kind == "kill" for a in self._pending))
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -187,6 +246,12 @@ class SpotSimulator:
         self.events.emit("notice", node=self.nodes[slot].node_id, notice_s=notice_s)
         logger.info("Preemption notice to worker-%d (%s); killing it in %.1f s", slot, self.nodes[slot].node_id,
                     notice_s)
+        if self.cfg.watchers and notice_s != self.cfg.notice_s:
+            # The node's watcher was started with --notice-s chaos.notice_s, as a VM's is with its own notice.
+            logger.warning("worker-%d is killed %.1f s after its notice, but its watcher's drain deadline assumes "
+                           "chaos.notice_s=%.1f (minus chaos.margin_s=%.1f): set chaos.notice_s instead of the "
+                           "event's notice_s to keep them together", slot, notice_s, self.cfg.notice_s,
+                           self.cfg.margin_s)
 
     def _kill(self, slot: int) -> None:
         node = self.nodes.pop(slot)
