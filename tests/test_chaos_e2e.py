@@ -104,7 +104,7 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
     # the default rule (trainer.regrow=when_it_pays, tests/test_regrow.py) would rightly hold.
     run = train(tmp_path, "notice", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
                 "chaos.events=[{action:preempt,node:1,at_step:20},{action:restore,after_s:1}]",
-                "trainer.regrow=after_settle")
+                "trainer.regrow=after_settle", "trainer.standby_delay_s=0")  # the notice comes 2 s in
     assert run.world_sizes == [3, 2, 3]
     assert [h["reason"] for h in run.of("handoff")] == ["preemption", "regrow"]
     assert run.steps_redone == 0

@@ -140,6 +140,10 @@ class TrainerConfig:
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
     a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py."""
+    standby_delay_s: float = 30.0
+    """Seconds a group trains before its nodes start their standbys: each standby imports torch and the
+    training code, seconds of CPU that would come out of the group's first steps where nodes share
+    cores (bench/bench_hf_vlm.py measures it). A group that ends sooner restarts in cold processes."""
     failure_settle_s: float = 4.0
     """After a failure without notice, wait this long for the cluster to declare dead nodes dead
     before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
@@ -165,7 +169,7 @@ class TrainerConfig:
                 "is the plain Ray Train baseline's notice handling", "also set trainer.spot_aware=false")
         require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
-        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s"):
+        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s"):
             require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
                     "use 0 or a positive number of seconds")
 

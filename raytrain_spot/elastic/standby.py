@@ -11,8 +11,8 @@ seconds importing torch, Ray Train and the training code before its first step
   runtime environment and keeps them alive; the next actor of that job and environment on
   the node is placed in one of them instead of a new process.
 
-After every group start the lowest rank on each node tops its node up to one idle process
-per rank there, with the group's own runtime environment (marked with the run's name, so
+Once a group has trained for ``trainer.standby_delay_s`` the lowest rank on each node tops its
+node up to one idle process per rank there, with the group's own runtime environment (marked with the run's name, so
 the processes can be counted), and rank 0 starts standbys on every node that joins while the
 group runs. When the group restarts, after a notice or for a regrow, its new workers start
 in those. ``PrestartWorkers`` has no Python API in Ray 2.60; ``tests/test_standby.py`` fails
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 import psutil
@@ -87,9 +88,11 @@ def prestart(node_id: str, count: int) -> None:
         node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
 
 
-def top_up(run_name: str, node_id: str, wanted: int) -> Optional[int]:
-    """Start idle standbys on this node until it has ``wanted``; returns how many were started,
-    or None if that failed (logged: a failed top-up only loses the speed-up)."""
+def top_up(run_name: str, node_id: str, wanted: int, delay_s: float = 0.0) -> Optional[int]:
+    """After ``delay_s`` (the group trains first: a standby's imports would slow its first steps on
+    shared cores), start idle standbys on this node until it has ``wanted``; returns how many were
+    started, or None if that failed (logged: a failed top-up only loses the speed-up)."""
+    time.sleep(delay_s)
     try:
         missing = wanted - idle_standbys(run_name)
         if missing > 0:

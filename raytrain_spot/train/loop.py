@@ -253,8 +253,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time()))
     node_ids = [node_id for node_id, _ in placements]
     if standby_enabled(cfg.trainer) and node_ids.index(node_ids[rank]) == rank:
-        threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank])),
-                         name="standby-top-up", daemon=True).start()
+        threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank]),
+                                              cfg.trainer.standby_delay_s), name="standby-top-up", daemon=True).start()
     capacity = watch_capacity(cfg.trainer, node_ids) if rank == 0 and cfg.trainer.spot_aware else None
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
