@@ -120,7 +120,8 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
 def test_two_nodes_preempted_at_once(tmp_path, reference):
     run = train(tmp_path, "two-at-once", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
                 "chaos.events=[{action:preempt,node:0,at_step:20},{action:preempt,node:1,at_step:20},"
-                "{action:restore,after_s:1},{action:restore,after_s:1}]")
+                "{action:restore,after_s:1},{action:restore,after_s:1}]",
+                "trainer.regrow=after_settle")  # the regrow back to 3 is part of the scenario
     assert run.world_sizes[:2] == [3, 1], "both noticed nodes must leave in one restart"
     assert run.world_sizes[-1] == 3
     assert run.steps_redone == 0
