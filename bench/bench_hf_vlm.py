@@ -12,8 +12,10 @@ worker nodes on this machine), one after the other:
   (``checkpoint.interval_steps`` unset: a first save at step 5 to measure the stall, then the
   interval advisor's choice; a final one at the last step) on all three tiers.
 * **plain Ray Train**: a stock ``TorchTrainer`` with a fixed ``ScalingConfig(num_workers=W)``
-  running a textbook loop: ``ray.train.torch.prepare_model`` (DDP), the global sample stream in
-  order (rank r of W takes every W-th position of a step: no shuffle), gradient accumulation over
+  running a textbook loop: ``ray.train.torch.prepare_model`` (DDP), the framework's sample order
+  (``GlobalSampleOrder``: the same rows in the same order; a ``DistributedSampler(shuffle=True)``
+  order over the whole dataset reads across Parquet row groups and measured 4x the data time),
+  gradient accumulation over
   micro batches with the framework's ``train_step`` (so the forward/backward/optimizer step itself
   is the same code), a constant learning rate, no checkpoints, no reports, no agreement
   collectives, no watchers.
@@ -236,12 +238,14 @@ def plain_run(events_path: str, settings: List[str]) -> None:
 
 
 def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    """A textbook Ray Train loop over the task: DDP, a fixed sample order, a constant learning rate."""
+    """A textbook Ray Train loop over the task: DDP, the framework's sample order, a constant learning rate."""
     import ray.train
     import ray.train.torch
     import torch
 
     from raytrain_spot.config.schema import config_from_dict
+    from raytrain_spot.train.loop import sample_spans
+    from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
     from raytrain_spot.train.step import build_optimizer, split, train_step
     from raytrain_spot.train.task import build_task, move_to
 
@@ -259,11 +263,13 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         "find_unused_parameters": task.unused_parameters})
     optimizer = build_optimizer(task.param_groups(model.module), cfg.optim)  # AdamW at optim.lr, constant
 
+    # The framework's sample order, so both loops read the same rows: only the loop around them differs.
+    order = GlobalSampleOrder(sample_spans(dataset), cfg.run.seed)
     records = []
     for step in range(cfg.trainer.max_steps):
         step_started = time.time()
         first = step * global_batch
-        rows = [position % len(dataset) for position in range(first + rank, first + global_batch, world_size)]
+        rows = order.rows_at(rank_positions(first, global_batch, rank, world_size))
         micro_batches = [(move_to(task.collate([dataset[row] for row in chunk]), device), len(chunk))
                          for chunk in split(rows, cfg.trainer.micro_batch_size)]
         data_s = time.time() - step_started

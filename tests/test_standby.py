@@ -22,7 +22,10 @@ pytestmark = pytest.mark.cluster
 @ray.remote(num_cpus=1, runtime_env={"env_vars": {STANDBY_MARKER: "standby-test"}})
 class TrainWorkerStandIn:
     def process(self):
-        return os.getpid(), "torch" in sys.modules
+        """This process, and whether it imported the training stack in its preload thread at idle priority."""
+        from raytrain_spot.elastic import preload
+
+        return os.getpid(), preload.done.wait(120) and "torch" in sys.modules and preload.at_idle_priority
 
     def top_up(self, wanted: int):
         return top_up("standby-test", ray.get_runtime_context().get_node_id(), wanted)
@@ -38,7 +41,7 @@ def test_the_next_worker_starts_in_a_preloaded_standby(monkeypatch):
         on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
         first = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
         first_pid, preloaded = ray.get(first.process.remote())
-        assert preloaded, "a worker node's processes import torch before they take work"
+        assert preloaded, "a worker node's processes import torch at idle priority, from before they take work"
 
         assert ray.get(first.top_up.remote(1)) == 1
         deadline = time.time() + 120

@@ -140,10 +140,11 @@ class TrainerConfig:
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
     a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py."""
-    standby_delay_s: float = 30.0
-    """Seconds a group trains before its nodes start their standbys: each standby imports torch and the
-    training code, seconds of CPU that would come out of the group's first steps where nodes share
-    cores (bench/bench_hf_vlm.py measures it). A group that ends sooner restarts in cold processes."""
+    standby_delay_s: float = 5.0
+    """Seconds a group trains before its nodes start their standbys. A standby imports torch and the
+    training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process costs
+    about a second of CPU at normal priority, which comes out of the group's first steps where nodes
+    share cores. A group that ends sooner restarts in cold processes."""
     failure_settle_s: float = 4.0
     """After a failure without notice, wait this long for the cluster to declare dead nodes dead
     before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""

@@ -6,7 +6,8 @@ seconds importing torch, Ray Train and the training code before its first step
 
 * ``RAY_preload_python_modules`` (a Ray setting, read by a raylet from its environment;
   the embedded cluster and the cluster YAMLs set it on worker nodes): every worker process
-  that raylet starts imports ``PRELOAD_MODULES`` before it takes work;
+  that raylet starts imports ``PRELOAD_MODULES`` before it takes work, which imports the
+  training stack at idle priority (elastic/preload.py);
 * the raylet's ``PrestartWorkers`` call: it starts idle worker processes for a job and a
   runtime environment and keeps them alive; the next actor of that job and environment on
   the node is placed in one of them instead of a new process.
@@ -32,9 +33,8 @@ from raytrain_spot.config.schema import TrainerConfig
 
 logger = logging.getLogger(__name__)
 
-PRELOAD_MODULES = ("torch", "torch._dynamo", "raytrain_spot.train.loop")
-"""What every worker process imports before it takes work: torch._dynamo is imported by the
-first optimizer a process builds; raytrain_spot.train.loop pulls in Ray Train."""
+PRELOAD_MODULES = ("raytrain_spot.elastic.preload",)
+"""What every worker process on a worker node imports before it takes work."""
 
 PRELOAD_ENV = "RAY_preload_python_modules"
 

@@ -49,7 +49,8 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 =====================  ======================================================================
 
 One writer, an actor on the driver's node, appends every line, so the file is ordered by
-arrival. Workers and the driver send records without waiting for them.
+arrival. Workers and the driver send records without waiting for them; the per-step records
+(``step``, ``samples``) in batches, up to half a second late (``EventLog``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class EventWriter:
         record.setdefault("t", time.time())
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
+    def write_many(self, records: List[Dict[str, Any]]) -> None:
+        for record in records:
+            self.write(record)
+
     def flush(self) -> None:
         self._file.flush()
 
@@ -92,21 +97,54 @@ def start_event_log(run_dir: str):
 
 
 class EventLog:
-    """Sends event records to the event-log actor; a no-op without one (unit tests)."""
+    """Sends event records to the event-log actor; a no-op without one (unit tests).
 
-    def __init__(self, actor=None):
+    ``emit`` sends at once; ``emit_soon`` is for the records of every step, which go in one call
+    per ``batch_s``: a call costs the sender ~0.3 ms, 1% of a 30 ms step. A record sent at once
+    takes the batched ones before it, so one process's records arrive in the order it made them.
+    Batched records of a process that is killed (no notice) are lost with it, at most ``batch_s``.
+    """
+
+    def __init__(self, actor=None, batch_s: float = 0.5):
         self._actor = actor
+        self._batch_s = batch_s
+        self._batched: List[Dict[str, Any]] = []
+        self._lock = threading.Lock()  # the checkpoint manager emits from its background thread
+
+    def __reduce__(self):
+        return EventLog, (self._actor, self._batch_s)  # another process (an actor) batches its own records
 
     def emit(self, ev: str, **fields: Any) -> None:
         if self._actor is not None:
-            self._actor.write.remote({"t": time.time(), "ev": ev, **fields})
+            with self._lock:
+                self._batched.append({"t": time.time(), "ev": ev, **fields})
+                self._send()
+
+    def emit_soon(self, ev: str, **fields: Any) -> None:
+        if self._actor is not None:
+            with self._lock:
+                self._batched.append({"t": time.time(), "ev": ev, **fields})
+                if self._batched[-1]["t"] - self._batched[0]["t"] >= self._batch_s:
+                    self._send()
+
+    def send(self) -> None:
+        """Send the batched records now, without waiting for them to be written."""
+        if self._actor is not None:
+            with self._lock:
+                self._send()
 
     def flush(self) -> None:
-        """Wait until every record sent so far is written."""
+        """Wait until every record made so far is written."""
         if self._actor is not None:
             import ray
 
+            self.send()
             ray.get(self._actor.flush.remote())
+
+    def _send(self) -> None:
+        if self._batched:
+            self._actor.write_many.remote(self._batched)
+            self._batched = []
 
 
 def read_events(path: str) -> List[Dict[str, Any]]:

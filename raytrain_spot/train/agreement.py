@@ -55,8 +55,9 @@ class StepAgreement:
     at: float = 0.0
 
 
-def agree(view: RankView, group: RankGroup) -> StepAgreement:
-    """Collective: every rank calls it once per step with its own view."""
+def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
+    """Collective: every rank calls it once per step with its own view; the all-reduce runs while
+    the caller goes on (the loop loads its next batch), ``result()`` waits for it."""
     slots = [0.0] * (_LEAVING + group.world_size)
     slots[_LOSS] = view.loss_sum
     for rank in view.leaving_ranks:
@@ -68,8 +69,25 @@ def agree(view: RankView, group: RankGroup) -> StepAgreement:
         slots[_STEP_S] = view.step_s
         slots[_AT] = view.at
     # float64: step numbers stay exact far beyond any run's length.
-    summed = group.all_reduce_sum(torch.tensor(slots, dtype=torch.float64, device=group.device)).tolist()
-    return StepAgreement(loss_sum=summed[_LOSS],
-                         leaving_ranks=[r for r in range(group.world_size) if summed[_LEAVING + r] > 0],
-                         grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
-                         committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT])
+    summed = torch.tensor(slots, dtype=torch.float64, device=group.device)
+    return PendingAgreement(summed, group.start_all_reduce_sum(summed), group.world_size)
+
+
+class PendingAgreement:
+    """A step's agreement whose all-reduce is in flight."""
+
+    def __init__(self, summed: torch.Tensor, work, world_size: int):
+        self._summed, self._work, self._world_size = summed, work, world_size
+
+    def result(self) -> StepAgreement:
+        self._work.wait()
+        summed = self._summed.tolist()
+        return StepAgreement(loss_sum=summed[_LOSS],
+                             leaving_ranks=[r for r in range(self._world_size) if summed[_LEAVING + r] > 0],
+                             grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
+                             committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT])
+
+
+def agree(view: RankView, group: RankGroup) -> StepAgreement:
+    """Collective: ``start_agreement`` and wait for it."""
+    return start_agreement(view, group).result()

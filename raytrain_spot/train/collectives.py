@@ -48,13 +48,17 @@ class RankGroup:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place and return it."""
+        self.start_all_reduce_sum(tensor).wait()
+        return tensor
+
+    def start_all_reduce_sum(self, tensor: torch.Tensor) -> dist.Work:
+        """Start summing ``tensor`` over ranks in place; it holds the sum once the returned work's ``wait()`` returns."""
         if tensor.device != self.device:
             raise CollectiveDeviceError(
                 f"all_reduce of a tensor on {tensor.device}: the training process group "
                 f"({dist.get_backend()}) reduces tensors on the training device {self.device}; "
                 f"create it with device={self.device!s}")
-        dist.all_reduce(tensor)
-        return tensor
+        return dist.all_reduce(tensor, async_op=True)
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         gathered: List[Any] = [None] * self.world_size

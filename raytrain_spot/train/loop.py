@@ -30,12 +30,13 @@ from raytrain_spot.elastic.regrow import RegrowPolicy, measured_rate
 from raytrain_spot.elastic.standby import standby_enabled, top_up
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
-from raytrain_spot.train.agreement import RankView, agree
+from raytrain_spot.train.agreement import RankView, start_agreement
 from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import checkpoint_and_report, hand_off, handoff_after
 from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
 from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
-from raytrain_spot.train.step import build_optimizer, learning_rate, set_learning_rate, split, step_seed, train_step
+from raytrain_spot.train.step import (build_optimizer, learning_rate, seed_step, set_learning_rate, split, step_seed,
+                                      train_step)
 from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
 
 logger = logging.getLogger(__name__)
@@ -95,17 +96,14 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     steps_in_group = 0
     checkpointed_at_notice = False
     total_samples = cfg.trainer.max_steps * global_batch
+    batch = load_batch(task, dataset, order, loop.samples_seen, cfg.trainer, rank, world_size, device)
     while loop.step < cfg.trainer.max_steps:
         step_started = time.time()
-        rows = order.rows_at(rank_positions(loop.samples_seen, global_batch, rank, world_size))
-        micro_batches = [(move_to(task.collate([dataset[row] for row in chunk]), device), len(chunk))
-                         for chunk in split(rows, cfg.trainer.micro_batch_size)]
-        data_s = time.time() - step_started
         lr = learning_rate(loop.samples_seen, total_samples, cfg.optim)
         set_learning_rate(optimizer, lr)
-        torch.manual_seed(step_seed(cfg.run.seed, loop.step, rank))
+        seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
 
-        loss_sum = train_step(ddp_model, optimizer, micro_batches, task.loss, world_size / global_batch,
+        loss_sum = train_step(ddp_model, optimizer, batch.micro_batches, task.loss, world_size / global_batch,
                               cfg.optim.grad_clip, autocast_dtype)
 
         # What each rank heard from the cluster, and rank 0's decisions, in the same all-reduce as the loss.
@@ -114,10 +112,14 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
                                                                    world_size),
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
-                         committed_step=checkpoints.committed_step, step_s=time.time() - step_started,
+                         committed_step=checkpoints.committed_step, step_s=batch.data_s + time.time() - step_started,
                          at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
-        agreed = agree(view, group)
+        pending = start_agreement(view, group)
+        # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
+        trained, batch = batch, (load_batch(task, dataset, order, loop.samples_seen + global_batch, cfg.trainer, rank,
+                                            world_size, device) if next_step < cfg.trainer.max_steps else None)
+        agreed = pending.result()
         first_position = loop.samples_seen
         loop.step = next_step
         loop.samples_seen += global_batch
@@ -127,11 +129,12 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
             loop.samples_per_s = measured_rate(loop.samples_per_s, world_size, global_batch / agreed.step_s)
 
         if cfg.run.log_sample_ids:
-            events.emit("samples", step=loop.step, rank=rank, ids=rows)
-        if rank == 0:
-            events.emit("step", step=loop.step, world_size=world_size,
-                        samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
-                        lr=lr, duration_s=time.time() - step_started, data_s=data_s)
+            events.emit_soon("samples", step=loop.step, rank=rank, ids=trained.rows)
+        if rank == 0:  # this step's own loading, training and wait for the agreement, not the next one's loading
+            duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
+            events.emit_soon("step", step=loop.step, world_size=world_size,
+                             samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
+                             lr=lr, duration_s=duration_s, data_s=trained.data_s)
 
         if loop.step == cfg.trainer.max_steps:
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)
@@ -146,6 +149,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
             hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                      runtime.signals.drain_deadline_s)
         if agreed.save_due:
+            events.send()  # records of every step the checkpoint holds are out before a kill could take them
             checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
         if agreed.committed_step > reported_step:
             reported_step = agreed.committed_step
@@ -154,6 +158,27 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                                                    loop.train_time_s, world_size, loop.step)):
             logger.info("Checkpoint advisor: %s", advice.explain())
             events.emit("advice", **advice.__dict__)
+
+
+@dataclass
+class Batch:
+    """This rank's share of one step."""
+
+    rows: List[int]
+    micro_batches: List[tuple]
+    """(collated batch on the training device, number of samples) per micro-batch."""
+    data_s: float
+    """Seconds the loading took."""
+
+
+def load_batch(task: TrainingTask, dataset, order: GlobalSampleOrder, cursor: int, trainer_cfg, rank: int,
+               world_size: int, device: torch.device) -> Batch:
+    """This rank's rows of the step that starts at ``cursor`` in the global sample order, collated."""
+    started = time.time()
+    rows = order.rows_at(rank_positions(cursor, trainer_cfg.global_batch_size, rank, world_size))
+    micro_batches = [(move_to(task.collate([dataset[row] for row in chunk]), device), len(chunk))
+                     for chunk in split(rows, trainer_cfg.micro_batch_size)]
+    return Batch(rows, micro_batches, time.time() - started)
 
 
 def measure_restart(loop: LoopState, seconds: float) -> None:
@@ -262,6 +287,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t in placements]})
         train(cfg, task, runtime, checkpoints, events, phases)
     finally:
+        events.send()  # the last steps' records
         if capacity is not None:
             capacity.stop()
 

@@ -46,6 +46,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank) % (2**63)
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generators a step draws from: the CPU's and, on a GPU, its device's.
+    (``torch.manual_seed`` seeds every device type torch knows, 0.1-0.3 ms a step on CPU.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 def split(indices: Sequence[int], size: int) -> List[Sequence[int]]:
     """``indices`` in micro-batches of at most ``size``."""
     return [indices[start:start + size] for start in range(0, len(indices), size)]

@@ -1,0 +1,45 @@
+"""What every worker process on a worker node imports before it takes work (``RAY_preload_python_modules``).
+
+It starts one thread that imports the training stack at idle priority (Linux ``SCHED_IDLE``):
+the imports use only CPU time nothing else wants, so a warm standby started while a group
+trains does not slow it on cores it shares (the embedded cluster's nodes share this machine's).
+The process's main thread, the one that later runs the training function, keeps its priority;
+if it needs a module before the thread is done, it waits for the thread, which then has the
+CPU a restarting group leaves idle. Kept free of heavy imports itself: it runs in every process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+
+MODULES = ("torch", "torch._dynamo", "raytrain_spot.train.loop", "ray.train.torch")
+"""torch._dynamo is imported by the first optimizer a process builds; raytrain_spot.train.loop
+pulls in Ray Train, ray.train.torch its torch backend."""
+
+logger = logging.getLogger(__name__)
+done = threading.Event()
+"""Set once the thread has imported ``MODULES`` (or given up on one)."""
+at_idle_priority = False
+"""Whether the imports ran at idle priority (False where the OS has no SCHED_IDLE)."""
+
+
+def _import_at_idle_priority() -> None:
+    global at_idle_priority
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread (Linux)
+        at_idle_priority = True
+    except (AttributeError, OSError):
+        pass  # imports at normal priority
+    try:
+        for module in MODULES:
+            importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the main thread imports it again and meets the error where it matters
+        logger.warning("Preloading %s failed", module, exc_info=True)
+    finally:
+        done.set()
+
+
+threading.Thread(target=_import_at_idle_priority, name="preload-at-idle-priority", daemon=True).start()
