@@ -11,10 +11,15 @@ project's watcher turning the metadata notice into a Ray drain, since Ray reads 
 notice through the metadata server and its watcher.
 
 Per preemption it reports the seconds from the notice (and from the kill) to the first step
-of the next worker group, and steps redone; over the replay, goodput = productive step time
-/ wall time. Then it projects onto the trace's real time scale: the measured overhead per
-disruption times the trace's real disruption rate, plus checkpoint stalls at a stated
-interval.
+of the next worker group, where they went (the loop hearing of the notice, Ray Train's restart
+of the group, the training function's startup, the first step), and steps redone; over the
+replay, the steps trained and never redone, goodput = productive step time / wall time, and
+the **oracle**: the steps an ideal policy would train knowing the capacity in advance (at every
+moment the fastest world size this run measured that fits the nodes alive, no restart cost).
+Then it projects onto the trace's real time scale: the measured overhead per disruption times
+the trace's real disruption rate, plus checkpoint stalls at a stated interval. It ends with a
+Markdown table per scenario; ``--reanalyse JSON`` recomputes everything from the event logs
+of the run that wrote that ``--json`` (its working directory is kept).
 
     python bench/bench_recovery.py                       # ~8 minutes on 2 cores
     python bench/bench_recovery.py --start-tick 180 --ticks 50 --tick-s 4 --notice-s 10
@@ -54,6 +59,8 @@ MODES = {
     "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
 }
 DEFAULT_MODES = ["ray-preemption-api", "plain-ray-train", "raytrain-spot"]
+WARMUP_STEPS = 2
+"""A group's first steps (allocation, first collectives) are left out of its step time, as the loop does."""
 
 
 def scripted_events(preemptions: int, every_s: float, restore_after_s: float) -> str:
@@ -76,7 +83,7 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
                "trainer.max_steps=1000000", f"checkpoint.interval_steps={args.checkpoint_interval_steps}",
                f"checkpoint.local_dir={workdir}/node-local", f"checkpoint.head_dir={workdir}/head",
                *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode], *args.overrides]
-    events_path = os.path.join(workdir, "outputs", name, "events.jsonl")
+    events_path = run_events(workdir, scenario, mode)
     log = open(os.path.join(workdir, f"{name}.log"), "w")
     process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_interruptible,
                                env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
@@ -91,6 +98,10 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
             process.wait(timeout=120)
     log.close()
     return events_path
+
+
+def run_events(workdir: str, scenario: str, mode: str) -> str:
+    return os.path.join(workdir, "outputs", f"bench-{scenario}-{mode}", "events.jsonl")
 
 
 def _interruptible() -> None:
@@ -131,7 +142,9 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         if disruption["ev"] == "kill" and any(n["ev"] == "notice" and n["node"] == disruption["node"] for n in events):
             continue  # counted at its notice
         kill = next((k for k in events if k["ev"] == "kill" and k["node"] == disruption["node"]), None)
-        group = next((g for g in groups if g["t"] > disruption["t"]), None)
+        # Training again without the lost node: a group that still holds it (a regrow between the
+        # notice and the kill) has not recovered from this preemption.
+        group = next((g for g in groups if g["t"] > disruption["t"] and disruption["node"] not in g["nodes"]), None)
         if group is None:
             continue
         first = next((s for s in steps if s["t"] > group["t"]), None)
@@ -145,6 +158,9 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         })
     return {
         "replay_s": replay_s,
+        "capacity": capacity_timeline(events, t0, window_end),
+        "step_s_by_world_size": step_time_by_world_size(steps, groups),
+        "recovery_phases_s": recovery_phases(events, t0, window_end),
         "productive_s": round(productive, 1),
         "goodput": round(productive / replay_s, 4),
         "steps_trained": trained,  # in the replay window and never redone: progress, whatever the step time
@@ -158,6 +174,84 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
                                           if e["ev"] == "checkpoint" and e["stall_s"] > 0]),
         "step_time_s": _stats([e["duration_s"] for e in steps]),
     }
+
+
+def capacity_timeline(events: List[Dict[str, Any]], t0: float, window_end: float) -> List[List[float]]:
+    """[[seconds into the replay, Spot worker nodes alive]] at every change: a node counts from its
+    ``add`` to its ``kill``, notice or not (an ideal policy trains on a noticed node until it dies)."""
+    alive, timeline = set(), []
+    for e in events:
+        if e["ev"] == "add" and e.get("pricing") == "spot":
+            alive.add(e["node"])
+        elif e["ev"] == "kill":
+            alive.discard(e["node"])
+        else:
+            continue
+        at = max(e["t"], t0) - t0
+        if e["t"] <= window_end:
+            if timeline and timeline[-1][0] == round(at, 2):
+                timeline[-1][1] = len(alive)
+            else:
+                timeline.append([round(at, 2), len(alive)])
+    return timeline
+
+
+def step_time_by_world_size(steps: List[Dict[str, Any]], groups: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Median step seconds at each world size, leaving out each group's first WARMUP_STEPS steps."""
+    by_size: Dict[int, List[float]] = {}
+    starts = sorted(g["t"] for g in groups)
+    group, in_group = -1, 0
+    for e in steps:  # in time order, as the log is
+        while group + 1 < len(starts) and starts[group + 1] <= e["t"]:
+            group, in_group = group + 1, 0
+        if in_group >= WARMUP_STEPS:
+            by_size.setdefault(e["world_size"], []).append(e["duration_s"])
+        in_group += 1
+    return {str(size): round(statistics.median(values), 4) for size, values in sorted(by_size.items())}
+
+
+def oracle_steps(capacity: List[List[float]], replay_s: float, step_s: Dict[str, float]) -> int:
+    """Steps an ideal policy trains in the window knowing the trace in advance: at every moment the
+    fastest measured world size that fits the nodes alive (one worker per node), no restart cost,
+    nothing redone."""
+    def rate(nodes: int) -> float:
+        return max((1 / seconds for size, seconds in step_s.items() if 0 < int(size) <= nodes), default=0.0)
+
+    steps = 0.0
+    for (start, nodes), (end, _) in zip(capacity, capacity[1:] + [[replay_s, 0]]):
+        steps += max(min(end, replay_s) - start, 0.0) * rate(nodes)
+    return int(steps)
+
+
+def fastest_step_s(results: List[Dict[str, Any]]) -> Dict[str, float]:
+    """The fastest median step time any mode measured at each world size in this run."""
+    best: Dict[str, float] = {}
+    for result in results:
+        for size, seconds in result["step_s_by_world_size"].items():
+            best[size] = min(best.get(size, seconds), seconds)
+    return best
+
+
+def recovery_phases(events: List[Dict[str, Any]], t0: float, window_end: float) -> Optional[Dict[str, float]]:
+    """Where the seconds from a notice to training again go, medians over the window's notices that
+    led to a handoff: the loop hearing of it, Ray Train restarting the group up to the training
+    function, the training function's startup (data, model, restore, DDP), and the first step."""
+    phases: Dict[str, List[float]] = {"notice_to_handoff": [], "handoff_to_train_function": [],
+                                      "train_function_startup": [], "first_step": []}
+    for notice in (e for e in events if e["ev"] == "notice" and t0 <= e["t"] <= window_end):
+        handoff = next((e for e in events if e["ev"] == "handoff" and e["t"] >= notice["t"]), None)
+        group = next((e for e in events if e["ev"] == "group" and handoff and e["t"] > handoff["t"]), None)
+        first = next((e for e in events if e["ev"] == "step" and group and e["t"] > group["t"]), None)
+        if not (handoff and handoff.get("reason") == "preemption" and group and first):
+            continue
+        startup = sum(group["startup_s"].values())
+        phases["notice_to_handoff"].append(handoff["t"] - notice["t"])
+        phases["handoff_to_train_function"].append(group["t"] - startup - handoff["t"])
+        phases["train_function_startup"].append(startup)
+        phases["first_step"].append(first["t"] - group["t"])
+    if not phases["first_step"]:
+        return None
+    return {name: round(statistics.median(values), 2) for name, values in phases.items()}
 
 
 def _stats(values: List[float]) -> Optional[Dict[str, float]]:
@@ -186,6 +280,30 @@ def project(result: Dict[str, Any], trace: List[int], gap_s: float, interval_s: 
             "projected_goodput": round(1 - badput_per_hour / 3600, 4)}
 
 
+def markdown_table(by_mode: Dict[str, Dict[str, Any]]) -> str:
+    """One scenario's figures, a column per mode, for docs/benchmarks.md."""
+    def seconds(stats: Optional[Dict[str, float]], key: str = "median") -> str:
+        return "-" if not stats else f"{stats[key]:.1f} s"
+
+    rows = {
+        "steps trained in the replay, never redone": lambda r: str(r["steps_trained"]),
+        "oracle: steps an ideal policy trains on this capacity": lambda r: str(r["oracle_steps"]),
+        "share of the oracle": lambda r: f"{r['steps_trained'] / max(r['oracle_steps'], 1):.2f}",
+        "training again, from the notice (median; max)": lambda r: (
+            f"{seconds(r['recovery_from_notice_s'])} ({seconds(r['recovery_from_notice_s'], 'max')})"),
+        "training again, from the kill (median)": lambda r: seconds(r["recovery_from_kill_s"]),
+        "of which: to the handoff / Ray Train's restart / training function startup / first step (medians)": lambda r: (
+            " / ".join(f"{v:.1f}" for v in r["recovery_phases_s"].values()) + " s" if r["recovery_phases_s"] else "-"),
+        "steps redone": lambda r: str(r["steps_redone"]),
+        "worker-group restarts": lambda r: str(r["restarts"]),
+        "goodput over the replay": lambda r: f"{r['goodput']:.3f}",
+        "projected goodput, real trace rate": lambda r: f"{r['projection']['projected_goodput']:.4f}",
+    }
+    lines = ["| | " + " | ".join(by_mode) + " |", "|---" * (len(by_mode) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(r) for r in by_mode.values()) + " |" for name, cell in rows.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=DEFAULT_TRACE)
@@ -205,22 +323,34 @@ def main() -> None:
     parser.add_argument("--preemptions", type=int, default=3, help="scripted: single-node preemptions")
     parser.add_argument("--every-s", type=float, default=60.0, help="scripted: seconds between them")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--reanalyse", metavar="JSON",
+                        help="no new runs: recompute the figures from the event logs of the run that wrote this --json")
     args = parser.parse_args()
 
+    earlier: Dict[str, Any] = {}
+    if args.reanalyse:
+        with open(args.reanalyse) as f:
+            earlier = json.load(f)
+        args = argparse.Namespace(**{**earlier["args"], "json": args.json, "reanalyse": args.reanalyse})
     with open(args.trace) as f:
         raw = json.load(f)
-    workdir = tempfile.mkdtemp(prefix="bench-recovery-")
+    workdir = earlier.get("workdir") or tempfile.mkdtemp(prefix="bench-recovery-")
     results: Dict[str, Dict[str, Any]] = {}
     for scenario in args.scenarios:
         for mode in args.modes:
             started = time.time()
-            events = read_events(run(mode, scenario, args, workdir))
+            events = read_events(run_events(workdir, scenario, mode) if earlier else run(mode, scenario, args, workdir))
             result = analyse(events, scenario_length_s(scenario, args))
             result["projection"] = project(result, raw["data"], raw["metadata"]["gap_seconds"],
                                            args.projected_interval_s)
-            result["bench_wall_s"] = round(time.time() - started, 1)
+            result["bench_wall_s"] = (earlier["results"][f"{scenario}/{mode}"]["bench_wall_s"] if earlier
+                                      else round(time.time() - started, 1))
             results[f"{scenario}/{mode}"] = result
             print(f"{scenario}/{mode}: {json.dumps(result)}", flush=True)
+        scenario_results = [r for key, r in results.items() if key.startswith(f"{scenario}/")]
+        step_s = fastest_step_s(scenario_results)
+        for result in scenario_results:
+            result["oracle_steps"] = oracle_steps(result["capacity"], result["replay_s"], step_s)
 
     print(f"trace={os.path.basename(args.trace)} ticks={args.start_tick}..{args.start_tick + args.ticks} "
           f"tick_s={args.tick_s} notice_s={args.notice_s} workdir={workdir}")
@@ -228,15 +358,25 @@ def main() -> None:
         notice, kill = r["recovery_from_notice_s"] or {}, r["recovery_from_kill_s"] or {}
         print(f"{key:26} preemptions={r['preemptions']} recovery_from_notice_median_s={notice.get('median')} "
               f"recovery_from_kill_median_s={kill.get('median')} steps_redone={r['steps_redone']} "
-              f"goodput={r['goodput']} projected_goodput={r['projection']['projected_goodput']}")
+              f"goodput={r['goodput']} projected_goodput={r['projection']['projected_goodput']} "
+              f"steps_trained={r['steps_trained']} oracle_steps={r['oracle_steps']} "
+              f"recovery_phases_s={r['recovery_phases_s']}")
+    for scenario in args.scenarios:  # the headline baseline: Ray 2.60's own preemption path
+        ray_api, spot = results.get(f"{scenario}/ray-preemption-api"), results.get(f"{scenario}/raytrain-spot")
+        if ray_api and spot and ray_api["recovery_from_notice_s"] and spot["recovery_from_notice_s"]:
+            speedup = ray_api["recovery_from_notice_s"]["median"] / spot["recovery_from_notice_s"]["median"]
+            print(f"{scenario}: recovery from the notice {speedup:.1f}x faster than ray-preemption-api")
+        baselines = {key: r["steps_trained"] for key, r in results.items()
+                     if key.startswith(f"{scenario}/") and not key.endswith("/raytrain-spot")}
+        if spot and baselines:
+            best = max(baselines, key=baselines.get)
+            print(f"{scenario}: steps trained {spot['steps_trained']} against the best baseline's {baselines[best]} "
+                  f"({best}); oracle {spot['oracle_steps']}")
     for scenario in args.scenarios:
-        plain, spot = results.get(f"{scenario}/plain-ray-train"), results.get(f"{scenario}/raytrain-spot")
-        if plain and spot and plain["recovery_from_notice_s"] and spot["recovery_from_notice_s"]:
-            speedup = plain["recovery_from_notice_s"]["median"] / spot["recovery_from_notice_s"]["median"]
-            print(f"{scenario}: recovery_speedup_from_notice={speedup:.1f}x")
+        print(markdown_table({key.split("/", 1)[1]: r for key, r in results.items() if key.startswith(f"{scenario}/")}))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"args": vars(args), "workdir": workdir, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,15 @@ def test_never_more_than_twice_the_best_choice_in_hindsight(lifetime_s):
     assert lost(regrow_at) <= 2 * oracle_best + gain * 0.1, (regrow_at, decision.break_even_s)
 
 
-def test_rates_are_a_moving_average_per_world_size():
-    rates = measured_rate({}, 2, 100.0)
-    rates = measured_rate(rates, 2, 200.0)
-    rates = measured_rate(rates, 3, 50.0)
-    assert rates == {2: pytest.approx(110.0), 3: 50.0}
+def test_rates_are_samples_over_seconds_per_world_size():
+    rates, seconds = measured_rate({}, {}, 2, 24, 0.1)
+    rates, seconds = measured_rate(rates, seconds, 2, 24, 0.5)  # one slow step: its share of the time
+    rates, seconds = measured_rate(rates, seconds, 3, 24, 0.2)
+    assert rates == {2: pytest.approx(48 / 0.6), 3: pytest.approx(120.0)}
+    assert seconds == {2: pytest.approx(0.6), 3: pytest.approx(0.2)}
+
+
+def test_a_gain_within_the_measurement_noise_is_no_gain():
+    decision = decide_regrow(evidence(rates={2: 100.0, 3: 104.0}, capacity_age_s=1e6))
+    assert not decision.grow and "under the 5%" in decision.reason
+    assert decide_regrow(evidence(rates={2: 100.0, 3: 106.0}, capacity_age_s=1e6, node_life_s=1e6)).grow

@@ -4,6 +4,7 @@ preloaded process. Pins Ray's PrestartWorkers call and its preload setting (Ray-
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
@@ -56,3 +57,13 @@ def test_the_next_worker_starts_in_a_preloaded_standby(monkeypatch):
         second_pid, preloaded = ray.get(second.process.remote())
         assert psutil.Process(second_pid).create_time() < started, "the new actor must take the standby process"
         assert second_pid != first_pid and preloaded
+
+
+def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_are_complete():
+    """Another thread must never see a module imported whose parent lacks its attribute yet (the
+    idle-priority thread can be starved right there): the import returns only when it is done."""
+    probe = ("import sys, os; import raytrain_spot.elastic.preload as p; import ray.train; "
+             "print(p.done.is_set(), hasattr(ray.train, 'v2'), 'torch._dynamo' in sys.modules, "
+             "os.sched_getscheduler(0) == os.SCHED_OTHER)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True", "True"], out

@@ -44,7 +44,10 @@ class LoopState:
     train_time_s: float = 0.0
     """Wall time spent in steps so far."""
     samples_per_s: Dict[int, float] = field(default_factory=dict)
-    """Throughput by world size in this run (a moving average): the regrow rule's evidence."""
+    """Throughput by world size in this run (samples over step seconds after each group's first
+    steps): the regrow rule's evidence."""
+    measured_s: Dict[int, float] = field(default_factory=dict)
+    """Step seconds behind each of those rates."""
     restart_s: float = 0.0
     """Mean cost of this run's measured restarts (handoff to the next group's first step); 0: none yet."""
     restarts_measured: int = 0

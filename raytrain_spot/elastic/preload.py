@@ -1,11 +1,17 @@
 """What every worker process on a worker node imports before it takes work (``RAY_preload_python_modules``).
 
-It starts one thread that imports the training stack at idle priority (Linux ``SCHED_IDLE``):
-the imports use only CPU time nothing else wants, so a warm standby started while a group
-trains does not slow it on cores it shares (the embedded cluster's nodes share this machine's).
-The process's main thread, the one that later runs the training function, keeps its priority;
-if it needs a module before the thread is done, it waits for the thread, which then has the
-CPU a restarting group leaves idle. Kept free of heavy imports itself: it runs in every process.
+It imports the training stack in a thread at idle priority (Linux ``SCHED_IDLE``) and waits
+for it: the imports use only CPU time nothing else wants, so a warm standby started while a
+group trains does not slow it on cores it shares (the embedded cluster's nodes share this
+machine's), and the process's main thread, the one that later runs the training function,
+keeps its normal priority (an unprivileged thread cannot return from idle priority).
+
+The main thread waits instead of going on to take work because Python's imports are not safe
+to race against an idle-priority thread: a module counts as imported a moment before its
+parent package gets the attribute for it, and a starved thread can hold that moment for
+seconds (seen: Ray Train's logging setup failing with "module 'ray.train' has no attribute
+'v2'"). Ray starts the worker's task loop after this import, so the process takes no work
+until the stack is in. Kept free of heavy imports itself: it runs in every worker process.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ pulls in Ray Train, ray.train.torch its torch backend."""
 
 logger = logging.getLogger(__name__)
 done = threading.Event()
-"""Set once the thread has imported ``MODULES`` (or given up on one)."""
+"""Set once the thread has imported ``MODULES`` (or given up on one); importing this module returns then."""
 at_idle_priority = False
 """Whether the imports ran at idle priority (False where the OS has no SCHED_IDLE)."""
 
@@ -43,3 +49,4 @@ def _import_at_idle_priority() -> None:
 
 
 threading.Thread(target=_import_at_idle_priority, name="preload-at-idle-priority", daemon=True).start()
+done.wait()

@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 LONG_LIFE_FACTOR = 4.0
 """Expected lifetime over break-even above which the regrow does not wait for the break-even."""
-RATE_SMOOTHING = 0.9
-"""Weight of the past in the per-world-size samples/s average."""
+SIGNIFICANT_GAIN = 0.05
+"""A measured gain smaller than this share of the current rate is not one: step times on shared
+or busy hosts vary by more than that, and a rule asked every step would otherwise act on noise."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,9 @@ def decide_regrow(evidence: RegrowEvidence) -> RegrowDecision:
     now_rate = e.rates[e.world_size]
     rate, measured = target_rate(e.rates, e.world_size, e.target)
     gain = rate - now_rate
-    if gain <= 0:
-        return RegrowDecision(False, f"{e.target} workers trained no faster than {e.world_size} in this run",
+    if gain < SIGNIFICANT_GAIN * now_rate:
+        return RegrowDecision(False, f"{e.target} workers trained no faster than {e.world_size} in this run "
+                              f"({gain / now_rate:+.0%}, under the {SIGNIFICANT_GAIN:.0%} a gain must show)",
                               gain, target_rate=rate, target_rate_measured=measured)
     shrink_probability = 1.0 - math.exp(-e.remaining_s / max(e.node_life_s, 1e-9))
     cost = e.restart_s * now_rate + shrink_probability * e.restart_s * rate
@@ -154,8 +156,12 @@ class RegrowPolicy:
         return extra.workers if decision.grow else 0
 
 
-def measured_rate(rates: Dict[int, float], world_size: int, samples_per_s: float) -> Dict[int, float]:
-    """``rates`` with this step's samples/s folded into the moving average of its world size."""
-    old = rates.get(world_size)
-    return {**rates, world_size: samples_per_s if old is None else RATE_SMOOTHING * old + (1 - RATE_SMOOTHING)
-            * samples_per_s}
+def measured_rate(rates: Dict[int, float], measured_s: Dict[int, float], world_size: int, samples: int,
+                  seconds: float) -> tuple[Dict[int, float], Dict[int, float]]:
+    """``rates`` and the step seconds behind them with one more step at ``world_size``: each rate is
+    the samples over the seconds of every measured step at its size, so one unusually slow or fast
+    step moves it by its share of the time only."""
+    before_s = measured_s.get(world_size, 0.0)
+    total_s = before_s + seconds
+    rate = (rates.get(world_size, 0.0) * before_s + samples) / total_s
+    return {**rates, world_size: rate}, {**measured_s, world_size: total_s}

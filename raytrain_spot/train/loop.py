@@ -126,7 +126,8 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         loop.train_time_s += agreed.step_s
         steps_in_group += 1
         if steps_in_group > WARMUP_STEPS:  # rank 0's clock, so every rank keeps the same figures
-            loop.samples_per_s = measured_rate(loop.samples_per_s, world_size, global_batch / agreed.step_s)
+            loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s, world_size,
+                                                                global_batch, agreed.step_s)
 
         if cfg.run.log_sample_ids:
             events.emit_soon("samples", step=loop.step, rank=rank, ids=trained.rows)
