@@ -14,7 +14,7 @@ worker nodes on this machine), one after the other:
 * **plain Ray Train**: a stock ``TorchTrainer`` with a fixed ``ScalingConfig(num_workers=W)``
   running a textbook loop: ``ray.train.torch.prepare_model`` (DDP), the framework's sample order
   (``GlobalSampleOrder``: the same rows in the same order; a ``DistributedSampler(shuffle=True)``
-  order over the whole dataset reads across Parquet row groups and measured about 4x the data time),
+  order over the whole dataset reads across Parquet row groups, which the framework's order avoids),
   gradient accumulation over
   micro batches with the framework's ``train_step`` (so the forward/backward/optimizer step itself
   is the same code), a constant learning rate, no checkpoints, no reports, no agreement

@@ -142,9 +142,9 @@ class TrainerConfig:
     a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py."""
     standby_delay_s: float = 5.0
     """Seconds a group trains before its nodes start their standbys. A standby imports torch and the
-    training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process costs
-    about a second of CPU at normal priority, which comes out of the group's first steps where nodes
-    share cores. A group that ends sooner restarts in cold processes."""
+    training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process (the
+    interpreter and Ray's worker, at normal priority) takes CPU that comes out of the group's first
+    steps where nodes share cores. A group that ends sooner restarts in cold processes."""
     failure_settle_s: float = 4.0
     """After a failure without notice, wait this long for the cluster to declare dead nodes dead
     before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""

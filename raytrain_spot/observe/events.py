@@ -100,7 +100,7 @@ class EventLog:
     """Sends event records to the event-log actor; a no-op without one (unit tests).
 
     ``emit`` sends at once; ``emit_soon`` is for the records of every step, which go in one call
-    per ``batch_s``: a call costs the sender ~0.3 ms, 1% of a 30 ms step. A record sent at once
+    per ``batch_s``: an actor call per step is sender CPU on the training step. A record sent at once
     takes the batched ones before it, so one process's records arrive in the order it made them.
     Batched records of a process that is killed (no notice) are lost with it, at most ``batch_s``.
     """

@@ -48,7 +48,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def seed_step(seed: int, device: torch.device) -> None:
     """Seed the generators a step draws from: the CPU's and, on a GPU, its device's.
-    (``torch.manual_seed`` seeds every device type torch knows, 0.1-0.3 ms a step on CPU.)"""
+    (``torch.manual_seed`` seeds every device type torch knows, work a step need not pay for.)"""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
