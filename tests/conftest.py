@@ -1,6 +1,7 @@
 import os
 import re
 import sys
+import time
 
 import pytest
 
@@ -104,7 +105,7 @@ class Recorder:
         self.records = []
 
     def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
+        self.records.append({"t": time.time(), "ev": ev, **fields})  # as the event-log actor's records
 
     emit_soon = emit
 

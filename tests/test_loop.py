@@ -44,6 +44,9 @@ class FaultInjector:
         self.node_ids = node_ids
         self.notices: Dict[int, int] = {}  # rank -> first step after which its node has a notice
         self.capacity: Optional[tuple] = None  # (step, workers)
+        self.room: List[tuple] = []  # (from step, workers that fit without the noticed nodes)
+        self.deadline_after_notice_s: Optional[float] = None
+        self._noticed_at: Optional[float] = None  # this process's clock at the first notice it heard
 
     def notice_at(self, step: int, rank: int) -> "FaultInjector":
         self.notices[rank] = step
@@ -53,15 +56,31 @@ class FaultInjector:
         self.capacity = (step, workers)
         return self
 
+    def drain_deadline_after_notice(self, seconds: float) -> "FaultInjector":
+        self.deadline_after_notice_s = seconds
+        return self
+
+    def room_elsewhere(self, workers: int, from_step: int = 0) -> "FaultInjector":
+        self.room.append((from_step, workers))
+        return self
+
     def leaving_nodes(self, step: int) -> Set[str]:
-        return {self.node_ids[rank] for rank, at in self.notices.items() if step >= at}
+        leaving = {self.node_ids[rank] for rank, at in self.notices.items() if step >= at}
+        if leaving and self._noticed_at is None:
+            self._noticed_at = time.time()
+        return leaving
+
+    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
+        return max(((at, workers) for at, workers in self.room if step >= at), default=(0, None))[1]
 
     def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
         """The capacity has been there since long before the step it is heard at."""
         return ExtraCapacity(self.capacity[1], math.inf) if self.capacity and step >= self.capacity[0] else None
 
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
-        return None
+        if self.deadline_after_notice_s is None or self._noticed_at is None:
+            return None
+        return self._noticed_at + self.deadline_after_notice_s
 
 
 class Counter:
@@ -243,6 +262,37 @@ def test_a_notice_wins_over_a_regrow_at_the_same_step(tmp_path):
     faults = FaultInjector(NODES).capacity_at(step=4, workers=3).notice_at(step=4, rank=1)
     ranks = run_group(tmp_path, 2, faults, config(max_steps=20))
     assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 4)] * 2
+
+
+def test_a_notice_with_nowhere_to_go_trains_on_and_hands_off_just_before_the_drain_deadline(tmp_path):
+    faults = (FaultInjector(NODES).notice_at(step=6, rank=0).notice_at(step=6, rank=1).room_elsewhere(workers=0)
+              .drain_deadline_after_notice(seconds=3.0))
+    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    (handoff,) = of(ranks[0], "handoff")
+    assert [(r["outcome"], r["reason"]) for r in ranks] == [("handoff", "preemption")] * 2
+    assert handoff["step"] > 6 + 10, "the steps between the notice and the deadline are trained"
+    holds = of(ranks[0], "notice_hold")
+    assert [h["hold"] for h in holds] == [True, False] and holds[0]["step"] == 6
+    assert holds[1]["deadline_in_s"] <= holds[1]["needed_s"], "released for the deadline, with its numbers"
+    deadline = holds[0]["t"] + 3.0  # the hold is decided as the notice is first heard
+    jit = [c for c in of(ranks[0], "checkpoint") if c["kind"] == "jit"]
+    assert [c["step"] for c in jit] == [handoff["step"]] and jit[0]["t"] < deadline
+    assert of(ranks[0], "jit_late") == []
+
+
+def test_a_notice_hold_ends_at_once_when_capacity_appears_elsewhere(tmp_path):
+    faults = (FaultInjector(NODES).notice_at(step=4, rank=0).notice_at(step=4, rank=1).room_elsewhere(workers=0)
+              .room_elsewhere(workers=1, from_step=9).drain_deadline_after_notice(seconds=60.0))
+    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 9)] * 2
+    assert [(h["hold"], h["usable_workers"]) for h in of(ranks[0], "notice_hold")] == [(True, 0), (False, 1)]
+
+
+def test_a_notice_that_leaves_survivors_hands_off_at_once(tmp_path):
+    faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
+              .drain_deadline_after_notice(seconds=60.0))
+    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 5)] * 2
 
 
 def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):

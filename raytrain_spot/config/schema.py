@@ -136,6 +136,14 @@ class TrainerConfig:
     baseline): every rank polls ``ray.train.get_preemption_info()`` after every step and at the first
     notice saves a just-in-time checkpoint, then trains on until the node dies and Ray restarts the
     group (``max_preemption_failures=-1``)."""
+    hold_on_notice: bool = True
+    """When a notice leaves fewer than ``min_workers`` workers on nodes without one (the whole group
+    noticed, nowhere to go), train on the noticed nodes and hand off just before their drain deadline
+    (a step, the checkpoint's measured commit time and ``hold_margin_s`` before it), or at once when
+    capacity appears elsewhere; handing off at the notice would only wait for capacity. Needs spot_aware."""
+    hold_margin_s: float = 1.0
+    """Seconds of slack a notice hold leaves between the just-in-time checkpoint's expected commit and
+    the drain deadline (which itself comes before the VM's hard stop: the watcher's ``--margin-s``)."""
     warm_standby: bool = True
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
@@ -170,7 +178,7 @@ class TrainerConfig:
                 "is the plain Ray Train baseline's notice handling", "also set trainer.spot_aware=false")
         require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
-        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s"):
+        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s", "hold_margin_s"):
             require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
                     "use 0 or a positive number of seconds")
 

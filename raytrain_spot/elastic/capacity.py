@@ -62,8 +62,8 @@ class LiveCapacity:
     def __init__(self, per_worker: Mapping[str, float], max_workers: int,
                  nodes: Callable[[], List[NodeView]] = live_nodes, clock: Callable[[], float] = time.monotonic,
                  max_age_s: float = 0.25):
-        self._per_worker = dict(per_worker)
-        self._max_workers = max_workers
+        self.per_worker = dict(per_worker)
+        self.max_workers = max_workers
         self._nodes = nodes
         self._clock = clock
         self._max_age_s = max_age_s
@@ -76,7 +76,7 @@ class LiveCapacity:
         return self._cached[1]
 
     def workers(self) -> int:
-        return workers_that_fit(self.nodes(), self._per_worker, self._max_workers)
+        return workers_that_fit(self.nodes(), self.per_worker, self.max_workers)
 
 
 class CapacityWatcher:
@@ -99,6 +99,7 @@ class CapacityWatcher:
         self._interval_s = interval_s
         self._clock = clock
         self._more: Optional[Tuple[int, float]] = None  # (workers that fit, since when)
+        self._nodes: Optional[List[NodeView]] = None  # as of the last check
         self.draining: FrozenSet[str] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capacity-watcher", daemon=True)
@@ -111,7 +112,7 @@ class CapacityWatcher:
         self._stop.set()
 
     def check(self) -> None:
-        nodes = self._capacity.nodes()
+        nodes = self._nodes = self._capacity.nodes()
         self.draining = frozenset(node.node_id for node in nodes if node.draining and node.node_id in self._group_nodes)
         usable = {node.node_id: node for node in nodes if node.alive and not node.draining}
         if self._on_join and self._seen is not None:
@@ -129,6 +130,22 @@ class CapacityWatcher:
     def extra(self) -> Optional[ExtraCapacity]:
         more = self._more
         return ExtraCapacity(more[0], self._clock() - more[1]) if more else None
+
+    def workers_without(self, leaving: Collection[str]) -> Optional[int]:
+        """Workers that fit, as of the last check, on nodes other than ``leaving``; None before it."""
+        nodes = self._nodes
+        if nodes is None:
+            return None
+        return workers_that_fit([n for n in nodes if n.node_id not in leaving], self._capacity.per_worker,
+                                self._capacity.max_workers)
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        """The earliest drain deadline of these nodes as of the last check (unix seconds), if every one
+        of them was draining then; None otherwise."""
+        deadlines = {n.node_id: n.drain_deadline_ms for n in self._nodes or () if n.draining}
+        if not nodes or any(not deadlines.get(node) for node in nodes):
+            return None
+        return min(deadlines[node] for node in nodes) / 1000.0
 
     def _run(self) -> None:
         while True:  # the first check at once: a notice may have come while the group started
@@ -176,8 +193,14 @@ class RaySignals:
     def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
         return self._capacity.extra if self._capacity is not None else None
 
+    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
+        return self._capacity.workers_without(leaving) if self._capacity is not None else None
+
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
-        return drain_deadline_s(nodes)
+        """From rank 0's last look at the GCS where it has one (no call on the training thread at
+        every step of a notice hold), else from the GCS."""
+        known = self._capacity.drain_deadline_s(nodes) if self._capacity is not None else None
+        return known if known is not None else drain_deadline_s(nodes)
 
 
 def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityWatcher:

@@ -2,7 +2,7 @@
 
 Each rank contributes a ``RankView``; the sum over ranks decodes into one ``StepAgreement``
 that every rank acts on at the same step. The sum works because every slot has either one
-writer (rank 0's decisions: regrow, periodic save, committed step, and its clock) or means "any rank says
+writer (rank 0's decisions: regrow, periodic save, notice hold, committed step, and its clock) or means "any rank says
 so" (a rank's notice flag, set by whichever ranks know of it; read as > 0). The loss is the
 one true sum.
 """
@@ -16,7 +16,7 @@ import torch
 
 from raytrain_spot.train.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _COMMITTED, _STEP_S, _AT, _LEAVING = range(7)
+_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _COMMITTED, _STEP_S, _AT, _LEAVING = range(8)
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class RankView:
     """Rank 0: restart at this larger size after this step (0: no regrow)."""
     save_due: bool = False
     """Rank 0: take a periodic checkpoint of this step."""
+    holding_for: int = 0
+    """Rank 0: train on for now although this many ranks are leaving (train/handoff.py's notice hold;
+    0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
     committed_step: int = 0
     """Rank 0: newest step committed to a shared tier."""
     step_s: float = 0.0
@@ -53,6 +56,7 @@ class StepAgreement:
     committed_step: int
     step_s: float
     at: float = 0.0
+    holding_for: int = 0
 
 
 def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
@@ -65,6 +69,7 @@ def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
     if group.rank == 0:
         slots[_GROW_TO] = float(view.grow_to)
         slots[_SAVE] = float(view.save_due)
+        slots[_HOLDING_FOR] = float(view.holding_for)
         slots[_COMMITTED] = float(view.committed_step)
         slots[_STEP_S] = view.step_s
         slots[_AT] = view.at
@@ -85,7 +90,8 @@ class PendingAgreement:
         return StepAgreement(loss_sum=summed[_LOSS],
                              leaving_ranks=[r for r in range(self._world_size) if summed[_LEAVING + r] > 0],
                              grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
-                             committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT])
+                             committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT],
+                             holding_for=int(summed[_HOLDING_FOR]))
 
 
 def agree(view: RankView, group: RankGroup) -> StepAgreement:

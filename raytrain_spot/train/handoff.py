@@ -5,6 +5,11 @@ without the leaving nodes, before they die) and regrow capacity (restart larger)
 agreed on the same ``Handoff`` at the same step (train/agreement.py); the writer commits the
 step on every tier, every rank joins the report, then every rank raises ``WorkerGroupHandoff``,
 which the Spot failure policy retries without spending the failure budget. No step is redone.
+
+A notice that leaves nowhere to go (fewer than ``min_workers`` workers fit on nodes without a
+notice) is the exception: handing off at once would only wait for capacity, so the group trains
+on its noticed nodes and hands off just before their drain deadline, or as soon as capacity
+appears elsewhere (``decide_notice_hold``; ``trainer.hold_on_notice``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from typing import Callable, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState, Stateful
+from raytrain_spot.config.schema import TrainerConfig
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.train.agreement import StepAgreement
+from raytrain_spot.train.runtime import ClusterSignals
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +62,10 @@ class WorkerGroupHandoff(Exception):
 
 def handoff_after(agreed: StepAgreement, step: int, world_size: int) -> Optional[Handoff]:
     """The handoff every rank takes after ``step``, if any. A notice wins over a regrow: the group
-    must first lose the leaving nodes, and the restarted group is sized from live capacity anyway."""
+    must first lose the leaving nodes, and the restarted group is sized from live capacity anyway.
+    Rank 0's notice hold defers it, if rank 0 knew of every leaving rank when it decided."""
+    if agreed.leaving_ranks and agreed.holding_for == len(agreed.leaving_ranks):
+        return None
     if agreed.leaving_ranks:
         survivors = [r for r in range(world_size) if r not in agreed.leaving_ranks]
         return Handoff(HandoffReason.PREEMPTION, step, world_size, writer=survivors[0] if survivors else 0,
@@ -63,6 +73,75 @@ def handoff_after(agreed: StepAgreement, step: int, world_size: int) -> Optional
     if agreed.grow_to > world_size:
         return Handoff(HandoffReason.REGROW, step, world_size, writer=0, grow_to=agreed.grow_to)
     return None
+
+
+@dataclass(frozen=True)
+class NoticeHold:
+    hold: bool
+    reason: str
+    usable_workers: Optional[int] = None
+    deadline_in_s: Optional[float] = None
+    needed_s: Optional[float] = None
+    """A step, the checkpoint's commit and the margin: what the handoff needs before the deadline."""
+
+
+def decide_notice_hold(usable_workers: Optional[int], min_workers: int, deadline_in_s: Optional[float],
+                       step_s: float, commit_s: Optional[float], margin_s: float) -> NoticeHold:
+    """Whether to train on after this step although nodes of the group have a notice.
+
+    Holding pays only when the restarted group would have nowhere to train (``usable_workers``
+    below ``min_workers``): then every step before the deadline is a step the handoff at the notice
+    would not train. It is safe only while one more step and the just-in-time checkpoint's commit
+    still end ``margin_s`` before the drain deadline; without a measured commit or a known deadline
+    there is no such guarantee, and the group hands off at once.
+    """
+    if usable_workers is None:
+        return NoticeHold(False, "capacity outside the noticed nodes is unknown")
+    if usable_workers >= min_workers:
+        return NoticeHold(False, f"{usable_workers} workers fit on nodes without a notice", usable_workers)
+    if deadline_in_s is None:
+        return NoticeHold(False, "the noticed nodes have no drain deadline", usable_workers)
+    if commit_s is None:
+        return NoticeHold(False, "no checkpoint commit measured yet in this group", usable_workers, deadline_in_s)
+    needed_s = step_s + commit_s + margin_s
+    numbers = dict(usable_workers=usable_workers, deadline_in_s=deadline_in_s, needed_s=needed_s)
+    if deadline_in_s <= needed_s:
+        return NoticeHold(False, f"the drain deadline is {deadline_in_s:.1f} s away: a step, the commit and the "
+                          f"margin take {needed_s:.1f} s", **numbers)
+    return NoticeHold(True, f"{usable_workers} workers fit without the noticed nodes (fewer than "
+                      f"min_workers={min_workers}): training on, {deadline_in_s:.1f} s to the drain deadline",
+                      **numbers)
+
+
+class NoticeHoldPolicy:
+    """Rank 0's notice holds during a group; each change of decision is logged and emitted."""
+
+    def __init__(self, cfg: TrainerConfig, emit: Callable[..., None], clock: Callable[[], float] = time.time):
+        self._cfg = cfg
+        self._emit = emit
+        self._clock = clock
+        self._last: Optional[bool] = None
+
+    def holding_for(self, leaving_ranks: Sequence[int], node_ids: Sequence[str], signals: ClusterSignals,
+                    step: int, step_s: float, commit_s: Sequence[float]) -> int:
+        """The ``holding_for`` of rank 0's view after ``step``: how many leaving ranks it holds for, or 0."""
+        if not leaving_ranks or not (self._cfg.hold_on_notice and self._cfg.spot_aware):
+            return 0
+        leaving_nodes = {node_ids[rank] for rank in leaving_ranks}
+        usable = signals.usable_workers(step, leaving_nodes)
+        # The deadline is read only when it matters: with somewhere to go the group hands off anyway.
+        deadline_s = signals.drain_deadline_s(leaving_nodes) if usable is not None and usable < self._cfg.min_workers \
+            else None
+        decision = decide_notice_hold(usable, self._cfg.min_workers,
+                                      None if deadline_s is None else deadline_s - self._clock(), step_s,
+                                      max(commit_s[-3:]) if commit_s else None, self._cfg.hold_margin_s)
+        if decision.hold != self._last:
+            self._last = decision.hold
+            logger.info("Notice hold at step %d: %s", step, decision.reason)
+            self._emit("notice_hold", step=step, hold=decision.hold, reason=decision.reason,
+                       usable_workers=decision.usable_workers, deadline_in_s=decision.deadline_in_s,
+                       needed_s=decision.needed_s)
+        return len(leaving_ranks) if decision.hold else 0
 
 
 def hand_off(handoff: Handoff, checkpoints: CheckpointManager, parts: Mapping[str, Stateful], loop: LoopState,

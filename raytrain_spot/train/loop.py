@@ -32,7 +32,7 @@ from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
 from raytrain_spot.train.agreement import RankView, start_agreement
 from raytrain_spot.train.collectives import RankGroup
-from raytrain_spot.train.handoff import checkpoint_and_report, hand_off, handoff_after
+from raytrain_spot.train.handoff import NoticeHoldPolicy, checkpoint_and_report, hand_off, handoff_after
 from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
 from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.train.step import (build_optimizer, learning_rate, seed_step, set_learning_rate, split, step_seed,
@@ -90,6 +90,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     regrow = RegrowPolicy(cfg.trainer, cfg.checkpoint.mtbi_prior_s, events.emit)
+    holds = NoticeHoldPolicy(cfg.trainer, events.emit)
     if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
         measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
     reported_step = loop.step
@@ -109,11 +110,13 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         # What each rank heard from the cluster, and rank 0's decisions, in the same all-reduce as the loss.
         next_step = loop.step + 1
         leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
+        step_s = batch.data_s + time.time() - step_started
         view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
                                                                    world_size),
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
-                         committed_step=checkpoints.committed_step, step_s=batch.data_s + time.time() - step_started,
-                         at=time.time())
+                         holding_for=holds.holding_for(leaving, runtime.node_ids, runtime.signals, next_step, step_s,
+                                                       checkpoints.commit_s),
+                         committed_step=checkpoints.committed_step, step_s=step_s, at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
         pending = start_agreement(view, group)
         # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
@@ -310,6 +313,9 @@ class RayPreemptionApi:
     def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
         return None
 
+    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
+        return None
+
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         return None
 
@@ -321,6 +327,9 @@ class QuietCluster:
         return set()
 
     def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        return None
+
+    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
         return None
 
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:

@@ -28,6 +28,10 @@ class ClusterSignals(Protocol):
         """Asked on rank 0 only: the larger group that would fit now, if any (the regrow rule,
         elastic/regrow.py, decides whether it pays)."""
 
+    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
+        """Asked on rank 0 only, while nodes have a notice: the workers that fit on alive nodes that
+        are not ``leaving`` and have no notice of their own, if known (the notice hold, train/handoff.py)."""
+
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         """When the first of these nodes stops (unix seconds), if known."""
 

@@ -1,0 +1,60 @@
+"""The notice hold's decision, the handoff rule that honours it and the watcher's view it reads,
+without a cluster (the loop acting on it: tests/test_loop.py)."""
+
+from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView
+from raytrain_spot.train.agreement import StepAgreement
+from raytrain_spot.train.handoff import HandoffReason, decide_notice_hold, handoff_after
+
+CPU1 = {"CPU": 1.0}
+
+
+def hold(usable=0, min_workers=1, deadline_in_s=20.0, step_s=0.5, commit_s=1.0, margin_s=1.0):
+    return decide_notice_hold(usable, min_workers, deadline_in_s, step_s, commit_s, margin_s)
+
+
+def test_with_nowhere_to_go_the_group_trains_on_while_a_step_and_the_commit_fit_before_the_deadline():
+    decision = hold(deadline_in_s=20.0)
+    assert decision.hold and decision.needed_s == 2.5 and "20.0 s to the drain deadline" in decision.reason
+    assert hold(deadline_in_s=2.6).hold and not hold(deadline_in_s=2.5).hold
+
+
+def test_the_release_near_the_deadline_says_why_with_its_numbers():
+    decision = hold(deadline_in_s=2.0)
+    assert not decision.hold and (decision.deadline_in_s, decision.needed_s) == (2.0, 2.5)
+    assert "2.0 s away" in decision.reason and "take 2.5 s" in decision.reason
+
+
+def test_somewhere_to_go_hands_off_at_once():
+    assert not hold(usable=1).hold
+    assert hold(usable=1, min_workers=2).hold, "one worker elsewhere is not enough for min_workers=2"
+
+
+def test_without_a_deadline_a_measured_commit_or_a_view_of_the_cluster_there_is_no_hold():
+    assert "no drain deadline" in hold(deadline_in_s=None).reason and not hold(deadline_in_s=None).hold
+    assert "no checkpoint commit measured" in hold(commit_s=None).reason and not hold(commit_s=None).hold
+    assert "unknown" in hold(usable=None).reason and not hold(usable=None).hold
+
+
+def agreement(leaving, holding_for=0, grow_to=0):
+    return StepAgreement(loss_sum=0.0, leaving_ranks=leaving, grow_to=grow_to, save_due=False, committed_step=0,
+                         step_s=0.1, holding_for=holding_for)
+
+
+def test_a_hold_defers_the_handoff_only_if_rank_0_knew_of_every_leaving_rank():
+    assert handoff_after(agreement([0, 1], holding_for=2), step=7, world_size=2) is None
+    late = handoff_after(agreement([0, 1], holding_for=1), step=7, world_size=2)
+    assert late.reason is HandoffReason.PREEMPTION and late.leaving_ranks == (0, 1), \
+        "a rank rank 0 had not heard of may have an earlier deadline"
+    assert handoff_after(agreement([], holding_for=0, grow_to=3), step=7, world_size=2).reason is HandoffReason.REGROW
+
+
+def test_the_watcher_counts_workers_without_the_noticed_nodes_and_knows_their_deadlines():
+    view = [NodeView("a", True, False, CPU1), NodeView("b", True, True, CPU1, drain_deadline_ms=1_790_000_010_000),
+            NodeView("c", True, False, CPU1), NodeView("d", True, True, CPU1, drain_deadline_ms=1_790_000_005_000)]
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), ["a", "b"], interval_s=1)
+    assert watcher.workers_without({"a"}) is None and watcher.drain_deadline_s({"b"}) is None, "before a check"
+    watcher.check()
+    assert watcher.workers_without({"a"}) == 1, "c alone: b and d are draining"
+    assert watcher.workers_without({"a", "c"}) == 0
+    assert watcher.drain_deadline_s({"b", "d"}) == 1_790_000_005.0
+    assert watcher.drain_deadline_s({"a", "b"}) is None, "a has no drain (yet): its deadline is not known"
