@@ -45,6 +45,10 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "node_manager_pb2": ("ray.core.generated.node_manager_pb2", ""),
     "node_manager_pb2_grpc": ("ray.core.generated.node_manager_pb2_grpc", ""),
     "runtime_environment_pb2": ("ray.core.generated.runtime_environment_pb2", ""),
+    # The GCS key-value store: a preloaded process announces its node warm (elastic/standby.py).
+    "internal_kv_initialized": ("ray.experimental.internal_kv", "_internal_kv_initialized"),
+    "internal_kv_put": ("ray.experimental.internal_kv", "_internal_kv_put"),
+    "internal_kv_list": ("ray.experimental.internal_kv", "_internal_kv_list"),
     # Process types and environment names of a Ray node (cluster/embedded.py, cluster/local_provider.py).
     "ray_constants": ("ray._private.ray_constants", ""),
     # The autoscaler: the YAML preparation `ray up` does, its providers (cluster/).

@@ -7,7 +7,7 @@ from ray.train.v2._internal.execution.scaling_policy import NoopDecision, Resize
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
+from raytrain_spot.elastic.capacity import WARM_WAIT_LIMIT_S, CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
 from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
 from raytrain_spot.train.handoff import WorkerGroupHandoff
 from raytrain_spot.train.runtime import ExtraCapacity
@@ -222,3 +222,34 @@ def test_trainer_matches_the_configured_scaling(compose, overrides, trainer_type
     assert type(trainer).__name__ == trainer_type
     assert trainer.scaling_config.num_workers == num_workers
     assert trainer.run_config.failure_config.max_failures != 0, "a lost Spot node must not end the run"
+
+
+def test_a_node_outside_the_group_counts_for_a_regrow_once_warm_or_after_the_wait_limit():
+    view, warm, clock = [node("a"), node("b")], set(), Clock()
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), group_nodes=["a"],
+                              interval_s=1, clock=clock, warm=lambda: warm)
+    watcher.check()
+    assert watcher.extra is None, "b is still importing: a restart onto it would wait for the import"
+    warm.add("b")
+    clock.now += 5
+    watcher.check()
+    assert watcher.extra == ExtraCapacity(2, 0.0), "its age counts from when it is warm"
+    view.append(node("c"))
+    watcher.check()
+    clock.now += WARM_WAIT_LIMIT_S
+    watcher.check()
+    assert watcher.extra.workers == 3, "a node that never reports warm counts after the wait limit"
+
+
+def test_without_a_warm_view_every_usable_node_counts_and_a_failing_one_counts_them_all():
+    view = [node("a"), node("b")]
+    plain = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), ["a"], interval_s=1)
+    plain.check()
+
+    def unreadable():
+        raise ConnectionError("GCS")
+
+    failing = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), ["a"], interval_s=1,
+                              warm=unreadable)
+    failing.check()
+    assert plain.extra.workers == failing.extra.workers == 2

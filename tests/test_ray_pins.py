@@ -61,7 +61,7 @@ def test_the_trainer_hands_the_controller_our_policies():
         trainer.fit()
     assert isinstance(given["scaling_policy"], SpotScalingPolicy)
     assert isinstance(given["failure_policy"], SpotFailurePolicy)
-    assert given["scaling_policy"]._capacity._per_worker == {"CPU": 1}, "sized from the trainer's ScalingConfig"
+    assert given["scaling_policy"]._capacity.per_worker == {"CPU": 1}, "sized from the trainer's ScalingConfig"
 
 
 def test_the_controller_calls_the_policy_hooks_we_override_with_these_arguments():

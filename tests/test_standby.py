@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raytrain_spot.config.schema import ClusterConfig
 from raytrain_spot.cluster.embedded import connect
-from raytrain_spot.elastic.standby import STANDBY_MARKER, idle_standbys, top_up
+from raytrain_spot.elastic.standby import STANDBY_MARKER, idle_standbys, top_up, warm_nodes
 
 pytestmark = pytest.mark.cluster
 
@@ -43,6 +43,10 @@ def test_the_next_worker_starts_in_a_preloaded_standby(monkeypatch):
         first = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
         first_pid, preloaded = ray.get(first.process.remote())
         assert preloaded, "a worker node's processes import torch at idle priority, from before they take work"
+        deadline = time.time() + 30
+        while node_id not in warm_nodes():  # announced by the preload thread just after its imports
+            assert time.time() < deadline, "a preloaded process must announce its node warm"
+            time.sleep(0.2)
 
         assert ray.get(first.top_up.remote(1)) == 1
         deadline = time.time() + 120

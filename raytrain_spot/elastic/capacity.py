@@ -16,7 +16,7 @@ from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optiona
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import TrainerConfig
-from raytrain_spot.elastic.standby import standby_enabled, warm_joined_node
+from raytrain_spot.elastic.standby import standby_enabled, warm_joined_node, warm_nodes
 from raytrain_spot.train.runtime import ExtraCapacity
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ class LiveCapacity:
         return workers_that_fit(self.nodes(), self.per_worker, self.max_workers)
 
 
+WARM_WAIT_LIMIT_S = 60.0
+"""Longest a node outside the group is kept out of the regrow capacity while it is not warm (its
+standby's start failed, or it preloads nothing): past this it counts, cold."""
+
+
 class CapacityWatcher:
     """Runs on rank 0: notices when more workers would fit than the group has (``extra``: how many
     and since when; the regrow rule decides whether to use them), and which of the group's nodes
@@ -87,15 +92,22 @@ class CapacityWatcher:
     nodes are read from the GCS, as Ray Train's controller reads them before relaying them to
     the workers: the loop acts on whichever arrives first, so a busy controller cannot make a
     notice come too late.
+
+    With ``warm`` (the nodes with the stack preloaded, elastic/standby.py), a node outside the
+    group counts toward ``extra`` only once it is warm, or after ``WARM_WAIT_LIMIT_S``: a group
+    restarted onto a node still importing waits for the import, with no training meanwhile,
+    while the group that waits for it trains on.
     """
 
     def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float,
-                 clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None):
+                 clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None,
+                 warm: Optional[Callable[[], Set[str]]] = None):
         self._capacity = capacity
         self._group_nodes = set(group_nodes)
         self._world_size = len(group_nodes)
         self._on_join = on_join
-        self._seen: Optional[set] = None  # usable nodes seen so far; None before the first check
+        self._warm = warm
+        self._seen: Optional[Dict[str, float]] = None  # usable node -> when first seen; None before the first check
         self._interval_s = interval_s
         self._clock = clock
         self._more: Optional[Tuple[int, float]] = None  # (workers that fit, since when)
@@ -116,15 +128,28 @@ class CapacityWatcher:
         self.draining = frozenset(node.node_id for node in nodes if node.draining and node.node_id in self._group_nodes)
         usable = {node.node_id: node for node in nodes if node.alive and not node.draining}
         if self._on_join and self._seen is not None:
-            for node_id in usable.keys() - self._seen:
+            for node_id in usable.keys() - self._seen.keys():
                 self._on_join(usable[node_id])
-        self._seen = (self._seen or set()) | usable.keys()
-        workers = self._capacity.workers()
+        now = self._clock()
+        self._seen = {node_id: now for node_id in usable} | (self._seen or {})
+        workers = workers_that_fit([usable[node_id] for node_id in self._regrow_nodes(usable, now)],
+                                   self._capacity.per_worker, self._capacity.max_workers)
         if workers <= self._world_size:
             self._more = None
         elif self._more is None or self._more[0] != workers:
             self._more = (workers, self._clock())
             logger.info("Capacity for %d workers (the group has %d)", workers, self._world_size)
+
+    def _regrow_nodes(self, usable: Mapping[str, NodeView], now: float) -> List[str]:
+        if self._warm is None or usable.keys() <= self._group_nodes:
+            return list(usable)
+        try:
+            warm = self._warm()
+        except Exception:  # noqa: BLE001 - the notice half of this check must not fail with it
+            logger.warning("Cannot read which nodes are warm; counting every node", exc_info=True)
+            return list(usable)
+        return [node_id for node_id in usable if node_id in self._group_nodes or node_id in warm
+                or now - self._seen[node_id] >= WARM_WAIT_LIMIT_S]
 
     @property
     def extra(self) -> Optional[ExtraCapacity]:
@@ -210,5 +235,6 @@ def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityW
     def warm(node: NodeView) -> None:
         warm_joined_node(node.node_id, workers_that_fit([node], per_worker, most))
 
+    standbys = standby_enabled(trainer_cfg)
     return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
-                           on_join=warm if standby_enabled(trainer_cfg) else None).start()
+                           on_join=warm if standbys else None, warm=warm_nodes if standbys else None).start()

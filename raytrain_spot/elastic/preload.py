@@ -6,6 +6,8 @@ group trains does not slow it on cores it shares (the embedded cluster's nodes s
 machine's), and the process's main thread, the one that later runs the training function,
 keeps its normal priority (an unprivileged thread cannot return from idle priority).
 
+Once the stack is in, the process announces its node warm (elastic/standby.py's ``announce_warm``).
+
 The main thread waits instead of going on to take work because Python's imports are not safe
 to race against an idle-priority thread: a module counts as imported a moment before its
 parent package gets the attribute for it, and a starved thread can hold that moment for
@@ -44,8 +46,15 @@ def _import_at_idle_priority() -> None:
             importlib.import_module(module)
     except Exception:  # noqa: BLE001 - the main thread imports it again and meets the error where it matters
         logger.warning("Preloading %s failed", module, exc_info=True)
+        return
     finally:
         done.set()
+    try:
+        from raytrain_spot.elastic.standby import announce_warm
+
+        announce_warm()
+    except Exception:  # noqa: BLE001 - unannounced, a joined node counts for a regrow later (elastic/capacity.py)
+        logger.warning("Could not announce this node warm", exc_info=True)
 
 
 threading.Thread(target=_import_at_idle_priority, name="preload-at-idle-priority", daemon=True).start()

@@ -18,6 +18,10 @@ the processes can be counted), and rank 0 starts standbys on every node that joi
 group runs. When the group restarts, after a notice or for a regrow, its new workers start
 in those. ``PrestartWorkers`` has no Python API in Ray 2.60; ``tests/test_standby.py`` fails
 loudly if an upgrade moves or changes it. A failed top-up is logged and costs only the speed-up.
+
+A process that has preloaded the stack says so in the GCS's key-value store (``announce_warm``):
+rank 0 regrows onto a node that joined only once it is warm (``warm_nodes``, read by
+elastic/capacity.py), since a group restarted onto a node still importing waits for the import.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
+from typing import Optional, Set
 
 import psutil
 
@@ -44,6 +48,27 @@ STANDBY_MARKER = "RAYTRAIN_SPOT_STANDBY"
 # Idle standbys are started per group; the job's end removes them, so they may wait long.
 KEEP_ALIVE_S = 7 * 24 * 3600
 IDLE_TITLE = "ray::IDLE"
+
+
+WARM_NAMESPACE = "raytrain_spot_warm"
+"""GCS key-value namespace: one key per node id that has a process with the stack preloaded."""
+
+
+def announce_warm() -> None:
+    """Called by a worker process once it has preloaded the stack (elastic/preload.py): its node is warm.
+    Outside a Ray worker (nothing connected) it does nothing."""
+    import ray
+    from raytrain_spot._ray import internal_kv_initialized, internal_kv_put
+
+    if ray.is_initialized() and internal_kv_initialized():
+        internal_kv_put(ray.get_runtime_context().get_node_id(), str(time.time()), namespace=WARM_NAMESPACE)
+
+
+def warm_nodes() -> Set[str]:
+    """Node ids that have had a process with the stack preloaded (dead nodes included: callers filter)."""
+    from raytrain_spot._ray import internal_kv_list
+
+    return {key.decode() for key in internal_kv_list("", namespace=WARM_NAMESPACE)}
 
 
 def standby_enabled(trainer_cfg: TrainerConfig) -> bool:

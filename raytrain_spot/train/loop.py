@@ -96,6 +96,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     reported_step = loop.step
     steps_in_group = 0
     checkpointed_at_notice = False
+    holding = False  # the last step's agreement held the group through a notice
     total_samples = cfg.trainer.max_steps * global_batch
     batch = load_batch(task, dataset, order, loop.samples_seen, cfg.trainer, rank, world_size, device)
     while loop.step < cfg.trainer.max_steps:
@@ -149,9 +150,11 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                                       rank, 0, runtime.report)
                 checkpointed_at_notice = True
         elif handoff:
-            loop.handed_off_at = agreed.at  # the next group measures its restart from here
+            # The next group measures its restart from here; after a hold it would measure the wait for capacity.
+            loop.handed_off_at = 0.0 if holding else agreed.at
             hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                      runtime.signals.drain_deadline_s)
+        holding = agreed.holding_for > 0
         if agreed.save_due:
             events.send()  # records of every step the checkpoint holds are out before a kill could take them
             checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
