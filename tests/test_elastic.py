@@ -146,7 +146,7 @@ def test_watcher_hears_of_nodes_that_join_while_the_group_runs():
     watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), group_nodes=["a", "b"],
                               interval_s=1, on_join=joined.append)
     watcher.check()
-    assert joined == [], "nodes there when the group started are not news"
+    assert joined == [], "the group's own nodes are not news"
     view.append(node("c", draining=True))
     watcher.check()
     view[2] = node("c")
@@ -253,3 +253,14 @@ def test_without_a_warm_view_every_usable_node_counts_and_a_failing_one_counts_t
                               warm=unreadable)
     failing.check()
     assert plain.extra.workers == failing.extra.workers == 2
+
+
+def test_a_node_outside_the_group_at_its_start_is_news_at_the_first_check():
+    """A group sized while nodes were still joining (after an outage) must warm them too: without
+    a standby nothing preloads there, and the node would never count as warm."""
+    view, joined = [node("a"), node("b"), node("c", draining=True)], []
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), group_nodes=["a"],
+                              interval_s=1, on_join=joined.append)
+    watcher.check()
+    watcher.check()
+    assert [n.node_id for n in joined] == ["b"]

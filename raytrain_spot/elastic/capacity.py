@@ -87,8 +87,8 @@ standby's start failed, or it preloads nothing): past this it counts, cold."""
 class CapacityWatcher:
     """Runs on rank 0: notices when more workers would fit than the group has (``extra``: how many
     and since when; the regrow rule decides whether to use them), and which of the group's nodes
-    are draining (a preemption notice). ``on_join`` hears of every node
-    that joins while the group runs (warm standbys start there before the regrow). Draining
+    are draining (a preemption notice). ``on_join`` hears of every usable node outside the group,
+    at the first check and as it joins later (warm standbys start there before the regrow). Draining
     nodes are read from the GCS, as Ray Train's controller reads them before relaying them to
     the workers: the loop acts on whichever arrives first, so a busy controller cannot make a
     notice come too late.
@@ -127,8 +127,8 @@ class CapacityWatcher:
         nodes = self._nodes = self._capacity.nodes()
         self.draining = frozenset(node.node_id for node in nodes if node.draining and node.node_id in self._group_nodes)
         usable = {node.node_id: node for node in nodes if node.alive and not node.draining}
-        if self._on_join and self._seen is not None:
-            for node_id in usable.keys() - self._seen.keys():
+        if self._on_join:  # at the first check, the nodes outside the group are news too
+            for node_id in usable.keys() - (self._group_nodes if self._seen is None else self._seen.keys()):
                 self._on_join(usable[node_id])
         now = self._clock()
         self._seen = {node_id: now for node_id in usable} | (self._seen or {})

@@ -2,9 +2,9 @@
 
 Each rank contributes a ``RankView``; the sum over ranks decodes into one ``StepAgreement``
 that every rank acts on at the same step. The sum works because every slot has either one
-writer (rank 0's decisions: regrow, periodic save, notice hold, committed step, and its clock) or means "any rank says
-so" (a rank's notice flag, set by whichever ranks know of it; read as > 0). The loss is the
-one true sum.
+writer (rank 0's decisions: regrow, periodic save, notice hold, committed step, and its clock)
+or means "any rank says so" (a rank's notice flag, set by whichever ranks know of it; read as
+> 0). The loss is the one true sum.
 """
 
 from __future__ import annotations
