@@ -48,7 +48,7 @@ def _two_ranks(rank: int, store: str, results: str) -> None:
     group = RankGroup.for_training(CPU)
     # Rank 1 alone knows rank 1 is leaving; only rank 0's decisions count.
     view = RankView(loss_sum=1.0 + rank, leaving_ranks=[1] if rank == 1 else [], grow_to=4 + rank,
-                    save_due=rank == 1, holding_for=1 + 2 * rank, committed_step=10 * (rank + 1),
+                    save_due=rank == 1, holding_for=1 + 2 * rank, committed_step=10 * (rank + 1), commit_s=0.25 + rank,
                     step_s=0.5 + 8 * rank, at=1_790_000_000.123456 + 5 * rank)
     agreement = agree(view, group)
     placements = group.all_gather_object(f"node-{rank}")
@@ -64,6 +64,6 @@ def test_two_ranks_agree_on_the_sum_any_notice_and_rank_zeros_decisions(tmp_path
     assert outcomes[0] == outcomes[1]
     agreement, placements, shipped = outcomes[0]
     assert agreement == StepAgreement(loss_sum=3.0, leaving_ranks=[1], grow_to=4, save_due=False, committed_step=10,
-                                      step_s=0.5, at=1_790_000_000.123456, holding_for=1), \
+                                      step_s=0.5, at=1_790_000_000.123456, holding_for=1, commit_s=0.25), \
         "rank 0's clock, to the microsecond"
     assert placements == ["node-0", "node-1"] and shipped == "state"

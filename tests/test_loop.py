@@ -288,6 +288,19 @@ def test_a_notice_hold_ends_at_once_when_capacity_appears_elsewhere(tmp_path):
     assert [(h["hold"], h["usable_workers"]) for h in of(ranks[0], "notice_hold")] == [(True, 0), (False, 1)]
 
 
+def test_a_group_that_has_not_saved_yet_holds_on_the_runs_earlier_commit_times(tmp_path):
+    """Groups placed on nodes whose notice came while they started (bursts of notices) must hold
+    too: the commit estimate travels in the loop state, not in the group's checkpoint manager."""
+    first = FaultInjector(NODES).notice_at(step=6, rank=1).room_elsewhere(workers=1)
+    run_group(tmp_path, 2, first, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    noticed_at_start = (FaultInjector(NODES).notice_at(step=7, rank=0).notice_at(step=7, rank=1)
+                        .room_elsewhere(workers=0).drain_deadline_after_notice(seconds=3.0))
+    ranks = run_group(tmp_path, 2, noticed_at_start, config(max_steps=400), task=LinearTask(step_s=0.05))
+    holds = of(ranks[0], "notice_hold")
+    assert holds[0]["hold"] and holds[0]["step"] == 7, holds
+    assert ranks[0]["step"] > 7 + 5
+
+
 def test_a_notice_that_leaves_survivors_hands_off_at_once(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
               .drain_deadline_after_notice(seconds=60.0))

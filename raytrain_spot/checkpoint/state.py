@@ -53,6 +53,9 @@ class LoopState:
     restarts_measured: int = 0
     handed_off_at: float = 0.0
     """Unix time of the last handoff: the next group measures its restart from it."""
+    commit_s: float = 0.0
+    """What a checkpoint's commit to the shared tiers took lately (rank 0's longest of its last three;
+    0: none yet): a notice hold's estimate, kept so a group that has not saved yet can hold too."""
 
 
 class StateMismatch(ValueError):

@@ -16,7 +16,7 @@ import torch
 
 from raytrain_spot.train.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _COMMITTED, _STEP_S, _AT, _LEAVING = range(8)
+_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = range(9)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class RankView:
     0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
     committed_step: int = 0
     """Rank 0: newest step committed to a shared tier."""
+    commit_s: float = 0.0
+    """Rank 0: what its checkpoint commits take lately (seconds), for every rank's loop state."""
     step_s: float = 0.0
     """Rank 0: wall time of this step. Every rank counts rank 0's, so every rank's loop state, and
     so every node's copy of a checkpoint, is the same."""
@@ -57,6 +59,7 @@ class StepAgreement:
     step_s: float
     at: float = 0.0
     holding_for: int = 0
+    commit_s: float = 0.0
 
 
 def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
@@ -71,6 +74,7 @@ def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
         slots[_SAVE] = float(view.save_due)
         slots[_HOLDING_FOR] = float(view.holding_for)
         slots[_COMMITTED] = float(view.committed_step)
+        slots[_COMMIT_S] = view.commit_s
         slots[_STEP_S] = view.step_s
         slots[_AT] = view.at
     # float64: step numbers stay exact far beyond any run's length.
@@ -91,7 +95,7 @@ class PendingAgreement:
                              leaving_ranks=[r for r in range(self._world_size) if summed[_LEAVING + r] > 0],
                              grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
                              committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT],
-                             holding_for=int(summed[_HOLDING_FOR]))
+                             holding_for=int(summed[_HOLDING_FOR]), commit_s=summed[_COMMIT_S])
 
 
 def agree(view: RankView, group: RankGroup) -> StepAgreement:

@@ -102,7 +102,7 @@ def decide_notice_hold(usable_workers: Optional[int], min_workers: int, deadline
     if deadline_in_s is None:
         return NoticeHold(False, "the noticed nodes have no drain deadline", usable_workers)
     if commit_s is None:
-        return NoticeHold(False, "no checkpoint commit measured yet in this group", usable_workers, deadline_in_s)
+        return NoticeHold(False, "no checkpoint commit measured yet in this run", usable_workers, deadline_in_s)
     needed_s = step_s + commit_s + margin_s
     numbers = dict(usable_workers=usable_workers, deadline_in_s=deadline_in_s, needed_s=needed_s)
     if deadline_in_s <= needed_s:
@@ -123,7 +123,7 @@ class NoticeHoldPolicy:
         self._last: Optional[bool] = None
 
     def holding_for(self, leaving_ranks: Sequence[int], node_ids: Sequence[str], signals: ClusterSignals,
-                    step: int, step_s: float, commit_s: Sequence[float]) -> int:
+                    step: int, step_s: float, commit_s: float) -> int:
         """The ``holding_for`` of rank 0's view after ``step``: how many leaving ranks it holds for, or 0."""
         if not leaving_ranks or not (self._cfg.hold_on_notice and self._cfg.spot_aware):
             return 0
@@ -134,7 +134,7 @@ class NoticeHoldPolicy:
             else None
         decision = decide_notice_hold(usable, self._cfg.min_workers,
                                       None if deadline_s is None else deadline_s - self._clock(), step_s,
-                                      max(commit_s[-3:]) if commit_s else None, self._cfg.hold_margin_s)
+                                      commit_s or None, self._cfg.hold_margin_s)
         if decision.hold != self._last:
             self._last = decision.hold
             logger.info("Notice hold at step %d: %s", step, decision.reason)

@@ -112,12 +112,13 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         next_step = loop.step + 1
         leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
         step_s = batch.data_s + time.time() - step_started
+        commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
         view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
                                                                    world_size),
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
                          holding_for=holds.holding_for(leaving, runtime.node_ids, runtime.signals, next_step, step_s,
-                                                       checkpoints.commit_s),
-                         committed_step=checkpoints.committed_step, step_s=step_s, at=time.time())
+                                                       commit_s),
+                         committed_step=checkpoints.committed_step, commit_s=commit_s, step_s=step_s, at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
         pending = start_agreement(view, group)
         # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
@@ -128,6 +129,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         loop.step = next_step
         loop.samples_seen += global_batch
         loop.train_time_s += agreed.step_s
+        loop.commit_s = agreed.commit_s
         steps_in_group += 1
         if steps_in_group > WARMUP_STEPS:  # rank 0's clock, so every rank keeps the same figures
             loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s, world_size,
