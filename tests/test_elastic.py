@@ -7,7 +7,7 @@ from ray.train.v2._internal.execution.scaling_policy import NoopDecision, Resize
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from raytrain_spot.elastic.capacity import WARM_WAIT_LIMIT_S, CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
+from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
 from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
 from raytrain_spot.train.handoff import WorkerGroupHandoff
 from raytrain_spot.train.runtime import ExtraCapacity
@@ -227,7 +227,7 @@ def test_trainer_matches_the_configured_scaling(compose, overrides, trainer_type
 def test_a_node_outside_the_group_counts_for_a_regrow_once_warm_or_after_the_wait_limit():
     view, warm, clock = [node("a"), node("b")], set(), Clock()
     watcher = CapacityWatcher(LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0), group_nodes=["a"],
-                              interval_s=1, clock=clock, warm=lambda: warm)
+                              interval_s=1, clock=clock, warm=lambda: warm, warm_wait_limit_s=60)
     watcher.check()
     assert watcher.extra is None, "b is still importing: a restart onto it would wait for the import"
     warm.add("b")
@@ -236,7 +236,7 @@ def test_a_node_outside_the_group_counts_for_a_regrow_once_warm_or_after_the_wai
     assert watcher.extra == ExtraCapacity(2, 0.0), "its age counts from when it is warm"
     view.append(node("c"))
     watcher.check()
-    clock.now += WARM_WAIT_LIMIT_S
+    clock.now += 60
     watcher.check()
     assert watcher.extra.workers == 3, "a node that never reports warm counts after the wait limit"
 

@@ -148,6 +148,10 @@ class TrainerConfig:
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
     a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py."""
+    warm_wait_limit_s: float = 60.0
+    """Longest a node outside the group is kept out of a regrow while it is not warm (its standby has
+    not imported the stack yet; a group restarted onto it would wait for the import). 0: regrow onto
+    cold nodes at once. See raytrain_spot/elastic/capacity.py."""
     standby_delay_s: float = 5.0
     """Seconds a group trains before its nodes start their standbys. A standby imports torch and the
     training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process (the
@@ -178,7 +182,8 @@ class TrainerConfig:
                 "is the plain Ray Train baseline's notice handling", "also set trainer.spot_aware=false")
         require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
-        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s", "hold_margin_s"):
+        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s", "hold_margin_s",
+                     "warm_wait_limit_s"):
             require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
                     "use 0 or a positive number of seconds")
 

@@ -79,11 +79,6 @@ class LiveCapacity:
         return workers_that_fit(self.nodes(), self.per_worker, self.max_workers)
 
 
-WARM_WAIT_LIMIT_S = 60.0
-"""Longest a node outside the group is kept out of the regrow capacity while it is not warm (its
-standby's start failed, or it preloads nothing): past this it counts, cold."""
-
-
 class CapacityWatcher:
     """Runs on rank 0: notices when more workers would fit than the group has (``extra``: how many
     and since when; the regrow rule decides whether to use them), and which of the group's nodes
@@ -94,19 +89,21 @@ class CapacityWatcher:
     notice come too late.
 
     With ``warm`` (the nodes with the stack preloaded, elastic/standby.py), a node outside the
-    group counts toward ``extra`` only once it is warm, or after ``WARM_WAIT_LIMIT_S``: a group
+    group counts toward ``extra`` only once it is warm, or after ``warm_wait_limit_s`` (its
+    standby's start failed, or it preloads nothing): a group
     restarted onto a node still importing waits for the import, with no training meanwhile,
     while the group that waits for it trains on.
     """
 
     def __init__(self, capacity: LiveCapacity, group_nodes: List[str], interval_s: float,
                  clock: Callable[[], float] = time.monotonic, on_join: Optional[Callable[[NodeView], None]] = None,
-                 warm: Optional[Callable[[], Set[str]]] = None):
+                 warm: Optional[Callable[[], Set[str]]] = None, warm_wait_limit_s: float = 60.0):
         self._capacity = capacity
         self._group_nodes = set(group_nodes)
         self._world_size = len(group_nodes)
         self._on_join = on_join
         self._warm = warm
+        self._warm_wait_limit_s = warm_wait_limit_s
         self._seen: Optional[Dict[str, float]] = None  # usable node -> when first seen; None before the first check
         self._interval_s = interval_s
         self._clock = clock
@@ -149,7 +146,7 @@ class CapacityWatcher:
             logger.warning("Cannot read which nodes are warm; counting every node", exc_info=True)
             return list(usable)
         return [node_id for node_id in usable if node_id in self._group_nodes or node_id in warm
-                or now - self._seen[node_id] >= WARM_WAIT_LIMIT_S]
+                or now - self._seen[node_id] >= self._warm_wait_limit_s]
 
     @property
     def extra(self) -> Optional[ExtraCapacity]:
@@ -237,4 +234,5 @@ def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityW
 
     standbys = standby_enabled(trainer_cfg)
     return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
-                           on_join=warm if standbys else None, warm=warm_nodes if standbys else None).start()
+                           on_join=warm if standbys else None, warm=warm_nodes if standbys else None,
+                           warm_wait_limit_s=trainer_cfg.warm_wait_limit_s).start()
