@@ -15,16 +15,23 @@ worker nodes on this machine), one after the other:
   running a textbook loop: ``ray.train.torch.prepare_model`` (DDP), the framework's sample order
   (``GlobalSampleOrder``: the same rows in the same order; a ``DistributedSampler(shuffle=True)``
   order over the whole dataset reads across Parquet row groups, which the framework's order avoids),
-  gradient accumulation over
-  micro batches with the framework's ``train_step`` (so the forward/backward/optimizer step itself
-  is the same code), a constant learning rate, no checkpoints, no reports, no agreement
-  collectives, no watchers.
+  the framework's ``load_batch`` and gradient accumulation over micro batches with its
+  ``train_step`` (so the batch loading and the forward/backward/optimizer step are the same code),
+  a constant learning rate, no checkpoints, no reports, no agreement collectives, no watchers.
 
 Samples/s come from per-step records (the run's ``events.jsonl``; the plain loop writes the same
 records): the median over steps after ``--warmup-steps`` of ``samples / duration_s``, and, over
 the same steps, samples / wall time from the end of the last warm-up step to the end of the last
 step ("span"). A periodic checkpoint's stall falls between two step records, so only the span
 figure includes it; both include the background commit's competition for the CPU.
+
+Beside them the benchmark prints the cores each kind of process used over the measured steps
+(bench/cpu_accounting.py: Train workers, idle standbys, the driver, Ray's own processes), and
+``--modes ... raytrain-spot-cold`` adds the framework with ``trainer.warm_standby=false``, so a
+gap can be read as who took the cores. ``--profile-s S`` samples the Train workers' stacks with
+py-spy for S seconds and reports the share of their CPU each loop's own code takes outside the
+shared step and batch loading: the per-step cost of the framework's agreement, events and
+capacity watch, which run-to-run variation on shared cores hides in samples/s.
 
     python bench/bench_hf_vlm.py                          # tiny-llava, 60 steps, ~2-4 minutes on 2 cores
     python bench/bench_hf_vlm.py --preset tiny-idefics3
@@ -41,16 +48,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.cpu_accounting import CpuSampler, loop_own_share, profile_train_workers  # noqa: E402
 from raytrain_spot.observe.events import EVENTS_FILE, read_events  # noqa: E402
 
-MODES = ("plain-ray-train", "raytrain-spot")
+MODES = ("plain-ray-train", "raytrain-spot", "raytrain-spot-cold")
+DEFAULT_MODES = MODES[:2]
+MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-cold": ["trainer.warm_standby=false"]}
+"""The framework's modes: its defaults, and without warm standbys (what their imports cost on shared cores)."""
 PLAIN_EVENTS = "plain-events.jsonl"
+LOOP_FRAMES = {"plain-ray-train": "plain_loop_per_worker (", "raytrain-spot": "train (raytrain_spot/train/loop.py",
+               "raytrain-spot-cold": "train (raytrain_spot/train/loop.py"}
+"""Each mode's training loop, as py-spy names its frame."""
 
 
 def overrides(args, workdir: str, name: str) -> List[str]:
@@ -65,12 +80,14 @@ def overrides(args, workdir: str, name: str) -> List[str]:
             "trainer.log_every_steps=1000"]
 
 
-def run(mode: str, args, workdir: str, repeat: int) -> List[Dict[str, Any]]:
-    """One run in a fresh process with its own Ray temp dir; its step and checkpoint records."""
+def run(mode: str, args, workdir: str, repeat: int) -> Tuple[List[Dict[str, Any]], CpuSampler, List[float]]:
+    """One run in a fresh process with its own Ray temp dir; its step and checkpoint records, the
+    CPU its processes used, and (``--profile-s``) the loop's own share of each Train worker's CPU."""
     name = f"bench-hf-vlm-{mode}-{repeat}"
     settings = overrides(args, workdir, name)
-    if mode == "raytrain-spot":
-        command = [sys.executable, "-m", "raytrain_spot.run", *settings, *args.framework_overrides]
+    if mode in MODE_OVERRIDES:
+        command = [sys.executable, "-m", "raytrain_spot.run", *settings, *MODE_OVERRIDES[mode],
+                   *args.framework_overrides]
         events_path = os.path.join(workdir, "outputs", name, EVENTS_FILE)
     else:
         events_path = os.path.join(workdir, "outputs", name, PLAIN_EVENTS)
@@ -80,22 +97,34 @@ def run(mode: str, args, workdir: str, repeat: int) -> List[Dict[str, Any]]:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                    preexec_fn=_interruptible,
                                    env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
+        cpu = CpuSampler(process.pid)
+        profiles: List[str] = []
+        profiler = threading.Thread(target=lambda: profiles.extend(profile_train_workers(
+            process.pid, args.profile_after_s, args.profile_s, tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))))
+        if args.profile_s:
+            profiler.start()
         try:
             rc = process.wait(timeout=args.timeout_s)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGINT)  # the driver shuts its cluster down on the way out
             process.wait(timeout=120)
             rc = "timeout"
+        finally:
+            cpu.stop()
+            if args.profile_s:
+                profiler.join()
     if rc != 0:
         raise SystemExit(f"{mode} run failed (exit {rc}); see {log_path}")
-    return read_events(events_path)
+    shares = [loop_own_share(path, LOOP_FRAMES[mode]) for path in profiles]
+    return read_events(events_path), cpu, [round(share, 4) for share in shares if share is not None]
 
 
 def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a backgrounding shell may have set it to ignored
 
 
-def analyse(events: List[Dict[str, Any]], warmup: int, workers: int) -> Dict[str, Any]:
+def analyse(events: List[Dict[str, Any]], cpu: CpuSampler, loop_shares: List[float], warmup: int,
+            workers: int) -> Dict[str, Any]:
     steps = [e for e in events if e["ev"] == "step"]
     measured = [e for e in steps if e["step"] > warmup]
     other_size = [e["step"] for e in measured if e["world_size"] != workers]
@@ -123,6 +152,9 @@ def analyse(events: List[Dict[str, Any]], warmup: int, workers: int) -> Dict[str
                         for s, e in sorted(saves.items())],
         "advised_interval_steps": [e["interval_steps"] for e in events if e["ev"] == "advice"],
         "failed_saves": sum(e["ev"] == "checkpoint_failed" for e in events),
+        # Who used the cores over the measured steps: the gap between the modes, by process kind.
+        "cores_by_process_kind": cpu.cores_by_kind(boundary["t"], measured[-1]["t"]) if boundary and measured else None,
+        "loop_own_share_of_worker_cpu": loop_shares,
     }
 
 
@@ -139,9 +171,15 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=3,
                         help="steps left out of the figures (3 keeps the first periodic save, at step 5, in)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
+                        help="raytrain-spot-cold: the framework with trainer.warm_standby=false")
     parser.add_argument("--framework-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="diagnostics only: extra settings for the raytrain-spot run (e.g. trainer.warm_standby=false)")
+    parser.add_argument("--profile-s", type=float, default=0.0,
+                        help="sample every Train worker's stacks with py-spy for this long (0: off) and report the "
+                             "share of their CPU the loop's own code takes, outside the step and the batch loading")
+    parser.add_argument("--profile-after-s", type=float, default=15.0,
+                        help="seconds after the Train workers appear to start sampling (past their start-up)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per run")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -153,7 +191,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for mode in args.modes:
             started = time.time()
-            result = analyse(run(mode, args, workdir, repeat), args.warmup_steps, args.workers)
+            result = analyse(*run(mode, args, workdir, repeat), args.warmup_steps, args.workers)
             result["bench_wall_s"] = round(time.time() - started, 1)
             results[mode].append(result)
             print(f"{mode} (run {repeat + 1}): {json.dumps(result)}", flush=True)
@@ -169,24 +207,33 @@ def main() -> None:
                          ("median_samples_per_s", "span_samples_per_s", "median_step_s")}
         print(f"{mode:18} {summary[mode]['median_samples_per_s']:>17} {summary[mode]['span_samples_per_s']:>15} "
               f"{summary[mode]['median_step_s']:>14} {sum(r['steps_measured'] for r in runs):>6}")
-    if len(summary) == 2:
-        plain, spot = summary["plain-ray-train"], summary["raytrain-spot"]
+    for framework_mode in [m for m in summary if m in MODE_OVERRIDES and "plain-ray-train" in summary]:
+        plain, spot = summary["plain-ray-train"], summary[framework_mode]
         for key, what in (("median_samples_per_s", "median"), ("span_samples_per_s", "span")):
             if plain[key] and spot[key]:
                 ratio = spot[key] / plain[key]
-                print(f"ratio raytrain-spot / plain ({what}): {ratio:.3f}  "
-                      f"(target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})")
-    if "raytrain-spot" in results:
-        for r in results["raytrain-spot"]:
+                print(f"ratio {framework_mode} / plain ({what}): {ratio:.3f}  "
+                      f"(target >= 0.98: {'met' if ratio >= 0.98 else 'NOT met'})")
+    for framework_mode in [m for m in results if m in MODE_OVERRIDES]:
+        for r in results[framework_mode]:
             periodic = [c for c in r["checkpoints"] if c["kind"] == "periodic"]
             cadence = ("at the default cadence (checkpoint.interval_steps unset: first save at step 5, then the "
                        "advisor's interval" if not any(o.startswith("checkpoint.") for o in args.framework_overrides)
                        else "NOT at the default cadence (--framework-overrides); advised interval")
-            print(f"raytrain-spot checkpoints {cadence} {r['advised_interval_steps'] or 'not yet set'} steps): "
+            print(f"{framework_mode} checkpoints {cadence} {r['advised_interval_steps'] or 'not yet set'} steps): "
                   f"periodic at steps {[c['step'] for c in periodic]} "
                   f"(in the measured window: {[c['step'] for c in periodic if c['in_measured_window']]}, "
                   f"stall {[c['stall_s'] for c in periodic]} s), final at {[c['step'] for c in r['checkpoints'] if c['kind'] == 'final']}; "
                   f"failed saves {r['failed_saves']}")
+    print(f"cores used over the measured steps, by process kind ({os.cpu_count()} CPUs; bench/cpu_accounting.py):")
+    for mode, runs in results.items():
+        for repeat, r in enumerate(runs):
+            print(f"  {mode} (run {repeat + 1}): {r['cores_by_process_kind']}")
+    if args.profile_s:
+        print(f"the loop's own code (outside the step and the batch loading), share of each Train worker's on-CPU "
+              f"samples over {args.profile_s:g} s (py-spy):")
+        for mode, runs in results.items():
+            print(f"  {mode}: {[r['loop_own_share_of_worker_cpu'] for r in runs]}")
     if any(r["steps_at_other_world_size"] for runs in results.values() for r in runs):
         print("WARNING: some steps ran at another world size (left out of the medians, no span figure)")
     if args.json:
@@ -244,10 +291,10 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     import torch
 
     from raytrain_spot.config.schema import config_from_dict
-    from raytrain_spot.train.loop import sample_spans
-    from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
-    from raytrain_spot.train.step import build_optimizer, split, train_step
-    from raytrain_spot.train.task import build_task, move_to
+    from raytrain_spot.train.loop import load_batch, sample_spans
+    from raytrain_spot.train.sample_order import GlobalSampleOrder
+    from raytrain_spot.train.step import build_optimizer, train_step
+    from raytrain_spot.train.task import build_task
 
     cfg = config_from_dict(loop_config["config"])
     task = build_task(cfg.task)
@@ -269,17 +316,14 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     for step in range(cfg.trainer.max_steps):
         step_started = time.time()
         first = step * global_batch
-        rows = order.rows_at(rank_positions(first, global_batch, rank, world_size))
-        micro_batches = [(move_to(task.collate([dataset[row] for row in chunk]), device), len(chunk))
-                         for chunk in split(rows, cfg.trainer.micro_batch_size)]
-        data_s = time.time() - step_started
-        loss_sum = train_step(model, optimizer, micro_batches, task.loss, world_size / global_batch,
+        batch = load_batch(task, dataset, order, first, cfg.trainer, rank, world_size, device)
+        loss_sum = train_step(model, optimizer, batch.micro_batches, task.loss, world_size / global_batch,
                               cfg.optim.grad_clip)
         if rank == 0:
             now = time.time()
             records.append({"t": now, "ev": "step", "step": step + 1, "world_size": world_size,
-                            "samples": [first, first + global_batch], "loss_rank0": loss_sum / len(rows),
-                            "duration_s": now - step_started, "data_s": data_s})
+                            "samples": [first, first + global_batch], "loss_rank0": loss_sum / len(batch.rows),
+                            "duration_s": now - step_started, "data_s": batch.data_s})
     if rank == 0:  # every rank runs on this machine (the embedded cluster)
         os.makedirs(os.path.dirname(loop_config["events_path"]), exist_ok=True)
         with open(loop_config["events_path"], "w") as f:

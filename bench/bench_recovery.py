@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from raytrain_spot.config.schema import CheckpointingConfig  # noqa: E402
 from raytrain_spot.observe.events import read_events  # noqa: E402
 
 DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
@@ -77,6 +78,7 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
         chaos = ["+chaos=trace", f"chaos.trace={os.path.abspath(args.trace)}", f"chaos.tick_s={args.tick_s}",
                  f"chaos.start_tick={args.start_tick}", f"chaos.max_ticks={args.ticks}",
                  f"chaos.provisioning_s={args.provisioning_s}"]
+        chaos += compressed_lifetime_prior(args)
     else:
         chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s)]
     command = [sys.executable, "-m", "raytrain_spot.run", f"+experiment={args.experiment}", f"run.name={name}",
@@ -98,6 +100,16 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
             process.wait(timeout=120)
     log.close()
     return events_path
+
+
+def compressed_lifetime_prior(args) -> List[str]:
+    """A replay compresses the trace's time ``args.compression``-fold, and with it how long Spot
+    nodes live: the prior for a node's lifetime (``checkpoint.mtbi_prior_s``, which the regrow rule
+    weighs against this run's observed interruptions) is compressed by the same factor, so the
+    replayed run believes what a run at the trace's real rate would. Unless an override sets it."""
+    if any(o.startswith("checkpoint.mtbi_prior_s=") for o in args.overrides):
+        return []
+    return [f"checkpoint.mtbi_prior_s={CheckpointingConfig.mtbi_prior_s / args.compression:.1f}"]
 
 
 def run_events(workdir: str, scenario: str, mode: str) -> str:
@@ -334,6 +346,7 @@ def main() -> None:
         args = argparse.Namespace(**{**earlier["args"], "json": args.json, "reanalyse": args.reanalyse})
     with open(args.trace) as f:
         raw = json.load(f)
+    args.compression = raw["metadata"]["gap_seconds"] / args.tick_s
     workdir = earlier.get("workdir") or tempfile.mkdtemp(prefix="bench-recovery-")
     results: Dict[str, Dict[str, Any]] = {}
     for scenario in args.scenarios:
@@ -353,7 +366,9 @@ def main() -> None:
             result["oracle_steps"] = oracle_steps(result["capacity"], result["replay_s"], step_s)
 
     print(f"trace={os.path.basename(args.trace)} ticks={args.start_tick}..{args.start_tick + args.ticks} "
-          f"tick_s={args.tick_s} notice_s={args.notice_s} workdir={workdir}")
+          f"tick_s={args.tick_s} (time compressed {args.compression:g}x; trace runs with "
+          f"{' '.join(compressed_lifetime_prior(args)) or 'the given checkpoint.mtbi_prior_s'}) notice_s={args.notice_s} "
+          f"workdir={workdir}")
     for key, r in results.items():
         notice, kill = r["recovery_from_notice_s"] or {}, r["recovery_from_kill_s"] or {}
         print(f"{key:26} preemptions={r['preemptions']} recovery_from_notice_median_s={notice.get('median')} "

@@ -1,0 +1,145 @@
+"""Where a benchmark run's CPU went: CPU seconds by kind of process over a time window.
+
+On the embedded cluster every process of a run (the driver, Ray's GCS, raylets and dashboard,
+the Train controller and workers, the framework's actors, idle standbys) descends from the
+process a benchmark starts, and all of them share this machine's cores. ``CpuSampler`` reads the
+CPU time (user + system) of each of them twice a second; ``cores_by_kind`` turns two instants
+into cores used by kind over the window between them (CPU seconds / wall seconds), so a
+throughput gap between two runs can be read as "who took the cores". A process's kind is
+its Ray process title without the method (``ray::RayTrainWorker``, ``ray::IDLE``), or its
+program (``gcs_server``, ``raylet``, ``dashboard``), or ``driver`` for the process started.
+
+Inside the Train workers, ``profile_train_workers`` samples their Python stacks (py-spy) and
+``loop_own_share`` says how much of their CPU the training loop's own code took, outside the
+step and the batch loading that every loop does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import psutil
+
+SAMPLE_PERIOD_S = 0.5
+
+
+def process_kind(process: psutil.Process, root_pid: int) -> str:
+    if process.pid == root_pid:
+        return "driver"
+    cmdline = process.cmdline()
+    if not cmdline:
+        return process.name()
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split(".")[0].split()[0]
+    for marker in ("dashboard", "log_monitor", "runtime_env", "monitor.py"):
+        if any(marker in arg for arg in cmdline):
+            return marker.removesuffix(".py")
+    return os.path.basename(cmdline[0])
+
+
+class CpuSampler:
+    """Samples the CPU time of a process and its descendants in a thread until ``stop``."""
+
+    def __init__(self, root_pid: int):
+        self._root_pid = root_pid
+        # (pid, start time) -> kind (the latest title seen: an idle worker becomes a Train worker),
+        # and the process's samples: times and cumulative CPU seconds.
+        self._kinds: Dict[Tuple[int, float], str] = {}
+        self._samples: Dict[Tuple[int, float], Tuple[List[float], List[float]]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stopped.wait(SAMPLE_PERIOD_S):
+            try:
+                root = psutil.Process(self._root_pid)
+                processes = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue  # the run is exiting
+            now = time.time()
+            for process in processes:
+                try:
+                    with process.oneshot():
+                        key = (process.pid, process.create_time())
+                        cpu = process.cpu_times()
+                        self._kinds[key] = process_kind(process, self._root_pid)
+                except psutil.Error:
+                    continue  # exited between the listing and the read
+                times, totals = self._samples.setdefault(key, ([], []))
+                times.append(now)
+                totals.append(cpu.user + cpu.system)
+
+    def cores_by_kind(self, start: float, end: float) -> Dict[str, float]:
+        """Cores each kind of process used between two instants (CPU seconds over the window / its
+        length), largest first; processes that started or ended inside count their part."""
+        used: Dict[str, float] = {}
+        for key, (times, totals) in self._samples.items():
+            cpu = _cpu_at(times, totals, end) - _cpu_at(times, totals, start)
+            if cpu > 0:
+                used[self._kinds[key]] = used.get(self._kinds[key], 0.0) + cpu
+        return {kind: round(cpu / (end - start), 3) for kind, cpu in sorted(used.items(), key=lambda kv: -kv[1])}
+
+
+def _cpu_at(times: List[float], totals: List[float], instant: float) -> float:
+    """Cumulative CPU at the last sample not after ``instant`` (0 before the process's first sample)."""
+    index = bisect.bisect_right(times, instant)
+    return totals[index - 1] if index else 0.0
+
+
+# -- inside the Train workers: what share of their CPU the loop's own code takes -----------------
+
+TRAIN_WORKER = "ray::RayTrainWorker"
+STEP_AND_DATA = ("train_step (raytrain_spot/train/step.py", "load_batch (raytrain_spot/train/loop.py")
+"""Frames of the work both loops share: the forward/backward/optimizer step, and the batch loading."""
+
+
+def profile_train_workers(root_pid: int, after_s: float, seconds: float, out_dir: str) -> List[str]:
+    """Sample the Python stacks of every Train worker under ``root_pid`` with py-spy (installed with
+    Ray's dashboard) for ``seconds``, ``after_s`` after the workers appear; the raw profiles' paths."""
+    py_spy = shutil.which("py-spy", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    deadline = time.time() + 600
+    workers: List[psutil.Process] = []
+    while not workers and time.time() < deadline:
+        time.sleep(1)
+        try:
+            workers = [p for p in psutil.Process(root_pid).children(recursive=True)
+                       if p.cmdline()[:1] and p.cmdline()[0].startswith(TRAIN_WORKER)]
+        except psutil.Error:
+            return []  # the run ended first
+    time.sleep(after_s)
+    paths = [os.path.join(out_dir, f"py-spy-{worker.pid}.txt") for worker in workers]
+    recorders = [subprocess.Popen([py_spy, "record", "--nonblocking", "--rate", "50", "--format", "raw",
+                                   "--duration", str(int(seconds)), "--output", path, "--pid", str(worker.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for worker, path in zip(workers, paths)]
+    for recorder in recorders:
+        recorder.wait()
+    return [path for path in paths if os.path.exists(path)]
+
+
+def loop_own_share(profile_path: str, loop_frame: str) -> Optional[float]:
+    """Share of a worker's on-CPU samples inside its training loop (frames containing ``loop_frame``)
+    that are outside the step and the batch loading: what the loop itself costs per step."""
+    in_loop = own = 0
+    with open(profile_path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            frames = stack.split(";")
+            if not any(loop_frame in frame for frame in frames):
+                continue
+            in_loop += int(count)
+            if not any(shared in frame for frame in frames for shared in STEP_AND_DATA):
+                own += int(count)
+    return own / in_loop if in_loop else None

@@ -1,0 +1,67 @@
+"""The benchmarks' own instruments: who used the cores (bench/cpu_accounting.py), and the
+lifetime prior a compressed trace replay runs with (bench/bench_recovery.py)."""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+from raytrain_spot.config.schema import CheckpointingConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+BUSY_CHILD = "import time\nstarted = time.time()\nwhile time.time() - started < 2.5: pass"
+# The started process idles while a child titled like a Ray Train worker burns a core.
+IDLE_PARENT = (f"import subprocess, sys\nsubprocess.Popen(['ray::RayTrainWorker.run_train_fn', '-c', {BUSY_CHILD!r}], "
+               "executable=sys.executable).wait()")
+
+
+def test_cpu_is_charged_to_the_process_kind_that_used_it():
+    accounting = _bench_module("cpu_accounting")
+    parent = subprocess.Popen([sys.executable, "-c", IDLE_PARENT])
+    sampler = accounting.CpuSampler(parent.pid)
+    started = time.time()
+    parent.wait(timeout=30)
+    sampler.stop()
+
+    cores = sampler.cores_by_kind(started + 0.5, started + 2.0)  # inside the child's busy loop
+    assert cores.get("ray::RayTrainWorker", 0.0) > 0.5, cores
+    assert cores.get("driver", 0.0) < 0.2, cores  # the started process, waiting
+    assert list(cores)[0] == "ray::RayTrainWorker"  # largest first
+
+
+def test_a_compressed_replay_compresses_the_node_lifetime_prior_unless_it_is_set():
+    recovery = _bench_module("bench_recovery")
+    args = argparse.Namespace(overrides=[], compression=50.0)
+    (setting,) = recovery.compressed_lifetime_prior(args)
+    key, value = setting.split("=")
+    assert key == "checkpoint.mtbi_prior_s"
+    assert float(value) * 50.0 == CheckpointingConfig.mtbi_prior_s
+
+    args.overrides = ["checkpoint.mtbi_prior_s=900"]
+    assert recovery.compressed_lifetime_prior(args) == []
+
+
+def test_the_loops_own_share_counts_samples_in_the_loop_outside_the_step_and_the_loading(tmp_path):
+    accounting = _bench_module("cpu_accounting")
+    loop = "train (raytrain_spot/train/loop.py:108)"
+    profile = tmp_path / "py-spy.txt"
+    profile.write_text("\n".join([
+        f"Thread.run (threading.py:982);{loop};train_step (raytrain_spot/train/step.py:86);forward (x.py:1) 70",
+        f"Thread.run (threading.py:982);{loop};load_batch (raytrain_spot/train/loop.py:188) 20",
+        f"Thread.run (threading.py:982);{loop};start_agreement (raytrain_spot/train/agreement.py:80) 10",
+        "<module> (ray/_private/workers/default_worker.py:323);Worker.main_loop (ray/_private/worker.py:1069) 50",
+    ]) + "\n")
+    assert accounting.loop_own_share(str(profile), "train (raytrain_spot/train/loop.py") == 10 / 100
+    assert accounting.loop_own_share(str(profile), "plain_loop_per_worker (") is None
