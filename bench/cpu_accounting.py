@@ -28,6 +28,10 @@ from typing import Dict, List, Optional, Tuple
 import psutil
 
 SAMPLE_PERIOD_S = 0.5
+IDLE_WORKER = "ray::IDLE"
+"""The title of a Ray worker process that hosts nothing yet (a warm standby)."""
+PYTHON_WORKER_START = "default_worker"
+"""What a Ray worker process is before it sets its title."""
 
 
 def process_kind(process: psutil.Process, root_pid: int) -> str:
@@ -38,7 +42,7 @@ def process_kind(process: psutil.Process, root_pid: int) -> str:
         return process.name()
     if cmdline[0].startswith("ray::"):
         return cmdline[0].split(".")[0].split()[0]
-    for marker in ("dashboard", "log_monitor", "runtime_env", "monitor.py"):
+    for marker in ("dashboard", "log_monitor", "runtime_env", "monitor.py", PYTHON_WORKER_START):
         if any(marker in arg for arg in cmdline):
             return marker.removesuffix(".py")
     return os.path.basename(cmdline[0])
@@ -49,8 +53,7 @@ class CpuSampler:
 
     def __init__(self, root_pid: int):
         self._root_pid = root_pid
-        # (pid, start time) -> kind (the latest title seen: an idle worker becomes a Train worker),
-        # and the process's samples: times and cumulative CPU seconds.
+        # (pid, start time) -> kind, and the process's samples: times and cumulative CPU seconds.
         self._kinds: Dict[Tuple[int, float], str] = {}
         self._samples: Dict[Tuple[int, float], Tuple[List[float], List[float]]] = {}
         self._stopped = threading.Event()
@@ -74,7 +77,9 @@ class CpuSampler:
                     with process.oneshot():
                         key = (process.pid, process.create_time())
                         cpu = process.cpu_times()
-                        self._kinds[key] = process_kind(process, self._root_pid)
+                        if self._kinds.get(key, IDLE_WORKER) in (IDLE_WORKER, PYTHON_WORKER_START):
+                            # A starting or idle Ray worker becomes what it hosts; that name then stays.
+                            self._kinds[key] = process_kind(process, self._root_pid)
                 except psutil.Error:
                     continue  # exited between the listing and the read
                 times, totals = self._samples.setdefault(key, ([], []))

@@ -155,8 +155,9 @@ class TrainerConfig:
     standby_delay_s: float = 5.0
     """Seconds a group trains before its nodes start their standbys. A standby imports torch and the
     training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process (the
-    interpreter and Ray's worker, at normal priority) takes CPU that comes out of the group's first
-    steps where nodes share cores. A group that ends sooner restarts in cold processes."""
+    interpreter and Ray's worker, at normal priority) and, to a lesser degree, the imports take CPU
+    that comes out of the group's first steps where nodes share cores. A group that ends sooner
+    restarts in cold processes."""
     failure_settle_s: float = 4.0
     """After a failure without notice, wait this long for the cluster to declare dead nodes dead
     before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
