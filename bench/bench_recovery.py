@@ -17,7 +17,11 @@ replay, the steps trained and never redone, goodput = productive step time / wal
 the **oracle**: the steps an ideal policy would train knowing the capacity in advance (at every
 moment the fastest world size this run measured that fits the nodes alive, no restart cost).
 Then it projects onto the trace's real time scale: the measured overhead per disruption times
-the trace's real disruption rate, plus checkpoint stalls at a stated interval. It ends with a
+the trace's real disruption rate, plus checkpoint stalls at a stated interval. Beside them, the
+cores each kind of process used from the replay's start to its first disruption (the steady
+state every mode trains in; bench/cpu_accounting.py). A trace replay compresses the trace's time
+(its ``gap_seconds`` per tick into ``--tick-s``), and the node-lifetime prior the regrow rule
+starts from (``checkpoint.mtbi_prior_s``) is compressed by the same factor. It ends with a
 Markdown table per scenario; ``--reanalyse JSON`` recomputes everything from the event logs
 of the run that wrote that ``--json`` (its working directory is kept).
 
@@ -37,11 +41,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.cpu_accounting import IDLE_WORKER, TRAIN_WORKER, CpuSampler  # noqa: E402
 from raytrain_spot.config.schema import CheckpointingConfig  # noqa: E402
 from raytrain_spot.observe.events import read_events  # noqa: E402
 
@@ -71,8 +76,9 @@ def scripted_events(preemptions: int, every_s: float, restore_after_s: float) ->
     return "chaos.events=[" + ",".join(steps) + "]"
 
 
-def run(mode: str, scenario: str, args, workdir: str) -> str:
-    """Run the main command under the Spot simulator; stop it once the scenario (plus a tail) is over."""
+def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
+    """Run the main command under the Spot simulator; stop it once the scenario (plus a tail) is
+    over. Its event log's path, and the CPU its processes used."""
     name = f"bench-{scenario}-{mode}"
     if scenario == "trace":
         chaos = ["+chaos=trace", f"chaos.trace={os.path.abspath(args.trace)}", f"chaos.tick_s={args.tick_s}",
@@ -89,6 +95,7 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
     log = open(os.path.join(workdir, f"{name}.log"), "w")
     process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_interruptible,
                                env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
+    cpu = CpuSampler(process.pid)
     replay_s = scenario_length_s(scenario, args)
     started = None
     while process.poll() is None:
@@ -98,8 +105,9 @@ def run(mode: str, scenario: str, args, workdir: str) -> str:
         if started is not None and time.time() > started + replay_s + args.tail_s:
             process.send_signal(signal.SIGINT)  # the driver shuts the cluster down on its way out
             process.wait(timeout=120)
+    cpu.stop()
     log.close()
-    return events_path
+    return events_path, cpu
 
 
 def compressed_lifetime_prior(args) -> List[str]:
@@ -110,6 +118,14 @@ def compressed_lifetime_prior(args) -> List[str]:
     if any(o.startswith("checkpoint.mtbi_prior_s=") for o in args.overrides):
         return []
     return [f"checkpoint.mtbi_prior_s={CheckpointingConfig.mtbi_prior_s / args.compression:.1f}"]
+
+
+def cores_before_first_disruption(events: List[Dict[str, Any]], cpu: CpuSampler) -> Dict[str, float]:
+    """Cores by process kind from the replay's start to its first notice or kill: the steady state
+    every mode trains in, where a slower step shows who took the cores."""
+    t0 = next(e["t"] for e in events if e["ev"] == "chaos")
+    first = next((e["t"] for e in events if e["ev"] in ("notice", "kill") and e["t"] > t0), None)
+    return cpu.cores_by_kind(t0, first) if first else {}
 
 
 def run_events(workdir: str, scenario: str, mode: str) -> str:
@@ -292,6 +308,13 @@ def project(result: Dict[str, Any], trace: List[int], gap_s: float, interval_s: 
             "projected_goodput": round(1 - badput_per_hour / 3600, 4)}
 
 
+def cores_split(cores: Optional[Dict[str, float]]) -> str:
+    if not cores:
+        return "-"
+    workers, idle = cores.get(TRAIN_WORKER, 0.0), cores.get(IDLE_WORKER, 0.0)
+    return f"{workers:.2f} / {idle:.2f} / {sum(cores.values()) - workers - idle:.2f}"
+
+
 def markdown_table(by_mode: Dict[str, Dict[str, Any]]) -> str:
     """One scenario's figures, a column per mode, for docs/benchmarks.md."""
     def seconds(stats: Optional[Dict[str, float]], key: str = "median") -> str:
@@ -306,6 +329,8 @@ def markdown_table(by_mode: Dict[str, Dict[str, Any]]) -> str:
         "training again, from the kill (median)": lambda r: seconds(r["recovery_from_kill_s"]),
         "of which: to the handoff / Ray Train's restart / training function startup / first step (medians)": lambda r: (
             " / ".join(f"{v:.1f}" for v in r["recovery_phases_s"].values()) + " s" if r["recovery_phases_s"] else "-"),
+        "cores before the first disruption: Train workers / idle worker processes (standbys) / all else": lambda r: (
+            cores_split(r["cores_before_first_disruption"])),
         "steps redone": lambda r: str(r["steps_redone"]),
         "worker-group restarts": lambda r: str(r["restarts"]),
         "goodput over the replay": lambda r: f"{r['goodput']:.3f}",
@@ -352,8 +377,13 @@ def main() -> None:
     for scenario in args.scenarios:
         for mode in args.modes:
             started = time.time()
-            events = read_events(run_events(workdir, scenario, mode) if earlier else run(mode, scenario, args, workdir))
+            events_path, cpu = (run_events(workdir, scenario, mode), None) if earlier else run(mode, scenario, args,
+                                                                                              workdir)
+            events = read_events(events_path)
             result = analyse(events, scenario_length_s(scenario, args))
+            result["cores_before_first_disruption"] = (
+                earlier["results"][f"{scenario}/{mode}"].get("cores_before_first_disruption") if earlier
+                else cores_before_first_disruption(events, cpu))
             result["projection"] = project(result, raw["data"], raw["metadata"]["gap_seconds"],
                                            args.projected_interval_s)
             result["bench_wall_s"] = (earlier["results"][f"{scenario}/{mode}"]["bench_wall_s"] if earlier
@@ -376,6 +406,8 @@ def main() -> None:
               f"goodput={r['goodput']} projected_goodput={r['projection']['projected_goodput']} "
               f"steps_trained={r['steps_trained']} oracle_steps={r['oracle_steps']} "
               f"recovery_phases_s={r['recovery_phases_s']}")
+        print(f"{'':26} cores before the first disruption, by process kind (bench/cpu_accounting.py): "
+              f"{r['cores_before_first_disruption']}")
     for scenario in args.scenarios:  # the headline baseline: Ray 2.60's own preemption path
         ray_api, spot = results.get(f"{scenario}/ray-preemption-api"), results.get(f"{scenario}/raytrain-spot")
         if ray_api and spot and ray_api["recovery_from_notice_s"] and spot["recovery_from_notice_s"]:

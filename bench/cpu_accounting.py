@@ -42,7 +42,8 @@ def process_kind(process: psutil.Process, root_pid: int) -> str:
         return process.name()
     if cmdline[0].startswith("ray::"):
         return cmdline[0].split(".")[0].split()[0]
-    for marker in ("dashboard", "log_monitor", "runtime_env", "monitor.py", PYTHON_WORKER_START):
+    for marker in ("raytrain_spot.preemption.watcher", "dashboard", "log_monitor", "runtime_env", "monitor.py",
+                   PYTHON_WORKER_START):
         if any(marker in arg for arg in cmdline):
             return marker.removesuffix(".py")
     return os.path.basename(cmdline[0])
