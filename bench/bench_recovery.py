@@ -124,7 +124,7 @@ def cores_before_first_disruption(events: List[Dict[str, Any]], cpu: CpuSampler)
     """Cores by process kind from the replay's start to its first notice or kill: the steady state
     every mode trains in, where a slower step shows who took the cores."""
     t0 = next(e["t"] for e in events if e["ev"] == "chaos")
-    first = next((e["t"] for e in events if e["ev"] in ("notice", "kill") and e["t"] > t0), None)
+    first = first_disruption_t(events, t0)
     return cpu.cores_by_kind(t0, first) if first else {}
 
 
@@ -201,7 +201,23 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         "stall_per_checkpoint_s": _stats([e["stall_s"] for e in events
                                           if e["ev"] == "checkpoint" and e["stall_s"] > 0]),
         "step_time_s": _stats([e["duration_s"] for e in steps]),
+        "before_first_disruption": steady_state(events, steps, t0, window_end),
     }
+
+
+def first_disruption_t(events: List[Dict[str, Any]], t0: float) -> Optional[float]:
+    return next((e["t"] for e in events if e["ev"] in ("notice", "kill") and e["t"] > t0), None)
+
+
+def steady_state(events: List[Dict[str, Any]], steps: List[Dict[str, Any]], t0: float,
+                 window_end: float) -> Dict[str, Any]:
+    """From the replay's start to its first notice or kill every mode trains its first group
+    undisturbed: the steps it trained then and their median time (the loop's and its neighbours'
+    cost with nothing to recover from)."""
+    end = first_disruption_t(events, t0) or window_end
+    undisturbed = [e for e in steps if t0 <= e["t"] - e["duration_s"] and e["t"] <= end]
+    return {"seconds": round(end - t0, 1), "steps": len(undisturbed),
+            "median_step_s": round(statistics.median(e["duration_s"] for e in undisturbed), 4) if undisturbed else None}
 
 
 def capacity_timeline(events: List[Dict[str, Any]], t0: float, window_end: float) -> List[List[float]]:
@@ -329,6 +345,8 @@ def markdown_table(by_mode: Dict[str, Dict[str, Any]]) -> str:
         "training again, from the kill (median)": lambda r: seconds(r["recovery_from_kill_s"]),
         "of which: to the handoff / Ray Train's restart / training function startup / first step (medians)": lambda r: (
             " / ".join(f"{v:.1f}" for v in r["recovery_phases_s"].values()) + " s" if r["recovery_phases_s"] else "-"),
+        "before the first disruption: seconds / steps trained / median step": lambda r: (
+            "{seconds:.0f} s / {steps} / {median_step_s} s".format(**r["before_first_disruption"])),
         "cores before the first disruption: Train workers / idle worker processes (standbys) / all else": lambda r: (
             cores_split(r["cores_before_first_disruption"])),
         "steps redone": lambda r: str(r["steps_redone"]),

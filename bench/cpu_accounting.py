@@ -16,7 +16,6 @@ step and the batch loading that every loop does.
 
 from __future__ import annotations
 
-import bisect
 import os
 import shutil
 import subprocess
@@ -29,24 +28,29 @@ import psutil
 
 SAMPLE_PERIOD_S = 0.5
 IDLE_WORKER = "ray::IDLE"
-"""The title of a Ray worker process that hosts nothing yet (a warm standby)."""
+"""The title of a Ray worker process that hosts nothing (a warm standby) at the end of the window."""
 PYTHON_WORKER_START = "default_worker"
 """What a Ray worker process is before it sets its title."""
 
 
-def process_kind(process: psutil.Process, root_pid: int) -> str:
+def process_kind(process: psutil.Process, root_pid: int) -> Tuple[str, bool]:
+    """(kind, whether it is final). A Ray worker's title is provisional until it names an actor
+    class (``ray::Class.method``): before that it is starting, idle (``ray::IDLE``) or between
+    tasks (``ray::execute``), and becomes what it hosts."""
     if process.pid == root_pid:
-        return "driver"
+        return "driver", True
     cmdline = process.cmdline()
     if not cmdline:
-        return process.name()
+        return process.name(), True
     if cmdline[0].startswith("ray::"):
-        return cmdline[0].split(".")[0].split()[0]
-    for marker in ("raytrain_spot.preemption.watcher", "dashboard", "log_monitor", "runtime_env", "monitor.py",
-                   PYTHON_WORKER_START):
+        title = cmdline[0].split()[0]
+        return title.split(".")[0], "." in title
+    for marker in ("raytrain_spot.preemption.watcher", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
         if any(marker in arg for arg in cmdline):
-            return marker.removesuffix(".py")
-    return os.path.basename(cmdline[0])
+            return marker.removesuffix(".py"), True
+    if any(PYTHON_WORKER_START in arg for arg in cmdline):
+        return PYTHON_WORKER_START, False
+    return os.path.basename(cmdline[0]), True
 
 
 class CpuSampler:
@@ -54,9 +58,10 @@ class CpuSampler:
 
     def __init__(self, root_pid: int):
         self._root_pid = root_pid
-        # (pid, start time) -> kind, and the process's samples: times and cumulative CPU seconds.
-        self._kinds: Dict[Tuple[int, float], str] = {}
-        self._samples: Dict[Tuple[int, float], Tuple[List[float], List[float]]] = {}
+        # (pid, start time) -> the process's samples: times, cumulative CPU seconds, and its kind
+        # then (kind, final); and the last final kind it had.
+        self._samples: Dict[Tuple[int, float], Tuple[List[float], List[float], List[Tuple[str, bool]]]] = {}
+        self._final: Dict[Tuple[int, float], str] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, name="cpu-sampler", daemon=True)
         self._thread.start()
@@ -78,30 +83,31 @@ class CpuSampler:
                     with process.oneshot():
                         key = (process.pid, process.create_time())
                         cpu = process.cpu_times()
-                        if self._kinds.get(key, IDLE_WORKER) in (IDLE_WORKER, PYTHON_WORKER_START):
-                            # A starting or idle Ray worker becomes what it hosts; that name then stays.
-                            self._kinds[key] = process_kind(process, self._root_pid)
+                        kind = process_kind(process, self._root_pid)
                 except psutil.Error:
                     continue  # exited between the listing and the read
-                times, totals = self._samples.setdefault(key, ([], []))
+                times, totals, kinds = self._samples.setdefault(key, ([], [], []))
                 times.append(now)
                 totals.append(cpu.user + cpu.system)
+                kinds.append(kind)
+                if kind[1]:
+                    self._final[key] = kind[0]
 
     def cores_by_kind(self, start: float, end: float) -> Dict[str, float]:
         """Cores each kind of process used between two instants (CPU seconds over the window / its
-        length), largest first; processes that started or ended inside count their part."""
+        length), largest first. The CPU between two samples goes to the kind the process had at the
+        second: a standby's imports to ``ray::IDLE``, its training to the Train worker it became;
+        other provisional titles (a worker between tasks) to the process's final kind."""
         used: Dict[str, float] = {}
-        for key, (times, totals) in self._samples.items():
-            cpu = _cpu_at(times, totals, end) - _cpu_at(times, totals, start)
-            if cpu > 0:
-                used[self._kinds[key]] = used.get(self._kinds[key], 0.0) + cpu
+        for key, (times, totals, kinds) in self._samples.items():
+            previous = 0.0  # a process first sampled inside the window started there: all its CPU counts
+            for at, total, (kind, final) in zip(times, totals, kinds):
+                if start < at <= end:
+                    if not final and kind != IDLE_WORKER:
+                        kind = self._final.get(key, kind)
+                    used[kind] = used.get(kind, 0.0) + total - previous
+                previous = total
         return {kind: round(cpu / (end - start), 3) for kind, cpu in sorted(used.items(), key=lambda kv: -kv[1])}
-
-
-def _cpu_at(times: List[float], totals: List[float], instant: float) -> float:
-    """Cumulative CPU at the last sample not after ``instant`` (0 before the process's first sample)."""
-    index = bisect.bisect_right(times, instant)
-    return totals[index - 1] if index else 0.0
 
 
 # -- inside the Train workers: what share of their CPU the loop's own code takes -----------------
