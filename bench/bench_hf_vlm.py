@@ -100,8 +100,9 @@ def run(mode: str, args, workdir: str, repeat: int) -> Tuple[List[Dict[str, Any]
         cpu = CpuSampler(process.pid)
         profiles: List[str] = []
         profiler = threading.Thread(target=lambda: profiles.extend(profile_train_workers(
-            process.pid, args.profile_after_s, args.profile_s, tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))))
-        if args.profile_s:
+            process.pid, args.profile_after_s, args.profile_s, tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)))
+                                    ) if args.profile_s else None
+        if profiler is not None:
             profiler.start()
         try:
             rc = process.wait(timeout=args.timeout_s)
@@ -111,7 +112,7 @@ def run(mode: str, args, workdir: str, repeat: int) -> Tuple[List[Dict[str, Any]
             rc = "timeout"
         finally:
             cpu.stop()
-            if args.profile_s:
+            if profiler is not None:
                 profiler.join()
     if rc != 0:
         raise SystemExit(f"{mode} run failed (exit {rc}); see {log_path}")
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
                         help="raytrain-spot-cold: the framework with trainer.warm_standby=false")
     parser.add_argument("--framework-overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="diagnostics only: extra settings for the raytrain-spot run (e.g. trainer.warm_standby=false)")
+                        help="diagnostics only: extra settings for the framework's runs (e.g. checkpoint.interval_steps=0)")
     parser.add_argument("--profile-s", type=float, default=0.0,
                         help="sample every Train worker's stacks with py-spy for this long (0: off) and report the "
                              "share of their CPU the loop's own code takes, outside the step and the batch loading")

@@ -29,6 +29,10 @@ import psutil
 SAMPLE_PERIOD_S = 0.5
 IDLE_WORKER = "ray::IDLE"
 """The title of a Ray worker process that hosts nothing (a warm standby) at the end of the window."""
+TRAIN_WORKER = "ray::RayTrainWorker"
+TRAIN_WORKER_CALL = "ray::execute."
+"""Ray Train names its calls into a worker ``execute.<function>`` (its ``Worker.execute_async``), and
+the process takes the call's title while it runs one: the training function itself among them."""
 PYTHON_WORKER_START = "default_worker"
 """What a Ray worker process is before it sets its title."""
 
@@ -44,6 +48,8 @@ def process_kind(process: psutil.Process, root_pid: int) -> Tuple[str, bool]:
         return process.name(), True
     if cmdline[0].startswith("ray::"):
         title = cmdline[0].split()[0]
+        if title.startswith(TRAIN_WORKER_CALL):
+            return TRAIN_WORKER, True
         return title.split(".")[0], "." in title
     for marker in ("raytrain_spot.preemption.watcher", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
         if any(marker in arg for arg in cmdline):
@@ -112,7 +118,6 @@ class CpuSampler:
 
 # -- inside the Train workers: what share of their CPU the loop's own code takes -----------------
 
-TRAIN_WORKER = "ray::RayTrainWorker"
 STEP_AND_DATA = ("train_step (raytrain_spot/train/step.py", "load_batch (raytrain_spot/train/loop.py")
 """Frames of the work both loops share: the forward/backward/optimizer step, and the batch loading."""
 

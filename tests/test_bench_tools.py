@@ -22,9 +22,10 @@ def _bench_module(name):
 
 
 BUSY_CHILD = "import time\nstarted = time.time()\nwhile time.time() - started < 2.5: pass"
-# The started process idles while a child titled like a Ray Train worker burns a core.
-IDLE_PARENT = (f"import subprocess, sys\nsubprocess.Popen(['ray::RayTrainWorker.run_train_fn', '-c', {BUSY_CHILD!r}], "
-               "executable=sys.executable).wait()")
+# The started process idles while a child titled like a Ray Train worker running the training function
+# (Ray Train names its calls into a worker execute.<function>) burns a core.
+IDLE_PARENT = (f"import subprocess, sys\nsubprocess.Popen(['ray::execute.train_fn_with_final_checkpoint_flush', '-c', "
+               f"{BUSY_CHILD!r}], executable=sys.executable).wait()")
 
 
 def test_cpu_is_charged_to_the_process_kind_that_used_it():

@@ -1,12 +1,12 @@
 """What every worker process on a worker node imports before it takes work (``RAY_preload_python_modules``).
 
 It imports the training stack in a thread at idle priority (Linux ``SCHED_IDLE``) and waits
-for it, so the imports come after anything else that wants the CPU, and the process's main
+for it, so the imports mostly yield the CPU to anything else that wants it, and the process's main
 thread, the one that later runs the training function, keeps its normal priority (an
 unprivileged thread cannot return from idle priority). Idle priority is not free where nodes
 share cores, as the embedded cluster's share this machine's: the scheduler still gives an
 idle-priority thread a small weight against Ray's nice-15 workers (3 against 36), and a group's
-standbys were measured taking about half a core of the machine's 2 while they imported, the
+standbys were measured taking 0.4 of the machine's 2 cores while they imported, the
 Train workers' share falling by a fifth (``python bench/bench_hf_vlm.py --modes plain-ray-train
 raytrain-spot raytrain-spot-cold``, its cores by process kind; docs/benchmarks.md). On a
 cluster each node's own idle cores pay.
