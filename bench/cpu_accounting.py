@@ -28,7 +28,7 @@ import psutil
 
 SAMPLE_PERIOD_S = 0.5
 IDLE_WORKER = "ray::IDLE"
-"""The title of a Ray worker process that hosts nothing (a warm standby) at the end of the window."""
+"""The title of a Ray worker process that hosts nothing yet (a warm standby)."""
 TRAIN_WORKER = "ray::RayTrainWorker"
 TRAIN_WORKER_CALL = "ray::execute."
 """Ray Train names its calls into a worker ``execute.<function>`` (its ``Worker.execute_async``), and
@@ -39,8 +39,8 @@ PYTHON_WORKER_START = "default_worker"
 
 def process_kind(process: psutil.Process, root_pid: int) -> Tuple[str, bool]:
     """(kind, whether it is final). A Ray worker's title is provisional until it names an actor
-    class (``ray::Class.method``): before that it is starting, idle (``ray::IDLE``) or between
-    tasks (``ray::execute``), and becomes what it hosts."""
+    class (``ray::Class.method``) or a Ray Train call (``ray::execute.<function>``): before that it
+    is starting or idle (``ray::IDLE``), and becomes what it hosts."""
     if process.pid == root_pid:
         return "driver", True
     cmdline = process.cmdline()
@@ -131,11 +131,15 @@ def profile_train_workers(root_pid: int, after_s: float, seconds: float, out_dir
     while not workers and time.time() < deadline:
         time.sleep(1)
         try:
-            workers = [p for p in psutil.Process(root_pid).children(recursive=True)
-                       if p.cmdline()[:1] and p.cmdline()[0].startswith(TRAIN_WORKER)]
+            candidates = psutil.Process(root_pid).children(recursive=True)
         except psutil.Error:
             return []  # the run ended first
+        workers = [p for p in candidates if _is_train_worker(p, root_pid)]
     time.sleep(after_s)
+    try:  # the whole group by now: the first worker found may have been the first of several
+        workers = [p for p in psutil.Process(root_pid).children(recursive=True) if _is_train_worker(p, root_pid)]
+    except psutil.Error:
+        return []
     paths = [os.path.join(out_dir, f"py-spy-{worker.pid}.txt") for worker in workers]
     recorders = [subprocess.Popen([py_spy, "record", "--nonblocking", "--rate", "50", "--format", "raw",
                                    "--duration", str(int(seconds)), "--output", path, "--pid", str(worker.pid)],
@@ -144,6 +148,13 @@ def profile_train_workers(root_pid: int, after_s: float, seconds: float, out_dir
     for recorder in recorders:
         recorder.wait()
     return [path for path in paths if os.path.exists(path)]
+
+
+def _is_train_worker(process: psutil.Process, root_pid: int) -> bool:
+    try:
+        return process_kind(process, root_pid)[0] == TRAIN_WORKER
+    except psutil.Error:
+        return False  # exited since the listing
 
 
 def loop_own_share(profile_path: str, loop_frame: str) -> Optional[float]:
