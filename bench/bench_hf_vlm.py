@@ -63,9 +63,8 @@ DEFAULT_MODES = MODES[:2]
 MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-cold": ["trainer.warm_standby=false"]}
 """The framework's modes: its defaults, and without warm standbys (what their imports cost on shared cores)."""
 PLAIN_EVENTS = "plain-events.jsonl"
-LOOP_FRAMES = {"plain-ray-train": "plain_loop_per_worker (", "raytrain-spot": "train (raytrain_spot/train/loop.py",
-               "raytrain-spot-cold": "train (raytrain_spot/train/loop.py"}
-"""Each mode's training loop, as py-spy names its frame."""
+PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "train (raytrain_spot/train/loop.py"
+"""The two training loops, as py-spy names their frames."""
 
 
 def overrides(args, workdir: str, name: str) -> List[str]:
@@ -116,7 +115,8 @@ def run(mode: str, args, workdir: str, repeat: int) -> Tuple[List[Dict[str, Any]
                 profiler.join()
     if rc != 0:
         raise SystemExit(f"{mode} run failed (exit {rc}); see {log_path}")
-    shares = [loop_own_share(path, LOOP_FRAMES[mode]) for path in profiles]
+    loop_frame = FRAMEWORK_LOOP_FRAME if mode in MODE_OVERRIDES else PLAIN_LOOP_FRAME
+    shares = [loop_own_share(path, loop_frame) for path in profiles]
     return read_events(events_path), cpu, [round(share, 4) for share in shares if share is not None]
 
 

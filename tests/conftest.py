@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import re
 import sys
@@ -13,6 +14,15 @@ force_loopback()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(REPO, "conf")
+
+
+def load_bench(name: str):
+    """A benchmark script of bench/ as a module (bench/ is scripts, not a package the tests import)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -2,24 +2,12 @@
 lifetime prior a compressed trace replay runs with (bench/bench_recovery.py)."""
 
 import argparse
-import importlib.util
-import os
 import subprocess
 import sys
 import time
 
 from raytrain_spot.config.schema import CheckpointingConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench_module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from tests.conftest import load_bench
 
 BUSY_CHILD = "import time\nstarted = time.time()\nwhile time.time() - started < 2.5: pass"
 # The started process idles while a child titled like a Ray Train worker running the training function
@@ -29,7 +17,7 @@ IDLE_PARENT = (f"import subprocess, sys\nsubprocess.Popen(['ray::execute.train_f
 
 
 def test_cpu_is_charged_to_the_process_kind_that_used_it():
-    accounting = _bench_module("cpu_accounting")
+    accounting = load_bench("cpu_accounting")
     parent = subprocess.Popen([sys.executable, "-c", IDLE_PARENT])
     sampler = accounting.CpuSampler(parent.pid)
     started = time.time()
@@ -43,7 +31,7 @@ def test_cpu_is_charged_to_the_process_kind_that_used_it():
 
 
 def test_a_compressed_replay_compresses_the_node_lifetime_prior_unless_it_is_set():
-    recovery = _bench_module("bench_recovery")
+    recovery = load_bench("bench_recovery")
     args = argparse.Namespace(overrides=[], compression=50.0)
     (setting,) = recovery.compressed_lifetime_prior(args)
     key, value = setting.split("=")
@@ -55,7 +43,7 @@ def test_a_compressed_replay_compresses_the_node_lifetime_prior_unless_it_is_set
 
 
 def test_the_loops_own_share_counts_samples_in_the_loop_outside_the_step_and_the_loading(tmp_path):
-    accounting = _bench_module("cpu_accounting")
+    accounting = load_bench("cpu_accounting")
     loop = "train (raytrain_spot/train/loop.py:108)"
     profile = tmp_path / "py-spy.txt"
     profile.write_text("\n".join([

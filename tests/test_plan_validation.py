@@ -2,31 +2,20 @@
 method and runs every window): its recommendation, planned from the window before, against the
 cheapest shape that met the deadline when the test window is replayed."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
 from raytrain_spot.cost.plan import load_trace
 from raytrain_spot.cost.pricing import PriceCatalog
+from tests.conftest import REPO, load_bench
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACES = os.path.join(REPO, "..", "shared", "traces")
 pytestmark = pytest.mark.skipif(not os.path.isdir(TRACES), reason="shared/traces is not next to the repository")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_plan_validation",
-                                                  os.path.join(REPO, "bench", "bench_plan_validation.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _pair(zone, fit_h, test_h, modes=("exp_prev",)):
-    bench = _bench()
+    bench = load_bench("bench_plan_validation")
     args = bench.parse_args(["--replications", "100"])
     name = f"preemption__4-node__aws-08-03-2023__{zone}_v100_1.json"
     counts, tick_s = load_trace(os.path.join(TRACES, name))
