@@ -27,8 +27,9 @@ figure includes it; both include the background commit's competition for the CPU
 
 Beside them the benchmark prints the cores each kind of process used over the measured steps
 (bench/cpu_accounting.py: Train workers, idle standbys, the driver, Ray's own processes), and
-``--modes ... raytrain-spot-cold`` adds the framework with ``trainer.warm_standby=false``, so a
-gap can be read as who took the cores. ``--profile-s S`` samples the Train workers' stacks with
+``--modes ... raytrain-spot-warm`` adds the framework with ``trainer.warm_standby=true`` (on the
+embedded cluster its default keeps no standbys: its nodes share the machine's cores), so a gap can
+be read as who took the cores. ``--profile-s S`` samples the Train workers' stacks with
 py-spy for S seconds and reports the share of their CPU each loop's own code takes outside the
 shared step and batch loading: the per-step cost of the framework's agreement, events and
 capacity watch, which run-to-run variation on shared cores hides in samples/s.
@@ -58,10 +59,10 @@ sys.path.insert(0, REPO)
 from bench.cpu_accounting import CpuSampler, loop_own_share, profile_train_workers  # noqa: E402
 from raytrain_spot.observe.events import EVENTS_FILE, read_events  # noqa: E402
 
-MODES = ("plain-ray-train", "raytrain-spot", "raytrain-spot-cold")
+MODES = ("plain-ray-train", "raytrain-spot", "raytrain-spot-warm")
 DEFAULT_MODES = MODES[:2]
-MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-cold": ["trainer.warm_standby=false"]}
-"""The framework's modes: its defaults, and without warm standbys (what their imports cost on shared cores)."""
+MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-warm": ["trainer.warm_standby=true"]}
+"""The framework's modes: its defaults, and with warm standbys (what their imports cost on shared cores)."""
 PLAIN_EVENTS = "plain-events.jsonl"
 PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "train (raytrain_spot/train/loop.py"
 """The two training loops, as py-spy names their frames."""
@@ -173,7 +174,7 @@ def main() -> None:
                         help="steps left out of the figures (3 keeps the first periodic save, at step 5, in)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
-                        help="raytrain-spot-cold: the framework with trainer.warm_standby=false")
+                        help="raytrain-spot-warm: the framework with trainer.warm_standby=true")
     parser.add_argument("--framework-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="diagnostics only: extra settings for the framework's runs (e.g. checkpoint.interval_steps=0)")
     parser.add_argument("--profile-s", type=float, default=0.0,

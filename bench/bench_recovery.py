@@ -59,8 +59,8 @@ MODES = {
     # project's watcher turning the metadata notice into a Ray drain (Ray reads no GCE notice itself).
     "ray-preemption-api": ["trainer.spot_aware=false", "trainer.ray_preemption_api=true"],
     "raytrain-spot": [],
-    # Every group in fresh processes: what warm standbys save.
-    "raytrain-spot-cold": ["trainer.warm_standby=false"],
+    # Warm standbys, which the embedded cluster leaves off by default (its nodes share the machine's cores).
+    "raytrain-spot-warm": ["trainer.warm_standby=true"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
     "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
 }

@@ -13,9 +13,10 @@ import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raytrain_spot.config.schema import ClusterConfig
+from raytrain_spot.config.schema import ClusterConfig, TrainerConfig
 from raytrain_spot.cluster.embedded import connect
-from raytrain_spot.elastic.standby import STANDBY_MARKER, idle_standbys, top_up, warm_nodes
+from raytrain_spot.elastic.standby import (STANDBY_MARKER, idle_standbys, nodes_share_cores, standby_enabled, top_up,
+                                           warm_nodes)
 
 pytestmark = pytest.mark.cluster
 
@@ -38,6 +39,7 @@ class TrainWorkerStandIn:
 def test_the_next_worker_starts_in_a_preloaded_standby(monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", "/tmp")
     with connect(ClusterConfig(num_worker_nodes=1)) as cluster:
+        assert nodes_share_cores(), "the embedded head and worker node run on this one machine"
         node_id = cluster.workers[0].node_id
         on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
         first = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
@@ -71,3 +73,10 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
              "os.sched_getscheduler(0) == os.SCHED_OTHER)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True", "True"], out
+
+
+@pytest.mark.parametrize("setting, shared, expected", [(None, True, False), (None, False, True), (True, True, True),
+                                                        (False, False, False)])
+def test_standbys_default_to_off_only_where_nodes_share_a_machines_cores(setting, shared, expected):
+    assert standby_enabled(TrainerConfig(warm_standby=setting), nodes_share_cores=shared) is expected
+    assert not standby_enabled(TrainerConfig(warm_standby=True, spot_aware=False), nodes_share_cores=False)

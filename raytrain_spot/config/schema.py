@@ -144,10 +144,14 @@ class TrainerConfig:
     hold_margin_s: float = 1.0
     """Seconds of slack a notice hold leaves between the just-in-time checkpoint's expected commit and
     the drain deadline (which itself comes before the VM's hard stop: the watcher's ``--margin-s``)."""
-    warm_standby: bool = True
+    warm_standby: Optional[bool] = None
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
-    a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py."""
+    a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py.
+    None (the default): on where every Ray node has a machine of its own, off where nodes share one
+    machine's cores (the embedded cluster, the local autoscaler's nodes): there a standby's imports come
+    out of training, and cost more steps than its faster restarts save (docs/benchmarks.md). true/false:
+    always/never."""
     warm_wait_limit_s: float = 60.0
     """Longest a node outside the group is kept out of a regrow while it is not warm (its standby has
     not imported the stack yet; a group restarted onto it would wait for the import). 0: regrow onto

@@ -16,7 +16,7 @@ from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optiona
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import TrainerConfig
-from raytrain_spot.elastic.standby import standby_enabled, warm_joined_node, warm_nodes
+from raytrain_spot.elastic.standby import warm_joined_node, warm_nodes
 from raytrain_spot.train.runtime import ExtraCapacity
 
 logger = logging.getLogger(__name__)
@@ -225,14 +225,13 @@ class RaySignals:
         return known if known is not None else drain_deadline_s(nodes)
 
 
-def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str]) -> CapacityWatcher:
-    """Rank 0's watch on the cluster: regrow capacity, notices, and standbys for nodes that join."""
+def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str], standbys: bool) -> CapacityWatcher:
+    """Rank 0's watch on the cluster: regrow capacity, notices, and (``standbys``) standbys for nodes that join."""
     per_worker, most = trainer_cfg.resources_per_worker, trainer_cfg.max_workers
 
     def warm(node: NodeView) -> None:
         warm_joined_node(node.node_id, workers_that_fit([node], per_worker, most))
 
-    standbys = standby_enabled(trainer_cfg)
     return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
                            on_join=warm if standbys else None, warm=warm_nodes if standbys else None,
                            warm_wait_limit_s=trainer_cfg.warm_wait_limit_s).start()

@@ -71,8 +71,19 @@ def warm_nodes() -> Set[str]:
     return {key.decode() for key in internal_kv_list("", namespace=WARM_NAMESPACE)}
 
 
-def standby_enabled(trainer_cfg: TrainerConfig) -> bool:
-    return trainer_cfg.spot_aware and trainer_cfg.warm_standby
+def standby_enabled(trainer_cfg: TrainerConfig, nodes_share_cores: bool) -> bool:
+    """``trainer.warm_standby``, where unset on from whether this cluster's nodes share a machine's cores:
+    there a standby's imports come out of the training it would speed up (measured: docs/benchmarks.md)."""
+    wanted = trainer_cfg.warm_standby if trainer_cfg.warm_standby is not None else not nodes_share_cores
+    return trainer_cfg.spot_aware and wanted
+
+
+def nodes_share_cores() -> bool:
+    """Whether two live Ray nodes of this cluster run on one machine (one address): they share its cores."""
+    import ray
+
+    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+    return len(addresses) > len(set(addresses))
 
 
 def idle_standbys(run_name: str) -> int:

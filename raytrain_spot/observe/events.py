@@ -21,7 +21,7 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 ``group``              a worker group started training (``world_size``, ``step``, ``restored_step``,
                        ``nodes``: node id of each rank, ``startup_s``: seconds per startup phase,
                        ``process_age_s``: age of each rank's process, older than the restart if it
-                       started in a warm standby)
+                       started in a warm standby; ``warm_standby``: whether this group keeps standbys)
 ``restore``            the group loaded a checkpoint (``step``, ``tier``: local|head|durable|peer,
                        ``duration_s``)
 ``restore_mismatch``   ranks loaded copies of one step that verified yet differ (``step``, ``digests``);

@@ -8,7 +8,7 @@ from ray.train.v2.api.config import LoggingConfig
 
 from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.policy import SpotTorchTrainer
-from raytrain_spot.elastic.standby import STANDBY_MARKER, standby_enabled
+from raytrain_spot.elastic.standby import STANDBY_MARKER
 from raytrain_spot.train.loop import LoopContext, train_loop_per_worker
 
 
@@ -37,8 +37,10 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         # A lost Spot node is a failure to Ray unless it came with a drain: never give up on those.
         failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
         logging_config=LoggingConfig(log_level="WARNING"),
-        # Marks the workers' processes so each node can count its idle standbys (standby.py).
-        worker_runtime_env={"env_vars": {STANDBY_MARKER: cfg.run.name}} if standby_enabled(trainer_cfg) else None,
+        # Marks the workers' processes so each node can count its idle standbys (standby.py). Each group
+        # decides whether to keep standbys (where unset, from its cluster: standby.py's standby_enabled).
+        worker_runtime_env=({"env_vars": {STANDBY_MARKER: cfg.run.name}}
+                            if trainer_cfg.spot_aware and trainer_cfg.warm_standby is not False else None),
     )
     spot = ({"failure_settle_s": trainer_cfg.failure_settle_s,
              "max_identical_failures": trainer_cfg.max_identical_failures} if trainer_cfg.spot_aware else {})
