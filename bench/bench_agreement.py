@@ -9,7 +9,15 @@ two loops in the same process group:
 * **ddp**: load a batch (CPU work standing in for the collate), then the framework's
   ``train_step`` on a DDP-wrapped MLP;
 * **ddp+agreement**: the same, plus ``start_agreement`` after the step and ``result()`` after
-  the next batch has loaded, as the framework's loop does.
+  the next batch has loaded, as the framework's loop does;
+* **ddp+agreement-sync**: ``start_agreement(...).result()`` before the next batch loads;
+* **ddp+agreement-in-bucket**: a design measured to decide it (docs/benchmarks.md: it costs more
+  than it saves here, so the framework does not use it): the agreement's slots ride in DDP's last
+  gradient bucket (a comm hook appends them, each float64 as two float32 parts, and splits them
+  off after the one all-reduce), so a step makes one collective.
+
+Every loop runs under the same comm hook (gradient averaging, as DDP's own), so the figures
+differ only by what each loop adds.
 
 It prints the median step time of each over all blocks and the ratio, so the second
 collective's cost is measured apart from Ray, standbys and the rest of the framework.
@@ -38,7 +46,7 @@ from raytrain_spot.train.agreement import RankView, start_agreement  # noqa: E40
 from raytrain_spot.train.collectives import RankGroup  # noqa: E402
 from raytrain_spot.train.step import train_step  # noqa: E402
 
-LOOPS = ("ddp", "ddp+agreement", "ddp+agreement-sync")
+LOOPS = ("ddp", "ddp+agreement", "ddp+agreement-sync", "ddp+agreement-in-bucket")
 
 
 def load(batch: int, hidden: int, generator: torch.Generator):
@@ -52,6 +60,37 @@ def loss(model, batch):
     return ((model(inputs) - targets) ** 2).squeeze(1)
 
 
+class BucketCarrier:
+    """Comm hook state: the slots to append to the last bucket's all-reduce (None: none this step)."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.slots, self.summed = world_size, None, None
+
+    def stage(self, values) -> None:
+        wide = torch.tensor(values, dtype=torch.float64)
+        high = wide.float()
+        self.slots = torch.cat([high, (wide - high.double()).float()])
+
+    def result(self) -> list:
+        half = len(self.summed) // 2
+        return (self.summed[:half].double() + self.summed[half:].double()).tolist()
+
+
+def averaging_hook(carrier: BucketCarrier, bucket):
+    gradients = bucket.buffer().div_(carrier.world_size)
+    if carrier.slots is None or not bucket.is_last():
+        return dist.all_reduce(gradients, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    joined = torch.cat([gradients, carrier.slots])
+    carrier.slots = None
+
+    def split(fut):
+        summed = fut.value()[0]
+        carrier.summed = summed[len(gradients):]
+        gradients.copy_(summed[:len(gradients)])
+        return gradients
+    return dist.all_reduce(joined, async_op=True).get_future().then(split)
+
+
 def worker(rank: int, args, port: int, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.ranks)
@@ -60,6 +99,9 @@ def worker(rank: int, args, port: int, results) -> None:
                                   for layer in (torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU())],
                                 torch.nn.Linear(args.hidden, 1))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    carrier = BucketCarrier(args.ranks)
+    ddp.register_comm_hook(carrier, averaging_hook)
+    slots = [0.0] * (9 + args.ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     group = RankGroup(torch.device("cpu"))
     generator = torch.Generator().manual_seed(rank)
@@ -69,6 +111,8 @@ def worker(rank: int, args, port: int, results) -> None:
         batch = load(args.batch, args.hidden, generator)
         for _ in range(args.steps):
             started = time.perf_counter()
+            if name == "ddp+agreement-in-bucket":
+                carrier.stage(slots)  # the last step's values: the cost, not the semantics, is measured
             loss_sum = train_step(ddp, optimizer, batch, loss, 1.0 / (args.batch * args.ranks), 1.0)
             if name == "ddp+agreement":
                 pending = start_agreement(RankView(loss_sum), group)
@@ -78,6 +122,8 @@ def worker(rank: int, args, port: int, results) -> None:
                 start_agreement(RankView(loss_sum), group).result()
                 batch = load(args.batch, args.hidden, generator)
             else:
+                if name == "ddp+agreement-in-bucket":
+                    slots[0] = carrier.result()[0] + loss_sum
                 batch = load(args.batch, args.hidden, generator)
             times[name].append(time.perf_counter() - started)
     if rank == 0:
@@ -105,7 +151,7 @@ def main() -> None:
     print(f"{args.ranks} gloo ranks, {os.cpu_count()} CPUs, MLP {args.layers}x{args.hidden}, batch {args.batch} per rank, "
           f"{args.blocks} alternating blocks of {args.steps} steps each")
     for name in LOOPS:
-        print(f"{name:15} median step {medians[name] * 1000:.2f} ms")
+        print(f"{name:24} median step {medians[name] * 1000:.2f} ms")
     for name in LOOPS[1:]:
         print(f"{name} / ddp step time: {medians[name] / medians['ddp']:.3f}")
 

@@ -28,7 +28,7 @@ figure includes it; both include the background commit's competition for the CPU
 Beside them the benchmark prints the cores each kind of process used over the measured steps
 (bench/cpu_accounting.py: Train workers, idle standbys, the driver, Ray's own processes), and
 ``--modes ... raytrain-spot-warm`` adds the framework with ``trainer.warm_standby=true`` (on the
-embedded cluster its default keeps no standbys: its nodes share the machine's cores), so a gap can
+embedded cluster its default keeps no standbys: CPU training on nodes sharing its cores), so a gap can
 be read as who took the cores. ``--profile-s S`` samples the Train workers' stacks with
 py-spy for S seconds and reports the share of their CPU each loop's own code takes outside the
 shared step and batch loading: the per-step cost of the framework's agreement, events and

@@ -59,7 +59,7 @@ MODES = {
     # project's watcher turning the metadata notice into a Ray drain (Ray reads no GCE notice itself).
     "ray-preemption-api": ["trainer.spot_aware=false", "trainer.ray_preemption_api=true"],
     "raytrain-spot": [],
-    # Warm standbys, which the embedded cluster leaves off by default (its nodes share the machine's cores).
+    # Warm standbys, off by default on the embedded cluster (CPU training on nodes sharing the machine's cores).
     "raytrain-spot-warm": ["trainer.warm_standby=true"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
     "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],

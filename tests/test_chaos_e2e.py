@@ -96,7 +96,7 @@ def assert_same_training_as(run: Run, reference: Run) -> None:
 def test_reference_run_is_sane(reference):
     assert reference.world_sizes == [3] and reference.steps_redone == 0
     assert [g["warm_standby"] for g in reference.of("group")] == [False], \
-        "the embedded cluster's nodes share this machine's cores: no standbys unless asked for"
+        "CPU training on nodes that share this machine's cores: no standbys unless asked for"
     losses = [e["loss"] for e in reference.of("step")]
     assert losses[-1] < 0.6 * losses[0]
 
@@ -109,7 +109,7 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
                 # The regrow mechanism, not its wait for a warm node (tests/test_elastic.py): on 2 shared
                 # cores a joined node's idle-priority imports outlast this short run.
                 "trainer.regrow=after_settle", "trainer.warm_wait_limit_s=0",
-                # Standbys, which the embedded cluster's nodes leave off by default (they share cores).
+                # Standbys, off by default here (CPU training on nodes that share the machine's cores).
                 "trainer.warm_standby=true", "trainer.standby_delay_s=0")  # the notice comes 2 s in
     assert run.world_sizes == [3, 2, 3]
     assert [h["reason"] for h in run.of("handoff")] == ["preemption", "regrow"]

@@ -1,11 +1,12 @@
 """Resize decisions without a cluster: the live capacity count, regrow settling, handoff accounting."""
 
 import pytest
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
-from ray.train.v2.api.exceptions import WorkerGroupError
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
 from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
@@ -55,7 +56,7 @@ def test_capacity_is_cached_briefly_then_reread():
 def _policy(nodes, min_workers=1, max_workers=3):
     config = ScalingConfig(num_workers=(min_workers, max_workers), resources_per_worker=CPU1)
     policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, max_workers, nodes=lambda: nodes, max_age_s=0),
-                               sleep=lambda s: None)
+                               sleep=lambda s: None, remove_orphans=list)
     policy._maybe_send_resource_request = lambda: None  # no autoscaler in a unit test
     return policy
 
@@ -63,6 +64,20 @@ def _policy(nodes, min_workers=1, max_workers=3):
 def test_new_group_is_sized_from_the_live_view():
     decision = _policy([node("a"), node("b", draining=True), node("c")]).make_decision_for_non_running_worker_group()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+
+
+def test_orphaned_placement_groups_are_removed_just_before_a_group_starts_and_only_then():
+    config = ScalingConfig(num_workers=(2, 3), resources_per_worker=CPU1)
+    nodes = [node("a", draining=True), node("b")]
+    sweeps = []
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: nodes, max_age_s=0),
+                               sleep=lambda s: None, remove_orphans=lambda: sweeps.append(1) or [])
+    policy._maybe_send_resource_request = lambda: None
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)
+    assert sweeps == [], "no sweep per wait: the controller asks every 0.1 s while capacity is short"
+    nodes.append(node("c"))
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
+    assert sweeps == [1]
 
 
 def test_below_min_workers_waits_for_capacity():
@@ -75,7 +90,7 @@ def test_after_a_failure_the_new_group_waits_for_dead_nodes_to_be_declared():
     config = ScalingConfig(num_workers=(1, 3), resources_per_worker=CPU1)
     view = [node("a"), node("b"), node("c")]  # "c" just died; the GCS has not noticed yet
     policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0),
-                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None)
+                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None, remove_orphans=list)
     policy._maybe_send_resource_request = lambda: None
     restarting = RestartingState(_group_error(RuntimeError("reset by peer")))
     policy.after_controller_state_update(RunningState(), restarting)
@@ -92,7 +107,7 @@ def test_a_handoff_restarts_at_once():
     clock = Clock()
     config = ScalingConfig(num_workers=(1, 3), resources_per_worker=CPU1)
     policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: [node("a")], max_age_s=0),
-                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None)
+                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None, remove_orphans=list)
     policy._maybe_send_resource_request = lambda: None
     handoff = _group_error(WorkerGroupHandoff("preemption", 3), WorkerGroupHandoff("preemption", 3))
     policy.after_controller_state_update(RunningState(), RestartingState(handoff))
@@ -197,6 +212,15 @@ def test_the_same_error_again_and_again_is_a_bug_not_a_lost_node():
         between.make_decision(bug())
     between.make_decision(_group_error(WorkerGroupHandoff("preemption", 9), WorkerGroupHandoff("preemption", 9)))
     assert between.make_decision(bug()) == FailureDecision.RETRY, "a handoff between starts the count again"
+
+
+def test_placement_timeouts_are_capacity_however_often_they_repeat():
+    policy = SpotFailurePolicy(FailureConfig(max_failures=-1), max_identical_failures=3)
+    timeout = lambda: ControllerError(WorkerGroupStartupTimeoutError(num_workers=3))  # noqa: E731
+    assert [policy.make_decision(timeout()) for _ in range(6)] == [FailureDecision.RETRY] * 6
+    bug = lambda: _group_error(RuntimeError("Expected to have finished reduction in the prior iteration"))  # noqa: E731
+    decisions = [policy.make_decision(error) for error in (bug(), timeout(), bug(), timeout(), bug())]
+    assert decisions[-1] == FailureDecision.RAISE, "timeouts between do not hide a bug's streak"
 
 
 def test_handoff_survives_pickling():

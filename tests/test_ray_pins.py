@@ -147,3 +147,17 @@ def test_ray_train_logs_a_failed_training_function_through_the_logger_we_filter(
 
     module = importlib.import_module(_ray.TRAIN_UTIL_LOGGER)
     assert "logger" in vars(module) and module.logger.name == _ray.TRAIN_UTIL_LOGGER
+
+
+def test_a_worker_group_that_fails_after_its_state_is_built_keeps_its_placement_group():
+    """The premise of elastic/policy.py's remove_orphaned_placement_groups: Ray Train 2.60 cleans up a
+    failed start only if the group's state was never built. If this fails, Ray cleans up itself now."""
+    import inspect
+
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
+    start, start_impl = inspect.getsource(WorkerGroup._start), inspect.getsource(WorkerGroup._start_impl)
+    assert "if not self.has_started():" in start and "worker_group_state_builder.shutdown()" in start
+    assert start_impl.index("self._worker_group_state = worker_group_state_builder.build()") < \
+        start_impl.index("callback.after_worker_group_start(self)") < \
+        start_impl.index("raise WorkerGroupStartupFailedError(error_msg)")

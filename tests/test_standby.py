@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raytrain_spot.config.schema import ClusterConfig, TrainerConfig
 from raytrain_spot.cluster.embedded import connect
-from raytrain_spot.elastic.standby import (STANDBY_MARKER, idle_standbys, nodes_share_cores, standby_enabled, top_up,
+from raytrain_spot.elastic.standby import (STANDBY_MARKER, decide_standbys, idle_standbys, nodes_share_cores, top_up,
                                            warm_nodes)
 
 pytestmark = pytest.mark.cluster
@@ -75,8 +75,14 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     assert out.split() == ["True", "True", "True", "True"], out
 
 
-@pytest.mark.parametrize("setting, shared, expected", [(None, True, False), (None, False, True), (True, True, True),
-                                                        (False, False, False)])
-def test_standbys_default_to_off_only_where_nodes_share_a_machines_cores(setting, shared, expected):
-    assert standby_enabled(TrainerConfig(warm_standby=setting), nodes_share_cores=shared) is expected
-    assert not standby_enabled(TrainerConfig(warm_standby=True, spot_aware=False), nodes_share_cores=False)
+@pytest.mark.parametrize("setting, gpu, shared, expected", [
+    (None, True, False, True),  # a GCP GPU cluster: the imports take the node's idle cores
+    (None, True, True, False),  # nodes on one machine share its cores
+    (None, False, False, False),  # CPU training keeps the node's cores busy
+    (True, False, True, True), (False, True, False, False)])  # a setting decides everywhere
+def test_standbys_default_to_on_only_where_their_imports_take_idle_cores(setting, gpu, shared, expected):
+    decision = decide_standbys(TrainerConfig(warm_standby=setting, use_gpu=gpu), nodes_share_cores=shared)
+    assert decision.enabled is expected
+    assert ("trainer.warm_standby=true" in decision.reason) is (setting is None and not expected), \
+        "a default that turns standbys off names the setting that turns them on"
+    assert not decide_standbys(TrainerConfig(warm_standby=True, spot_aware=False), nodes_share_cores=False).enabled

@@ -148,7 +148,8 @@ class TrainerConfig:
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
     a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py.
-    None (the default): on where every Ray node has a machine of its own, off where nodes share one
+    None (the default): on for GPU training on nodes with a machine of their own (a GCP GPU cluster), off
+    for CPU training, which keeps the cores a standby imports on busy, and where nodes share one
     machine's cores (the embedded cluster, the local autoscaler's nodes): there a standby's imports come
     out of training, and cost more steps than its faster restarts save (docs/benchmarks.md). true/false:
     always/never."""

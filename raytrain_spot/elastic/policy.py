@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
@@ -40,6 +40,7 @@ from raytrain_spot._ray import (
     ResizeDecision,
     RestartingState,
     ScalingDecision,
+    WorkerGroupStartupTimeoutError,
 )
 from raytrain_spot.elastic.capacity import LiveCapacity
 from raytrain_spot.train.handoff import WorkerGroupHandoff
@@ -70,6 +71,13 @@ def is_handoff(error: Optional[TrainingFailedError]) -> bool:
     )
 
 
+def placement_timed_out(error: Optional[TrainingFailedError]) -> bool:
+    """The controller gave up waiting for a new group's resources: the cluster's doing, never the
+    training code's, however often it repeats. (A worker that dies while its group starts still
+    counts: a broken environment does that every time.)"""
+    return isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)
+
+
 def contract_breach(error: Optional[TrainingFailedError]) -> Optional[TaskContractError]:
     """The task's contract error among the workers' failures, if one is there (retrying cannot help)."""
     failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else ()
@@ -82,13 +90,18 @@ class SpotScalingPolicy(ElasticScalingPolicy):
     After a failure the new group is sized only once ``failure_settle_s`` has passed: a node
     that died without notice still looks alive to the GCS until its health checks fail, and a
     group placed on it would wait out the start timeout. Resource requests to the autoscaler
-    (so a cloud cluster launches nodes up to max_workers) are kept from the base class.
+    (so a cloud cluster launches nodes up to max_workers) are kept from the base class. Before a
+    group starts, ``remove_orphans`` removes what a group that failed to start left holding
+    resources (``remove_orphaned_placement_groups``).
     """
 
     def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
                  failure_settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 remove_orphans: Optional[Callable[[], List[str]]] = None):
         super().__init__(scaling_config)
+        self._remove_orphans = remove_orphans or (lambda: remove_orphaned_placement_groups(
+            scaling_config._resources_per_worker_not_none, scaling_config.placement_strategy))
         self._capacity = capacity or LiveCapacity(scaling_config._resources_per_worker_not_none,
                                                   scaling_config.max_workers)
         self._failure_settle_s = failure_settle_s
@@ -120,6 +133,7 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         self._waiting_since = None
         logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
                     "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
+        self._remove_orphans()
         return ResizeDecision(num_workers=workers,
                               resources_per_worker=self.scaling_config._resources_per_worker_not_none)
 
@@ -133,6 +147,33 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         return NoopDecision()
 
 
+def remove_orphaned_placement_groups(resources_per_worker: Dict[str, float], strategy: str) -> List[str]:
+    """Remove this job's worker-group placement groups; called just before a new group starts, when
+    no group of the run exists, so each one found is an orphan. Returns their ids.
+
+    Ray Train 2.60 orphans one when a group fails after its state is built: an
+    ``after_worker_group_start`` callback (the torch process group's setup) meets a worker on a node
+    that just died, and ``WorkerGroup._start`` cleans up only groups that have not started. When the
+    orphan's nodes die, the GCS reschedules its bundles onto the nodes that join next, and every
+    later group times out waiting for the resources it holds (seen on a trace replay: the run
+    failed; plain Ray Train never trained again). Matched by shape: a placement group's id ends with
+    its job's id, and a worker group's has one bundle of ``resources_per_worker`` per worker.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    wanted = {name: float(amount) for name, amount in resources_per_worker.items()}
+    orphans = [pg_id for pg_id, info in placement_group_table().items()
+               if pg_id.endswith(job_id) and info["state"] != "REMOVED" and info["strategy"] == strategy
+               and info["bundles"] and all(bundle == wanted for bundle in info["bundles"].values())]
+    for pg_id in orphans:
+        logger.warning("Removing placement group %s, which a worker group that failed to start left behind "
+                       "(Ray Train 2.60 keeps it, and it would hold the resources the next group needs)", pg_id)
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    return orphans
+
+
 def failure_signature(error: TrainingFailedError) -> str:
     """What a failure says, whichever ranks said it: equal for the same bug hit again."""
     failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else [error]
@@ -144,7 +185,8 @@ class SpotFailurePolicy(DefaultFailurePolicy):
     """A handoff is a planned restart: retry it without spending the failure budget. A task that
     breaks its contract fails the same way in every group: stop at once, with the task's message.
     And the same error ``max_identical_failures`` times in a row, with no handoff between, is a bug,
-    not a lost node: stop (``trainer.max_failures=-1`` would otherwise restart it forever)."""
+    not a lost node: stop (``trainer.max_failures=-1`` would otherwise restart it forever). A group
+    whose placement timed out (``placement_timed_out``) is not counted: that repeats while capacity is short."""
 
     def __init__(self, failure_config: FailureConfig, max_identical_failures: int = 3):
         super().__init__(failure_config)
@@ -163,6 +205,9 @@ class SpotFailurePolicy(DefaultFailurePolicy):
             logger.info("Restarting the worker group for a handoff (%s); handoffs so far: %d",
                         ", ".join(reasons), self.handoffs)
             return FailureDecision.RETRY
+        if placement_timed_out(training_failed_error):
+            # Capacity, not code: the streak of identical failures neither grows nor ends.
+            return super().make_decision(training_failed_error)
         signature = failure_signature(training_failed_error)
         times = self._last_failure[1] + 1 if signature == self._last_failure[0] else 1
         self._last_failure = (signature, times)

@@ -8,8 +8,9 @@ share cores, as the embedded cluster's share this machine's: the scheduler still
 idle-priority thread a small weight against Ray's nice-15 workers (3 against 36), and a group's
 standbys were measured taking 0.4 of the machine's 2 cores while they imported, the
 Train workers' share falling by a fifth (``python bench/bench_hf_vlm.py --modes plain-ray-train
-raytrain-spot raytrain-spot-cold``, its cores by process kind; docs/benchmarks.md). On a
-cluster each node's own idle cores pay.
+raytrain-spot raytrain-spot-warm``, its cores by process kind; docs/benchmarks.md), which is why
+standbys default to off there (elastic/standby.py's ``decide_standbys``). On a cluster each
+node's own idle cores pay.
 
 Once the stack is in, the process announces its node warm (elastic/standby.py's ``announce_warm``).
 

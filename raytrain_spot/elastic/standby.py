@@ -19,6 +19,12 @@ group runs. When the group restarts, after a notice or for a regrow, its new wor
 in those. ``PrestartWorkers`` has no Python API in Ray 2.60; ``tests/test_standby.py`` fails
 loudly if an upgrade moves or changes it. A failed top-up is logged and costs only the speed-up.
 
+Each group decides whether to keep standbys (``decide_standbys``): ``trainer.warm_standby``, or
+where it is unset, whether the imports would take cores the training leaves idle (GPU training on
+nodes of their own: yes). On the embedded cluster, CPU training on nodes that share the machine's
+cores, a standby's imports were measured to cost the group more steps than its faster restarts
+save (docs/benchmarks.md), so standbys are off there by default.
+
 A process that has preloaded the stack says so in the GCS's key-value store (``announce_warm``):
 rank 0 regrows onto a node that joined only once it is warm (``warm_nodes``, read by
 elastic/capacity.py), since a group restarted onto a node still importing waits for the import.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional, Set
 
 import psutil
@@ -71,11 +78,28 @@ def warm_nodes() -> Set[str]:
     return {key.decode() for key in internal_kv_list("", namespace=WARM_NAMESPACE)}
 
 
-def standby_enabled(trainer_cfg: TrainerConfig, nodes_share_cores: bool) -> bool:
-    """``trainer.warm_standby``, where unset on from whether this cluster's nodes share a machine's cores:
-    there a standby's imports come out of the training it would speed up (measured: docs/benchmarks.md)."""
-    wanted = trainer_cfg.warm_standby if trainer_cfg.warm_standby is not None else not nodes_share_cores
-    return trainer_cfg.spot_aware and wanted
+@dataclass(frozen=True)
+class StandbyDecision:
+    enabled: bool
+    reason: str
+
+
+def decide_standbys(trainer_cfg: TrainerConfig, nodes_share_cores: bool) -> StandbyDecision:
+    """``trainer.warm_standby``; where unset, on only where a standby's imports take cores the training
+    leaves idle: training on GPUs, on nodes that do not share a machine. CPU training keeps its node's
+    cores busy, and nodes on one machine share its cores; there the imports come out of the training
+    they would speed up (measured on the embedded cluster: docs/benchmarks.md)."""
+    if not trainer_cfg.spot_aware:
+        return StandbyDecision(False, "plain Ray Train (trainer.spot_aware=false) starts every group cold")
+    if trainer_cfg.warm_standby is not None:
+        return StandbyDecision(trainer_cfg.warm_standby, f"trainer.warm_standby={trainer_cfg.warm_standby}")
+    if not trainer_cfg.use_gpu:
+        return StandbyDecision(False, "CPU training keeps the nodes' cores busy, and a standby's imports would "
+                                      "come out of it; set trainer.warm_standby=true to keep standbys anyway")
+    if nodes_share_cores:
+        return StandbyDecision(False, "Ray nodes of this cluster share a machine's cores, and a standby's imports "
+                                      "would come out of training; set trainer.warm_standby=true to keep standbys anyway")
+    return StandbyDecision(True, "GPU training on nodes of their own leaves their cores idle for a standby's imports")
 
 
 def nodes_share_cores() -> bool:

@@ -27,7 +27,7 @@ from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import RaySignals, watch_capacity
 from raytrain_spot.elastic.regrow import RegrowPolicy, measured_rate
-from raytrain_spot.elastic.standby import nodes_share_cores, standby_enabled, top_up
+from raytrain_spot.elastic.standby import decide_standbys, nodes_share_cores, top_up
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
 from raytrain_spot.train.agreement import RankView, start_agreement
@@ -288,16 +288,18 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time(),
                                           nodes_share_cores()))
     node_ids = [node_id for node_id, _, _ in placements]
-    standbys = standby_enabled(cfg.trainer, any(shared for _, _, shared in placements))
-    if standbys and node_ids.index(node_ids[rank]) == rank:
+    standbys = decide_standbys(cfg.trainer, any(shared for _, _, shared in placements))
+    if rank == 0:
+        logger.info("Warm standbys %s: %s", "on" if standbys.enabled else "off", standbys.reason)
+    if standbys.enabled and node_ids.index(node_ids[rank]) == rank:
         threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank]),
                                               cfg.trainer.standby_delay_s), name="standby-top-up", daemon=True).start()
-    capacity = watch_capacity(cfg.trainer, node_ids, standbys) if rank == 0 and cfg.trainer.spot_aware else None
+    capacity = watch_capacity(cfg.trainer, node_ids, standbys.enabled) if rank == 0 and cfg.trainer.spot_aware else None
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=cluster_signals(cfg, capacity),
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
-                                             "warm_standby": standbys})
+                                             "warm_standby": standbys.enabled})
         train(cfg, task, runtime, checkpoints, events, phases)
     finally:
         events.send()  # the last steps' records

@@ -38,7 +38,7 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
         logging_config=LoggingConfig(log_level="WARNING"),
         # Marks the workers' processes so each node can count its idle standbys (standby.py). Each group
-        # decides whether to keep standbys (where unset, from its cluster: standby.py's standby_enabled).
+        # decides whether to keep standbys (standby.py's decide_standbys).
         worker_runtime_env=({"env_vars": {STANDBY_MARKER: cfg.run.name}}
                             if trainer_cfg.spot_aware and trainer_cfg.warm_standby is not False else None),
     )
