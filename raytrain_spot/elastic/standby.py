@@ -98,7 +98,8 @@ def decide_standbys(trainer_cfg: TrainerConfig, nodes_share_cores: bool) -> Stan
                                       "come out of it; set trainer.warm_standby=true to keep standbys anyway")
     if nodes_share_cores:
         return StandbyDecision(False, "Ray nodes of this cluster share a machine's cores, and a standby's imports "
-                                      "would come out of training; set trainer.warm_standby=true to keep standbys anyway")
+                                      "would come out of training; set trainer.warm_standby=true to keep standbys "
+                                      "anyway")
     return StandbyDecision(True, "GPU training on nodes of their own leaves their cores idle for a standby's imports")
 
 
