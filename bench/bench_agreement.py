@@ -122,7 +122,7 @@ def worker(rank: int, args, port: int, results) -> None:
                 start_agreement(RankView(loss_sum), group).result()
                 batch = load(args.batch, args.hidden, generator)
             else:
-                if name == "ddp+agreement-in-bucket":
+                if name == "ddp+agreement-in-bucket":  # decode the agreement, as the loop would act on it
                     slots[0] = carrier.result()[0] + loss_sum
                 batch = load(args.batch, args.hidden, generator)
             times[name].append(time.perf_counter() - started)

@@ -81,8 +81,12 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     (None, False, False, False),  # CPU training keeps the node's cores busy
     (True, False, True, True), (False, True, False, False)])  # a setting decides everywhere
 def test_standbys_default_to_on_only_where_their_imports_take_idle_cores(setting, gpu, shared, expected):
-    decision = decide_standbys(TrainerConfig(warm_standby=setting, use_gpu=gpu), nodes_share_cores=shared)
+    reads = []
+    decision = decide_standbys(TrainerConfig(warm_standby=setting, use_gpu=gpu),
+                               nodes_share_cores=lambda: reads.append(1) or shared)
     assert decision.enabled is expected
+    assert bool(reads) is (setting is None and gpu), "the node table is read only where it decides"
     assert ("trainer.warm_standby=true" in decision.reason) is (setting is None and not expected), \
         "a default that turns standbys off names the setting that turns them on"
-    assert not decide_standbys(TrainerConfig(warm_standby=True, spot_aware=False), nodes_share_cores=False).enabled
+    plain = TrainerConfig(warm_standby=True, spot_aware=False)
+    assert not decide_standbys(plain, nodes_share_cores=lambda: False).enabled

@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Set
+from typing import Callable, Optional, Set
 
 import psutil
 
@@ -84,11 +84,12 @@ class StandbyDecision:
     reason: str
 
 
-def decide_standbys(trainer_cfg: TrainerConfig, nodes_share_cores: bool) -> StandbyDecision:
+def decide_standbys(trainer_cfg: TrainerConfig, nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
     """``trainer.warm_standby``; where unset, on only where a standby's imports take cores the training
     leaves idle: training on GPUs, on nodes that do not share a machine. CPU training keeps its node's
     cores busy, and nodes on one machine share its cores; there the imports come out of the training
-    they would speed up (measured on the embedded cluster: docs/benchmarks.md)."""
+    they would speed up (measured on the embedded cluster: docs/benchmarks.md). ``nodes_share_cores``
+    (a read of the node table) is called only where it decides."""
     if not trainer_cfg.spot_aware:
         return StandbyDecision(False, "plain Ray Train (trainer.spot_aware=false) starts every group cold")
     if trainer_cfg.warm_standby is not None:
@@ -96,7 +97,7 @@ def decide_standbys(trainer_cfg: TrainerConfig, nodes_share_cores: bool) -> Stan
     if not trainer_cfg.use_gpu:
         return StandbyDecision(False, "CPU training keeps the nodes' cores busy, and a standby's imports would "
                                       "come out of it; set trainer.warm_standby=true to keep standbys anyway")
-    if nodes_share_cores:
+    if nodes_share_cores():
         return StandbyDecision(False, "Ray nodes of this cluster share a machine's cores, and a standby's imports "
                                       "would come out of training; set trainer.warm_standby=true to keep standbys "
                                       "anyway")

@@ -284,11 +284,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     rank = group.rank
 
     # Which node each rank runs on, when its process started (a warm standby predates the restart), and
-    # whether it sees nodes sharing a machine (any rank's yes decides, so every rank decides the same).
+    # rank 0's decision on standbys, which every rank follows.
+    decision = decide_standbys(cfg.trainer, nodes_share_cores) if rank == 0 else None
     placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time(),
-                                          nodes_share_cores()))
+                                          decision))
     node_ids = [node_id for node_id, _, _ in placements]
-    standbys = decide_standbys(cfg.trainer, any(shared for _, _, shared in placements))
+    standbys = placements[0][2]
     if rank == 0:
         logger.info("Warm standbys %s: %s", "on" if standbys.enabled else "off", standbys.reason)
     if standbys.enabled and node_ids.index(node_ids[rank]) == rank:
