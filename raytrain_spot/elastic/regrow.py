@@ -64,6 +64,9 @@ class RegrowEvidence:
 @dataclass(frozen=True)
 class RegrowDecision:
     grow: bool
+    kind: str
+    """Which rule decided (``no_room``, ``no_gain``, ``run_ends``, ``waiting``, ``regrow``): the policy
+    reports a hold again only when this changes, not each time its numbers move."""
     reason: str
     gain: float = 0.0
     """Samples/s more at the target size."""
@@ -95,12 +98,12 @@ def target_rate(rates: Dict[int, float], world_size: int, target: int) -> tuple[
 def decide_regrow(evidence: RegrowEvidence) -> RegrowDecision:
     e = evidence
     if e.target <= e.world_size:
-        return RegrowDecision(False, f"no more workers fit ({e.target} for a group of {e.world_size})")
+        return RegrowDecision(False, "no_room", f"no more workers fit ({e.target} for a group of {e.world_size})")
     now_rate = e.rates[e.world_size]
     rate, measured = target_rate(e.rates, e.world_size, e.target)
     gain = rate - now_rate
     if gain < SIGNIFICANT_GAIN * now_rate:
-        return RegrowDecision(False, f"{e.target} workers trained no faster than {e.world_size} in this run "
+        return RegrowDecision(False, "no_gain", f"{e.target} workers trained no faster than {e.world_size} in this run "
                               f"({gain / now_rate:+.0%}, under the {SIGNIFICANT_GAIN:.0%} a gain must show)",
                               gain, target_rate=rate, target_rate_measured=measured)
     shrink_probability = 1.0 - math.exp(-e.remaining_s / max(e.node_life_s, 1e-9))
@@ -108,31 +111,31 @@ def decide_regrow(evidence: RegrowEvidence) -> RegrowDecision:
     break_even_s = cost / gain
     numbers = dict(gain=gain, cost=cost, break_even_s=break_even_s, target_rate=rate, target_rate_measured=measured)
     if e.remaining_s - e.restart_s < break_even_s:
-        return RegrowDecision(False, f"the run ends in {e.remaining_s:.0f} s, before a regrow pays", wait_s=math.inf,
+        return RegrowDecision(False, "run_ends", f"the run ends in {e.remaining_s:.0f} s, before a regrow pays", wait_s=math.inf,
                               **numbers)
     long_lived = e.node_life_s >= LONG_LIFE_FACTOR * break_even_s
     wait_s = e.settle_s if long_lived else max(break_even_s, e.settle_s)
     why = (f"nodes live {e.node_life_s:.0f} s on average, over {LONG_LIFE_FACTOR:g}x the break-even"
            if long_lived else f"node lifetime {e.node_life_s:.0f} s is uncertain against the break-even: ski rental")
     if e.capacity_age_s < wait_s:
-        return RegrowDecision(False, f"waiting: capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s, **numbers)
-    return RegrowDecision(True, f"capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s, **numbers)
+        return RegrowDecision(False, "waiting", f"waiting: capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s, **numbers)
+    return RegrowDecision(True, "regrow", f"capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s, **numbers)
 
 
 class RegrowPolicy:
     """Rank 0's regrow decisions during a group, from the loop state's measurements; each new
-    decision (a regrow, or a reason to hold that differs from the last) is logged and emitted."""
+    decision (a regrow, or a hold by another rule than the last) is logged and emitted."""
 
     def __init__(self, cfg: TrainerConfig, node_mtbi_prior_s: float, emit: Callable[..., None]):
         self._cfg = cfg
         self._node_mtbi_prior_s = node_mtbi_prior_s
         self._emit = emit
-        self._last_reason: Optional[str] = None
+        self._last_kind: Optional[str] = None
 
     def grow_to(self, extra: Optional[ExtraCapacity], loop: LoopState, world_size: int) -> int:
         """The size to regrow to after this step, or 0."""
         if extra is None:
-            self._last_reason = None
+            self._last_kind = None
             return 0
         if self._cfg.regrow == "after_settle":
             return extra.workers if extra.age_s >= self._cfg.regrow_settle_s else 0
@@ -146,9 +149,8 @@ class RegrowPolicy:
                                    loop.train_time_s) * world_size,
             remaining_s=(self._cfg.max_steps - loop.step) * self._cfg.global_batch_size / rate,
             capacity_age_s=extra.age_s, settle_s=self._cfg.regrow_settle_s))
-        reason_kind = decision.reason.split(":")[0]
-        if decision.grow or reason_kind != self._last_reason:
-            self._last_reason = reason_kind
+        if decision.grow or decision.kind != self._last_kind:
+            self._last_kind = decision.kind
             logger.info("Regrow rule at step %d: %s", loop.step, decision.explain())
             self._emit("regrow_decision", step=loop.step, world_size=world_size, target=extra.workers,
                        grow=decision.grow, reason=decision.reason, gain=decision.gain, cost=decision.cost,
