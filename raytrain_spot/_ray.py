@@ -51,6 +51,8 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "internal_kv_initialized": ("ray.experimental.internal_kv", "_internal_kv_initialized"),
     "internal_kv_put": ("ray.experimental.internal_kv", "_internal_kv_put"),
     "internal_kv_list": ("ray.experimental.internal_kv", "_internal_kv_list"),
+    "internal_kv_get": ("ray.experimental.internal_kv", "_internal_kv_get"),
+    "internal_kv_del": ("ray.experimental.internal_kv", "_internal_kv_del"),
     # Process types and environment names of a Ray node (cluster/embedded.py, cluster/local_provider.py).
     "ray_constants": ("ray._private.ray_constants", ""),
     # The autoscaler: the YAML preparation `ray up` does, its providers (cluster/).

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest
+from raytrain_spot.checkpoint.format import STATE_FILE, checkpoint_key, load_state, read_manifest
 from raytrain_spot.checkpoint.manager import CheckpointManager
 from raytrain_spot.checkpoint.state import LoopState, StateMismatch, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import StoreTier
@@ -47,6 +47,7 @@ class FaultInjector:
         self.room: List[tuple] = []  # (from step, workers that fit without the noticed nodes)
         self.deadline_after_notice_s: Optional[float] = None
         self._noticed_at: Optional[float] = None  # this process's clock at the first notice it heard
+        self.warmup: Optional[ScriptedWarmup] = None
 
     def notice_at(self, step: int, rank: int) -> "FaultInjector":
         self.notices[rank] = step
@@ -58,6 +59,11 @@ class FaultInjector:
 
     def drain_deadline_after_notice(self, seconds: float) -> "FaultInjector":
         self.deadline_after_notice_s = seconds
+        return self
+
+    def standbys_warm_after(self, seconds: float) -> "FaultInjector":
+        """A notice warm-up whose standbys are warm this long after it starts."""
+        self.warmup = ScriptedWarmup(seconds)
         return self
 
     def room_elsewhere(self, workers: int, from_step: int = 0) -> "FaultInjector":
@@ -81,6 +87,21 @@ class FaultInjector:
         if self.deadline_after_notice_s is None or self._noticed_at is None:
             return None
         return self._noticed_at + self.deadline_after_notice_s
+
+
+class ScriptedWarmup:
+    """Standbys on the nodes a notice leaves, warm ``warm_after_s`` after the warm-up starts."""
+
+    def __init__(self, warm_after_s: float):
+        self.warm_after_s = warm_after_s
+        self._started_at: Optional[float] = None
+
+    def start(self, wanted):
+        assert self._started_at is None, "one warm-up per group"
+        self._started_at = time.time()
+
+    def missing(self, wanted) -> int:
+        return 0 if time.time() - self._started_at >= self.warm_after_s else sum(wanted.values())
 
 
 class Counter:
@@ -163,7 +184,8 @@ def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask,
     local = StoreTier("local", LocalStore(f"{storage}-on-{faults.node_ids[group.rank]}"), RUN, keep_latest_k=5)
     checkpoints = CheckpointManager(RUN, cfg.to_dict(), local, [durable], writes_local=True, events=events,
                                     scratch_root=f"{storage}/../scratch-{group.rank}", group=group)
-    runtime = WorkerRuntime(group, faults.node_ids[:group.world_size], report=reports.append, signals=faults)
+    runtime = WorkerRuntime(group, faults.node_ids[:group.world_size], report=reports.append, signals=faults,
+                            warmup=faults.warmup)
     outcome: dict = {"outcome": "finished"}
     try:
         train(cfg, task, runtime, checkpoints, events, Phases())
@@ -278,6 +300,7 @@ def test_a_notice_with_nowhere_to_go_trains_on_and_hands_off_just_before_the_dra
     jit = [c for c in of(ranks[0], "checkpoint") if c["kind"] == "jit"]
     assert [c["step"] for c in jit] == [handoff["step"]] and jit[0]["t"] < deadline
     assert of(ranks[0], "jit_late") == []
+    assert handed_off_at(str(tmp_path / "durable"), handoff["step"]) == 0, "the next group would measure the wait"
 
 
 def test_a_notice_hold_ends_at_once_when_capacity_appears_elsewhere(tmp_path):
@@ -299,6 +322,41 @@ def test_a_group_that_has_not_saved_yet_holds_on_the_runs_earlier_commit_times(t
     holds = of(ranks[0], "notice_hold")
     assert holds[0]["hold"] and holds[0]["step"] == 7, holds
     assert ranks[0]["step"] > 7 + 5
+
+
+def handed_off_at(storage: str, step: int) -> float:
+    """The loop state's handoff time in the checkpoint of ``step``: where the next group measures its restart from."""
+    return load_state(f"{storage}/{checkpoint_key(RUN, step)}/{STATE_FILE}")["loop"]["handed_off_at"]
+
+
+def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(tmp_path):
+    faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
+              .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=1.0))
+    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    assert [(r["outcome"], r["reason"]) for r in ranks] == [("handoff", "preemption")] * 2
+    (handoff,) = of(ranks[0], "handoff")
+    assert handoff["step"] > 5 + 10, "the group trains while the standbys warm"
+    holds = of(ranks[0], "notice_hold")
+    assert [(h["hold"], h["standbys_missing"]) for h in holds] == [(True, 1), (False, 0)], holds
+    assert "while 1 standbys there import" in holds[0]["reason"], "node-a keeps rank 0: one standby"
+    assert holds[1]["t"] - holds[0]["t"] >= 1.0 and "standbys warm" in holds[1]["reason"]
+    assert handed_off_at(str(tmp_path / "durable"), handoff["step"]) > 0, "the next group measures this restart"
+
+
+def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):
+    faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
+              .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=60.0))
+    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2, notice_warmup_s=0.5),
+                      task=LinearTask(step_s=0.05))
+    holds = of(ranks[0], "notice_hold")
+    assert [h["hold"] for h in holds] == [True, False] and "still importing after" in holds[1]["reason"]
+    assert of(ranks[0], "handoff")[0]["step"] < 5 + 30
+    off = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
+           .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=60.0))
+    (tmp_path / "off").mkdir()
+    ranks = run_group(tmp_path / "off", 2, off, config(max_steps=400, interval_steps=2, notice_warmup_s=0),
+                      task=LinearTask(step_s=0.05))
+    assert [r["step"] for r in ranks] == [5, 5], "trainer.notice_warmup_s=0 hands off at the notice"
 
 
 def test_a_notice_that_leaves_survivors_hands_off_at_once(tmp_path):

@@ -3,13 +3,13 @@ without a cluster (the loop acting on it: tests/test_loop.py)."""
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView
 from raytrain_spot.train.agreement import StepAgreement
-from raytrain_spot.train.handoff import HandoffReason, decide_notice_hold, handoff_after
+from raytrain_spot.train.handoff import HandoffReason, WarmupProgress, decide_notice_hold, handoff_after
 
 CPU1 = {"CPU": 1.0}
 
 
-def hold(usable=0, min_workers=1, deadline_in_s=20.0, step_s=0.5, commit_s=1.0, margin_s=1.0):
-    return decide_notice_hold(usable, min_workers, deadline_in_s, step_s, commit_s, margin_s)
+def hold(usable=0, min_workers=1, deadline_in_s=20.0, step_s=0.5, commit_s=1.0, margin_s=1.0, warmup=None):
+    return decide_notice_hold(usable, min_workers, deadline_in_s, step_s, commit_s, margin_s, warmup)
 
 
 def test_with_nowhere_to_go_the_group_trains_on_while_a_step_and_the_commit_fit_before_the_deadline():
@@ -27,6 +27,30 @@ def test_the_release_near_the_deadline_says_why_with_its_numbers():
 def test_somewhere_to_go_hands_off_at_once():
     assert not hold(usable=1).hold
     assert hold(usable=1, min_workers=2).hold, "one worker elsewhere is not enough for min_workers=2"
+
+
+def warming(missing=2, elapsed_s=3.0, limit_s=10.0):
+    return WarmupProgress(missing=missing, elapsed_s=elapsed_s, limit_s=limit_s)
+
+
+def test_somewhere_to_go_trains_on_while_the_nodes_that_stay_warm_their_standbys():
+    decision = hold(usable=2, warmup=warming())
+    assert decision.hold and not decision.waits_for_capacity, "the restart after it is a restart, measured as one"
+    assert "while 2 standbys there import" in decision.reason and "20.0 s to the drain deadline" in decision.reason
+    nowhere = hold(usable=0, warmup=None)
+    assert nowhere.hold and nowhere.waits_for_capacity
+
+
+def test_the_warmup_hold_ends_when_they_are_warm_at_its_limit_or_near_the_deadline():
+    warm = hold(usable=2, warmup=warming(missing=0, elapsed_s=4.2))
+    assert not warm.hold and "standbys warm 4.2 s after the notice" in warm.reason
+    late = hold(usable=2, warmup=warming(missing=1, elapsed_s=10.0, limit_s=10.0))
+    assert not late.hold and "1 of their standbys still importing after 10.0 s (trainer.notice_warmup_s=10)" \
+        in late.reason
+    near = hold(usable=2, warmup=warming(), deadline_in_s=2.0)
+    assert not near.hold and near.needed_s == 2.5, "the deadline bounds a warm-up as it bounds any hold"
+    assert not hold(usable=2, warmup=warming(), deadline_in_s=None).hold
+    assert not hold(usable=2, warmup=warming(), commit_s=None).hold
 
 
 def test_without_a_deadline_a_measured_commit_or_a_view_of_the_cluster_there_is_no_hold():

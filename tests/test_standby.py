@@ -15,10 +15,16 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raytrain_spot.config.schema import ClusterConfig, TrainerConfig
 from raytrain_spot.cluster.embedded import connect
-from raytrain_spot.elastic.standby import (STANDBY_MARKER, decide_standbys, idle_standbys, nodes_share_cores, top_up,
-                                           warm_nodes)
+from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeWarmup, claim_standby, decide_standbys,
+                                           idle_standbys, nodes_share_cores, top_up, warm_nodes, warm_standbys)
 
-pytestmark = pytest.mark.cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", "/tmp")
+        with connect(ClusterConfig(num_worker_nodes=1)) as running:
+            yield running
 
 
 @ray.remote(num_cpus=1, runtime_env={"env_vars": {STANDBY_MARKER: "standby-test"}})
@@ -36,33 +42,78 @@ class TrainWorkerStandIn:
         return idle_standbys("standby-test")
 
 
-def test_the_next_worker_starts_in_a_preloaded_standby(monkeypatch):
-    monkeypatch.setenv("RAY_TMPDIR", "/tmp")
-    with connect(ClusterConfig(num_worker_nodes=1)) as cluster:
-        assert nodes_share_cores(), "the embedded head and worker node run on this one machine"
-        node_id = cluster.workers[0].node_id
-        on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        first = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
-        first_pid, preloaded = ray.get(first.process.remote())
-        assert preloaded, "a worker node's processes import torch at idle priority, from before they take work"
-        deadline = time.time() + 30
-        while node_id not in warm_nodes():  # announced by the preload thread just after its imports
-            assert time.time() < deadline, "a preloaded process must announce its node warm"
-            time.sleep(0.2)
+@pytest.mark.cluster
+def test_the_next_worker_starts_in_a_preloaded_standby(cluster):
+    assert nodes_share_cores(), "the embedded head and worker node run on this one machine"
+    node_id = cluster.workers[0].node_id
+    on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    first = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
+    first_pid, preloaded = ray.get(first.process.remote())
+    assert preloaded, "a worker node's processes import torch at idle priority, from before they take work"
+    deadline = time.time() + 30
+    while node_id not in warm_nodes():  # announced by the preload thread just after its imports
+        assert time.time() < deadline, "a preloaded process must announce its node warm"
+        time.sleep(0.2)
 
-        assert ray.get(first.top_up.remote(1)) == 1
-        deadline = time.time() + 120
-        while ray.get(first.idle_standbys.remote()) < 1:
-            assert time.time() < deadline, "the prestarted standby never became idle"
-            time.sleep(0.5)
-        assert ray.get(first.top_up.remote(1)) == 0, "a node with its standby gets no second one"
+    assert ray.get(first.top_up.remote(1)) == 1
+    deadline = time.time() + 120
+    while ray.get(first.idle_standbys.remote()) < 1:
+        assert time.time() < deadline, "the prestarted standby never became idle"
+        time.sleep(0.5)
+    assert ray.get(first.top_up.remote(1)) == 0, "a node with its standby gets no second one"
 
-        ray.kill(first)
-        started = time.time()
-        second = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
-        second_pid, preloaded = ray.get(second.process.remote())
-        assert psutil.Process(second_pid).create_time() < started, "the new actor must take the standby process"
-        assert second_pid != first_pid and preloaded
+    ray.kill(first)
+    started = time.time()
+    second = TrainWorkerStandIn.options(scheduling_strategy=on_node).remote()
+    second_pid, preloaded = ray.get(second.process.remote())
+    assert psutil.Process(second_pid).create_time() < started, "the new actor must take the standby process"
+    assert second_pid != first_pid and preloaded
+
+
+@ray.remote(num_cpus=1, runtime_env={"env_vars": {STANDBY_MARKER: "warmup-test"}})
+class NoticedRankZero:
+    """Rank 0 of a group without standbys (``warmup-test``), hearing a notice."""
+
+    def start_group(self):
+        claim_standby("warmup-test")
+        return os.getpid()
+
+    def warm_up(self, wanted):
+        global warmup
+        warmup = NoticeWarmup("warmup-test", group_keeps_standbys=False, hurry_s=60)
+        warmup.start(wanted)
+
+    def missing(self, wanted):
+        return warmup.missing(wanted)
+
+    def process(self):
+        from raytrain_spot.elastic import preload
+
+        return os.getpid(), preload.done.wait(120) and preload.at_idle_priority
+
+
+@pytest.mark.cluster
+def test_a_notice_warmup_starts_a_standby_that_imports_at_once_and_the_restart_takes_it(cluster):
+    node_id = cluster.workers[0].node_id
+    on_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    rank_zero = NoticedRankZero.options(scheduling_strategy=on_node).remote()
+    first_pid = ray.get(rank_zero.start_group.remote())
+    assert warm_standbys("warmup-test")[node_id] == 0, "a Train worker's own process is no standby"
+    ray.get(rank_zero.warm_up.remote({node_id: 1}))
+    deadline = time.time() + 120
+    while ray.get(rank_zero.missing.remote({node_id: 1})) > 0:
+        assert time.time() < deadline, "the warm-up's standby never said it was warm"
+        time.sleep(0.2)
+    assert warm_standbys("warmup-test")[node_id] == 1
+
+    ray.kill(rank_zero)  # the handoff: the next group's worker on this node
+    started = time.time()
+    restarted = NoticedRankZero.options(scheduling_strategy=on_node).remote()
+    pid, at_idle_priority = ray.get(restarted.process.remote())
+    assert pid != first_pid and psutil.Process(pid).create_time() < started, "it starts in the warm standby"
+    assert not at_idle_priority, "a warm-up's standby imports at normal priority: the group waits for it"
+    ray.get(restarted.start_group.remote())
+    assert warm_standbys("warmup-test")[node_id] == 0, "taken, it is no standby any more"
 
 
 def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_are_complete():

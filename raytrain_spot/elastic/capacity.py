@@ -16,7 +16,7 @@ from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optiona
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import TrainerConfig
-from raytrain_spot.elastic.standby import warm_joined_node, warm_nodes
+from raytrain_spot.elastic.standby import start_standbys, warm_nodes
 from raytrain_spot.train.runtime import ExtraCapacity
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str], standbys: bo
     per_worker, most = trainer_cfg.resources_per_worker, trainer_cfg.max_workers
 
     def warm(node: NodeView) -> None:
-        warm_joined_node(node.node_id, workers_that_fit([node], per_worker, most))
+        start_standbys(node.node_id, workers_that_fit([node], per_worker, most))
 
     return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
                            on_join=warm if standbys else None, warm=warm_nodes if standbys else None,

@@ -12,6 +12,9 @@ raytrain-spot raytrain-spot-warm``, its cores by process kind; docs/benchmarks.m
 standbys default to off there (elastic/standby.py's ``decide_standbys``). On a cluster each
 node's own idle cores pay.
 
+A standby started for a notice warm-up imports at normal priority instead (elastic/standby.py's
+``standbys_hurried``): the group waits for it, training on, and pays for its imports once.
+
 Once the stack is in, the process announces its node warm (elastic/standby.py's ``announce_warm``).
 
 The main thread waits instead of going on to take work because Python's imports are not safe
@@ -43,8 +46,16 @@ at_idle_priority = False
 def _import_at_idle_priority() -> None:
     global at_idle_priority
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread (Linux)
-        at_idle_priority = True
+        from raytrain_spot.elastic.standby import standbys_hurried
+
+        hurried = standbys_hurried()
+    except Exception:  # noqa: BLE001 - unread, the imports take the usual idle priority
+        logger.warning("Could not read whether this run's standbys are wanted now", exc_info=True)
+        hurried = False
+    try:
+        if not hurried:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread (Linux)
+            at_idle_priority = True
     except (AttributeError, OSError):
         pass  # imports at normal priority
     try:

@@ -28,6 +28,13 @@ save (docs/benchmarks.md), so standbys are off there by default.
 A process that has preloaded the stack says so in the GCS's key-value store (``announce_warm``):
 rank 0 regrows onto a node that joined only once it is warm (``warm_nodes``, read by
 elastic/capacity.py), since a group restarted onto a node still importing waits for the import.
+
+A group without standbys still restarts warm after a notice that leaves it somewhere to go
+(``NoticeWarmup``, ``trainer.notice_warmup_s``): rank 0 starts one standby per rank on each node that
+stays, tells them to import at normal priority (``hurry_standbys``: they are wanted within seconds,
+and training pays for their imports once, not for as long as the group runs), and the group trains
+on until each standby says it is warm (``warm_standbys``), within the drain deadline
+(train/handoff.py's notice hold).
 """
 
 from __future__ import annotations
@@ -35,12 +42,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+import threading
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional, Set
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Set
 
 import psutil
 
-from raytrain_spot.config.schema import TrainerConfig
+if TYPE_CHECKING:  # the preload imports this module before it lowers its priority: keep it light
+    from raytrain_spot.config.schema import TrainerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +70,65 @@ IDLE_TITLE = "ray::IDLE"
 WARM_NAMESPACE = "raytrain_spot_warm"
 """GCS key-value namespace: one key per node id that has a process with the stack preloaded."""
 
+STANDBY_NAMESPACE = "raytrain_spot_standby"
+"""GCS key-value namespace: ``warm/<run>/<node id>/<pid>`` for each idle process of a run with the
+stack preloaded (removed when a Train worker starts in it: ``claim_standby``), and ``hurry/<run>``,
+until when (unix seconds) the run's new standbys import at normal priority (``hurry_standbys``)."""
+
+
+def _warm_key(run_name: str, node_id: str, pid: int) -> str:
+    return f"warm/{run_name}/{node_id}/{pid}"
+
 
 def announce_warm() -> None:
-    """Called by a worker process once it has preloaded the stack (elastic/preload.py): its node is warm.
-    Outside a Ray worker (nothing connected) it does nothing."""
+    """Called by a worker process once it has preloaded the stack (elastic/preload.py): its node is
+    warm, and if it is one of a run's processes, it is a warm standby of that run. Outside a Ray worker
+    (nothing connected) it does nothing."""
     import ray
     from raytrain_spot._ray import internal_kv_initialized, internal_kv_put
 
     if ray.is_initialized() and internal_kv_initialized():
-        internal_kv_put(ray.get_runtime_context().get_node_id(), str(time.time()), namespace=WARM_NAMESPACE)
+        node_id = ray.get_runtime_context().get_node_id()
+        internal_kv_put(node_id, str(time.time()), namespace=WARM_NAMESPACE)
+        if run_name := os.environ.get(STANDBY_MARKER):
+            internal_kv_put(_warm_key(run_name, node_id, os.getpid()), "", namespace=STANDBY_NAMESPACE)
+
+
+def claim_standby(run_name: str) -> None:
+    """A Train worker of ``run_name`` starts in this process: whether it was a standby or not, it is none now."""
+    import ray
+    from raytrain_spot._ray import internal_kv_del
+
+    node_id = ray.get_runtime_context().get_node_id()
+    internal_kv_del(_warm_key(run_name, node_id, os.getpid()), namespace=STANDBY_NAMESPACE)
+
+
+def warm_standbys(run_name: str) -> Counter:
+    """Idle standbys of ``run_name`` with the stack preloaded, by node id (dead nodes included: callers filter)."""
+    from raytrain_spot._ray import internal_kv_list
+
+    keys = internal_kv_list(f"warm/{run_name}/", namespace=STANDBY_NAMESPACE)
+    return Counter(key.decode().split("/")[2] for key in keys)
+
+
+def hurry_standbys(run_name: str, until: float) -> None:
+    """Until ``until`` (unix seconds), the run's new standbys import at normal priority (``standbys_hurried``)."""
+    from raytrain_spot._ray import internal_kv_put
+
+    internal_kv_put(f"hurry/{run_name}", str(until), namespace=STANDBY_NAMESPACE)
+
+
+def standbys_hurried() -> bool:
+    """Asked by a preloading process before it picks its priority: whether it is a standby of a run
+    that wants its standbys warm now (a notice warm-up)."""
+    import ray
+    from raytrain_spot._ray import internal_kv_get, internal_kv_initialized
+
+    run_name = os.environ.get(STANDBY_MARKER)
+    if not (run_name and ray.is_initialized() and internal_kv_initialized()):
+        return False
+    until = internal_kv_get(f"hurry/{run_name}", namespace=STANDBY_NAMESPACE)
+    return until is not None and float(until) > time.time()
 
 
 def warm_nodes() -> Set[str]:
@@ -84,7 +144,7 @@ class StandbyDecision:
     reason: str
 
 
-def decide_standbys(trainer_cfg: TrainerConfig, nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
+def decide_standbys(trainer_cfg: "TrainerConfig", nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
     """``trainer.warm_standby``; where unset, on only where a standby's imports take cores the training
     leaves idle: training on GPUs, on nodes that do not share a machine. CPU training keeps its node's
     cores busy, and nodes on one machine share its cores; there the imports come out of the training
@@ -165,13 +225,46 @@ def top_up(run_name: str, node_id: str, wanted: int, delay_s: float = 0.0) -> Op
         return None
 
 
-def warm_joined_node(node_id: str, count: int) -> None:
-    """A node that joined while the group runs has no standby: start ``count`` there before the regrow."""
+def start_standbys(node_id: str, count: int) -> None:
+    """Start ``count`` standbys on ``node_id`` (a node that joined while the group runs, before the regrow;
+    a node that stays after a notice); a failure is logged and costs only the speed-up."""
     try:
         if count > 0:
             prestart(node_id, count)
     except Exception:
         _log_cold_start(node_id)
+
+
+class NoticeWarmup:
+    """Rank 0's warm-up at a notice: the nodes that stay get a warm standby per rank they keep, so the
+    restarted group starts in them (the notice hold in train/handoff.py waits for ``missing`` to be 0)."""
+
+    def __init__(self, run_name: str, group_keeps_standbys: bool, hurry_s: float,
+                 clock: Callable[[], float] = time.time, poll_s: float = 0.2):
+        self._run_name = run_name
+        self._group_keeps_standbys = group_keeps_standbys
+        self._hurry_s = hurry_s
+        self._clock = clock
+        self._poll_s = poll_s
+        self._warm: Counter = Counter()
+        self._read_at = -float("inf")
+
+    def start(self, wanted: Mapping[str, int]) -> None:
+        """Standbys for ``wanted`` (node id -> ranks it keeps). A group that keeps standbys has them
+        started already, or about to be: it only waits for them."""
+        if self._group_keeps_standbys:
+            return
+        hurry_standbys(self._run_name, self._clock() + self._hurry_s)
+        warm = warm_standbys(self._run_name)
+        threading.Thread(target=lambda: [start_standbys(node_id, count - warm[node_id])
+                                         for node_id, count in wanted.items()],
+                         name="notice-warmup", daemon=True).start()
+
+    def missing(self, wanted: Mapping[str, int]) -> int:
+        """How many of ``wanted``'s standbys are not warm yet (the store is read at most every ``poll_s``)."""
+        if self._clock() - self._read_at >= self._poll_s:
+            self._warm, self._read_at = warm_standbys(self._run_name), self._clock()
+        return sum(max(count - self._warm[node_id], 0) for node_id, count in wanted.items())
 
 
 def _log_cold_start(node_id: str) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from raytrain_spot.train.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = range(9)
+_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _HOLD_FOR_CAPACITY, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = range(10)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class RankView:
     holding_for: int = 0
     """Rank 0: train on for now although this many ranks are leaving (train/handoff.py's notice hold;
     0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
+    hold_waits_for_capacity: bool = False
+    """Rank 0: the hold is for capacity elsewhere, not for warm standbys (train/handoff.py's ``NoticeHold``)."""
     committed_step: int = 0
     """Rank 0: newest step committed to a shared tier."""
     commit_s: float = 0.0
@@ -59,6 +61,7 @@ class StepAgreement:
     step_s: float
     at: float = 0.0
     holding_for: int = 0
+    hold_waits_for_capacity: bool = False
     commit_s: float = 0.0
 
 
@@ -73,6 +76,7 @@ def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
         slots[_GROW_TO] = float(view.grow_to)
         slots[_SAVE] = float(view.save_due)
         slots[_HOLDING_FOR] = float(view.holding_for)
+        slots[_HOLD_FOR_CAPACITY] = float(view.hold_waits_for_capacity)
         slots[_COMMITTED] = float(view.committed_step)
         slots[_COMMIT_S] = view.commit_s
         slots[_STEP_S] = view.step_s
@@ -95,7 +99,8 @@ class PendingAgreement:
                              leaving_ranks=[r for r in range(self._world_size) if summed[_LEAVING + r] > 0],
                              grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
                              committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT],
-                             holding_for=int(summed[_HOLDING_FOR]), commit_s=summed[_COMMIT_S])
+                             holding_for=int(summed[_HOLDING_FOR]),
+                             hold_waits_for_capacity=summed[_HOLD_FOR_CAPACITY] > 0, commit_s=summed[_COMMIT_S])
 
 
 def agree(view: RankView, group: RankGroup) -> StepAgreement:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import RaySignals, watch_capacity
 from raytrain_spot.elastic.regrow import RegrowPolicy, measured_rate
-from raytrain_spot.elastic.standby import decide_standbys, nodes_share_cores, top_up
+from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeWarmup, claim_standby, decide_standbys,
+                                           nodes_share_cores, top_up)
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
 from raytrain_spot.train.agreement import RankView, start_agreement
@@ -90,13 +92,13 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     regrow = RegrowPolicy(cfg.trainer, cfg.checkpoint.mtbi_prior_s, events.emit)
-    holds = NoticeHoldPolicy(cfg.trainer, events.emit)
+    holds = NoticeHoldPolicy(cfg.trainer, events.emit, runtime.warmup)
     if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
         measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
     reported_step = loop.step
     steps_in_group = 0
     checkpointed_at_notice = False
-    holding = False  # the last step's agreement held the group through a notice
+    waited_for_capacity = False  # the last step's agreement held the group through a notice with nowhere to go
     total_samples = cfg.trainer.max_steps * global_batch
     batch = load_batch(task, dataset, order, loop.samples_seen, cfg.trainer, rank, world_size, device)
     while loop.step < cfg.trainer.max_steps:
@@ -113,11 +115,13 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
         step_s = batch.data_s + time.time() - step_started
         commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
+        hold = holds.decide(leaving, runtime.node_ids, runtime.signals, next_step, step_s, commit_s) if rank == 0 \
+            else None
         view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
                                                                    world_size),
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
-                         holding_for=holds.holding_for(leaving, runtime.node_ids, runtime.signals, next_step, step_s,
-                                                       commit_s),
+                         holding_for=len(leaving) if hold and hold.hold else 0,
+                         hold_waits_for_capacity=bool(hold and hold.waits_for_capacity),
                          committed_step=checkpoints.committed_step, commit_s=commit_s, step_s=step_s, at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
         pending = start_agreement(view, group)
@@ -152,11 +156,11 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                                       rank, 0, runtime.report)
                 checkpointed_at_notice = True
         elif handoff:
-            # The next group measures its restart from here; after a hold it would measure the wait for capacity.
-            loop.handed_off_at = 0.0 if holding else agreed.at
+            # The next group measures its restart from here; after a hold for capacity it would measure the wait.
+            loop.handed_off_at = 0.0 if waited_for_capacity else agreed.at
             hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                      runtime.signals.drain_deadline_s)
-        holding = agreed.holding_for > 0
+        waited_for_capacity = agreed.holding_for > 0 and agreed.hold_waits_for_capacity
         if agreed.save_due:
             events.send()  # records of every step the checkpoint holds are out before a kill could take them
             checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
@@ -292,13 +296,19 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     standbys = placements[0][2]
     if rank == 0:
         logger.info("Warm standbys %s: %s", "on" if standbys.enabled else "off", standbys.reason)
+    marked = os.environ.get(STANDBY_MARKER) == cfg.run.name  # the run's processes can be counted as standbys
+    if marked:
+        claim_standby(cfg.run.name)
     if standbys.enabled and node_ids.index(node_ids[rank]) == rank:
         threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank]),
                                               cfg.trainer.standby_delay_s), name="standby-top-up", daemon=True).start()
     capacity = watch_capacity(cfg.trainer, node_ids, standbys.enabled) if rank == 0 and cfg.trainer.spot_aware else None
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
+        warmup = (NoticeWarmup(cfg.run.name, group_keeps_standbys=standbys.enabled,
+                               hurry_s=cfg.trainer.notice_warmup_s) if rank == 0 and marked else None)
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=cluster_signals(cfg, capacity),
+                                warmup=warmup,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled})
         train(cfg, task, runtime, checkpoints, events, phases)

@@ -4,7 +4,7 @@ process group and a fault injector in the loop's unit tests (tests/test_loop.py)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, List, Optional, Protocol, Set
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Protocol, Set
 
 from raytrain_spot.train.collectives import RankGroup
 
@@ -36,6 +36,16 @@ class ClusterSignals(Protocol):
         """When the first of these nodes stops (unix seconds), if known."""
 
 
+class StandbyWarmup(Protocol):
+    """Rank 0's warm standbys on the nodes a notice leaves (elastic/standby.py's ``NoticeWarmup`` in a run)."""
+
+    def start(self, wanted: Mapping[str, int]) -> None:
+        """Start standbys for ``wanted`` (node id -> ranks that stay there)."""
+
+    def missing(self, wanted: Mapping[str, int]) -> int:
+        """How many of them are not warm yet."""
+
+
 @dataclass
 class WorkerRuntime:
     group: RankGroup
@@ -45,6 +55,8 @@ class WorkerRuntime:
     report: Callable[[int], None]
     """Joined by every rank for a committed step: a barrier (Ray Train's report in a run)."""
     signals: ClusterSignals
+    warmup: Optional[StandbyWarmup] = None
+    """Rank 0's notice warm-up of the nodes that stay (train/handoff.py); None: the group hands off cold."""
     group_facts: Dict[str, Any] = field(default_factory=dict)
     """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
 
