@@ -82,3 +82,14 @@ def test_the_watcher_counts_workers_without_the_noticed_nodes_and_knows_their_de
     assert watcher.workers_without({"a", "c"}) == 0
     assert watcher.drain_deadline_s({"b", "d"}) == 1_790_000_005.0
     assert watcher.drain_deadline_s({"a", "b"}) is None, "a has no drain (yet): its deadline is not known"
+
+
+def test_the_watcher_knows_where_a_restarted_group_places_what_its_survivors_cannot_hold():
+    view = [NodeView("a", True, False, CPU1), NodeView("b", True, True, CPU1), NodeView("c", True, False, CPU1),
+            NodeView("d", True, True, CPU1), NodeView("e", True, False, {"CPU": 2.0}), NodeView("f", False, False, CPU1)]
+    watcher = CapacityWatcher(LiveCapacity(CPU1, 8, nodes=lambda: view, max_age_s=0), ["a", "b"], interval_s=1)
+    assert watcher.room_outside_group(2) == {}, "before a check"
+    watcher.check()
+    assert watcher.room_outside_group(8) == {"c": 1, "e": 2}, "not the group's, a draining or a dead node"
+    assert watcher.room_outside_group(2) == {"c": 1, "e": 1}, "no more than the restarted group takes"
+    assert watcher.room_outside_group(0) == {}

@@ -78,13 +78,15 @@ class NoticedRankZero:
         claim_standby("warmup-test")
         return os.getpid()
 
-    def warm_up(self, wanted):
+    def warm_up(self, outside_node: str):
+        """The notice leaves no rank of the group staying; the restarted group's one worker goes to ``outside_node``."""
         global warmup
-        warmup = NoticeWarmup("warmup-test", group_keeps_standbys=False, hurry_s=60)
-        warmup.start(wanted)
+        warmup = NoticeWarmup("warmup-test", group_keeps_standbys=False, hurry_s=60, max_workers=1,
+                              room_outside=lambda most: {outside_node: most})
+        warmup.start({})
 
-    def missing(self, wanted):
-        return warmup.missing(wanted)
+    def missing(self):
+        return warmup.missing({})
 
     def process(self):
         from raytrain_spot.elastic import preload
@@ -99,9 +101,9 @@ def test_a_notice_warmup_starts_a_standby_that_imports_at_once_and_the_restart_t
     rank_zero = NoticedRankZero.options(scheduling_strategy=on_node).remote()
     first_pid = ray.get(rank_zero.start_group.remote())
     assert warm_standbys("warmup-test")[node_id] == 0, "a Train worker's own process is no standby"
-    ray.get(rank_zero.warm_up.remote({node_id: 1}))
+    ray.get(rank_zero.warm_up.remote(node_id))
     deadline = time.time() + 120
-    while ray.get(rank_zero.missing.remote({node_id: 1})) > 0:
+    while ray.get(rank_zero.missing.remote()) > 0:
         assert time.time() < deadline, "the warm-up's standby never said it was warm"
         time.sleep(0.2)
     assert warm_standbys("warmup-test")[node_id] == 1

@@ -161,6 +161,19 @@ class CapacityWatcher:
         return workers_that_fit([n for n in nodes if n.node_id not in leaving], self._capacity.per_worker,
                                 self._capacity.max_workers)
 
+    def room_outside_group(self, most: int) -> Dict[str, int]:
+        """Workers that fit on each usable node outside the group as of the last check, at most ``most``
+        in all: where a group restarted after a notice places the workers its survivors cannot hold."""
+        room: Dict[str, int] = {}
+        for node in self._nodes or ():
+            if most <= 0:
+                break
+            if node.node_id not in self._group_nodes and (fit := workers_that_fit([node], self._capacity.per_worker,
+                                                                                    most)):
+                room[node.node_id] = fit
+                most -= fit
+        return room
+
     def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
         """The earliest drain deadline of these nodes as of the last check (unix seconds), if every one
         of them was draining then; None otherwise."""

@@ -236,34 +236,43 @@ def start_standbys(node_id: str, count: int) -> None:
 
 
 class NoticeWarmup:
-    """Rank 0's warm-up at a notice: the nodes that stay get a warm standby per rank they keep, so the
-    restarted group starts in them (the notice hold in train/handoff.py waits for ``missing`` to be 0)."""
+    """Rank 0's warm-up at a notice: a warm standby for every worker of the restarted group, on the nodes
+    that stay (one per rank they keep) and, up to ``max_workers``, on the usable nodes outside the group
+    (``room_outside``: how many workers fit on each, at most the given number in all), where the
+    restarted group places the rest. The notice hold (train/handoff.py) waits for ``missing`` to be 0."""
 
-    def __init__(self, run_name: str, group_keeps_standbys: bool, hurry_s: float,
-                 clock: Callable[[], float] = time.time, poll_s: float = 0.2):
+    def __init__(self, run_name: str, group_keeps_standbys: bool, hurry_s: float, max_workers: int,
+                 room_outside: Callable[[int], Mapping[str, int]], clock: Callable[[], float] = time.time,
+                 poll_s: float = 0.2):
         self._run_name = run_name
         self._group_keeps_standbys = group_keeps_standbys
         self._hurry_s = hurry_s
+        self._max_workers = max_workers
+        self._room_outside = room_outside
         self._clock = clock
         self._poll_s = poll_s
+        self._outside: Mapping[str, int] = {}
         self._warm: Counter = Counter()
         self._read_at = -float("inf")
 
-    def start(self, wanted: Mapping[str, int]) -> None:
-        """Standbys for ``wanted`` (node id -> ranks it keeps). A group that keeps standbys has them
-        started already, or about to be: it only waits for them."""
+    def start(self, staying: Mapping[str, int]) -> None:
+        """Standbys for the group restarted without the noticed nodes (``staying``: node id -> ranks it keeps).
+        A group that keeps standbys has them started already, or about to be: it only waits for them."""
+        self._outside = self._room_outside(self._max_workers - sum(staying.values()))
         if self._group_keeps_standbys:
             return
         hurry_standbys(self._run_name, self._clock() + self._hurry_s)
         warm = warm_standbys(self._run_name)
+        wanted = {**staying, **self._outside}
         threading.Thread(target=lambda: [start_standbys(node_id, count - warm[node_id])
                                          for node_id, count in wanted.items()],
                          name="notice-warmup", daemon=True).start()
 
-    def missing(self, wanted: Mapping[str, int]) -> int:
-        """How many of ``wanted``'s standbys are not warm yet (the store is read at most every ``poll_s``)."""
+    def missing(self, staying: Mapping[str, int]) -> int:
+        """How many of the restarted group's standbys are not warm yet (the store is read at most every ``poll_s``)."""
         if self._clock() - self._read_at >= self._poll_s:
             self._warm, self._read_at = warm_standbys(self._run_name), self._clock()
+        wanted = {**staying, **self._outside}
         return sum(max(count - self._warm[node_id], 0) for node_id, count in wanted.items())
 
 

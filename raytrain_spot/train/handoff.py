@@ -189,11 +189,11 @@ class NoticeHoldPolicy:
     def _warmup_progress(self, leaving_ranks: Sequence[int], node_ids: Sequence[str]) -> Optional[WarmupProgress]:
         if self._warmup is None:
             return None
-        wanted = Counter(node_id for rank, node_id in enumerate(node_ids) if rank not in leaving_ranks)
+        staying = Counter(node_id for rank, node_id in enumerate(node_ids) if rank not in leaving_ranks)
         if self._warmup_started_at is None:
             self._warmup_started_at = self._clock()
-            self._warmup.start(wanted)
-        return WarmupProgress(self._warmup.missing(wanted), self._clock() - self._warmup_started_at,
+            self._warmup.start(staying)
+        return WarmupProgress(self._warmup.missing(staying), self._clock() - self._warmup_started_at,
                               self._cfg.notice_warmup_s)
 
 

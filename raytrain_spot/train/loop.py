@@ -306,7 +306,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
         warmup = (NoticeWarmup(cfg.run.name, group_keeps_standbys=standbys.enabled,
-                               hurry_s=cfg.trainer.notice_warmup_s) if rank == 0 and marked else None)
+                               hurry_s=cfg.trainer.notice_warmup_s, max_workers=cfg.trainer.max_workers,
+                               room_outside=capacity.room_outside_group) if capacity is not None and marked else None)
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=cluster_signals(cfg, capacity),
                                 warmup=warmup,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],

@@ -39,10 +39,11 @@ class ClusterSignals(Protocol):
 class StandbyWarmup(Protocol):
     """Rank 0's warm standbys on the nodes a notice leaves (elastic/standby.py's ``NoticeWarmup`` in a run)."""
 
-    def start(self, wanted: Mapping[str, int]) -> None:
-        """Start standbys for ``wanted`` (node id -> ranks that stay there)."""
+    def start(self, staying: Mapping[str, int]) -> None:
+        """Start standbys for the group restarted without the noticed nodes (``staying``: node id -> ranks
+        that stay there)."""
 
-    def missing(self, wanted: Mapping[str, int]) -> int:
+    def missing(self, staying: Mapping[str, int]) -> int:
         """How many of them are not warm yet."""
 
 
