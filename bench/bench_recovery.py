@@ -178,8 +178,10 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         first = next((s for s in steps if s["t"] > group["t"]), None)
         if first is None:
             continue
+        last = max((s["t"] for s in steps if s["t"] < group["t"]), default=None)
         recoveries.append({
             "from_notice_s": first["t"] - disruption["t"],
+            "paused_s": first["t"] - last if last is not None else None,
             "from_kill_s": first["t"] - kill["t"] if kill and kill["t"] < first["t"] else None,
             "new_world_size": group["world_size"],
             "capacity_left": group["world_size"] > 0,
@@ -197,6 +199,8 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         "preemptions": len(recoveries),
         "recovery_from_notice_s": _stats([r["from_notice_s"] for r in recoveries]),
         "recovery_from_kill_s": _stats([r["from_kill_s"] for r in recoveries if r["from_kill_s"] is not None]),
+        # No step between the old group's last and the new group's first: what a preemption stops training for.
+        "paused_s": _stats([r["paused_s"] for r in recoveries if r["paused_s"] is not None]),
         "restarts": len(groups) - 1,
         "stall_per_checkpoint_s": _stats([e["stall_s"] for e in events
                                           if e["ev"] == "checkpoint" and e["stall_s"] > 0]),
@@ -343,6 +347,8 @@ def markdown_table(by_mode: Dict[str, Dict[str, Any]]) -> str:
         "training again, from the notice (median; max)": lambda r: (
             f"{seconds(r['recovery_from_notice_s'])} ({seconds(r['recovery_from_notice_s'], 'max')})"),
         "training again, from the kill (median)": lambda r: seconds(r["recovery_from_kill_s"]),
+        "training paused: the last step to the next group's first (median; max)": lambda r: (
+            f"{seconds(r['paused_s'])} ({seconds(r['paused_s'], 'max')})"),
         "of which: to the handoff / Ray Train's restart / training function startup / first step (medians)": lambda r: (
             " / ".join(f"{v:.1f}" for v in r["recovery_phases_s"].values()) + " s" if r["recovery_phases_s"] else "-"),
         "before the first disruption: seconds / steps trained / median step": lambda r: (
