@@ -166,17 +166,37 @@ def test_preemption_during_a_checkpoint_never_trusts_the_half_written_one(tmp_pa
     assert_same_training_as(run, reference)
 
 
+DEATH_AFTER_A_NOTICE = ("chaos.events=[{action:preempt,node:2,at_step:20},{action:preempt,node:0,at_s:6,no_notice:true},"
+                        "{action:restore,after_s:1},{action:restore,after_s:1}]")
+
+
 def test_preemption_during_a_restart(tmp_path, reference):
-    # The second node dies without notice while the group is restarting after the first notice.
-    run = train(tmp_path, "during-restart", "+chaos=events", "chaos.notice_s=20",
-                "chaos.events=[{action:preempt,node:2,at_step:20},{action:preempt,node:0,at_s:6,no_notice:true},"
-                "{action:restore,after_s:1},{action:restore,after_s:1}]")
+    # The second node dies without notice while the group is restarting after the first notice (at
+    # once: no warm-up hold, which would still be training when it dies; the next test).
+    run = train(tmp_path, "during-restart", "+chaos=events", "chaos.notice_s=20", "trainer.notice_warmup_s=0",
+                DEATH_AFTER_A_NOTICE)
     handoff = run.of("handoff")[0]
     hard_kill = next(k for k in run.of("kill") if not k["with_notice"])
     restarted = next(g for g in run.of("group") if g["t"] > handoff["t"])
     assert handoff["t"] < hard_kill["t"] < restarted["t"], "the second loss must land while the group restarts"
     assert restarted["world_size"] == 1 and restarted["restored_step"] == handoff["step"]
     assert run.steps_redone == 0, "the restart had not trained anything yet: nothing to redo"
+    assert_same_training_as(run, reference)
+
+
+def test_a_node_lost_during_a_notice_warmup_costs_at_most_the_steps_held(tmp_path, reference):
+    # The same losses with the warm-up on (the default): the group trains on after the notice while
+    # the survivors' standbys import, so the second node dies in the hold, not in a restart. The
+    # hold began with a checkpoint: what is redone is at most what the hold trained.
+    run = train(tmp_path, "during-warmup", "+chaos=events", "chaos.notice_s=20", DEATH_AFTER_A_NOTICE)
+    hold = run.of("notice_hold")[0]
+    hard_kill = next(k for k in run.of("kill") if not k["with_notice"])
+    assert hold["hold"] and "standbys there import" in hold["reason"] and hold["t"] < hard_kill["t"]
+    assert run.of("handoff") == [] or run.of("handoff")[0]["t"] > hard_kill["t"], "the loss must land in the hold"
+    assert hold["step"] in [c["step"] for c in run.of("checkpoint") if c["t"] < hard_kill["t"]], \
+        "a hold begins with a checkpoint"
+    last_before_kill = max(e["step"] for e in run.of("step") if e["t"] < hard_kill["t"])
+    assert 0 < run.steps_redone <= last_before_kill - hold["step"]
     assert_same_training_as(run, reference)
 
 

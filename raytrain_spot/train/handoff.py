@@ -160,10 +160,14 @@ class NoticeHoldPolicy:
         self._clock = clock
         self._last: Optional[bool] = None
         self._warmup_started_at: Optional[float] = None
+        self.began = False
+        """Whether the last decision began a hold: the loop checkpoints that step, so a node lost without
+        notice while the group trains on costs at most the hold's steps."""
 
     def decide(self, leaving_ranks: Sequence[int], node_ids: Sequence[str], signals: ClusterSignals,
                step: int, step_s: float, commit_s: float) -> Optional[NoticeHold]:
         """Rank 0's hold after ``step``, or None where no rank is known to be leaving or none applies."""
+        self.began = False
         if not leaving_ranks or not self._cfg.spot_aware:
             return None
         leaving_nodes = {node_ids[rank] for rank in leaving_ranks}
@@ -178,6 +182,7 @@ class NoticeHoldPolicy:
         decision = decide_notice_hold(usable, self._cfg.min_workers,
                                       None if deadline_s is None else deadline_s - self._clock(), step_s,
                                       commit_s or None, self._cfg.hold_margin_s, warmup)
+        self.began = decision.hold and not self._last
         if decision.hold != self._last:
             self._last = decision.hold
             logger.info("Notice hold at step %d: %s", step, decision.reason)

@@ -119,7 +119,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
             else None
         view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
                                                                    world_size),
-                         save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
+                         save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps) or holds.began,
                          holding_for=len(leaving) if hold and hold.hold else 0,
                          hold_waits_for_capacity=bool(hold and hold.waits_for_capacity),
                          committed_step=checkpoints.committed_step, commit_s=commit_s, step_s=step_s, at=time.time())
