@@ -156,11 +156,13 @@ class TrainerConfig:
     notice_warmup_s: float = 10.0
     """Longest a group trains on after a notice that leaves it somewhere to go, while the nodes that
     stay start one standby process per rank they keep and import the stack into them at normal
-    priority, so the group restarts in warm processes: on the embedded cluster its pause fell from
-    ~9 s (cold processes) to ~3 s (docs/benchmarks.md). Ends as soon as they are warm (at once where
-    the group keeps standbys that are), and never past what the drain deadline allows (a step, the
-    checkpoint's commit and ``hold_margin_s`` before it). 0: hand off at the notice. Needs spot_aware
-    and warm_standby not false; see raytrain_spot/elastic/standby.py."""
+    priority, so the group restarts in warm processes: on the embedded cluster the time it trains
+    nothing fell from 9.5 s (cold processes) to 5.0 s, medians (docs/benchmarks.md). Also covers
+    the usable nodes outside the group the restarted group takes. Ends as soon as they are warm (at
+    once where the group keeps standbys that are), and never past what the drain deadline allows (a
+    step, the checkpoint's commit and ``hold_margin_s`` before it); the hold begins with a
+    checkpoint. 0: hand off at the notice. Needs spot_aware and warm_standby not false; see
+    raytrain_spot/elastic/standby.py."""
     warm_wait_limit_s: float = 60.0
     """Longest a node outside the group is kept out of a regrow while it is not warm (its standby has
     not imported the stack yet; a group restarted onto it would wait for the import). 0: regrow onto

@@ -103,22 +103,23 @@ def decide_regrow(evidence: RegrowEvidence) -> RegrowDecision:
     rate, measured = target_rate(e.rates, e.world_size, e.target)
     gain = rate - now_rate
     if gain < SIGNIFICANT_GAIN * now_rate:
-        return RegrowDecision(False, "no_gain", f"{e.target} workers trained no faster than {e.world_size} in this run "
-                              f"({gain / now_rate:+.0%}, under the {SIGNIFICANT_GAIN:.0%} a gain must show)",
+        return RegrowDecision(False, "no_gain", f"{e.target} workers trained no faster than {e.world_size} in this "
+                              f"run ({gain / now_rate:+.0%}, under the {SIGNIFICANT_GAIN:.0%} a gain must show)",
                               gain, target_rate=rate, target_rate_measured=measured)
     shrink_probability = 1.0 - math.exp(-e.remaining_s / max(e.node_life_s, 1e-9))
     cost = e.restart_s * now_rate + shrink_probability * e.restart_s * rate
     break_even_s = cost / gain
     numbers = dict(gain=gain, cost=cost, break_even_s=break_even_s, target_rate=rate, target_rate_measured=measured)
     if e.remaining_s - e.restart_s < break_even_s:
-        return RegrowDecision(False, "run_ends", f"the run ends in {e.remaining_s:.0f} s, before a regrow pays", wait_s=math.inf,
-                              **numbers)
+        return RegrowDecision(False, "run_ends", f"the run ends in {e.remaining_s:.0f} s, before a regrow pays",
+                              wait_s=math.inf, **numbers)
     long_lived = e.node_life_s >= LONG_LIFE_FACTOR * break_even_s
     wait_s = e.settle_s if long_lived else max(break_even_s, e.settle_s)
     why = (f"nodes live {e.node_life_s:.0f} s on average, over {LONG_LIFE_FACTOR:g}x the break-even"
            if long_lived else f"node lifetime {e.node_life_s:.0f} s is uncertain against the break-even: ski rental")
     if e.capacity_age_s < wait_s:
-        return RegrowDecision(False, "waiting", f"waiting: capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s, **numbers)
+        return RegrowDecision(False, "waiting", f"waiting: capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s,
+                              **numbers)
     return RegrowDecision(True, "regrow", f"capacity up {e.capacity_age_s:.1f} s; {why}", wait_s=wait_s, **numbers)
 
 

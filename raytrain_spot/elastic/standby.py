@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Optional, Set
