@@ -157,7 +157,7 @@ class TrainerConfig:
     """Longest a group trains on after a notice that leaves it somewhere to go, while the nodes that
     stay start one standby process per rank they keep and import the stack into them at normal
     priority, so the group restarts in warm processes: on the embedded cluster the time it trains
-    nothing fell from 9.5 s (cold processes) to 5.0 s, medians (docs/benchmarks.md). Also covers
+    nothing fell from 9.5 s (cold processes) to 4.0 s, medians (docs/benchmarks.md). Also covers
     the usable nodes outside the group the restarted group takes. Ends as soon as they are warm (at
     once where the group keeps standbys that are), and never past what the drain deadline allows (a
     step, the checkpoint's commit and ``hold_margin_s`` before it); the hold begins with a
