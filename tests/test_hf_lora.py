@@ -74,8 +74,10 @@ def lora_overrides(tmp_path, base: str) -> list:
 @pytest.mark.chaos
 def test_lora_checkpoints_adapters_only_resumes_at_another_size_and_exports_for_plain_peft(tmp_path, pretrained_base):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    # The handoff at once (no warm-up hold, which could train on to the run's last step): the resume is the point.
     result = run_main(*lora_overrides(tmp_path, pretrained_base), "+chaos=events", "chaos.notice_s=4",
-                      "chaos.margin_s=1", "chaos.events=[{action:preempt,node:1,at_step:10}]", cwd=str(tmp_path),
+                      "chaos.margin_s=1", "trainer.notice_warmup_s=0",
+                      "chaos.events=[{action:preempt,node:1,at_step:10}]", cwd=str(tmp_path),
                       env={"RAY_TMPDIR": ray_tmp}, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert ray_internal_lines(result.stdout + result.stderr) == []
