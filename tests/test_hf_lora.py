@@ -25,7 +25,9 @@ from raytrain_spot.tasks.hf_vlm.presets import write_preset  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask, LoraConfig  # noqa: E402
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main  # noqa: E402
 
-STEPS = 30
+STEPS = 60
+"""Long enough that the loop hears the notice at step 10 before the run ends: steps take ~0.05 s and the
+notice reaches the loop up to a second after the simulator sends it (seen: a 30-step run ended first)."""
 PLAIN_LOAD = r"""
 import json, sys
 import numpy as np, torch
