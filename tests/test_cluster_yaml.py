@@ -170,9 +170,9 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         version = tomllib.load(f)["project"]["version"]
     assert version == raytrain_spot.__version__
-    wheel = f"/tmp/raytrain-spot-dist/raytrain_spot-{version}-py3-none-any.whl"
-    assert config["file_mounts"] == {"/tmp/raytrain-spot-dist": "./dist", "~/raytrain-spot/conf": "./conf",
-                                     "~/.ray/auth_token": "~/.ray/auth_token"}
+    wheel = f'"$HOME/raytrain-spot/dist/raytrain_spot-{version}-py3-none-any.whl[hf]"'
+    assert config["file_mounts"]["~/raytrain-spot/dist"] == "./dist"
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert os.path.isdir(os.path.join(ROOT, "conf"))
     # Token authentication: the token is private on every node, and every shell and Ray process uses it.
     assert "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token" in config["setup_commands"]
@@ -186,6 +186,8 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
         package_at = next(i for i, c in enumerate(commands) if wheel in c)
         assert torch_at < package_at
     assert "whl/cpu" in next(c for c in config["head_setup_commands"] if '"torch==' in c)
+    assert "whl/cu126" in next(c for c in config["worker_setup_commands"] if '"torch==' in c)
+    assert config["worker_setup_commands"][-1] == "python -m raytrain_spot.cluster.gpu_setup_check --expect-gpus 1"
 
     worker_start = config["worker_start_ray_commands"]
     ray_start_at = next(i for i, c in enumerate(worker_start) if "ray start --address=$RAY_HEAD_IP:6379" in c)
@@ -291,7 +293,52 @@ def wrong_type_label(c):
     c["available_node_types"]["gpu-spot"]["labels"]["raytrain-spot/node-type"] = "workers"
 
 
+def torch_from_pypi(c):
+    """PyPI's torch 2.13.0 is the CUDA 13.0 build: the images' 570 driver cannot run it."""
+    c["worker_setup_commands"] = [cmd.replace(" --index-url https://download.pytorch.org/whl/cu126", "")
+                                  for cmd in c["worker_setup_commands"]]
+
+
+def cpu_torch_on_gpu_workers(c):
+    c["worker_setup_commands"] = [cmd.replace("whl/cu126", "whl/cpu") for cmd in c["worker_setup_commands"]]
+
+
+def image_without_driver(c):
+    c["available_node_types"]["gpu-spot"]["node_config"]["disks"][0]["initializeParams"]["sourceImage"] = \
+        "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64"
+
+
+def no_gpu_check(c):
+    c["worker_setup_commands"] = [cmd for cmd in c["worker_setup_commands"] if "gpu_setup_check" not in cmd]
+
+
+def gpu_check_for_two(c):
+    c["worker_setup_commands"] = [cmd.replace("--expect-gpus 1", "--expect-gpus 2")
+                                  for cmd in c["worker_setup_commands"]]
+
+
+def head_without_hf(c):
+    c["head_setup_commands"] = [cmd.replace(".whl[hf]", ".whl") for cmd in c["head_setup_commands"]]
+
+
+def workers_without_hf(c):
+    c["worker_setup_commands"] = [cmd.replace(".whl[hf]", ".whl") for cmd in c["worker_setup_commands"]]
+
+
+def wheel_under_tmp(c):
+    c["file_mounts"]["/tmp/raytrain-spot-dist"] = c["file_mounts"].pop("~/raytrain-spot/dist")
+
+
 @pytest.mark.parametrize("mistake, node_type, key", [
+    (torch_from_pypi, "gpu-spot", "worker_setup_commands"),
+    (torch_from_pypi, "gpu-on-demand", "worker_setup_commands"),
+    (cpu_torch_on_gpu_workers, "gpu-spot", "worker_setup_commands"),
+    (image_without_driver, "gpu-spot", "node_config.disks[0].initializeParams.sourceImage"),
+    (no_gpu_check, "gpu-spot", "worker_setup_commands"),
+    (gpu_check_for_two, "gpu-on-demand", "worker_setup_commands"),
+    (head_without_hf, "head", "head_setup_commands"),
+    (workers_without_hf, "gpu-spot", "worker_setup_commands"),
+    (wheel_under_tmp, "cluster", "file_mounts./tmp/raytrain-spot-dist"),
     (spot_head, "head", "node_config.scheduling"),
     (list_scheduling, "gpu-spot", "node_config.scheduling"),
     (fallback_made_spot, "gpu-on-demand", "node_config.scheduling.provisioningModel"),
@@ -426,3 +473,53 @@ def test_worker_raylets_preload_the_training_stack(path):
     start = " ".join(raw(path)["worker_start_ray_commands"])
     assert f"{PRELOAD_ENV}={','.join(PRELOAD_MODULES)} ray start --address" in start
     assert PRELOAD_ENV not in " ".join(raw(path)["head_start_ray_commands"])
+
+
+# -- warnings: what a new project meets that the YAML cannot settle ---------------------------------
+def warning_keys(config: dict) -> set:
+    return {(w.node_type, w.key) for w in cluster_check.warnings(cluster_check.prepare(config))}
+
+
+def test_nine_200_gb_balanced_disks_warn_about_the_ssd_quota_and_smaller_disks_do_not():
+    config = raw(MAIN_YAML)
+    [ssd] = [w for w in cluster_check.warnings(cluster_check.prepare(config))
+             if w.key == "available_node_types.*.node_config.disks"]
+    assert "1800 GB" in ssd.problem and "SSD_TOTAL_GB" in ssd.problem and '--flatten="quotas[]"' in ssd.fix
+    for node_type in config["available_node_types"].values():
+        node_type["node_config"]["disks"][0]["initializeParams"]["diskSizeGb"] = 50
+    assert ("cluster", "available_node_types.*.node_config.disks") not in warning_keys(config)
+    config = raw(MAIN_YAML)
+    for node_type in config["available_node_types"].values():  # pd-standard counts against another quota
+        node_type["node_config"]["disks"][0]["initializeParams"]["diskType"] = "zones/us-central1-a/diskTypes/pd-standard"
+    assert ("cluster", "available_node_types.*.node_config.disks") not in warning_keys(config)
+
+
+def test_nodes_without_network_interfaces_warn_about_the_subnet_and_external_addresses():
+    config = raw(MAIN_YAML)
+    [subnet] = [w for w in cluster_check.warnings(cluster_check.prepare(config))
+                if w.key == "node_config.networkInterfaces"]
+    assert "KeyError: 'items'" in subnet.problem and "9 VMs" in subnet.problem
+    assert "subnets list --filter=region:us-central1" in subnet.fix and "IN_USE_ADDRESSES >= 9" in subnet.fix
+    for node_type in config["available_node_types"].values():
+        node_type["node_config"]["networkInterfaces"] = [
+            {"subnetwork": "regions/us-central1/subnetworks/default", "accessConfigs": []}]
+    assert ("cluster", "node_config.networkInterfaces") not in warning_keys(config)
+
+
+@pytest.mark.parametrize("path", GCP_FILES, ids=names(GCP_FILES))
+def test_every_gcp_node_carries_the_network_tag_the_firewall_rule_targets(path):
+    config = raw(path)
+    assert ("cluster", "node_config.tags") not in warning_keys(config)
+    del config["available_node_types"]["head"]["node_config"]["tags"]
+    assert ("cluster", "node_config.tags") in warning_keys(config)
+
+
+def test_warnings_do_not_change_the_exit_status(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cluster_check.main(["--new-token"]) == 0
+    path = tmp_path / "gcp.yaml"
+    with open(MAIN_YAML) as f:
+        path.write_text(f.read().replace("FILL-IN-project-id", PROJECT))
+    assert cluster_check.main([str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: cluster: available_node_types.*.node_config.disks" in err and "problem:" not in err

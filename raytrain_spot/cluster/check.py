@@ -36,6 +36,7 @@ from typing import Callable, List, Optional, Tuple
 import yaml
 
 from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound
+from raytrain_spot.cluster.gpu_stack import CHOSEN_BUILD, driver_branch_of_image, driver_problem, torch_build_of
 from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
 from raytrain_spot.cluster.gcp.machines import (
     ATTACHABLE_GPUS,
@@ -60,6 +61,14 @@ TOKEN_PATH = "~/.ray/auth_token"
 """Ray's default token file: the YAMLs mount the laptop's copy there on every node."""
 TOKEN_MODE = "RAY_AUTH_MODE=token"
 PLACEHOLDER = "FILL-IN"
+GPU_SETUP_CHECK = "raytrain_spot.cluster.gpu_setup_check"
+WHEEL = re.compile(r"raytrain_spot-[^\s\"']*\.whl(\[[^\]]*\])?")
+TYPICAL_SSD_QUOTA_GB = 500
+"""A regional SSD_TOTAL_GB limit new projects are often given (pd-balanced and pd-ssd count
+against it): a YAML needing more gets a warning to check the project's own limit."""
+SSD_DISK_TYPES = ("pd-ssd", "pd-balanced", "hyperdisk-balanced")
+NETWORK_TAG = "raytrain-spot"
+"""The network tag every GCP node carries: the firewall rule for the cluster's own traffic targets it."""
 
 PriceLookup = Callable[[str, str, str], Optional[float]]
 
@@ -264,6 +273,8 @@ def review(config: dict) -> List[Problem]:
         problems += _check_zones(config)
         problems += _check_watcher(config)
         problems += _check_token_auth(config)
+        problems += _check_gpu_stack(config)
+        problems += _check_installs(config)
     problems += _check_placeholders(config)
     return problems
 
@@ -516,6 +527,134 @@ def _check_watcher_notice(config: dict, spot_workers: List[str], command: str) -
     return problems
 
 
+def _boot_image(node_config: dict) -> str:
+    for disk in node_config.get("disks") or []:
+        if disk.get("boot"):
+            return str((disk.get("initializeParams") or {}).get("sourceImage", ""))
+    return ""
+
+
+def _setup_commands_of(config: dict, node_type: dict, is_head: bool) -> List[str]:
+    """What Ray runs on a node of the type: its own ``worker_setup_commands`` if it has them, else the
+    cluster's (``prepare`` has put ``setup_commands`` in front of both, as Ray does)."""
+    if is_head:
+        return list(config.get("head_setup_commands", []))
+    return list(node_type.get("worker_setup_commands", config.get("worker_setup_commands", [])))
+
+
+def _check_gpu_stack(config: dict) -> List[Problem]:
+    """Every GPU worker type: the image has a driver, the torch build runs on it, and the set-up ends
+    with the GPU check for the type's GPU count."""
+    problems = []
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type.get("node_config", {})
+        gpus = gpus_of(node_config)
+        if name == config["head_node_type"] or gpus is None:
+            continue
+        image = _boot_image(node_config)
+        branch = driver_branch_of_image(image)
+        commands = _setup_commands_of(config, node_type, is_head=False)
+        builds = [build for build in map(torch_build_of, commands) if build is not None]
+        key = "worker_setup_commands"
+        fix_torch = (f'install torch before the package with pip install "torch==VERSION" --index-url '
+                     f"https://download.pytorch.org/whl/{CHOSEN_BUILD}")
+        if branch is None:
+            problems.append(Problem(name, "node_config.disks[0].initializeParams.sourceImage",
+                                    f"{image!r} names no NVIDIA driver branch, so {gpus} may have no driver",
+                                    "use projects/ubuntu-os-accelerator-images/global/images/family/"
+                                    "ubuntu-accelerator-2404-amd64-with-nvidia-570"))
+        if not builds:
+            problems.append(Problem(name, key, "install no torch before the package, so pip takes PyPI's default "
+                                    "build, whatever CUDA it was built for", fix_torch))
+        for build in builds:
+            if build.cuda is None:
+                problems.append(Problem(name, key, f"install torch {build.version} as {build.where} on a node with "
+                                        f"{gpus}: it cannot use them", fix_torch))
+            elif branch is not None:
+                mismatch = driver_problem(branch, build.cuda)
+                if mismatch:
+                    problems.append(Problem(name, key, f"install torch {build.version} as {build.where} (CUDA "
+                                            f"{build.cuda}); {mismatch} ({short_name(image)}), so "
+                                            "torch.cuda.is_available() is False on every worker", fix_torch))
+        checks = [c for c in commands if GPU_SETUP_CHECK in c]
+        expected = re.search(r"--expect-gpus(?:=|\s+)(\d+)", checks[-1]) if checks else None
+        if not checks or commands[-1] is not checks[-1]:
+            problems.append(Problem(name, key, "do not end with the GPU check, so a node whose torch cannot use its "
+                                    "GPUs joins the cluster and trains on nothing",
+                                    f"append: python -m {GPU_SETUP_CHECK} --expect-gpus {gpus.count}"))
+        elif expected is None or int(expected.group(1)) != gpus.count:
+            problems.append(Problem(name, key, f"run the GPU check with --expect-gpus "
+                                    f"{expected.group(1) if expected else '(none)'}, but {gpus} come "
+                                    "with the machine type, so the check fails every node of this type",
+                                    f"pass --expect-gpus {gpus.count} (a type with another count needs its own "
+                                    "worker_setup_commands)"))
+    return problems
+
+
+def _check_installs(config: dict) -> List[Problem]:
+    """The package is installed with its ``[hf]`` extra on every node, from a path that outlives a reboot."""
+    problems = []
+    for destination in config.get("file_mounts", {}):
+        if os.path.normpath(destination).startswith("/tmp/"):
+            problems.append(Problem("cluster", f"file_mounts.{destination}", "lands under /tmp, which a reboot "
+                                    "of the head clears; the autoscaler copies file_mounts to every replacement "
+                                    "worker from the head's copy, so their set-up then fails",
+                                    f"mount it under the home directory, e.g. ~/raytrain-spot/{os.path.basename(destination)}"))
+    for name, node_type in config["available_node_types"].items():
+        is_head = name == config["head_node_type"]
+        key = "head_setup_commands" if is_head else "worker_setup_commands"
+        for command in _setup_commands_of(config, node_type, is_head):
+            for match in WHEEL.finditer(command):
+                if "hf" not in (match.group(1) or ""):
+                    problems.append(Problem(name, key, f"install {match.group(0)} without the [hf] extra, so "
+                                            "+experiment=hf_vlm stops at import transformers",
+                                            f"install {match.group(0)}[hf] (quote it for the shell)"))
+    return problems
+
+
+def warnings(config: dict) -> List[Problem]:
+    """What the YAML cannot get wrong by itself but a new project will meet: quotas and network."""
+    if not is_gcp(config):
+        return []
+    found = []
+    head_name = config["head_node_type"]
+    region = config["provider"].get("region")
+    ssd_gb, vms, without_interfaces, untagged = 0, 0, [], []
+    for name, node_type in config["available_node_types"].items():
+        count = 1 if name == head_name else node_type.get("max_workers", 0)
+        node_config = node_type.get("node_config", {})
+        vms += count
+        for disk in node_config.get("disks") or []:
+            params = disk.get("initializeParams") or {}
+            if short_name(str(params.get("diskType", "pd-standard"))) in SSD_DISK_TYPES:
+                ssd_gb += count * int(params.get("diskSizeGb", 10))
+        if count and "networkInterfaces" not in node_config:
+            without_interfaces.append(name)
+        if count and NETWORK_TAG not in ((node_config.get("tags") or {}).get("items") or []):
+            untagged.append(name)
+    quota_command = (f'gcloud compute regions describe {region} --flatten="quotas[]" '
+                     '--format="table(quotas.metric,quotas.limit,quotas.usage)"')
+    if ssd_gb > TYPICAL_SSD_QUOTA_GB:
+        found.append(Problem("cluster", "available_node_types.*.node_config.disks", f"need {ssd_gb} GB of SSD "
+                             f"persistent disk at max_workers (pd-balanced counts as SSD); new projects often have "
+                             f"SSD_TOTAL_GB {TYPICAL_SSD_QUOTA_GB} in a region, and a VM over it is refused",
+                             f"check SSD_TOTAL_GB with {quota_command}, request more, or lower diskSizeGb"))
+    if without_interfaces:
+        found.append(Problem("cluster", "node_config.networkInterfaces", f"not set on {', '.join(without_interfaces)}: "
+                             f"Ray takes the first subnet it lists in {region} (of any VPC) and gives each of the "
+                             f"{vms} VMs an external IP (IN_USE_ADDRESSES); with no subnet in {region} `ray up` "
+                             "stops with KeyError: 'items'",
+                             f"check gcloud compute networks subnets list --filter=region:{region} and "
+                             f"IN_USE_ADDRESSES >= {vms} ({quota_command})"))
+    if untagged:
+        found.append(Problem("cluster", "node_config.tags", f"{', '.join(untagged)} lack the network tag "
+                             f"{NETWORK_TAG!r}, so no firewall rule can admit the cluster's traffic to them alone "
+                             "(Ray's ports, its metrics endpoint among them, listen on every interface)",
+                             f"add tags: {{items: [{NETWORK_TAG}]}} to every node_config (docs/cluster.md, "
+                             "Security notes)"))
+    return found
+
+
 def _check_token_auth(config: dict) -> List[Problem]:
     """Every node gets the token, and every Ray process the YAML starts uses it: a Ray client in
     token mode without the token aborts, and a node started without token mode cannot join."""
@@ -659,6 +798,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             status = 2
             continue
         print(format_summary(summarize(config, catalog_lookup(PriceCatalog.load(args.prices)))))
+        for warning in warnings(config):
+            print(f"  warning: {warning}", file=sys.stderr)
         problems = review(config) + check_local_token(config)
         for problem in problems:
             print(f"  problem: {problem}", file=sys.stderr)
