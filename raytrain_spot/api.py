@@ -74,8 +74,10 @@ class RunResult:
 
     def trained_model(self, step: Optional[int] = None):
         """(task, model): the model as the run built it with the weights of checkpoint ``step``
-        (default: the newest), on the CPU, in eval mode."""
-        from raytrain_spot.checkpoint.export import rebuilt_model
+        (default: the newest), on the CPU, in eval mode. The task is the one of the run's own
+        settings (``.hydra/config.yaml`` in its directory), never one named by storage; a
+        checkpoint saved with other settings is refused (ConfigError)."""
+        from raytrain_spot.checkpoint.export import rebuilt_model, run_config
         from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, listed_steps
         from raytrain_spot.checkpoint.manager import load_checkpoint_state
         from raytrain_spot.storage.store import open_store
@@ -86,7 +88,8 @@ class RunResult:
             raise FileNotFoundError(f"{self.checkpoints} holds no checkpoint")
         with tempfile.TemporaryDirectory(prefix="trained-model-") as scratch:
             manifest, paths = fetch_verified(store, checkpoint_key(self.run_name, step or steps[0]), scratch)
-            task, model = rebuilt_model(manifest, load_checkpoint_state(manifest, paths)["model"])
+            config = run_config(os.path.join(self.run_dir, ".hydra", "config.yaml"))
+            task, model = rebuilt_model(manifest, load_checkpoint_state(manifest, paths)["model"], config)
         return task, model.eval()
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 import torch  # noqa: E402
 
-from raytrain_spot.checkpoint.export import export_model, rebuilt_model  # noqa: E402
+from raytrain_spot.checkpoint.export import export_model, rebuilt_model, run_config  # noqa: E402
 from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, load_state  # noqa: E402
 from raytrain_spot.checkpoint.manager import load_checkpoint_state  # noqa: E402
 from raytrain_spot.config.errors import ConfigError  # noqa: E402
@@ -102,8 +102,9 @@ def test_lora_checkpoints_adapters_only_resumes_at_another_size_and_exports_for_
 
     final = LocalStore(storage).local_path(checkpoint_key("lora", STEPS))
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    export_model(final, str(adapter), "fp32", "pretrained", adapter_only=True)
-    export_model(final, str(merged), "fp32", "pretrained")
+    config = run_config(str(tmp_path / "outputs" / "lora" / ".hydra" / "config.yaml"))
+    export_model(final, str(adapter), "fp32", "pretrained", adapter_only=True, config=config)
+    export_model(final, str(merged), "fp32", "pretrained", config=config)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
     assert "model.safetensors" in os.listdir(merged)
     loaded = subprocess.run([sys.executable, "-c", PLAIN_LOAD, pretrained_base, str(adapter), str(merged)],
@@ -116,7 +117,7 @@ def test_lora_checkpoints_adapters_only_resumes_at_another_size_and_exports_for_
                                rtol=1e-4, atol=1e-4)
 
     manifest, paths = fetch_verified(LocalStore(os.path.dirname(final)), os.path.basename(final), str(tmp_path / "s"))
-    _, ours = rebuilt_model(manifest, load_checkpoint_state(manifest, paths)["model"])
+    _, ours = rebuilt_model(manifest, load_checkpoint_state(manifest, paths)["model"], config)
     untrained = _plain_model(pretrained_base)
     inputs = _inputs(pretrained_base)
     with torch.no_grad():
@@ -186,7 +187,8 @@ def test_the_torch_export_of_a_frozen_base_checkpoint_holds_every_weight(tmp_pat
     commit(store, "step_00000001", {STATE_FILE: str(tmp_path / STATE_FILE)},
            Manifest(step=1, samples_seen=8, kind="final", world_size=1, files={STATE_FILE: entry},
                     config={"task": settings, "run": {"seed": 0}}))
-    export_model(store.local_path("step_00000001"), str(tmp_path / "out"), "fp32")
+    export_model(store.local_path("step_00000001"), str(tmp_path / "out"), "fp32",
+                 config={"task": settings, "run": {"seed": 0}})
     exported = load_state(str(tmp_path / "out" / "model.pt"))
     assert exported.keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
