@@ -230,3 +230,48 @@ def test_the_task_groups_file_lists_every_setting_at_its_default():
     task = HuggingFaceVLMTask()
     assert listed == {"_target_": f"{HuggingFaceVLMTask.__module__}.HuggingFaceVLMTask",
                       **{f.name: dataclasses.asdict(getattr(task, f.name)) for f in dataclasses.fields(task)}}
+
+
+def weighted_model_dir(path, preset: str = "tiny-llava") -> str:
+    """A model directory with weights, as a downloaded pretrained model is (a preset, trained nowhere)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from raytrain_spot.tasks.hf_vlm.presets import write_preset
+
+    write_preset(preset, str(path))
+    torch.manual_seed(1234)
+    AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(path))).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_a_pretrained_model_trains_in_train_mode_so_checkpointing_and_dropout_act(tmp_path, user_shards, lora):
+    """``from_pretrained`` returns a model in eval mode, where checkpointed layers keep their activations
+    and dropout (LoRA's too) is off: the step must train it in train mode."""
+    import torch
+
+    from raytrain_spot.config.schema import OptimConfig
+    from raytrain_spot.tasks.hf_vlm.task import LoraConfig
+    from raytrain_spot.train.step import build_optimizer, train_step
+
+    task = HuggingFaceVLMTask(model=HfModelConfig(path=weighted_model_dir(tmp_path / "model"),
+                                                  gradient_checkpointing=True),
+                              data=ImageTextDataConfig(path=user_shards, image_column="photo", text_column="text",
+                                                       cache_dir=str(tmp_path)),
+                              lora=LoraConfig(r=lora, dropout=0.1))
+    task.prepare(0)
+    model = task.build_model()
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert len(checkpointed) >= 4 and (dropouts or not lora), "the layers under test"
+    seen = []
+
+    def loss(m, batch):
+        seen.append([layer.training for layer in checkpointed + dropouts])
+        return task.loss(m, batch)
+
+    dataset = task.build_dataset(0)
+    batch = task.collate([dataset[i] for i in range(4)])
+    train_step(model, build_optimizer(task.param_groups(model), OptimConfig()), [(batch, 4)], loss, 0.25, 1.0)
+    assert seen and all(seen[0]), f"{seen[0].count(False)} of {len(seen[0])} layers trained in eval mode"

@@ -73,7 +73,11 @@ def train_step(
     ``micro_batches`` are (batch, number of samples) pairs; ``loss(model, batch)`` returns one
     loss per sample. ``model`` may be DDP-wrapped: gradients are synchronised once, on the last
     micro-batch. ``loss_scale`` is world_size / global_batch_size. Returns the sum of per-sample losses.
+
+    The step trains the model in train mode whatever mode it was left in: ``from_pretrained``
+    returns eval mode, where dropout is off and checkpointed layers keep their activations.
     """
+    model.train()
     device_type = next(model.parameters()).device.type
     loss_sum = 0.0
     for i, (batch, size) in enumerate(micro_batches):

@@ -65,7 +65,9 @@ class TrainingTask(abc.ABC):
 
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
-        """The model, on the CPU; the framework moves it to the training device and wraps it in DDP."""
+        """The model, on the CPU; the framework moves it to the training device, wraps it in DDP and
+        trains it in train mode (``model.train()`` every step; a submodule that must stay in eval
+        mode, a frozen batch norm say, overrides its own ``train``)."""
 
     def param_groups(self, model: torch.nn.Module) -> List[Dict[str, Any]]:
         """Optimizer parameter groups (each a dict with ``params``; ``lr`` is set by the framework

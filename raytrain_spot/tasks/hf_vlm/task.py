@@ -234,7 +234,7 @@ class HuggingFaceVLMTask(TrainingTask):
             for parameter in vision_tower(model).parameters():
                 parameter.requires_grad_(False)
         if self.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         if self.lora.enabled:
             model = with_adapters(model, self.lora, self.model.gradient_checkpointing)
         return model
