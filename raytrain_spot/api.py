@@ -33,8 +33,6 @@ from raytrain_spot.cost.ledger import LEDGER_FILE
 from raytrain_spot.observe.events import EVENTS_FILE, read_events
 from raytrain_spot.observe.progress import SUMMARY_FILE
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-
 
 @dataclass
 class RunResult:
@@ -180,21 +178,25 @@ def train(overrides: Sequence[str] = (), workdir: Optional[str] = None, every_st
 def checked_run_name(overrides: List[str], workdir: str) -> str:
     """Validate the overrides as the command does; the run's name with its ``${now:...}`` resolved
     here, so this process and the run agree on the run's directory."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from raytrain_spot.config.overrides import unknown_override_key
+    from raytrain_spot.config.overrides import CONFIG_MODULE, check_overrides, composition_problem
     from raytrain_spot.config.schema import load_config, register_configs
     from raytrain_spot.train.task import build_task
 
-    if problem := unknown_override_key(overrides):
-        raise ConfigError(problem)
+    check_overrides(overrides)
     register_configs()
     cwd = os.getcwd()
     os.chdir(workdir)  # storage and data paths resolve against the run's working directory
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            composed = compose(config_name="config", overrides=overrides)
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            try:
+                composed = compose(config_name="config", overrides=overrides)
+            except Exception as error:
+                if (problem := composition_problem(error)) is None:
+                    raise
+                raise ConfigError(problem) from None
         cfg = load_config(composed)
         build_task(cfg.task)
     finally:

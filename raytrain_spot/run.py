@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from raytrain_spot.config.overrides import unknown_override_key
+from raytrain_spot.config.overrides import CONFIG_PATH, check_overrides, composition_problem
 from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
 from raytrain_spot.observe.console import console_for_run
@@ -26,7 +26,7 @@ from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, start
 from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
-from raytrain_spot.config.redaction import scrub_files, secret_values
+from raytrain_spot.config.redaction import save_redacted_composition, secret_keys
 from raytrain_spot.train.task import TrainingTask, build_task
 
 logger = logging.getLogger("raytrain_spot")
@@ -36,9 +36,13 @@ LISTING_DEADLINE_S = 20.0
 """How long the end-of-run check of durable storage may retry before it says the copy is missing."""
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
+    global job_started
+    job_started = True
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice is not the run's
+    run_dir = HydraConfig.get().runtime.output_dir
+    save_redacted_composition(dict_cfg, HydraConfig.get(), secret_keys(Config), os.path.join(run_dir, ".hydra"))
     try:
         cfg = load_config(dict_cfg)
         task = build_task(cfg.task)
@@ -48,8 +52,6 @@ def main(dict_cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
-    run_dir = HydraConfig.get().runtime.output_dir
-    scrub_files(os.path.join(run_dir, ".hydra"), secret_values(cfg))  # Hydra wrote the raw values there
     warn_about_redirects()
     started = time.time()
     lease = None
@@ -156,14 +158,14 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
             head_store = start_head_store(cfg.checkpoint.head_root(storage_uri), cfg.run.name,
                                           storage_uri, cfg.checkpoint.keep_latest_k,
                                           cfg.checkpoint.milestone_every_steps, cfg.checkpoint.durable_interval_s,
-                                          events)
+                                          events, lease.owner)
         events_path = os.path.join(run_dir, EVENTS_FILE)
         print(f"run {cfg.run.name}: {cfg.trainer.min_workers}-{cfg.trainer.max_workers} workers, "
               f"global batch {cfg.trainer.global_batch_size}, {cfg.trainer.max_steps} steps, "
               f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir} (Ray's: {ray_logs_dir()})",
               file=console, flush=True)
         context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor,
-                              head_store=head_store)
+                              head_store=head_store, lease_owner=lease.owner)
         catalog = PriceCatalog.load(cfg.ledger.prices)
         progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, console, since=started)
         sinks = [progress,
@@ -176,7 +178,12 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
             fit = FitThread(build_trainer(cfg, context))
             drive(fit, cfg, cluster, events, progress, monitor, run_dir, lease)
             if lease.lost.is_set():
-                fit.error = RuntimeError(f"another driver took over run.name={cfg.run.name}; this one stopped")
+                fit.error = RuntimeError(f"this driver lost the lease of run.name={cfg.run.name} (another driver "
+                                         "took over, or storage did not answer its renewals); it stopped")
+                if head_store is not None:
+                    import ray
+
+                    ray.get(head_store.stop_uploads.remote())
             elif head_store is not None:
                 import ray
 
@@ -251,8 +258,27 @@ class FitThread(threading.Thread):
             self.error = error
 
 
-if __name__ == "__main__":
-    if problem := unknown_override_key(sys.argv[1:]):
+job_started = False
+"""Whether Hydra got as far as calling ``main``: an error before it is about the command line."""
+
+
+def command() -> None:
+    """``main`` behind the checks of the command line: every bad input, the project's or Hydra's
+    (a missing group option, a value of the wrong type), exits with CONFIG_ERROR_EXIT before Ray starts."""
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"Configuration error: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them and exiting 1
+    try:
+        main()
+    except Exception as error:
+        if job_started or (problem := composition_problem(error)) is None:
+            raise
         print(f"Configuration error: {problem}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
-    main()
+
+
+if __name__ == "__main__":
+    command()

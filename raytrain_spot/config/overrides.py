@@ -1,29 +1,74 @@
-"""Catch a mistyped override before Hydra does, with a suggestion instead of Hydra's advice to append it."""
+"""Where the Hydra groups are, and the checks that stop bad command-line overrides before Hydra or
+Ray runs: a mistyped key (with a suggestion instead of Hydra's advice to append it), a setting of
+a group that is not selected, a literal secret, and Hydra's own composition errors reworded."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
+import pathlib
 import typing
+from importlib.resources.abc import Traversable
 from typing import Any, List, Optional
 
+from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.config.redaction import secret_keys
 from raytrain_spot.config.schema import DEFAULT_TASK, Config
 from raytrain_spot.train.task import task_class
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
-"""The Hydra groups run.py composes from (``config_path="../conf"``)."""
+CONFIG_MODULE = "raytrain_spot.conf"
+"""The package of the Hydra groups (the source tree's top-level ``conf/``, installed under this name)."""
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+"""The same, as run.py's ``hydra.main`` reads it: through package resources, so any install works."""
+USER_CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def packaged_configs() -> Traversable:
+    """The installed Hydra groups. A package without them is a broken install, never an empty config."""
+    try:
+        root = importlib.resources.files(CONFIG_MODULE)
+    except ModuleNotFoundError:
+        root = None
+    if root is None or not root.joinpath("config.yaml").is_file():
+        raise ConfigError(f"the package's Hydra configs ({CONFIG_MODULE}, conf/ in the source tree) are not "
+                          "installed. Fix: reinstall raytrain-spot (pip install raytrain-spot, or pip install -e . "
+                          "in the source tree)")
+    return root
+
+
+def check_overrides(argv: List[str]) -> None:
+    """Raise ConfigError for the first bad override of a command line (or of ``raytrain_spot.start``)."""
+    problem = literal_secret(argv) or unknown_override_key(argv)
+    if problem:
+        raise ConfigError(problem)
+
+
+def literal_secret(overrides: List[str]) -> Optional[str]:
+    """A message for a secret setting given as a literal value: the command line is kept in shell
+    histories, the process table and Ray's job entrypoint (its dashboard, ``ray list jobs``)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in secret_keys(Config) and value.strip("'\"") and "${" not in value:
+            variable = key.upper().replace(".", "_")
+            return (f"{key}: a secret on the command line stays in shell histories, the process list and Ray's "
+                    f"job entrypoint. Fix: export {variable}=... and pass {key}='${{oc.env:{variable}}}' instead")
+    return None
 
 
 def unknown_override_key(overrides: List[str]) -> Optional[str]:
-    """A message for the first ``key=value`` override that names no setting, with a suggestion.
+    """A message for the first ``key=value`` override that names no setting (with a suggestion), or
+    that sets a group left out (``chaos.notice_s=5`` without ``+chaos=...``).
 
     Hydra rejects such keys too, but suggests appending them with ``+``; the right fix is
     almost always a typo. Keys under ``task.`` are checked against the chosen task's settings.
     """
+    sources = config_sources(overrides)
     for override in overrides:
         key = override.split("=", 1)[0]
-        if "=" not in override or key.startswith(("+", "~", "hydra.")) or "." not in key:
+        if "=" not in override or key.startswith(("+", "~", "-", "hydra.")) or "." not in key:
             continue
         node: Any = Config
         path: List[str] = []
@@ -36,20 +81,55 @@ def unknown_override_key(overrides: List[str]) -> Optional[str]:
                 hint = f"did you mean {'.'.join(path + close)}?" if close else \
                     f"settings under {'.'.join(path) or 'the top level'} are: {', '.join(names)}"
                 return f"{key}: no such setting. Fix: {hint}"
+            if not path and _optional_group(part) and not _selects_group(part, overrides, sources):
+                return (f"{key}: the {part} group is off, so it has no settings. Fix: select it first, "
+                        f"e.g. +{part}={_group_options(part, sources)[0]} {override} "
+                        f"(options: {', '.join(_group_options(part, sources))})")
             path.append(part)
-            node = _task_of(overrides) if path == ["task"] else typing.get_type_hints(node)[part]
+            node = _task_of(overrides, sources) if path == ["task"] else typing.get_type_hints(node)[part]
             node = typing.get_args(node)[0] if typing.get_origin(node) is typing.Union else node
     return None
 
 
-def _task_of(overrides: List[str]) -> Optional[type]:
+def config_sources(argv: List[str]) -> List[Traversable]:
+    """Where Hydra looks for a group's file, first match winning: the user's ``--config-dir``, then the package."""
+    sources = [packaged_configs()]
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag in USER_CONFIG_DIR_FLAGS:
+            directory = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            if not os.path.isdir(directory):
+                raise ConfigError(f"{flag}: {directory!r} is not a directory. Fix: name a directory of Hydra "
+                                  "config groups, e.g. --config-dir ./my_conf")
+            sources.insert(0, pathlib.Path(directory).resolve())
+    return sources
+
+
+def _optional_group(name: str) -> bool:
+    """A top-level group that is absent unless selected (``chaos``: ``Optional[...] = None``)."""
+    field = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return field.default is None and dataclasses.is_dataclass(typing.get_args(typing.get_type_hints(Config)[name])[0])
+
+
+def _selects_group(name: str, overrides: List[str], sources: List[Traversable]) -> bool:
+    given = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
+    return name in given or name in _experiment_groups(given.get("experiment"), sources)
+
+
+def _group_options(name: str, sources: List[Traversable]) -> List[str]:
+    found = {entry.name[:-len(".yaml")] for source in sources if (group := source.joinpath(name)).is_dir()
+             for entry in group.iterdir() if entry.name.endswith(".yaml")}
+    return sorted(found) or ["..."]
+
+
+def _task_of(overrides: List[str], sources: List[Traversable]) -> Optional[type]:
     """The task class the overrides choose: ``task._target_``, else the task group's file (``task=NAME``,
     else the experiment's ``override /task: NAME``, else the default); None when it cannot be told."""
     given = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
     target = given.get("task._target_")
     if target is None:
-        name = given.get("task") or _experiment_task(given.get("experiment")) or "vlm"
-        target = _yaml(os.path.join(CONF_DIR, "task", f"{name}.yaml")).get("_target_")
+        name = given.get("task") or _experiment_groups(given.get("experiment"), sources).get("task") or "vlm"
+        target = _yaml(sources, "task", f"{name}.yaml").get("_target_")
         target = DEFAULT_TASK if name == "vlm" and not target else target
     try:
         return task_class(target) if target and target != "???" else None
@@ -57,19 +137,45 @@ def _task_of(overrides: List[str]) -> Optional[type]:
         return None
 
 
-def _experiment_task(experiment: Optional[str]) -> Optional[str]:
-    for entry in _yaml(os.path.join(CONF_DIR, "experiment", f"{experiment}.yaml")).get("defaults", []) if experiment \
-            else []:
-        if isinstance(entry, dict) and "override /task" in entry:
-            return entry["override /task"]
+def _experiment_groups(experiment: Optional[str], sources: List[Traversable]) -> dict:
+    """The groups an experiment file selects in its defaults list (``override /task: hf_vlm`` -> task)."""
+    groups = {}
+    for entry in _yaml(sources, "experiment", f"{experiment}.yaml").get("defaults", []) if experiment else []:
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            groups[key.removeprefix("override ").lstrip("/")] = value
+    return groups
+
+
+def composition_problem(error: BaseException) -> Optional[str]:
+    """The project's message for an error of Hydra's composition (a missing group option, a value of
+    the wrong type, an override it cannot parse); None for an error that is not about the input."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        if group:
+            options = ", ".join(error.options or []) or "none installed"
+            return f"{group}: there is no {name!r}. Fix: use one of {options} ({group}=NAME; +{group}=NAME to add it)"
+        return f"{error.missing_cfg_file}: no such config. Fix: check the name and --config-dir"
+    if isinstance(error, OverrideParseException):
+        return f"{error.override}: {str(error).splitlines()[0]}. Fix: quote the value, e.g. 'key=[a,b]'"
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    if isinstance(cause, (HydraException, OmegaConfBaseException)):
+        key = getattr(cause, "full_key", None) or "config"
+        problem = str(cause).splitlines()[0].rstrip(".")
+        return f"{key}: {problem}. Fix: check the value's type and spelling (raytrain_spot/config/schema.py documents each setting)"
     return None
 
 
-def _yaml(path: str) -> dict:
+def _yaml(sources: List[Traversable], *parts: str) -> dict:
+    """The first source's file at ``parts``; {} when no source has one (Hydra then names the missing file)."""
     import yaml
 
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f) or {}
-    except OSError:
-        return {}
+    for source in sources:
+        found = source
+        for part in parts:
+            found = found.joinpath(part)
+        if found.is_file():
+            return yaml.safe_load(found.read_text()) or {}
+    return {}
