@@ -140,7 +140,7 @@ def test_a_lost_race_for_the_manifest_is_a_conflict_and_touches_nothing(tmp_path
     files, loser = _files(tmp_path, 20, value=2.0)
     with pytest.raises(CommitConflict, match="another writer"):
         tier.publish(checkpoint_key(RUN, 20), loser)
-    assert tier.valid_copy(checkpoint_key(RUN, 20)).to_json() == winner.to_json()
+    assert tier.verified(checkpoint_key(RUN, 20)).to_json() == winner.to_json()
     layout.audit(last_step=20)
 
 

@@ -152,7 +152,7 @@ def test_metadata_that_would_run_code_is_refused(two_rank_checkpoints, tmp_path)
     with pytest.raises(pickle.UnpicklingError, match="os"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
     with pytest.raises(InvalidCheckpoint, match="not allowed"):
-        load_sharded(paths)
+        load_sharded(paths, read_manifest(LocalStore(f"{two_rank_checkpoints}/durable"), checkpoint_key("r", 5)).files)
     assert not marker.exists()
 
 

@@ -173,9 +173,30 @@ def publish_manifest(store: Store, key: str, manifest: Manifest) -> bool:
 
 def read_manifest(store: Store, key: str) -> Manifest:
     try:
-        return Manifest.from_json(store.get_bytes(f"{key}/{MANIFEST}"))
+        manifest = Manifest.from_json(store.get_bytes(f"{key}/{MANIFEST}"))
     except FileNotFoundError:
         raise InvalidCheckpoint("no manifest (an interrupted or half-written save)") from None
+    directory = _NAME.match(os.path.basename(key.rstrip("/")))
+    if directory and int(directory.group(1)) != manifest.step:  # a step directory holds that step only
+        raise InvalidCheckpoint(f"the manifest is step {manifest.step}'s, in {key} (a stale or misplaced manifest)")
+    return manifest
+
+
+def verify_stored(store: Store, key: str) -> Manifest:
+    """Check a committed checkpoint where it is stored, downloading no data file: the manifest, then
+    each file's size and CRC32C from the store's listing (on GCS, the CRC32C the server computed).
+    Raise InvalidCheckpoint when the copy is damaged; any other error means it could not be
+    checked, not that it is damaged."""
+    manifest = read_manifest(store, key)
+    listed = store.list_files(key)
+    for name, expected in manifest.files.items():
+        if name not in listed:
+            raise InvalidCheckpoint(f"{name} is listed in the manifest but missing")
+        if listed[name].size != expected.size:
+            raise InvalidCheckpoint(f"{name} has {listed[name].size} bytes, manifest says {expected.size} (truncated?)")
+        if listed[name].crc32c is not None and listed[name].crc32c != expected.crc32c:
+            raise InvalidCheckpoint(f"{name} CRC32C {listed[name].crc32c} != manifest {expected.crc32c} (corrupt)")
+    return manifest
 
 
 def verify_file(path: str, expected: FileEntry, name: str) -> None:

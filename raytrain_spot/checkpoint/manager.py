@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from raytrain_spot.checkpoint.format import (
     STATE_FILE,
@@ -299,9 +300,10 @@ class CheckpointManager:
                 try:
                     manifest, paths = tier.fetch(key, scratch)
                     return load_checkpoint_state(manifest, paths), manifest, tier.name
-                # Whatever fails (a damaged copy, an unreachable tier, a missing file), the next
-                # tier may hold a good copy: this rank must never abort the collective restore.
-                except Exception as why:  # noqa: BLE001
+                # Whatever fails (a damaged copy, an unreachable tier, a missing file, DCP's
+                # CheckpointException, a BaseException), the next tier may hold a good copy: this
+                # rank must never abort the collective restore. An interrupt or exit still stops it.
+                except (Exception, CheckpointException) as why:  # noqa: BLE001
                     logger.warning("Skipping checkpoint %s on the %s tier: %s: %s", key, tier.name,
                                    type(why).__name__, why)
         return None
@@ -349,7 +351,9 @@ def content_digest(manifest: Manifest) -> str:
 
 def load_checkpoint_state(manifest: Manifest, paths: Dict[str, str]) -> Dict[str, Any]:
     """The state of a verified checkpoint, single-file or sharded."""
-    return load_sharded(paths) if manifest.sharded else load_state(paths[STATE_FILE], manifest.compression)
+    if manifest.sharded:
+        return load_sharded(paths, manifest.files)
+    return load_state(paths[STATE_FILE], manifest.compression)
 
 
 def _listing(tier: Tier, run_name: str) -> List[int]:

@@ -14,13 +14,18 @@ by any number of ranks loads on any other number: loading reads DCP's metadata, 
 every tensor it lists and fills them from whichever files hold them.
 
 DCP stores its metadata with ``pickle``; it is read here with an unpickler that accepts only
-DCP's own metadata types, so loading never unpickles arbitrary objects from a bucket.
+DCP's own metadata types, so loading never unpickles arbitrary objects from a bucket. The
+metadata must then describe exactly the shard files the manifest lists (``check_metadata``):
+every byte range a bare file name of the manifest, inside that file, the ranges of each file
+tiling it whole, every tensor chunk stored. So a foreign ``.metadata`` or a truncated shard is
+refused before DCP reads a byte, and no name in it reaches outside the checkpoint's directory.
 Tensors are read by DCP with ``torch.load(weights_only=True)`` and ``state.pt`` with
 ``load_state``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import warnings
@@ -28,10 +33,11 @@ from typing import Any, Dict, List, Mapping, Set, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from raytrain_spot.checkpoint.format import STATE_FILE, InvalidCheckpoint, load_state
+from raytrain_spot.checkpoint.format import STATE_FILE, FileEntry, InvalidCheckpoint, load_state
 from raytrain_spot.checkpoint.state import LOOP_STATE, LoopState, Stateful, load_training_state, training_state
 
 METADATA_FILE = ".metadata"  # DCP's name for it
@@ -150,37 +156,86 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
 
 
+def parse_metadata(data: bytes) -> Metadata:
+    """DCP's metadata from the bytes of ``.metadata``, by ``_MetadataUnpickler``."""
+    metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"{METADATA_FILE} holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
 class SafeFileSystemReader(dcp.FileSystemReader):
     """DCP's file reader with the metadata read by ``_MetadataUnpickler``."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         with open(os.path.join(self.path, METADATA_FILE), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{METADATA_FILE} holds a {type(metadata).__name__}, not DCP Metadata")
+            metadata = parse_metadata(f.read())
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
-def load_sharded(paths: Dict[str, str]) -> Dict[str, Any]:
-    """The state of a verified sharded checkpoint: ``model``, ``optimizer`` (FQN-keyed), the other parts and the loop state."""
-    directories = {os.path.dirname(path) for path in paths.values()}
-    if len(directories) != 1 or METADATA_FILE not in paths or STATE_FILE not in paths:
-        raise InvalidCheckpoint(f"a sharded checkpoint needs {METADATA_FILE} and {STATE_FILE} in one directory")
+def check_metadata(metadata: Metadata, files: Mapping[str, FileEntry]) -> None:
+    """Raise InvalidCheckpoint unless ``metadata`` describes exactly the shard files in ``files``
+    (the manifest's): each stored range in a listed shard file (a bare name), the ranges of every
+    shard file tiling it from its first byte to its last, and every chunk of every tensor stored."""
+    shards = {name for name in files if name not in (METADATA_FILE, STATE_FILE)}
+    ranges: Dict[str, List[Tuple[int, int]]] = {name: [] for name in shards}
+    for index, info in (metadata.storage_data or {}).items():
+        name = str(getattr(info, "relative_path", ""))
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if name not in shards:
+            raise InvalidCheckpoint(f"{METADATA_FILE} stores {index.fqn!r} in {name!r}, not a shard file of the manifest")
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+            raise InvalidCheckpoint(f"{METADATA_FILE} gives {index.fqn!r} the byte range {offset!r}+{length!r}")
+        ranges[name].append((offset, length))
+    for name, stored in ranges.items():
+        end = 0
+        for offset, length in sorted(stored):
+            if offset != end:
+                break
+            end += length
+        if end != files[name].size or len(stored) == 0:
+            raise InvalidCheckpoint(f"{METADATA_FILE} does not describe {name} ({files[name].size} bytes) byte for "
+                                    "byte: a foreign metadata or a truncated shard")
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            for chunk in item.chunks:
+                if MetadataIndex(fqn, chunk.offsets) not in metadata.storage_data:
+                    raise InvalidCheckpoint(f"{METADATA_FILE} lists a chunk of {fqn!r} that no shard stores")
+
+
+def read_checked_metadata(directory: str, files: Mapping[str, FileEntry]) -> Metadata:
+    """DCP's metadata in ``directory``, read safely and checked against the manifest's ``files``."""
+    if METADATA_FILE not in files or STATE_FILE not in files:
+        raise InvalidCheckpoint(f"a sharded checkpoint needs {METADATA_FILE} and {STATE_FILE}")
     try:
-        reader = SafeFileSystemReader(directories.pop())
-        metadata = reader.read_metadata()
-        tensors = {key: torch.empty(item.size, dtype=item.properties.dtype)
-                   for key, item in metadata.state_dict_metadata.items()
-                   if isinstance(item, TensorStorageMetadata)}
+        metadata = SafeFileSystemReader(directory).read_metadata()
+    except Exception as error:  # a verified file that still fails to parse is as bad as a corrupt one
+        raise InvalidCheckpoint(f"cannot read {METADATA_FILE}: {type(error).__name__}: {error}") from None
+    check_metadata(metadata, files)
+    return metadata
+
+
+def load_sharded(paths: Dict[str, str], files: Mapping[str, FileEntry]) -> Dict[str, Any]:
+    """The state of a verified sharded checkpoint (``files``: its manifest's): ``model``,
+    ``optimizer`` (FQN-keyed), the other parts and the loop state."""
+    directories = {os.path.dirname(path) for path in paths.values()}
+    if len(directories) != 1:
+        raise InvalidCheckpoint("a sharded checkpoint's files must be in one directory")
+    directory = directories.pop()
+    metadata = read_checked_metadata(directory, files)
+    tensors = {key: torch.empty(item.size, dtype=item.properties.dtype)
+               for key, item in metadata.state_dict_metadata.items()
+               if isinstance(item, TensorStorageMetadata)}
+    try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(tensors, storage_reader=reader, no_dist=True)
-    except InvalidCheckpoint:
-        raise
-    except Exception as error:  # verified bytes that still fail to parse are as bad as corrupt ones
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(directory), no_dist=True)
+    # DCP reports every failure inside a load (I/O, memory, a shard it cannot parse) as a
+    # CheckpointException, a BaseException: verified bytes DCP cannot read are a damaged checkpoint.
+    except (Exception, CheckpointException) as error:
         raise InvalidCheckpoint(f"cannot read the sharded state: {type(error).__name__}: {error}") from None
     rest = load_state(paths[STATE_FILE])
     state = rebuild(rest["structure"], tensors)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import pickle
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
@@ -23,9 +23,9 @@ from raytrain_spot.checkpoint.format import (
     fetch_verified,
     listed_steps,
     publish_manifest,
-    read_manifest,
     upload_files,
     verify_file,
+    verify_stored,
 )
 from raytrain_spot.storage.store import LocalStore, Store
 
@@ -82,9 +82,10 @@ class Tier(Protocol):
 def steps_to_delete(committed: List[int], partial: List[int], keep_latest_k: int, milestone_every: int) -> List[int]:
     """Retention over a tier's step directories (both lists newest first).
 
-    Only commits count and are kept: the newest k and every milestone. A partial directory (no
-    manifest: a save that died) goes once a newer step has committed, because saves commit in
-    step order and it can never complete; a newer partial may still be in flight and stays."""
+    Only commits that verify count and are kept: the newest k and every milestone. A partial or
+    damaged directory (no manifest: a save that died; or files that no longer match it) goes once
+    a newer step has a valid commit, because saves commit in step order and it can never complete;
+    a newer one may still be in flight and stays. So the newest valid commit is never deleted."""
     drop = [s for s in committed[keep_latest_k:] if not (milestone_every and s % milestone_every == 0)]
     newest = committed[0] if committed else None
     return sorted(drop + [s for s in partial if newest is not None and s < newest], reverse=True)
@@ -93,22 +94,29 @@ def steps_to_delete(committed: List[int], partial: List[int], keep_latest_k: int
 class StoreTier:
     """A tier over a Store: node-local disk (a LocalStore) or durable storage (local or GCS)."""
 
-    def __init__(self, name: str, store: Store, run_name: str, keep_latest_k: int, milestone_every: int = 0):
+    def __init__(self, name: str, store: Store, run_name: str, keep_latest_k: int, milestone_every: int = 0,
+                 lease_check: Optional[Callable[[], None]] = None):
         self.name = name
         self.store = store
         self.run_name = run_name
         self.keep_latest_k = keep_latest_k
         self.milestone_every = milestone_every
         self.pinned: set[int] = set()  # steps retention must keep for now (being read)
+        # Durable storage: raises (checkpoint/lease.py's LeaseLost) once another driver owns the run.
+        self._lease_check = lease_check or (lambda: None)
 
     def commit(self, key: str, files: Dict[str, str], manifest: Manifest, move: bool = False,
                transfer: Transfer = ORDINARY) -> Manifest:
         # A store upload is neither paced nor cut short: only the manifest waits for the check.
         if self.store.exists(f"{key}/{MANIFEST}"):
-            existing = self.valid_copy(key)
-            if existing is not None:
-                return existing  # a valid checkpoint is never rewritten
-            self.store.delete_prefix(key)  # a damaged copy is no checkpoint: replace it
+            try:
+                return self.verified(key)  # a valid checkpoint is never rewritten
+            # Only a copy shown damaged is replaced; any other failure of the check (storage
+            # unreachable, a full disk) raises, and the caller retries: the copy may be fine.
+            except InvalidCheckpoint as why:
+                logger.warning("The %s tier's copy of %s is damaged (%s); replacing it", self.name, key, why)
+            self._lease_check()
+            self.store.delete_prefix(key)
         if move and isinstance(self.store, LocalStore):
             for name, path in files.items():
                 self.store.adopt(f"{key}/{name}", path)
@@ -119,40 +127,54 @@ class StoreTier:
         self.publish(key, manifest)
         return manifest
 
-    def valid_copy(self, key: str) -> Optional[Manifest]:
-        """The manifest of ``key`` if its files verify against it, else None (logged)."""
-        with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+    def verified(self, key: str, thorough: bool = True) -> Manifest:
+        """The manifest of ``key`` if its files verify where they are stored (``verify_stored``: no
+        download); ``thorough`` also checks a sharded one's DCP metadata against the manifest.
+        Raise InvalidCheckpoint when the copy is damaged."""
+        manifest = verify_stored(self.store, key)
+        if thorough and manifest.sharded:
+            from raytrain_spot.checkpoint.sharded import METADATA_FILE, check_metadata, parse_metadata
+
             try:
-                return fetch_verified(self.store, key, scratch)[0]
-            except (InvalidCheckpoint, OSError) as why:
-                logger.warning("The %s tier's copy of %s is damaged (%s); replacing it", self.name, key, why)
-                return None
+                metadata = parse_metadata(self.store.get_bytes(f"{key}/{METADATA_FILE}"))
+            except pickle.UnpicklingError as error:
+                raise InvalidCheckpoint(f"cannot read {METADATA_FILE}: {error}") from None
+            check_metadata(metadata, manifest.files)
+        return manifest
 
     def put(self, key: str, files: Dict[str, str]) -> None:
         if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
             upload_files(self.store, key, files)
 
     def publish(self, key: str, manifest: Manifest) -> None:
+        self._lease_check()
         if not publish_manifest(self.store, key, manifest):
             raise CommitConflict(f"{self.store.uri}/{key} was committed by another writer meanwhile")
         self.apply_retention()
 
     def apply_retention(self) -> None:
         committed, partial = self.committed_and_partial()
+        self._lease_check()
         for step in steps_to_delete(committed, partial, self.keep_latest_k, self.milestone_every):
             if step not in self.pinned:
                 self.store.delete_prefix(checkpoint_key(self.run_name, step))
 
     def committed_and_partial(self) -> Tuple[List[int], List[int]]:
-        """This run's step directories (newest first) with a readable manifest, and without one."""
-        committed, partial = [], []
+        """This run's step directories, newest first: the commits whose files verify by the store's
+        listing (sizes, and the checksums the store keeps), and those with no manifest or damaged
+        files. A step whose check fails otherwise (storage unreachable) is in neither: retention
+        neither counts nor deletes what it could not check."""
+        committed, broken = [], []
         for step in listed_steps(self.store, self.run_name):
             try:
-                read_manifest(self.store, checkpoint_key(self.run_name, step))
+                self.verified(checkpoint_key(self.run_name, step), thorough=False)
                 committed.append(step)
             except InvalidCheckpoint:
-                partial.append(step)
-        return committed, partial
+                broken.append(step)
+            except Exception as error:  # noqa: BLE001 - unchecked is neither kept as valid nor deleted
+                logger.warning("Cannot check the %s tier's step %d for retention: %s: %s", self.name, step,
+                               type(error).__name__, error)
+        return committed, broken
 
     def steps(self, run_name: str) -> List[int]:
         return listed_steps(self.store, run_name)

@@ -4,9 +4,10 @@
     python -m raytrain_spot.checkpoint.verify gs://my-bucket/raytrain-spot/vlm-exp1
     python -m raytrain_spot.checkpoint.verify vlm-exp1 --storage gs://my-bucket/raytrain-spot
 
-For each step directory on each tier: the manifest, every file's size and CRC32C, and for a
-sharded checkpoint DCP's metadata, read with the same safe unpickler a restore uses (nothing
-is loaded into a model, no code from the checkpoint runs). A directory without a manifest is
+For each step directory on each tier: the manifest (its step that of its directory), every
+file's size and CRC32C, and for a sharded checkpoint DCP's metadata, read with the same safe
+unpickler and checked as a restore does: it must describe exactly the shard files the manifest
+lists, byte for byte (nothing is loaded into a model, no code from the checkpoint runs). A directory without a manifest is
 a save that never committed (``partial``): it is not an error, a restore never considers it.
 Exit status: 0 every committed checkpoint is valid, 1 some committed checkpoint is invalid
 (a restore skips it), 2 no checkpoint of the run was found.
@@ -22,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from raytrain_spot.checkpoint.format import InvalidCheckpoint, checkpoint_key, fetch_verified, listed_steps
+from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, listed_steps
 from raytrain_spot.config.schema import CheckpointingConfig, StorageConfig
 from raytrain_spot.storage.store import LocalStore, Store, open_store
 
@@ -41,7 +42,7 @@ class Finding:
 
 def check_checkpoint(store: Store, run_name: str, step: int) -> Tuple[str, str, str]:
     """(status, kind, detail) of one step directory."""
-    from raytrain_spot.checkpoint.sharded import METADATA_FILE, SafeFileSystemReader
+    from raytrain_spot.checkpoint.sharded import METADATA_FILE, read_checked_metadata
 
     key = checkpoint_key(run_name, step)
     if not store.exists(f"{key}/manifest.json"):
@@ -50,9 +51,7 @@ def check_checkpoint(store: Store, run_name: str, step: int) -> Tuple[str, str, 
         try:
             manifest, paths = fetch_verified(store, key, scratch)
             if manifest.sharded:
-                if METADATA_FILE not in paths:
-                    raise InvalidCheckpoint(f"sharded, but no {METADATA_FILE}")
-                SafeFileSystemReader(os.path.dirname(paths[METADATA_FILE])).read_metadata()
+                read_checked_metadata(os.path.dirname(paths.get(METADATA_FILE, "")), manifest.files)
         except Exception as why:  # noqa: BLE001 - whatever it is, this copy must not be loaded
             return INVALID, "", f"{type(why).__name__}: {why}"
     size = sum(entry.size for entry in manifest.files.values())

@@ -25,7 +25,7 @@ import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from urllib.parse import urlsplit
 
 import google.auth
@@ -36,6 +36,8 @@ from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
+
+from raytrain_spot.storage.store import Listed
 
 logger = logging.getLogger(__name__)
 
@@ -403,6 +405,13 @@ class GcsStore:
         names |= {sub[len(directory):].rstrip("/") for sub in listing.prefixes}
         names.discard("")  # a placeholder object named like the directory itself
         return sorted(names)
+
+    def list_files(self, prefix: str) -> Dict[str, Listed]:
+        """The objects directly under ``prefix`` with the size and CRC32C the server computed."""
+        directory = self._directory(prefix)
+        listing = self.client.list_blobs(self.bucket_name, prefix=directory, delimiter="/", **self._call_kwargs())
+        return {blob.name[len(directory):]: Listed(blob.size, blob.crc32c and base64.b64decode(blob.crc32c).hex())
+                for blob in listing if blob.name != directory}
 
     def list_objects(self, prefix: str = "") -> List[ObjectInfo]:
         """Every object under ``prefix``, at any depth, with its size, generation and hashes, in name

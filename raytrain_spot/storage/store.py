@@ -12,7 +12,19 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Protocol, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple
+
+import google_crc32c
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A stored file as the store's listing describes it, without reading its bytes."""
+
+    size: int
+    crc32c: Optional[str]
+    """Hex, as a manifest holds it; None where the store has none to give."""
 
 
 class Store(Protocol):
@@ -46,6 +58,10 @@ class Store(Protocol):
     def list_children(self, prefix: str) -> List[str]:
         """Names of the immediate children (files and 'directories') under ``prefix``."""
 
+    def list_files(self, prefix: str) -> Dict[str, Listed]:
+        """The files directly under ``prefix`` by name, with their size and the checksum the store
+        keeps, from one listing (nothing is downloaded)."""
+
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under ``prefix``."""
 
@@ -56,6 +72,7 @@ class LocalStore:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.uri = "file://" + self.root
+        self._checksums: Dict[str, Tuple[Tuple[int, int, int], str]] = {}  # path: (identity, CRC32C)
 
     def _path(self, key: str) -> str:
         path = os.path.normpath(os.path.join(self.root, key))
@@ -155,6 +172,25 @@ class LocalStore:
     def list_children(self, prefix: str) -> List[str]:
         path = self._path(prefix)
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+    def list_files(self, prefix: str) -> Dict[str, Listed]:
+        """A filesystem keeps no checksums: each file's CRC32C is computed once and remembered
+        while the file's inode, size and modification time stay the same."""
+        path = self._path(prefix)
+        entries = [entry for entry in os.scandir(path) if entry.is_file()] if os.path.isdir(path) else []
+        return {entry.name: Listed(entry.stat().st_size, self._crc32c(entry)) for entry in entries}
+
+    def _crc32c(self, entry: os.DirEntry) -> str:
+        status = entry.stat()
+        identity = (status.st_ino, status.st_size, status.st_mtime_ns)
+        known = self._checksums.get(entry.path)
+        if known is None or known[0] != identity:
+            crc = google_crc32c.Checksum()
+            with open(entry.path, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    crc.update(chunk)
+            known = self._checksums[entry.path] = (identity, crc.hexdigest().decode())
+        return known[1]
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)

@@ -1,0 +1,195 @@
+"""Checkpoints under adversarial storage, second audit (issue 26): a sharded checkpoint DCP cannot
+read, shard paths out of the checkpoint, retention among damaged commits, a re-commit whose check
+cannot run. Plain Python against the real tiers, the real DCP code and the GCS emulator; each
+scenario ends with the audit ``verify`` runs (tests/conftest.py)."""
+
+import os
+import pickle
+import tempfile
+import uuid
+
+import pytest
+import torch
+
+from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, file_entry, read_manifest
+from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
+from raytrain_spot.checkpoint.sharded import METADATA_FILE, SafeFileSystemReader
+from raytrain_spot.checkpoint.state import LoopState, ModelWeights
+from raytrain_spot.checkpoint.tiers import StoreTier
+from raytrain_spot.storage.gcs import GcsStore
+from raytrain_spot.storage.store import LocalStore
+from raytrain_spot.testing.fake_gcs import FakeGcsServer
+from tests.conftest import Recorder, assert_clean_audit
+
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("single_rank_group")]
+RUN = "r"
+SHARD = "__0_0.distcp"
+
+
+def sharded_run(root: str, steps=(10, 20), width: int = 8, run: str = RUN) -> CheckpointManager:
+    """A one-rank sharded run that saved ``steps`` to durable storage at ``root``."""
+    torch.manual_seed(width)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(width, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    manager = CheckpointManager(run, {}, None, [StoreTier("durable", LocalStore(root), run, 5)], writes_local=False,
+                                events=Recorder(), scratch_root=f"{root}-scratch", sharded=True)
+    for step in steps:
+        model(torch.randn(3, 4)).pow(2).mean().backward()
+        optimizer.step()
+        manager.save({"model": ModelWeights(model), "optimizer": optimizer}, SaveRequest(LoopState(step, step), 1,
+                     "periodic"), writer=True, wait=True)
+        assert manager.committed_step == step
+    return manager
+
+
+def restored_step(manager: CheckpointManager, width: int = 8):
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(width, 2))
+    restored = manager.restore({"model": ModelWeights(model), "optimizer": torch.optim.AdamW(model.parameters())}, 0)
+    return restored and restored.loop.step
+
+
+def rewrite(store: LocalStore, step: int, name: str, data: bytes) -> None:
+    """Replace a file of a committed checkpoint and its manifest entry to match: damage no checksum shows."""
+    key = checkpoint_key(RUN, step)
+    with open(store.local_path(f"{key}/{name}"), "wb") as f:
+        f.write(data)
+    manifest = read_manifest(store, key)
+    manifest.files[name] = file_entry(store.local_path(f"{key}/{name}"))
+    store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json())
+
+
+def audit(root: str, last_step: int, damaged=()) -> None:
+    assert_clean_audit(RUN, f"file://{root}", f"{root}-head", f"{root}-local", last_step,
+                       damaged={("durable", step) for step in damaged})
+
+
+# -- 1: a sharded checkpoint DCP cannot read --------------------------------------------------
+def test_a_foreign_but_well_formed_metadata_is_invalid_and_the_restore_takes_the_step_before(tmp_path):
+    root = str(tmp_path / "storage")
+    manager = sharded_run(root)
+    sharded_run(str(tmp_path / "other"), steps=(10,), width=16)  # another model's shards
+    other = LocalStore(str(tmp_path / "other"))
+    with open(other.local_path(f"{checkpoint_key(RUN, 10)}/{METADATA_FILE}"), "rb") as f:
+        rewrite(manager.shared[0].store, 20, METADATA_FILE, f.read())
+    audit(root, last_step=10, damaged=[20])
+    assert restored_step(manager) == 10
+
+
+def test_a_truncated_shard_with_its_manifest_entry_updated_is_invalid_and_skipped(tmp_path):
+    root = str(tmp_path / "storage")
+    manager = sharded_run(root)
+    store = manager.shared[0].store
+    with open(store.local_path(f"{checkpoint_key(RUN, 20)}/{SHARD}"), "rb") as f:
+        rewrite(store, 20, SHARD, f.read()[:-100])
+    audit(root, last_step=10, damaged=[20])
+    assert restored_step(manager) == 10
+
+
+def test_the_restore_tries_the_next_step_whatever_dcp_raises(tmp_path):
+    """DCP's CheckpointException is a BaseException: it must not pass the restore's handler. A
+    shard whose bytes match the manifest and the metadata but do not parse reaches DCP itself."""
+    root = str(tmp_path / "storage")
+    manager = sharded_run(root)
+    store = manager.shared[0].store
+    with open(store.local_path(f"{checkpoint_key(RUN, 20)}/{SHARD}"), "rb") as f:
+        size = len(f.read())
+    rewrite(store, 20, SHARD, b"\0" * size)
+    assert restored_step(manager) == 10
+
+
+# -- 7: DCP shard paths are confined to the manifest's files -----------------------------------
+@pytest.mark.parametrize("elsewhere", ["../step_00000010/" + SHARD, "/etc/hostname", MANIFEST, "missing.distcp"])
+def test_metadata_naming_a_file_the_manifest_does_not_list_is_refused(tmp_path, elsewhere):
+    """Step 20's metadata pointed at step 10's shard would load step 10's tensors as step 20's."""
+    root = str(tmp_path / "storage")
+    manager = sharded_run(root)
+    store = manager.shared[0].store
+    key = checkpoint_key(RUN, 20)
+    metadata = SafeFileSystemReader(store.local_path(key)).read_metadata()
+    for info in metadata.storage_data.values():
+        info.relative_path = elsewhere
+    rewrite(store, 20, METADATA_FILE, pickle.dumps(metadata))
+    audit(root, last_step=10, damaged=[20])
+    assert restored_step(manager) == 10
+
+
+def test_metadata_reading_past_the_end_of_a_listed_shard_is_refused(tmp_path):
+    root = str(tmp_path / "storage")
+    manager = sharded_run(root)
+    store = manager.shared[0].store
+    key = checkpoint_key(RUN, 20)
+    metadata = SafeFileSystemReader(store.local_path(key)).read_metadata()
+    next(iter(metadata.storage_data.values())).length += 1 << 30
+    rewrite(store, 20, METADATA_FILE, pickle.dumps(metadata))
+    audit(root, last_step=10, damaged=[20])
+    assert restored_step(manager) == 10
+
+
+# -- 4 and 6: retention and re-commits judge copies by what the store lists ----------------------
+@pytest.fixture(scope="module")
+def gcs_server():
+    with FakeGcsServer() as running:
+        yield running
+
+
+def gcs_store(server) -> GcsStore:
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(bucket)
+    return GcsStore(f"gs://{bucket}/root", client=server.client(), emulator_host=server.endpoint,
+                    retry_deadline_s=2.0, request_timeout_s=5.0)
+
+
+def _commit(tier: StoreTier, tmp_path, step: int) -> Manifest:
+    path = tmp_path / f"src-{step}-{uuid.uuid4().hex[:6]}" / STATE_FILE
+    path.parent.mkdir(parents=True)
+    torch.save({"w": torch.full((256,), float(step))}, str(path))
+    manifest = Manifest(step=step, samples_seen=step, kind="periodic", world_size=1,
+                        files={STATE_FILE: file_entry(str(path))}, config={})
+    return tier.commit(checkpoint_key(RUN, step), {STATE_FILE: str(path)}, manifest)
+
+
+def _flip_a_byte(store, step: int) -> None:
+    """The state file of ``step`` with one byte changed: same size, another checksum."""
+    key = f"{checkpoint_key(RUN, step)}/{STATE_FILE}"
+    data = bytearray(store.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(bytes(data))
+        f.flush()
+        store.put_file(key, f.name)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_retention_counts_only_commits_that_verify_and_keeps_the_last_valid_one(tmp_path, gcs_server, where):
+    store = LocalStore(str(tmp_path / "storage")) if where == "local" else gcs_store(gcs_server)
+    tier = StoreTier("durable", store, RUN, keep_latest_k=2)
+    for step in (10, 20, 30):
+        _commit(StoreTier("durable", store, RUN, keep_latest_k=5), tmp_path, step)
+    _flip_a_byte(store, 20)
+    _flip_a_byte(store, 30)
+    tier.apply_retention()
+    assert tier.steps(RUN) == [30, 20, 10]  # the damaged ones are newer than the only valid one
+    assert tier.committed_and_partial() == ([10], [30, 20])
+    _commit(tier, tmp_path, 40)
+    assert tier.steps(RUN) == [40, 10]  # the valid ones kept, the damaged older ones gone
+
+
+def test_a_recommit_whose_check_cannot_run_keeps_the_valid_durable_copy(tmp_path, gcs_server, monkeypatch):
+    """The check of the copy already there downloads nothing: with no usable temporary directory
+    (a full /tmp) it still finds the copy valid, and a re-upload that would fail never starts."""
+    store = gcs_store(gcs_server)
+    tier = StoreTier("durable", store, RUN, keep_latest_k=2)
+    committed = _commit(tier, tmp_path, 10)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-directory"))
+    again = tier.commit(checkpoint_key(RUN, 10), {STATE_FILE: str(tmp_path / "gone" / STATE_FILE)}, committed)
+    assert again.to_json() == committed.to_json()
+    assert tier.verified(checkpoint_key(RUN, 10)).to_json() == committed.to_json()
+
+
+def test_a_recommit_replaces_a_copy_the_server_checksum_shows_damaged(tmp_path, gcs_server):
+    store = gcs_store(gcs_server)
+    tier = StoreTier("durable", store, RUN, keep_latest_k=2)
+    _commit(tier, tmp_path, 10)
+    _flip_a_byte(store, 10)
+    replaced = _commit(tier, tmp_path, 10)
+    assert tier.verified(checkpoint_key(RUN, 10)).to_json() == replaced.to_json()
