@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_spot._ray import TRAIN_UTIL_LOGGER
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
+from raytrain_spot.checkpoint.lease import LeaseGuard
 from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
@@ -54,6 +55,7 @@ class LoopContext:
     storage_uri: str
     events: Any  # handle of the event-log actor, or None
     head_store: Any  # handle of the head-node checkpoint store, or None
+    lease_owner: Optional[str] = None  # the driver's run lease, checked before durable writes
 
 
 def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: CheckpointManager,
@@ -83,8 +85,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         loop.interruptions += 1  # a notice or a failure ended the previous group; a regrow is planned
     check_dataset(dataset, order.rows_at(rank_positions(loop.samples_seen, global_batch, rank, world_size))[:1],
                   group)
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=task.unused_parameters)
+    ddp_model = wrap_ddp(model, device, task.unused_parameters)
     phases.mark("ddp")
     if rank == 0:
         announce_group(events, restored, world_size, loop, phases.durations, runtime.node_ids, **runtime.group_facts)
@@ -209,6 +210,13 @@ def sample_spans(dataset) -> List[tuple]:
     return spans() if callable(spans) else [(0, len(dataset))]
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device, unused_parameters: bool) -> DistributedDataParallel:
+    # Gradients as views of DDP's all-reduce buckets: one copy of the gradients per rank instead of
+    # two (full fine-tuning of the 2.2B preset needs about 42 GiB per rank without it).
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused_parameters, gradient_as_bucket_view=True)
+
+
 def check_same_parameters(model: torch.nn.Module, group: RankGroup) -> None:
     """Every rank must build the same initial parameters (train/task.py's contract)."""
     digests = group.all_gather_object(parameter_digest(model))
@@ -220,11 +228,18 @@ def check_same_parameters(model: torch.nn.Module, group: RankGroup) -> None:
             "of your own")
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def parameter_digest(model: torch.nn.Module) -> str:
-    # Reduced in float64 without a float64 copy of the weights: a start-up pass, not a second model.
+    """Integer sums of each parameter's bit patterns: exact, so equal bits give equal digests on any
+    GPU model, CPU or memory layout. Float sums do not: their reduction order (and so their last
+    bits) depends on the kernel, and a rank on another GPU model would be refused for weights it
+    shares. Summed where the parameters live, without a host copy of the model."""
     with torch.no_grad():
-        sums = [(name, tuple(p.shape), float(p.sum(dtype=torch.float64)),
-                 float(torch.linalg.vector_norm(p, dtype=torch.float64))) for name, p in model.named_parameters()]
+        sums = [(name, tuple(p.shape), str(p.dtype),
+                 int(p.detach().contiguous().view(_BITS[p.element_size()]).sum(dtype=torch.int64)))
+                for name, p in model.named_parameters()]
     return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
 
 
@@ -376,8 +391,10 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup
     local = None
     if cfg.checkpoint.use_local and not cfg.checkpoint.sharded:  # one node holds only its ranks' shares
         local = StoreTier("local", LocalStore(node_root), cfg.run.name, cfg.checkpoint.keep_latest_k)
-    durable = StoreTier("durable", open_store(context.storage_uri), cfg.run.name, cfg.checkpoint.keep_latest_k,
-                        cfg.checkpoint.milestone_every_steps)
+    durable_store = open_store(context.storage_uri)
+    lease_check = LeaseGuard(durable_store, cfg.run.name, context.lease_owner) if context.lease_owner else None
+    durable = StoreTier("durable", durable_store, cfg.run.name, cfg.checkpoint.keep_latest_k,
+                        cfg.checkpoint.milestone_every_steps, lease_check=lease_check)
     rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
     shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
     return CheckpointManager(cfg.run.name, context.config, local, shared, group=group,
