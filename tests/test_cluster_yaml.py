@@ -523,3 +523,13 @@ def test_warnings_do_not_change_the_exit_status(tmp_path, capsys, monkeypatch):
     assert cluster_check.main([str(path)]) == 0
     err = capsys.readouterr().err
     assert "warning: cluster: available_node_types.*.node_config.disks" in err and "problem:" not in err
+
+
+def test_spot_vms_that_delete_themselves_on_ray_own_gcp_provider_are_refused():
+    config = raw(MAIN_YAML)
+    config["provider"] = dict(config["provider"], type="gcp")
+    del config["provider"]["module"]
+    problems = cluster_check.review(cluster_check.prepare(config))
+    [problem] = [p for p in problems if (p.node_type, p.key) == ("provider", "type")]
+    assert "gpu-spot" in problem.problem and "SpotGCPNodeProvider" in problem.fix
+    assert cluster_check.summarize(filled(MAIN_YAML)).provider == "SpotGCPNodeProvider"

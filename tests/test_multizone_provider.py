@@ -91,7 +91,7 @@ def test_ray_gcp_provider_is_the_version_this_subclass_was_written_against():
     # a Ray upgrade must come back here and re-read them.
     assert ray.__version__ == "2.60.0"
     for name in ("_construct_clients", "non_terminated_nodes", "create_node", "terminate_node",
-                 "_get_resource_depending_on_node_name", "_thread_unsafe_terminate_node"):
+                 "_get_resource_depending_on_node_name"):
         assert callable(getattr(GCPNodeProvider, name)), name
     assert list(inspect.signature(GCPNodeProvider.create_node).parameters) == ["self", "base_config", "tags", "count"]
     assert list(inspect.signature(GCPNodeProvider._get_resource_depending_on_node_name).parameters) == [
@@ -212,16 +212,6 @@ def test_terminating_a_node_gce_already_deleted_is_not_an_error(api, provider):
 
     nodes.terminate_node(created[0])
     assert [i["name"] for i in api.instances()] == [created[1]]
-
-
-def test_ray_own_terminate_node_still_fails_on_a_deleted_node(api, provider):
-    # Why terminate_node is overridden: Ray 2.60's raises UnboundLocalError on the 404.
-    # When this test fails, Ray has fixed it and the override can go.
-    nodes = provider()
-    created = list(nodes.create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 1))
-    api.preempt(created[0])
-    with pytest.raises(UnboundLocalError):
-        GCPNodeProvider.terminate_node(nodes, created[0])
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -131,10 +131,19 @@ def test_ray_up_prepares_our_local_yaml_through_these_functions():
     _ray.validate_config(provider.fillout_available_node_types_resources(config))
 
 
-def test_the_gcp_provider_pieces_the_multizone_provider_builds_on():
+def test_the_gcp_provider_pieces_the_spot_and_multizone_providers_build_on():
     for method in ("_get_resource_depending_on_node_name", "non_terminated_nodes", "terminate_node", "create_node",
-                   "_construct_clients"):
+                   "_construct_clients", "_get_cached_node"):
         assert callable(getattr(_ray.GCPNodeProvider, method)), method
+    # SpotGCPNodeProvider.terminate_node reads these, as Ray's own does.
+    init = inspect.getsource(_ray.GCPNodeProvider.__init__)
+    assert "self.lock = " in init and "self.cache_stopped_nodes = " in init
+    assert list(inspect.signature(_ray.GCPNodeProvider.terminate_node).parameters) == ["self", "node_id"]
+    for method in ("delete_instance", "stop_instance"):
+        assert list(inspect.signature(getattr(_ray.GCPCompute, method)).parameters) == [
+            "self", "node_id", "wait_for_operation"], method
+    assert list(inspect.signature(_ray.GCPResource.__init__).parameters) == [
+        "self", "resource", "project_id", "availability_zone", "cluster_name"]
     assert issubclass(_ray.GCPCompute, _ray.GCPResource) and issubclass(_ray.GCPTPU, _ray.GCPResource)
     assert {"COMPUTE", "TPU"} <= {t.name for t in _ray.GCPNodeType}
     calls = []

@@ -270,6 +270,7 @@ def review(config: dict) -> List[Problem]:
             if not is_head:
                 problems += _check_on_demand_growth(name, node_type)
     if gcp:
+        problems += _check_provider(config)
         problems += _check_zones(config)
         problems += _check_watcher(config)
         problems += _check_token_auth(config)
@@ -277,6 +278,23 @@ def review(config: dict) -> List[Problem]:
         problems += _check_installs(config)
     problems += _check_placeholders(config)
     return problems
+
+
+def _check_provider(config: dict) -> List[Problem]:
+    """Spot VMs that delete themselves need a provider that takes their 404 as done."""
+    from raytrain_spot.cluster.gcp.spot_provider import SpotGCPNodeProvider
+
+    if issubclass(_provider_class(config), SpotGCPNodeProvider):
+        return []
+    deleting = [name for name, node_type in config["available_node_types"].items()
+                if (node_type.get("node_config", {}).get("scheduling") or {}).get("instanceTerminationAction") == "DELETE"]
+    if not deleting:
+        return []
+    return [Problem("provider", "type", f"Ray's GCP provider raises on deleting a VM GCE already deleted, which "
+                    f"{', '.join(deleting)} VMs do when preempted (instanceTerminationAction: DELETE); after "
+                    "5 such errors the autoscaler exits and no preempted worker is replaced again",
+                    "type: external with module: raytrain_spot.cluster.gcp.spot_provider.SpotGCPNodeProvider "
+                    "(the same keys as type: gcp)")]
 
 
 def _check_placeholders(config: dict) -> List[Problem]:
@@ -738,7 +756,8 @@ def summarize(config: dict, price_lookup: Optional[PriceLookup] = None) -> Clust
         zones = f"head {provider.get('availability_zone')}, Spot over {', '.join(provider.get('availability_zones', []))}"
     else:
         zones = provider.get("availability_zone", "-")
-    return ClusterSummary(config["cluster_name"], provider["type"], region, zones, rows)
+    provider_name = provider["module"].rsplit(".", 1)[-1] if provider["type"] == "external" else provider["type"]
+    return ClusterSummary(config["cluster_name"], provider_name, region, zones, rows)
 
 
 def format_summary(summary: ClusterSummary) -> str:

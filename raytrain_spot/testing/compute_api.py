@@ -15,6 +15,7 @@ GPUs with live migration. Capacity faults read like sentences::
     api.exhaust(zone="us-central1-a")           # inserts end in ZONE_RESOURCE_POOL_EXHAUSTED
     api.quota_exceeded(region="us-central1")    # inserts answer 403 QUOTA_EXCEEDED
     api.restore(zone="us-central1-a")           # capacity is back
+    api.preempt("ray-worker-1")                 # GCE preempts a Spot VM (DELETE: it is gone)
 
 Operations come back RUNNING from the insert and DONE (or failed) on the first poll, so
 Ray's pollers never sleep. Authorization headers are accepted and never recorded.
@@ -30,7 +31,7 @@ import shlex
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 LOOPBACK = "127.0.0.1"
@@ -72,12 +73,25 @@ class InsertRecord:
 
 
 @dataclass
+class DeleteRecord:
+    """One instances.delete request as received."""
+
+    zone: str
+    name: str
+    found: bool
+    """False when the instance was already gone (answered 404 notFound)."""
+
+
+@dataclass
 class _State:
     project: str
     instances: Dict[Tuple[str, str], dict] = field(default_factory=dict)
     operations: Dict[Tuple[str, str], dict] = field(default_factory=dict)
     faults: Dict[str, _ZoneFault] = field(default_factory=dict)
     inserts: List[InsertRecord] = field(default_factory=list)
+    deletes: List[DeleteRecord] = field(default_factory=list)
+    preempt_after_list: Set[Tuple[str, str]] = field(default_factory=set)
+    """Instances (zone, name) that GCE preempts right after a list answer includes them."""
 
 
 def _region_of(zone: str) -> str:
@@ -259,17 +273,43 @@ class ComputeEngineEmulator:
             if region is not None:
                 self._state.faults.pop(f"region:{region}", None)
 
-    def preempt(self, name: str) -> None:
-        """Delete an instance the way a Spot preemption with DELETE does: it is simply gone."""
+    def preempt(self, name: str, *, after_next_list: bool = False) -> None:
+        """GCE preempts the Spot VM ``name``, acting on its ``scheduling.instanceTerminationAction``.
+
+        DELETE: the VM deletes itself; from then on a get or delete of it answers 404 notFound,
+        as GCE does. STOP (GCE's default): it stays, TERMINATED. ``after_next_list``: the
+        preemption lands right after the next list answer that includes the VM, i.e. while the
+        caller (the autoscaler) is between its list and its own delete of that VM.
+        """
         with self._lock:
-            for key in [k for k in self._state.instances if k[1] == name]:
-                del self._state.instances[key]
+            keys = [k for k in self._state.instances if k[1] == name]
+            if not keys:
+                raise ValueError(f"no instance {name!r} to preempt")
+            for key in keys:
+                if self._state.instances[key].get("scheduling", {}).get("provisioningModel") != "SPOT":
+                    raise ValueError(f"{name!r} is not a Spot VM: GCE does not preempt it")
+                if after_next_list:
+                    self._state.preempt_after_list.add(key)
+                else:
+                    self._preempt(key)
+
+    def _preempt(self, key: Tuple[str, str]) -> None:
+        action = self._state.instances[key].get("scheduling", {}).get("instanceTerminationAction", "STOP")
+        if action == "DELETE":
+            del self._state.instances[key]
+        else:
+            self._state.instances[key]["status"] = "TERMINATED"
 
     # -- inspection ----------------------------------------------------------------------
     def inserts(self, *, zone: Optional[str] = None) -> List[InsertRecord]:
         """Every instances.insert received, in order (accepted or not)."""
         with self._lock:
             return [r for r in self._state.inserts if zone is None or r.zone == zone]
+
+    def deletes(self) -> List[DeleteRecord]:
+        """Every instances.delete received, in order (found or not)."""
+        with self._lock:
+            return list(self._state.deletes)
 
     def instances(self, *, zone: Optional[str] = None) -> List[dict]:
         """The instances that exist now."""
@@ -376,7 +416,11 @@ class ComputeEngineEmulator:
     def list(self, zone: str, filter_text: str) -> dict:
         predicate = compile_filter(filter_text)
         with self._lock:
-            items = [i for (z, _), i in sorted(self._state.instances.items()) if z == zone and predicate(i)]
+            listed = [(k, i) for k, i in sorted(self._state.instances.items()) if k[0] == zone and predicate(i)]
+            items = [json.loads(json.dumps(i)) for _, i in listed]
+            for key in [k for k, _ in listed if k in self._state.preempt_after_list]:
+                self._state.preempt_after_list.discard(key)
+                self._preempt(key)
         response = {"kind": "compute#instanceList", "id": f"projects/{self.project}/zones/{zone}/instances",
                     "selfLink": self._url(f"zones/{zone}/instances")}
         if items:  # GCE leaves "items" out of an empty list, and Ray copes with that
@@ -385,6 +429,8 @@ class ComputeEngineEmulator:
 
     def delete(self, zone: str, name: str) -> dict:
         with self._lock:
+            record = DeleteRecord(zone=zone, name=name, found=(zone, name) in self._state.instances)
+            self._state.deletes.append(record)
             self._instance(zone, name)
             del self._state.instances[(zone, name)]
             return self._new_operation(zone, "delete", self._url(f"zones/{zone}/instances/{name}"))

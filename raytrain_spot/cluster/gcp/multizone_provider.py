@@ -5,6 +5,7 @@ Spot capacity differs by zone and runs out zone by zone. This subclass keeps one
 ``GCPCompute`` per zone and sends each new Spot VM to the zone ``ZonePolicy`` picks; a
 stockout or quota error blocks the zone for a while and the VM is retried in the next one.
 Everything that is not Spot (the head, the on-demand fallback) stays in ``availability_zone``.
+A VM GCE already deleted (preempted Spot) counts as terminated, as in ``SpotGCPNodeProvider``.
 
 Use it from a cluster YAML (the package must be installed where ``ray up`` runs and on the
 head, whose autoscaler loads it)::
@@ -33,7 +34,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
@@ -41,15 +41,13 @@ from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
 from raytrain_spot._ray import (
     GCPTPU,
     GCPCompute,
-    GCPNodeProvider,
     GCPNodeType,
     GCPResource,
-    build_request,
     construct_clients_from_provider_config,
     gcp_retry,
     get_node_type,
 )
-
+from raytrain_spot.cluster.gcp.spot_provider import SpotGCPNodeProvider, build_compute_client
 from raytrain_spot.cluster.gcp.zone_policy import (
     LaunchFailure,
     Placement,
@@ -113,17 +111,6 @@ class MultiZoneSettings:
         return tuple(dict.fromkeys((self.head_zone,) + self.policy.zones))
 
 
-def build_compute_client(credentials: Any = None, endpoint: Optional[str] = None) -> Any:
-    """A Compute v1 client built as Ray builds it (static discovery, Ray's request builder).
-
-    ``credentials`` None means Application Default Credentials, as in Ray; ``endpoint``
-    replaces Google's base URL (``.../compute/v1/``).
-    """
-    return discovery.build("compute", "v1", credentials=credentials, requestBuilder=build_request,
-                           cache_discovery=False, static_discovery=True,
-                           client_options={"api_endpoint": endpoint} if endpoint else None)
-
-
 def localize_node_config(node_config: Dict[str, Any], zone: str) -> Dict[str, Any]:
     """A copy of ``node_config`` whose zonal URLs point at ``zone``.
 
@@ -176,8 +163,8 @@ def failure_from_error(error: BaseException) -> Optional[LaunchFailure]:
     return None
 
 
-class MultiZoneGCPNodeProvider(GCPNodeProvider):
-    """``GCPNodeProvider`` with Spot workers spread over ``availability_zones``."""
+class MultiZoneGCPNodeProvider(SpotGCPNodeProvider):
+    """``SpotGCPNodeProvider`` with Spot workers spread over ``availability_zones``."""
 
     def __init__(self, provider_config: Dict[str, Any], cluster_name: str, *,
                  clock: Callable[[], float] = time.monotonic, credentials: Any = None):
@@ -235,16 +222,6 @@ class MultiZoneGCPNodeProvider(GCPNodeProvider):
         for zone, resource in self.zone_resources.items():
             counts[zone] += len(resource.list_instances({TAG_RAY_USER_NODE_TYPE: node_type}))
         return dict(counts)
-
-    @gcp_retry
-    def terminate_node(self, node_id: str):
-        # Ray 2.60's terminate_node raises UnboundLocalError when the instance is already
-        # gone (HTTP 404), which is how a Spot VM that GCE deleted on preemption looks.
-        # Its _thread_unsafe_terminate_node treats the 404 as done; use that.
-        if self.cache_stopped_nodes:
-            return super().terminate_node(node_id)
-        with self.lock:
-            return self._thread_unsafe_terminate_node(node_id)
 
     # -- launching -------------------------------------------------------------------------
     def policy_for(self, node_type: str) -> ZonePolicy:
