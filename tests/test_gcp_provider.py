@@ -1,11 +1,12 @@
 """The single-zone Spot provider, and Ray's autoscaler living through preemptions with it.
 
 Ray's real ``StandardAutoscaler`` (what the head's monitor calls every few seconds) runs on
-cluster/gcp-spot.yaml as ``ray up`` prepares it, against ``ComputeEngineEmulator`` on
-127.0.0.1, through Ray's googleapiclient code. The provider key ``disable_node_updaters``
-replaces SSH setup (nothing to SSH into here): each worker marks itself up to date and
-heartbeats, and the autoscaler terminates a worker whose raylet went silent, as it does
-on a cluster whose nodes start themselves.
+cluster/gcp-spot.yaml and cluster/gcp-spot-multizone.yaml as ``ray up`` prepares them, against
+``ComputeEngineEmulator`` on 127.0.0.1, through Ray's googleapiclient code. The provider key
+``disable_node_updaters`` replaces SSH setup (nothing to SSH into here): each worker marks
+itself up to date and heartbeats, and the autoscaler terminates a worker whose raylet went
+silent, as it does on a cluster whose nodes start themselves. There is no GCS: the
+autoscaler's drain of that raylet logs its failure and goes on, as Ray lets it.
 """
 
 from __future__ import annotations
