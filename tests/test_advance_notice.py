@@ -27,7 +27,7 @@ from tests.conftest import REPO
 GCP_FILES = sorted(glob.glob(os.path.join(REPO, "cluster", "gcp-*.yaml")))
 MAIN_YAML = os.path.join(REPO, "cluster", "gcp-spot.yaml")
 NOTICE_LINE = "# preemptionNoticeDuration: {seconds: 120}"
-WATCHER = "python -m raytrain_spot.preemption.watcher --margin-s 5 --notice-s 30"
+WATCHER = "-m raytrain_spot.preemption.watcher --margin-s 5 --notice-s 30"
 
 
 def text_of(path: str) -> str:
@@ -191,6 +191,8 @@ def test_chaos_notice_s_150_composes_and_the_default_script_takes_it(compose):
 
 
 class FakeNode:
+    all_processes: dict = {}  # no process of its own: what the soft-off signals is tests/test_vm_shutdown.py's
+
     def __init__(self, index: int):
         self.node_id = f"{index:056x}"
 
@@ -215,7 +217,11 @@ class Events:
 
 
 def test_the_simulator_gives_150_s_and_starts_watchers_that_drain_for_it(compose, tmp_path, monkeypatch):
-    cfg = load_config(compose("+experiment=vlm", "+chaos=events", "chaos.notice_s=150")).chaos
+    # Nodes started over SSH (no service whose main process the simulator would play against a GCS).
+    session = tmp_path / "session.yaml"
+    session.write_text(yaml.safe_dump({"worker_start_ray_commands": ["ray start --address=$RAY_HEAD_IP:6379"]}))
+    cfg = load_config(compose("+experiment=vlm", "+chaos=events", "chaos.notice_s=150",
+                              f"chaos.node_start={session}")).chaos
     commands = []
 
     def spawn(command, env, log):
@@ -241,7 +247,13 @@ def test_the_simulator_gives_150_s_and_starts_watchers_that_drain_for_it(compose
             {"ev": "notice", "node": cluster.workers[2].node_id, "notice_s": 150}]
         assert HttpPreemptedPoller(simulator.metadata.host("worker-2")).read(None, None).preempted
         assert not HttpPreemptedPoller(simulator.metadata.host("worker-1")).read(None, None).preempted
-        now["t"] += 149.9
+        now["t"] += 119.9
+        simulator.tick()
+        assert [e for e in events.records if e["ev"] == "soft_off"] == [], "the soft-off comes 120 s after the notice"
+        now["t"] += 0.2
+        simulator.tick()
+        assert [e["node"] for e in events.records if e["ev"] == "soft_off"] == [cluster.workers[2].node_id]
+        now["t"] += 29.8
         simulator.tick()
         assert killed == [], "killed before the 150 s notice ran out"
         now["t"] += 0.2
@@ -253,4 +265,5 @@ def test_the_simulator_gives_150_s_and_starts_watchers_that_drain_for_it(compose
 
 def test_a_trace_replayed_with_150_s_kills_150_s_after_each_notice():
     actions = chaos.trace_actions([2, 1, 1], tick_s=3, notice_s=150, provisioning_s=5, pick=lambda alive, k: alive[:k])
-    assert [(a.kind, a.at_s, a.node, a.notice_s) for a in actions] == [("notice", 3, 0, 150), ("kill", 153, 0, 0.0)]
+    assert [(a.kind, a.at_s, a.node, a.notice_s) for a in actions] == [
+        ("notice", 3, 0, 150), ("soft_off", 123, 0, 150), ("kill", 153, 0, 0.0)]

@@ -19,6 +19,8 @@ from typing import Dict, List, Set
 
 import pytest
 
+import yaml
+
 from raytrain_spot.observe.events import read_events
 from tests.conftest import assert_clean_audit, processes_of, ray_internal_lines, run_main
 
@@ -266,4 +268,40 @@ def test_a_metadata_server_slow_at_the_notice_still_leaves_time_for_the_jit(tmp_
     assert drain["t"] - notice["t"] >= 2.5, "the watcher must have heard the notice late"
     jit = next(c for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "head")
     assert jit["t"] < kill["t"] and run.steps_redone == 0
+    assert_same_training_as(run, reference)
+
+
+# The worker start commands every GCP YAML had before its nodes ran as services: `ray up` runs them
+# over SSH, so Ray's node and the watcher live in the login's session scope.
+SSH_STARTED_NODE = [
+    "ray stop",
+    "ulimit -n 65536; RAY_AUTH_MODE=token RAY_preload_python_modules=raytrain_spot.elastic.preload "
+    "ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
+    "(test -f ~/.raytrain-spot/watcher.pid && kill -INT \"$(cat ~/.raytrain-spot/watcher.pid)\" 2>/dev/null; true); "
+    "RAY_ADDRESS=$RAY_HEAD_IP:6379 RAY_AUTH_MODE=token nohup python -m raytrain_spot.preemption.watcher "
+    "--margin-s 5 --notice-s 30 >> ~/.raytrain-spot/watcher.log 2>&1 < /dev/null & echo $! > ~/.raytrain-spot/watcher.pid",
+]
+# GCE's default notice: `preempted` turns TRUE at the soft-off, the power-off comes 30 s later (6 s here,
+# the units' timeouts compressed with it). The handoff comes at once: no warm-up hold.
+SOFT_OFF = ("+chaos=events", "chaos.notice_s=6", "chaos.margin_s=1", "trainer.notice_warmup_s=0",
+            "chaos.events=[{action:preempt,node:1,at_step:20},{action:restore,after_s:1}]")
+
+
+def test_at_gces_soft_off_nodes_started_as_services_hand_off_with_no_step_redone(tmp_path, reference):
+    run = train(tmp_path, "soft-off-services", *SOFT_OFF)  # the shipped GCP YAMLs' start commands
+    notice, soft_off = run.of("notice")[0], run.of("soft_off")[0]
+    assert soft_off["t"] - notice["t"] < 1.0 and soft_off["sigterm"] == "ray start --block"
+    assert run.steps_redone == 0
+    jit = [c["step"] for c in run.of("checkpoint") if c["kind"] == "jit"]
+    assert jit and jit[0] == run.of("handoff")[0]["step"]
+    assert_same_training_as(run, reference)
+
+
+def test_at_gces_soft_off_nodes_started_over_ssh_lose_the_handoff(tmp_path, reference):
+    cluster_yaml = tmp_path / "ssh-started.yaml"
+    cluster_yaml.write_text(yaml.safe_dump({"worker_start_ray_commands": SSH_STARTED_NODE}))
+    run = train(tmp_path, "soft-off-ssh", *SOFT_OFF, f"chaos.node_start={cluster_yaml}")
+    assert run.of("soft_off")[0]["sigterm"] == "every process of Ray's node"
+    jit = [c["step"] for c in run.of("checkpoint") if c["kind"] == "jit"]
+    assert run.steps_redone > 0 or not jit, "the noticed rank died at the soft-off: no handoff can be clean"
     assert_same_training_as(run, reference)

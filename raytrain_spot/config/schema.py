@@ -398,6 +398,11 @@ class ChaosConfig:
     """Drain deadline margin the node watchers use: they drain to end this long before the kill."""
     watchers: bool = True
     """Run a preemption watcher per node. False: Ray never hears of a notice, as with plain Ray on GCE."""
+    node_start: Optional[str] = None
+    """A cluster YAML whose ``worker_start_ray_commands`` start each virtual VM: at its soft-off the
+    simulator signals the node's processes where those commands put them (an SSH session scope: all
+    of them; a ``systemd-run`` service with ``KillMode=mixed``: its main process). Unset: the commands
+    of the shipped cluster/gcp-spot*.yaml (raytrain_spot/simulator/shutdown.py)."""
     seed: int = 0
     """trace: which nodes a capacity drop takes."""
 
@@ -410,6 +415,16 @@ class ChaosConfig:
                     f"{self.trace} does not exist", "point chaos.trace at a trace JSON file")
         require_positive("chaos", self, "tick_s")
         require_non_negative("chaos", self, "notice_s", "provisioning_s", "margin_s", "start_tick")
+        if self.node_start is not None:
+            from raytrain_spot.simulator.shutdown import StartCommandsError, node_start, read_start_commands
+
+            require(os.path.isfile(os.path.expanduser(self.node_start)), "chaos.node_start",
+                    f"{self.node_start} does not exist", "point chaos.node_start at a cluster YAML, or unset it")
+            try:
+                node_start(read_start_commands(self.node_start))
+            except StartCommandsError as error:
+                require(False, "chaos.node_start", f"{self.node_start}: {error}",
+                        "fix its worker_start_ray_commands, or unset chaos.node_start")
         if self.watchers:
             require(self.margin_s < self.notice_s, "chaos.margin_s",
                     f"{self.margin_s} is not below chaos.notice_s={self.notice_s}: the drain deadline would be at "

@@ -3,7 +3,11 @@
 A preemption goes through the same path as on GCE. The node's metadata turns ``TRUE``
 (a real HTTP metadata emulator, one port per virtual node), the node's watcher process
 drains its Ray node, and ``notice_s`` later the node is killed abruptly, like a VM
-deletion, its local disk gone with it. Capacity coming back adds a node after a
+deletion, its local disk gone with it. 30 s before that kill (at the notice, when
+``notice_s`` is 30 or less, as with GCE's default notice) comes the ACPI soft-off: the VM's
+systemd stops its units, and every process of the virtual VM gets SIGTERM unless the node's
+start commands put it in a service that signals only its main process
+(raytrain_spot/simulator/shutdown.py). Capacity coming back adds a node after a
 provisioning delay, with a watcher of its own.
 
 Scripts read like sentences::
@@ -25,12 +29,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from raytrain_spot.config.schema import ChaosConfig, ChaosEvent
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.simulator.shutdown import node_start, read_start_commands, shutdown_times
+
+if TYPE_CHECKING:
+    from raytrain_spot.preemption.watcher import Drainer
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +64,7 @@ class Action:
     """Something the simulator does at a wall time (seconds after the first step)."""
 
     at_s: float
-    kind: str = field(compare=False)  # notice | kill | add
+    kind: str = field(compare=False)  # notice | soft_off | ray_stop | unit_timeout | kill | add
     node: Optional[int] = field(default=None, compare=False)
     notice_s: float = field(default=0.0, compare=False)
 
@@ -131,6 +140,7 @@ def trace_actions(targets: List[int], tick_s: float, notice_s: float, provisioni
                 alive.remove(slot)
                 if notice_s > 0:
                     actions.append(Action(now, "notice", slot, notice_s))
+                    actions.append(Action(now + shutdown_times(notice_s).soft_off_s, "soft_off", slot, notice_s))
                 actions.append(Action(now + notice_s, "kill", slot))
         for _ in range(target - len(alive)):
             alive.append(next_slot)
@@ -149,6 +159,34 @@ def read_trace(path: str) -> Tuple[List[int], float]:
 def load_trace(path: str, start_tick: int, max_ticks: Optional[int]) -> List[int]:
     data = read_trace(path)[0][start_tick:]
     return data[:max_ticks] if max_ticks else data
+
+
+def ray_node_processes(node) -> list:
+    """Every process of a virtual node: those Ray started for it and all their descendants
+    (psutil.Process objects; a process that is gone is left out)."""
+    import ray  # noqa: F401  puts Ray's bundled psutil on sys.path
+    import psutil
+
+    found = {}
+    for infos in node.all_processes.values():
+        for info in infos:
+            try:
+                root = psutil.Process(info.process.pid)
+                for process in (root, *root.children(recursive=True)):
+                    found[process.pid] = process
+            except psutil.NoSuchProcess:
+                continue
+    return list(found.values())
+
+
+def _signal_all(processes, sig: signal.Signals) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            continue
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -178,7 +216,8 @@ class SpotSimulator:
 
     def __init__(self, cfg: ChaosConfig, cluster, events: EventLog, current_step: Callable[[], Optional[int]],
                  on_kill: Callable[[str, bool], None], log_dir: str, rank_nodes: Callable[[], List[str]] = list,
-                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time):
+                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time,
+                 drainer: Optional["Drainer"] = None):
         from raytrain_spot.simulator.metadata_server import MetadataEmulator
 
         self.cfg = cfg
@@ -188,10 +227,13 @@ class SpotSimulator:
         self.rank_nodes = rank_nodes  # node id of each rank of the current worker group
         self.node_local_root = node_local_root
         self.clock = clock
+        self._drainer = drainer  # the GCS a service's `ray start --block` drains through (default: the cluster's)
         self.on_kill = on_kill  # logs the kill (the cluster monitor, so it is logged once)
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)
         self.metadata = MetadataEmulator()
+        self.node_start = node_start(read_start_commands(cfg.node_start))
+        logger.info("Each virtual VM as its start commands leave it at the soft-off: %s", self.node_start.describe())
         self.nodes: Dict[int, object] = {}  # slot -> Ray node handle of the alive ones
         self.watchers: Dict[int, subprocess.Popen] = {}
         self._noticed: set[int] = set()
@@ -253,6 +295,53 @@ class SpotSimulator:
                            "event's notice_s to keep them together", slot, notice_s, self.cfg.notice_s,
                            self.cfg.margin_s)
 
+    def _soft_off(self, slot: int, notice_s: float, elapsed: float) -> None:
+        """GCE's ACPI soft-off: the VM's systemd stops every unit, signalling the node's processes
+        where its start commands put them; the power-off (``_kill``) follows."""
+        times = shutdown_times(notice_s)
+        node, ray_unit = self.nodes[slot], self.node_start.ray
+        if ray_unit.main_only:
+            # The embedded cluster's raylets are started by the driver, not by `ray start --block`:
+            # the simulator plays that main process and does what its SIGTERM handler does in Ray 2.60
+            # (ray/_private/node.py): drain the node (PREEMPTION), wait out the drain timeout at most,
+            # then stop the node's processes. The units' seconds shrink with a compressed window.
+            drain_s = self.node_start.ray_drain_timeout_s * times.scale
+            self._drain_as_ray_start_block(node.node_id, drain_s)
+            self._pending.append(Action(elapsed + drain_s, "ray_stop", slot))
+            self._pending.append(Action(elapsed + ray_unit.stop_timeout_s * times.scale, "unit_timeout", slot))
+            self._pending.sort()
+        else:
+            _signal_all(ray_node_processes(node), signal.SIGTERM)
+        watcher = self.watchers.get(slot)
+        if watcher is not None and watcher.poll() is None:
+            watcher.send_signal(signal.SIGTERM)  # a watcher stops with its unit, service or session scope
+        self.events.emit("soft_off", node=node.node_id, ray_unit=ray_unit.unit,
+                         sigterm="ray start --block" if ray_unit.main_only else "every process of Ray's node")
+        logger.info("Soft-off of worker-%d (%s): SIGTERM to %s; power-off in %.1f s", slot, node.node_id,
+                    "its Ray service's main process" if ray_unit.main_only else "every process of its Ray node",
+                    times.power_off_s - times.soft_off_s)
+
+    def _drain_as_ray_start_block(self, node_id: str, drain_s: float) -> None:
+        from raytrain_spot.preemption.watcher import DrainDecision, DrainUnavailable, Notice, RayControlStore
+
+        def drain() -> None:
+            decision = DrainDecision(node_id=node_id, notice=Notice("sigterm", time.time()), notice_s=drain_s,
+                                     margin_s=0.0)
+            try:
+                reply = (self._drainer or RayControlStore(self.cluster.address)).drain(decision)
+            except (DrainUnavailable, RuntimeError) as error:
+                logger.warning("ray start --block's drain of %s failed (%s); Ray stops the node anyway", node_id,
+                               error)
+                return
+            if not reply.accepted:
+                logger.warning("ray start --block's drain of %s rejected: %s", node_id, reply.rejection)
+
+        # An RPC to the GCS: off the thread that drives training.
+        threading.Thread(target=drain, name=f"ray-start-block-drain-{node_id[:8]}", daemon=True).start()
+
+    def _stop_ray_node(self, slot: int, sig: signal.Signals) -> None:
+        _signal_all(ray_node_processes(self.nodes[slot]), sig)
+
     def _kill(self, slot: int) -> None:
         node = self.nodes.pop(slot)
         watcher = self.watchers.pop(slot, None)
@@ -289,6 +378,12 @@ class SpotSimulator:
                 continue  # already gone
             elif action.kind == "notice":
                 self._notice(action.node, action.notice_s)
+            elif action.kind == "soft_off":
+                self._soft_off(action.node, action.notice_s, action.at_s)
+            elif action.kind == "ray_stop":
+                self._stop_ray_node(action.node, signal.SIGTERM)  # Ray's handler: graceful stop
+            elif action.kind == "unit_timeout":
+                self._stop_ray_node(action.node, signal.SIGKILL)  # systemd: TimeoutStopSec passed
             else:
                 self._kill(action.node)
 
@@ -305,6 +400,8 @@ class SpotSimulator:
                                                        else self.cfg.notice_s)
                 if not event.no_notice:
                     self._notice(slot, notice_s, event.metadata_delay_s)
+                    self._pending.append(Action(elapsed + shutdown_times(notice_s).soft_off_s, "soft_off", slot,
+                                                notice_s))
                 self._pending.append(Action(elapsed + notice_s, "kill", slot))
             else:
                 return

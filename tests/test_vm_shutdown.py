@@ -1,0 +1,195 @@
+"""GCE's shutdown of a preempted Spot VM as the simulator models it: the soft-off signals the node's
+processes where its start commands put them, the power-off follows. The whole run through it is in
+tests/test_chaos_e2e.py (the soft-off tests)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.config.schema import load_config
+from raytrain_spot.preemption.watcher import DrainReply
+from raytrain_spot.simulator import chaos
+from raytrain_spot.simulator.shutdown import (GCP_WORKER_START_COMMANDS, SESSION_SCOPE, StartCommandsError,
+                                              node_start, shutdown_times)
+from tests.conftest import REPO
+from tests.test_chaos_e2e import SSH_STARTED_NODE
+
+GCP_FILES = sorted(glob.glob(os.path.join(REPO, "cluster", "gcp-*.yaml")))
+
+
+# -- the start commands ----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", GCP_FILES, ids=os.path.basename)
+def test_every_gcp_yaml_starts_workers_as_the_simulator_models_them(path):
+    with open(path) as f:
+        commands = yaml.safe_load(f)["worker_start_ray_commands"]
+    assert commands == list(GCP_WORKER_START_COMMANDS)
+    start = node_start(commands)
+    assert start.ray.main_only and start.ray.command[1:3] == ("start", "--block")
+    assert start.ray.stop_timeout_s > 30, "systemd must not SIGKILL Ray's node before GCE's power-off"
+    assert start.ray_drain_timeout_s == 25, "Ray's drain on SIGTERM ends 5 s before the power-off"
+    assert {"RAY_OVERRIDE_RESOURCES", "RAY_OVERRIDE_LABELS"} <= set(start.ray.environment), \
+        "a service does not inherit the node type's resources and labels from `ray up`"
+    assert start.watcher is not None and start.watcher.in_service and start.watcher.unit != start.ray.unit
+
+
+def test_commands_run_over_ssh_leave_everything_in_the_session_scope():
+    start = node_start(SSH_STARTED_NODE)
+    assert start.ray.unit == start.watcher.unit == SESSION_SCOPE
+    assert not start.ray.main_only and not start.watcher.main_only
+
+
+@pytest.mark.parametrize("commands, says", [
+    (["sudo systemd-run --unit=r -p KillMode=mixed ray start --address=h:6379"], "add --block"),
+    (["ray stop"], "no Ray node"),
+    (["ray start --address=a", "ray start --address=b"], "twice"),
+    (["sudo systemd-run -p KillMode=gentle ray start --block"], "KillMode=gentle"),
+    (["sudo systemd-run -p TimeoutStopSec=soon ray start --block"], "TimeoutStopSec"),
+])
+def test_start_commands_the_model_cannot_read_are_refused_with_the_fix(commands, says):
+    with pytest.raises(StartCommandsError, match=says):
+        node_start(commands)
+
+
+def test_systemd_run_spellings():
+    start = node_start(["systemd-run -u ray --property KillMode=process --property=TimeoutStopSec=2min "
+                        "-E RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=7 /opt/venv/bin/ray start --block",
+                        "systemd-run --scope -p KillMode=mixed python -m raytrain_spot.preemption.watcher"])
+    assert (start.ray.unit, start.ray.kill_mode, start.ray.stop_timeout_s, start.ray_drain_timeout_s) == (
+        "ray", "process", 120.0, 7.0)
+    assert start.watcher.kill_mode == "control-group", "a scope has no main process to signal alone"
+
+
+def test_chaos_node_start_names_a_yaml_the_model_reads(compose, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"worker_start_ray_commands": ["systemd-run ray start"]}))
+    with pytest.raises(ConfigError, match="chaos.node_start: .*add --block"):
+        load_config(compose("+experiment=vlm", "+chaos=events", f"chaos.node_start={bad}"))
+    with pytest.raises(ConfigError, match="chaos.node_start: .*does not exist"):
+        load_config(compose("+experiment=vlm", "+chaos=events", f"chaos.node_start={tmp_path}/none.yaml"))
+
+
+def test_the_soft_off_comes_30_s_before_the_power_off_and_never_before_the_notice():
+    assert shutdown_times(30) == shutdown_times(30.0) and shutdown_times(30).soft_off_s == 0
+    assert (shutdown_times(150).soft_off_s, shutdown_times(150).power_off_s) == (120, 150)
+    assert shutdown_times(6).soft_off_s == 0 and shutdown_times(6).scale == pytest.approx(0.2)
+
+
+# -- the soft-off on a virtual VM's real processes ------------------------------------------------
+class ProcessInfo:
+    def __init__(self, process):
+        self.process = process
+
+
+class VirtualNode:
+    """A node whose Ray processes are a real parent and child (a raylet and a worker it started)."""
+
+    def __init__(self, index: int):
+        self.node_id = f"{index:056x}"
+        code = ("import signal, subprocess, sys, time\n"
+                "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                "print(child.pid, flush=True)\n"
+                "time.sleep(600)\n")
+        self.raylet = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        self.worker_pid = int(self.raylet.stdout.readline())
+        self.all_processes = {"raylet": [ProcessInfo(self.raylet)]}
+
+    def worker_alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.worker_pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        for pid in (self.worker_pid, self.raylet.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.raylet.wait()
+
+
+class VirtualCluster:
+    address = "127.0.0.1:1"
+
+    def __init__(self):
+        self.workers = [VirtualNode(0)]
+
+    def remove_worker_node(self, node):
+        node.close()
+
+
+class Recorder:
+    def __init__(self):
+        self.records = []
+
+    def emit(self, ev, **fields):
+        self.records.append({"ev": ev, **fields})
+
+    def drain(self, decision):
+        self.records.append({"ev": "drain", "node": decision.node_id, "deadline_s": decision.deadline_s})
+        return DrainReply(accepted=True, rejection="")
+
+
+def soft_off_of(compose, tmp_path, commands):
+    """A simulator preempting the one node 2 simulated seconds in, with a 6 s notice; the soft-off ran."""
+    cluster_yaml = tmp_path / "start.yaml"
+    cluster_yaml.write_text(yaml.safe_dump({"worker_start_ray_commands": list(commands)}))
+    cfg = load_config(compose("+experiment=vlm", "+chaos=events", "chaos.notice_s=6", "chaos.margin_s=1",
+                              "chaos.watchers=false", f"chaos.node_start={cluster_yaml}",
+                              "chaos.events=[{action:preempt,node:0,at_s:2}]")).chaos
+    now, recorder, cluster = {"t": 1000.0}, Recorder(), VirtualCluster()
+    simulator = chaos.SpotSimulator(cfg, cluster, recorder, current_step=lambda: 1, on_kill=lambda *_: None,
+                                    log_dir=str(tmp_path / "logs"), clock=lambda: now["t"], drainer=recorder)
+    simulator.tick()
+    now["t"] += 2
+    simulator.tick()
+    return simulator, cluster.workers[0], recorder, now
+
+
+def wait_for(condition, timeout_s=5.0) -> bool:
+    deadline = time.time() + timeout_s
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_ssh_started_the_soft_off_sigterms_every_process_of_rays_node(compose, tmp_path):
+    simulator, node, recorder, _ = soft_off_of(compose, tmp_path, SSH_STARTED_NODE)
+    try:
+        assert [e["sigterm"] for e in recorder.records if e["ev"] == "soft_off"] == ["every process of Ray's node"]
+        assert node.raylet.wait(timeout=5) == 143, "the raylet got SIGTERM at the soft-off"
+        assert wait_for(lambda: not node.worker_alive()), "and so did the worker it started"
+    finally:
+        simulator.close()
+        node.close()
+
+
+def test_as_a_service_only_ray_start_block_hears_the_soft_off_and_stops_the_node_after_its_drain(
+        compose, tmp_path):
+    simulator, node, recorder, now = soft_off_of(compose, tmp_path, GCP_WORKER_START_COMMANDS)
+    try:
+        [soft_off] = [e for e in recorder.records if e["ev"] == "soft_off"]
+        assert soft_off["sigterm"] == "ray start --block"
+        assert wait_for(lambda: any(e["ev"] == "drain" for e in recorder.records)), "Ray drains on SIGTERM"
+        time.sleep(0.5)
+        assert node.raylet.poll() is None and node.worker_alive(), "KillMode=mixed: the node's processes live on"
+        now["t"] += 25 * 0.2 - 0.1  # the 25 s drain timeout, compressed like the 6 s window
+        simulator.tick()
+        assert node.raylet.poll() is None
+        now["t"] += 0.2
+        simulator.tick()
+        assert node.raylet.wait(timeout=5) == 143, "after its drain timeout Ray stops the node's processes"
+    finally:
+        simulator.close()
+        node.close()
