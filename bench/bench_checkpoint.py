@@ -39,7 +39,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 1
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest, write_state  # noqa: E402
+from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest, stored_key, write_state  # noqa: E402
 from raytrain_spot.checkpoint.head import start_head_store  # noqa: E402
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest  # noqa: E402
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights, training_state  # noqa: E402
@@ -152,7 +152,8 @@ def _time_durable_upload(head_root: str, durable: StoreTier, run: str, step: int
     manifest = read_manifest(head, key)
     durable.store.delete_prefix(key)
     started = time.perf_counter()
-    durable.commit(key, {name: head.local_path(f"{key}/{name}") for name in manifest.files}, manifest)
+    durable.commit(key, {name: head.local_path(stored_key(key, name, entry)) for name, entry in manifest.files.items()},
+                   manifest)
     return round(time.perf_counter() - started, 2)
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from raytrain_spot.checkpoint.format import STATE_FILE, checkpoint_key  # noqa: E402
+from raytrain_spot.checkpoint.format import STATE_FILE, checkpoint_key, read_manifest  # noqa: E402
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest  # noqa: E402
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights  # noqa: E402
 from raytrain_spot.checkpoint.tiers import StoreTier  # noqa: E402
@@ -95,13 +95,13 @@ def measure(mode: str, args, workdir: str) -> Dict[str, Any]:
         manager.wait()
         commits.append(time.perf_counter() - started)
     assert manager.committed_step == args.repeats, f"{mode}: the last save did not commit (see the log above)"
-    state_file = os.path.join(local.store.local_path(checkpoint_key(run, args.repeats)), STATE_FILE)
+    state_entry = read_manifest(local.store, checkpoint_key(run, args.repeats)).files[STATE_FILE]
     result = {
         "trainable_params": trainable,
         "total_params": total,
         "build_s": round(build_s, 1),
         "snapshot_bytes": manager._snapshot.nbytes,
-        "checkpoint_bytes": os.path.getsize(state_file),
+        "checkpoint_bytes": state_entry.size,
         "first_stall_s": round(stalls[0], 4),
         "stall_s": round(statistics.median(stalls[1:] or stalls), 4),
         "commit_s": round(statistics.median(commits[1:] or commits), 3),

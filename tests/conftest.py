@@ -98,6 +98,14 @@ def assert_clean_audit(run_name: str, storage_uri: str, head_dir: str, local_dir
         assert left == [], f"processes left behind: {left}"
 
 
+def stored_path(store, key: str, name: str) -> str:
+    """Where a local store keeps file ``name`` of the committed checkpoint at ``key`` (the tiers
+    store each file under a writer-unique name that the manifest lists)."""
+    from raytrain_spot.checkpoint.format import read_manifest, stored_key
+
+    return store.local_path(stored_key(key, name, read_manifest(store, key).files[name]))
+
+
 @pytest.fixture(scope="module")
 def single_rank_group(tmp_path_factory):
     """A one-rank gloo process group for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""

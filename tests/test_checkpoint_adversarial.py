@@ -6,20 +6,23 @@ scenario ends with the audit ``verify`` runs (tests/conftest.py)."""
 import os
 import pickle
 import tempfile
+import threading
 import uuid
+from dataclasses import replace
 
 import pytest
 import torch
 
-from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, file_entry, read_manifest
+from raytrain_spot.checkpoint.format import (MANIFEST, STATE_FILE, Manifest, checkpoint_key, file_entry, read_manifest,
+                                             stored_key)
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
-from raytrain_spot.checkpoint.sharded import METADATA_FILE, SafeFileSystemReader
+from raytrain_spot.checkpoint.sharded import METADATA_FILE, parse_metadata
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights
-from raytrain_spot.checkpoint.tiers import StoreTier
+from raytrain_spot.checkpoint.tiers import CommitConflict, StoreTier
 from raytrain_spot.storage.gcs import GcsStore
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.testing.fake_gcs import FakeGcsServer
-from tests.conftest import Recorder, assert_clean_audit
+from tests.conftest import Recorder, assert_clean_audit, stored_path
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("single_rank_group")]
 RUN = "r"
@@ -51,10 +54,11 @@ def restored_step(manager: CheckpointManager, width: int = 8):
 def rewrite(store: LocalStore, step: int, name: str, data: bytes) -> None:
     """Replace a file of a committed checkpoint and its manifest entry to match: damage no checksum shows."""
     key = checkpoint_key(RUN, step)
-    with open(store.local_path(f"{key}/{name}"), "wb") as f:
+    path = stored_path(store, key, name)
+    with open(path, "wb") as f:
         f.write(data)
     manifest = read_manifest(store, key)
-    manifest.files[name] = file_entry(store.local_path(f"{key}/{name}"))
+    manifest.files[name] = replace(file_entry(path), object=manifest.files[name].object)
     store.put_bytes(f"{key}/{MANIFEST}", manifest.to_json())
 
 
@@ -69,7 +73,7 @@ def test_a_foreign_but_well_formed_metadata_is_invalid_and_the_restore_takes_the
     manager = sharded_run(root)
     sharded_run(str(tmp_path / "other"), steps=(10,), width=16)  # another model's shards
     other = LocalStore(str(tmp_path / "other"))
-    with open(other.local_path(f"{checkpoint_key(RUN, 10)}/{METADATA_FILE}"), "rb") as f:
+    with open(stored_path(other, checkpoint_key(RUN, 10), METADATA_FILE), "rb") as f:
         rewrite(manager.shared[0].store, 20, METADATA_FILE, f.read())
     audit(root, last_step=10, damaged=[20])
     assert restored_step(manager) == 10
@@ -79,7 +83,7 @@ def test_a_truncated_shard_with_its_manifest_entry_updated_is_invalid_and_skippe
     root = str(tmp_path / "storage")
     manager = sharded_run(root)
     store = manager.shared[0].store
-    with open(store.local_path(f"{checkpoint_key(RUN, 20)}/{SHARD}"), "rb") as f:
+    with open(stored_path(store, checkpoint_key(RUN, 20), SHARD), "rb") as f:
         rewrite(store, 20, SHARD, f.read()[:-100])
     audit(root, last_step=10, damaged=[20])
     assert restored_step(manager) == 10
@@ -91,7 +95,7 @@ def test_the_restore_tries_the_next_step_whatever_dcp_raises(tmp_path):
     root = str(tmp_path / "storage")
     manager = sharded_run(root)
     store = manager.shared[0].store
-    with open(store.local_path(f"{checkpoint_key(RUN, 20)}/{SHARD}"), "rb") as f:
+    with open(stored_path(store, checkpoint_key(RUN, 20), SHARD), "rb") as f:
         size = len(f.read())
     rewrite(store, 20, SHARD, b"\0" * size)
     assert restored_step(manager) == 10
@@ -105,7 +109,7 @@ def test_metadata_naming_a_file_the_manifest_does_not_list_is_refused(tmp_path, 
     manager = sharded_run(root)
     store = manager.shared[0].store
     key = checkpoint_key(RUN, 20)
-    metadata = SafeFileSystemReader(store.local_path(key)).read_metadata()
+    metadata = parse_metadata(open(stored_path(store, key, METADATA_FILE), "rb").read())
     for info in metadata.storage_data.values():
         info.relative_path = elsewhere
     rewrite(store, 20, METADATA_FILE, pickle.dumps(metadata))
@@ -118,7 +122,7 @@ def test_metadata_reading_past_the_end_of_a_listed_shard_is_refused(tmp_path):
     manager = sharded_run(root)
     store = manager.shared[0].store
     key = checkpoint_key(RUN, 20)
-    metadata = SafeFileSystemReader(store.local_path(key)).read_metadata()
+    metadata = parse_metadata(open(stored_path(store, key, METADATA_FILE), "rb").read())
     next(iter(metadata.storage_data.values())).length += 1 << 30
     rewrite(store, 20, METADATA_FILE, pickle.dumps(metadata))
     audit(root, last_step=10, damaged=[20])
@@ -150,7 +154,8 @@ def _commit(tier: StoreTier, tmp_path, step: int) -> Manifest:
 
 def _flip_a_byte(store, step: int) -> None:
     """The state file of ``step`` with one byte changed: same size, another checksum."""
-    key = f"{checkpoint_key(RUN, step)}/{STATE_FILE}"
+    key = stored_key(checkpoint_key(RUN, step), STATE_FILE,
+                     read_manifest(store, checkpoint_key(RUN, step)).files[STATE_FILE])
     data = bytearray(store.get_bytes(key))
     data[len(data) // 2] ^= 0xFF
     with tempfile.NamedTemporaryFile() as f:
@@ -193,3 +198,69 @@ def test_a_recommit_replaces_a_copy_the_server_checksum_shows_damaged(tmp_path, 
     _flip_a_byte(store, 10)
     replaced = _commit(tier, tmp_path, 10)
     assert tier.verified(checkpoint_key(RUN, 10)).to_json() == replaced.to_json()
+
+
+# -- 3: two writers of one step ----------------------------------------------------------------
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_two_writers_racing_for_a_step_leave_the_winners_commit_whole(tmp_path, gcs_server, where):
+    """Two drivers commit the same steps at the same moment, each with other bytes: every step
+    ends up one writer's whole commit (it verifies and holds that writer's bytes), and nothing of
+    the loser's is left in the directory."""
+    if where == "local":
+        stores = [LocalStore(str(tmp_path / "storage")) for _ in range(2)]
+    else:
+        first = gcs_store(gcs_server)
+        stores = [first, GcsStore(first.uri, client=gcs_server.client(), emulator_host=gcs_server.endpoint,
+                                  retry_deadline_s=2.0, request_timeout_s=5.0)]
+    tiers = [StoreTier("durable", store, RUN, keep_latest_k=50) for store in stores]
+    steps = range(1, 11)
+    start = threading.Barrier(2)
+    results = [{}, {}]
+
+    def write(writer: int) -> None:
+        for step in steps:
+            path = tmp_path / f"writer{writer}-{step}" / STATE_FILE
+            path.parent.mkdir(parents=True)
+            torch.save({"writer": writer, "w": torch.full((64 << 10,), float(writer))}, str(path))
+            manifest = Manifest(step=step, samples_seen=step, kind="periodic", world_size=1,
+                                files={STATE_FILE: file_entry(str(path))}, config={"writer": writer})
+            start.wait()
+            results[writer][step] = tiers[writer].commit(checkpoint_key(RUN, step), {STATE_FILE: str(path)}, manifest)
+
+    threads = [threading.Thread(target=write, args=(writer,)) for writer in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for step in steps:
+        key = checkpoint_key(RUN, step)
+        held = tiers[0].verified(key)
+        winner = held.config["writer"]
+        assert results[0][step].to_json() == results[1][step].to_json() == held.to_json(), \
+            "both writers are told the commit the tier holds"
+        with tempfile.TemporaryDirectory() as scratch:
+            _, paths = tiers[1].fetch(key, scratch)
+            assert torch.load(paths[STATE_FILE], weights_only=True)["writer"] == winner
+        assert sorted(stores[0].list_files(key)) == sorted([MANIFEST, held.files[STATE_FILE].object])
+
+
+def test_the_loser_of_a_sharded_publish_deletes_only_its_own_shares(tmp_path):
+    """Writers that put their files first and publish after (the sharded path): the one whose
+    manifest lands second gets CommitConflict and its files go; the winner's commit verifies."""
+    store = LocalStore(str(tmp_path / "storage"))
+    tiers = [StoreTier("durable", store, RUN, keep_latest_k=5) for _ in range(2)]
+    key = checkpoint_key(RUN, 10)
+    manifests = []
+    for writer, tier in enumerate(tiers):
+        path = tmp_path / f"writer{writer}" / STATE_FILE
+        path.parent.mkdir()
+        torch.save({"writer": writer}, str(path))
+        objects = tier.put(key, {STATE_FILE: str(path)})
+        manifests.append(Manifest(step=10, samples_seen=10, kind="periodic", world_size=1, config={},
+                                  files={STATE_FILE: file_entry(str(path))}).stored_as(objects))
+    tiers[1].publish(key, manifests[1])
+    with pytest.raises(CommitConflict):
+        tiers[0].publish(key, manifests[0])
+    assert tiers[0].verified(key).to_json() == manifests[1].to_json()
+    assert sorted(store.list_files(key)) == sorted([MANIFEST, manifests[1].files[STATE_FILE].object])
+    audit(str(tmp_path / "storage"), last_step=10)

@@ -9,14 +9,14 @@ import torch
 import torch.distributed as dist
 
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor, daly_interval, job_mtbi_s
-from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, checkpoint_key, listed_steps
+from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, checkpoint_key, listed_steps
 from raytrain_spot.checkpoint.head import HeadStore
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState
 from raytrain_spot.checkpoint.tiers import StoreTier, steps_to_delete
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore
-from tests.conftest import Recorder
+from tests.conftest import Recorder, stored_path
 
 pytestmark = pytest.mark.usefixtures("single_rank_group")
 
@@ -43,7 +43,7 @@ def _manager(tmp_path, local, shared, events=None, **kwargs):
 
 
 def _corrupt(store, step):
-    path = os.path.join(store.local_path(checkpoint_key("r", step)), STATE_FILE)
+    path = stored_path(store, checkpoint_key("r", step), STATE_FILE)
     with open(path, "r+b") as f:
         f.truncate(64)
 
@@ -169,7 +169,7 @@ def test_head_store_verifies_what_arrives_and_forwards_to_durable_storage(tmp_pa
     model, optimizer = _model(3.0)
     manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(7, 7), 1, "final"), writer=False, wait=True)
     key = checkpoint_key("r", 7)
-    data = open(os.path.join(local.store.local_path(key), STATE_FILE), "rb").read()
+    data = open(stored_path(local.store, key, STATE_FILE), "rb").read()
     manifest = open(os.path.join(local.store.local_path(key), MANIFEST), "rb").read()
     head.write_chunk(key, STATE_FILE, 0, data[: len(data) // 2])
     with pytest.raises(Exception, match="truncated"):
@@ -184,7 +184,8 @@ def test_head_store_verifies_what_arrives_and_forwards_to_durable_storage(tmp_pa
     assert os.listdir(tmp_path / "head" / ".incoming" / "r" / "checkpoints") == [], "stale partial files are swept"
     assert head.wait_for_uploads(timeout_s=30) == 7
     assert listed_steps(LocalStore(str(tmp_path / "durable")), "r") == [7]
-    assert head.read_chunk(key, STATE_FILE, 0, 100) == data[:100]
+    held = Manifest.from_json(head.read_manifest(key)).files[STATE_FILE]
+    assert held.object != STATE_FILE and head.read_chunk(key, held.object, 0, 100) == data[:100]
 
 
 def test_young_daly_matches_a_numerical_optimum():

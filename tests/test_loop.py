@@ -32,7 +32,7 @@ from raytrain_spot.train.loop import Phases, train
 from raytrain_spot.train.runtime import ExtraCapacity
 from raytrain_spot.train.runtime import WorkerRuntime
 from raytrain_spot.train.task import TaskContractError, TrainingTask
-from tests.conftest import Recorder
+from tests.conftest import Recorder, stored_path
 
 RUN = "loop"
 
@@ -326,7 +326,7 @@ def test_a_group_that_has_not_saved_yet_holds_on_the_runs_earlier_commit_times(t
 
 def handed_off_at(storage: str, step: int) -> float:
     """The loop state's handoff time in the checkpoint of ``step``: where the next group measures its restart from."""
-    return load_state(f"{storage}/{checkpoint_key(RUN, step)}/{STATE_FILE}")["loop"]["handed_off_at"]
+    return load_state(stored_path(LocalStore(storage), checkpoint_key(RUN, step), STATE_FILE))["loop"]["handed_off_at"]
 
 
 def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(tmp_path):

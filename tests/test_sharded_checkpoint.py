@@ -15,6 +15,7 @@ from raytrain_spot.checkpoint.sharded import METADATA_FILE, SafeFileSystemReader
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore
+from tests.conftest import stored_path
 
 BATCHES = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
 
@@ -119,7 +120,7 @@ def test_a_corrupt_share_is_skipped_for_the_previous_checkpoint(two_rank_checkpo
         source = LocalStore(f"{two_rank_checkpoints}/durable")
         for name in os.listdir(source.local_path(key)):
             durable.store.put_file(f"{key}/{name}", os.path.join(source.local_path(key), name))
-    with open(durable.store.local_path(f"{checkpoint_key('r', 5)}/__1_0.distcp"), "r+b") as f:
+    with open(stored_path(durable.store, checkpoint_key("r", 5), "__1_0.distcp"), "r+b") as f:
         f.seek(100)
         f.write(b"\xff" * 8)
     manager = CheckpointManager("r", {}, None, [durable], writes_local=False, events=EventLog(),
@@ -139,13 +140,12 @@ class _Exploit:
 
 
 def test_metadata_that_would_run_code_is_refused(two_rank_checkpoints, tmp_path):
-    source = LocalStore(f"{two_rank_checkpoints}/durable").local_path(checkpoint_key("r", 5))
+    source = LocalStore(f"{two_rank_checkpoints}/durable")
     paths = {}
-    for name in os.listdir(source):
-        if name != MANIFEST:
-            paths[name] = str(tmp_path / name)
-            with open(os.path.join(source, name), "rb") as f, open(paths[name], "wb") as out:
-                out.write(f.read())
+    for name in read_manifest(source, checkpoint_key("r", 5)).files:
+        paths[name] = str(tmp_path / name)
+        with open(stored_path(source, checkpoint_key("r", 5), name), "rb") as f, open(paths[name], "wb") as out:
+            out.write(f.read())
     marker = tmp_path / "pwned"
     with open(paths[METADATA_FILE], "wb") as f:
         pickle.dump(_Exploit(str(marker)), f)

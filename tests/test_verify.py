@@ -12,6 +12,7 @@ from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.config.schema import CheckpointingConfig
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.checkpoint.verify import INVALID, PARTIAL, VALID, audit
+from tests.conftest import stored_path
 
 RUN = "audited"
 
@@ -33,7 +34,7 @@ def _layout(tmp_path):
     node = LocalStore(CheckpointingConfig(local_dir=local_dir).local_root(storage, "ab" * 28))
     _commit(durable, tmp_path, 10)
     truncated = _commit(head, tmp_path, 20)
-    with open(os.path.join(truncated, STATE_FILE), "r+b") as f:
+    with open(stored_path(head, checkpoint_key(RUN, 20), STATE_FILE), "r+b") as f:
         f.truncate(10)
     traversal = _commit(node, tmp_path, 30)
     manifest = json.loads(open(os.path.join(traversal, MANIFEST)).read())

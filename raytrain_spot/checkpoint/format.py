@@ -15,9 +15,10 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
-from typing import Any, BinaryIO, Dict, List, Optional
+from typing import Any, BinaryIO, Dict, Iterable, List, Optional
 
 import google_crc32c
 import torch
@@ -56,6 +57,21 @@ def listed_steps(store: Store, run_name: str) -> List[int]:
 class FileEntry:
     size: int
     crc32c: str
+    object: str = ""
+    """The name the file is stored under in the checkpoint's directory, when not its own: the tiers
+    store each file under a name unique to its writer (``writer_objects``), so two writers of one
+    step never overwrite each other's data and the loser of the manifest's race deletes only its own."""
+
+
+def stored_key(key: str, name: str, entry: FileEntry) -> str:
+    """Where the file ``name`` of the checkpoint at ``key`` is stored."""
+    return f"{key}/{entry.object or name}"
+
+
+def writer_objects(names: Iterable[str]) -> Dict[str, str]:
+    """A name unique to this writer for each file of a checkpoint: ``<name>.<random token>``."""
+    token = uuid.uuid4().hex[:16]
+    return {name: f"{name}.{token}" for name in names}
 
 
 @dataclass
@@ -81,6 +97,11 @@ class Manifest:
         if not self.framework_version:
             self.framework_version = version("raytrain-spot")
 
+    def stored_as(self, objects: Dict[str, str]) -> "Manifest":
+        """This manifest with its files stored under ``objects`` (file name: stored name)."""
+        return replace(self, files={name: replace(entry, object=objects.get(name, ""))
+                                    for name, entry in self.files.items()})
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
 
@@ -94,9 +115,11 @@ class Manifest:
             raise InvalidCheckpoint(f"unreadable manifest ({error})") from None
         if manifest.format_version != FORMAT_VERSION:
             raise InvalidCheckpoint(f"format version {manifest.format_version}, expected {FORMAT_VERSION}")
-        for name in manifest.files:
-            if not _FILE_NAME.fullmatch(name):
-                raise InvalidCheckpoint(f"the manifest names {name!r}, not a file of the checkpoint's directory")
+        for name, entry in manifest.files.items():
+            for stored in (name, entry.object or name):
+                if not (isinstance(stored, str) and _FILE_NAME.fullmatch(stored)) or stored == MANIFEST:
+                    raise InvalidCheckpoint(f"the manifest names {stored!r}, not a data file of the checkpoint's "
+                                            "directory")
         return manifest
 
 
@@ -161,7 +184,8 @@ def commit(store: Store, key: str, files: Dict[str, str], manifest: Manifest) ->
 
 
 def upload_files(store: Store, key: str, files: Dict[str, str]) -> None:
-    """The data files of a checkpoint, each under ``key``; they count for nothing until the manifest."""
+    """The data files of a checkpoint (stored name: local path), each under ``key``; they count for
+    nothing until the manifest."""
     for name, local_path in files.items():
         store.put_file(f"{key}/{name}", local_path)
 
@@ -190,12 +214,13 @@ def verify_stored(store: Store, key: str) -> Manifest:
     manifest = read_manifest(store, key)
     listed = store.list_files(key)
     for name, expected in manifest.files.items():
-        if name not in listed:
+        found = listed.get(expected.object or name)
+        if found is None:
             raise InvalidCheckpoint(f"{name} is listed in the manifest but missing")
-        if listed[name].size != expected.size:
-            raise InvalidCheckpoint(f"{name} has {listed[name].size} bytes, manifest says {expected.size} (truncated?)")
-        if listed[name].crc32c is not None and listed[name].crc32c != expected.crc32c:
-            raise InvalidCheckpoint(f"{name} CRC32C {listed[name].crc32c} != manifest {expected.crc32c} (corrupt)")
+        if found.size != expected.size:
+            raise InvalidCheckpoint(f"{name} has {found.size} bytes, manifest says {expected.size} (truncated?)")
+        if found.crc32c is not None and found.crc32c != expected.crc32c:
+            raise InvalidCheckpoint(f"{name} CRC32C {found.crc32c} != manifest {expected.crc32c} (corrupt)")
     return manifest
 
 
@@ -215,15 +240,18 @@ def fetch_verified(store: Store, key: str, scratch_dir: str) -> tuple[Manifest, 
     manifest = read_manifest(store, key)
     paths = {}
     for name, expected in manifest.files.items():
-        path = store.local_path(f"{key}/{name}")
+        path = store.local_path(stored_key(key, name, expected))
         if path is None:
             path = os.path.join(scratch_dir, name)
             try:
-                store.get_file(f"{key}/{name}", path)
+                store.get_file(stored_key(key, name, expected), path)
             except FileNotFoundError:
                 raise InvalidCheckpoint(f"{name} is listed in the manifest but missing") from None
         elif not os.path.exists(path):
             raise InvalidCheckpoint(f"{name} is listed in the manifest but missing")
+        elif expected.object:  # read in place, under the file's own name (DCP opens its shards by name)
+            os.symlink(path, os.path.join(scratch_dir, name))
+            path = os.path.join(scratch_dir, name)
         verify_file(path, expected, name)
         paths[name] = path
     return manifest, paths

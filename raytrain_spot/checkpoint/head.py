@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from raytrain_spot.checkpoint.format import CHECKPOINTS_DIR, Manifest, checkpoint_key, read_manifest, verify_file
+from raytrain_spot.checkpoint.format import (CHECKPOINTS_DIR, Manifest, checkpoint_key, read_manifest, stored_key,
+                                           verify_file)
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
@@ -169,7 +170,8 @@ class HeadStore:
             key = checkpoint_key(self.run_name, manifest.step)
             started = time.time()
             try:
-                files = {name: self._store.local_path(f"{key}/{name}") for name in manifest.files}
+                files = {name: self._store.local_path(stored_key(key, name, entry))
+                         for name, entry in manifest.files.items()}
                 self.durable.commit(key, files, manifest)
                 self._last_durable_at = started
                 self.latest_durable_step = max(self.latest_durable_step or 0, manifest.step)

@@ -259,7 +259,8 @@ class CheckpointManager:
                 if rank == 0:
                     entries[STATE_FILE] = write_state(rest, os.path.join(scratch, STATE_FILE))
                 entries.update({name: file_entry(os.path.join(scratch, name)) for name in names})
-                tier.put(key, {name: os.path.join(scratch, name) for name in entries})
+                objects = tier.put(key, {name: os.path.join(scratch, name) for name in entries})
+                entries = {name: replace(entry, object=objects.get(name, "")) for name, entry in entries.items()}
             except Exception as error:
                 problem = f"rank {rank}: {type(error).__name__}: {error}"
             everyone: List[Any] = [None] * dist.get_world_size()

@@ -23,9 +23,11 @@ from raytrain_spot.checkpoint.format import (
     fetch_verified,
     listed_steps,
     publish_manifest,
+    stored_key,
     upload_files,
     verify_file,
     verify_stored,
+    writer_objects,
 )
 from raytrain_spot.storage.store import LocalStore, Store
 
@@ -65,12 +67,14 @@ class Tier(Protocol):
         are scratch copies the tier may take (rename) instead of copying. Raise SaveCancelled
         when ``transfer.cancelled`` is set before the manifest is written."""
 
-    def put(self, key: str, files: Dict[str, str]) -> None:
-        """Store data files only: one writer's part of a checkpoint that several write."""
+    def put(self, key: str, files: Dict[str, str]) -> Dict[str, str]:
+        """Store data files only: one writer's part of a checkpoint that several write. Return the
+        names they are stored under where not their own (the manifest lists them: ``FileEntry.object``)."""
 
     def publish(self, key: str, manifest: Manifest) -> None:
         """Write the manifest of files already put (by every writer), then apply retention.
-        Raise CommitConflict if a manifest for ``key`` is already there."""
+        Raise CommitConflict if a manifest for ``key`` is already there (then the files put under
+        writer-unique names are deleted: the other writer's commit stands untouched)."""
 
     def steps(self, run_name: str) -> List[int]:
         """Checkpoint steps present (not yet validated), newest first."""
@@ -117,14 +121,19 @@ class StoreTier:
                 logger.warning("The %s tier's copy of %s is damaged (%s); replacing it", self.name, key, why)
             self._lease_check()
             self.store.delete_prefix(key)
+        manifest = manifest.stored_as(writer_objects(files))
         if move and isinstance(self.store, LocalStore):
             for name, path in files.items():
-                self.store.adopt(f"{key}/{name}", path)
+                self.store.adopt(stored_key(key, name, manifest.files[name]), path)
         else:
-            upload_files(self.store, key, files)
+            upload_files(self.store, key, {manifest.files[name].object: path for name, path in files.items()})
         if transfer.cancelled.is_set():
+            self._drop_own(key, manifest)
             raise SaveCancelled(key)
-        self.publish(key, manifest)
+        try:
+            self.publish(key, manifest)
+        except CommitConflict:
+            return self.verified(key)  # another writer's commit won the race: ours is gone, theirs stands
         return manifest
 
     def verified(self, key: str, thorough: bool = True) -> Manifest:
@@ -142,15 +151,24 @@ class StoreTier:
             check_metadata(metadata, manifest.files)
         return manifest
 
-    def put(self, key: str, files: Dict[str, str]) -> None:
-        if not self.store.exists(f"{key}/{MANIFEST}"):  # a committed checkpoint's data is never rewritten
-            upload_files(self.store, key, files)
+    def put(self, key: str, files: Dict[str, str]) -> Dict[str, str]:
+        objects = writer_objects(files)
+        upload_files(self.store, key, {objects[name]: path for name, path in files.items()})
+        return objects
 
     def publish(self, key: str, manifest: Manifest) -> None:
         self._lease_check()
         if not publish_manifest(self.store, key, manifest):
+            self._drop_own(key, manifest)
             raise CommitConflict(f"{self.store.uri}/{key} was committed by another writer meanwhile")
         self.apply_retention()
+
+    def _drop_own(self, key: str, manifest: Manifest) -> None:
+        """Delete the data of a manifest that never became the commit: only files stored under a
+        writer's own names, which no other writer uses."""
+        for name, entry in manifest.files.items():
+            if entry.object:
+                self.store.delete_prefix(stored_key(key, name, entry))
 
     def apply_retention(self) -> None:
         committed, partial = self.committed_and_partial()
@@ -205,7 +223,8 @@ class HeadTier:
         self.put(key, files, transfer)
         return Manifest.from_json(ray.get(self.actor.commit.remote(key, manifest.to_json())))
 
-    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> None:
+    def put(self, key: str, files: Dict[str, str], transfer: Transfer = ORDINARY) -> Dict[str, str]:
+        """The head receives files under their own names and stores them under its own at commit."""
         import ray
 
         started, sent = self._clock(), 0
@@ -223,6 +242,7 @@ class HeadTier:
                     sent += len(chunk)
                     if paced:
                         self._pace(started, sent)
+        return {}
 
     def publish(self, key: str, manifest: Manifest) -> None:
         import ray
@@ -252,7 +272,8 @@ class HeadTier:
             path = os.path.join(scratch_dir, name)
             with open(path, "wb") as f:
                 for offset in range(0, expected.size, CHUNK_BYTES):
-                    f.write(ray.get(self.actor.read_chunk.remote(key, name, offset, CHUNK_BYTES)))
+                    f.write(ray.get(self.actor.read_chunk.remote(key, expected.object or name, offset,
+                                                                 CHUNK_BYTES)))
             verify_file(path, expected, name)
             paths[name] = path
         return manifest, paths
