@@ -178,6 +178,10 @@ class TrainerConfig:
     before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
     collective_timeout_s: float = 120.0
     """Process-group timeout: a survivor stuck in a collective with a vanished peer gives up after this."""
+    startup_timeout_s: float = 1800.0
+    """How long a new group's ranks wait for each other's node-local copies of the model and data
+    (``TrainingTask.localize``) before their first collective: a fresh node copies a model from
+    ``gs://`` while the others find theirs cached, which can take longer than collective_timeout_s."""
     log_every_steps: int = 10
     """Print a progress line every this many steps."""
 
@@ -193,7 +197,7 @@ class TrainerConfig:
         require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                 "set trainer.max_failures=-1 to recover from every failure")
         require_non_negative("trainer", self, "max_identical_failures")
-        require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s")
+        require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s", "startup_timeout_s")
         require(not (self.ray_preemption_api and self.spot_aware), "trainer.ray_preemption_api",
                 "is the plain Ray Train baseline's notice handling", "also set trainer.spot_aware=false")
         require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",

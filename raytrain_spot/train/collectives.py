@@ -14,6 +14,7 @@ The sharded checkpoint's background saves use a gloo group of their own (checkpo
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, List, Optional
 
 import torch
@@ -59,6 +60,11 @@ class RankGroup:
                 f"({dist.get_backend()}) reduces tensors on the training device {self.device}; "
                 f"create it with device={self.device!s}")
         return dist.all_reduce(tensor, async_op=True)
+
+    def wait_for_all(self, timeout_s: float) -> None:
+        """Every rank reaches this point within ``timeout_s`` of the first (a gloo barrier with its own
+        timeout, not the process group's), or every rank raises naming the ones that did not."""
+        dist.monitored_barrier(group=self._objects_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         gathered: List[Any] = [None] * self.world_size

@@ -206,6 +206,10 @@ class HuggingFaceVLMTask(TrainingTask):
 
     # -- workers -------------------------------------------------------------------------------
 
+    def localize(self, seed: int) -> None:
+        self.model_dir()
+        self.data_dir(seed)
+
     def processor(self):
         if getattr(self, "_processor", None) is None:
             from transformers import AutoProcessor
