@@ -1,10 +1,15 @@
+import json
+import os
+import subprocess
+import tempfile
+
 import pytest
 
 from raytrain_spot.config.overrides import unknown_override_key
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import load_config
 from raytrain_spot.train.task import build_task
-from tests.conftest import run_main
+from tests.conftest import processes_of, run_main
 
 
 def test_experiment_composes_into_typed_config(compose):
@@ -119,3 +124,81 @@ def test_secrets_are_redacted_from_what_checkpoints_and_workers_get(compose):
 def test_simulator_settings_name_the_one_bad_key(compose, override, key):
     with pytest.raises(ConfigError, match=r"^" + key.replace("[", r"\[").replace("]", r"\]") + ":"):
         load_config(compose("+experiment=vlm", "+chaos=events", override))
+
+
+def _stops_before_ray(cwd, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the main command that must refuse its input: exit 2, and no Ray process or session made."""
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    result = run_main(*overrides, cwd=str(cwd), timeout=120, env={"RAY_TMPDIR": ray_tmp, **(env or {})})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert not os.path.exists(os.path.join(ray_tmp, "ray")) and processes_of(ray_tmp) == [], "Ray was started"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+TRACE = ["+experiment=vlm", "+chaos=trace", "chaos.trace={tmp}/trace.json"]
+
+
+@pytest.mark.parametrize("overrides, trace, message", [
+    (["+experiment=vlmm"], None, "experiment: there is no 'vlmm'. Fix: use one of hf_vlm, vlm"),
+    (["+experiment=vlm", "task/model=huge"], None, "task/model: there is no 'huge'. Fix: use one of base, small, tiny"),
+    (["+experiment=vlm", "trainer.max_steps=abc"], None,
+     "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer. Fix:"),
+    (["+experiment=vlm", "trainer.max_steps=["], None, "trainer.max_steps=[: "),
+    (["+experiment=vlm", "chaos.notice_s=5"], None,
+     "chaos.notice_s: the chaos group is off, so it has no settings. Fix: select it first, e.g. +chaos=events "
+     "chaos.notice_s=5"),
+    (TRACE, '{"metadata": {"gap_seconds": 30}, "data": [1, 2', "chaos.trace: {tmp}/trace.json is not JSON"),
+    (TRACE, '{"data": [1, 2]}', 'chaos.trace: {tmp}/trace.json has no "metadata" object. Fix:'),
+    (TRACE, '{"metadata": {"gap_seconds": 30}, "data": [1, "two"]}',
+     'chaos.trace: {tmp}/trace.json has a "data" entry that is not a node count'),
+    (TRACE + ["chaos.start_tick=5"], '{"metadata": {"gap_seconds": 30}, "data": [1, 2]}',
+     "chaos.start_tick: 5 is past the trace's 2 ticks. Fix: set chaos.start_tick below 2"),
+], ids=["experiment", "group-option", "type", "syntax", "group-off", "trace-json", "trace-keys", "trace-counts",
+        "trace-start"])
+def test_every_bad_input_stops_before_ray_with_exit_2_naming_the_setting_and_the_fix(tmp_path, overrides, trace,
+                                                                                      message):
+    if trace is not None:
+        (tmp_path / "trace.json").write_text(trace)
+    result = _stops_before_ray(tmp_path, *[o.format(tmp=tmp_path) for o in overrides])
+    assert f"Configuration error: {message.format(tmp=tmp_path)}" in result.stderr, result.stderr[-3000:]
+    assert "Fix:" in result.stderr
+
+
+SECRET = "T0KEN-cfg-5e3d"
+WEBHOOK = f"https://hooks.example/{SECRET}"
+
+
+def test_a_literal_secret_on_the_command_line_is_refused_and_written_nowhere(tmp_path):
+    result = _stops_before_ray(tmp_path, "+experiment=vlm", f"alerts.webhook_url={WEBHOOK}")
+    assert "Configuration error: alerts.webhook_url: a secret on the command line" in result.stderr
+    assert "alerts.webhook_url='${oc.env:ALERTS_WEBHOOK_URL}'" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert subprocess.run(["grep", "-rl", SECRET, str(tmp_path)], capture_output=True, text=True).stdout == ""
+
+
+@pytest.mark.parametrize("stop", ["config", "storage"])
+def test_no_secret_reaches_the_runs_files_when_it_stops_on_an_error(tmp_path, stop):
+    """A secret from the environment and one written in a config file of the user's own: the run's
+    .hydra/ record holds neither, whichever check stops the run."""
+    from raytrain_spot.testing.fake_gcs import FakeGcsServer
+
+    user_conf = tmp_path / "my_conf" / "experiment"
+    user_conf.mkdir(parents=True)
+    (user_conf / "hooked.yaml").write_text(f"# @package _global_\nalerts:\n  webhook_url: {WEBHOOK}\n")
+    from_env = ["+experiment=vlm", "run.name=env", "alerts.webhook_url=${oc.env:ALERT_WEBHOOK}"]
+    from_file = ["--config-dir", str(tmp_path / "my_conf"), "+experiment=hooked", "run.name=file"]
+    with FakeGcsServer(log_path=str(tmp_path / "gcs.log")) as server:
+        error = ["trainer.global_batch_size=1"] if stop == "config" else ["storage.uri=gs://no-such-bucket-x/runs"]
+        env = {"ALERT_WEBHOOK": WEBHOOK, **server.env()}
+        for overrides in (from_env, from_file):
+            result = _stops_before_ray(tmp_path, *overrides, *error, env=env)
+            expected = "trainer.global_batch_size" if stop == "config" else "bucket 'no-such-bucket-x'"
+            assert expected in result.stderr, result.stderr[-3000:]
+    leaked = subprocess.run(["grep", "-rl", SECRET, str(tmp_path / "outputs")], capture_output=True, text=True).stdout
+    assert leaked == "", f"the webhook token was written to {leaked}"
+    for run in ("env", "file"):
+        record = tmp_path / "outputs" / run / ".hydra"
+        assert sorted(os.listdir(record)) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        assert {oct(p.stat().st_mode & 0o777) for p in record.iterdir()} == {"0o600"}
+    assert "${oc.env:ALERT_WEBHOOK}" in (tmp_path / "outputs" / "env" / ".hydra" / "config.yaml").read_text()

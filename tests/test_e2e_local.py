@@ -26,10 +26,10 @@ def _ray_processes_under(path: str) -> list[str]:
 @pytest.mark.chaos
 def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
-    env = {"RAY_TMPDIR": ray_tmp}
-    tiers = [f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
     secret = "T0KEN-e2e-0a1b2c"  # a webhook URL carries its token: it must never be written anywhere
-    first = run_main(*SMALL, *tiers, "trainer.max_steps=20", f"alerts.webhook_url=http://127.0.0.1:9/hooks/{secret}",
+    env = {"RAY_TMPDIR": ray_tmp, "ALERT_WEBHOOK": f"http://127.0.0.1:9/hooks/{secret}"}
+    tiers = [f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
+    first = run_main(*SMALL, *tiers, "trainer.max_steps=20", "alerts.webhook_url=${oc.env:ALERT_WEBHOOK}",
                      cwd=str(tmp_path), env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert secret not in first.stdout + first.stderr

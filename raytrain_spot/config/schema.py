@@ -417,6 +417,11 @@ class ChaosConfig:
                     "set chaos.trace=PATH, e.g. a file from ../shared/traces/")
             require(os.path.isfile(os.path.expanduser(self.trace)), "chaos.trace",
                     f"{self.trace} does not exist", "point chaos.trace at a trace JSON file")
+            from raytrain_spot.simulator.trace_file import read_trace  # here: the simulator imports this module
+
+            ticks = len(read_trace(self.trace)[0])  # a malformed file stops the run here, before Ray
+            require(self.start_tick < ticks, "chaos.start_tick", f"{self.start_tick} is past the trace's {ticks} ticks",
+                    f"set chaos.start_tick below {ticks}")
         require_positive("chaos", self, "tick_s")
         require_non_negative("chaos", self, "notice_s", "provisioning_s", "margin_s", "start_tick")
         if self.node_start is not None:

@@ -21,7 +21,6 @@ wall seconds, and the trace's nodes mapped onto the embedded cluster's slots (``
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import random
@@ -32,10 +31,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from raytrain_spot.config.schema import ChaosConfig, ChaosEvent
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.simulator.trace_file import read_trace
 from raytrain_spot.simulator.shutdown import node_start, read_start_commands, shutdown_times
 
 if TYPE_CHECKING:
@@ -147,13 +147,6 @@ def trace_actions(targets: List[int], tick_s: float, notice_s: float, provisioni
             actions.append(Action(now + provisioning_s, "add", next_slot))
             next_slot += 1
     return sorted(actions)
-
-
-def read_trace(path: str) -> Tuple[List[int], float]:
-    """Counts and tick seconds of a trace file (``{"metadata": {"gap_seconds": s}, "data": [...]}``)."""
-    with open(os.path.expanduser(path)) as f:
-        document = json.load(f)
-    return [int(c) for c in document["data"]], float(document["metadata"]["gap_seconds"])
 
 
 def load_trace(path: str, start_tick: int, max_ticks: Optional[int]) -> List[int]:
