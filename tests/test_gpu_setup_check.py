@@ -67,3 +67,19 @@ def test_driver_table():
     assert driver_branch_of_image("projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64") is None
     assert driver_problem(570, "13.0") and driver_problem(570, "12.6") is None and driver_problem(580, "13.0") is None
     assert torch_build_of("pip install -q jupyterlab") is None
+
+
+def test_the_cluster_gpu_report_probes_every_gpu_node_and_fails_on_this_cpu_machine():
+    """A Ray node that declares a GPU it does not have: the report's probe runs on it and says why."""
+    import ray
+
+    from raytrain_spot.cluster.gpu_report import report
+
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False)
+    try:
+        [node] = report(timeout_s=60)
+    finally:
+        ray.shutdown()
+    assert node.gpus == 1 and node.facts is not None and node.facts.device_count == 0
+    assert node.problems and "CPU build" in node.problems[0]
+    assert str(node).split(": ")[1] == "FAIL"
