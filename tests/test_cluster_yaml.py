@@ -25,6 +25,7 @@ from raytrain_spot.cluster import check as cluster_check
 from raytrain_spot.cluster.gcp.machines import built_in_gpus
 from raytrain_spot.cluster.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
 from raytrain_spot.elastic.standby import PRELOAD_ENV, PRELOAD_MODULES
+from raytrain_spot.simulator.shutdown import node_start
 from raytrain_spot.testing.compute_api import ComputeEngineEmulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,8 @@ def test_instances_the_gcp_provider_would_create(path):
         if labels[cluster_check.PRICING_LABEL] == "spot":
             assert not is_head
             assert scheduling == {"provisioningModel": "SPOT", "instanceTerminationAction": "DELETE",
-                                  "onHostMaintenance": "TERMINATE", "automaticRestart": False}
+                                  "onHostMaintenance": "TERMINATE", "automaticRestart": False,
+                                  "preemptionNoticeDuration": {"seconds": 120}}  # GCE's Preview, on by default
         else:
             assert scheduling["provisioningModel"] == "STANDARD"
 
@@ -177,9 +179,11 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
     # Token authentication: the token is private on every node, and every shell and Ray process uses it.
     assert "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token" in config["setup_commands"]
     assert any("echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in c for c in config["setup_commands"])
-    ray_processes = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
-                     if "ray start" in c or "raytrain_spot.preemption.watcher" in c or "jupyter lab" in c]
-    assert len(ray_processes) == 4 and all("RAY_AUTH_MODE=token" in c for c in ray_processes)
+    head_processes = [c for c in config["head_start_ray_commands"] if "ray start" in c or "jupyter lab" in c]
+    assert len(head_processes) == 2 and all("RAY_AUTH_MODE=token" in c for c in head_processes)
+    # A worker's Ray node and watcher run as services (tests/test_vm_shutdown.py): the token mode is theirs.
+    worker = node_start(config["worker_start_ray_commands"])
+    assert worker.ray.environment["RAY_AUTH_MODE"] == worker.watcher.environment["RAY_AUTH_MODE"] == "token"
 
     for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
         torch_at = next(i for i, c in enumerate(commands) if '"torch==' in c)
@@ -190,10 +194,10 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
     assert config["worker_setup_commands"][-1] == "python -m raytrain_spot.cluster.gpu_setup_check --expect-gpus 1"
 
     worker_start = config["worker_start_ray_commands"]
-    ray_start_at = next(i for i, c in enumerate(worker_start) if "ray start --address=$RAY_HEAD_IP:6379" in c)
-    watcher_at = next(i for i, c in enumerate(worker_start) if "python -m raytrain_spot.preemption.watcher --margin-s 5" in c)
+    ray_start_at = next(i for i, c in enumerate(worker_start) if "start --block --address=$RAY_HEAD_IP:6379" in c)
+    watcher_at = next(i for i, c in enumerate(worker_start) if "-m raytrain_spot.preemption.watcher --margin-s 5" in c)
     assert ray_start_at < watcher_at
-    assert "nohup" in worker_start[watcher_at] and "watcher.log" in worker_start[watcher_at]
+    assert worker.watcher.in_service and worker.watcher.environment["RAY_ADDRESS"] == "$RAY_HEAD_IP:6379"
 
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
@@ -470,8 +474,7 @@ def test_command_line_exit_codes(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "cluster", "gcp-spot*.yaml"))))
 def test_worker_raylets_preload_the_training_stack(path):
     """Warm standbys (standby.py) need the preload on every worker node, with the package's own list."""
-    start = " ".join(raw(path)["worker_start_ray_commands"])
-    assert f"{PRELOAD_ENV}={','.join(PRELOAD_MODULES)} ray start --address" in start
+    assert node_start(raw(path)["worker_start_ray_commands"]).ray.environment[PRELOAD_ENV] == ",".join(PRELOAD_MODULES)
     assert PRELOAD_ENV not in " ".join(raw(path)["head_start_ray_commands"])
 
 
@@ -533,3 +536,13 @@ def test_spot_vms_that_delete_themselves_on_ray_own_gcp_provider_are_refused():
     [problem] = [p for p in problems if (p.node_type, p.key) == ("provider", "type")]
     assert "gpu-spot" in problem.problem and "SpotGCPNodeProvider" in problem.fix
     assert cluster_check.summarize(filled(MAIN_YAML)).provider == "SpotGCPNodeProvider"
+
+
+def test_spread_placement_warns_with_the_inter_zone_price_and_pack_does_not():
+    path = os.path.join(ROOT, "cluster", "gcp-spot-multizone.yaml")
+    config = raw(path)
+    config["provider"]["zone_placement"] = "spread"
+    [spread] = [w for w in cluster_check.warnings(cluster_check.prepare(config)) if w.key == "provider.zone_placement"]
+    assert "14 GiB per step per GiB of gradients" in spread.problem and "$0.14" in spread.problem
+    config["provider"]["zone_placement"] = "pack"
+    assert ("cluster", "provider.zone_placement") not in warning_keys(config)

@@ -112,6 +112,14 @@ class PriceCatalog:
                                 f"'machines' in a user price file")
         return self._price("machines", machine, pricing, region or self.default_region)
 
+    def inter_zone_usd_per_gib(self) -> float:
+        """What GCE bills per GiB a VM sends to a VM in another zone of its region."""
+        try:
+            return float(self.document["network"]["inter_zone_per_gib"]["usd"])
+        except KeyError:
+            raise PriceNotFound("network.inter_zone_per_gib is not in the price catalog; add it (usd per GiB) "
+                                "in a user price file") from None
+
     def node_price(self, node_type: str, pricing: str, gpus: float = 0, region: Optional[str] = None) -> Quote:
         """Price of one node of a Ray node type for one hour: its machine plus ``gpus`` accelerators.
 
