@@ -2,9 +2,11 @@
 
 The training loop hands the checkpoint manager a dict of ``Stateful`` parts (the model, the
 optimizer, and whatever extra state the task declares), the way torchtitan's checkpointer takes
-``Stateful`` objects, and a ``LoopState``. The learning-rate schedule and the random streams
-need no state of their own: the learning rate is a function of ``samples_seen`` and every step
-reseeds from (seed, step, rank), so the loop state determines both.
+``Stateful`` objects, and a ``LoopState``. The optimizer part is whatever optimizer the task
+builds (``TrainingTask.build_optimizer``): its ``state_dict()`` holds its state (AdamW's moments,
+SGD's momentum buffers). The learning-rate schedule and the random streams need no state of their
+own: the learning rate is the task's function of ``samples_seen`` (``TrainingTask.learning_rate``)
+and every step reseeds from (seed, step, rank), so the loop state determines both.
 """
 
 from __future__ import annotations

@@ -63,7 +63,9 @@ class TrainingRunConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a learning rate that depends only on samples seen (so a resize never shifts it)."""
+    """The optimizer's settings: AdamW with a learning rate that depends only on samples seen (so a
+    resize never shifts it), unless the task brings its own (``TrainingTask.build_optimizer`` and
+    ``learning_rate``, which get these settings)."""
 
     lr: float = 3e-3
     """Peak learning rate."""

@@ -38,8 +38,7 @@ from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import NoticeHoldPolicy, checkpoint_and_report, hand_off, handoff_after
 from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
 from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
-from raytrain_spot.train.step import (build_optimizer, learning_rate, seed_step, set_learning_rate, split, step_seed,
-                                      train_step)
+from raytrain_spot.train.step import checked_optimizer, seed_step, set_learning_rate, split, step_seed, train_step
 from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
 
 logger = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     torch.manual_seed(cfg.run.seed)
     model = task.build_model().to(device)
     check_same_parameters(model, group)
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
+    optimizer = checked_optimizer(task.build_optimizer(model, cfg.optim), type(task).__name__)
     parts = {"model": ModelWeights(model), "optimizer": optimizer, **task.extra_state()}
     phases.mark("model")
 
@@ -104,8 +103,8 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
     batch = load_batch(task, dataset, order, loop.samples_seen, cfg.trainer, rank, world_size, device)
     while loop.step < cfg.trainer.max_steps:
         step_started = time.time()
-        lr = learning_rate(loop.samples_seen, total_samples, cfg.optim)
-        set_learning_rate(optimizer, lr)
+        lr = set_learning_rate(optimizer, task.learning_rate(loop.samples_seen, total_samples, cfg.optim),
+                               type(task).__name__)
         seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
 
         loss_sum = train_step(ddp_model, optimizer, batch.micro_batches, task.loss, world_size / global_batch,

@@ -1,6 +1,8 @@
 """The pieces of an optimizer step that must not depend on the world size.
 
-* the learning rate is a function of samples seen, not of steps or workers;
+* the learning rate is a function of samples seen, not of steps or workers (the task's
+  ``learning_rate``; ``learning_rate`` here is the default), and the optimizer is the task's
+  (``build_optimizer`` here is the default), checked before it trains;
 * each rank sums the task's per-sample losses scaled by world_size / global_batch_size, so DDP's
   gradient average over ranks equals the mean over the whole global batch, however the
   batch is split across ranks and micro-batches;
@@ -18,11 +20,11 @@ import torch
 import torch.nn as nn
 
 from raytrain_spot.config.schema import OptimConfig
-from raytrain_spot.train.task import per_sample_loss
+from raytrain_spot.train.task import TaskContractError, per_sample_loss
 
 
 def learning_rate(samples_seen: int, total_samples: int, cfg: OptimConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``total_samples``."""
+    """The default schedule (``TrainingTask.learning_rate``): linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``total_samples``."""
     if samples_seen < cfg.warmup_samples:
         return cfg.lr * (samples_seen + 1) / cfg.warmup_samples
     decay_span = max(total_samples - cfg.warmup_samples, 1)
@@ -32,14 +34,34 @@ def learning_rate(samples_seen: int, total_samples: int, cfg: OptimConfig) -> fl
 
 
 def build_optimizer(param_groups: List[Dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the task's parameter groups; a group without its own weight decay gets optim.weight_decay."""
+    """The default optimizer (``TrainingTask.build_optimizer``): AdamW over the task's parameter
+    groups; a group without its own weight decay gets optim.weight_decay."""
     groups = [group for group in param_groups if group["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def checked_optimizer(optimizer: Any, task_name: str) -> torch.optim.Optimizer:
+    """``optimizer`` if the loop can set its learning rate and the checkpoint can hold its state;
+    else the contract error."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TaskContractError(
+            f"{task_name}.build_optimizer returned a {type(optimizer).__name__}, not a torch.optim.Optimizer, so "
+            "the framework can neither set its learning rate nor checkpoint its state. Fix: return a "
+            "torch.optim.Optimizer (wrap a scheduler's logic in learning_rate instead)")
+    return optimizer
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: Any, task_name: str) -> float:
+    """Set ``lr``, the task's learning rate for this step, on every parameter group; return it as a float."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise TaskContractError(
+            f"{task_name}.learning_rate returned {lr!r}; it must return a finite number >= 0. Fix: compute it "
+            "from samples_seen, total_samples and the optim settings alone")
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = float(lr)
+    return float(lr)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

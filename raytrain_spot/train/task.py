@@ -29,13 +29,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from typing import Any, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 import numpy as np
 import torch
 
 from raytrain_spot.checkpoint.state import Stateful
 from raytrain_spot.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raytrain_spot.config.schema import OptimConfig  # schema.py imports this module
 
 
 @runtime_checkable
@@ -81,6 +85,25 @@ class TrainingTask(abc.ABC):
         trainable = [p for p in model.parameters() if p.requires_grad]
         return [{"params": [p for p in trainable if p.dim() >= 2]},
                 {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+
+    def build_optimizer(self, model: torch.nn.Module, optim: "OptimConfig") -> torch.optim.Optimizer:
+        """The optimizer over the trainable parameters of ``model`` (unwrapped, on the training device),
+        with the ``optim.*`` settings. Any ``torch.optim.Optimizer``: the framework sets each group's
+        ``lr`` every step (``learning_rate``) and checkpoints ``state_dict()`` with the model, so a resume
+        continues its state (moments, momentum buffers) at any world size. Default: AdamW over
+        ``param_groups`` with ``optim.lr``, ``beta1``, ``beta2`` and ``weight_decay``."""
+        from raytrain_spot.train.step import build_optimizer  # step.py imports this module
+
+        return build_optimizer(self.param_groups(model), optim)
+
+    def learning_rate(self, samples_seen: int, total_samples: int, optim: "OptimConfig") -> float:
+        """The learning rate of the step that starts after ``samples_seen`` samples, of a run of
+        ``total_samples``. A function of samples, never of steps or workers, so a resize does not shift
+        it, and of its arguments alone, so a resume needs no state for it. Default: linear warmup over
+        ``optim.warmup_samples``, then cosine decay to ``optim.min_lr_ratio * optim.lr``."""
+        from raytrain_spot.train.step import learning_rate  # step.py imports this module
+
+        return learning_rate(samples_seen, total_samples, optim)
 
     @abc.abstractmethod
     def build_dataset(self, seed: int) -> MapDataset:
