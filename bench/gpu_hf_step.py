@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from raytrain_spot.config.schema import OptimConfig  # noqa: E402
-from raytrain_spot.tasks.hf_vlm.data import ImageTextDataConfig  # noqa: E402
+from raytrain_spot.tasks.hf_vlm.data import ImageTextDataConfig, sample_of  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.presets import PRESETS  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
@@ -48,10 +48,10 @@ LEARNING_RATE = 1e-4
 
 
 def shapes_samples(size: int, image_size: int):
-    """(RGB image, caption, prompt) as the dataset yields them: generated shapes, drawn small and
-    scaled up to ``image_size`` (drawing at 512 px is slow and shows the same shapes)."""
+    """Samples as the dataset yields them: generated shapes, drawn small and scaled up to
+    ``image_size`` (drawing at 512 px is slow and shows the same shapes)."""
     samples = [generate_sample(0, i, 64, max_shapes=3) for i in range(size)]
-    return [(Image.fromarray(s.image).resize((image_size, image_size)), s.caption, "") for s in samples]
+    return [sample_of([Image.fromarray(s.image).resize((image_size, image_size))], s.caption) for s in samples]
 
 
 def main() -> int:

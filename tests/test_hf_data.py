@@ -85,8 +85,8 @@ def test_dataset_i_is_the_directorys_row_i(tmp_path, write):
     assert dataset.row_group_spans() == [(0, 10), (10, 20), (20, 30)], "one span per file"
     reference = datasets.load_from_disk(path) if write is save_to_disk else None
     for i in range(ROWS):
-        image, caption, prompt = dataset[i]
-        assert prompt == ""
+        (image,), caption, prompt = dataset[i]
+        assert prompt == ({"role": "user", "content": [{"type": "image"}]},)
         assert caption == rows[i][1]
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(rows[i][0])).convert("RGB")))
         if reference is not None:
@@ -103,7 +103,7 @@ def test_a_bad_image_is_named_by_file_row_and_column_or_skipped_and_counted(tmp_
     dataset = ImageTextShards(skip, path)
     assert len(dataset) == ROWS - 1 and 13 not in dataset.rows
     assert skipped_rows(skip, path) == 1
-    assert dataset[13][1] == rows[14][1], "the good rows close up over the skipped one"
+    assert dataset[13].caption == rows[14][1], "the good rows close up over the skipped one"
 
 
 def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):
@@ -128,8 +128,12 @@ def test_chat_turns_give_each_sample_its_prompt_and_caption(tmp_path):
         ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c")), str(tmp_path / "chat"))
     dataset = ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c2"), bad_rows="skip"),
                               str(tmp_path / "chat"))
-    assert [sample[1:] for sample in dataset] == [("a red circle", "what is it?"),
-                                                  ("large", "be brief and this? blue size?")]
+    image, text = {"type": "image"}, lambda words: {"type": "text", "text": words}
+    assert [sample[1:] for sample in dataset] == [
+        ("a red circle", ({"role": "user", "content": [image, text("what is it?")]},)),
+        ("large", ({"role": "system", "content": [text("be brief")]},
+                   {"role": "user", "content": [image, text("and this?")]},
+                   {"role": "assistant", "content": [text("blue")]}, {"role": "user", "content": [text("size?")]}))]
 
 
 def test_raw_pixel_arrays_as_array3d_or_nested_lists(tmp_path):
@@ -142,7 +146,7 @@ def test_raw_pixel_arrays_as_array3d_or_nested_lists(tmp_path):
     pq.write_table(pa.table({"image": [pixels.tolist()], "caption": ["a"]}), str(tmp_path / "lists" / "a.parquet"))
     for name in ("array3d", "lists"):
         path = str(tmp_path / name)
-        image, *_ = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path)[0]
+        (image,), *_ = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path)[0]
         assert np.array_equal(np.asarray(image), pixels), name
     ragged = tmp_path / "ragged"
     ragged.mkdir()
@@ -160,3 +164,89 @@ def test_a_dataset_dict_directory_names_its_splits(tmp_path):
         shard_files(str(tmp_path / "dict"))
     train = str(tmp_path / "dict" / "train")
     assert len(ImageTextShards(ImageTextDataConfig(cache_dir=str(tmp_path / "c")), train)) == 1, "a split reads"
+
+
+def trl_rows():
+    """Rows in TRL's vision-language format: an ``images`` list and ``messages`` turns whose
+    ``{"type": "image"}`` parts stand for the images, in order; one row with two images."""
+    image, text = {"type": "image", "text": None}, lambda words: {"type": "text", "text": words}
+    rows = []
+    for i in range(4):
+        images = [png(shapes(i))] + ([png(shapes(10 + i))] if i == 1 else [])
+        rows.append({"images": images, "messages": [
+            {"role": "user", "content": [image] * len(images) + [text("what is it?")]},
+            {"role": "assistant", "content": [text(generate_sample(7, i, 16, max_shapes=2).caption)]}]})
+    return rows
+
+
+def write_trl(path, rows, how: str) -> str:
+    if how == "parquet":
+        os.makedirs(path)
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(path, "train-00000.parquet"))
+    else:
+        features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.List(
+            {"role": datasets.Value("string"), "content": datasets.List(
+                {"type": datasets.Value("string"), "text": datasets.Value("string")})})})
+        datasets.Dataset.from_list([{**row, "images": [{"bytes": b, "path": None} for b in row["images"]]}
+                                    for row in rows], features=features).save_to_disk(str(path))
+    return str(path)
+
+
+TRL = dict(image_column="images", text_column="messages")
+
+
+@pytest.mark.parametrize("how", ["parquet", "save_to_disk"])
+def test_trl_images_and_messages_rows_give_samples_with_every_image(tmp_path, how):
+    rows = trl_rows()
+    path = write_trl(tmp_path / "trl", rows, how)
+    dataset = ImageTextShards(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c"), **TRL), path)
+    assert len(dataset) == 4
+    for i, row in enumerate(rows):
+        images, caption, prompt = dataset[i]
+        assert caption == row["messages"][1]["content"][0]["text"]
+        assert [np.asarray(image).tolist() for image in images] == [
+            np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).tolist() for b in row["images"]]
+        assert prompt == ({"role": "user", "content": [{"type": "image"}] * len(images)
+                           + [{"type": "text", "text": "what is it?"}]},)
+
+
+def test_a_trl_sample_with_two_images_trains_with_both(tmp_path):
+    from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask
+
+    path = write_trl(tmp_path / "trl", trl_rows(), "parquet")
+    for preset in ("tiny-idefics3", "tiny-llava"):
+        task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path / "m")),
+                                  data=ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c"), **TRL))
+        task.prepare(0)
+        dataset = task.build_dataset(0)
+        batch = task.collate([dataset[0], dataset[1]])
+        image_id = task.processor().tokenizer.convert_tokens_to_ids("<image>")
+        per_sample = (batch["input_ids"] == image_id).sum(dim=1).tolist()
+        assert per_sample[1] == 2 * per_sample[0] > 0, f"{preset}: the second sample's two images both go in"
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("placeholders", r"row 2: column 'messages' has 1 image placeholder\(s\) \({'type': 'image'}\) but column "
+                     r"'images' holds 2 image\(s\)"),
+    ("bad image", r"row 1: column 'images' image 1 of 2 .*Fix:"),
+    ("no images", r"row 3: column 'images' holds an empty list of images"),
+])
+def test_a_trl_row_that_does_not_add_up_is_named(tmp_path, problem, message):
+    rows = trl_rows()
+    if problem == "placeholders":
+        rows[2]["images"].append(png(shapes(20)))
+    elif problem == "bad image":
+        rows[1]["images"][1] = b"not an image"
+    else:
+        rows[3]["images"] = []
+    path = write_trl(tmp_path / "trl", rows, "parquet")
+    with pytest.raises(BadRow, match=message):
+        checked_rows(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c"), **TRL), path, shard_files(path))
+
+
+def test_trl_data_read_with_the_default_columns_says_which_to_set(tmp_path):
+    path = write_trl(tmp_path / "trl", trl_rows(), "save_to_disk")
+    with pytest.raises(BadRow, match=r"no column 'image' \(it has images, messages\)\. Fix: set "
+                                     r"task\.data\.image_column .*task\.data\.image_column=images "
+                                     r"task\.data\.text_column=messages"):
+        checked_rows(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path, shard_files(path))

@@ -17,8 +17,16 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from raytrain_spot.observe.events import read_events  # noqa: E402
-from raytrain_spot.tasks.hf_vlm.data import BadRow, ImageTextDataConfig, ImageTextShards, checked_rows, shard_files  # noqa: E402
-from raytrain_spot.tasks.hf_vlm.task import IGNORE, HfModelConfig, HuggingFaceVLMTask  # noqa: E402
+from raytrain_spot.tasks.hf_vlm.data import (  # noqa: E402
+    BadRow,
+    ImageTextDataConfig,
+    ImageTextShards,
+    checked_rows,
+    sample_of,
+    shard_files,
+)
+from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask  # noqa: E402
+from raytrain_spot.tasks.hf_vlm.text import IGNORE  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main  # noqa: E402
 
@@ -104,7 +112,7 @@ def test_a_hugging_face_vlm_trains_through_a_preemption_like_an_uninterrupted_ru
 
 
 @pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
-def test_the_loss_counts_the_caption_only_one_loss_per_sample(tmp_path, preset, user_shards):
+def test_the_loss_counts_the_caption_and_its_end_only_one_loss_per_sample(tmp_path, preset, user_shards):
     import torch
 
     task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path)),
@@ -115,13 +123,16 @@ def test_the_loss_counts_the_caption_only_one_loss_per_sample(tmp_path, preset, 
     torch.manual_seed(0)
     model = task.build_model()
     # Each sample's own prompt too, as chat turns give (words of the tiny tokenizer's vocabulary).
-    samples = [(image, caption, " ".join(["red large"] * i)) for i, (image, caption, _) in
-               enumerate(dataset[i] for i in range(4))]
+    samples = [sample_of(sample.images, [{"role": "user", "content": " ".join(["red large"] * i)},
+                                         {"role": "assistant", "content": sample.caption}], "describe")
+               for i, sample in enumerate(dataset[j] for j in range(4))]
     batch = task.collate(samples)
     tokenizer = task.processor().tokenizer
+    end = "<end_of_utterance>" if preset == "tiny-idefics3" else "</s>"  # its chat template's end of turn, or EOS
     for row in range(4):
         kept = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
-        assert tokenizer.decode(kept).split() == samples[row][1].split(), "exactly the caption is trained on"
+        assert tokenizer.decode(kept).split() == samples[row].caption.split() + [end], \
+            "exactly the caption and its end are trained on"
     losses = task.loss(model, batch)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
 
@@ -135,7 +146,7 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
                                cache_dir=str(tmp_path / "c2"))
     dataset = ImageTextShards(skip, shards)
     assert len(dataset) == 298 and 5 not in dataset.rows and 270 not in dataset.rows
-    assert dataset[5][1] == generate_sample(7, 6, 32, max_shapes=2).caption, "row 6 is the sixth good sample"
+    assert dataset[5].caption == generate_sample(7, 6, 32, max_shapes=2).caption, "row 6 is the sixth good sample"
     with pytest.raises(BadRow, match="no column 'caption' .*task.data.text_column"):
         checked_rows(ImageTextDataConfig(path=shards, image_column="photo", cache_dir=str(tmp_path / "c3")), shards,
                      shard_files(shards))
@@ -143,14 +154,14 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
 
 def test_raw_pixel_images_and_png_are_read_too(tmp_path):
     shards = write_user_shards(tmp_path / "png", 10, image_format="PNG")
-    image, *_ = ImageTextShards(ImageTextDataConfig(path=shards, image_column="photo", text_column="text",
+    (image,), *_ = ImageTextShards(ImageTextDataConfig(path=shards, image_column="photo", text_column="text",
                                                       cache_dir=str(tmp_path)), shards)[3]
     assert np.array_equal(np.asarray(image), generate_sample(7, 3, 32, max_shapes=2).image)
     raw = tmp_path / "raw"
     raw.mkdir()
     pixels = generate_sample(7, 0, 32, max_shapes=2).image
     pq.write_table(pa.table({"image": [pixels.tobytes()], "caption": ["a"]}), str(raw / "a.parquet"))
-    image, *_ = ImageTextShards(ImageTextDataConfig(path=str(raw), raw_image_size=32, cache_dir=str(tmp_path)),
+    (image,), *_ = ImageTextShards(ImageTextDataConfig(path=str(raw), raw_image_size=32, cache_dir=str(tmp_path)),
                                str(raw))[0]
     assert np.array_equal(np.asarray(image), pixels)
     structs = tmp_path / "datasets-style"
@@ -159,7 +170,7 @@ def test_raw_pixel_images_and_png_are_read_too(tmp_path):
     Image.fromarray(pixels).save(encoded, format="PNG")
     pq.write_table(pa.table({"image": [{"bytes": encoded.getvalue(), "path": None}], "caption": ["a"]}),
                    str(structs / "a.parquet"))
-    image, *_ = ImageTextShards(ImageTextDataConfig(path=str(structs), cache_dir=str(tmp_path)), str(structs))[0]
+    (image,), *_ = ImageTextShards(ImageTextDataConfig(path=str(structs), cache_dir=str(tmp_path)), str(structs))[0]
     assert np.array_equal(np.asarray(image), pixels), "the datasets Image feature's {bytes, path} struct"
 
 

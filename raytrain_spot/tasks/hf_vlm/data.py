@@ -1,13 +1,16 @@
-"""Your image-text data: one image column, one text column, any names, in files of record batches:
+"""Your image-text data: an image column and a text column, any names, in files of record batches:
 Parquet shards, or a Hugging Face ``datasets`` directory as ``Dataset.save_to_disk`` writes it
 (Arrow IPC stream files, read memory-mapped with pyarrow alone: ``datasets`` is not needed to train).
 
-Images are encoded bytes (JPEG, PNG, WebP: whatever Pillow opens), raw HxWx3 uint8 bytes of a
-known side, ``{"bytes": ...}`` structs (the ``datasets`` Image feature), or HxWx3 arrays of 0..255
-integers (nested lists, or the ``datasets`` Array3D feature); text is a caption string, or chat
-turns (``[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]``): the last
-assistant turn is the caption, the turns before it the sample's prompt. ``dataset[i]`` is
-(RGB image, caption, prompt). A sample is
+An image cell is one image or a list of them (TRL's ``images`` column); an image is encoded bytes
+(JPEG, PNG, WebP: whatever Pillow opens), raw HxWx3 uint8 bytes of a known side, a ``{"bytes": ...}``
+struct (the ``datasets`` Image feature), or an HxWx3 array of 0..255 integers (nested lists, or the
+``datasets`` Array3D feature). A text cell is a caption string, or chat turns
+(``[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]``, TRL's ``messages``
+column): the last assistant turn is the caption, the turns before it the sample's prompt, their
+``{"type": "image"}`` parts where the images go (one per image, in order; turns without them get
+the images at the start of the first user turn). ``dataset[i]`` is a ``Sample``: the RGB images,
+the caption, and the prompt turns in the Hugging Face chat format. A sample is
 known by its row over the files: Parquet shards in name order, a ``datasets`` directory's files in
 the order its ``state.json`` lists them (the dataset's own row order).
 
@@ -27,7 +30,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +40,10 @@ import pyarrow.parquet as pq
 from raytrain_spot.config.errors import require, require_positive
 
 logger = logging.getLogger(__name__)
+
+
+CHECK_VERSION = 2
+"""Part of a row check's cache key: raised when the rules of what a good row is change."""
 
 
 class BadRow(ValueError):
@@ -53,9 +60,9 @@ class ImageTextDataConfig:
     fetched anew when the objects change). Unset: the generated shapes, written as Parquet shards
     (PNG images, a caption column) into ``task.data.cache_dir`` on first use."""
     image_column: str = "image"
-    """Column with the images."""
+    """Column with the images: one per row, or a list of them (TRL's format: ``images``)."""
     text_column: str = "caption"
-    """Column with the text the model learns to write."""
+    """Column with the text the model learns to write: captions, or chat turns (TRL's format: ``messages``)."""
     prompt: str = ""
     """Text before the caption in every sample (e.g. ``Describe the image.``); not trained on."""
     bad_rows: str = "fail"
@@ -133,8 +140,10 @@ class FileRows:
             names, read = stream.schema.names, lambda columns: stream.read_all().select(columns)
         for column, kind in ((cfg.image_column, "image"), (cfg.text_column, "text")):
             if column not in names:
+                trl = " (TRL's format: task.data.image_column=images task.data.text_column=messages)" if {
+                    "images", "messages"} <= set(names) else ""
                 raise BadRow(f"{file}: no column {column!r} (it has {', '.join(names)}). Fix: set "
-                             f"task.data.{kind}_column to one of them")
+                             f"task.data.{kind}_column to one of them{trl}")
         self.batches = read([cfg.image_column, cfg.text_column]).to_batches()
         self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
 
@@ -150,11 +159,13 @@ class FileRows:
 
 def image_cell(scalar: pa.Scalar) -> Any:
     """An image cell as Python, but nested lists (raw pixel arrays) as a NumPy array, without a
-    Python int per pixel."""
+    Python int per pixel; a list of images (TRL's ``images`` column) as a Python list of them."""
     if isinstance(scalar, pa.ExtensionScalar):  # datasets' Array3D, where `datasets` is imported
         scalar = scalar.value
     if scalar is None or not scalar.is_valid or not is_list(scalar.type):
         return None if scalar is None else scalar.as_py()
+    if holds_images(scalar.type):
+        return [image_cell(image) for image in scalar.values]
     level, shape = scalar.values, [len(scalar.values)]
     while is_list(level.type):
         lengths = pc.list_value_length(level).to_numpy(zero_copy_only=False)
@@ -163,6 +174,16 @@ def image_cell(scalar: pa.Scalar) -> Any:
         shape.append(int(lengths[0]))
         level = level.flatten()
     return level.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def holds_images(list_type: pa.DataType) -> bool:
+    """Whether a list type is a list of images (encoded bytes, ``{"bytes": ...}`` structs, or HxWx3
+    arrays), not one image's pixels."""
+    item, depth = list_type.value_type, 1
+    while is_list(item):
+        item, depth = item.value_type, depth + 1
+    return depth == 4 or (depth == 1 and (pa.types.is_binary(item) or pa.types.is_large_binary(item)
+                                          or pa.types.is_struct(item)))
 
 
 def is_list(arrow_type: pa.DataType) -> bool:
@@ -194,7 +215,7 @@ def decode_image(value, raw_image_size: int):
 
 
 class ImageTextShards:
-    """Map-style access to the good rows of the files: ``dataset[i]`` is (RGB image, caption, prompt)."""
+    """Map-style access to the good rows of the files: ``dataset[i]`` is a ``Sample``."""
 
     def __init__(self, cfg: ImageTextDataConfig, path: str):
         self.cfg = cfg
@@ -212,8 +233,7 @@ class ImageTextShards:
         if self._open[0] != shard:  # rows come in a shuffle within spans: keep the last file open
             self._open = (shard, FileRows(self.cfg, self.files[shard]))
         image, text = self._open[1][row - int(self._offsets[shard])]
-        caption, prompt = caption_and_prompt(text)
-        return decode_image(image, self.cfg.raw_image_size), caption, prompt
+        return row_sample(self.cfg, image, text)
 
     def row_group_spans(self) -> List[Tuple[int, int]]:
         """One span per file, so a step's reads stay within few files."""
@@ -226,42 +246,119 @@ class ImageTextShards:
         return spans
 
 
-def caption_and_prompt(text) -> Tuple[str, str]:
-    """(what the model learns to write, what comes before it) from a text cell: a caption string,
-    or chat turns ``[{"role": ..., "content": ...}, ...]`` whose last assistant turn is the caption
-    and whose earlier turns are the prompt. Raises ValueError naming what the cell holds instead."""
+class Sample(NamedTuple):
+    """One training sample: the images, the caption the model learns, and the turns before it
+    (Hugging Face chat format, ``{"type": "image"}`` parts where the images go, in order)."""
+
+    images: Tuple[Any, ...]
+    caption: str
+    prompt: Tuple[Dict[str, Any], ...]
+
+
+def sample_of(images: Sequence[Any], text, data_prompt: str = "") -> Sample:
+    """A Sample of RGB images and a caption string or chat turns (as a text cell holds them)."""
+    prompt, caption = conversation(text, len(images), data_prompt, "image")
+    return Sample(tuple(images), caption, prompt)
+
+
+def row_sample(cfg: ImageTextDataConfig, image_cell_value, text) -> Sample:
+    """A row as a Sample; raises BadCell naming the column whose cell is not what it should be."""
+    try:
+        images = decode_images(image_cell_value, cfg.raw_image_size)
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for a bad file
+        raise BadCell(cfg.image_column, str(error)) from None
+    try:
+        prompt, caption = conversation(text, len(images), cfg.prompt, cfg.image_column)
+    except ValueError as error:
+        raise BadCell(cfg.text_column, str(error)) from None
+    return Sample(images, caption, prompt)
+
+
+class BadCell(ValueError):
+    """A cell that cannot be trained on; ``column`` names it."""
+
+    def __init__(self, column: str, problem: str):
+        super().__init__(f"column {column!r} {problem}")
+        self.column = column
+
+
+def decode_images(value, raw_image_size: int) -> Tuple[Any, ...]:
+    """The RGB images of an image cell: one image, or a list of them (TRL's ``images`` column)."""
+    if not isinstance(value, list):
+        return (decode_image(value, raw_image_size),)
+    if not value:
+        raise ValueError("holds an empty list of images")
+    images = []
+    for i, image in enumerate(value):
+        try:
+            images.append(decode_image(image, raw_image_size))
+        except Exception as error:  # noqa: BLE001 - Pillow raises many types for a bad file
+            raise ValueError(f"image {i} of {len(value)} {error}") from None
+    return tuple(images)
+
+
+def conversation(text, image_count: int, data_prompt: str, image_column: str) -> Tuple[Tuple[dict, ...], str]:
+    """(the turns before the caption, the caption) from a text cell: a caption string, or chat turns
+    ``[{"role": ..., "content": ...}, ...]`` whose last assistant turn is the caption. Turns without
+    ``{"type": "image"}`` parts get the images at the start of the first user turn; ``data_prompt``
+    (``task.data.prompt``) goes before the first user turn's text. Raises ValueError naming what the
+    cell holds instead."""
     if isinstance(text, str):
         if not text.strip():
             raise ValueError("is empty")
-        return text.strip(), ""
-    if not (isinstance(text, list) and text and all(isinstance(t, dict) and {"role", "content"} <= t.keys()
-                                                    for t in text)):
-        raise ValueError(f"holds {type(text).__name__}, neither a caption string nor chat turns "
-                         "[{role, content}, ...]")
-    replies = [i for i, turn in enumerate(text) if turn["role"] == "assistant"]
-    if not replies:
-        raise ValueError("holds chat turns without an assistant turn (the caption to learn)")
-    caption = turn_text(text[replies[-1]]["content"])
-    if not caption:
-        raise ValueError("holds chat turns whose last assistant turn is empty")
-    return caption, " ".join(t for t in (turn_text(turn["content"]) for turn in text[:replies[-1]]) if t)
+        turns, caption = [{"role": "user", "content": []}], text.strip()
+    else:
+        if not (isinstance(text, list) and text and all(isinstance(t, dict) and {"role", "content"} <= t.keys()
+                                                        for t in text)):
+            raise ValueError(f"holds {type(text).__name__}, neither a caption string nor chat turns "
+                             "[{role, content}, ...]")
+        replies = [i for i, turn in enumerate(text) if turn["role"] == "assistant"]
+        if not replies:
+            raise ValueError("holds chat turns without an assistant turn (the caption to learn)")
+        caption = turn_text(text[replies[-1]]["content"])
+        if not caption:
+            raise ValueError("holds chat turns whose last assistant turn is empty")
+        turns = [{"role": turn["role"], "content": content_parts(turn["content"])} for turn in text[:replies[-1]]]
+    placeholders = sum(part["type"] == "image" for turn in turns for part in turn["content"])
+    if placeholders and placeholders != image_count:
+        raise ValueError(f"has {placeholders} image placeholder(s) ({{'type': 'image'}}) but column {image_column!r} "
+                         f"holds {image_count} image(s): one placeholder per image, in order")
+    users = [turn for turn in turns if turn["role"] == "user"]
+    if not users:
+        turns.append({"role": "user", "content": []})
+        users = turns[-1:]
+    first = users[0]["content"]
+    if not placeholders:
+        first[:0] = [{"type": "image"}] * image_count
+    if data_prompt:
+        at = next((i for i, part in enumerate(first) if part["type"] == "text"), len(first))
+        first.insert(at, {"type": "text", "text": data_prompt})
+    return tuple(turns), caption
+
+
+def content_parts(content) -> List[Dict[str, str]]:
+    """A turn's content as Hugging Face chat parts: ``{"type": "text", "text": ...}`` and
+    ``{"type": "image"}`` (a string is one text part; empty texts and other parts are left out)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content.strip()}] if content.strip() else []
+    parts = []
+    for part in content if isinstance(content, list) else []:
+        if isinstance(part, dict) and part.get("type") == "image":
+            parts.append({"type": "image"})
+        elif isinstance(part, dict) and part.get("type") == "text" and (part.get("text") or "").strip():
+            parts.append({"type": "text", "text": part["text"].strip()})
+    return parts
 
 
 def turn_text(content) -> str:
-    """A turn's text: a string, or the text parts of a list of ``{"type": "text", "text": ...}``
-    parts (the Hugging Face chat format, where ``{"type": "image"}`` marks the image)."""
-    if isinstance(content, str):
-        return content.strip()
-    if isinstance(content, list):
-        return " ".join(part["text"].strip() for part in content
-                        if isinstance(part, dict) and part.get("type") == "text" and part.get("text"))
-    return ""
+    """A turn's text: its text parts, joined by spaces."""
+    return " ".join(part["text"] for part in content_parts(content) if part["type"] == "text")
 
 
 def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.ndarray:
     """Indices of the rows that can be trained on (all of them, or the run stops, under ``fail``)."""
     fingerprint = hashlib.sha256(json.dumps(
-        [cfg.image_column, cfg.text_column, cfg.raw_image_size, cfg.bad_rows,
+        [CHECK_VERSION, cfg.image_column, cfg.text_column, cfg.raw_image_size, cfg.bad_rows,
          [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]]).encode()).hexdigest()[:16]
     cache = os.path.join(os.path.expanduser(cfg.cache_dir), "checked", f"{fingerprint}.json")
     if os.path.exists(cache):
@@ -273,15 +370,11 @@ def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.nd
         for local in range(len(rows)):
             problem = None
             try:
-                image, text = rows[local]
-                decode_image(image, cfg.raw_image_size)
-            except Exception as error:  # noqa: BLE001 - Pillow raises many types for a bad file
+                row_sample(cfg, *rows[local])
+            except BadCell as error:
+                problem = str(error)
+            except ValueError as error:  # the image cell's lists are not pixels (image_cell)
                 problem = f"column {cfg.image_column!r} {error}"
-            if problem is None:
-                try:
-                    caption_and_prompt(text)
-                except ValueError as error:
-                    problem = f"column {cfg.text_column!r} {error}"
             if problem is None:
                 good.append(row)
             elif cfg.bad_rows == "fail":

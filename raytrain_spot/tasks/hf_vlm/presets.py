@@ -4,7 +4,8 @@ Without weights in the directory the model starts from a seeded random init.
 
 ``tiny-llava`` and ``tiny-idefics3`` (the SmolVLM architecture) have a few tens of thousands of
 parameters and a word-level tokenizer over the generated shapes captions: they train on a CPU in
-the tests.
+the tests. The Idefics3 presets have a chat template in SmolVLM-Instruct's turn format (samples
+are written as conversations); ``tiny-llava`` has none (samples are written in the raw form).
 
 ``smolvlm-256m``, ``smolvlm-500m`` and ``smolvlm-2.2b`` are the published SmolVLM configurations
 (Idefics3: a SigLIP vision tower, a pixel-shuffle connector, a SmolLM2 text model; the real image
@@ -35,7 +36,18 @@ from raytrain_spot.tasks.vlm.shapes import VOCAB as SHAPES_WORDS
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, "<fake_token_around_image>", "<global-img>",
-                  "<end_of_utterance>"]
+                  "<end_of_utterance>", "<|im_start|>"]
+ROLES = ["System:", "User:", "Assistant:"]
+"""Words of the chat template's turn headers (the word-level tokenizer knows only the words it lists)."""
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %} {{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>Assistant:{% endif %}")
+"""The Idefics3 presets' chat template, in SmolVLM-Instruct's turn format: ``<|im_start|>User:<image> the
+prompt<end_of_utterance>``, each turn ending with ``<end_of_utterance>``, where an answer ends."""
 PRESET_MARKER = "raytrain_spot_preset.json"
 """Written into a preset's directory: what made it (the directory has no weights: seeded random init)."""
 Preset = Tuple[Any, Any]
@@ -46,7 +58,7 @@ def _tokenizer(extra_special_tokens: Sequence[str] = ()):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [w for w in SHAPES_WORDS if not w.startswith("<")]
+    words = [w for w in SHAPES_WORDS if not w.startswith("<")] + ROLES
     special = SPECIAL_TOKENS + list(extra_special_tokens)
     vocab = {token: i for i, token in enumerate(special + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -86,7 +98,8 @@ def _tiny_idefics3() -> Preset:
         pad_token_id=tokenizer.pad_token_id)
     images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
                                        max_image_size={"longest_edge": 32})
-    return config, Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    return config, Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                     chat_template=CHAT_TEMPLATE)
 
 
 SIGLIP_BASE_512 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -119,7 +132,8 @@ def _smolvlm(text: Dict[str, Any], vision: Dict[str, Any], scale_factor: int, ma
     images = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": max_tiles_side * tile},
                                        max_image_size={"longest_edge": tile})
     tokens_per_tile = (tile // vision["patch_size"] // scale_factor) ** 2
-    return config, Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=tokens_per_tile)
+    return config, Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=tokens_per_tile,
+                                     chat_template=CHAT_TEMPLATE)
 
 
 PRESETS: Dict[str, Callable[[], Preset]] = {

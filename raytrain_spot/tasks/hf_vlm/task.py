@@ -6,8 +6,11 @@ writes: ``config.json``, the processor's and tokenizer's files, and the weights;
 the model starts from a seeded random init (the presets, for tests and smoke runs). Nothing is
 ever fetched from a model hub: directories are read with ``local_files_only``.
 
-The loss is next-token cross-entropy on the caption only: padding, image tokens and the prompt
-are masked, and each sample's loss is the mean over its own caption tokens.
+A sample is written with the processor's chat template when it has one (the user turn with the
+images and the prompt, the assistant turn the caption), else in the raw form
+``<image> {prompt} {caption}</s>`` (text.py). The loss is next-token cross-entropy on the answer
+only (the caption and its end-of-turn or end-of-sequence token): padding, image tokens and the
+prompt are masked, and each sample's loss is the mean over its own answer tokens.
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ from raytrain_spot.tasks.hf_vlm.data import (
     BadRow,
     ImageTextDataConfig,
     ImageTextShards,
+    Sample,
+    content_parts,
+    conversation,
     generated_data_dir,
     skipped_rows,
 )
-from raytrain_spot.tasks.hf_vlm.presets import IMAGE_TOKEN, PRESET_MARKER, PRESETS, write_preset
+from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, write_preset
+from raytrain_spot.tasks.hf_vlm.text import IGNORE, SampleText, image_token
 from raytrain_spot.storage.node_cache import local_copy
 from raytrain_spot.train.task import TrainingTask
 
-IGNORE = -100
-"""Label of a position the loss skips (transformers' convention)."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 IMAGE_TOKENS_PER_TILE = {
     "llava": lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2
@@ -40,8 +45,6 @@ IMAGE_TOKENS_PER_TILE = {
     "idefics3": lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2 // c.scale_factor ** 2,
 }
 """How many image features a tested family's model yields per image tile (the check before Ray starts)."""
-IMAGE_WRAPPERS = ("<fake_token_around_image>", "<global-img>")
-"""Tokens Idefics3-style processors put around an image's tokens: masked like the image tokens."""
 
 
 @dataclass
@@ -64,6 +67,9 @@ class HfModelConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     freeze_vision: bool = False
     """Train the projector and the language model only; the vision tower keeps its weights."""
+    chat_template: bool = True
+    """Write samples with the processor's chat template when it has one (``false``: always the raw
+    form ``<image> {prompt} {caption}</s>``)."""
 
     def __post_init__(self):
         require(self.path is not None or self.preset in PRESETS, "task.model.preset",
@@ -126,20 +132,26 @@ class HuggingFaceVLMTask(TrainingTask):
             skipped = skipped_rows(self.data, data_dir)
         except (BadRow, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
-        self.check_inputs(model_dir, ImageTextShards(self.data, data_dir)[0][0])
+        self.check_inputs(model_dir, ImageTextShards(self.data, data_dir)[0])
         return f"{model_dir} on {data_dir}" + (f" ({skipped} bad rows left out)" if skipped else "")
 
-    def check_inputs(self, model_dir: str, image) -> None:
-        """What the processor makes of an image fits the model: the tile side its vision tower
-        takes and, for the tested families, as many image tokens as the tower yields features.
-        A mismatch (a processor saved with another model) would fail every rank's first step."""
+    def check_inputs(self, model_dir: str, sample: Sample) -> None:
+        """The chat template writes the sample as its prompt followed by its answer, and what the
+        processor makes of an image fits the model: the tile side its vision tower takes and, for
+        the tested families, as many image tokens as the tower yields features. A mismatch (a
+        processor saved with another model) would fail every rank's first step."""
         from transformers import AutoConfig
 
+        try:
+            self.sample_text().full(sample.prompt, sample.caption)
+        except ValueError as error:
+            raise ConfigError(f"task.model.chat_template: the processor in {model_dir}: {error}. Fix: set "
+                              "task.model.chat_template=false to train on the raw form") from None
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         vision = getattr(config, "vision_config", None)
         if vision is None:
             return
-        batch = self.model_inputs([image], [f"{self.prompt_text('')} a"])
+        batch = self.prompt_inputs(sample.images[:1], "")
         side = tuple(batch["pixel_values"].shape[-2:])
         if side != (vision.image_size, vision.image_size):
             raise ConfigError(f"task.model.path: the processor in {model_dir} makes {side[0]}x{side[1]} images, but "
@@ -217,11 +229,11 @@ class HuggingFaceVLMTask(TrainingTask):
             self._processor = AutoProcessor.from_pretrained(self.model_dir(), local_files_only=True)
         return self._processor
 
-    def label_mask(self) -> "LabelMask":
-        """What collate masks out of the labels, worked out once from the processor."""
-        if getattr(self, "_label_mask", None) is None:
-            self._label_mask = LabelMask.of(self.processor())
-        return self._label_mask
+    def sample_text(self) -> SampleText:
+        """How samples are written (chat template or raw form), worked out once from the processor."""
+        if getattr(self, "_sample_text", None) is None:
+            self._sample_text = SampleText.of(self.processor(), self.model.chat_template)
+        return self._sample_text
 
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForImageTextToText
@@ -246,36 +258,42 @@ class HuggingFaceVLMTask(TrainingTask):
     def build_dataset(self, seed: int) -> ImageTextShards:
         return ImageTextShards(self.data, self.data_dir(seed))
 
-    def collate(self, samples: Sequence[Tuple[Any, str, str]]) -> Dict[str, torch.Tensor]:
-        images, captions, prompts = zip(*samples)
-        batch = self.model_inputs(images, [f"{self.prompt_text(prompt)} {caption}"
-                                           for caption, prompt in zip(captions, prompts)])
-        prompt_tokens = torch.tensor([[self.label_mask().prompt_tokens(self.prompt(prompt))] for prompt in prompts])
-        batch["labels"] = self.label_mask().caption_labels(batch["input_ids"], batch["attention_mask"], prompt_tokens)
+    def collate(self, samples: Sequence[Sample]) -> Dict[str, torch.Tensor]:
+        text = self.sample_text()
+        prompts = [text.prompt(sample.prompt) for sample in samples]
+        fulls = [text.full(sample.prompt, sample.caption) for sample in samples]
+        batch = self.model_inputs([sample.images for sample in samples], fulls)
+        answer_tokens = [len(text.answer_ids(prompt, full)) for prompt, full in zip(prompts, fulls)]
+        batch["labels"] = text.labels(batch["input_ids"], batch["attention_mask"], answer_tokens)
         return batch
 
-    def caption(self, model: torch.nn.Module, image, prompt: str = "", max_new_tokens: int = 16) -> str:
-        """The caption ``model`` writes for ``image`` (a Pillow image) after ``prompt`` (a sample's own,
-        as chat turns give), greedily."""
-        inputs = self.model_inputs([image.convert("RGB")], [self.prompt_text(prompt)])
+    def caption(self, model: torch.nn.Module, images, prompt="", max_new_tokens: int = 16) -> str:
+        """The caption ``model`` writes for ``images`` (a Pillow image, or a sample's images) after
+        ``prompt`` (text, or a sample's prompt turns), greedily, stopping where an answer ends."""
+        images = tuple(image.convert("RGB") for image in (images if isinstance(images, (list, tuple)) else [images]))
+        inputs = self.prompt_inputs(images, prompt)
+        tokenizer = self.processor().tokenizer
         with torch.no_grad():
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor().tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:],
-                                                 skip_special_tokens=True).strip()
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=list(self.sample_text().stop_ids),
+                                       pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    def prompt(self, sample_prompt: str) -> str:
-        """The text between the image and the caption: ``task.data.prompt``, then the sample's own."""
-        return " ".join(p for p in (self.data.prompt, sample_prompt) if p)
+    def prompt_inputs(self, images: Sequence[Any], prompt) -> Dict[str, torch.Tensor]:
+        """The model's inputs for ``images`` and ``prompt`` (text after ``task.data.prompt``, or prompt turns)."""
+        if isinstance(prompt, str):
+            prompt, _ = conversation([{"role": "user", "content": content_parts(prompt)},
+                                      {"role": "assistant", "content": "-"}], len(images), self.data.prompt,
+                                     self.data.image_column)
+        return self.model_inputs([images], [self.sample_text().prompt(prompt)])
 
-    def prompt_text(self, sample_prompt: str) -> str:
-        """What precedes a caption: the image, then the prompt."""
-        prompt = self.prompt(sample_prompt)
-        return f"{image_token(self.processor())}{(' ' + prompt) if prompt else ''}"
-
-    def model_inputs(self, images: Sequence[Any], texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    def model_inputs(self, images: Sequence[Sequence[Any]], texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """The processor's batch for each sample's images and text."""
         processor = self.processor()
-        return dict(processor(images=[[image] for image in images] if nested_images(processor) else list(images),
-                              text=list(texts), return_tensors="pt", padding=True))
+        return dict(processor(images=[list(own) for own in images] if nested_images(processor)
+                              else [image for own in images for image in own],
+                              text=list(texts), return_tensors="pt", padding=True,
+                              add_special_tokens=self.sample_text().add_special_tokens))
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
         """The model directory ``from_pretrained`` loads (adapters merged), or the adapters alone,
@@ -307,49 +325,9 @@ def has_weights(model_dir: str) -> bool:
     return any(os.path.exists(os.path.join(model_dir, name)) for name in WEIGHT_FILES)
 
 
-def image_token(processor) -> str:
-    """The token a processor expands into the image's tokens (``<image>`` for both tested families)."""
-    return getattr(processor, "image_token", None) or IMAGE_TOKEN
-
-
 def nested_images(processor) -> bool:
     """Idefics3-style processors take a list of images per sample; LLaVA-style ones a flat list."""
     return type(processor).__name__.startswith("Idefics")
-
-
-@dataclass(frozen=True)
-class LabelMask:
-    """The tokens a caption's labels leave out: special tokens, the image's tokens, and the prompt after them."""
-
-    special_ids: torch.Tensor
-    image_ids: torch.Tensor
-    tokenizer: Any
-    _prompt_tokens: Dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, processor) -> "LabelMask":
-        tokenizer = processor.tokenizer
-        vocab = tokenizer.get_vocab()
-        image_ids = sorted({vocab[t] for t in (image_token(processor), *IMAGE_WRAPPERS) if t in vocab})
-        return cls(torch.tensor(sorted(set(tokenizer.all_special_ids) | set(image_ids))), torch.tensor(image_ids),
-                   tokenizer)
-
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens of ``prompt``, counted once per distinct prompt (most datasets have one or a few)."""
-        if prompt not in self._prompt_tokens:
-            self._prompt_tokens[prompt] = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        return self._prompt_tokens[prompt]
-
-    def caption_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       prompt_tokens: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` with everything but the caption set to IGNORE; ``prompt_tokens`` ([batch, 1]):
-        each row's prompt length after its image."""
-        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        is_image = torch.isin(input_ids, self.image_ids) & (attention_mask > 0)
-        last_image = torch.where(is_image, positions, -1).max(dim=1, keepdim=True).values
-        before_caption = positions <= last_image + prompt_tokens
-        return input_ids.masked_fill(before_caption | torch.isin(input_ids, self.special_ids) | (attention_mask == 0),
-                                     IGNORE)
 
 
 def with_adapters(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
