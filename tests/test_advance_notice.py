@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import os
 from types import SimpleNamespace
 
@@ -26,8 +27,8 @@ from tests.conftest import REPO
 
 GCP_FILES = sorted(glob.glob(os.path.join(REPO, "cluster", "gcp-*.yaml")))
 MAIN_YAML = os.path.join(REPO, "cluster", "gcp-spot.yaml")
-NOTICE_LINE = "# preemptionNoticeDuration: {seconds: 120}"
-WATCHER = "-m raytrain_spot.preemption.watcher --margin-s 5 --notice-s 30"
+NOTICE_LINE = "        preemptionNoticeDuration: {seconds: 120}\n"
+WATCHER = "-m raytrain_spot.preemption.watcher --margin-s 5 --notice-s 150"
 
 
 def text_of(path: str) -> str:
@@ -35,9 +36,9 @@ def text_of(path: str) -> str:
         return f.read().replace("FILL-IN-project-id", "my-project")
 
 
-def turned_on(text: str) -> dict:
-    """What the YAML's comments tell a user to do: uncomment the notice, pass --notice-s 150."""
-    return yaml.safe_load(text.replace(NOTICE_LINE, NOTICE_LINE[2:]).replace(WATCHER, WATCHER[:-2] + "150"))
+def turned_off(text: str) -> dict:
+    """What the YAML's comments tell a user to do to turn it off: delete the line, pass --notice-s 30."""
+    return yaml.safe_load(text.replace(NOTICE_LINE, "").replace(WATCHER, WATCHER[:-3] + "30"))
 
 
 def spot_types(config: dict) -> dict:
@@ -51,19 +52,22 @@ def problems_of(config: dict):
 
 # -- the YAML option and the check ---------------------------------------------------------------
 @pytest.mark.parametrize("path", GCP_FILES, ids=os.path.basename)
-def test_every_spot_type_offers_the_notice_off_by_default_and_the_watcher_matches(path):
+def test_turning_the_notice_off_as_the_comments_say_passes_the_check_and_reports_30_s(path):
     text = text_of(path)
-    config = yaml.safe_load(text)
-    assert text.count(NOTICE_LINE) == len(spot_types(config)) >= 1, "one commented option per Spot type"
+    assert text.count(NOTICE_LINE) == len(spot_types(yaml.safe_load(text))) >= 1, "one line per Spot type"
+    config = turned_off(text)
     assert all(cluster_check.NOTICE_KEY not in t["node_config"]["scheduling"] for t in spot_types(config).values())
-    assert any(WATCHER in c for c in config["worker_start_ray_commands"])
-    summary = cluster_check.summarize(cluster_check.prepare(config), lambda *_: 1.0)
+    assert any(WATCHER[:-3] + "30" in c for c in config["worker_start_ray_commands"])
+    prepared = cluster_check.prepare(config)
+    assert cluster_check.review(prepared) == []
+    summary = cluster_check.summarize(prepared, lambda *_: 1.0)
     assert {t.name: t.notice_s for t in summary.node_types if t.notice_s} == dict.fromkeys(spot_types(config), 30)
 
 
 @pytest.mark.parametrize("path", GCP_FILES, ids=os.path.basename)
-def test_turning_the_notice_on_as_the_comments_say_passes_the_check_and_reports_150_s(path):
-    config = turned_on(text_of(path))
+def test_every_spot_type_has_the_120_s_notice_on_and_the_check_reports_150_s(path):
+    config = yaml.safe_load(text_of(path))
+    assert any(WATCHER in c for c in config["worker_start_ray_commands"])
     assert all(t["node_config"]["scheduling"][cluster_check.NOTICE_KEY] == {"seconds": 120}
                for t in spot_types(config).values())
     prepared = cluster_check.prepare(config)
@@ -78,7 +82,7 @@ def test_turning_the_notice_on_as_the_comments_say_passes_the_check_and_reports_
 
 
 def test_the_check_counts_the_room_for_replacements_at_the_notice():
-    config = turned_on(text_of(MAIN_YAML))
+    config = yaml.safe_load(text_of(MAIN_YAML))
     config["available_node_types"]["gpu-spot"]["max_workers"] = 9
     config["max_workers"] = 9  # 1 on-demand + 7 Spot at min: the cluster leaves room for 1 more, the type for 2
     spot = next(t for t in cluster_check.summarize(cluster_check.prepare(config), lambda *_: 1.0).node_types
@@ -88,9 +92,21 @@ def test_the_check_counts_the_room_for_replacements_at_the_notice():
         cluster_check.summarize(cluster_check.prepare(config), lambda *_: 1.0))
 
 
+def test_the_compute_v1_api_ray_inserts_through_has_the_field_in_the_shape_the_yamls_write():
+    """google-api-python-client's own copy of the Compute v1 discovery document (the version the head installs)."""
+    from googleapiclient.discovery_cache import get_static_doc
+
+    schemas = json.loads(get_static_doc("compute", "v1"))["schemas"]
+    field = schemas["Scheduling"]["properties"][cluster_check.NOTICE_KEY]
+    assert field["$ref"] == "Duration" and "Spot VMs only" in field["description"]
+    assert {"seconds", "nanos"} == set(schemas["Duration"]["properties"])
+    spot = spot_types(yaml.safe_load(text_of(MAIN_YAML)))["gpu-spot"]
+    assert set(spot["node_config"]["scheduling"][cluster_check.NOTICE_KEY]) <= set(schemas["Duration"]["properties"])
+
+
 def test_ray_inserts_the_notice_as_written():
     """Ray's GCP code sends node_config unchanged as the instances.insert body (GCE's own spelling)."""
-    config = cluster_check.prepare(turned_on(text_of(MAIN_YAML)))
+    config = cluster_check.prepare(yaml.safe_load(text_of(MAIN_YAML)))
     node_config = config["available_node_types"]["gpu-spot"]["node_config"]
     with ComputeEngineEmulator("my-project") as api:
         compute = GCPCompute(build_compute_client(AnonymousCredentials(), api.endpoint), "my-project",
@@ -149,14 +165,14 @@ TYPE_KEY = f"node_config.scheduling.{cluster_check.NOTICE_KEY}"
     (margin_beyond_the_notice, "cluster", "worker_start_ray_commands", "refuse to start"),
 ])
 def test_the_check_refuses_a_notice_gce_or_the_watcher_would_get_wrong(mistake, node_type, key, says):
-    config = turned_on(text_of(MAIN_YAML))
+    config = yaml.safe_load(text_of(MAIN_YAML))
     mistake(config)
     problems = problems_of(config)
     assert any(p[0] == node_type and p[1] == key and says in p[2] and p[3] for p in problems), problems
 
 
 def test_a_watcher_told_150_s_on_vms_without_the_notice_is_refused():
-    config = yaml.safe_load(text_of(MAIN_YAML).replace(WATCHER, WATCHER[:-2] + "150"))
+    config = yaml.safe_load(text_of(MAIN_YAML).replace(NOTICE_LINE, ""))
     [problem] = problems_of(config)
     assert problem[:2] == ("cluster", "worker_start_ray_commands")
     assert "no preemptionNoticeDuration" in problem[2] and "after the VM is gone" in problem[2]
@@ -171,7 +187,7 @@ def test_string_seconds_as_json_writes_an_int64_are_taken():
 def test_the_command_line_prints_the_notice_column(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     path = tmp_path / "on.yaml"
-    path.write_text(yaml.safe_dump(turned_on(text_of(MAIN_YAML))))
+    path.write_text(yaml.safe_dump(yaml.safe_load(text_of(MAIN_YAML))))
     assert cluster_check.main(["--new-token"]) == 0
     capsys.readouterr()
     assert cluster_check.main([str(path)]) == 0

@@ -7,6 +7,10 @@ updater gives its start commands (the node type's resources and labels, ``RAY_HE
 What one machine needs to host both, and nothing else, is changed in the commands:
 
 * ``ray stop`` is left out: it would stop every Ray process of this user here (each "VM" starts clean);
+* there is no systemd here: a worker's ``sudo systemd-run`` service runs as a background process with
+  only the environment the unit sets (``--setenv``), its output in ``~/.raytrain-spot/<unit>.log``, and
+  the ``systemctl`` lines that stop earlier services are left out (what the units do at a preemption's
+  soft-off is the simulator's, tests/test_vm_shutdown.py);
 * the fixed ports (6379, 8076, and Ray's default dashboard, client and agent ports) become free ones;
 * ``--autoscaling-config`` is left out: there is no GCP autoscaler to run here;
 * each "VM"'s network address is 127.0.0.1: Ray asks the OS which local address routes outwards (on
@@ -30,6 +34,7 @@ import pytest
 from raytrain_spot.cluster import check as cluster_check
 from raytrain_spot.cluster.local_provider import CLUSTER_ENV, stop_cluster
 from raytrain_spot.simulator.metadata_server import MetadataEmulator
+from raytrain_spot.simulator.shutdown import NodeStart, node_start
 
 pytestmark = pytest.mark.cluster
 
@@ -60,6 +65,24 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _without_systemd(command: str, services: NodeStart, nic) -> str:
+    """A ``sudo systemd-run`` service as a background process with the unit's environment alone."""
+    unit = next((p for p in (services.ray, services.watcher) if p.in_service and f"--unit={p.unit} " in command), None)
+    if unit is None:
+        return command
+    # Plus what a VM has without asking: its metadata server and network address (here, stand-ins).
+    environment = {**unit.environment, CLUSTER_ENV: MARKER, "PYTHONPATH": str(nic),
+                   "GCE_METADATA_HOST": "$GCE_METADATA_HOST"}
+    program = " ".join(unit.command).replace("$HOME/venv/bin/", os.path.dirname(sys.executable) + "/")
+    settings = " ".join(f'{key}="{value}"' for key, value in environment.items())
+    log = f"~/.raytrain-spot/{unit.unit}.log"
+    # The watcher finds its node by IP; here the head shares it, so it must not start before the worker
+    # node has registered (on GCE it waits for its own IP to register).
+    registered = "" if unit is services.watcher else \
+        f" for i in $(seq 240); do grep -q 'Ray runtime started' {log} && break; sleep 0.5; done"
+    return f"mkdir -p ~/.raytrain-spot; env -i {settings} nohup {program} > {log} 2>&1 < /dev/null &{registered}"
 
 
 def _on_this_machine(command: str, ports: dict) -> str:
@@ -119,6 +142,7 @@ def test_the_yamls_start_commands_run_a_token_cluster_whose_watcher_drains_on_no
     (nic / "sitecustomize.py").write_text(LOOPBACK_NIC)
 
     types = config["available_node_types"]
+    services = node_start(config["worker_start_ray_commands"])
     with MetadataEmulator(["vm-worker"]) as metadata:
         head = Vm(tmp_path, "head", types["head"], {"RAY_USAGE_STATS_ENABLED": "0"}, nic)
         worker = Vm(tmp_path, "worker", types["gpu-spot"], {"RAY_HEAD_IP": "127.0.0.1", **metadata.env("vm-worker")},
@@ -132,11 +156,12 @@ def test_the_yamls_start_commands_run_a_token_cluster_whose_watcher_drains_on_no
                     if not any(word in command for word in NOT_ON_THIS_MACHINE):
                         outputs.append(vm.run(command))
                 for command in start_commands:
-                    if command.strip() != "ray stop" and "jupyter lab" not in command:  # no JupyterLab in [dev]
-                        outputs.append(vm.run(_on_this_machine(command, ports)))
+                    if command.strip() != "ray stop" and "jupyter lab" not in command and \
+                            not command.startswith("sudo systemctl"):  # no JupyterLab in [dev], no systemd here
+                        outputs.append(vm.run(_on_this_machine(_without_systemd(command, services, nic), ports)))
                 assert oct((vm.home / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
 
-            watcher_log = worker.home / ".raytrain-spot" / "watcher.log"
+            watcher_log = worker.home / ".raytrain-spot" / f"{services.watcher.unit}.log"
             deadline = time.time() + 60
             while "watching node=" not in (watcher_log.read_text() if watcher_log.exists() else ""):
                 assert time.time() < deadline, watcher_log.read_text() if watcher_log.exists() else "no watcher log"

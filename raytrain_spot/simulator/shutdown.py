@@ -59,7 +59,7 @@ GCP_WORKER_START_COMMANDS: Tuple[str, ...] = (
     "sudo systemd-run --unit=raytrain-watcher --collect --uid=\"$(id -u)\" --gid=\"$(id -g)\" "
     "--working-directory=\"$HOME\" -p Restart=on-failure -p RestartSec=5 "
     "--setenv=HOME=\"$HOME\" --setenv=RAY_ADDRESS=$RAY_HEAD_IP:6379 --setenv=RAY_AUTH_MODE=token "
-    "\"$HOME/venv/bin/python\" -m raytrain_spot.preemption.watcher --margin-s 5 --notice-s 30",
+    "\"$HOME/venv/bin/python\" -m raytrain_spot.preemption.watcher --margin-s 5 --notice-s 150",
 )
 
 # systemd-run options that take a value in the next word when written without "=".
