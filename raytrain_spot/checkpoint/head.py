@@ -6,7 +6,9 @@ cadence, forwards it to durable storage in a background thread. The head is neve
 preempted, so an upload it has started finishes even if the worker that wrote the
 checkpoint is gone. At most one durable upload runs; a newer checkpoint replaces an older
 one still waiting (coalescing), except a milestone or the final one, which always go
-(``UploadQueue``), so the queue stays short.
+(``UploadQueue``), so the queue stays short. Before each durable publish and retention the head
+checks that the run's lease is still its driver's (checkpoint/lease.py); once another driver
+owns the run, the head uploads nothing more.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from raytrain_spot.checkpoint.lease import LeaseGuard, LeaseLost
 from raytrain_spot.checkpoint.format import (CHECKPOINTS_DIR, Manifest, checkpoint_key, read_manifest, stored_key,
                                            verify_file)
+from raytrain_spot.checkpoint.scratch import private_dir
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore, open_store
@@ -38,12 +42,12 @@ class UploadQueue:
     checkpoint are kept whatever follows them."""
 
     def __init__(self, milestone_every: int):
-        self._milestone_every = milestone_every
+        self.milestone_every = milestone_every
         self._waiting: List[Manifest] = []
 
     def always_uploaded(self, manifest: Manifest) -> bool:
         """The final checkpoint and milestones: never coalesced away, due whatever the interval."""
-        return manifest.kind == "final" or bool(self._milestone_every and manifest.step % self._milestone_every == 0)
+        return manifest.kind == "final" or bool(self.milestone_every and manifest.step % self.milestone_every == 0)
 
     def offer(self, manifest: Manifest) -> None:
         self._waiting = [m for m in self._waiting
@@ -66,11 +70,15 @@ class UploadQueue:
 
 class HeadStore:
     def __init__(self, root: str, run_name: str, durable_uri: str, keep_latest_k: int, milestone_every: int,
-                 durable_interval_s: float, events: EventLog):
+                 durable_interval_s: float, events: EventLog, lease_owner: Optional[str] = None):
         self.run_name = run_name
-        self._store = LocalStore(root)
+        self._store = LocalStore(private_dir(root, "checkpoint.head_dir"))
         self.local = StoreTier("head", self._store, run_name, keep_latest_k, milestone_every)
-        self.durable = StoreTier("durable", open_store(durable_uri), run_name, keep_latest_k, milestone_every)
+        durable = open_store(durable_uri)
+        self._lease_guard = LeaseGuard(durable, run_name, lease_owner) if lease_owner else None
+        self.durable = StoreTier("durable", durable, run_name, keep_latest_k, milestone_every,
+                                 lease_check=self._check_lease)
+        self.lease_lost = False
         self._durable_interval_s = durable_interval_s
         self._events = events
         self._lock = threading.Condition()
@@ -120,7 +128,7 @@ class HeadStore:
         finally:
             self.drop_incoming(key)
         self._sweep_incoming(committed.step)
-        if self._durable_due(committed):
+        if self._durable_due(committed) and not self.lease_lost:
             with self._lock:
                 self._pending.offer(committed)
                 self._lock.notify_all()
@@ -139,6 +147,18 @@ class HeadStore:
                 or time.time() - self._last_durable_at >= self._durable_interval_s)
 
     # -- forwarding to durable storage ----------------------------------------------------
+
+    def _check_lease(self) -> None:
+        if self.lease_lost:
+            raise LeaseLost(f"the driver of run {self.run_name} no longer holds its lease")
+        if self._lease_guard is not None:
+            self._lease_guard()
+
+    def stop_uploads(self) -> None:
+        """The driver's lease ran out: nothing more goes to durable storage, from now on."""
+        with self._lock:
+            self.lease_lost = True
+            self._pending = UploadQueue(self._pending.milestone_every)
 
     def _catch_up(self) -> None:
         """At start: a newest head checkpoint that durable storage lacks (an outage, a driver that
@@ -180,6 +200,11 @@ class HeadStore:
                                   duration_s=time.time() - manifest.created_at, bytes=_size(manifest))
                 logger.info("Checkpoint step %d uploaded to %s in %.2f s", manifest.step, self.durable.store.uri,
                             time.time() - started)
+            except LeaseLost as lost:  # another driver owns the run: what this head holds is not uploaded
+                logger.error("Checkpoint step %d not uploaded: %s", manifest.step, lost)
+                with self._lock:
+                    self.lease_lost = True
+                    self._pending = UploadQueue(self._pending.milestone_every)
             except Exception as error:  # the previous durable checkpoint stays the latest; this one is retried
                 self.failed_uploads += 1
                 logger.warning("Upload of checkpoint step %d to %s failed; the previous one stays the latest, "
@@ -228,12 +253,13 @@ def _size(manifest: Manifest) -> int:
 
 
 def start_head_store(root: str, run_name: str, durable_uri: str, keep_latest_k: int, milestone_every: int,
-                     durable_interval_s: float, events: EventLog):
-    """The HeadStore actor, on this (the driver's, i.e. the head) node."""
+                     durable_interval_s: float, events: EventLog, lease_owner: Optional[str] = None):
+    """The HeadStore actor, on this (the driver's, i.e. the head) node; ``lease_owner``: the
+    driver's lease (durable writes stop once the run's lease is another's)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor_cls = ray.remote(num_cpus=0, max_concurrency=8)(HeadStore)
     return actor_cls.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(root, run_name, durable_uri, keep_latest_k, milestone_every, durable_interval_s, events)
+    ).remote(root, run_name, durable_uri, keep_latest_k, milestone_every, durable_interval_s, events, lease_owner)

@@ -48,6 +48,7 @@ from raytrain_spot.checkpoint.sharded import (
     tensor_bytes,
     write_shard,
 )
+from raytrain_spot.checkpoint.scratch import private_dir, scratch_prefix, sweep_orphans
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.state import LoopState, Stateful, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
@@ -97,7 +98,9 @@ class CheckpointManager:
         self.events = events
         self.scratch_root = scratch_root
         if scratch_root:
-            os.makedirs(scratch_root, exist_ok=True)
+            private_dir(scratch_root, "checkpoint.local_dir")
+            sweep_orphans(scratch_root)
+        sweep_orphans(MEMORY_SCRATCH)  # a worker killed mid-save leaves its scratch directory behind
         self._snapshot = HostSnapshot()
         self._thread: Optional[threading.Thread] = None
         self._transfer = Transfer()  # of the save in flight
@@ -194,7 +197,7 @@ class CheckpointManager:
             return self._serialize_into(MEMORY_SCRATCH, snapshot, step)
 
     def _serialize_into(self, root: Optional[str], snapshot: Dict[str, Any], step: int) -> Tuple[str, FileEntry]:
-        scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=root)
+        scratch = tempfile.mkdtemp(prefix=f"{scratch_prefix('save')}{checkpoint_name(step)}-", dir=root)
         try:
             return scratch, write_state(snapshot, os.path.join(scratch, STATE_FILE), self.compression)
         except BaseException:
@@ -245,7 +248,7 @@ class CheckpointManager:
         step, rank = request.loop.step, dist.get_rank()
         key = checkpoint_key(self.run_name, step)
         tier = self.shared[0]
-        scratch = tempfile.mkdtemp(prefix=f"save-{checkpoint_name(step)}-", dir=self.scratch_root)
+        scratch = tempfile.mkdtemp(prefix=f"{scratch_prefix('save')}{checkpoint_name(step)}-", dir=self.scratch_root)
         started = time.time()
         try:
             try:
@@ -297,7 +300,7 @@ class CheckpointManager:
         for tier in self._tiers():
             if step not in listings[tier.name]:
                 continue
-            with tempfile.TemporaryDirectory(prefix="restore-", dir=self.scratch_root) as scratch:
+            with tempfile.TemporaryDirectory(prefix=scratch_prefix("restore"), dir=self.scratch_root) as scratch:
                 try:
                     manifest, paths = tier.fetch(key, scratch)
                     return load_checkpoint_state(manifest, paths), manifest, tier.name

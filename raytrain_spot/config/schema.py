@@ -43,8 +43,9 @@ class TrainingRunConfig:
     """Log the sample ids every rank trains on (``samples`` events), to audit exactly-once data."""
     lease_ttl_s: float = 60.0
     """One driver owns a run name at a time (a lease in storage.uri, renewed every third of this).
-    A second driver with the same name stops at start; a dead driver's lease is free after this
-    long, at once when it died on the same machine."""
+    A second driver with the same name stops at start, once it sees the lease renewed; a dead
+    driver's lease is free after it stood still this long on the next driver's clock, at once when
+    it died on the same machine. A driver that cannot renew for this less a sixth stops itself."""
     show_ray_logs: bool = False
     """Also print Ray's own lines on the console (workers' and the Train controller's output, Ray
     Train's reports, errors relayed from the GCS, C++ log lines). Off, they go to the run's
@@ -234,10 +235,11 @@ class CheckpointingConfig:
     """Keep a copy on every node's local disk (fast restore after a worker-process restart)."""
     use_head: bool = True
     """Ship checkpoints to the on-demand head node (fast restore after a Spot node loss)."""
-    local_dir: str = "/tmp/raytrain_spot/node-local"
-    """Node-local tier root on every node (one subdirectory per Ray node)."""
-    head_dir: str = "/tmp/raytrain_spot/head"
-    """Head tier root on the head node."""
+    local_dir: str = "~/.cache/raytrain_spot/node-local"
+    """Node-local tier root on every node (one subdirectory per Ray node), in the home of the user
+    the workers run as. Created private (0700); a directory another user owns is refused."""
+    head_dir: str = "~/.cache/raytrain_spot/head"
+    """Head tier root on the head node. Created private (0700); a directory another user owns is refused."""
     durable_interval_s: float = 600.0
     """The head forwards a checkpoint to storage.uri at most this often (always the final one)."""
     compression: str = "none"
