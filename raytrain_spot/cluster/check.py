@@ -500,11 +500,30 @@ def _check_watcher(config: dict) -> List[Problem]:
         return [Problem("cluster", "worker_start_ray_commands",
                         f"do not start the preemption watcher, so {', '.join(spot_workers)} nodes die without "
                         "a drain or a just-in-time checkpoint",
-                        f"append: nohup python -m {WATCHER_MODULE} --margin-s 5 >> ~/.raytrain-spot/watcher.log "
-                        "2>&1 < /dev/null &")]
+                        "start it as a service, as cluster/gcp-spot.yaml does (sudo systemd-run "
+                        f"--unit=raytrain-watcher ... python -m {WATCHER_MODULE} --margin-s 5 --notice-s 30)")]
     if not watchers:
         return []
-    return _check_watcher_notice(config, spot_workers, watchers[0])
+    return _check_ray_survives_the_soft_off(config) + _check_watcher_notice(config, spot_workers, watchers[0])
+
+
+def _check_ray_survives_the_soft_off(config: dict) -> List[Problem]:
+    """At a preemption's ACPI soft-off systemd stops the VM: Ray's node must be where only its main
+    process is signalled (raytrain_spot/simulator/shutdown.py, docs/preemption.md "GCE's shutdown")."""
+    from raytrain_spot.simulator.shutdown import StartCommandsError, node_start
+
+    key, shipped = "worker_start_ray_commands", "start Ray's node as cluster/gcp-spot.yaml does"
+    try:
+        ray = node_start(config.get(key, [])).ray
+    except StartCommandsError as error:
+        return [Problem("cluster", key, str(error), shipped)]
+    if ray.main_only:
+        return []
+    where = "in the SSH session `ray up` runs them in" if not ray.in_service else \
+        f"in {ray.unit} with KillMode={ray.kill_mode}"
+    return [Problem("cluster", key, f"start Ray's node {where}: at a preemption's soft-off systemd SIGTERMs the raylet "
+                    "and the training ranks on it at once, before their just-in-time checkpoint",
+                    f"{shipped}: sudo systemd-run --unit=raytrain-ray -p KillMode=mixed ... ray start --block")]
 
 
 def _check_watcher_notice(config: dict, spot_workers: List[str], command: str) -> List[Problem]:
