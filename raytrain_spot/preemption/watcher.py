@@ -10,7 +10,9 @@ comes first into a drain of its own Ray node with reason PREEMPTION and a deadli
 before the hard stop that notice implies. Ray Train sees the drain and tells every rank through
 ``ray.train.get_preemption_info()``.
 
-Run it as a process (the cluster YAML's worker start commands, the local Spot simulator)::
+Run it as a process: a systemd service of its own on a GCP worker (``raytrain-watcher``, started by
+the cluster YAML's worker start commands; its stop at the soft-off is the SIGTERM notice), one per
+virtual node in the local Spot simulator::
 
     python -m raytrain_spot.preemption.watcher --margin-s 5 [--notice-s 30] [--node-id HEX] [--address HOST:PORT]
 
