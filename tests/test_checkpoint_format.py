@@ -126,3 +126,17 @@ def test_export_refuses_a_damaged_checkpoint(store, tmp_path):
     os.unlink(os.path.join(store.local_path(checkpoint_key("r", 4)), MANIFEST))
     with pytest.raises(InvalidCheckpoint, match="no manifest"):
         export_model(store.local_path(checkpoint_key("r", 4)), str(tmp_path / "out"), "bf16")
+
+
+@pytest.mark.parametrize("field, damaged", [('"samples_seen": 20', '"samples_seen": 21'), ('"step": 2,', '"step": 3,'),
+                                            ('"name": "r"', '"name": "s"')])
+def test_a_changed_byte_in_a_manifest_field_no_file_check_covers_is_refused(store, tmp_path, field, damaged):
+    """Step 3's directory holding a step-3 manifest with another field changed would load: the
+    manifest's own CRC32C (and its directory's step) catch it."""
+    _commit(store, tmp_path, 2)
+    path = store.local_path(f"{checkpoint_key('r', 2)}/{MANIFEST}")
+    text = open(path).read()
+    assert field in text
+    open(path, "w").write(text.replace(field, damaged))
+    with pytest.raises(InvalidCheckpoint, match="CRC32C|step 3's"):
+        fetch_verified(store, checkpoint_key("r", 2), str(tmp_path))
