@@ -27,7 +27,7 @@ from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
 from raytrain_spot.config.redaction import save_redacted_composition, secret_keys
-from raytrain_spot.train.task import TrainingTask, build_task
+from raytrain_spot.train.task import TrainingTask, build_task, with_resolved_settings
 
 logger = logging.getLogger("raytrain_spot")
 register_configs()
@@ -164,8 +164,8 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
               f"global batch {cfg.trainer.global_batch_size}, {cfg.trainer.max_steps} steps, "
               f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir} (Ray's: {ray_logs_dir()})",
               file=console, flush=True)
-        context = LoopContext(config=cfg.to_dict(), storage_uri=storage_uri, events=event_actor,
-                              head_store=head_store, lease_owner=lease.owner)
+        context = LoopContext(config=with_resolved_settings(cfg.to_dict(), task), storage_uri=storage_uri,
+                              events=event_actor, head_store=head_store, lease_owner=lease.owner)
         catalog = PriceCatalog.load(cfg.ledger.prices)
         progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, console, since=started)
         sinks = [progress,

@@ -73,6 +73,13 @@ class TrainingTask(abc.ABC):
         The group waits up to ``trainer.startup_timeout_s`` for its slowest rank here; a copy made
         later, between collectives, would time its peers out after ``trainer.collective_timeout_s``."""
 
+    def resolved_settings(self) -> Dict[str, Any]:
+        """Settings (dotted, under ``task.``) that ``prepare`` resolved on the driver, which every
+        worker gets in place of the user's: a model hub id's commit, say, so that every node loads
+        the same files however the hub moves on. Each must be one of ``resumable_settings`` (a
+        resumed run resolves it again)."""
+        return {}
+
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
         """The model, on the CPU; the framework moves it to the training device, wraps it in DDP and
@@ -131,6 +138,17 @@ class TrainingTask(abc.ABC):
         """Further state a resume needs (say, an EMA of the weights), saved in every checkpoint
         beside the model, the optimizer and the loop state, and restored into these objects."""
         return {}
+
+
+def with_resolved_settings(config: Dict[str, Any], task: TrainingTask) -> Dict[str, Any]:
+    """``config`` (``Config.to_dict()``) with the task's resolved settings in place of the user's."""
+    for key, value in task.resolved_settings().items():
+        *parents, name = key.split(".")
+        settings = config["task"]
+        for parent in parents:
+            settings = settings.setdefault(parent, {})
+        settings[name] = value
+    return config
 
 
 def build_task(settings: Dict[str, Any]) -> TrainingTask:

@@ -33,6 +33,7 @@ from raytrain_spot.tasks.hf_vlm.data import (
     generated_data_dir,
     skipped_rows,
 )
+from raytrain_spot.tasks.hf_vlm.hub import hub_snapshot, is_hub_id
 from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, write_preset
 from raytrain_spot.tasks.hf_vlm.text import IGNORE, SampleText, image_token
 from raytrain_spot.storage.node_cache import local_copy
@@ -52,9 +53,14 @@ class HfModelConfig:
     """Which model, and how to train it."""
 
     path: Optional[str] = None
-    """A model directory (``save_pretrained`` layout): a local path, or ``gs://bucket/prefix``, which
-    each node copies once into ``cache_dir`` (verified; fetched anew when the objects change).
-    Unset: ``preset``'s directory, written into ``cache_dir`` on first use."""
+    """A model directory (``save_pretrained`` layout): a local path, ``gs://bucket/prefix``, which
+    each node copies once into ``cache_dir`` (verified; fetched anew when the objects change), or a
+    Hugging Face hub id (``HuggingFaceTB/SmolVLM-256M-Instruct``), fetched through the Hugging Face
+    client into its cache (``HF_HOME``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` hold). Unset:
+    ``preset``'s directory, written into ``cache_dir`` on first use."""
+    revision: Optional[str] = None
+    """With a hub id: its branch, tag or commit (unset: the default branch). The driver resolves it
+    to a commit before Ray starts, and every worker loads that commit."""
     preset: str = "tiny-llava"
     """With no ``path``: a built-in model directory without weights (seeded random init): ``tiny-llava``,
     ``tiny-idefics3`` (CPU-sized), or the SmolVLM configurations ``smolvlm-256m``, ``smolvlm-500m``,
@@ -114,7 +120,8 @@ class HuggingFaceVLMTask(TrainingTask):
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ("model.cache_dir", "model.gradient_checkpointing",
-                                                     "data.cache_dir")
+                                                     "data.cache_dir", "model.revision")
+    # model.revision: the workers' settings carry the commit the driver resolved; a resume resolves it again
     unused_parameters: ClassVar[bool] = True  # LLaVA never uses its CLIP tower's post_layernorm
 
     # -- driver --------------------------------------------------------------------------------
@@ -198,17 +205,26 @@ class HuggingFaceVLMTask(TrainingTask):
             self._model_dir = self._local_model_dir()
         return self._model_dir
 
+    def resolved_settings(self) -> Dict[str, Any]:
+        """A hub id's commit, as this process resolved it: the driver hands it to every worker."""
+        if self.model.path is None or not is_hub_id(self.model.path):
+            return {}
+        return {"model.revision": os.path.basename(os.path.normpath(self.model_dir()))}
+
     def _local_model_dir(self) -> str:
-        if self.model.path is not None:
-            path = local_copy(self.model.path, self.model.cache_dir, setting="task.model.path")
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                where = path if path == os.path.expanduser(self.model.path) else f"{self.model.path} (its copy {path})"
-                raise ConfigError(f"task.model.path: {where} has no config.json. Fix: point it at a model directory "
-                                  "as save_pretrained writes it (config, processor and tokenizer files, weights)")
+        if self.model.path is None:
+            path = os.path.join(os.path.expanduser(self.model.cache_dir), self.model.preset)
+            if not os.path.exists(os.path.join(path, PRESET_MARKER)):
+                write_preset(self.model.preset, path)
             return path
-        path = os.path.join(os.path.expanduser(self.model.cache_dir), self.model.preset)
-        if not os.path.exists(os.path.join(path, PRESET_MARKER)):
-            write_preset(self.model.preset, path)
+        if is_hub_id(self.model.path):
+            path = hub_snapshot(self.model.path, self.model.revision)
+        else:
+            path = local_copy(self.model.path, self.model.cache_dir, setting="task.model.path")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            where = path if path == os.path.expanduser(self.model.path) else f"{self.model.path} (its copy {path})"
+            raise ConfigError(f"task.model.path: {where} has no config.json. Fix: point it at a model directory "
+                              "as save_pretrained writes it (config, processor and tokenizer files, weights)")
         return path
 
     def data_dir(self, seed: int) -> str:
