@@ -5,18 +5,27 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
-from raytrain_spot.observe.events import read_events
+from raytrain_spot.observe.events import iter_events
 
 SUMMARY_FILE = "summary.json"
 """What the main command writes into the run directory at its end: ``summarize``'s figures and the status."""
 
 
-def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float]) -> Optional[str]:
+def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float],
+                 elapsed_s: Optional[float] = None) -> Optional[str]:
+    """The line of a record worth a line, or None. A step's line ends with the time since this
+    invocation started (``elapsed_s``, when given) and the time to the last step at ``rate`` samples/s."""
     ev = record["ev"]
     if ev == "step":
         speed = f"{rate:8.1f} samples/s" if rate is not None else " " * 17
-        return (f"step {record['step']:>6}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+        line = (f"step {record['step']:>6}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"{speed} | world {record['world_size']}")
+        if elapsed_s is None:
+            return line
+        samples_per_step = record["samples"][1] - record["samples"][0]
+        eta = (clock((total_steps - record["step"]) * samples_per_step / rate) if rate
+               else "--" if record["step"] < total_steps else clock(0))
+        return f"{line} | elapsed {clock(elapsed_s)} | eta {eta}"
     if ev == "group":
         start = f"restored step {record['restored_step']}" if record.get("restored_step") is not None else "step 0"
         return f"[group] training with {record['world_size']} workers from {start}"
@@ -29,6 +38,12 @@ def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float]
         details = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("t", "ev"))
         return f"[{ev}] {details}"
     return None
+
+
+def clock(seconds: float) -> str:
+    """``seconds`` as H:MM:SS."""
+    minutes, secs = divmod(int(round(max(seconds, 0.0))), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 class ProgressPrinter:
@@ -60,7 +75,7 @@ class ProgressPrinter:
             if previous is not None and record["step"] > previous["step"]:
                 rate = (record["samples"][1] - previous["samples"][1]) / max(record["t"] - previous["t"], 1e-9)
             self._last_printed_step = record
-        text = format_event(record, self._total, rate)
+        text = format_event(record, self._total, rate, record["t"] - self._since)
         if text:
             print(text, file=self._out, flush=True)
 
@@ -71,24 +86,65 @@ class ProgressPrinter:
         """``out`` belongs to the caller."""
 
 
+class StepRanges:
+    """The distinct steps seen, as ranges: steps come in order, going back only at a restart (a
+    redone step counts once), so this stays a few pairs however long the run."""
+
+    def __init__(self):
+        self._ranges: List[List[int]] = []
+
+    def add(self, step: int) -> None:
+        if self._ranges and self._ranges[-1][0] <= step <= self._ranges[-1][1] + 1:
+            self._ranges[-1][1] = max(self._ranges[-1][1], step)
+        else:
+            self._ranges.append([step, step])
+
+    def count(self) -> int:
+        merged: List[List[int]] = []
+        for low, high in sorted(self._ranges):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        return sum(high - low + 1 for low, high in merged)
+
+
 def summarize(events_path: str, since: float, storage: str) -> Dict[str, Any]:
-    """Figures of this invocation (records from ``since`` on) plus the run's state."""
-    events = [e for e in read_events(events_path) if e["t"] >= since]
-    steps = [e for e in events if e["ev"] == "step"]
-    checkpoints = [e for e in events if e["ev"] == "checkpoint"]
-    world_sizes = sorted({e["world_size"] for e in steps})
+    """Figures of this invocation (records from ``since`` on) plus the run's state, read in one
+    streaming pass: memory does not grow with the log (a long run's is hundreds of MB)."""
+    first = latest = None  # step records
+    stepped = StepRanges()
+    world_sizes: set[int] = set()
+    checkpoint_steps: set[int] = set()
+    latest_checkpoint = durable = None
+    failed_saves = 0
+    for e in iter_events(events_path):
+        if e["t"] < since:
+            continue
+        if e["ev"] == "step":
+            first = first or e
+            latest = e
+            stepped.add(e["step"])
+            world_sizes.add(e["world_size"])
+        elif e["ev"] == "checkpoint":
+            checkpoint_steps.add(e["step"])
+            latest_checkpoint = e["step"]
+            if e["tier"] == "durable":
+                durable = max(durable or e["step"], e["step"])
+        elif e["ev"] == "checkpoint_failed":
+            failed_saves += 1
     return {
-        "steps": steps[-1]["step"] if steps else None,
-        "steps_this_invocation": len({e["step"] for e in steps}),
-        "samples": steps[-1]["samples"][1] if steps else None,
+        "steps": latest["step"] if latest else None,
+        "steps_this_invocation": stepped.count(),
+        "samples": latest["samples"][1] if latest else None,
         "wall_time_s": round(time.time() - since, 1),
-        "final_loss": steps[-1]["loss"] if steps else None,
-        "first_loss": steps[0]["loss"] if steps else None,
-        "world_sizes": world_sizes,
-        "checkpoints_written": len({e["step"] for e in checkpoints}),
-        "latest_checkpoint_step": checkpoints[-1]["step"] if checkpoints else None,
-        "durable_checkpoint_step": max((e["step"] for e in checkpoints if e["tier"] == "durable"), default=None),
-        "failed_saves": sum(1 for e in events if e["ev"] == "checkpoint_failed"),
+        "final_loss": latest["loss"] if latest else None,
+        "first_loss": first["loss"] if first else None,
+        "world_sizes": sorted(world_sizes),
+        "checkpoints_written": len(checkpoint_steps),
+        "latest_checkpoint_step": latest_checkpoint,
+        "durable_checkpoint_step": durable,
+        "failed_saves": failed_saves,
         "checkpoints_at": storage,
         "events": events_path,
     }
