@@ -214,7 +214,8 @@ def node_start(commands: Sequence[str]) -> NodeStart:
             if program in found:
                 raise StartCommandsError(f"the start commands start {program} twice ({' '.join(found[program].command)!r} "
                                          f"and {' '.join(started)!r}); keep one")
-            if program == "ray" and placement.in_service and "--block" not in started:
+            # A service ends when its main process does; a scope lives as long as any of its processes.
+            if program == "ray" and placement.in_service and "--scope" not in words and "--block" not in started:
                 raise StartCommandsError(f"{placement.unit} runs `ray start` without --block: the command returns at "
                                          "once, systemd then stops the service and Ray's node with it; add --block")
             found[program] = placement
