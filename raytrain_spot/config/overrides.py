@@ -51,7 +51,7 @@ def literal_secret(overrides: List[str]) -> Optional[str]:
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        if key in secret_keys(Config) and value.strip("'\"") and "${" not in value:
+        if key in secret_keys(Config) and value.strip("'\"") not in ("", "null") and "${" not in value:
             variable = key.upper().replace(".", "_")
             return (f"{key}: a secret on the command line stays in shell histories, the process list and Ray's "
                     f"job entrypoint. Fix: export {variable}=... and pass {key}='${{oc.env:{variable}}}' instead")
@@ -108,7 +108,8 @@ def config_sources(argv: List[str]) -> List[Traversable]:
 def _optional_group(name: str) -> bool:
     """A top-level group that is absent unless selected (``chaos``: ``Optional[...] = None``)."""
     field = next(f for f in dataclasses.fields(Config) if f.name == name)
-    return field.default is None and dataclasses.is_dataclass(typing.get_args(typing.get_type_hints(Config)[name])[0])
+    kinds = typing.get_args(typing.get_type_hints(Config)[name])
+    return field.default is None and any(dataclasses.is_dataclass(kind) for kind in kinds)
 
 
 def _selects_group(name: str, overrides: List[str], sources: List[Traversable]) -> bool:
@@ -164,7 +165,8 @@ def composition_problem(error: BaseException) -> Optional[str]:
     if isinstance(cause, (HydraException, OmegaConfBaseException)):
         key = getattr(cause, "full_key", None) or "config"
         problem = str(cause).splitlines()[0].rstrip(".")
-        return f"{key}: {problem}. Fix: check the value's type and spelling (raytrain_spot/config/schema.py documents each setting)"
+        return (f"{key}: {problem}. Fix: check the value's type and spelling (raytrain_spot/config/schema.py "
+                "documents each setting)")
     return None
 
 

@@ -16,7 +16,8 @@ def read_trace(path: str) -> Tuple[List[int], float]:
     """Counts (nodes alive per tick) and tick seconds of a trace file; ConfigError naming
     ``chaos.trace``, what is wrong and the expected format when it is not one."""
     def bad(problem: str) -> ConfigError:
-        return ConfigError(f"chaos.trace: {path} {problem}. Fix: point chaos.trace at a trace file of the form {FORMAT}")
+        return ConfigError(f"chaos.trace: {path} {problem}. Fix: point chaos.trace at a trace file of the form "
+                           f"{FORMAT}")
 
     try:
         with open(os.path.expanduser(path)) as f:
