@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.cost.ledger import LEDGER_FILE
@@ -41,7 +41,8 @@ class RunResult:
     run_name: str
     run_dir: str
     status: str
-    """``finished``, ``failed`` or ``finished without its final durable checkpoint``."""
+    """``finished``, ``stopped`` (``Run.stop()``, Ctrl-C or SIGTERM: it ended at its final checkpoint),
+    ``failed`` or ``finished without its final durable checkpoint``."""
     summary: Dict[str, Any]
     """summary.json: steps, losses, world sizes, checkpoints written, where they are."""
     ledger: Dict[str, Any]
@@ -141,7 +142,9 @@ class Run:
                                f"its output: {self.log_path}\n{_tail(self.log_path)}") from None
 
     def stop(self) -> None:
-        """Interrupt the run as Ctrl-C would: the driver stops Ray Train and writes its summary."""
+        """Stop the run as Ctrl-C would: every worker stops after the same step, the driver commits
+        that step's checkpoint to durable storage, writes the summary and the ledger, and exits with
+        status 130; ``wait()`` returns its result, status ``stopped``. The same ``run.name`` resumes it."""
         if self.running():
             self.process.send_signal(signal.SIGINT)
 
@@ -160,12 +163,12 @@ def start(overrides: Sequence[str] = (), workdir: Optional[str] = None) -> Run:
     where ``outputs/`` goes); return at once with a handle on the run."""
     workdir = os.path.abspath(workdir or os.getcwd())
     overrides = list(overrides)
-    run_name = checked_run_name(overrides, workdir)
-    run_dir = os.path.join(workdir, "outputs", run_name)
+    run_name, run_dir = checked_run(overrides, workdir)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "console.log")
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "raytrain_spot.run", *overrides, f"run.name={run_name}"],
+        process = subprocess.Popen([sys.executable, "-m", "raytrain_spot.run", *overrides, f"run.name={run_name}",
+                                    f"hydra.run.dir={run_dir}"],
                                    cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     return Run(process, run_dir, log_path)
 
@@ -175,11 +178,11 @@ def train(overrides: Sequence[str] = (), workdir: Optional[str] = None, every_st
     return start(overrides, workdir).watch(every_steps)
 
 
-def checked_run_name(overrides: List[str], workdir: str) -> str:
-    """Validate the overrides as the command does; the run's name with its ``${now:...}`` resolved
-    here, so this process and the run agree on the run's directory."""
+def checked_run(overrides: List[str], workdir: str) -> Tuple[str, str]:
+    """Validate the overrides as the command does; the run's name and its directory (``hydra.run.dir``,
+    absolute) with their ``${now:...}`` resolved here, so this process and the run agree on both."""
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     from raytrain_spot.config.overrides import CONFIG_MODULE, check_overrides, composition_problem
     from raytrain_spot.config.schema import load_config, register_configs
@@ -192,16 +195,20 @@ def checked_run_name(overrides: List[str], workdir: str) -> str:
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             try:
-                composed = compose(config_name="config", overrides=overrides)
+                composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
             except Exception as error:
                 if (problem := composition_problem(error)) is None:
                     raise
                 raise ConfigError(problem) from None
+        run_name = str(OmegaConf.select(composed, "run.name"))
+        run_dir = os.path.join(workdir, str(OmegaConf.select(composed, "hydra.run.dir")))
+        with open_dict(composed):
+            del composed["hydra"]  # the run's settings alone, as the command's ``main`` gets them
         cfg = load_config(composed)
         build_task(cfg.task)
     finally:
         os.chdir(cwd)
-    return str(OmegaConf.select(composed, "run.name"))
+    return run_name, run_dir
 
 
 def _config_error(log_path: str) -> str:

@@ -3,6 +3,11 @@
 Validates the configuration, starts (or joins) the Ray cluster, trains with elastic DDP
 and prints a summary. Everything the run writes is under ``outputs/<run.name>/``; running
 again with the same ``run.name`` resumes from the newest valid checkpoint.
+
+Exit status: 0 finished; 1 failed, or finished without its final durable checkpoint; 2 a
+configuration error, before Ray starts; 128 + the signal's number (130 for Ctrl-C, 143 for
+SIGTERM) stopped by that signal after a final checkpoint, with the summary and ledger written.
+A second Ctrl-C or SIGTERM while stopping stops at once, without them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -22,7 +28,7 @@ from raytrain_spot.config.overrides import CONFIG_PATH, check_overrides, composi
 from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
 from raytrain_spot.observe.console import console_for_run
-from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, start_event_log
+from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, iter_events, start_event_log
 from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
@@ -32,6 +38,7 @@ from raytrain_spot.train.task import TrainingTask, build_task, with_resolved_set
 logger = logging.getLogger("raytrain_spot")
 register_configs()
 NOT_DURABLE = "finished without its final durable checkpoint"
+STOPPED = "stopped"
 LISTING_DEADLINE_S = 20.0
 """How long the end-of-run check of durable storage may retry before it says the copy is missing."""
 
@@ -55,15 +62,17 @@ def main(dict_cfg: DictConfig) -> None:
     warn_about_redirects()
     started = time.time()
     lease = None
-    try:
-        lease = take_lease(cfg, storage_uri)
-        status = train(cfg, task, run_dir, storage_uri, started, lease)
-    except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
-        print(f"Configuration error: {error}", file=sys.stderr)
-        sys.exit(CONFIG_ERROR_EXIT)
-    finally:
-        if lease is not None:
-            lease.release()
+    stop = StopOnSignal()
+    with stop:
+        try:
+            lease = take_lease(cfg, storage_uri)
+            status = train(cfg, task, run_dir, storage_uri, started, lease, stop)
+        except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
+            print(f"Configuration error: {error}", file=sys.stderr)
+            sys.exit(CONFIG_ERROR_EXIT)
+        finally:
+            if lease is not None:
+                lease.release()
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
@@ -73,8 +82,45 @@ def main(dict_cfg: DictConfig) -> None:
     ledger = write_ledger(run_dir, PriceCatalog.load(cfg.ledger.prices),
                           LedgerOptions(min_workers=cfg.trainer.min_workers, region=cfg.ledger.region))
     print(format_table(ledger), flush=True)
+    if status == STOPPED:
+        sys.exit(stop.exit_status)
     if status != "finished":
         sys.exit(1)
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM to the driver while it trains: the first asks the run to stop
+    after its current step with a final checkpoint (train/stop.py); a second stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number: what a shell reports for a process that signal ended."""
+        return 128 + self.signum
+
+    def __enter__(self) -> "StopOnSignal":
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # unwinds through the cluster's shutdown
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after the current step with a final checkpoint; "
+              "Ctrl-C again stops at once, without it", file=sys.stderr, flush=True)
 
 
 # Variables that send checkpoints or preemption notices to another host than Google's.
@@ -130,8 +176,9 @@ def take_lease(cfg: Config, storage_uri: str):
     return lease.start_renewing()
 
 
-def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, started: float, lease) -> str:
-    """Run training on the configured cluster; return "finished", "failed" or NOT_DURABLE.
+def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, started: float, lease,
+          stop: StopOnSignal) -> str:
+    """Run training on the configured cluster; return "finished", "failed", NOT_DURABLE or STOPPED.
 
     ``started`` is when this invocation began: progress lines show its records only.
     """
@@ -149,6 +196,9 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
         from raytrain_spot.train.trainer import build_trainer
         from raytrain_spot.train.loop import LoopContext
 
+        from raytrain_spot.train.stop import clear_stop
+
+        clear_stop(cfg.run.name)
         event_actor = start_event_log(run_dir)
         events = EventLog(event_actor)
         events.emit("start", run=cfg.run.name, embedded=cluster is not None, dataset=dataset,
@@ -169,14 +219,15 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
         catalog = PriceCatalog.load(cfg.ledger.prices)
         progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, console, since=started)
         sinks = [progress,
-                 MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name), catalog, cfg.ledger.region),
+                 MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name, cfg.to_dict()), catalog,
+                                cfg.ledger.region),
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
         # At a preemption notice, ask the autoscaler for the replacement at once (elastic/replacements.py).
         replacements = ReplacementRequester(cfg.trainer.resources_per_worker, cfg.trainer.max_workers,
                                             events.emit) if cfg.trainer.spot_aware else None
         with ClusterMonitor(events, replacements=replacements) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
             fit = FitThread(build_trainer(cfg, context))
-            drive(fit, cfg, cluster, events, progress, monitor, run_dir, lease)
+            drive(fit, cfg, cluster, events, progress, monitor, run_dir, lease, stop)
             if lease.lost.is_set():
                 fit.error = RuntimeError(f"this driver lost the lease of run.name={cfg.run.name} (another driver "
                                          "took over, or storage did not answer its renewals); it stopped")
@@ -188,12 +239,17 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
                 import ray
 
                 ray.get(head_store.wait_for_uploads.remote(cfg.checkpoint.final_upload_wait_s))
+            events.flush()  # the workers' "stopped" record is in the file
+            stopped_at = stopped_step(events_path, started) if stop.requested else None
+            last_step = cfg.trainer.max_steps if stopped_at is None else stopped_at
             status = "finished" if fit.error is None else "failed"
             error_text = None if fit.error is None else f"{type(fit.error).__name__}: {fit.error}"
             durable = newest_durable_step(storage_uri, cfg.run.name) if fit.error is None else None
-            if fit.error is None and durable != cfg.trainer.max_steps:
+            if fit.error is None and stopped_at is not None and durable == last_step:
+                status = STOPPED
+            if fit.error is None and durable != last_step:
                 status = NOT_DURABLE
-                error_text = (f"the final checkpoint (step {cfg.trainer.max_steps}) is not in {storage_uri} "
+                error_text = (f"the final checkpoint (step {last_step}) is not in {storage_uri} "
                               f"(newest there: {durable})" + ("; it is on the head. Run the same command again "
                               "when the storage is back: the head uploads its newest checkpoint first"
                                                               if head_store is not None else ""))
@@ -202,6 +258,11 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
             events.emit("end", status=status, error=error_text)
             events.flush()
     return status
+
+
+def stopped_step(events_path: str, since: float):
+    """The step the workers stopped at on the driver's request (train/stop.py), or None: they did not."""
+    return next((e["step"] for e in iter_events(events_path) if e["ev"] == "stopped" and e["t"] >= since), None)
 
 
 def newest_durable_step(storage_uri: str, run_name: str):
@@ -218,9 +279,10 @@ def newest_durable_step(storage_uri: str, run_name: str):
 
 
 def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: ProgressPrinter, monitor,
-          run_dir: str, lease) -> None:
+          run_dir: str, lease, stop: StopOnSignal) -> None:
     """Wait for training, running the Spot simulator if one is configured; stop if the run's
-    lease went to another driver (leaving the cluster context ends this driver's Ray job).
+    lease went to another driver (leaving the cluster context ends this driver's Ray job); pass
+    a stop asked by a signal on to the workers.
 
     Ray wants node changes from the main thread, so training runs in a thread of its own.
     """
@@ -232,8 +294,15 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
                                   on_kill=monitor.reported_dead, log_dir=os.path.join(run_dir, "chaos"),
                                   rank_nodes=lambda: progress.rank_nodes,
                                   node_local_root=os.path.expanduser(cfg.checkpoint.local_dir))
+    from raytrain_spot.train.stop import request_stop
+
+    stop_sent = False
     try:
         while fit.is_alive() and not lease.lost.is_set():
+            if stop.requested and not stop_sent:
+                request_stop(cfg.run.name)
+                events.emit("stop_requested", signal=signal.Signals(stop.signum).name)
+                stop_sent = True
             if simulator is not None:
                 simulator.tick()
             fit.join(0.1)

@@ -1,11 +1,14 @@
-"""The Python API refuses bad settings in the caller, before any process or cluster starts."""
+"""The Python API: bad settings refused in the caller before any process or cluster starts; a run
+started, stopped and its result found where it wrote it."""
 
 import os
+import tempfile
 
 import pytest
 
 import raytrain_spot
 from raytrain_spot.config.errors import ConfigError
+from tests.conftest import assert_clean_audit
 
 
 @pytest.mark.parametrize("override, named", [
@@ -20,9 +23,36 @@ def test_a_bad_setting_raises_in_the_caller_naming_it(tmp_path, override, named)
     assert not os.path.exists(tmp_path / "outputs"), "nothing started"
 
 
-def test_the_run_name_is_resolved_once_for_caller_and_run(tmp_path):
-    from raytrain_spot.api import checked_run_name
+def test_the_run_name_and_directory_are_resolved_once_for_caller_and_run(tmp_path):
+    from raytrain_spot.api import checked_run
 
-    name = checked_run_name(["+experiment=vlm"], str(tmp_path))
-    assert name.startswith("vlm-") and "${" not in name
-    assert checked_run_name(["+experiment=vlm", "run.name=mine"], str(tmp_path)) == "mine"
+    name, run_dir = checked_run(["+experiment=vlm"], str(tmp_path))
+    assert name.startswith("vlm-") and "${" not in name and run_dir == str(tmp_path / "outputs" / name)
+    assert checked_run(["+experiment=vlm", "run.name=mine"], str(tmp_path)) == ("mine", str(tmp_path / "outputs/mine"))
+    assert checked_run(["+experiment=vlm", "run.name=mine", "hydra.run.dir=runs/${run.name}-x"], str(tmp_path)) == \
+        ("mine", str(tmp_path / "runs/mine-x"))
+
+
+@pytest.mark.cluster
+def test_a_run_stopped_from_the_api_in_its_own_hydra_run_dir(tmp_path):
+    """``Run.stop()`` ends the run at a durable final checkpoint with its summary, and ``wait()`` finds
+    that summary where ``hydra.run.dir`` put the run, not under outputs/<run.name>."""
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
+    os.environ["RAY_TMPDIR"] = ray_tmp  # the run's process inherits it
+    try:
+        run = raytrain_spot.start(["+experiment=vlm", "run.name=api-stop", "hydra.run.dir=elsewhere/${run.name}",
+                                   "cluster.num_worker_nodes=2", "trainer.max_workers=2", "trainer.max_steps=100000",
+                                   f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"],
+                                  workdir=str(tmp_path))
+        assert next(e for e in run.follow() if e["ev"] == "step")
+        run.stop()
+        result = run.wait(timeout=300)
+    finally:
+        del os.environ["RAY_TMPDIR"]
+    assert run.process.returncode == 130
+    assert result.run_dir == str(tmp_path / "elsewhere" / "api-stop")
+    assert result.status == "stopped" and result.ledger
+    stopped = next(e["step"] for e in result.events() if e["ev"] == "stopped")
+    assert result.summary["durable_checkpoint_step"] == stopped
+    assert_clean_audit("api-stop", result.checkpoints[:-len("/api-stop/checkpoints")], f"{tmp_path}/head",
+                       f"{tmp_path}/node-local", stopped, ray_tmp)

@@ -94,10 +94,10 @@ def test_a_users_config_dir_composes_on_top_of_the_installed_configs(installed, 
 
 def test_the_python_api_checks_overrides_from_the_installed_configs(installed, tmp_path):
     checked = _run(installed, tmp_path, sys.executable, "-c",
-                   "from raytrain_spot.api import checked_run_name; "
-                   "print(checked_run_name(['+experiment=hf_vlm', 'task.lora.r=4', 'run.name=w'], '.'))")
+                   "from raytrain_spot.api import checked_run; "
+                   "print(*checked_run(['+experiment=hf_vlm', 'task.lora.r=4', 'run.name=w'], '/tmp'))")
     assert checked.returncode == 0, checked.stderr[-3000:]
-    assert checked.stdout.split() == ["w"]
+    assert checked.stdout.split() == ["w", "/tmp/outputs/w"]
 
 
 def test_every_cli_subcommand_runs_from_the_wheel(installed, tmp_path):

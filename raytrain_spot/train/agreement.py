@@ -2,7 +2,7 @@
 
 Each rank contributes a ``RankView``; the sum over ranks decodes into one ``StepAgreement``
 that every rank acts on at the same step. The sum works because every slot has either one
-writer (rank 0's decisions: regrow, periodic save, notice hold, committed step, and its clock)
+writer (rank 0's decisions: regrow, periodic save, notice hold, stop, committed step, and its clock)
 or means "any rank says so" (a rank's notice flag, set by whichever ranks know of it; read as
 > 0). The loss is the one true sum.
 """
@@ -16,7 +16,8 @@ import torch
 
 from raytrain_spot.train.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _HOLD_FOR_CAPACITY, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = range(10)
+_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _HOLD_FOR_CAPACITY, _STOP, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = \
+    range(11)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class RankView:
     0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
     hold_waits_for_capacity: bool = False
     """Rank 0: the hold is for capacity elsewhere, not for warm standbys (train/handoff.py's ``NoticeHold``)."""
+    stop: bool = False
+    """Rank 0: the driver asked the run to stop (train/stop.py): checkpoint this step and end."""
     committed_step: int = 0
     """Rank 0: newest step committed to a shared tier."""
     commit_s: float = 0.0
@@ -63,6 +66,7 @@ class StepAgreement:
     holding_for: int = 0
     hold_waits_for_capacity: bool = False
     commit_s: float = 0.0
+    stop: bool = False
 
 
 def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
@@ -77,6 +81,7 @@ def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
         slots[_SAVE] = float(view.save_due)
         slots[_HOLDING_FOR] = float(view.holding_for)
         slots[_HOLD_FOR_CAPACITY] = float(view.hold_waits_for_capacity)
+        slots[_STOP] = float(view.stop)
         slots[_COMMITTED] = float(view.committed_step)
         slots[_COMMIT_S] = view.commit_s
         slots[_STEP_S] = view.step_s
@@ -100,7 +105,8 @@ class PendingAgreement:
                              grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
                              committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT],
                              holding_for=int(summed[_HOLDING_FOR]),
-                             hold_waits_for_capacity=summed[_HOLD_FOR_CAPACITY] > 0, commit_s=summed[_COMMIT_S])
+                             hold_waits_for_capacity=summed[_HOLD_FOR_CAPACITY] > 0, commit_s=summed[_COMMIT_S],
+                             stop=summed[_STOP] > 0)
 
 
 def agree(view: RankView, group: RankGroup) -> StepAgreement:

@@ -38,6 +38,7 @@ from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import NoticeHoldPolicy, checkpoint_and_report, hand_off, handoff_after
 from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
 from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.train.stop import StopPoll
 from raytrain_spot.train.step import checked_optimizer, seed_step, set_learning_rate, split, step_seed, train_step
 from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
 
@@ -122,7 +123,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps) or holds.began,
                          holding_for=len(leaving) if hold and hold.hold else 0,
                          hold_waits_for_capacity=bool(hold and hold.waits_for_capacity),
-                         committed_step=checkpoints.committed_step, commit_s=commit_s, step_s=step_s, at=time.time())
+                         stop=runtime.stop_requested(), committed_step=checkpoints.committed_step, commit_s=commit_s, step_s=step_s, at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
         pending = start_agreement(view, group)
         # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
@@ -149,6 +150,12 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
 
         if loop.step == cfg.trainer.max_steps:
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)
+            break
+        if agreed.stop:  # the run's last checkpoint, as at max_steps: a resume goes on from it, no interruption
+            if rank == 0:
+                events.emit("stopped", step=loop.step)
+            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final", reason="stop"), rank, 0,
+                                  runtime.report)
             break
         if (handoff := handoff_after(agreed, loop.step, world_size)) and cfg.trainer.ray_preemption_api:
             if not checkpointed_at_notice:  # Ray's recipe: one checkpoint, then train on until the node dies
@@ -326,7 +333,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=cluster_signals(cfg, capacity),
                                 warmup=warmup,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
-                                             "warm_standby": standbys.enabled})
+                                             "warm_standby": standbys.enabled},
+                                stop_requested=StopPoll(cfg.run.name))
         train(cfg, task, runtime, checkpoints, events, phases)
     finally:
         events.send()  # the last steps' records

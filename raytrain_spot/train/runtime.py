@@ -60,6 +60,9 @@ class WorkerRuntime:
     """Rank 0's notice warm-up of the nodes that stay (train/handoff.py); None: the group hands off cold."""
     group_facts: Dict[str, Any] = field(default_factory=dict)
     """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
+    stop_requested: Callable[[], bool] = lambda: False
+    """Asked on rank 0 after each step: whether the driver asked the run to stop (train/stop.py's ``StopPoll``
+    in a run)."""
 
     @property
     def rank(self) -> int:
