@@ -250,3 +250,14 @@ def test_trl_data_read_with_the_default_columns_says_which_to_set(tmp_path):
                                      r"task\.data\.image_column .*task\.data\.image_column=images "
                                      r"task\.data\.text_column=messages"):
         checked_rows(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path, shard_files(path))
+
+
+def test_a_list_of_pixel_arrays_is_a_list_of_images(tmp_path):
+    pixels = [shapes(0), shapes(1)]
+    features = datasets.Features({"images": datasets.List(datasets.Array3D(pixels[0].shape, "uint8")),
+                                  "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"images": [pixels], "caption": ["a"]}, features=features).save_to_disk(
+        str(tmp_path / "arrays"))
+    images, *_ = ImageTextShards(ImageTextDataConfig(image_column="images", cache_dir=str(tmp_path / "c")),
+                                 str(tmp_path / "arrays"))[0]
+    assert [np.asarray(image).tolist() for image in images] == [p.tolist() for p in pixels]

@@ -50,7 +50,11 @@ print(json.dumps(out))
 def prefill_hf_cache(hub_cache: str, repo_id: str, commit: str, model_dir: str) -> None:
     """``model_dir``'s files as the hub client caches a download of ``repo_id`` at ``commit`` on main:
     content-addressed blobs, the snapshot's links to them, and the ref."""
-    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _create_symlink, repo_folder_name
+    from huggingface_hub.file_download import (
+        _cache_commit_hash_for_specific_revision,
+        _create_symlink,
+        repo_folder_name,
+    )
 
     storage = os.path.join(hub_cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
     os.makedirs(os.path.join(storage, "blobs"))

@@ -180,10 +180,16 @@ def holds_images(list_type: pa.DataType) -> bool:
     """Whether a list type is a list of images (encoded bytes, ``{"bytes": ...}`` structs, or HxWx3
     arrays), not one image's pixels."""
     item, depth = list_type.value_type, 1
-    while is_list(item):
-        item, depth = item.value_type, depth + 1
+    while is_list(storage(item)):
+        item, depth = storage(item).value_type, depth + 1
+    item = storage(item)
     return depth == 4 or (depth == 1 and (pa.types.is_binary(item) or pa.types.is_large_binary(item)
                                           or pa.types.is_struct(item)))
+
+
+def storage(arrow_type: pa.DataType) -> pa.DataType:
+    """An extension type's storage (``datasets``' Array3D is a list of lists of lists)."""
+    return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
 
 
 def is_list(arrow_type: pa.DataType) -> bool:
