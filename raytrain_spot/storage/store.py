@@ -194,6 +194,8 @@ class LocalStore:
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
+        self._checksums = {known: value for known, value in self._checksums.items()
+                           if known != path and not known.startswith(path + os.sep)}
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
