@@ -3,7 +3,7 @@ launches and watches a run with a preemption, the other analyses it from its dir
 cluster's head node they join that cluster instead, and the cluster YAMLs copy them there.
 
 ``RAYTRAIN_SPOT_SAVE_NOTEBOOKS=1`` writes the executed notebooks back into notebooks/, outputs
-and all, so a reader of the repository sees the plots (how they are refreshed: docs/notebooks.md)."""
+and all, so a reader of the repository sees the plots (docs/extending.md, "From Python")."""
 
 import glob
 import os
