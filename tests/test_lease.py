@@ -167,3 +167,30 @@ def test_a_dead_driver_on_this_machine_frees_its_lease_at_once(tmp_path):
               f"RunLease(LocalStore({str(tmp_path / 'storage')!r}), 'exp', ttl_s=3600).acquire()")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     RunLease(store, "exp", ttl_s=3600).acquire()  # the holder's process is gone: no wait for the hour
+
+
+def test_the_head_uploads_nothing_once_its_driver_lost_the_lease(tmp_path):
+    from raytrain_spot.checkpoint.head import HeadStore
+    from raytrain_spot.observe.events import EventLog
+
+    durable = LocalStore(str(tmp_path / "durable"))
+    clock = Clock()
+    first = RunLease(durable, "exp", ttl_s=60, clock=clock, sleep=clock.sleep)
+    first.acquire()
+    head = HeadStore(str(tmp_path / "head"), "exp", durable.uri, keep_latest_k=2, milestone_every=0,
+                     durable_interval_s=0.0, events=EventLog(), lease_owner=first.owner)
+
+    def commit_on_the_head(step):
+        data = f"weights of step {step}".encode()
+        (tmp_path / "state.pt").write_bytes(data)
+        manifest = Manifest(step=step, samples_seen=step, kind="periodic", world_size=1,
+                            files={"state.pt": file_entry(str(tmp_path / "state.pt"))}, config={})
+        head.write_chunk(checkpoint_key("exp", step), "state.pt", 0, data)
+        head.commit(checkpoint_key("exp", step), manifest.to_json())
+        return head.wait_for_uploads(timeout_s=30)
+
+    assert commit_on_the_head(1) == 1
+    RunLease(durable, "exp", ttl_s=60, clock=clock, sleep=clock.sleep).acquire()  # another driver took the run
+    assert commit_on_the_head(2) == 1 and head.lease_lost
+    assert not durable.exists(f"{checkpoint_key('exp', 2)}/{MANIFEST}"), "a head whose driver lost the run uploaded"
+    assert head.steps() == [2, 1], "what the head holds stays on the head"
