@@ -546,3 +546,13 @@ def test_spread_placement_warns_with_the_inter_zone_price_and_pack_does_not():
     assert "14 GiB per step per GiB of gradients" in spread.problem and "$0.14" in spread.problem
     config["provider"]["zone_placement"] = "pack"
     assert ("cluster", "provider.zone_placement") not in warning_keys(config)
+
+
+def test_the_summary_shows_each_gpu_types_driver_and_torch_build():
+    config = raw(MAIN_YAML)
+    rows = {t.name: t.gpu_stack for t in cluster_check.summarize(cluster_check.prepare(config), lambda *a: 1.0).node_types}
+    assert rows["head"] is None
+    assert rows["gpu-spot"].startswith("NVIDIA driver 570, torch 2.13.0 as the cu126 build") and "; runs" in rows["gpu-spot"]
+    torch_from_pypi(config)
+    stack = cluster_check.summarize(cluster_check.prepare(config), lambda *a: 1.0).node_types[1].gpu_stack
+    assert "PyPI's default build (CUDA 13.0); does NOT run" in stack

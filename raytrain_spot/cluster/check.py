@@ -125,6 +125,8 @@ class NodeTypeSummary:
     replacement_room: int = 0
     """Nodes of this type the autoscaler may launch beyond ``min_workers`` (within the cluster's
     ``max_workers``): replacements it can start while preempted VMs still run out their notice."""
+    gpu_stack: Optional[str] = None
+    """GPU worker types: the image's driver branch and the torch build the set-up installs."""
 
 
 @dataclass(frozen=True)
@@ -629,6 +631,17 @@ def _check_gpu_stack(config: dict) -> List[Problem]:
     return problems
 
 
+def gpu_stack_of(config: dict, node_type: dict) -> str:
+    """The driver a GPU type's image ships and the torch its set-up installs, as the summary shows them."""
+    branch = driver_branch_of_image(_boot_image(node_type.get("node_config", {})))
+    builds = [b for b in map(torch_build_of, _setup_commands_of(config, node_type, is_head=False)) if b is not None]
+    torch_text = ", ".join(f"torch {b.version} as {b.where} (CUDA {b.cuda or 'none'})" for b in builds) or "no torch"
+    driver_text = f"NVIDIA driver {branch}" if branch is not None else "no NVIDIA driver in the image"
+    verdict = "" if branch is None or not builds or any(b.cuda is None for b in builds) else (
+        "; runs" if not any(driver_problem(branch, b.cuda) for b in builds) else "; does NOT run")
+    return f"{driver_text}, {torch_text}{verdict} (raytrain_spot/cluster/gpu_stack.py)"
+
+
 def _check_installs(config: dict) -> List[Problem]:
     """The package is installed with its ``[hf]`` extra on every node, from a path that outlives a reboot."""
     problems = []
@@ -785,7 +798,8 @@ def summarize(config: dict, price_lookup: Optional[PriceLookup] = None) -> Clust
             machine=machine, gpus=str(gpus) if gpus else "-", min_workers=node_type.get("min_workers", 0),
             max_workers=node_type.get("max_workers", 0), price_per_hour=price,
             notice_s=notice_of(node_type, gcp) if name != head_name else None, advance_notice_s=advance or 0,
-            replacement_room=max(0, min(type_room, cluster_room)) if name != head_name else 0))
+            replacement_room=max(0, min(type_room, cluster_room)) if name != head_name else 0,
+            gpu_stack=gpu_stack_of(config, node_type) if gcp and gpus and name != head_name else None))
     if is_multizone(config):
         zones = f"head {provider.get('availability_zone')}, Spot over {', '.join(provider.get('availability_zones', []))}"
     else:
@@ -820,6 +834,9 @@ def format_summary(summary: ClusterSummary) -> str:
                 "the top-level max_workers above min_workers)")
         lines.append(f"  {t.name}: preemption notice {t.notice_s:.0f} s before the hard stop ({NOTICE_KEY} "
                      f"{t.advance_notice_s} s, preview, + GCE's {GCE_SHUTDOWN_S:.0f} s); {room}")
+    for t in summary.node_types:
+        if t.gpu_stack:
+            lines.append(f"  {t.name}: {t.gpu_stack}")
     for at in ("min", "max"):
         total, unpriced = summary.cost_per_hour(at)
         note = f" (not counting {', '.join(unpriced)}: no price)" if unpriced else ""
