@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from raytrain_spot.config.overrides import CONFIG_PATH, check_overrides, composition_problem
+from raytrain_spot.checkpoint.scratch import private_dir
 from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
 from raytrain_spot.observe.console import console_for_run
@@ -55,6 +56,8 @@ def main(dict_cfg: DictConfig) -> None:
         task = build_task(cfg.task)
         storage_uri = cfg.storage.resolved_uri(os.getcwd())
         check_storage(storage_uri)
+        if cfg.checkpoint.use_head:  # the head tier is this machine's: another user's directory stops the run here
+            private_dir(cfg.checkpoint.head_root(storage_uri), "checkpoint.head_dir")
         check_resume(cfg, task, storage_uri)
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)

@@ -100,3 +100,18 @@ def test_a_tier_root_another_user_owns_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint.head_dir: .*raytrain_spot belongs to another user \(uid 12345\)"
                                           r".*Fix: set checkpoint.head_dir"):
         private_dir(str(planted / "head" / "ns"), "checkpoint.head_dir")
+
+
+@pytest.mark.slow  # a subprocess that imports the whole command: ~90 s on 2 busy cores
+@pytest.mark.skipif(os.getuid() != 0, reason="making a directory another user owns needs root")
+def test_the_main_command_refuses_a_head_dir_another_user_owns_before_ray_starts(tmp_path):
+    from tests.conftest import run_main
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    os.chown(planted, 12345, 12345)
+    result = run_main("+experiment=vlm", "run.name=private", f"checkpoint.head_dir={planted}",
+                      f"checkpoint.local_dir={tmp_path}/node-local", cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "checkpoint.head_dir: " in result.stderr and "belongs to another user (uid 12345)" in result.stderr
+    assert "Ray" not in result.stdout, "stopped before Ray started"
