@@ -168,7 +168,7 @@ def start(overrides: Sequence[str] = (), workdir: Optional[str] = None) -> Run:
     log_path = os.path.join(run_dir, "console.log")
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "raytrain_spot.run", *overrides, f"run.name={run_name}",
-                                    f"hydra.run.dir={run_dir}"],
+                                    f"hydra.run.dir={quoted(run_dir)}"],
                                    cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     return Run(process, run_dir, log_path)
 
@@ -209,6 +209,12 @@ def checked_run(overrides: List[str], workdir: str) -> Tuple[str, str]:
     finally:
         os.chdir(cwd)
     return run_name, run_dir
+
+
+def quoted(value: str) -> str:
+    """A Hydra override value kept whole: a path's spaces and quotes stay in it."""
+    escaped = value.replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def _config_error(log_path: str) -> str:

@@ -24,13 +24,16 @@ def test_a_bad_setting_raises_in_the_caller_naming_it(tmp_path, override, named)
 
 
 def test_the_run_name_and_directory_are_resolved_once_for_caller_and_run(tmp_path):
-    from raytrain_spot.api import checked_run
+    from raytrain_spot.api import checked_run, quoted
 
     name, run_dir = checked_run(["+experiment=vlm"], str(tmp_path))
     assert name.startswith("vlm-") and "${" not in name and run_dir == str(tmp_path / "outputs" / name)
     assert checked_run(["+experiment=vlm", "run.name=mine"], str(tmp_path)) == ("mine", str(tmp_path / "outputs/mine"))
     assert checked_run(["+experiment=vlm", "run.name=mine", "hydra.run.dir=runs/${run.name}-x"], str(tmp_path)) == \
         ("mine", str(tmp_path / "runs/mine-x"))
+    odd = str(tmp_path / "it's a dir")  # what start() hands the run, quoted, comes back whole
+    assert checked_run(["+experiment=vlm", "run.name=mine", f"hydra.run.dir={quoted(odd)}"], str(tmp_path)) == \
+        ("mine", odd)
 
 
 @pytest.mark.cluster
