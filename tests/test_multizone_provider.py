@@ -110,8 +110,15 @@ def test_ray_gcp_provider_is_the_version_this_subclass_was_written_against():
     assert "self._construct_clients()" in source and "self.cached_nodes" in source
 
 
+def test_spot_workers_pack_into_one_zone_by_default(api, provider):
+    # Spread would send every step's all-reduce across zones, which GCE bills per GiB.
+    provider().create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 4)
+
+    assert [zone_of(i) for i in api.instances()] == [ZONES[0]] * 4
+
+
 def test_spot_workers_spread_evenly_with_each_zone_in_its_own_urls(api, provider):
-    created = provider().create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 6)
+    created = provider(zone_placement="spread").create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 6)
 
     assert len(created) == 6
     zones = [zone_of(i) for i in api.instances()]
@@ -126,7 +133,7 @@ def test_spot_workers_spread_evenly_with_each_zone_in_its_own_urls(api, provider
 
 def test_a_stockout_fails_over_to_the_next_zone_and_blocks_the_zone(api, provider, clock, caplog):
     api.exhaust(zone=ZONES[0])
-    nodes = provider()
+    nodes = provider(zone_placement="spread")
     with caplog.at_level(logging.INFO, logger="raytrain_spot.cluster.gcp.multizone_provider"):
         nodes.create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 3)
 
@@ -189,7 +196,7 @@ def test_pack_placement_fills_one_zone_first(api, provider):
 
 
 def test_nodes_are_listed_labelled_and_deleted_in_their_own_zone(api, provider):
-    nodes = provider()
+    nodes = provider(zone_placement="spread")  # one node per zone
     nodes.create_node(SPOT_CONFIG, worker_tags("gpu-spot"), 3)
     by_zone = {zone_of(i): i["name"] for i in api.instances()}
     assert sorted(nodes.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: "gpu-spot"})) == sorted(by_zone.values())

@@ -698,7 +698,7 @@ def warnings(config: dict, catalog: Optional[PriceCatalog] = None) -> List[Probl
                              "stops with KeyError: 'items'",
                              f"check gcloud compute networks subnets list --filter=region:{region} and "
                              f"IN_USE_ADDRESSES >= {vms} ({quota_command})"))
-    if is_multizone(config) and config["provider"].get("zone_placement", "spread") == "spread":
+    if is_multizone(config) and config["provider"].get("zone_placement", "pack") == "spread":
         zones = len(config["provider"].get("availability_zones", []))
         ranks = sum(t.get("max_workers", 0) for n, t in config["available_node_types"].items()
                     if n != head_name and gpus_of(t.get("node_config", {})))

@@ -18,7 +18,7 @@ head, whose autoscaler loads it)::
       availability_zone: us-central1-a          # head and on-demand nodes
       availability_zones: [us-central1-a, us-central1-b, us-central1-c]   # Spot workers
       zone_block_s: 600                          # optional
-      zone_placement: spread                     # optional: spread | pack
+      zone_placement: pack                       # optional: pack (default) | spread
 
 Zone-specific URLs in a node config (``machineType``, ``acceleratorType``, ``diskType``) may
 be bare names or name any zone: they are rewritten for the zone each VM goes to.
@@ -98,7 +98,7 @@ class MultiZoneSettings:
                 if zone.rsplit("-", 1)[0] != region:
                     raise ValueError(f"provider.{key}: zone {zone} is outside region {region} (subnets are "
                                      f"regional). Fix: use zones of {region} or change provider.region")
-        placement = provider.get("zone_placement", Placement.SPREAD.value)
+        placement = provider.get("zone_placement", Placement.PACK.value)
         if placement not in {p.value for p in Placement}:
             raise ValueError(f"provider.zone_placement: {placement!r} is unknown. Fix: set it to spread or pack")
         policy = ZonePolicyConfig(zones=tuple(zones), block_s=float(provider.get("zone_block_s", 600.0)),

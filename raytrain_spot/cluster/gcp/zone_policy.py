@@ -74,8 +74,9 @@ class ZonePolicyConfig:
     """Zones to place workers in, in order of preference (ties go to the earlier zone)."""
     block_s: float = 600.0
     """Seconds a zone is skipped after a stockout or quota failure in it."""
-    placement: Placement = Placement.SPREAD
-    """How to pick among the open zones: spread or pack (see ``Placement``)."""
+    placement: Placement = Placement.PACK
+    """How to pick among the open zones: pack or spread (see ``Placement``). Pack by default: spread
+    sends every step's all-reduce across zones, which GCE bills per GiB (docs/cluster.md)."""
 
     def __post_init__(self):
         if not self.zones:
