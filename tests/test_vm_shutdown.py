@@ -16,7 +16,6 @@ import yaml
 
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import load_config
-from raytrain_spot.preemption.watcher import DrainReply
 from raytrain_spot.simulator import chaos
 from raytrain_spot.simulator.shutdown import (GCP_WORKER_START_COMMANDS, SESSION_SCOPE, StartCommandsError,
                                               node_start, shutdown_times)
@@ -136,10 +135,6 @@ class Recorder:
     def emit(self, ev, **fields):
         self.records.append({"ev": ev, **fields})
 
-    def drain(self, decision):
-        self.records.append({"ev": "drain", "node": decision.node_id, "deadline_s": decision.deadline_s})
-        return DrainReply(accepted=True, rejection="")
-
 
 def soft_off_of(compose, tmp_path, commands):
     """A simulator preempting the one node 2 simulated seconds in, with a 6 s notice; the soft-off ran."""
@@ -150,7 +145,7 @@ def soft_off_of(compose, tmp_path, commands):
                               "chaos.events=[{action:preempt,node:0,at_s:2}]")).chaos
     now, recorder, cluster = {"t": 1000.0}, Recorder(), VirtualCluster()
     simulator = chaos.SpotSimulator(cfg, cluster, recorder, current_step=lambda: 1, on_kill=lambda *_: None,
-                                    log_dir=str(tmp_path / "logs"), clock=lambda: now["t"], drainer=recorder)
+                                    log_dir=str(tmp_path / "logs"), clock=lambda: now["t"])
     simulator.tick()
     now["t"] += 2
     simulator.tick()
@@ -181,15 +176,26 @@ def test_as_a_service_only_ray_start_block_hears_the_soft_off_and_stops_the_node
     try:
         [soft_off] = [e for e in recorder.records if e["ev"] == "soft_off"]
         assert soft_off["sigterm"] == "ray start --block"
-        assert wait_for(lambda: any(e["ev"] == "drain" for e in recorder.records)), "Ray drains on SIGTERM"
-        time.sleep(0.5)
+        signalled = time.time()
+        service = simulator.ray_services[0]
+        time.sleep(1.0)
         assert node.raylet.poll() is None and node.worker_alive(), "KillMode=mixed: the node's processes live on"
-        now["t"] += 25 * 0.2 - 0.1  # the 25 s drain timeout, compressed like the 6 s window
-        simulator.tick()
-        assert node.raylet.poll() is None
-        now["t"] += 0.2
-        simulator.tick()
-        assert node.raylet.wait(timeout=5) == 143, "after its drain timeout Ray stops the node's processes"
+        # The 25 s drain timeout, compressed like the 6 s window: 5 s, with no GCS here to drain through.
+        assert node.raylet.wait(timeout=15) == 143, "after its drain timeout Ray stops the node's processes"
+        assert 4.5 < time.time() - signalled and wait_for(lambda: not node.worker_alive())
+        assert service.wait(timeout=5) == 1, "and exits as Ray's handler does"
+    finally:
+        simulator.close()
+        node.close()
+
+
+def test_a_raylet_that_finishes_its_drain_ends_the_wait(compose, tmp_path):
+    simulator, node, _, _ = soft_off_of(compose, tmp_path, GCP_WORKER_START_COMMANDS)
+    try:
+        os.kill(node.worker_pid, signal.SIGKILL)
+        node.raylet.terminate()  # a drained, idle raylet exits by itself
+        node.raylet.wait(timeout=5)
+        assert simulator.ray_services[0].wait(timeout=3) == 1, "no wait left once the raylet is gone"
     finally:
         simulator.close()
         node.close()

@@ -28,18 +28,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from raytrain_spot.config.schema import ChaosConfig, ChaosEvent
 from raytrain_spot.observe.events import EventLog
-from raytrain_spot.simulator.trace_file import read_trace
 from raytrain_spot.simulator.shutdown import node_start, read_start_commands, shutdown_times
-
-if TYPE_CHECKING:
-    from raytrain_spot.preemption.watcher import Drainer
+from raytrain_spot.simulator.trace_file import read_trace
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +60,7 @@ class Action:
     """Something the simulator does at a wall time (seconds after the first step)."""
 
     at_s: float
-    kind: str = field(compare=False)  # notice | soft_off | ray_stop | unit_timeout | kill | add
+    kind: str = field(compare=False)  # notice | soft_off | unit_timeout | kill | add
     node: Optional[int] = field(default=None, compare=False)
     notice_s: float = field(default=0.0, compare=False)
 
@@ -185,14 +181,17 @@ def _signal_all(processes, sig: signal.Signals) -> None:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def spawn_tied(command: List[str], env: Dict[str, str], log) -> subprocess.Popen:
+def spawn_tied(command: List[str], env: Dict[str, str], log, hold_sigterm: bool = False) -> subprocess.Popen:
     """Start a helper process that the kernel kills when this process dies, however it dies
     (a SIGKILLed driver included), so no simulator process polls on forever.
 
-    The signal is SIGKILL: SIGTERM would be a preemption notice to a watcher."""
+    The signal is SIGKILL: SIGTERM would be a preemption notice to a watcher. ``hold_sigterm``
+    starts it with SIGTERM blocked, so one sent while it starts waits for its ``sigwait``."""
     parent = os.getpid()
 
     def die_with_parent() -> None:
+        if hold_sigterm:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the line above took effect
             os._exit(1)
@@ -209,8 +208,7 @@ class SpotSimulator:
 
     def __init__(self, cfg: ChaosConfig, cluster, events: EventLog, current_step: Callable[[], Optional[int]],
                  on_kill: Callable[[str, bool], None], log_dir: str, rank_nodes: Callable[[], List[str]] = list,
-                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time,
-                 drainer: Optional["Drainer"] = None):
+                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time):
         from raytrain_spot.simulator.metadata_server import MetadataEmulator
 
         self.cfg = cfg
@@ -220,7 +218,6 @@ class SpotSimulator:
         self.rank_nodes = rank_nodes  # node id of each rank of the current worker group
         self.node_local_root = node_local_root
         self.clock = clock
-        self._drainer = drainer  # the GCS a service's `ray start --block` drains through (default: the cluster's)
         self.on_kill = on_kill  # logs the kill (the cluster monitor, so it is logged once)
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)
@@ -229,6 +226,7 @@ class SpotSimulator:
         logger.info("Each virtual VM as its start commands leave it at the soft-off: %s", self.node_start.describe())
         self.nodes: Dict[int, object] = {}  # slot -> Ray node handle of the alive ones
         self.watchers: Dict[int, subprocess.Popen] = {}
+        self.ray_services: Dict[int, subprocess.Popen] = {}  # `ray start --block` of each node in a service
         self._noticed: set[int] = set()
         self._next_slot = 0
         for node in list(cluster.workers):
@@ -259,6 +257,8 @@ class SpotSimulator:
         self.nodes[slot] = node
         name = f"worker-{slot}"
         self.metadata.add_node(name)
+        if self.node_start.ray.main_only:
+            self._start_ray_service(slot, node)
         if not self.cfg.watchers:
             return slot
         with open(os.path.join(self.log_dir, f"watcher-{name}.log"), "ab") as log:
@@ -269,6 +269,23 @@ class SpotSimulator:
                 env={**os.environ, **self.metadata.env(name)}, log=log,
             )
         return slot
+
+    def _start_ray_service(self, slot: int, node) -> None:
+        """The service's main process, `ray start --block` (raytrain_spot/simulator/ray_service.py): the
+        embedded cluster starts raylets from the driver. Its drain timeout shrinks with a compressed
+        window, taken from chaos.notice_s as the watchers' deadlines are."""
+        from raytrain_spot._ray import ray_constants
+
+        pids = {kind: [info.process.pid for info in infos] for kind, infos in node.all_processes.items()}
+        [raylet] = pids.pop(ray_constants.PROCESS_TYPE_RAYLET)
+        others = [pid for group in pids.values() for pid in group]
+        drain_s = self.node_start.ray_drain_timeout_s * shutdown_times(self.cfg.notice_s).scale
+        command = [sys.executable, "-m", "raytrain_spot.simulator.ray_service", "--address", self.cluster.address,
+                   "--node-id", node.node_id, "--drain-timeout-s", f"{drain_s:.3f}", "--raylet-pid", str(raylet)]
+        for pid in others:
+            command += ["--pid", str(pid)]
+        with open(os.path.join(self.log_dir, f"ray-service-worker-{slot}.log"), "ab") as log:
+            self.ray_services[slot] = spawn_tied(command, env=dict(os.environ), log=log, hold_sigterm=True)
 
     def alive_slots(self) -> List[int]:
         return sorted(self.nodes)
@@ -294,13 +311,8 @@ class SpotSimulator:
         times = shutdown_times(notice_s)
         node, ray_unit = self.nodes[slot], self.node_start.ray
         if ray_unit.main_only:
-            # The embedded cluster's raylets are started by the driver, not by `ray start --block`:
-            # the simulator plays that main process and does what its SIGTERM handler does in Ray 2.60
-            # (ray/_private/node.py): drain the node (PREEMPTION), wait out the drain timeout at most,
-            # then stop the node's processes. The units' seconds shrink with a compressed window.
-            drain_s = self.node_start.ray_drain_timeout_s * times.scale
-            self._drain_as_ray_start_block(node.node_id, drain_s)
-            self._pending.append(Action(elapsed + drain_s, "ray_stop", slot))
+            # Only the main process hears it; the units' seconds shrink with a compressed window.
+            self.ray_services[slot].send_signal(signal.SIGTERM)
             self._pending.append(Action(elapsed + ray_unit.stop_timeout_s * times.scale, "unit_timeout", slot))
             self._pending.sort()
         else:
@@ -314,32 +326,14 @@ class SpotSimulator:
                     "its Ray service's main process" if ray_unit.main_only else "every process of its Ray node",
                     times.power_off_s - times.soft_off_s)
 
-    def _drain_as_ray_start_block(self, node_id: str, drain_s: float) -> None:
-        from raytrain_spot.preemption.watcher import DrainDecision, DrainUnavailable, Notice, RayControlStore
-
-        def drain() -> None:
-            decision = DrainDecision(node_id=node_id, notice=Notice("sigterm", time.time()), notice_s=drain_s,
-                                     margin_s=0.0)
-            try:
-                reply = (self._drainer or RayControlStore(self.cluster.address)).drain(decision)
-            except (DrainUnavailable, RuntimeError) as error:
-                logger.warning("ray start --block's drain of %s failed (%s); Ray stops the node anyway", node_id,
-                               error)
-                return
-            if not reply.accepted:
-                logger.warning("ray start --block's drain of %s rejected: %s", node_id, reply.rejection)
-
-        # An RPC to the GCS: off the thread that drives training.
-        threading.Thread(target=drain, name=f"ray-start-block-drain-{node_id[:8]}", daemon=True).start()
-
     def _stop_ray_node(self, slot: int, sig: signal.Signals) -> None:
         _signal_all(ray_node_processes(self.nodes[slot]), sig)
 
     def _kill(self, slot: int) -> None:
         node = self.nodes.pop(slot)
-        watcher = self.watchers.pop(slot, None)
-        if watcher is not None and watcher.poll() is None:
-            watcher.kill()
+        for helper in (self.watchers.pop(slot, None), self.ray_services.pop(slot, None)):
+            if helper is not None and helper.poll() is None:
+                helper.kill()
         self.cluster.remove_worker_node(node)
         self.on_kill(node.node_id, self.cfg.watchers and slot in self._noticed)
         if self.node_local_root:
@@ -373,8 +367,6 @@ class SpotSimulator:
                 self._notice(action.node, action.notice_s)
             elif action.kind == "soft_off":
                 self._soft_off(action.node, action.notice_s, action.at_s)
-            elif action.kind == "ray_stop":
-                self._stop_ray_node(action.node, signal.SIGTERM)  # Ray's handler: graceful stop
             elif action.kind == "unit_timeout":
                 self._stop_ray_node(action.node, signal.SIGKILL)  # systemd: TimeoutStopSec passed
             else:
@@ -419,9 +411,10 @@ class SpotSimulator:
         return not self._script and not self._pending
 
     def close(self) -> None:
-        for watcher in self.watchers.values():
-            if watcher.poll() is None:
-                watcher.kill()  # not SIGTERM: to a watcher that is a preemption notice
-        for watcher in self.watchers.values():
-            watcher.wait(timeout=10)
+        helpers = [*self.watchers.values(), *self.ray_services.values()]
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()  # not SIGTERM: to a watcher or a Ray service that is the soft-off
+        for helper in helpers:
+            helper.wait(timeout=10)
         self.metadata.close()
