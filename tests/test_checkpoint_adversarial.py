@@ -179,6 +179,21 @@ def test_retention_counts_only_commits_that_verify_and_keeps_the_last_valid_one(
     assert tier.steps(RUN) == [40, 10]  # the valid ones kept, the damaged older ones gone
 
 
+def test_retention_counts_a_sharded_commit_whose_metadata_does_not_match_its_shards_as_damaged(tmp_path):
+    """Sizes and checksums agree with the manifest (it was updated to match the truncated shard),
+    but the restore would refuse the step: so does retention."""
+    root = str(tmp_path / "storage")
+    manager = sharded_run(root, steps=(10, 20, 30))
+    store = manager.shared[0].store
+    for step in (20, 30):
+        with open(stored_path(store, checkpoint_key(RUN, step), SHARD), "rb") as f:
+            rewrite(store, step, SHARD, f.read()[:-100])
+    tier = StoreTier("durable", store, RUN, keep_latest_k=2)
+    tier.apply_retention()
+    assert tier.committed_and_partial() == ([10], [30, 20])
+    assert tier.steps(RUN) == [30, 20, 10]
+
+
 def test_a_recommit_whose_check_cannot_run_keeps_the_valid_durable_copy(tmp_path, gcs_server, monkeypatch):
     """The check of the copy already there downloads nothing: with no usable temporary directory
     (a full /tmp) it still finds the copy valid, and a re-upload that would fail never starts."""

@@ -136,16 +136,19 @@ class StoreTier:
             return self.verified(key)  # another writer's commit won the race: ours is gone, theirs stands
         return manifest
 
-    def verified(self, key: str, thorough: bool = True) -> Manifest:
+    def verified(self, key: str) -> Manifest:
         """The manifest of ``key`` if its files verify where they are stored (``verify_stored``: no
-        download); ``thorough`` also checks a sharded one's DCP metadata against the manifest.
-        Raise InvalidCheckpoint when the copy is damaged."""
+        download of data) and, if sharded, its DCP metadata (small, read into memory) describes
+        exactly the manifest's shards. Raise InvalidCheckpoint when the copy is damaged."""
         manifest = verify_stored(self.store, key)
-        if thorough and manifest.sharded:
+        if manifest.sharded:
             from raytrain_spot.checkpoint.sharded import METADATA_FILE, check_metadata, parse_metadata
 
+            if METADATA_FILE not in manifest.files:
+                raise InvalidCheckpoint(f"sharded, but the manifest lists no {METADATA_FILE}")
             try:
-                metadata = parse_metadata(self.store.get_bytes(f"{key}/{METADATA_FILE}"))
+                metadata = parse_metadata(self.store.get_bytes(stored_key(key, METADATA_FILE,
+                                                                          manifest.files[METADATA_FILE])))
             except pickle.UnpicklingError as error:
                 raise InvalidCheckpoint(f"cannot read {METADATA_FILE}: {error}") from None
             check_metadata(metadata, manifest.files)
@@ -178,14 +181,13 @@ class StoreTier:
                 self.store.delete_prefix(checkpoint_key(self.run_name, step))
 
     def committed_and_partial(self) -> Tuple[List[int], List[int]]:
-        """This run's step directories, newest first: the commits whose files verify by the store's
-        listing (sizes, and the checksums the store keeps), and those with no manifest or damaged
-        files. A step whose check fails otherwise (storage unreachable) is in neither: retention
+        """This run's step directories, newest first: the commits that verify (``verified``), and
+        those with no manifest or damaged files. A step whose check fails otherwise (storage unreachable) is in neither: retention
         neither counts nor deletes what it could not check."""
         committed, broken = [], []
         for step in listed_steps(self.store, self.run_name):
             try:
-                self.verified(checkpoint_key(self.run_name, step), thorough=False)
+                self.verified(checkpoint_key(self.run_name, step))
                 committed.append(step)
             except InvalidCheckpoint:
                 broken.append(step)
