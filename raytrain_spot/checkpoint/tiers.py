@@ -182,8 +182,8 @@ class StoreTier:
 
     def committed_and_partial(self) -> Tuple[List[int], List[int]]:
         """This run's step directories, newest first: the commits that verify (``verified``), and
-        those with no manifest or damaged files. A step whose check fails otherwise (storage unreachable) is in neither: retention
-        neither counts nor deletes what it could not check."""
+        those with no manifest or damaged files. A step whose check fails otherwise (storage
+        unreachable) is in neither: retention neither counts nor deletes what it could not check."""
         committed, broken = [], []
         for step in listed_steps(self.store, self.run_name):
             try:
