@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.cost.ledger import LEDGER_FILE
@@ -36,7 +36,7 @@ from raytrain_spot.observe.progress import SUMMARY_FILE
 
 @dataclass
 class RunResult:
-    """What a finished run left in its directory (``outputs/<run.name>/``)."""
+    """What a finished run left in its directory (``hydra.run.dir``, default ``outputs/<run.name>/``)."""
 
     run_name: str
     run_dir: str
@@ -57,7 +57,8 @@ class RunResult:
         if os.path.exists(ledger_path := os.path.join(run_dir, LEDGER_FILE)):
             with open(ledger_path) as f:
                 ledger = json.load(f)
-        return cls(os.path.basename(os.path.normpath(run_dir)), run_dir, summary["status"], summary, ledger)
+        run_name = summary["checkpoints_at"].rsplit("/", 2)[-2]  # <storage.uri>/<run.name>/checkpoints
+        return cls(run_name, run_dir, summary["status"], summary, ledger)
 
     @property
     def events_path(self) -> str:
@@ -95,10 +96,11 @@ class RunResult:
 class Run:
     """A run in progress: follow its events, wait for its result, or stop it."""
 
-    def __init__(self, process: subprocess.Popen, run_dir: str, log_path: str):
+    def __init__(self, process: subprocess.Popen, run_dir: str, log_path: str, max_steps: int):
         self.process = process
         self.run_dir = run_dir
         self.log_path = log_path
+        self.max_steps = max_steps
         self._offset = 0
 
     @property
@@ -126,7 +128,7 @@ class Run:
         for record in self.follow():
             if record["ev"] == "step" and record["step"] % every_steps:
                 continue
-            if text := format_event(record, 0, None):
+            if text := format_event(record, self.max_steps, None):
                 print(text, flush=True)
         return self.wait()
 
@@ -163,14 +165,14 @@ def start(overrides: Sequence[str] = (), workdir: Optional[str] = None) -> Run:
     where ``outputs/`` goes); return at once with a handle on the run."""
     workdir = os.path.abspath(workdir or os.getcwd())
     overrides = list(overrides)
-    run_name, run_dir = checked_run(overrides, workdir)
+    run_name, run_dir, max_steps = checked_run(overrides, workdir)
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "console.log")
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "raytrain_spot.run", *overrides, f"run.name={run_name}",
                                     f"hydra.run.dir={quoted(run_dir)}"],
                                    cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    return Run(process, run_dir, log_path)
+    return Run(process, run_dir, log_path, max_steps)
 
 
 def train(overrides: Sequence[str] = (), workdir: Optional[str] = None, every_steps: int = 50) -> RunResult:
@@ -178,9 +180,16 @@ def train(overrides: Sequence[str] = (), workdir: Optional[str] = None, every_st
     return start(overrides, workdir).watch(every_steps)
 
 
-def checked_run(overrides: List[str], workdir: str) -> Tuple[str, str]:
-    """Validate the overrides as the command does; the run's name and its directory (``hydra.run.dir``,
-    absolute) with their ``${now:...}`` resolved here, so this process and the run agree on both."""
+class CheckedRun(NamedTuple):
+    name: str
+    run_dir: str
+    """``hydra.run.dir``, absolute."""
+    max_steps: int
+
+
+def checked_run(overrides: List[str], workdir: str) -> CheckedRun:
+    """Validate the overrides as the command does; the run's name and its directory with their
+    ``${now:...}`` resolved here, so this process and the run agree on both."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
@@ -208,7 +217,7 @@ def checked_run(overrides: List[str], workdir: str) -> Tuple[str, str]:
         build_task(cfg.task)
     finally:
         os.chdir(cwd)
-    return run_name, run_dir
+    return CheckedRun(run_name, run_dir, cfg.trainer.max_steps)
 
 
 def quoted(value: str) -> str:

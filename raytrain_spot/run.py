@@ -66,16 +66,15 @@ def main(dict_cfg: DictConfig) -> None:
     started = time.time()
     lease = None
     stop = StopOnSignal()
-    with stop:
-        try:
-            lease = take_lease(cfg, storage_uri)
-            status = train(cfg, task, run_dir, storage_uri, started, lease, stop)
-        except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
-            print(f"Configuration error: {error}", file=sys.stderr)
-            sys.exit(CONFIG_ERROR_EXIT)
-        finally:
-            if lease is not None:
-                lease.release()
+    try:
+        lease = take_lease(cfg, storage_uri)
+        status = train(cfg, task, run_dir, storage_uri, started, lease, stop)
+    except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
+        print(f"Configuration error: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+    finally:
+        if lease is not None:
+            lease.release()
 
     summary = summarize(os.path.join(run_dir, EVENTS_FILE), started, f"{storage_uri}/{cfg.run.name}/checkpoints")
     summary["status"] = status
@@ -93,7 +92,10 @@ def main(dict_cfg: DictConfig) -> None:
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM to the driver while it trains: the first asks the run to stop
-    after its current step with a final checkpoint (train/stop.py); a second stops at once."""
+    after its current step with a final checkpoint (train/stop.py); a second stops at once.
+
+    Entered once Ray is connected: ``ray.init`` sets a SIGTERM handler of its own that exits at once.
+    Before that, either signal stops the driver at once: nothing has trained yet."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -190,7 +192,7 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
     dataset = task.prepare(cfg.run.seed)
     run_log = os.path.join(run_dir, f"{HydraConfig.get().job.name}.log")
     with console_for_run(run_log, quiet=not cfg.run.show_ray_logs) as (console, _), \
-            connect(cfg.cluster, cfg.run.show_ray_logs) as cluster:
+            connect(cfg.cluster, cfg.run.show_ray_logs) as cluster, stop:
         from raytrain_spot.observe.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.preemption.node_events import ClusterMonitor

@@ -26,13 +26,14 @@ def test_a_bad_setting_raises_in_the_caller_naming_it(tmp_path, override, named)
 def test_the_run_name_and_directory_are_resolved_once_for_caller_and_run(tmp_path):
     from raytrain_spot.api import checked_run, quoted
 
-    name, run_dir = checked_run(["+experiment=vlm"], str(tmp_path))
+    name, run_dir, _ = checked_run(["+experiment=vlm"], str(tmp_path))
     assert name.startswith("vlm-") and "${" not in name and run_dir == str(tmp_path / "outputs" / name)
-    assert checked_run(["+experiment=vlm", "run.name=mine"], str(tmp_path)) == ("mine", str(tmp_path / "outputs/mine"))
-    assert checked_run(["+experiment=vlm", "run.name=mine", "hydra.run.dir=runs/${run.name}-x"], str(tmp_path)) == \
+    assert checked_run(["+experiment=vlm", "run.name=mine", "trainer.max_steps=7"], str(tmp_path)) == \
+        ("mine", str(tmp_path / "outputs/mine"), 7)
+    assert checked_run(["+experiment=vlm", "run.name=mine", "hydra.run.dir=runs/${run.name}-x"], str(tmp_path))[:2] == \
         ("mine", str(tmp_path / "runs/mine-x"))
     odd = str(tmp_path / "it's a dir")  # what start() hands the run, quoted, comes back whole
-    assert checked_run(["+experiment=vlm", "run.name=mine", f"hydra.run.dir={quoted(odd)}"], str(tmp_path)) == \
+    assert checked_run(["+experiment=vlm", "run.name=mine", f"hydra.run.dir={quoted(odd)}"], str(tmp_path))[:2] == \
         ("mine", odd)
 
 
@@ -43,7 +44,7 @@ def test_a_run_stopped_from_the_api_in_its_own_hydra_run_dir(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
     os.environ["RAY_TMPDIR"] = ray_tmp  # the run's process inherits it
     try:
-        run = raytrain_spot.start(["+experiment=vlm", "run.name=api-stop", "hydra.run.dir=elsewhere/${run.name}",
+        run = raytrain_spot.start(["+experiment=vlm", "run.name=api-stop", "hydra.run.dir=elsewhere/dir",
                                    "cluster.num_worker_nodes=2", "trainer.max_workers=2", "trainer.max_steps=100000",
                                    f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"],
                                   workdir=str(tmp_path))
@@ -53,9 +54,9 @@ def test_a_run_stopped_from_the_api_in_its_own_hydra_run_dir(tmp_path):
     finally:
         del os.environ["RAY_TMPDIR"]
     assert run.process.returncode == 130
-    assert result.run_dir == str(tmp_path / "elsewhere" / "api-stop")
+    assert result.run_dir == str(tmp_path / "elsewhere" / "dir") and result.run_name == "api-stop"
     assert result.status == "stopped" and result.ledger
     stopped = next(e["step"] for e in result.events() if e["ev"] == "stopped")
     assert result.summary["durable_checkpoint_step"] == stopped
-    assert_clean_audit("api-stop", result.checkpoints[:-len("/api-stop/checkpoints")], f"{tmp_path}/head",
+    assert_clean_audit("api-stop", f"file://{tmp_path}/outputs/storage", f"{tmp_path}/head",
                        f"{tmp_path}/node-local", stopped, ray_tmp)

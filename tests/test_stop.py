@@ -1,6 +1,7 @@
-"""Ctrl-C to the main command: every worker stops after the same step, that step's checkpoint is
-committed to durable storage as the final one, the summary and the ledger are written, and the
-driver exits with 130 leaving no Ray process behind; a second Ctrl-C stops at once."""
+"""Ctrl-C or SIGTERM to the main command: every worker stops after the same step, that step's
+checkpoint is committed to durable storage as the final one, the summary and the ledger are
+written, and the driver exits with 130 (143) leaving no Ray process behind; a second Ctrl-C
+stops at once."""
 
 import json
 import os
@@ -42,14 +43,24 @@ def wait_for_step(events_path, step: int, driver: subprocess.Popen, timeout_s: f
     raise AssertionError(f"no step {step} in {timeout_s} s")
 
 
-def test_ctrl_c_ends_the_run_at_a_durable_final_checkpoint_with_its_summary(tmp_path):
+def ctrl_c(driver: subprocess.Popen) -> None:
+    os.killpg(driver.pid, signal.SIGINT)
+
+
+def sigterm(driver: subprocess.Popen) -> None:
+    """As a process manager stops a service: SIGTERM to the driver alone."""
+    driver.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("send, status", [(ctrl_c, 130), pytest.param(sigterm, 143, marks=pytest.mark.slow)])
+def test_a_signal_ends_the_run_at_a_durable_final_checkpoint_with_its_summary(tmp_path, send, status):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")  # Ray's socket paths must stay short
     run_dir = tmp_path / "outputs" / "stop"
     with start_driver(tmp_path, ray_tmp) as driver:
         wait_for_step(run_dir / "events.jsonl", 3, driver)
-        os.killpg(driver.pid, signal.SIGINT)
+        send(driver)
         out, err = driver.communicate(timeout=300)
-    assert driver.returncode == 130, out[-3000:] + err[-3000:]
+    assert driver.returncode == status, out[-3000:] + err[-3000:]
     assert "== run stopped ==" in out
 
     events = read_events(str(run_dir / "events.jsonl"))
@@ -67,6 +78,7 @@ def test_ctrl_c_ends_the_run_at_a_durable_final_checkpoint_with_its_summary(tmp_
     assert_clean_audit("stop", storage, f"{tmp_path}/head", f"{tmp_path}/node-local", last, ray_tmp)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
     run_dir = tmp_path / "outputs" / "stop"

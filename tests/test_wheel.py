@@ -97,7 +97,7 @@ def test_the_python_api_checks_overrides_from_the_installed_configs(installed, t
                    "from raytrain_spot.api import checked_run; "
                    "print(*checked_run(['+experiment=hf_vlm', 'task.lora.r=4', 'run.name=w'], '/tmp'))")
     assert checked.returncode == 0, checked.stderr[-3000:]
-    assert checked.stdout.split() == ["w", "/tmp/outputs/w"]
+    assert checked.stdout.split() == ["w", "/tmp/outputs/w", "300"]
 
 
 def test_every_cli_subcommand_runs_from_the_wheel(installed, tmp_path):
