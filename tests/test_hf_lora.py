@@ -116,7 +116,9 @@ def test_lora_checkpoints_adapters_only_resumes_at_another_size_and_exports_for_
     torch.testing.assert_close(torch.tensor(plain["logits"]["adapter"]), torch.tensor(plain["logits"]["merged"]),
                                rtol=1e-4, atol=1e-4)
 
-    manifest, paths = fetch_verified(LocalStore(os.path.dirname(final)), os.path.basename(final), str(tmp_path / "s"))
+    (tmp_path / "scratch").mkdir()
+    manifest, paths = fetch_verified(LocalStore(os.path.dirname(final)), os.path.basename(final),
+                                     str(tmp_path / "scratch"))
     _, ours = rebuilt_model(manifest, load_checkpoint_state(manifest, paths)["model"], config)
     untrained = _plain_model(pretrained_base)
     inputs = _inputs(pretrained_base)
