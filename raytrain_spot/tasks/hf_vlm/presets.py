@@ -15,9 +15,9 @@ SmolVLM2-2.2B) as public copies of them give them, not read from the hub; ``para
 (256.5M, 507.5M, 2.25B) is tested against the names. Writing one writes only the config and the
 processor files (milliseconds: no weights, no model built). The tokenizer is this project's
 word-level one plus the tile-position tokens the processor writes, while the text model keeps the
-real vocabulary of 49280 embeddings. To train the real model, ``save_pretrained`` its hub
-checkpoint (with its tokenizer and processor) into a directory on a connected machine and set
-``task.model.path`` to that directory instead of a preset.
+real vocabulary of 49280 embeddings. To train the real model, set ``task.model.path`` to its
+hub id (``HuggingFaceTB/SmolVLM-256M-Instruct``) or to its ``save_pretrained`` directory instead
+of a preset.
 
     python -m raytrain_spot.tasks.hf_vlm.presets tiny-llava OUT
 """

@@ -3,8 +3,9 @@ from a model directory (``AutoModelForImageTextToText``), with its own processor
 
 Tested families: LLaVA and Idefics3 (SmolVLM). The model directory is what ``save_pretrained``
 writes: ``config.json``, the processor's and tokenizer's files, and the weights; without weights
-the model starts from a seeded random init (the presets, for tests and smoke runs). Nothing is
-ever fetched from a model hub: directories are read with ``local_files_only``.
+the model starts from a seeded random init (the presets, for tests and smoke runs). Directories
+are read with ``local_files_only``; a hub id is fetched into the Hugging Face cache first, at the
+commit the driver resolved (hub.py).
 
 A sample is written with the processor's chat template when it has one (the user turn with the
 images and the prompt, the assistant turn the caption), else in the raw form
