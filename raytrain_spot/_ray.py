@@ -41,6 +41,10 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "get_node_ip_address": ("ray._private.services", "get_node_ip_address"),
     "maybe_enable_token_auth_if_token_available": (
         "ray._private.authentication.authentication_token_setup", "maybe_enable_token_auth_if_token_available"),
+    # Token mode for this process even after Ray was imported (Ray caches its config at import), and
+    # the token re-read once made (cluster/embedded.py).
+    "enable_token_auth": ("ray._private.authentication.authentication_token_setup", "_enable_token_auth"),
+    "AuthenticationTokenLoader": ("ray._raylet", "AuthenticationTokenLoader"),
     # A raylet asked to prestart idle workers (elastic/standby.py).
     "init_grpc_channel": ("ray._private.grpc_utils", "init_grpc_channel"),
     "common_pb2": ("ray.core.generated.common_pb2", ""),

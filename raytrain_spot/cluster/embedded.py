@@ -66,10 +66,31 @@ def _preloading_worker_processes() -> Iterator[None]:
         del os.environ[PRELOAD_ENV]
 
 
+def use_token_authentication() -> None:
+    """Turn on Ray's token authentication for the clusters this process starts and joins, and for
+    every process it starts (raylets, Ray's workers, the simulator's watchers inherit the
+    environment): without it any local user could submit jobs to the cluster on 127.0.0.1.
+
+    The token is Ray's: ``$RAY_AUTH_TOKEN``, else the file ``$RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token``, which is made (mode 600, never printed) when missing.
+    """
+    from raytrain_spot import _ray
+    from raytrain_spot.cluster.check import new_token
+
+    if not os.environ.get("RAY_AUTH_TOKEN"):
+        path = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH") or default_token_path())
+        if not new_token(path) and os.stat(path).st_mode & 0o077 and os.stat(path).st_uid == os.getuid():
+            logger.warning("Ray's token %s was readable by other users; made it mode 600", path)
+            os.chmod(path, 0o600)  # Ray's own `ray.init()` writes it with the umask's mode
+    _ray.enable_token_auth()
+    _ray.AuthenticationTokenLoader.instance().reset_cache()
+
+
 class EmbeddedCluster:
-    """A local multi-node Ray cluster. Node changes must come from the main thread."""
+    """A local multi-node Ray cluster, token-authenticated. Node changes must come from the main thread."""
 
     def __init__(self, cfg: ClusterConfig):
+        use_token_authentication()  # before Ray starts a process
         from ray.cluster_utils import Cluster
 
         self.cfg = cfg

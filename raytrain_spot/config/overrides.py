@@ -151,7 +151,7 @@ def composition_problem(error: BaseException) -> Optional[str]:
     """The project's message for an error of Hydra's composition (a missing group option, a value of
     the wrong type, an override it cannot parse); None for an error that is not about the input."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition("/")
@@ -165,8 +165,8 @@ def composition_problem(error: BaseException) -> Optional[str]:
     if isinstance(cause, (HydraException, OmegaConfBaseException)):
         key = getattr(cause, "full_key", None) or "config"
         problem = str(cause).splitlines()[0].rstrip(".")
-        return (f"{key}: {problem}. Fix: check the value's type and spelling (raytrain_spot/config/schema.py "
-                "documents each setting)")
+        checked = "name" if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) else "value's type"
+        return f"{key}: {problem}. Fix: check the {checked} (raytrain_spot/config/schema.py documents each setting)"
     return None
 
 
