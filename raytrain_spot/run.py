@@ -42,6 +42,8 @@ NOT_DURABLE = "finished without its final durable checkpoint"
 STOPPED = "stopped"
 LISTING_DEADLINE_S = 20.0
 """How long the end-of-run check of durable storage may retry before it says the copy is missing."""
+job_started = False
+"""Whether Hydra got as far as calling ``main``: an error before it is about the command line."""
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
@@ -330,10 +332,6 @@ class FitThread(threading.Thread):
             self._trainer.fit()
         except Exception as error:  # reported by the driver after the summary
             self.error = error
-
-
-job_started = False
-"""Whether Hydra got as far as calling ``main``: an error before it is about the command line."""
 
 
 def command() -> None:
