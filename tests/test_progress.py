@@ -27,3 +27,15 @@ def test_printer_shows_only_this_invocation_every_n_steps_with_rate(tmp_path):
     assert [line.split("|")[0].strip() for line in lines[1:]] == ["step      6/11", "step      9/11"]
     assert "8.0 samples/s" in lines[2]  # 24 samples in the 3 s between the printed steps
     assert printer.latest_step == 10 and printer.rank_nodes == ["a", "b"]
+
+
+def test_step_lines_show_the_time_since_this_invocation_started_and_the_time_to_the_last_step():
+    out = io.StringIO()
+    printer = ProgressPrinter(total_steps=100, every_steps=10, out=out, since=1000.0)
+    for n in range(1, 31):
+        printer.write(step(1000.0 + 5.0 + 2.0 * n, n))  # 8 samples every 2 s after 5 s of start-up
+    first, second, third = out.getvalue().splitlines()
+    assert first.endswith("| elapsed 0:00:25 | eta --"), first  # no rate yet
+    # 10 steps in 20 s: the 80 steps left take 160 s; 70 take 140 s
+    assert second.endswith("| elapsed 0:00:45 | eta 0:02:40"), second
+    assert third.endswith("| elapsed 0:01:05 | eta 0:02:20"), third

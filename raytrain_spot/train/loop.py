@@ -39,7 +39,8 @@ from raytrain_spot.train.handoff import NoticeHoldPolicy, checkpoint_and_report,
 from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
 from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.train.stop import StopPoll
-from raytrain_spot.train.step import checked_optimizer, seed_step, set_learning_rate, split, step_seed, train_step
+from raytrain_spot.train.step import (accumulate, checked_optimizer, seed_step, set_learning_rate, split, step_seed,
+                                      update)
 from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                                type(task).__name__)
         seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
 
-        loss_sum = train_step(ddp_model, optimizer, batch.micro_batches, task.loss, world_size / global_batch,
-                              cfg.optim.grad_clip, autocast_dtype)
+        loss_sum = accumulate(ddp_model, batch.micro_batches, task.loss, world_size / global_batch, autocast_dtype)
+        grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
 
         # What each rank heard from the cluster, and rank 0's decisions, in the same all-reduce as the loss.
         next_step = loop.step + 1
@@ -146,7 +147,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
             duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
             events.emit_soon("step", step=loop.step, world_size=world_size,
                              samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
-                             lr=lr, duration_s=duration_s, data_s=trained.data_s)
+                             lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s)
 
         if loop.step == cfg.trainer.max_steps:
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)

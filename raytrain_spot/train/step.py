@@ -90,11 +90,25 @@ def train_step(
     grad_clip: float,
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """One optimizer step over this rank's share of the global batch.
+    """One optimizer step over this rank's share of the global batch: ``accumulate``, then
+    ``update``. Returns the sum of per-sample losses."""
+    loss_sum = accumulate(model, micro_batches, loss, loss_scale, autocast_dtype)
+    update(model, optimizer, grad_clip)
+    return loss_sum
+
+
+def accumulate(
+    model: nn.Module,
+    micro_batches: Sequence[Tuple[Any, int]],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    loss_scale: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """The gradients of this rank's share of the global batch. Returns the sum of per-sample losses.
 
     ``micro_batches`` are (batch, number of samples) pairs; ``loss(model, batch)`` returns one
     loss per sample. ``model`` may be DDP-wrapped: gradients are synchronised once, on the last
-    micro-batch. ``loss_scale`` is world_size / global_batch_size. Returns the sum of per-sample losses.
+    micro-batch. ``loss_scale`` is world_size / global_batch_size.
 
     The step trains the model in train mode whatever mode it was left in: ``from_pretrained``
     returns eval mode, where dropout is off and checkpointed layers keep their activations.
@@ -112,8 +126,16 @@ def train_step(
                 per_sample = per_sample_loss(loss(model, batch), size)
             (per_sample.sum() * loss_scale).backward()
         loss_sum += per_sample.detach().sum().item()
+    return loss_sum
+
+
+def update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip the synchronised gradients to ``grad_clip`` (0: no clipping), step, clear them.
+    Returns the gradient norm before clipping (the same on every rank)."""
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+    return float(grad_norm)
