@@ -180,13 +180,21 @@ def check_metadata(metadata: Metadata, files: Mapping[str, FileEntry]) -> None:
     """Raise InvalidCheckpoint unless ``metadata`` describes exactly the shard files in ``files``
     (the manifest's): each stored range in a listed shard file (a bare name), the ranges of every
     shard file tiling it from its first byte to its last, and every chunk of every tensor stored."""
+    try:
+        _check_metadata(metadata, files)
+    except (AttributeError, TypeError, ValueError) as error:  # fields of other types than DCP writes
+        raise InvalidCheckpoint(f"malformed {METADATA_FILE}: {type(error).__name__}: {error}") from None
+
+
+def _check_metadata(metadata: Metadata, files: Mapping[str, FileEntry]) -> None:
     shards = {name for name in files if name not in (METADATA_FILE, STATE_FILE)}
     ranges: Dict[str, List[Tuple[int, int]]] = {name: [] for name in shards}
     for index, info in (metadata.storage_data or {}).items():
         name = str(getattr(info, "relative_path", ""))
         offset, length = getattr(info, "offset", None), getattr(info, "length", None)
         if name not in shards:
-            raise InvalidCheckpoint(f"{METADATA_FILE} stores {index.fqn!r} in {name!r}, not a shard file of the manifest")
+            raise InvalidCheckpoint(f"{METADATA_FILE} stores {index.fqn!r} in {name!r}, "
+                                    "not a shard file of the manifest")
         if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
             raise InvalidCheckpoint(f"{METADATA_FILE} gives {index.fqn!r} the byte range {offset!r}+{length!r}")
         ranges[name].append((offset, length))
@@ -196,7 +204,7 @@ def check_metadata(metadata: Metadata, files: Mapping[str, FileEntry]) -> None:
             if offset != end:
                 break
             end += length
-        if end != files[name].size or len(stored) == 0:
+        if end != files[name].size or not stored:
             raise InvalidCheckpoint(f"{METADATA_FILE} does not describe {name} ({files[name].size} bytes) byte for "
                                     "byte: a foreign metadata or a truncated shard")
     for fqn, item in metadata.state_dict_metadata.items():
