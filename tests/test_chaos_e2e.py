@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Set
 
 import pytest
@@ -305,3 +305,44 @@ def test_at_gces_soft_off_nodes_started_over_ssh_lose_the_handoff(tmp_path, refe
     jit = [c["step"] for c in run.of("checkpoint") if c["kind"] == "jit"]
     assert run.steps_redone > 0 or not jit, "the noticed rank died at the soft-off: no handoff can be clean"
     assert_same_training_as(run, reference)
+
+
+@pytest.mark.slow  # two runs of the main command (6.7 min on 2 busy cores); the mechanism's tests run by default
+def test_a_sharded_resume_from_the_bucket_alone_skips_a_step_whose_shard_was_truncated_to_match(tmp_path):
+    """Issue 26, item 1, through the main command: the newest durable step has a shard truncated
+    and its manifest entry updated to match (size and CRC32C agree). The audit calls it invalid,
+    and a resume from the bucket alone (the head's and the nodes' stores lost) takes the newest
+    durable step before it, where it used to fail on every rank with DCP's error."""
+    from raytrain_spot.checkpoint.format import MANIFEST, Manifest, checkpoint_key, file_entry, stored_key
+    from raytrain_spot.checkpoint.verify import INVALID, VALID, audit
+    from raytrain_spot.storage.store import LocalStore
+
+    name, ray_tmp = "sharded", tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    common = ["+experiment=vlm", f"run.name={name}", "cluster.num_worker_nodes=2", "trainer.max_workers=2",
+              "trainer.global_batch_size=24", "checkpoint.interval_steps=10", "checkpoint.sharded=true"]
+    tiers = [f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
+    first = run_main(*common, *tiers, "trainer.max_steps=30", cwd=str(tmp_path), env={"RAY_TMPDIR": ray_tmp})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    storage = LocalStore(str(tmp_path / "outputs" / "storage"))
+    key = checkpoint_key(name, 30)
+    manifest = Manifest.from_json(storage.get_bytes(f"{key}/{MANIFEST}"))
+    shard = storage.local_path(stored_key(key, "__1_0.distcp", manifest.files["__1_0.distcp"]))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    manifest.files["__1_0.distcp"] = replace(file_entry(shard), object=manifest.files["__1_0.distcp"].object)
+    storage.put_bytes(f"{key}/{MANIFEST}", manifest.to_json())
+    for lost in ("head", "node-local"):
+        subprocess.run(["rm", "-rf", str(tmp_path / lost)], check=True)
+    findings = audit(name, f"file://{storage.root}", f"{tmp_path}/head", f"{tmp_path}/node-local")
+    assert {(f.tier, f.step) for f in findings if f.status == INVALID} == {("durable", 30)}
+    before = max(f.step for f in findings if f.status == VALID)  # the head uploads at its own interval
+
+    second = run_main(*common, *tiers, "trainer.max_steps=40", cwd=str(tmp_path), env={"RAY_TMPDIR": ray_tmp})
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    events = read_events(str(tmp_path / "outputs" / name / "events.jsonl"))
+    second_start = [i for i, e in enumerate(events) if e["ev"] == "start"][1]
+    restore = next(e for e in events[second_start:] if e["ev"] == "restore")
+    assert (restore["step"], restore["tier"]) == (before, "durable")
+    # Retention counts only commits that verify: the damaged step, older than a valid one, is gone.
+    assert_clean_audit(name, f"file://{storage.root}", f"{tmp_path}/head", f"{tmp_path}/node-local", 40, ray_tmp)
