@@ -55,6 +55,9 @@ def test_a_tasks_optimizer_and_schedule_train_checkpoint_and_resume_at_another_s
 
     curve, expected = {**losses(preempted[0]), **losses(resumed[0])}, losses(reference[0])
     assert sorted(curve) == list(range(1, steps + 1))
+    norms = {e["step"]: e["grad_norm"] for r in (preempted[0], resumed[0]) for e in of(r, "step")}
+    assert all(norm > 0 for norm in norms.values()) and len(set(norms.values())) == steps, \
+        "every step logs its own gradient norm"
     assert expected[steps] < 0.5 * expected[1], "the loss must fall for the comparison to mean anything"
     for step in range(1, steps + 1):
         assert math.isclose(curve[step], expected[step], rel_tol=1e-4), f"step {step}: {curve[step]} vs {expected[step]}"
