@@ -12,7 +12,9 @@ commits' files), then restores and audits, as a restarting run and ``verify`` wo
 
 No cluster: the real tiers, the real DCP code and a one-rank gloo group. Its size and seed come from
 ``CHECKPOINT_TRIALS`` / ``CHECKPOINT_SEED``; a failing seed is printed and becomes a regression test
-(``REGRESSIONS``)."""
+(``REGRESSIONS``). A seed replays the same acts of damage (which file of which commit on which tier,
+and how); where a file's length differs between builds (a manifest's timestamps, the writers' random
+file-name tokens) a byte offset within it may differ."""
 
 import os
 import random
@@ -112,7 +114,7 @@ def pristine(tmp_path_factory) -> Pristine:
                           if os.path.isdir(os.path.join(root, RUN, "checkpoints", checkpoint_name(step))))
             shutil.copytree(source, layout.directory(tier, step))
     foreign_root = _save(str(base / "foreign"), (10, 20), True, 16, {})
-    foreign = [os.path.join(directory, name) for directory, _, names in os.walk(foreign_root) for name in names]
+    foreign = sorted(os.path.join(directory, name) for directory, _, names in os.walk(foreign_root) for name in names)
     return Pristine(layout, weights, foreign)
 
 
