@@ -48,7 +48,7 @@ def test_a_run_stopped_from_the_api_in_its_own_hydra_run_dir(tmp_path):
                                    "cluster.num_worker_nodes=2", "trainer.max_workers=2", "trainer.max_steps=100000",
                                    f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"],
                                   workdir=str(tmp_path))
-        assert next(e for e in run.follow() if e["ev"] == "step")
+        assert next((e for e in run.follow() if e["ev"] == "step"), None), open(run.log_path).read()[-3000:]
         run.stop()
         result = run.wait(timeout=300)
     finally:
