@@ -1,9 +1,15 @@
-"""The end-of-run summary reads the event log in one streaming pass: its memory does not grow with the log."""
+"""The event log of a long run: the end-of-run summary and the ledger read it in one streaming pass, the live
+feed goes on from its saved offset, and the running totals take memory that does not grow with the log."""
 
+import json
 import os
 import tracemalloc
 
-from raytrain_spot.observe.events import EventWriter
+import pytest
+
+from raytrain_spot.cost.live import RunningTotals
+from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.observe.events import EVENTS_FILE, FEED_STATE_FILE, EventFeed, EventWriter, iter_events
 from raytrain_spot.observe.progress import summarize
 from tests.conftest import load_bench
 
@@ -44,3 +50,115 @@ def test_summarizing_a_long_log_takes_memory_that_does_not_grow_with_it(tmp_path
         tracemalloc.stop()
     assert summary["steps"] == 5_000 and summary["steps_this_invocation"] == 5_000
     assert peak < 0.5e6, f"{peak / 1e6:.1f} MB to summarize a {os.path.getsize(path) / 1e6:.0f} MB log"
+
+
+def _run_records(steps: int, first_step: int = 1, t: float = 1_000.0):
+    """A session's records: nodes join, steps of 0.5 s, a checkpoint every 10 steps."""
+    yield {"t": t, "ev": "start", "run": "r", "min_workers": 1}
+    yield {"t": t, "ev": "add", "node": "n1", "node_type": "local-cpu-spot", "pricing": "spot", "gpus": 0}
+    for step in range(first_step, first_step + steps):
+        t += 0.5
+        yield {"t": t, "ev": "step", "step": step, "world_size": 1, "samples": [(step - 1) * 8, step * 8],
+               "loss": 1.0, "lr": 1e-3, "duration_s": 0.4 + step % 3 * 0.01}
+        if step % 10 == 0:
+            yield {"t": t, "ev": "checkpoint", "step": step, "tier": "head", "kind": "periodic", "stall_s": 0.01}
+    yield {"t": t + 1, "ev": "kill", "node": "n1", "with_notice": True}
+
+
+class TotalsSink:
+    """A sink that keeps running totals over the whole log, as monitoring and the alerts do."""
+
+    def __init__(self):
+        self.totals = RunningTotals(PriceCatalog.load())
+        self.records = 0
+
+    def write(self, record):
+        self.totals.feed(record)
+        self.records += 1
+
+    def tick(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _append(path, records):
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _whole_log_totals(path):
+    totals = RunningTotals(PriceCatalog.load())
+    for record in iter_events(str(path)):
+        totals.feed(record)
+    return totals
+
+
+def test_a_restarted_feed_goes_on_from_its_saved_offset_with_the_totals_of_the_log_before_it(tmp_path):
+    path = tmp_path / EVENTS_FILE
+    _append(path, _run_records(30))
+    first = TotalsSink()
+    with EventFeed(str(path), [first], poll_s=3600):
+        pass
+    assert first.records == 36
+    _append(path, _run_records(25, first_step=21, t=2_000.0))  # the next driver resumes from step 20's checkpoint
+    resumed = TotalsSink()
+    with EventFeed(str(path), [resumed], poll_s=3600) as feed:
+        pass
+    assert resumed.records == 30, "the restarted feed read the records before its offset again"
+    assert feed.offset == os.path.getsize(path)
+    whole = _whole_log_totals(path)
+    assert resumed.totals.state() == whole.state()
+    assert resumed.totals.completed_steps() == 45 and resumed.totals.redone_steps == 10
+    assert resumed.totals.cost_usd(2_020.0) == whole.cost_usd(2_020.0) > 0
+
+
+@pytest.mark.parametrize("change", ["shorter", "rewritten", "corrupt state"])
+def test_a_feed_state_that_does_not_match_the_log_is_ignored_and_the_log_read_from_its_start(tmp_path, change):
+    path = tmp_path / EVENTS_FILE
+    _append(path, _run_records(30))
+    with EventFeed(str(path), [TotalsSink()], poll_s=3600):
+        pass
+    records = list(iter_events(str(path)))
+    if change == "shorter":  # a new log under the same run directory
+        path.write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
+    elif change == "rewritten":  # as long, other bytes
+        path.write_text(path.read_text().replace('"n1"', '"n2"'))
+    else:
+        (tmp_path / FEED_STATE_FILE).write_text('{"format": 1, "offset": 12')
+    sink = TotalsSink()
+    with EventFeed(str(path), [sink], poll_s=3600):
+        pass
+    assert sink.records == len(list(iter_events(str(path))))
+    assert sink.totals.state() == _whole_log_totals(path).state()
+
+
+def test_running_totals_take_memory_that_does_not_grow_with_the_steps():
+    """Seen: one duration kept per step, a dict of every step of the run."""
+    totals = RunningTotals(PriceCatalog.load())
+    tracemalloc.start()
+    try:
+        for record in _run_records(200_000):
+            totals.feed(record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert totals.completed_steps() == 200_000
+    assert totals.productive_s == pytest.approx(sum(0.4 + s % 3 * 0.01 for s in range(1, 200_001)))
+    assert peak < 0.2e6, f"{peak / 1e6:.1f} MB for the running totals of 200k steps"
+
+
+def test_a_redone_step_counts_its_last_execution_and_one_behind_the_latest_checkpoint_its_redo():
+    totals = RunningTotals(PriceCatalog.load())
+    for record in _run_records(25):  # checkpoints at steps 10 and 20
+        totals.feed(record)
+    productive = totals.productive_s
+    for record in _run_records(10, first_step=21, t=2_000.0):  # steps 21-25 redone from step 20
+        totals.feed(record)
+    assert totals.redone_steps == 5 and totals.completed_steps() == 30
+    assert totals.productive_s == pytest.approx(productive + sum(0.4 + s % 3 * 0.01 for s in range(26, 31)))
+    for record in _run_records(5, first_step=16, t=3_000.0):  # step 20's checkpoint unreadable: back to 15
+        totals.feed(record)
+    assert totals.redone_steps == 10 and totals.completed_steps() == 30
+    assert totals.productive_s == pytest.approx(productive + sum(0.4 + s % 3 * 0.01 for s in range(26, 31)))

@@ -10,17 +10,22 @@ Definitions used here and documented in ``docs/goodput-and-cost.md``:
   (or, after a crash, to the last record before the next ``start``). Time between sessions is
   not wall time: no node is billed then.
 - productive seconds: the duration of the last execution of every step number; an earlier
-  execution of a step that was done again (after a restore) is wasted progress.
+  execution of a step that was done again (after a restore) is wasted progress. Only the
+  durations of steps after the latest committed checkpoint are kept (a restore goes back to a
+  committed checkpoint), so memory does not grow with the run; a restore further back, past a
+  checkpoint it could not load, redoes steps whose first duration is no longer known, and the
+  redo's own duration stands in for it.
 - a preemption: a node that is not known to be on-demand and received a ``notice`` or died
   (``kill``); each node counts once. Losses of on-demand nodes are counted apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound, Quote
+from raytrain_spot.observe.progress import StepRanges
 
 
 @dataclass
@@ -90,7 +95,10 @@ class RunningTotals:
     """Since when the alive worker nodes cannot hold min_workers workers; None while they can."""
     head_node_types: Tuple[str, ...] = ("local-head", "head")
     """Node types that never train (their nodes add no worker capacity)."""
-    _latest_step_duration: Dict[int, float] = field(default_factory=dict, init=False)
+    _steps: StepRanges = field(default_factory=StepRanges, init=False)
+    _highest_step: Optional[int] = field(default=None, init=False)
+    _recent_step_duration: Dict[int, float] = field(default_factory=dict, init=False)
+    """Duration of the last execution of each step after the latest committed checkpoint."""
     _open: Dict[str, NodeSpan] = field(default_factory=dict, init=False)
     _quotes: Dict[Tuple[str, str, float], Optional[Quote]] = field(default_factory=dict, init=False)
 
@@ -124,6 +132,9 @@ class RunningTotals:
             self._note_disruption(record, t)
         elif ev == "step":
             self._count_step(record, t)
+        elif ev == "checkpoint":
+            committed = int(record["step"])
+            self._recent_step_duration = {s: d for s, d in self._recent_step_duration.items() if s > committed}
         elif ev in ("group", "resize"):
             self.world_size = int(record["world_size"])
             self.last_step = None  # a new group: its speed is not measured against the old one
@@ -164,11 +175,12 @@ class RunningTotals:
 
     def _count_step(self, record: Dict[str, Any], t: float) -> None:
         step, duration = int(record["step"]), float(record.get("duration_s") or 0.0)
-        earlier = self._latest_step_duration.get(step)
-        if earlier is not None:
-            self.productive_s -= earlier
+        if self._highest_step is not None and step <= self._highest_step:
+            self.productive_s -= self._recent_step_duration.get(step, duration)
             self.redone_steps += 1
-        self._latest_step_duration[step] = duration
+        self._highest_step = step if self._highest_step is None else max(self._highest_step, step)
+        self._steps.add(step)
+        self._recent_step_duration[step] = duration
         self.productive_s += duration
         previous = self.last_step
         if previous is not None and step == previous["step"] + 1 and t > previous["t"]:
@@ -191,7 +203,7 @@ class RunningTotals:
         return self.productive_s / wall if wall > 0 else None
 
     def completed_steps(self) -> int:
-        return len(self._latest_step_duration)
+        return self._steps.count()
 
     def preemptions(self) -> List[Disruption]:
         return [d for d in self.disruptions.values() if d.is_preemption]
@@ -227,3 +239,34 @@ class RunningTotals:
 
     def alive_nodes(self, pricing: str) -> int:
         return sum(1 for s in self._open.values() if s.pricing == pricing)
+
+    # Saving and restoring (the event feed's checkpoint) ---------------------------------------
+
+    def state(self) -> Dict[str, Any]:
+        """Everything fed so far as JSON-able data; ``load_state`` on fresh totals restores it."""
+        return {"sessions": self.sessions, "spans": [asdict(span) for span in self.spans],
+                "open": [self.spans.index(span) for span in self._open.values()],
+                "disruptions": [asdict(d) for d in self.disruptions.values()],
+                "unpriced": sorted(self.unpriced), "productive_s": self.productive_s,
+                "redone_steps": self.redone_steps, "world_size": self.world_size,
+                "samples_per_s": self.samples_per_s, "last_step": self.last_step, "last_t": self.last_t,
+                "min_workers": self.min_workers, "short_since": self.short_since,
+                "steps": self._steps.ranges(), "highest_step": self._highest_step,
+                "recent_step_duration": [[step, s] for step, s in self._recent_step_duration.items()]}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Restore ``state()``; a state that does not parse raises and leaves these totals as they were."""
+        spans = [NodeSpan(**span) for span in state["spans"]]
+        restored = {
+            "sessions": [list(session) for session in state["sessions"]], "spans": spans,
+            "_open": {spans[i].node: spans[i] for i in state["open"]},
+            "disruptions": {d["node"]: Disruption(**d) for d in state["disruptions"]},
+            "unpriced": {tuple(pair) for pair in state["unpriced"]},
+            "productive_s": float(state["productive_s"]), "redone_steps": int(state["redone_steps"]),
+            "world_size": int(state["world_size"]), "samples_per_s": state["samples_per_s"],
+            "last_step": state["last_step"], "last_t": state["last_t"], "min_workers": int(state["min_workers"]),
+            "short_since": state["short_since"], "_steps": StepRanges.from_ranges(state["steps"]),
+            "_highest_step": state["highest_step"],
+            "_recent_step_duration": {int(step): float(s) for step, s in state["recent_step_duration"]},
+        }
+        self.__dict__.update(restored)

@@ -55,6 +55,8 @@ arrival. Workers and the driver send records without waiting for them; the per-s
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import os
@@ -63,6 +65,10 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 EVENTS_FILE = "events.jsonl"
+FEED_STATE_FILE = "events.feed.json"
+"""Beside the log: how far the driver's event feed read it, and its sinks' totals at that point."""
+FEED_STATE_FORMAT = 1
+_FINGERPRINT_BYTES = 4096
 logger = logging.getLogger(__name__)
 
 
@@ -181,15 +187,26 @@ class RecordSink(Protocol):
 class EventFeed:
     """Follows ``events.jsonl`` in a thread; every new record goes to every sink, then each sink ticks.
 
-    The driver's sinks are the progress printer, live monitoring and the alert runner. The feed
-    reads the file from its start, so a resumed run's totals include the invocations before it.
+    The driver's sinks are the progress printer, live monitoring and the alert runner. A resumed
+    run's totals include the invocations before it without reading the log again: after every
+    poll that read records the feed saves its offset and the ``totals`` of the sinks that keep
+    them (``state()`` / ``load_state()``, as ``RunningTotals``) in ``events.feed.json``, and a new
+    feed on the same log goes on from there. A state that does not match the log (the log is
+    shorter, or its bytes before the offset changed) or does not parse is ignored: the feed then
+    reads the log from its start.
     """
 
     def __init__(self, events_path: str, sinks: Sequence[RecordSink], poll_s: float = 1.0):
         self._path, self._sinks, self._poll_s = events_path, list(sinks), poll_s
-        self._offset = 0
+        self._state_path = os.path.join(os.path.dirname(events_path), FEED_STATE_FILE)
+        self._offset = self._resume()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="event-feed", daemon=True)
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the log handed to the sinks so far."""
+        return self._offset
 
     def __enter__(self) -> "EventFeed":
         self._thread.start()
@@ -207,11 +224,12 @@ class EventFeed:
             self.poll()
 
     def poll(self) -> None:
-        """Hand every complete new line to the sinks, then let each sink tick once."""
+        """Hand every complete new line to the sinks, save how far they got, then let each sink tick once."""
         if os.path.exists(self._path):
-            with open(self._path) as f:
+            read_from = self._offset
+            with open(self._path, "rb") as f:
                 f.seek(self._offset)
-                while (line := f.readline()).endswith("\n"):
+                while (line := f.readline()).endswith(b"\n"):
                     self._offset = f.tell()
                     try:
                         record = json.loads(line)
@@ -219,8 +237,69 @@ class EventFeed:
                         continue
                     for sink in self._sinks:
                         self._call(sink, "write", record)
+            if self._offset != read_from:
+                self._save()
         for sink in self._sinks:
             self._call(sink, "tick")
+
+    def _totals(self) -> List[Any]:
+        return [getattr(sink, "totals", None) for sink in self._sinks]
+
+    def _fingerprint(self, offset: int) -> Optional[str]:
+        """Digest of the log's last bytes before ``offset``; None when the log is shorter than that."""
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(max(0, offset - _FINGERPRINT_BYTES))
+                tail = f.read(min(offset, _FINGERPRINT_BYTES))
+        except FileNotFoundError:
+            return None
+        return hashlib.sha256(tail).hexdigest() if len(tail) == min(offset, _FINGERPRINT_BYTES) else None
+
+    def _save(self) -> None:
+        state = {"format": FEED_STATE_FORMAT, "offset": self._offset, "fingerprint": self._fingerprint(self._offset),
+                 "totals": [None if totals is None else totals.state() for totals in self._totals()]}
+        temporary = f"{self._state_path}.tmp"
+        try:
+            with open(temporary, "w") as f:
+                json.dump(state, f, separators=(",", ":"))
+            os.replace(temporary, self._state_path)  # a crash mid-write leaves the previous state whole
+        except OSError:
+            logger.exception("event feed: could not save its state to %s", self._state_path)
+
+    def _resume(self) -> int:
+        """The offset a saved state lets this feed start at, its sinks' totals restored; else 0."""
+        try:
+            with open(self._state_path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as error:
+            logger.warning("event feed: %s unreadable (%s); reading %s from its start", self._state_path, error,
+                           self._path)
+            return 0
+        totals = self._totals()
+        try:
+            offset, saved = int(state["offset"]), state["totals"]
+            matches = (state["format"] == FEED_STATE_FORMAT and len(saved) == len(totals)
+                       and all((a is None) == (b is None) for a, b in zip(saved, totals))
+                       and state["fingerprint"] is not None and self._fingerprint(offset) == state["fingerprint"])
+        except (KeyError, TypeError, ValueError):
+            matches = False
+        if not matches:
+            logger.warning("event feed: %s does not match %s; reading the log from its start", self._state_path,
+                           self._path)
+            return 0
+        pairs = [(sink_totals, sink_state) for sink_totals, sink_state in zip(totals, saved) if sink_totals is not None]
+        try:
+            for sink_totals, sink_state in pairs:  # every state loads on a copy before any sink changes
+                copy.copy(sink_totals).load_state(sink_state)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            logger.warning("event feed: %s holds totals that do not load (%s); reading %s from its start",
+                           self._state_path, error, self._path)
+            return 0
+        for sink_totals, sink_state in pairs:
+            sink_totals.load_state(sink_state)
+        return offset
 
     @staticmethod
     def _call(sink: RecordSink, method: str, *args: Any) -> None:

@@ -99,6 +99,16 @@ class StepRanges:
         else:
             self._ranges.append([step, step])
 
+    def ranges(self) -> List[List[int]]:
+        """[first, last] of each range, in the order seen."""
+        return [list(r) for r in self._ranges]
+
+    @classmethod
+    def from_ranges(cls, ranges: List[List[int]]) -> "StepRanges":
+        steps = cls()
+        steps._ranges = [[int(low), int(high)] for low, high in ranges]
+        return steps
+
     def count(self) -> int:
         merged: List[List[int]] = []
         for low, high in sorted(self._ranges):
