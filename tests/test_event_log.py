@@ -7,6 +7,7 @@ import tracemalloc
 
 import pytest
 
+from raytrain_spot.cost.ledger import write_ledger
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.events import EVENTS_FILE, FEED_STATE_FILE, EventFeed, EventWriter, iter_events
@@ -162,3 +163,19 @@ def test_a_redone_step_counts_its_last_execution_and_one_behind_the_latest_check
         totals.feed(record)
     assert totals.redone_steps == 10 and totals.completed_steps() == 30
     assert totals.productive_s == pytest.approx(productive + sum(0.4 + s % 3 * 0.01 for s in range(26, 31)))
+
+
+def test_the_ledger_holds_none_of_the_logs_sample_records(tmp_path):
+    """Seen: the ledger loaded the whole log, every rank's sample ids of every step included."""
+    peaks = {}
+    for sample_ids in (0, 256):
+        run_dir = tmp_path / f"ids-{sample_ids}"
+        bench.write_log(str(run_dir / EVENTS_FILE), steps=3_000, sample_ids=sample_ids)
+        tracemalloc.start()
+        try:
+            summary = write_ledger(str(run_dir), PriceCatalog.load(), plot=False)
+            peaks[sample_ids] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert summary["steps"]["completed"] == 3_000 and summary["samples"] == 3_000 * bench.BATCH
+    assert peaks[256] < 1.1 * peaks[0], f"{peaks[256] / 1e6:.1f} MB with sample records, {peaks[0] / 1e6:.1f} without"

@@ -18,9 +18,9 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from raytrain_spot.observe.events import EVENTS_FILE, read_events
+from raytrain_spot.observe.events import EVENTS_FILE, iter_events
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.checkpoint.advisor import daly_interval
 from raytrain_spot.cost.plot import plot_ledger
@@ -440,7 +440,7 @@ def format_table(summary: Dict[str, Any]) -> str:
 def write_ledger(run_dir: str, catalog: Optional[PriceCatalog] = None, options: Optional[LedgerOptions] = None,
                  plot: bool = True) -> Dict[str, Any]:
     """Build the ledger from ``RUN_DIR/events.jsonl``; write ``ledger.json`` (and ``ledger.png``); return it."""
-    events = read_events(os.path.join(run_dir, EVENTS_FILE))
+    events = list(ledger_records(os.path.join(run_dir, EVENTS_FILE)))
     ledger = build_ledger(events, catalog or PriceCatalog.load(), options)
     with open(os.path.join(run_dir, LEDGER_FILE), "w") as f:
         json.dump(ledger.summary, f, indent=1)
@@ -451,6 +451,21 @@ def write_ledger(run_dir: str, catalog: Optional[PriceCatalog] = None, options: 
                 _fmt(s["goodput"], ".3f"), s["wall_time_s"], s["disruptions"]["preemptions"],
                 s["cost"]["total_usd"], s["cost"]["savings_usd"])
     return s
+
+# What the ledger reads of a record: per-step records are most of a long run's log, so only these stay.
+_STEP_FIELDS = ("t", "ev", "step", "world_size", "samples", "duration_s", "data_s")
+
+
+def ledger_records(events_path: str) -> Iterator[Dict[str, Any]]:
+    """The log's records as the ledger needs them, read in one pass: the ``samples`` audit records
+    (a rank's sample ids of a step) are left out and a ``step`` record keeps only what the ledger
+    reads, so the records held take a fraction of the log's size."""
+    for record in iter_events(events_path):
+        if record["ev"] == "step":
+            yield {key: record[key] for key in _STEP_FIELDS if key in record}
+        elif record["ev"] != "samples":
+            yield record
+
 
 def _configured_min_workers(run_dir: str) -> Optional[int]:
     """``trainer.min_workers`` from the Hydra config saved in the run directory, if there is one."""
