@@ -4,13 +4,15 @@ Writes the ``events.jsonl`` of an N-step run (default 1M) through the run's own 
 records a run makes per step (``step``, and with ``--sample-ids`` one rank's ``samples`` record
 of the ids it trained on, as ``run.log_sample_ids=true`` makes), a periodic checkpoint every 100
 steps, a restart every 100k steps that redoes 50 steps. Then it times ``summarize`` (the main
-command's end-of-run summary) in a fresh process and reads that process's peak resident memory
-(``summary_peak_rss_mb``, the interpreter's own ~20 MB included).
+command's end-of-run summary) and ``write_ledger`` (the goodput and cost ledger, without its
+plot) each in a fresh process and reads that process's peak resident memory (``*_peak_rss_mb``,
+the interpreter's own ~20 MB and its imports included).
 
     python bench/bench_event_log.py                       # 1M steps
     python bench/bench_event_log.py --steps 20000 --sample-ids 64
 
-Prints one JSON line: ``steps``, ``file_mb``, ``write_s``, ``summary_s``, ``summary_peak_rss_mb``.
+Prints one JSON line: ``steps``, ``file_mb``, ``write_s``, ``summary_s``, ``summary_peak_rss_mb``,
+``ledger_s``, ``ledger_peak_rss_mb``.
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from raytrain_spot.observe.events import EVENTS_FILE, EventWriter  # noqa: E402
 
 BATCH = 64
-# Run in a process of its own, so its peak RSS is the summary's alone.
+# Each runs in a process of its own, so its peak RSS is its own alone.
 SUMMARIZE = """
 import json, resource, sys, time
 from raytrain_spot.observe.progress import summarize
 started = time.perf_counter()
 summary = summarize(sys.argv[1], 0.0, "file:///bench")
 print(json.dumps({"summary_s": time.perf_counter() - started, "steps": summary["steps"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+LEDGER = """
+import json, os, resource, sys, time
+from raytrain_spot.cost.ledger import write_ledger
+started = time.perf_counter()
+summary = write_ledger(os.path.dirname(sys.argv[1]), plot=False)
+print(json.dumps({"ledger_s": time.perf_counter() - started, "steps": summary["steps"]["completed"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -78,13 +88,15 @@ def main() -> None:
         write_log(path, args.steps, args.sample_ids)
         write_s = time.perf_counter() - started
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        measured = json.loads(subprocess.run([sys.executable, "-c", SUMMARIZE, path], capture_output=True, text=True,
-                                             check=True, cwd=root).stdout)
-        assert measured["steps"] == args.steps, measured
+        summary, ledger = (json.loads(subprocess.run([sys.executable, "-c", script, path], capture_output=True,
+                                                     text=True, check=True, cwd=root).stdout)
+                           for script in (SUMMARIZE, LEDGER))
+        assert summary["steps"] == ledger["steps"] == args.steps, (summary, ledger)
         print(json.dumps({"steps": args.steps, "sample_ids": args.sample_ids,
                           "file_mb": round(os.path.getsize(path) / 1e6, 1), "write_s": round(write_s, 1),
-                          "summary_s": round(measured["summary_s"], 2),
-                          "summary_peak_rss_mb": round(measured["peak_rss_mb"], 1)}))
+                          "summary_s": round(summary["summary_s"], 2),
+                          "summary_peak_rss_mb": round(summary["peak_rss_mb"], 1),
+                          "ledger_s": round(ledger["ledger_s"], 2), "ledger_peak_rss_mb": round(ledger["peak_rss_mb"], 1)}))
 
 
 if __name__ == "__main__":
