@@ -96,7 +96,8 @@ def main() -> None:
                           "file_mb": round(os.path.getsize(path) / 1e6, 1), "write_s": round(write_s, 1),
                           "summary_s": round(summary["summary_s"], 2),
                           "summary_peak_rss_mb": round(summary["peak_rss_mb"], 1),
-                          "ledger_s": round(ledger["ledger_s"], 2), "ledger_peak_rss_mb": round(ledger["peak_rss_mb"], 1)}))
+                          "ledger_s": round(ledger["ledger_s"], 2),
+                          "ledger_peak_rss_mb": round(ledger["peak_rss_mb"], 1)}))
 
 
 if __name__ == "__main__":
