@@ -124,7 +124,8 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                          save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps) or holds.began,
                          holding_for=len(leaving) if hold and hold.hold else 0,
                          hold_waits_for_capacity=bool(hold and hold.waits_for_capacity),
-                         stop=runtime.stop_requested(), committed_step=checkpoints.committed_step, commit_s=commit_s, step_s=step_s, at=time.time())
+                         stop=runtime.stop_requested(), committed_step=checkpoints.committed_step, commit_s=commit_s,
+                         step_s=step_s, at=time.time())
                 if rank == 0 else RankView(loss_sum, leaving))
         pending = start_agreement(view, group)
         # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
