@@ -46,7 +46,8 @@ def test_a_run_stopped_from_the_api_in_its_own_hydra_run_dir(tmp_path):
     try:
         run = raytrain_spot.start(["+experiment=vlm", "run.name=api-stop", "hydra.run.dir=elsewhere/dir",
                                    "cluster.num_worker_nodes=2", "trainer.max_workers=2", "trainer.max_steps=100000",
-                                   f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"],
+                                   f"checkpoint.local_dir={tmp_path}/node-local",
+                                   f"checkpoint.head_dir={tmp_path}/head"],
                                   workdir=str(tmp_path))
         assert next((e for e in run.follow() if e["ev"] == "step"), None), open(run.log_path).read()[-3000:]
         run.stop()
