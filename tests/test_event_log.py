@@ -42,7 +42,7 @@ def test_summarizing_a_long_log_takes_memory_that_does_not_grow_with_it(tmp_path
     """Seen: 200k steps of one rank's sample records, a 299 MB log, 1.5 GB to summarize."""
     path = str(tmp_path / "events.jsonl")
     bench.write_log(path, steps=5_000, sample_ids=16)
-    assert os.path.getsize(path) > 1.5e6
+    assert os.path.getsize(path) > 1e6
     tracemalloc.start()
     try:
         summary = summarize(path, 0.0, "file:///s")

@@ -30,8 +30,8 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
                        ``step``)
 ``step``               an optimizer step finished (``step``, ``world_size``, ``samples``: [first, end)
                        positions, ``loss``, ``lr``, ``duration_s``, ``data_s``: loading part of it)
-``samples``            sample ids one rank trained on in a step (``step``, ``rank``, ``ids``), when
-                       ``run.log_sample_ids`` is on
+``samples``            sample ids one rank trained on in a step (``step``, ``rank``, ``ids``: ascending),
+                       when ``run.log_sample_ids`` is on; in the file the ids are ``ids_packed`` (below)
 ``checkpoint``         a checkpoint committed on a tier (``step``, ``tier``: head|durable, ``kind``:
                        periodic|jit|final, ``stall_s``: training blocked for it, ``duration_s``: from
                        snapshot to commit, ``bytes``)
@@ -48,6 +48,13 @@ Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
 ``end``                the driver finished (``status``: finished|failed, ``error``)
 =====================  ======================================================================
 
+A ``samples`` record is written with its ids packed, as most of a long run's log is these
+records: ``ids_packed`` is the ids in ascending order as differences from the one before (the
+first from 0), each an unsigned LEB128 varint, the bytes in URL-safe base64 without padding.
+Ids a few apart take one or two bytes instead of the decimal digits of each; a repeated id (a
+difference of 0) stays, so an audit still sees it. ``read_events`` and ``iter_events`` unpack
+it back into ``ids``.
+
 One writer, an actor on the driver's node, appends every line, so the file is ordered by
 arrival. Workers and the driver send records without waiting for them; the per-step records
 (``step``, ``samples``) in batches, up to half a second late (``EventLog``).
@@ -55,6 +62,7 @@ arrival. Workers and the driver send records without waiting for them; the per-s
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -62,7 +70,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Union
 
 EVENTS_FILE = "events.jsonl"
 FEED_STATE_FILE = "events.feed.json"
@@ -70,6 +78,33 @@ FEED_STATE_FILE = "events.feed.json"
 FEED_STATE_FORMAT = 1
 _FINGERPRINT_BYTES = 4096
 logger = logging.getLogger(__name__)
+
+
+def pack_ids(ids: Sequence[int]) -> str:
+    """Sample ids as ``ids_packed``: ascending differences as LEB128 varints, URL-safe base64."""
+    packed, previous = bytearray(), 0
+    for sample_id in sorted(ids):
+        if sample_id < 0:
+            raise ValueError(f"sample id {sample_id} is negative; sample ids are dataset row numbers")
+        delta, previous = sample_id - previous, sample_id
+        while delta >= 0x80:
+            packed.append(delta & 0x7F | 0x80)
+            delta >>= 7
+        packed.append(delta)
+    return base64.urlsafe_b64encode(bytes(packed)).rstrip(b"=").decode()
+
+
+def unpack_ids(packed: str) -> List[int]:
+    data = base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4))
+    ids, value, delta, shift = [], 0, 0, 0
+    for byte in data:
+        delta |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            value += delta
+            ids.append(value)
+            delta, shift = 0, 0
+    return ids
 
 
 class EventWriter:
@@ -81,6 +116,9 @@ class EventWriter:
 
     def write(self, record: Dict[str, Any]) -> None:
         record.setdefault("t", time.time())
+        if record.get("ev") == "samples" and "ids" in record:
+            record = {**record, "ids_packed": pack_ids(record["ids"])}
+            del record["ids"]
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def write_many(self, records: List[Dict[str, Any]]) -> None:
@@ -159,15 +197,26 @@ def read_events(path: str) -> List[Dict[str, Any]]:
 
 
 def iter_events(path: str, start: int = 0) -> Iterator[Dict[str, Any]]:
+    """The records from byte ``start`` on, one at a time, a ``samples`` record's ids unpacked."""
     with open(path) as f:
         f.seek(start)
         for line in f:
             if not line.endswith("\n"):
                 return
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+            record = parse_line(line)
+            if record is not None:
+                yield record
+
+
+def parse_line(line: Union[str, bytes]) -> Optional[Dict[str, Any]]:
+    """One complete line of the log as its record (a ``samples`` record's ids unpacked); None if garbled."""
+    try:
+        record = json.loads(line)
+        if "ids_packed" in record:
+            record["ids"] = unpack_ids(record.pop("ids_packed"))
+    except ValueError:  # JSONDecodeError, or ids that are not base64
+        return None
+    return record
 
 
 def last(events: List[Dict[str, Any]], ev: str) -> Optional[Dict[str, Any]]:
@@ -231,9 +280,8 @@ class EventFeed:
                 f.seek(self._offset)
                 while (line := f.readline()).endswith(b"\n"):
                     self._offset = f.tell()
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
+                    record = parse_line(line)
+                    if record is None:
                         continue
                     for sink in self._sinks:
                         self._call(sink, "write", record)
