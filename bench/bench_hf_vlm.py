@@ -295,7 +295,8 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     from raytrain_spot.config.schema import config_from_dict
     from raytrain_spot.train.loop import load_batch, sample_spans
     from raytrain_spot.train.sample_order import GlobalSampleOrder
-    from raytrain_spot.train.step import build_optimizer, train_step
+    from raytrain_spot.train.optim import build_optimizer
+    from raytrain_spot.train.step import train_step
     from raytrain_spot.train.task import build_task
 
     cfg = config_from_dict(loop_config["config"])

@@ -55,7 +55,7 @@ from raytrain_spot.config.schema import OptimConfig  # noqa: E402
 from raytrain_spot.observe.events import EventLog  # noqa: E402
 from raytrain_spot.storage.store import LocalStore  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.presets import PRESETS  # noqa: E402
-from raytrain_spot.train.step import build_optimizer  # noqa: E402
+from raytrain_spot.train.optim import build_optimizer  # noqa: E402
 from raytrain_spot.train.task import build_task  # noqa: E402
 
 TASK = "raytrain_spot.tasks.hf_vlm.task.HuggingFaceVLMTask"

@@ -43,7 +43,8 @@ from raytrain_spot.config.schema import OptimConfig  # noqa: E402
 from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample, max_caption_tokens, tokenize  # noqa: E402
 from raytrain_spot.tasks.vlm.task import VisionLanguageTask  # noqa: E402
-from raytrain_spot.train.step import build_optimizer, split, train_step  # noqa: E402
+from raytrain_spot.train.optim import build_optimizer  # noqa: E402
+from raytrain_spot.train.step import split, train_step  # noqa: E402
 from raytrain_spot.train.task import move_to  # noqa: E402
 
 MAX_SHAPES = 3

@@ -80,7 +80,7 @@ class RunResult:
         from raytrain_spot.checkpoint.export import rebuilt_model, run_config
         from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, listed_steps
         from raytrain_spot.checkpoint.manager import load_checkpoint_state
-        from raytrain_spot.storage.store import open_store
+        from raytrain_spot.storage import open_store
 
         store = open_store(self.checkpoints[:-len(f"/{self.run_name}/checkpoints")])
         steps = listed_steps(store, self.run_name)

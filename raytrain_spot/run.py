@@ -159,7 +159,8 @@ def check_resume(cfg: Config, task: TrainingTask, storage_uri: str) -> None:
     if cfg.checkpoint.allow_config_change:
         return
     from raytrain_spot.checkpoint.resume import resume_problem
-    from raytrain_spot.storage.store import LocalStore, open_store
+    from raytrain_spot.storage import open_store
+    from raytrain_spot.storage.store import LocalStore
 
     stores = [("durable", open_store(storage_uri))]
     if cfg.checkpoint.use_head:
@@ -171,7 +172,7 @@ def check_resume(cfg: Config, task: TrainingTask, storage_uri: str) -> None:
 def take_lease(cfg: Config, storage_uri: str):
     """This driver's claim on the run name (see checkpoint/lease.py), renewed in the background."""
     from raytrain_spot.checkpoint.lease import RunInUse, RunLease
-    from raytrain_spot.storage.store import open_store
+    from raytrain_spot.storage import open_store
 
     # A renewal that waits out a long outage must not outlast the lease itself.
     lease = RunLease(open_store(storage_uri, retry_deadline_s=cfg.run.lease_ttl_s / 3), cfg.run.name,
@@ -275,7 +276,7 @@ def stopped_step(events_path: str, since: float):
 def newest_durable_step(storage_uri: str, run_name: str):
     """Newest step committed in durable storage, or None (none, or storage unreachable)."""
     from raytrain_spot.checkpoint.resume import newest_commit
-    from raytrain_spot.storage.store import open_store
+    from raytrain_spot.storage import open_store
 
     try:
         found = newest_commit([("durable", open_store(storage_uri, retry_deadline_s=LISTING_DEADLINE_S))], run_name)

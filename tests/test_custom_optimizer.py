@@ -14,7 +14,7 @@ from raytrain_spot.checkpoint.manager import load_checkpoint_state
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.config.schema import OptimConfig
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.train.step import build_optimizer, learning_rate
+from raytrain_spot.train.optim import build_optimizer, learning_rate
 from tests.test_loop import NODES, RUN, FaultInjector, LinearTask, config, losses, of, run_group
 
 STEP_EVERY_SAMPLES = 32

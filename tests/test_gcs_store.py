@@ -26,7 +26,7 @@ from raytrain_spot.checkpoint.format import (
     write_state,
 )
 from raytrain_spot.storage.gcs import PART_MARKER, GcsAccessError, GcsStore, _crc32c_base64, crc32c_combine
-from raytrain_spot.storage.store import open_store
+from raytrain_spot.storage import open_store
 from raytrain_spot.testing import fake_gcs
 from raytrain_spot.testing.fake_gcs import FakeGcsServer, FakeGcsServerError
 

@@ -37,7 +37,8 @@ from raytrain_spot.checkpoint.format import InvalidCheckpoint, Manifest, commit,
 from raytrain_spot.checkpoint.manager import load_checkpoint_state
 from raytrain_spot.checkpoint.state import FROZEN_FINGERPRINT, ModelWeights
 from raytrain_spot.config.errors import ConfigError
-from raytrain_spot.storage.store import LocalStore, open_store
+from raytrain_spot.storage import open_store
+from raytrain_spot.storage.store import LocalStore
 
 MODEL_FILE = "model.pt"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

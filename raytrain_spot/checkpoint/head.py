@@ -26,7 +26,8 @@ from raytrain_spot.checkpoint.format import (CHECKPOINTS_DIR, Manifest, checkpoi
 from raytrain_spot.checkpoint.scratch import private_dir
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.observe.events import EventLog
-from raytrain_spot.storage.store import LocalStore, open_store
+from raytrain_spot.storage import open_store
+from raytrain_spot.storage.store import LocalStore
 
 logger = logging.getLogger(__name__)
 

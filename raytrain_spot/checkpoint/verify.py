@@ -25,7 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, listed_steps
 from raytrain_spot.config.schema import CheckpointingConfig, StorageConfig
-from raytrain_spot.storage.store import LocalStore, Store, open_store
+from raytrain_spot.storage import open_store
+from raytrain_spot.storage.store import LocalStore, Store
 
 VALID, PARTIAL, INVALID = "valid", "partial", "INVALID"
 

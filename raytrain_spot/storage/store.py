@@ -209,15 +209,3 @@ def _fsync_directory(path: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def open_store(uri: str, retry_deadline_s: Optional[float] = None) -> Store:
-    """The Store for a ``file://`` or ``gs://`` URI. ``retry_deadline_s`` bounds how long a GCS
-    request is retried (default: the client's 120 s), for callers that must not block that long."""
-    if uri.startswith("file://"):
-        return LocalStore(uri[len("file://"):])
-    if uri.startswith("gs://"):
-        from raytrain_spot.storage.gcs import GcsStore
-
-        return GcsStore.from_uri(uri, **({"retry_deadline_s": retry_deadline_s} if retry_deadline_s else {}))
-    raise ValueError(f"unsupported storage URI {uri!r}: use file:///path or gs://bucket/prefix")

@@ -32,7 +32,8 @@ from raytrain_spot.elastic.regrow import RegrowPolicy, measured_rate
 from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeWarmup, claim_standby, decide_standbys,
                                            nodes_share_cores, top_up)
 from raytrain_spot.observe.events import EventLog
-from raytrain_spot.storage.store import LocalStore, open_store
+from raytrain_spot.storage import open_store
+from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.train.agreement import RankView, start_agreement
 from raytrain_spot.train.collectives import RankGroup
 from raytrain_spot.train.handoff import NoticeHoldPolicy, checkpoint_and_report, hand_off, handoff_after

@@ -1,8 +1,8 @@
 """The pieces of an optimizer step that must not depend on the world size.
 
 * the learning rate is a function of samples seen, not of steps or workers (the task's
-  ``learning_rate``; ``learning_rate`` here is the default), and the optimizer is the task's
-  (``build_optimizer`` here is the default), checked before it trains;
+  ``learning_rate``; train/optim.py has the default), and the optimizer is the task's
+  (train/optim.py's AdamW by default), checked before it trains;
 * each rank sums the task's per-sample losses scaled by world_size / global_batch_size, so DDP's
   gradient average over ranks equals the mean over the whole global batch, however the
   batch is split across ranks and micro-batches;
@@ -19,25 +19,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from raytrain_spot.config.schema import OptimConfig
 from raytrain_spot.train.task import TaskContractError, per_sample_loss
-
-
-def learning_rate(samples_seen: int, total_samples: int, cfg: OptimConfig) -> float:
-    """The default schedule (``TrainingTask.learning_rate``): linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``total_samples``."""
-    if samples_seen < cfg.warmup_samples:
-        return cfg.lr * (samples_seen + 1) / cfg.warmup_samples
-    decay_span = max(total_samples - cfg.warmup_samples, 1)
-    progress = min((samples_seen - cfg.warmup_samples) / decay_span, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(param_groups: List[Dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The default optimizer (``TrainingTask.build_optimizer``): AdamW over the task's parameter
-    groups; a group without its own weight decay gets optim.weight_decay."""
-    groups = [group for group in param_groups if group["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 def checked_optimizer(optimizer: Any, task_name: str) -> torch.optim.Optimizer:

@@ -37,6 +37,7 @@ import torch
 
 from raytrain_spot.checkpoint.state import Stateful
 from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.train import optim as default_optim
 
 if TYPE_CHECKING:
     from raytrain_spot.config.schema import OptimConfig  # schema.py imports this module
@@ -99,18 +100,14 @@ class TrainingTask(abc.ABC):
         ``lr`` every step (``learning_rate``) and checkpoints ``state_dict()`` with the model, so a resume
         continues its state (moments, momentum buffers) at any world size. Default: AdamW over
         ``param_groups`` with ``optim.lr``, ``beta1``, ``beta2`` and ``weight_decay``."""
-        from raytrain_spot.train.step import build_optimizer  # step.py imports this module
-
-        return build_optimizer(self.param_groups(model), optim)
+        return default_optim.build_optimizer(self.param_groups(model), optim)
 
     def learning_rate(self, samples_seen: int, total_samples: int, optim: "OptimConfig") -> float:
         """The learning rate of the step that starts after ``samples_seen`` samples, of a run of
         ``total_samples``. A function of samples, never of steps or workers, so a resize does not shift
         it, and of its arguments alone, so a resume needs no state for it. Default: linear warmup over
         ``optim.warmup_samples``, then cosine decay to ``optim.min_lr_ratio * optim.lr``."""
-        from raytrain_spot.train.step import learning_rate  # step.py imports this module
-
-        return learning_rate(samples_seen, total_samples, optim)
+        return default_optim.learning_rate(samples_seen, total_samples, optim)
 
     @abc.abstractmethod
     def build_dataset(self, seed: int) -> MapDataset:
