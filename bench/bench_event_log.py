@@ -57,10 +57,12 @@ def write_log(path: str, steps: int, sample_ids: int, restart_every: int = 100_0
     t = 1_000.0
     writer.write({"t": t, "ev": "start", "run": "bench", "embedded": True})
     step = 0
+    restarted_at = set()  # each restart once: the redone steps reach the same step again
     while step < steps:
         step += 1
         t += 0.5
-        if step % restart_every == 0 and step > redo:
+        if step % restart_every == 0 and step > redo and step not in restarted_at:
+            restarted_at.add(step)
             writer.write({"t": t, "ev": "group", "world_size": 4, "step": step - redo, "restored_step": step - redo})
             step -= redo
         writer.write({"t": t, "ev": "step", "step": step, "world_size": 4, "samples": [(step - 1) * BATCH, step * BATCH],
