@@ -96,10 +96,11 @@ class CheckpointManager:
         self.shared = shared
         self.writes_local = writes_local and local is not None
         self.events = events
-        self.scratch_root = scratch_root
-        if scratch_root:
-            private_dir(scratch_root, "checkpoint.local_dir")
-            sweep_orphans(scratch_root)
+        # The directory as created: a path through a directory that does not exist yet (``a/../b``)
+        # is made lexically, and mkdtemp under the unresolved path would fail.
+        self.scratch_root = private_dir(scratch_root, "checkpoint.local_dir") if scratch_root else None
+        if self.scratch_root:
+            sweep_orphans(self.scratch_root)
         sweep_orphans(MEMORY_SCRATCH)  # a worker killed mid-save leaves its scratch directory behind
         self._snapshot = HostSnapshot()
         self._thread: Optional[threading.Thread] = None
