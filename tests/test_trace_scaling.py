@@ -6,6 +6,7 @@ import random
 import statistics
 
 import pytest
+import yaml
 
 from raytrain_spot.simulator.chaos import scale_trace, trace_actions, trace_node_streams, trace_targets
 
@@ -134,8 +135,11 @@ def test_the_spot_simulator_replays_a_32_node_trace_on_3_slots(tmp_path):
     counts = synthetic_trace(32, ticks=600, p_loss=0.004, p_back=0.05, mass_every=200, mass_share=0.5, seed=4)
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"metadata": {"gap_seconds": 300}, "data": counts}))
+    # Nodes started over SSH: the stand-in nodes here have no processes for a `ray start --block` service to hold.
+    cluster_yaml = tmp_path / "ssh-started.yaml"
+    cluster_yaml.write_text(yaml.safe_dump({"worker_start_ray_commands": ["ray start --address=$RAY_HEAD_IP:6379"]}))
     cfg = ChaosConfig(mode="trace", trace=str(path), tick_s=1.0, start_tick=100, max_ticks=300, notice_s=2.0,
-                      watchers=False, seed=5)
+                      watchers=False, seed=5, node_start=str(cluster_yaml))
     simulator = SpotSimulator(cfg, _Cluster(3), _Events(), current_step=lambda: None, on_kill=lambda *a: None,
                               log_dir=str(tmp_path / "logs"))
     try:
