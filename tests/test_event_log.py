@@ -179,3 +179,17 @@ def test_the_ledger_holds_none_of_the_logs_sample_records(tmp_path):
             tracemalloc.stop()
         assert summary["steps"]["completed"] == 3_000 and summary["samples"] == 3_000 * bench.BATCH
     assert peaks[256] < 1.1 * peaks[0], f"{peaks[256] / 1e6:.1f} MB with sample records, {peaks[0] / 1e6:.1f} without"
+
+
+def test_the_ledgers_memory_does_not_grow_with_the_runs_length(tmp_path):
+    """Seen: 1.5 GB of peak memory for the ledger of a 1M-step log, as the end of every run writes it."""
+    bench.write_log(str(tmp_path / EVENTS_FILE), steps=60_000, sample_ids=0, restart_every=20_000)
+    tracemalloc.start()
+    try:
+        summary = write_ledger(str(tmp_path), PriceCatalog.load(), plot=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["steps"] == {"completed": 60_000, "executions": 60_150, "redone": 150}
+    assert summary["time_s"]["wasted_progress"] == pytest.approx(150 * 0.5)  # restarts at 20k, 40k and 60k
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB for the ledger of a 60k-step log"

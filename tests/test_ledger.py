@@ -10,7 +10,8 @@ from typing import Dict, Tuple
 
 import pytest
 
-from raytrain_spot.cost.ledger import CATEGORIES, LedgerOptions, build_ledger, format_table, write_ledger
+from raytrain_spot.cost.ledger import CATEGORIES, LedgerOptions, build_ledger, format_table, segments, write_ledger
+from raytrain_spot.cost import ledger as ledger_module
 from raytrain_spot.cost.pricing import PriceCatalog
 
 T0 = 1_750_000_000.0
@@ -179,15 +180,55 @@ def test_every_second_of_a_preempted_run_lands_in_its_category():
     assert sum(summary["badput_s"].values()) + summary["time_s"]["productive"] == pytest.approx(wall)
     assert summary["goodput"] == pytest.approx(log.truth["productive"] / wall)
     # The segments tile the run: contiguous, no overlap, nothing left out.
-    segments = ledger.segments
-    assert segments[0].start == T0 and segments[-1].end == log.t
-    assert all(a.end == b.start for a, b in zip(segments, segments[1:]))
+    tiles = list(segments(log.records))
+    assert tiles[0].start == T0 and tiles[-1].end == log.t
+    assert all(a.end == b.start for a, b in zip(tiles, tiles[1:]))
 
 
 def test_steps_redone_after_a_restore_count_once():
     summary = build(preempted_run()).summary
     assert summary["steps"] == {"completed": 30, "executions": 34, "redone": 4}
     assert summary["samples"] == 30 * BATCH
+
+
+def test_steps_redone_in_any_order_are_wasted_up_to_their_last_execution():
+    """Restores back to different steps, one inside an earlier redo: each execution that a later one repeats is waste."""
+    log = RunLog()
+    log.start(min_workers=1)
+    log.emit("group", world_size=3, step=0, restored_step=None)
+    runs = ((1, 10, 5), (5, 12, 3), (3, 4, None), (5, 15, None))
+    for at, (first, last, redone_from) in enumerate(runs):
+        for step in range(first, last + 1):
+            redone = any(later_first <= step <= later_last for later_first, later_last, _ in runs[at + 1:])
+            log.step(step, category="wasted_progress" if redone else "productive")
+            log.spend(0.25, "infrastructure_recovery" if step == last and redone_from is not None else "other")
+        if redone_from is not None:
+            log.restore(redone_from - 1, 1.0)
+            log.emit("group", world_size=3, step=redone_from - 1, restored_step=redone_from - 1)
+            log.spend(0.5, "infrastructure_recovery")
+    log.end()
+    summary = build(log).summary
+    assert_categories_match(summary, log.truth)
+    assert summary["steps"]["completed"] == 15 and summary["samples"] == 15 * BATCH
+
+
+def test_the_partition_settled_block_by_block_is_the_one_sweep_over_each_session(monkeypatch):
+    """The ledger settles the time before each block's earliest instant and forgets it; the segments
+    must come out as one sweep over the whole session makes them."""
+    log = preempted_run()
+    log.pause(60.0)
+    log.start(min_workers=2)
+    log.add("w9")
+    log.spend(5.0, "waiting_for_capacity")
+    log.emit("group", world_size=1, step=30, restored_step=30)
+    log.steps(31, 60, data_s=0.1, world_size=1)
+    log.checkpoint(60, 0.5)
+    whole = list(segments(log.records))
+    assert len(log.records) < ledger_module.BLOCK
+    monkeypatch.setattr(ledger_module, "BLOCK", 1)
+    assert list(segments(log.records)) == whole
+    monkeypatch.setattr(ledger_module, "BLOCK", 7)
+    assert list(segments(log.records)) == whole
 
 
 def test_failed_saves_are_counted_per_tier_and_shown():

@@ -30,7 +30,7 @@ def plot_ledger(ledger: Ledger, path: str) -> None:
                    where="post", linestyle="--", label="Spot nodes alive")
     sizes.set_ylabel("workers / nodes")
     sizes.legend(loc="lower left", fontsize="small")
-    curve = ledger.goodput_curve()
+    curve = ledger.goodput_curve
     goodput.plot([x(t) for t, _ in curve], [g for _, g in curve], color="tab:green")
     goodput.set_ylim(0, 1.05)
     goodput.set_ylabel("goodput so far")
