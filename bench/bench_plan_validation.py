@@ -41,8 +41,13 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from raytrain_spot.cost import plan as planner  # noqa: E402
+from raytrain_spot.cost.plan import plan  # noqa: E402
 from raytrain_spot.cost.pricing import PriceCatalog  # noqa: E402
+from raytrain_spot.cost.spot_capacity import Preemptions, TraceReplay, load_trace, trace_mtbi_s  # noqa: E402
+from raytrain_spot.cost.strategy_model import (  # noqa: E402
+    GCE_NOTICE_S, PRODUCT_CHECKPOINT_S, PRODUCT_INTERVAL_BOUNDS_S, PRODUCT_JIT_S, PRODUCT_KILL_RECOVERY_S,
+    PRODUCT_RECOVERY_S, ClusterShape, Job, interval_for)
+from raytrain_spot.cost.strategy_sim import simulate_run  # noqa: E402
 
 TRACES = os.path.join(REPO, "..", "shared", "traces")
 DEFAULT_TRACES = [f"preemption__4-node__aws-08-03-2023__{zone}_v100_1.json"
@@ -68,18 +73,18 @@ def fit_window(counts: Sequence[int], tick_s: float, fleet: int) -> Fit:
     return Fit(alive_s / losses, dead_s / losses, losses)
 
 
-def product_job(steps: int, step_time_s: float, notice_s: float) -> planner.Job:
+def product_job(steps: int, step_time_s: float, notice_s: float) -> Job:
     """raytrain-spot's job with the CLI's defaults (planner constants)."""
-    return planner.Job(steps, step_time_s, planner.PRODUCT_CHECKPOINT_S, 60.0, planner.PRODUCT_RECOVERY_S,
-                       notice_s=notice_s, jit_checkpoint=True, jit_s=planner.PRODUCT_JIT_S,
-                       kill_recovery_s=planner.PRODUCT_KILL_RECOVERY_S,
-                       interval_bounds_s=planner.PRODUCT_INTERVAL_BOUNDS_S)
+    return Job(steps, step_time_s, PRODUCT_CHECKPOINT_S, 60.0, PRODUCT_RECOVERY_S,
+                       notice_s=notice_s, jit_checkpoint=True, jit_s=PRODUCT_JIT_S,
+                       kill_recovery_s=PRODUCT_KILL_RECOVERY_S,
+                       interval_bounds_s=PRODUCT_INTERVAL_BOUNDS_S)
 
 
-def shapes_for(gpu: str, nodes: int, hybrid: Sequence[int]) -> List[planner.ClusterShape]:
+def shapes_for(gpu: str, nodes: int, hybrid: Sequence[int]) -> List[ClusterShape]:
     """The shapes the CLI considers (``--hybrid`` on-demand counts; its default is 1,2)."""
     mixes = [(nodes, 0), (0, nodes)] + [(k, nodes - k) for k in hybrid if 0 < k < nodes]
-    return [planner.ClusterShape(gpu, od, spot) for od, spot in dict.fromkeys(mixes)]
+    return [ClusterShape(gpu, od, spot) for od, spot in dict.fromkeys(mixes)]
 
 
 def launches(window_ticks: int, tick_s: float, deadline_h: float, every_h: float) -> List[int]:
@@ -91,13 +96,13 @@ def launches(window_ticks: int, tick_s: float, deadline_h: float, every_h: float
     return list(range(0, last + 1, every))
 
 
-def replay(job: planner.Job, shape: planner.ClusterShape, window: Sequence[int], tick_s: float, fleet: int,
+def replay(job: Job, shape: ClusterShape, window: Sequence[int], tick_s: float, fleet: int,
            catalog: PriceCatalog, region: str, deadline_h: float, starts: Sequence[int], replays: int,
            seed: int) -> Dict[str, float]:
     """The shape on the test window, launched at each of ``starts`` (``replays`` draws of which trace nodes a
     smaller Spot group follows, and which member a drop hits): mean cost, share of runs on time."""
-    mtbi = planner.trace_mtbi_s(window, tick_s)  # the advisor adapts its interval to what it observes
-    interval = planner.interval_for(job, mtbi if not math.isinf(mtbi) else 1e12, shape.spot_nodes)
+    mtbi = trace_mtbi_s(window, tick_s)  # the advisor adapts its interval to what it observes
+    interval = interval_for(job, mtbi if not math.isinf(mtbi) else 1e12, shape.spot_nodes)
     od = shape.node_usd_per_hour(catalog, "on_demand", region) if shape.on_demand_nodes else 0.0
     spot = shape.node_usd_per_hour(catalog, "spot", region) if shape.spot_nodes else 0.0
     costs, on_time, walls = [], 0, []
@@ -105,9 +110,9 @@ def replay(job: planner.Job, shape: planner.ClusterShape, window: Sequence[int],
         for r in range(replays if shape.spot_nodes else 1):
             rng = random.Random(f"replay/{seed}/{start}/{r}")
             # offset into the window; the horizon (the deadline) ends inside it, so it never loops
-            capacity = planner.TraceReplay(window, tick_s, shape.spot_nodes, offset_s=start * tick_s,
+            capacity = TraceReplay(window, tick_s, shape.spot_nodes, offset_s=start * tick_s,
                                            rng=random.Random(f"replay/{seed}/{start}/{r}/streams"), fleet=fleet)
-            outcome = planner.simulate_run(job, shape, interval, capacity, rng, horizon_s=deadline_h * HOUR)
+            outcome = simulate_run(job, shape, interval, capacity, rng, horizon_s=deadline_h * HOUR)
             on_time += outcome.finished
             walls.append(outcome.wall_s / HOUR)
             costs.append(shape.on_demand_nodes * od * outcome.wall_s / HOUR + spot * outcome.spot_node_s / HOUR)
@@ -144,18 +149,18 @@ def validate_pair(name: str, counts: Sequence[int], tick_s: float, fleet: int, f
     own = fit_window(test_window, tick_s, fleet)
     planners = {
         # held out: what a user has before the test window
-        "exp_prev": planner.Preemptions(mtbi_s=fit.mtbi_s, replacement_s=fit.replacement_s),
-        "trace_prev": planner.Preemptions(trace=(tuple(fit_window_counts), tick_s), trace_fleet=fleet),
-        "exp_history": planner.Preemptions(mtbi_s=history.mtbi_s, replacement_s=history.replacement_s),
-        "trace_history": planner.Preemptions(trace=(tuple(counts[:test_ticks.start]), tick_s), trace_fleet=fleet),
+        "exp_prev": Preemptions(mtbi_s=fit.mtbi_s, replacement_s=fit.replacement_s),
+        "trace_prev": Preemptions(trace=(tuple(fit_window_counts), tick_s), trace_fleet=fleet),
+        "exp_history": Preemptions(mtbi_s=history.mtbi_s, replacement_s=history.replacement_s),
+        "trace_history": Preemptions(trace=(tuple(counts[:test_ticks.start]), tick_s), trace_fleet=fleet),
         # not held out: the test window's own figures, which isolates the planner's model error
-        "exp_in_sample": planner.Preemptions(mtbi_s=own.mtbi_s, replacement_s=own.replacement_s),
+        "exp_in_sample": Preemptions(mtbi_s=own.mtbi_s, replacement_s=own.replacement_s),
     }
     for key, value in (("fit_history", history), ("fit_in_sample", own)):
         row[key] = {"mtbi_h": round(value.mtbi_s / HOUR, 2), "replacement_h": round(value.replacement_s / HOUR, 2)}
     for mode in modes or MODES:
         preemptions = planners[mode]
-        result = planner.plan(job, shapes, [args.region], catalog, preemptions, args.replications, args.seed,
+        result = plan(job, shapes, [args.region], catalog, preemptions, args.replications, args.seed,
                               args.deadline_h, args.confidence)
         pick = result.recommended
         entry: Dict[str, object] = {"pick": pick.config if pick else None,
@@ -181,7 +186,7 @@ def run(args) -> List[Dict[str, object]]:
     catalog = PriceCatalog.load()
     rows = []
     for name in args.traces:
-        counts, tick_s = planner.load_trace(os.path.join(args.trace_dir, name))
+        counts, tick_s = load_trace(os.path.join(args.trace_dir, name))
         fleet = max(counts)
         window_ticks = round(args.window_h * HOUR / tick_s)
         for fit_ticks, test_ticks in windows(len(counts), window_ticks, args.pairs_per_trace):
@@ -236,7 +241,7 @@ def parse_args(argv=None):
     parser.add_argument("--step-time-s", type=float, default=3.6)
     parser.add_argument("--deadline-h", type=float, default=36.0)
     parser.add_argument("--confidence", type=float, default=0.9)
-    parser.add_argument("--notice-s", type=float, default=planner.GCE_NOTICE_S)
+    parser.add_argument("--notice-s", type=float, default=GCE_NOTICE_S)
     parser.add_argument("--replications", type=int, default=100, help="planner runs per shape")
     parser.add_argument("--launch-every-h", type=float, default=3.0,
                         help="replayed launches on the test window: one every this many hours")

@@ -14,11 +14,14 @@ import pytest
 
 from raytrain_spot.checkpoint.advisor import daly_interval, young_interval
 from raytrain_spot.cost.ledger import write_ledger
-from raytrain_spot.cost.plan import (PLAIN, PLAIN_RECOVERY_S, PRODUCT, PRODUCT_INTERVAL_BOUNDS_S, ClusterShape,
-                                     ExponentialLosses, Job, Preemptions, TraceReplay, build_jobs,
-                                     fixed_goodput_estimate, interval_for, jit_complete_fraction, measure_run,
-                                     parse_args, plain_ray_train, plan, resolve_figures, simulate_run)
+from raytrain_spot.cost.plan import build_jobs, fixed_goodput_estimate, parse_args, plan, resolve_figures
 from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.cost.run_facts import measure_run
+from raytrain_spot.cost.spot_capacity import ExponentialLosses, Preemptions, TraceReplay
+from raytrain_spot.cost.strategy_model import (PLAIN, PLAIN_RECOVERY_S, PRODUCT, PRODUCT_INTERVAL_BOUNDS_S,
+                                               ClusterShape, Job, interval_for, jit_complete_fraction,
+                                               plain_ray_train)
+from raytrain_spot.cost.strategy_sim import simulate_run
 
 HOUR = 3600.0
 TRACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "traces")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from raytrain_spot.cost.plan import load_trace
+from raytrain_spot.cost.spot_capacity import load_trace
 from raytrain_spot.cost.pricing import PriceCatalog
 from tests.conftest import REPO, load_bench
 
