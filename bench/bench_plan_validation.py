@@ -75,10 +75,9 @@ def fit_window(counts: Sequence[int], tick_s: float, fleet: int) -> Fit:
 
 def product_job(steps: int, step_time_s: float, notice_s: float) -> Job:
     """raytrain-spot's job with the CLI's defaults (planner constants)."""
-    return Job(steps, step_time_s, PRODUCT_CHECKPOINT_S, 60.0, PRODUCT_RECOVERY_S,
-                       notice_s=notice_s, jit_checkpoint=True, jit_s=PRODUCT_JIT_S,
-                       kill_recovery_s=PRODUCT_KILL_RECOVERY_S,
-                       interval_bounds_s=PRODUCT_INTERVAL_BOUNDS_S)
+    return Job(steps, step_time_s, PRODUCT_CHECKPOINT_S, 60.0, PRODUCT_RECOVERY_S, notice_s=notice_s,
+               jit_checkpoint=True, jit_s=PRODUCT_JIT_S, kill_recovery_s=PRODUCT_KILL_RECOVERY_S,
+               interval_bounds_s=PRODUCT_INTERVAL_BOUNDS_S)
 
 
 def shapes_for(gpu: str, nodes: int, hybrid: Sequence[int]) -> List[ClusterShape]:
@@ -111,7 +110,7 @@ def replay(job: Job, shape: ClusterShape, window: Sequence[int], tick_s: float, 
             rng = random.Random(f"replay/{seed}/{start}/{r}")
             # offset into the window; the horizon (the deadline) ends inside it, so it never loops
             capacity = TraceReplay(window, tick_s, shape.spot_nodes, offset_s=start * tick_s,
-                                           rng=random.Random(f"replay/{seed}/{start}/{r}/streams"), fleet=fleet)
+                                   rng=random.Random(f"replay/{seed}/{start}/{r}/streams"), fleet=fleet)
             outcome = simulate_run(job, shape, interval, capacity, rng, horizon_s=deadline_h * HOUR)
             on_time += outcome.finished
             walls.append(outcome.wall_s / HOUR)
