@@ -18,7 +18,9 @@ from ray.autoscaler._private.gcp.node import GCPCompute
 from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
 
 from raytrain_spot.cluster import check as cluster_check
+from raytrain_spot.cluster.cluster_yaml import NOTICE_KEY, PRICING_LABEL, advance_notice_s, prepare
 from raytrain_spot.cluster.gcp.multizone_provider import build_compute_client
+from raytrain_spot.cluster.yaml_summary import format_summary, summarize
 from raytrain_spot.config.schema import load_config
 from raytrain_spot.preemption.watcher import HttpPreemptedPoller, Notice, _parse_args, decide_drain
 from raytrain_spot.simulator import chaos
@@ -43,11 +45,11 @@ def turned_off(text: str) -> dict:
 
 def spot_types(config: dict) -> dict:
     return {name: t for name, t in config["available_node_types"].items()
-            if t["labels"][cluster_check.PRICING_LABEL] == "spot"}
+            if t["labels"][PRICING_LABEL] == "spot"}
 
 
 def problems_of(config: dict):
-    return [(p.node_type, p.key, p.problem, p.fix) for p in cluster_check.review(cluster_check.prepare(config))]
+    return [(p.node_type, p.key, p.problem, p.fix) for p in cluster_check.review(prepare(config))]
 
 
 # -- the YAML option and the check ---------------------------------------------------------------
@@ -56,11 +58,11 @@ def test_turning_the_notice_off_as_the_comments_say_passes_the_check_and_reports
     text = text_of(path)
     assert text.count(NOTICE_LINE) == len(spot_types(yaml.safe_load(text))) >= 1, "one line per Spot type"
     config = turned_off(text)
-    assert all(cluster_check.NOTICE_KEY not in t["node_config"]["scheduling"] for t in spot_types(config).values())
+    assert all(NOTICE_KEY not in t["node_config"]["scheduling"] for t in spot_types(config).values())
     assert any(WATCHER[:-3] + "30" in c for c in config["worker_start_ray_commands"])
-    prepared = cluster_check.prepare(config)
+    prepared = prepare(config)
     assert cluster_check.review(prepared) == []
-    summary = cluster_check.summarize(prepared, lambda *_: 1.0)
+    summary = summarize(prepared, lambda *_: 1.0)
     assert {t.name: t.notice_s for t in summary.node_types if t.notice_s} == dict.fromkeys(spot_types(config), 30)
 
 
@@ -68,14 +70,14 @@ def test_turning_the_notice_off_as_the_comments_say_passes_the_check_and_reports
 def test_every_spot_type_has_the_120_s_notice_on_and_the_check_reports_150_s(path):
     config = yaml.safe_load(text_of(path))
     assert any(WATCHER in c for c in config["worker_start_ray_commands"])
-    assert all(t["node_config"]["scheduling"][cluster_check.NOTICE_KEY] == {"seconds": 120}
+    assert all(t["node_config"]["scheduling"][NOTICE_KEY] == {"seconds": 120}
                for t in spot_types(config).values())
-    prepared = cluster_check.prepare(config)
+    prepared = prepare(config)
     assert cluster_check.review(prepared) == []
-    summary = cluster_check.summarize(prepared, lambda *_: 1.0)
+    summary = summarize(prepared, lambda *_: 1.0)
     for row in summary.node_types:
         assert (row.notice_s, row.advance_notice_s) == ((150, 120) if row.name in spot_types(config) else (None, 0))
-    text = cluster_check.format_summary(summary)
+    text = format_summary(summary)
     assert "preemption notice 150 s before the hard stop (preemptionNoticeDuration 120 s" in text
     # The shipped pools are full (min == max): the check says a replacement must wait for the VM to go.
     assert "no room to start a replacement" in text
@@ -85,11 +87,11 @@ def test_the_check_counts_the_room_for_replacements_at_the_notice():
     config = yaml.safe_load(text_of(MAIN_YAML))
     config["available_node_types"]["gpu-spot"]["max_workers"] = 9
     config["max_workers"] = 9  # 1 on-demand + 7 Spot at min: the cluster leaves room for 1 more, the type for 2
-    spot = next(t for t in cluster_check.summarize(cluster_check.prepare(config), lambda *_: 1.0).node_types
+    spot = next(t for t in summarize(prepare(config), lambda *_: 1.0).node_types
                 if t.name == "gpu-spot")
     assert spot.replacement_room == 1
-    assert "can start up to 1 replacement(s)" in cluster_check.format_summary(
-        cluster_check.summarize(cluster_check.prepare(config), lambda *_: 1.0))
+    assert "can start up to 1 replacement(s)" in format_summary(
+        summarize(prepare(config), lambda *_: 1.0))
 
 
 def test_the_compute_v1_api_ray_inserts_through_has_the_field_in_the_shape_the_yamls_write():
@@ -97,16 +99,16 @@ def test_the_compute_v1_api_ray_inserts_through_has_the_field_in_the_shape_the_y
     from googleapiclient.discovery_cache import get_static_doc
 
     schemas = json.loads(get_static_doc("compute", "v1"))["schemas"]
-    field = schemas["Scheduling"]["properties"][cluster_check.NOTICE_KEY]
+    field = schemas["Scheduling"]["properties"][NOTICE_KEY]
     assert field["$ref"] == "Duration" and "Spot VMs only" in field["description"]
     assert {"seconds", "nanos"} == set(schemas["Duration"]["properties"])
     spot = spot_types(yaml.safe_load(text_of(MAIN_YAML)))["gpu-spot"]
-    assert set(spot["node_config"]["scheduling"][cluster_check.NOTICE_KEY]) <= set(schemas["Duration"]["properties"])
+    assert set(spot["node_config"]["scheduling"][NOTICE_KEY]) <= set(schemas["Duration"]["properties"])
 
 
 def test_ray_inserts_the_notice_as_written():
     """Ray's GCP code sends node_config unchanged as the instances.insert body (GCE's own spelling)."""
-    config = cluster_check.prepare(yaml.safe_load(text_of(MAIN_YAML)))
+    config = prepare(yaml.safe_load(text_of(MAIN_YAML)))
     node_config = config["available_node_types"]["gpu-spot"]["node_config"]
     with ComputeEngineEmulator("my-project") as api:
         compute = GCPCompute(build_compute_client(AnonymousCredentials(), api.endpoint), "my-project",
@@ -122,7 +124,7 @@ def test_ray_inserts_the_notice_as_written():
 
 def notice_on(node_type: str, value):
     def mistake(config):
-        config["available_node_types"][node_type]["node_config"]["scheduling"][cluster_check.NOTICE_KEY] = value
+        config["available_node_types"][node_type]["node_config"]["scheduling"][NOTICE_KEY] = value
     return mistake
 
 
@@ -137,7 +139,7 @@ def two_spot_types_with_other_notices(config):
     types = config["available_node_types"]
     other = copy.deepcopy(types["gpu-spot"])
     other["labels"]["raytrain-spot/node-type"] = "gpu-spot-b"
-    del other["node_config"]["scheduling"][cluster_check.NOTICE_KEY]
+    del other["node_config"]["scheduling"][NOTICE_KEY]
     types["gpu-spot-b"] = dict(other, min_workers=0, max_workers=0)
 
 
@@ -146,7 +148,7 @@ def margin_beyond_the_notice(config):
                                            for c in config["worker_start_ray_commands"]]
 
 
-TYPE_KEY = f"node_config.scheduling.{cluster_check.NOTICE_KEY}"
+TYPE_KEY = f"node_config.scheduling.{NOTICE_KEY}"
 
 
 @pytest.mark.parametrize("mistake, node_type, key, says", [
@@ -180,8 +182,8 @@ def test_a_watcher_told_150_s_on_vms_without_the_notice_is_refused():
 
 
 def test_string_seconds_as_json_writes_an_int64_are_taken():
-    assert cluster_check.advance_notice_s({"scheduling": {cluster_check.NOTICE_KEY: {"seconds": "120"}}}) == (120, None)
-    assert cluster_check.advance_notice_s({"scheduling": {}}) == (0, None)
+    assert advance_notice_s({"scheduling": {NOTICE_KEY: {"seconds": "120"}}}) == (120, None)
+    assert advance_notice_s({"scheduling": {}}) == (0, None)
 
 
 def test_the_command_line_prints_the_notice_column(tmp_path, monkeypatch, capsys):

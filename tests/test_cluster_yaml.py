@@ -22,8 +22,12 @@ from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_US
 
 import raytrain_spot
 from raytrain_spot.cluster import check as cluster_check
+from raytrain_spot.cluster.cluster_yaml import (NODE_TYPE_LABEL, PRICING_LABEL, ClusterConfigError, is_multizone, load,
+                                                prepare)
 from raytrain_spot.cluster.gcp.machines import built_in_gpus
 from raytrain_spot.cluster.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
+from raytrain_spot.cluster.gcp_checks import warnings
+from raytrain_spot.cluster.yaml_summary import catalog_lookup, format_summary, summarize
 from raytrain_spot.elastic.standby import PRELOAD_ENV, PRELOAD_MODULES
 from raytrain_spot.simulator.shutdown import node_start
 from raytrain_spot.testing.compute_api import ComputeEngineEmulator
@@ -51,7 +55,7 @@ def raw(path: str) -> dict:
 
 
 def filled(path: str) -> dict:
-    return cluster_check.prepare(raw(path), source=path)
+    return prepare(raw(path), source=path)
 
 
 def test_the_cluster_directory_has_the_promised_variants():
@@ -68,7 +72,7 @@ def test_ray_prepares_and_validates_the_yaml_and_the_review_finds_nothing_once_f
 
 @pytest.mark.parametrize("path", GCP_FILES, ids=names(GCP_FILES))
 def test_the_shipped_files_are_refused_until_the_project_is_filled_in(path):
-    problems = cluster_check.review(cluster_check.load(path))
+    problems = cluster_check.review(load(path))
     assert problems and all("placeholder" in p.problem for p in problems)
     assert ("cluster", "provider.project_id") in {(p.node_type, p.key) for p in problems}
     assert ("head", "node_config.serviceAccounts[0].email") in {(p.node_type, p.key) for p in problems}
@@ -81,7 +85,7 @@ def create_every_node_type(path: str, api: ComputeEngineEmulator):
     for name, node_type in config["available_node_types"].items():
         kind = "head" if name == config["head_node_type"] else "worker"
         tags = {TAG_RAY_USER_NODE_TYPE: name, TAG_RAY_NODE_KIND: kind, TAG_RAY_NODE_NAME: f"ray-test-{kind}"}
-        if cluster_check.is_multizone(config):
+        if is_multizone(config):
             nodes = MultiZoneGCPNodeProvider(dict(provider, compute_api_endpoint=api.endpoint), config["cluster_name"],
                                              credentials=AnonymousCredentials())
             nodes.create_node(node_type["node_config"], tags, 1 if kind == "head" else 3)
@@ -110,7 +114,7 @@ def test_instances_the_gcp_provider_would_create(path):
         # Spot scheduling on Spot workers only, as a dict, deleted on preemption.
         scheduling = body["scheduling"]
         assert isinstance(scheduling, dict)
-        if labels[cluster_check.PRICING_LABEL] == "spot":
+        if labels[PRICING_LABEL] == "spot":
             assert not is_head
             assert scheduling == {"provisioningModel": "SPOT", "instanceTerminationAction": "DELETE",
                                   "onHostMaintenance": "TERMINATE", "automaticRestart": False,
@@ -119,9 +123,9 @@ def test_instances_the_gcp_provider_would_create(path):
             assert scheduling["provisioningModel"] == "STANDARD"
 
         # Zone URLs: the zone the VM goes to, in every zonal field.
-        if cluster_check.is_multizone(config):
+        if is_multizone(config):
             expected_zones = provider["availability_zones"] if not is_head and labels[
-                cluster_check.PRICING_LABEL] == "spot" else [provider["availability_zone"]]
+                PRICING_LABEL] == "spot" else [provider["availability_zone"]]
             assert zone in expected_zones
         else:
             assert zone == provider["availability_zone"]
@@ -144,8 +148,8 @@ def test_instances_the_gcp_provider_would_create(path):
 
         # Labels: Ray's tags plus the billing labels; scopes: storage everywhere, compute on the head only.
         assert body["labels"]["ray-cluster-name"] == config["cluster_name"]
-        assert body["labels"]["raytrain-spot-pricing"] == labels[cluster_check.PRICING_LABEL]
-        assert labels[cluster_check.NODE_TYPE_LABEL] == node_type
+        assert body["labels"]["raytrain-spot-pricing"] == labels[PRICING_LABEL]
+        assert labels[NODE_TYPE_LABEL] == node_type
         scopes = body["serviceAccounts"][0]["scopes"]
         assert STORAGE_SCOPE in scopes
         assert (COMPUTE_SCOPE in scopes) == is_head
@@ -156,8 +160,8 @@ def test_instances_the_gcp_provider_would_create(path):
 def test_hybrid_files_keep_a_fixed_on_demand_fallback_and_all_spot_files_have_none(path):
     config = filled(path)
     workers = {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
-    on_demand = [t for t in workers.values() if t["labels"][cluster_check.PRICING_LABEL] == "on_demand"]
-    spot = [t for t in workers.values() if t["labels"][cluster_check.PRICING_LABEL] == "spot"]
+    on_demand = [t for t in workers.values() if t["labels"][PRICING_LABEL] == "on_demand"]
+    spot = [t for t in workers.values() if t["labels"][PRICING_LABEL] == "spot"]
     assert spot
     all_spot = os.path.basename(path) in ("gcp-spot-h100.yaml", "gcp-spot-t4.yaml")
     assert (on_demand == []) == all_spot
@@ -207,7 +211,7 @@ def test_setup_installs_torch_then_this_package_version_and_starts_watcher_and_j
 
 
 def test_local_yaml_mirrors_the_gcp_node_types_on_loopback():
-    local, gcp = cluster_check.load(LOCAL_YAML), filled(MAIN_YAML)
+    local, gcp = load(LOCAL_YAML), filled(MAIN_YAML)
     assert local["provider"]["module"] == "raytrain_spot.cluster.local_provider.LocalMultiNodeProvider"
     assert {n: t["labels"] for n, t in local["available_node_types"].items()} == {
         n: t["labels"] for n, t in gcp["available_node_types"].items()}
@@ -365,7 +369,7 @@ def wheel_under_tmp(c):
 def test_review_refuses_the_mistake_naming_node_type_key_and_fix(mistake, node_type, key):
     config = raw(MAIN_YAML)
     mistake(config)
-    problems = cluster_check.review(cluster_check.prepare(config))
+    problems = cluster_check.review(prepare(config))
     assert any(p.node_type == node_type and p.key == key and p.fix for p in problems), [str(p) for p in problems]
 
 
@@ -373,7 +377,7 @@ def test_the_emulated_gce_rejects_what_the_review_refuses():
     # The two must agree: a list-form scheduling is refused by the review and by the API.
     config = raw(MAIN_YAML)
     list_scheduling(config)
-    prepared = cluster_check.prepare(config)
+    prepared = prepare(config)
     with ComputeEngineEmulator(config["provider"]["project_id"]) as api:
         compute = GCPCompute(build_compute_client(AnonymousCredentials(), api.endpoint), api.project,
                              config["provider"]["availability_zone"], "c")
@@ -385,8 +389,8 @@ def test_the_emulated_gce_rejects_what_the_review_refuses():
 def test_ray_schema_errors_are_reported_as_config_errors():
     config = raw(MAIN_YAML)
     config["available_node_types"]["gpu-spot"]["max_workers"] = "many"
-    with pytest.raises(cluster_check.ClusterConfigError, match="max_workers"):
-        cluster_check.prepare(config)
+    with pytest.raises(ClusterConfigError, match="max_workers"):
+        prepare(config)
 
 
 def test_summary_prices_every_type_with_the_injected_lookup():
@@ -399,18 +403,18 @@ def test_summary_prices_every_type_with_the_injected_lookup():
         return prices.get((item, pricing))
 
     config = filled(MAIN_YAML)
-    summary = cluster_check.summarize(config, lookup)
+    summary = summarize(config, lookup)
     types = config["available_node_types"]
     expected = 0.5 + types["gpu-spot"]["max_workers"] * 2.0 + types["gpu-on-demand"]["max_workers"] * 5.0
     assert summary.cost_per_hour("max") == (pytest.approx(expected), [])
     assert set(asked) == {config["provider"]["region"]}
-    text = cluster_check.format_summary(summary)
+    text = format_summary(summary)
     assert "hybrid" in text and f"{expected:.2f}" in text and "1x A100 40GB" in text
 
 
 def test_attached_gpus_are_priced_per_gpu_and_unknown_prices_are_named():
     config = filled(os.path.join(ROOT, "cluster", "gcp-spot-t4.yaml"))
-    summary = cluster_check.summarize(config, lambda item, pricing, region: {"n1-standard-8": 1.0,
+    summary = summarize(config, lambda item, pricing, region: {"n1-standard-8": 1.0,
                                                                              "nvidia-tesla-t4": 0.25}.get(item))
     worker = next(t for t in summary.node_types if t.name == "gpu-spot")
     assert worker.price_per_hour == pytest.approx(1.25)
@@ -423,15 +427,15 @@ def test_the_default_prices_are_the_ledgers_catalog_and_a_price_file_overrides_t
 
     config = filled(MAIN_YAML)
     catalog = PriceCatalog.load()
-    spot = next(t for t in cluster_check.summarize(config).node_types if t.name == "gpu-spot")
+    spot = next(t for t in summarize(config).node_types if t.name == "gpu-spot")
     expected = (catalog.machine_price("a2-highgpu-1g", "spot").usd_per_hour
                 + catalog.gpu_price("nvidia-tesla-a100", "spot").usd_per_hour)
     assert spot.price_per_hour == pytest.approx(expected)
     own = tmp_path / "prices.yaml"
     own.write_text("accelerators:\n  nvidia-tesla-a100:\n    prices:\n      us-central1:\n        spot: "
                    "{usd: 9.0, date: '2026-12-01', source: mine}\n")
-    lookup = cluster_check.catalog_lookup(PriceCatalog.load(str(own)))
-    spot = next(t for t in cluster_check.summarize(config, lookup).node_types if t.name == "gpu-spot")
+    lookup = catalog_lookup(PriceCatalog.load(str(own)))
+    spot = next(t for t in summarize(config, lookup).node_types if t.name == "gpu-spot")
     assert spot.price_per_hour == pytest.approx(catalog.machine_price("a2-highgpu-1g", "spot").usd_per_hour + 9.0)
 
 
@@ -480,12 +484,12 @@ def test_worker_raylets_preload_the_training_stack(path):
 
 # -- warnings: what a new project meets that the YAML cannot settle ---------------------------------
 def warning_keys(config: dict) -> set:
-    return {(w.node_type, w.key) for w in cluster_check.warnings(cluster_check.prepare(config))}
+    return {(w.node_type, w.key) for w in warnings(prepare(config))}
 
 
 def test_nine_200_gb_balanced_disks_warn_about_the_ssd_quota_and_smaller_disks_do_not():
     config = raw(MAIN_YAML)
-    [ssd] = [w for w in cluster_check.warnings(cluster_check.prepare(config))
+    [ssd] = [w for w in warnings(prepare(config))
              if w.key == "available_node_types.*.node_config.disks"]
     assert "1800 GB" in ssd.problem and "SSD_TOTAL_GB" in ssd.problem and '--flatten="quotas[]"' in ssd.fix
     for node_type in config["available_node_types"].values():
@@ -499,7 +503,7 @@ def test_nine_200_gb_balanced_disks_warn_about_the_ssd_quota_and_smaller_disks_d
 
 def test_nodes_without_network_interfaces_warn_about_the_subnet_and_external_addresses():
     config = raw(MAIN_YAML)
-    [subnet] = [w for w in cluster_check.warnings(cluster_check.prepare(config))
+    [subnet] = [w for w in warnings(prepare(config))
                 if w.key == "node_config.networkInterfaces"]
     assert "KeyError: 'items'" in subnet.problem and "9 VMs" in subnet.problem
     assert "subnets list --filter=region:us-central1" in subnet.fix and "IN_USE_ADDRESSES >= 9" in subnet.fix
@@ -532,17 +536,17 @@ def test_spot_vms_that_delete_themselves_on_ray_own_gcp_provider_are_refused():
     config = raw(MAIN_YAML)
     config["provider"] = dict(config["provider"], type="gcp")
     del config["provider"]["module"]
-    problems = cluster_check.review(cluster_check.prepare(config))
+    problems = cluster_check.review(prepare(config))
     [problem] = [p for p in problems if (p.node_type, p.key) == ("provider", "type")]
     assert "gpu-spot" in problem.problem and "SpotGCPNodeProvider" in problem.fix
-    assert cluster_check.summarize(filled(MAIN_YAML)).provider == "SpotGCPNodeProvider"
+    assert summarize(filled(MAIN_YAML)).provider == "SpotGCPNodeProvider"
 
 
 def test_spread_placement_warns_with_the_inter_zone_price_and_pack_does_not():
     path = os.path.join(ROOT, "cluster", "gcp-spot-multizone.yaml")
     config = raw(path)
     config["provider"]["zone_placement"] = "spread"
-    [spread] = [w for w in cluster_check.warnings(cluster_check.prepare(config)) if w.key == "provider.zone_placement"]
+    [spread] = [w for w in warnings(prepare(config)) if w.key == "provider.zone_placement"]
     assert "14 GiB per step per GiB of gradients" in spread.problem and "$0.14" in spread.problem
     config["provider"]["zone_placement"] = "pack"
     assert ("cluster", "provider.zone_placement") not in warning_keys(config)
@@ -550,9 +554,9 @@ def test_spread_placement_warns_with_the_inter_zone_price_and_pack_does_not():
 
 def test_the_summary_shows_each_gpu_types_driver_and_torch_build():
     config = raw(MAIN_YAML)
-    rows = {t.name: t.gpu_stack for t in cluster_check.summarize(cluster_check.prepare(config), lambda *a: 1.0).node_types}
+    rows = {t.name: t.gpu_stack for t in summarize(prepare(config), lambda *a: 1.0).node_types}
     assert rows["head"] is None
     assert rows["gpu-spot"].startswith("NVIDIA driver 570, torch 2.13.0 as the cu126 build") and "; runs" in rows["gpu-spot"]
     torch_from_pypi(config)
-    stack = cluster_check.summarize(cluster_check.prepare(config), lambda *a: 1.0).node_types[1].gpu_stack
+    stack = summarize(prepare(config), lambda *a: 1.0).node_types[1].gpu_stack
     assert "PyPI's default build (CUDA 13.0); does NOT run" in stack

@@ -31,7 +31,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from raytrain_spot.cluster import check as cluster_check
+from raytrain_spot.cluster.cluster_yaml import prepare
 from raytrain_spot.cluster.gcp.spot_provider import ENDPOINT_KEY, SpotGCPNodeProvider, build_compute_client
 from raytrain_spot.testing.compute_api import ComputeEngineEmulator
 from tests.conftest import REPO
@@ -67,7 +67,7 @@ def api():
 
 def shipped_config(path: str = SINGLE_ZONE_YAML) -> dict:
     with open(path) as f:
-        return cluster_check.prepare(yaml.safe_load(f.read().replace("FILL-IN-project-id", PROJECT)), source=path)
+        return prepare(yaml.safe_load(f.read().replace("FILL-IN-project-id", PROJECT)), source=path)
 
 
 def head_config(api: ComputeEngineEmulator, path: str, module: Optional[str]) -> dict:

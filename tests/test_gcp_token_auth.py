@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from raytrain_spot.cluster import check as cluster_check
+from raytrain_spot.cluster.cluster_yaml import load
 from raytrain_spot.cluster.local_provider import CLUSTER_ENV, stop_cluster
 from raytrain_spot.simulator.metadata_server import MetadataEmulator
 from raytrain_spot.simulator.shutdown import NodeStart, node_start
@@ -129,7 +129,7 @@ class Vm:
 
 
 def test_the_yamls_start_commands_run_a_token_cluster_whose_watcher_drains_on_notice(tmp_path):
-    config = cluster_check.load(GCP_YAML)
+    config = load(GCP_YAML)
     laptop = tmp_path / "laptop"
     laptop.mkdir()
     ports = {"gcs": _free_port()}

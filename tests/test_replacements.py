@@ -225,10 +225,10 @@ def v1_launches(spot_max_workers: int, cluster_max_workers: int, bundles: int, s
     from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
     from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
 
-    from raytrain_spot.cluster import check
+    from raytrain_spot.cluster.cluster_yaml import prepare
 
     with open(os.path.join(REPO, "cluster", "gcp-spot.yaml")) as f:
-        config = check.prepare(yaml.safe_load(f.read().replace("FILL-IN-project-id", "p")))
+        config = prepare(yaml.safe_load(f.read().replace("FILL-IN-project-id", "p")))
     types = config["available_node_types"]
     types["gpu-spot"]["max_workers"] = spot_max_workers
     vms = {"head": "head", **{f"spot-{i}": "gpu-spot" for i in range(spot_vms)}, "od-0": "gpu-on-demand"}

@@ -204,14 +204,15 @@ def test_a_raylet_that_finishes_its_drain_ends_the_wait(compose, tmp_path):
 # -- the cluster check ------------------------------------------------------------------------------
 def test_the_cluster_check_refuses_a_ray_node_the_soft_off_would_kill():
     from raytrain_spot.cluster import check as cluster_check
+    from raytrain_spot.cluster.cluster_yaml import prepare
 
     with open(os.path.join(REPO, "cluster", "gcp-spot.yaml")) as f:
         config = yaml.safe_load(f.read().replace("FILL-IN-project-id", "my-project"))
-    assert cluster_check.review(cluster_check.prepare(config)) == []
+    assert cluster_check.review(prepare(config)) == []
     for commands, where in ((SSH_STARTED_NODE, "in the SSH session"),
                             ([c.replace("KillMode=mixed", "KillMode=control-group") for c in GCP_WORKER_START_COMMANDS],
                              "KillMode=control-group")):
         config["worker_start_ray_commands"] = [c.replace("--notice-s 30", "--notice-s 150") for c in commands]
-        [problem] = cluster_check.review(cluster_check.prepare(config))
+        [problem] = cluster_check.review(prepare(config))
         assert (problem.node_type, problem.key) == ("cluster", "worker_start_ray_commands")
         assert where in problem.problem and "soft-off" in problem.problem and "ray start --block" in problem.fix

@@ -75,7 +75,7 @@ def use_token_authentication() -> None:
     ``~/.ray/auth_token``, which is made (mode 600, never printed) when missing.
     """
     from raytrain_spot import _ray
-    from raytrain_spot.cluster.check import new_token
+    from raytrain_spot.cluster.token_auth import new_token
 
     if not os.environ.get("RAY_AUTH_TOKEN"):
         path = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH") or default_token_path())
