@@ -22,7 +22,9 @@ from raytrain_spot.cluster.cluster_yaml import NOTICE_KEY, PRICING_LABEL, advanc
 from raytrain_spot.cluster.gcp.multizone_provider import build_compute_client
 from raytrain_spot.cluster.yaml_summary import format_summary, summarize
 from raytrain_spot.config.schema import load_config
-from raytrain_spot.preemption.watcher import HttpPreemptedPoller, Notice, _parse_args, decide_drain
+from raytrain_spot.preemption.drain_decision import Notice, decide_drain
+from raytrain_spot.preemption.gce_metadata import HttpPreemptedPoller
+from raytrain_spot.preemption.watcher import _parse_args
 from raytrain_spot.simulator import chaos
 from raytrain_spot.testing.compute_api import ComputeEngineEmulator
 from tests.conftest import REPO

@@ -19,31 +19,14 @@ import pytest
 
 from raytrain_spot._ray import draining_nodes
 from raytrain_spot.simulator.metadata_server import MetadataEmulator
-from raytrain_spot.preemption.watcher import (
-    AliveNode,
-    Backoff,
-    DrainDecision,
-    DrainReply,
-    DrainUnavailable,
-    HttpPreemptedPoller,
-    MetadataUnavailable,
-    NodeLookupError,
-    NodeNotRegistered,
-    Notice,
-    PreemptedReading,
-    PreemptionWatcher,
-    RayControlStore,
-    WatcherSettings,
-    GCE_NOTICE_S,
-    GCE_SHUTDOWN_S,
-    check_node_alive,
-    classify_preempted_answer,
-    decide_drain,
-    main,
-    notice_window_s,
-    pick_node_id,
-    resolve_node_id,
-)
+from raytrain_spot.preemption.drain_decision import (GCE_NOTICE_S, GCE_SHUTDOWN_S, Backoff, DrainDecision, Notice,
+                                                     WatcherSettings, decide_drain, notice_window_s)
+from raytrain_spot.preemption.gce_metadata import (HttpPreemptedPoller, MetadataUnavailable, PreemptedReading,
+                                                   classify_preempted_answer)
+from raytrain_spot.preemption.ray_drain import (AliveNode, DrainReply, DrainUnavailable, NodeLookupError,
+                                                NodeNotRegistered, RayControlStore, check_node_alive, pick_node_id,
+                                                resolve_node_id)
+from raytrain_spot.preemption.watcher import PreemptionWatcher, main
 
 T0 = 1_700_000_000.0
 NODE = "ab" * 28

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
+from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
 
 NODE_TYPE_LABEL = "raytrain-spot/node-type"
 PRICING_LABEL = "raytrain-spot/pricing"

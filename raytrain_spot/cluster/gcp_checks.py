@@ -22,7 +22,7 @@ from raytrain_spot.cluster.gcp.machines import (
 )
 from raytrain_spot.cost.inter_zone import GIB, worst_spread_gib_per_step
 from raytrain_spot.cost.pricing import PriceCatalog
-from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
+from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
 
 WHEEL = re.compile(r"raytrain_spot-[^\s\"']*\.whl(\[[^\]]*\])?")
 TYPICAL_SSD_QUOTA_GB = 500

@@ -8,7 +8,7 @@ import re
 from typing import List, Optional
 
 from raytrain_spot.cluster.cluster_yaml import NOTICE_KEY, SPOT, Problem, advance_notice_s, notice_of, pricing_of
-from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
+from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
 
 WATCHER_MODULE = "raytrain_spot.preemption.watcher"
 _WATCHER_FLAG = r"--{}(?:=|\s+)(\S+)"

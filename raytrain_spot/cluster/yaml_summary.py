@@ -17,7 +17,7 @@ from raytrain_spot.cluster.cluster_yaml import (NOTICE_KEY, ON_DEMAND, SPOT, adv
 from raytrain_spot.cluster.gcp.machines import gpus_of, short_name
 from raytrain_spot.cluster.gpu_checks import gpu_stack_of
 from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound
-from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
+from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
 
 PriceLookup = Callable[[str, str, str], Optional[float]]
 

@@ -45,7 +45,8 @@ def _running(pid: int) -> bool:
 
 
 def _drain(address: str, node_id: str, deadline_s: float) -> None:
-    from raytrain_spot.preemption.watcher import DrainDecision, DrainUnavailable, Notice, RayControlStore
+    from raytrain_spot.preemption.drain_decision import DrainDecision, Notice
+    from raytrain_spot.preemption.ray_drain import DrainUnavailable, RayControlStore
 
     now = time.time()
     decision = DrainDecision(node_id=node_id, notice=Notice("sigterm", now), notice_s=deadline_s - now, margin_s=0.0)
