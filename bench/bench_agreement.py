@@ -1,7 +1,7 @@
 """What the step agreement's all-reduce costs a DDP step, alone: torch and gloo, no Ray.
 
 The framework's loop makes one collective per step beside DDP's gradient all-reduce: the step
-agreement (train/agreement.py), started after the step and waited for after the next batch
+agreement (loop/agreement.py), started after the step and waited for after the next batch
 has loaded. This benchmark runs the same DDP step on ``--ranks`` gloo processes on this machine
 (one torch thread each, like the Train workers) in blocks of ``--steps`` steps, alternating
 two loops in the same process group:
@@ -42,9 +42,9 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from raytrain_spot.train.agreement import RankView, start_agreement  # noqa: E402
-from raytrain_spot.train.collectives import RankGroup  # noqa: E402
-from raytrain_spot.train.step import train_step  # noqa: E402
+from raytrain_spot.loop.agreement import RankView, start_agreement  # noqa: E402
+from raytrain_spot.distributed.collectives import RankGroup  # noqa: E402
+from raytrain_spot.loop.step import train_step  # noqa: E402
 
 LOOPS = ("ddp", "ddp+agreement", "ddp+agreement-sync", "ddp+agreement-in-bucket")
 

@@ -49,7 +49,7 @@ from raytrain_spot.observe.events import EventLog  # noqa: E402
 from raytrain_spot.storage.gcs import GcsStore  # noqa: E402
 from raytrain_spot.tasks.vlm.task import VisionLanguageTask  # noqa: E402
 from raytrain_spot.storage.store import LocalStore  # noqa: E402
-from raytrain_spot.testing.fake_gcs import FakeGcsServer  # noqa: E402
+from tests.servers.fake_gcs import FakeGcsServer  # noqa: E402
 
 
 class Big(torch.nn.Module):

@@ -22,7 +22,7 @@ import time
 from typing import Callable, List
 
 from raytrain_spot.storage.gcs import GcsStore
-from raytrain_spot.testing.fake_gcs import FakeGcsServer
+from tests.servers.fake_gcs import FakeGcsServer
 
 MIB = 1 << 20
 

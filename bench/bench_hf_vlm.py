@@ -64,7 +64,7 @@ DEFAULT_MODES = MODES[:2]
 MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-warm": ["trainer.warm_standby=true"]}
 """The framework's modes: its defaults, and with warm standbys (what their imports cost on shared cores)."""
 PLAIN_EVENTS = "plain-events.jsonl"
-PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "train (raytrain_spot/train/loop.py"
+PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "train (raytrain_spot/loop/worker.py"
 """The two training loops, as py-spy names their frames."""
 
 
@@ -255,7 +255,7 @@ def plain_run(events_path: str, settings: List[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     from raytrain_spot.config.schema import load_config, register_configs
-    from raytrain_spot.train.task import build_task
+    from raytrain_spot.loop.task import build_task
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
@@ -270,7 +270,7 @@ def plain_run(events_path: str, settings: List[str]) -> None:
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.train.v2.api.config import LoggingConfig
 
-        from raytrain_spot.train.trainer import ray_storage
+        from raytrain_spot.loop.ray_trainer import ray_storage
 
         trainer = TorchTrainer(
             plain_loop_per_worker,
@@ -293,11 +293,11 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     import torch
 
     from raytrain_spot.config.schema import config_from_dict
-    from raytrain_spot.train.loop import load_batch, sample_spans
-    from raytrain_spot.train.sample_order import GlobalSampleOrder
-    from raytrain_spot.train.optim import build_optimizer
-    from raytrain_spot.train.step import train_step
-    from raytrain_spot.train.task import build_task
+    from raytrain_spot.loop.worker import load_batch, sample_spans
+    from raytrain_spot.loop.sample_order import GlobalSampleOrder
+    from raytrain_spot.loop.optim import build_optimizer
+    from raytrain_spot.loop.step import train_step
+    from raytrain_spot.loop.task import build_task
 
     cfg = config_from_dict(loop_config["config"])
     task = build_task(cfg.task)

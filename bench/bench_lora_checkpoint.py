@@ -55,8 +55,8 @@ from raytrain_spot.config.schema import OptimConfig  # noqa: E402
 from raytrain_spot.observe.events import EventLog  # noqa: E402
 from raytrain_spot.storage.store import LocalStore  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.presets import PRESETS  # noqa: E402
-from raytrain_spot.train.optim import build_optimizer  # noqa: E402
-from raytrain_spot.train.task import build_task  # noqa: E402
+from raytrain_spot.loop.optim import build_optimizer  # noqa: E402
+from raytrain_spot.loop.task import build_task  # noqa: E402
 
 TASK = "raytrain_spot.tasks.hf_vlm.task.HuggingFaceVLMTask"
 DEFAULT_PRESET = "smolvlm-256m" if "smolvlm-256m" in PRESETS else "tiny-llava"

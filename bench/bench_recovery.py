@@ -53,17 +53,20 @@ from raytrain_spot.observe.events import read_events  # noqa: E402
 DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
                              "preemption__4-node__aws-08-03-2023__us-west-2c_v100_1.json")
 MODES = {
-    "plain-ray-train": ["trainer.spot_aware=false", "chaos.watchers=false"],
+    "plain-ray-train": ["chaos.watchers=false"],
     # Ray 2.60's documented recipe: get_preemption_info() every step, a JIT checkpoint at the first
     # notice, train on until the node dies, max_preemption_failures=-1; the drain comes from this
     # project's watcher turning the metadata notice into a Ray drain (Ray reads no GCE notice itself).
-    "ray-preemption-api": ["trainer.spot_aware=false", "trainer.ray_preemption_api=true"],
+    "ray-preemption-api": [],
     "raytrain-spot": [],
     # Warm standbys, off by default on the embedded cluster (CPU training on nodes sharing the machine's cores).
     "raytrain-spot-warm": ["trainer.warm_standby=true"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
-    "plain-ray-train-fixed": ["trainer.spot_aware=false", "chaos.watchers=false", "trainer.min_workers=3"],
+    "plain-ray-train-fixed": ["chaos.watchers=false", "trainer.min_workers=3"],
 }
+BASELINE_OF = {"plain-ray-train": "plain-ray-train", "plain-ray-train-fixed": "plain-ray-train",
+               "ray-preemption-api": "ray-preemption-api"}
+"""The modes that run one of bench/baselines.py's strategies instead of the product's."""
 DEFAULT_MODES = ["ray-preemption-api", "plain-ray-train", "raytrain-spot"]
 WARMUP_STEPS = 2
 """A group's first steps (allocation, first collectives) are left out of its step time, as the loop does."""
@@ -87,7 +90,9 @@ def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
         chaos += compressed_lifetime_prior(args)
     else:
         chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s)]
-    command = [sys.executable, "-m", "raytrain_spot.run", f"+experiment={args.experiment}", f"run.name={name}",
+    main_command = ([sys.executable, os.path.join(REPO, "bench", "baselines.py"), BASELINE_OF[mode]]
+                    if mode in BASELINE_OF else [sys.executable, "-m", "raytrain_spot.run"])
+    command = [*main_command, f"+experiment={args.experiment}", f"run.name={name}",
                "trainer.max_steps=1000000", f"checkpoint.interval_steps={args.checkpoint_interval_steps}",
                f"checkpoint.local_dir={workdir}/node-local", f"checkpoint.head_dir={workdir}/head",
                *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode], *args.overrides]

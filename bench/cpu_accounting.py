@@ -118,7 +118,7 @@ class CpuSampler:
 
 # -- inside the Train workers: what share of their CPU the loop's own code takes -----------------
 
-STEP_AND_DATA = ("train_step (raytrain_spot/train/step.py", "load_batch (raytrain_spot/train/loop.py")
+STEP_AND_DATA = ("train_step (raytrain_spot/loop/step.py", "load_batch (raytrain_spot/loop/worker.py")
 """Frames of the work both loops share: the forward/backward/optimizer step, and the batch loading."""
 
 

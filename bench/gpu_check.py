@@ -35,17 +35,17 @@ from torch.nn.parallel import DistributedDataParallel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raytrain_spot.train.agreement import RankView, agree  # noqa: E402
+from raytrain_spot.loop.agreement import Proposal, RankView, agree  # noqa: E402
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights, training_state  # noqa: E402
 from raytrain_spot.checkpoint.snapshot import HostSnapshot, tensors_in  # noqa: E402
-from raytrain_spot.train.collectives import RankGroup  # noqa: E402
+from raytrain_spot.distributed.collectives import RankGroup  # noqa: E402
 from raytrain_spot.config.schema import OptimConfig  # noqa: E402
 from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample, max_caption_tokens, tokenize  # noqa: E402
 from raytrain_spot.tasks.vlm.task import VisionLanguageTask  # noqa: E402
-from raytrain_spot.train.optim import build_optimizer  # noqa: E402
-from raytrain_spot.train.step import split, train_step  # noqa: E402
-from raytrain_spot.train.task import move_to  # noqa: E402
+from raytrain_spot.loop.optim import build_optimizer  # noqa: E402
+from raytrain_spot.loop.step import split, train_step  # noqa: E402
+from raytrain_spot.loop.task import move_to  # noqa: E402
 
 MAX_SHAPES = 3
 
@@ -115,7 +115,7 @@ def main() -> int:
     for step in range(3 + args.steps):
         loss_sum, seconds = timed(lambda: train_step(ddp, optimizer, micro_batches, task.loss, 1 / args.batch, 1.0,
                                                      autocast_dtype), device)
-        agreed, agreement_seconds = timed(lambda: agree(RankView(loss_sum, [0], grow_to=2, save_due=True,
+        agreed, agreement_seconds = timed(lambda: agree(RankView(loss_sum, [0], Proposal(grow_to=2), save_due=True,
                                                                  committed_step=step), group), device)
         if (agreed.leaving_ranks, agreed.grow_to, agreed.save_due, agreed.committed_step) != ([0], 2, True, step):
             print(f"FAIL: the agreement decoded to {agreed}", file=sys.stderr)

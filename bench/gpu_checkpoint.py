@@ -36,7 +36,7 @@ from raytrain_spot.checkpoint.state import LoopState, ModelWeights  # noqa: E402
 from raytrain_spot.checkpoint.tiers import StoreTier  # noqa: E402
 from raytrain_spot.observe.events import EventLog  # noqa: E402
 from raytrain_spot.storage.store import LocalStore  # noqa: E402
-from raytrain_spot.train.collectives import RankGroup  # noqa: E402
+from raytrain_spot.distributed.collectives import RankGroup  # noqa: E402
 
 RUN = "gpu-checkpoint"
 

@@ -37,9 +37,9 @@ from raytrain_spot.tasks.hf_vlm.data import ImageTextDataConfig, sample_of  # no
 from raytrain_spot.tasks.hf_vlm.presets import PRESETS  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
-from raytrain_spot.train.optim import build_optimizer  # noqa: E402
-from raytrain_spot.train.step import split, train_step  # noqa: E402
-from raytrain_spot.train.task import move_to  # noqa: E402
+from raytrain_spot.loop.optim import build_optimizer  # noqa: E402
+from raytrain_spot.loop.step import split, train_step  # noqa: E402
+from raytrain_spot.loop.task import move_to  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check import timed  # noqa: E402  (bench/gpu_check.py: the same timing on CUDA or the CPU)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raytrain_spot.config.errors import require
-from raytrain_spot.train.task import TrainingTask
+from raytrain_spot.loop.task import TrainingTask
 
 
 class BlobImages(torch.utils.data.Dataset):

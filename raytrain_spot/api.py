@@ -77,7 +77,7 @@ class RunResult:
         (default: the newest), on the CPU, in eval mode. The task is the one of the run's own
         settings (``.hydra/config.yaml`` in its directory), never one named by storage; a
         checkpoint saved with other settings is refused (ConfigError)."""
-        from raytrain_spot.checkpoint.export import rebuilt_model, run_config
+        from raytrain_spot.export import rebuilt_model, run_config
         from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, listed_steps
         from raytrain_spot.checkpoint.manager import load_checkpoint_state
         from raytrain_spot.storage import open_store
@@ -193,9 +193,8 @@ def checked_run(overrides: List[str], workdir: str) -> CheckedRun:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
-    from raytrain_spot.config.overrides import CONFIG_MODULE, check_overrides, composition_problem
+    from raytrain_spot.settings import CONFIG_MODULE, check_overrides, checked_task, composition_problem
     from raytrain_spot.config.schema import load_config, register_configs
-    from raytrain_spot.train.task import build_task
 
     check_overrides(overrides)
     register_configs()
@@ -214,7 +213,7 @@ def checked_run(overrides: List[str], workdir: str) -> CheckedRun:
         with open_dict(composed):
             del composed["hydra"]  # the run's settings alone, as the command's ``main`` gets them
         cfg = load_config(composed)
-        build_task(cfg.task)
+        checked_task(cfg)
     finally:
         os.chdir(cwd)
     return CheckedRun(run_name, run_dir, cfg.trainer.max_steps)

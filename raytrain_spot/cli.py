@@ -16,7 +16,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "ledger": ("raytrain_spot.cost.ledger", "rebuild a run's goodput and cost ledger from its event log"),
     "verify": ("raytrain_spot.checkpoint.verify", "check every checkpoint of a run on every tier (manifest, sizes, CRC32C)"),
     "cluster-check": ("raytrain_spot.cluster.check", "validate a cluster YAML before `ray up`"),
-    "export": ("raytrain_spot.checkpoint.export", "model-only export of a checkpoint (torch, or the Hugging Face format)"),
+    "export": ("raytrain_spot.export", "model-only export of a checkpoint (torch, or the Hugging Face format)"),
     "generate-data": ("raytrain_spot.tasks.vlm.generate", "write the generated shapes dataset as Parquet shards"),
     "watcher": ("raytrain_spot.preemption.watcher", "the per-VM preemption watcher (the cluster YAMLs start it)"),
 }

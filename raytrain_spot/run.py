@@ -24,7 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from raytrain_spot.config.overrides import CONFIG_PATH, check_overrides, composition_problem
+from raytrain_spot.settings import CONFIG_PATH, check_overrides, checked_task, composition_problem
 from raytrain_spot.checkpoint.scratch import private_dir
 from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
@@ -34,7 +34,8 @@ from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
 from raytrain_spot.config.redaction import save_redacted_composition, secret_keys
-from raytrain_spot.train.task import TrainingTask, build_task, with_resolved_settings
+from raytrain_spot.loop.strategy import SPOT, Strategy
+from raytrain_spot.loop.task import TrainingTask, with_resolved_settings
 
 logger = logging.getLogger("raytrain_spot")
 register_configs()
@@ -44,6 +45,8 @@ LISTING_DEADLINE_S = 20.0
 """How long the end-of-run check of durable storage may retry before it says the copy is missing."""
 job_started = False
 """Whether Hydra got as far as calling ``main``: an error before it is about the command line."""
+strategy: Strategy = SPOT
+"""How the run meets Spot (loop/strategy.py); ``command`` sets it, since Hydra's ``main`` takes the config alone."""
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
@@ -55,7 +58,7 @@ def main(dict_cfg: DictConfig) -> None:
     save_redacted_composition(dict_cfg, HydraConfig.get(), secret_keys(Config), os.path.join(run_dir, ".hydra"))
     try:
         cfg = load_config(dict_cfg)
-        task = build_task(cfg.task)
+        task = checked_task(cfg)
         storage_uri = cfg.storage.resolved_uri(os.getcwd())
         check_storage(storage_uri)
         if cfg.checkpoint.use_head:  # the head tier is this machine's: another user's directory stops the run here
@@ -70,7 +73,7 @@ def main(dict_cfg: DictConfig) -> None:
     stop = StopOnSignal()
     try:
         lease = take_lease(cfg, storage_uri)
-        status = train(cfg, task, run_dir, storage_uri, started, lease, stop)
+        status = run_training(cfg, task, run_dir, storage_uri, started, lease, stop)
     except ConfigError as error:  # the run name is taken, or the cluster to join is not there: nothing ran
         print(f"Configuration error: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
@@ -94,7 +97,7 @@ def main(dict_cfg: DictConfig) -> None:
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM to the driver while it trains: the first asks the run to stop
-    after its current step with a final checkpoint (train/stop.py); a second stops at once.
+    after its current step with a final checkpoint (loop/stop.py); a second stops at once.
 
     Entered once Ray is connected: ``ray.init`` sets a SIGTERM handler of its own that exits at once.
     Before that, either signal stops the driver at once: nothing has trained yet."""
@@ -184,8 +187,8 @@ def take_lease(cfg: Config, storage_uri: str):
     return lease.start_renewing()
 
 
-def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, started: float, lease,
-          stop: StopOnSignal) -> str:
+def run_training(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, started: float, lease,
+                 stop: StopOnSignal) -> str:
     """Run training on the configured cluster; return "finished", "failed", NOT_DURABLE or STOPPED.
 
     ``started`` is when this invocation began: progress lines show its records only.
@@ -196,20 +199,20 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
     run_log = os.path.join(run_dir, f"{HydraConfig.get().job.name}.log")
     with console_for_run(run_log, quiet=not cfg.run.show_ray_logs) as (console, _), \
             connect(cfg.cluster, cfg.run.show_ray_logs) as cluster, stop:
-        from raytrain_spot.observe.alerts import AlertRunner
+        from raytrain_spot.monitor.alerts import AlertRunner
         from raytrain_spot.checkpoint.head import start_head_store
         from raytrain_spot.preemption.node_events import ClusterMonitor
-        from raytrain_spot.elastic.replacements import ReplacementRequester
-        from raytrain_spot.observe.monitoring import MonitoringSink, build_writers
-        from raytrain_spot.train.trainer import build_trainer
-        from raytrain_spot.train.loop import LoopContext
+        from raytrain_spot.preemption.replacements import ReplacementRequester
+        from raytrain_spot.monitor.metrics import MonitoringSink, build_writers
+        from raytrain_spot.loop.ray_trainer import build_trainer
+        from raytrain_spot.loop.worker import LoopContext
 
-        from raytrain_spot.train.stop import clear_stop
+        from raytrain_spot.loop.stop import clear_stop
 
         clear_stop(cfg.run.name)
         event_actor = start_event_log(run_dir)
         events = EventLog(event_actor)
-        events.emit("start", run=cfg.run.name, embedded=cluster is not None, dataset=dataset,
+        events.emit("start", run=cfg.run.name, strategy=strategy.name, embedded=cluster is not None, dataset=dataset,
                     min_workers=cfg.trainer.min_workers, max_workers=cfg.trainer.max_workers)
         head_store = None
         if cfg.checkpoint.use_head:
@@ -223,7 +226,8 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
               f"checkpoints in {storage_uri}/{cfg.run.name}, logs in {run_dir} (Ray's: {ray_logs_dir()})",
               file=console, flush=True)
         context = LoopContext(config=with_resolved_settings(cfg.to_dict(), task), storage_uri=storage_uri,
-                              events=event_actor, head_store=head_store, lease_owner=lease.owner)
+                              events=event_actor, head_store=head_store, lease_owner=lease.owner,
+                              strategy=strategy)
         catalog = PriceCatalog.load(cfg.ledger.prices)
         progress = ProgressPrinter(cfg.trainer.max_steps, cfg.trainer.log_every_steps, console, since=started)
         sinks = [progress,
@@ -232,7 +236,7 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
         # At a preemption notice, ask the autoscaler for the replacement at once (elastic/replacements.py).
         replacements = ReplacementRequester(cfg.trainer.resources_per_worker, cfg.trainer.max_workers,
-                                            events.emit) if cfg.trainer.spot_aware else None
+                                            events.emit) if strategy.spot_aware else None
         with ClusterMonitor(events, replacements=replacements) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
             fit = FitThread(build_trainer(cfg, context))
             drive(fit, cfg, cluster, events, progress, monitor, run_dir, lease, stop)
@@ -269,7 +273,7 @@ def train(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str, start
 
 
 def stopped_step(events_path: str, since: float):
-    """The step the workers stopped at on the driver's request (train/stop.py), or None: they did not."""
+    """The step the workers stopped at on the driver's request (loop/stop.py), or None: they did not."""
     return next((e["step"] for e in iter_events(events_path) if e["ev"] == "stopped" and e["t"] >= since), None)
 
 
@@ -302,7 +306,7 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
                                   on_kill=monitor.reported_dead, log_dir=os.path.join(run_dir, "chaos"),
                                   rank_nodes=lambda: progress.rank_nodes,
                                   node_local_root=os.path.expanduser(cfg.checkpoint.local_dir))
-    from raytrain_spot.train.stop import request_stop
+    from raytrain_spot.loop.stop import request_stop
 
     stop_sent = False
     try:
@@ -335,9 +339,12 @@ class FitThread(threading.Thread):
             self.error = error
 
 
-def command() -> None:
+def command(with_strategy: Strategy = SPOT) -> None:
     """``main`` behind the checks of the command line: every bad input, the project's or Hydra's
-    (a missing group option, a value of the wrong type), exits with CONFIG_ERROR_EXIT before Ray starts."""
+    (a missing group option, a value of the wrong type), exits with CONFIG_ERROR_EXIT before Ray starts.
+    ``with_strategy``: the product's, or a benchmark baseline's (bench/baselines.py)."""
+    global strategy
+    strategy = with_strategy
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as error:

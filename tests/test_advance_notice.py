@@ -26,7 +26,7 @@ from raytrain_spot.preemption.drain_decision import Notice, decide_drain
 from raytrain_spot.preemption.gce_metadata import HttpPreemptedPoller
 from raytrain_spot.preemption.watcher import _parse_args
 from raytrain_spot.simulator import chaos
-from raytrain_spot.testing.compute_api import ComputeEngineEmulator
+from tests.servers.compute_api import ComputeEngineEmulator
 from tests.conftest import REPO
 
 GCP_FILES = sorted(glob.glob(os.path.join(REPO, "cluster", "gcp-*.yaml")))

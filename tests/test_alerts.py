@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from raytrain_spot.observe.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
+from raytrain_spot.monitor.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
                                   AlertPolicy, AlertRule, AlertRunner, Observation)
 from raytrain_spot.observe.events import EventWriter, read_events
 from raytrain_spot.cost.pricing import PriceCatalog
@@ -141,7 +141,7 @@ def test_low_goodput_notifies_by_log_event_and_webhook(tmp_path, webhook, caplog
                          request_capacity=requests.append)
     for record in log.records:
         runner.write(record)
-    with caplog.at_level(logging.WARNING, logger="raytrain_spot.observe.alerts"):
+    with caplog.at_level(logging.WARNING, logger="raytrain_spot.monitor.alerts"):
         decisions = runner.tick()
         assert runner.tick() == []  # no re-firing on the next evaluation
     expected_goodput = 1200.0 / 3600.0

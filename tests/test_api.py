@@ -61,3 +61,36 @@ def test_a_run_stopped_from_the_api_in_its_own_hydra_run_dir(tmp_path):
     assert result.summary["durable_checkpoint_step"] == stopped
     assert_clean_audit("api-stop", f"file://{tmp_path}/outputs/storage", f"{tmp_path}/head",
                        f"{tmp_path}/node-local", stopped, ray_tmp)
+
+
+def test_the_public_names_stay_the_api_whatever_the_caller_imported():
+    """A custom task imports the task base class; the API's ``train`` must stay a function after it
+    (a subpackage named like it would replace the attribute on import)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(raytrain_spot.__path__, "raytrain_spot."):
+        if not module.name.startswith("raytrain_spot.tasks.hf_vlm"):  # the [hf] extra
+            importlib.import_module(module.name)
+    assert callable(raytrain_spot.train) and callable(raytrain_spot.start)
+    assert raytrain_spot.TrainingTask.__module__ == "raytrain_spot.loop.task"
+    assert issubclass(raytrain_spot.ConfigError, ValueError)
+
+
+@pytest.mark.cluster
+def test_the_api_trains_twice_in_one_process_after_a_task_is_imported(tmp_path):
+    """A notebook's second ``raytrain_spot.train([...])``, after a cell that defined a task."""
+    import raytrain_spot.loop.task  # noqa: F401  what every custom task imports
+
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    try:
+        results = [raytrain_spot.train(["+experiment=vlm", f"run.name=twice-{i}", "cluster.num_worker_nodes=1",
+                                        "trainer.max_workers=1", "trainer.max_steps=3",
+                                        f"checkpoint.local_dir={tmp_path}/node-local",
+                                        f"checkpoint.head_dir={tmp_path}/head"], workdir=str(tmp_path))
+                   for i in range(2)]
+    finally:
+        del os.environ["RAY_TMPDIR"]
+    assert [(r.run_name, r.status, r.summary["durable_checkpoint_step"]) for r in results] == \
+        [("twice-0", "finished", 3), ("twice-1", "finished", 3)]

@@ -44,13 +44,13 @@ def test_a_compressed_replay_compresses_the_node_lifetime_prior_unless_it_is_set
 
 def test_the_loops_own_share_counts_samples_in_the_loop_outside_the_step_and_the_loading(tmp_path):
     accounting = load_bench("cpu_accounting")
-    loop = "train (raytrain_spot/train/loop.py:108)"
+    loop = "train (raytrain_spot/loop/worker.py:108)"
     profile = tmp_path / "py-spy.txt"
     profile.write_text("\n".join([
-        f"Thread.run (threading.py:982);{loop};train_step (raytrain_spot/train/step.py:86);forward (x.py:1) 70",
-        f"Thread.run (threading.py:982);{loop};load_batch (raytrain_spot/train/loop.py:188) 20",
-        f"Thread.run (threading.py:982);{loop};start_agreement (raytrain_spot/train/agreement.py:80) 10",
+        f"Thread.run (threading.py:982);{loop};train_step (raytrain_spot/loop/step.py:86);forward (x.py:1) 70",
+        f"Thread.run (threading.py:982);{loop};load_batch (raytrain_spot/loop/worker.py:188) 20",
+        f"Thread.run (threading.py:982);{loop};start_agreement (raytrain_spot/loop/agreement.py:80) 10",
         "<module> (ray/_private/workers/default_worker.py:323);Worker.main_loop (ray/_private/worker.py:1069) 50",
     ]) + "\n")
-    assert accounting.loop_own_share(str(profile), "train (raytrain_spot/train/loop.py") == 10 / 100
+    assert accounting.loop_own_share(str(profile), "train (raytrain_spot/loop/worker.py") == 10 / 100
     assert accounting.loop_own_share(str(profile), "plain_loop_per_worker (") is None

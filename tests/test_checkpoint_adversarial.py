@@ -21,7 +21,7 @@ from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.tiers import CommitConflict, StoreTier
 from raytrain_spot.storage.gcs import GcsStore
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.testing.fake_gcs import FakeGcsServer
+from tests.servers.fake_gcs import FakeGcsServer
 from tests.conftest import Recorder, assert_clean_audit, stored_path
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("single_rank_group")]

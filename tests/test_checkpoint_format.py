@@ -100,7 +100,7 @@ def test_compressed_state_round_trips(tmp_path, compression):
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_export_writes_half_precision_model_weights_only(store, tmp_path, dtype, torch_dtype):
-    from raytrain_spot.checkpoint.export import MODEL_FILE, export_model
+    from raytrain_spot.export import MODEL_FILE, export_model
 
     weights = {"w": torch.randn(128, 128), "steps": torch.tensor(3)}
     path = tmp_path / "state.pt"
@@ -120,7 +120,7 @@ def test_export_writes_half_precision_model_weights_only(store, tmp_path, dtype,
 
 
 def test_export_refuses_a_damaged_checkpoint(store, tmp_path):
-    from raytrain_spot.checkpoint.export import export_model
+    from raytrain_spot.export import export_model
 
     _commit(store, tmp_path, 4)
     os.unlink(os.path.join(store.local_path(checkpoint_key("r", 4)), MANIFEST))

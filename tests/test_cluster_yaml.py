@@ -30,7 +30,7 @@ from raytrain_spot.cluster.gcp_checks import warnings
 from raytrain_spot.cluster.yaml_summary import catalog_lookup, format_summary, summarize
 from raytrain_spot.elastic.standby import PRELOAD_ENV, PRELOAD_MODULES
 from raytrain_spot.simulator.shutdown import node_start
-from raytrain_spot.testing.compute_api import ComputeEngineEmulator
+from tests.servers.compute_api import ComputeEngineEmulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_FILES = sorted(glob.glob(os.path.join(ROOT, "cluster", "*.yaml")))

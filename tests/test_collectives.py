@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raytrain_spot.train.agreement import RankView, StepAgreement, agree
-from raytrain_spot.train.collectives import CollectiveDeviceError, RankGroup
+from raytrain_spot.loop.agreement import Proposal, RankView, StepAgreement, agree
+from raytrain_spot.distributed.collectives import CollectiveDeviceError, RankGroup
 
 CPU = torch.device("cpu")
 
@@ -31,8 +31,8 @@ def test_a_tensor_off_the_training_device_is_refused_with_the_fix(one_rank):
 
 def test_the_step_agreement_creates_its_tensor_on_the_training_device(one_rank):
     with torch.device("meta"):  # whatever is not placed explicitly lands here
-        agreement = agree(RankView(loss_sum=2.5, leaving_ranks=[0], grow_to=3, save_due=True, committed_step=40,
-                                   step_s=0.25), one_rank)
+        agreement = agree(RankView(loss_sum=2.5, leaving_ranks=[0], proposal=Proposal(grow_to=3), save_due=True,
+                                   committed_step=40, step_s=0.25), one_rank)
     assert agreement == StepAgreement(loss_sum=2.5, leaving_ranks=[0], grow_to=3, save_due=True, committed_step=40,
                                       step_s=0.25)
 
@@ -47,8 +47,8 @@ def _two_ranks(rank: int, store: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     group = RankGroup.for_training(CPU)
     # Rank 1 alone knows rank 1 is leaving; only rank 0's decisions count.
-    view = RankView(loss_sum=1.0 + rank, leaving_ranks=[1] if rank == 1 else [], grow_to=4 + rank,
-                    save_due=rank == 1, holding_for=1 + 2 * rank, committed_step=10 * (rank + 1), commit_s=0.25 + rank,
+    view = RankView(loss_sum=1.0 + rank, leaving_ranks=[1] if rank == 1 else [],
+                    proposal=Proposal(grow_to=4 + rank, holding_for=1 + 2 * rank), save_due=rank == 1, committed_step=10 * (rank + 1), commit_s=0.25 + rank,
                     step_s=0.5 + 8 * rank, at=1_790_000_000.123456 + 5 * rank)
     agreement = agree(view, group)
     placements = group.all_gather_object(f"node-{rank}")

@@ -5,10 +5,11 @@ import tempfile
 
 import pytest
 
-from raytrain_spot.config.overrides import unknown_override_key
+from raytrain_spot.settings import unknown_override_key
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import load_config
-from raytrain_spot.train.task import build_task
+from raytrain_spot.settings import checked_task
+from raytrain_spot.loop.task import build_task
 from tests.conftest import processes_of, run_main
 
 
@@ -48,7 +49,7 @@ def test_model_presets_are_valid(compose):
 ])
 def test_bad_values_name_the_key_and_the_fix(compose, override, key):
     with pytest.raises(ConfigError) as error:
-        load_config(compose("+experiment=vlm", override))
+        checked_task(load_config(compose("+experiment=vlm", override)))
     assert str(error.value).count("Fix:") == 1, "one key at a time"
     message = str(error.value)
     assert message.startswith(key + ":")
@@ -181,7 +182,7 @@ def test_a_literal_secret_on_the_command_line_is_refused_and_written_nowhere(tmp
 def test_no_secret_reaches_the_runs_files_when_it_stops_on_an_error(tmp_path, stop):
     """A secret from the environment and one written in a config file of the user's own: the run's
     .hydra/ record holds neither, whichever check stops the run."""
-    from raytrain_spot.testing.fake_gcs import FakeGcsServer
+    from tests.servers.fake_gcs import FakeGcsServer
 
     user_conf = tmp_path / "my_conf" / "experiment"
     user_conf.mkdir(parents=True)

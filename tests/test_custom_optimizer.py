@@ -14,8 +14,8 @@ from raytrain_spot.checkpoint.manager import load_checkpoint_state
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.config.schema import OptimConfig
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.train.optim import build_optimizer, learning_rate
-from tests.test_loop import NODES, RUN, FaultInjector, LinearTask, config, losses, of, run_group
+from raytrain_spot.loop.optim import build_optimizer, learning_rate
+from tests.test_loop import NODES, RUN, FaultInjector, LinearTask, config, losses, of, train_group
 
 STEP_EVERY_SAMPLES = 32
 """The step schedule halves the learning rate every 32 samples (4 steps of the test's batch of 8)."""
@@ -40,10 +40,10 @@ class NotAnOptimizerTask(LinearTask):
 
 def test_a_tasks_optimizer_and_schedule_train_checkpoint_and_resume_at_another_size_on_the_same_curve(tmp_path):
     steps, cfg = 12, config(max_steps=12)
-    reference = run_group(tmp_path, 1, FaultInjector(NODES), cfg, task=MomentumTask(),
+    reference = train_group(tmp_path, 1, FaultInjector(NODES), cfg, task=MomentumTask(),
                           storage=str(tmp_path / "ref"))
-    preempted = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), cfg, task=MomentumTask())
-    resumed = run_group(tmp_path, 1, FaultInjector(NODES), cfg, task=MomentumTask())
+    preempted = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), cfg, task=MomentumTask())
+    resumed = train_group(tmp_path, 1, FaultInjector(NODES), cfg, task=MomentumTask())
     assert [r["step"] for r in preempted] == [5, 5] and resumed[0]["outcome"] == "finished"
 
     lrs = {e["step"]: e["lr"] for r in (preempted[0], resumed[0]) for e in of(r, "step")}
@@ -64,7 +64,7 @@ def test_a_tasks_optimizer_and_schedule_train_checkpoint_and_resume_at_another_s
 
 
 def test_an_optimizer_the_framework_cannot_drive_stops_every_rank_with_the_fix(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=3), task=NotAnOptimizerTask())
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=3), task=NotAnOptimizerTask())
     assert [r["outcome"] for r in ranks] == ["contract", "contract"]
     assert all("NotAnOptimizerTask.build_optimizer returned a dict" in r["error"] and "Fix:" in r["error"]
                for r in ranks), ranks[0]["error"]
@@ -87,8 +87,8 @@ def test_the_default_hooks_are_adamw_and_the_cosine_by_samples_schedule():
 
 @pytest.mark.parametrize("bad", [float("nan"), -0.1, "0.1"])
 def test_a_learning_rate_that_is_not_a_finite_non_negative_number_is_refused_with_the_fix(bad):
-    from raytrain_spot.train.step import set_learning_rate
-    from raytrain_spot.train.task import TaskContractError
+    from raytrain_spot.loop.step import set_learning_rate
+    from raytrain_spot import TaskContractError
 
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
     with pytest.raises(TaskContractError, match="MyTask.learning_rate returned .* Fix:"):

@@ -6,7 +6,7 @@ import torch
 
 from raytrain_spot.tasks.vlm.config import CaptionDataConfig
 from raytrain_spot.tasks.vlm.parquet import DATASET_MANIFEST, ImageCaptionDataset, ensure_dataset
-from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.tasks.vlm.shapes import COLORS, SHAPES, TOKEN_ID, VOCAB, generate_sample, max_caption_tokens, tokenize
 
 

@@ -10,9 +10,11 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
 from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
-from raytrain_spot.train.handoff import WorkerGroupHandoff
-from raytrain_spot.train.runtime import ExtraCapacity
-from raytrain_spot.train.task import TaskContractError
+from raytrain_spot.loop.handoff import WorkerGroupHandoff
+from raytrain_spot.elastic.signals import ExtraCapacity
+from bench.baselines import BASELINES
+from raytrain_spot.config.errors import TaskContractError
+from raytrain_spot.loop.strategy import SPOT
 
 CPU1 = {"CPU": 1.0}
 
@@ -230,19 +232,19 @@ def test_handoff_survives_pickling():
     assert (error.reason, error.step) == ("regrow", 12)
 
 
-@pytest.mark.parametrize("overrides, trainer_type, num_workers", [
-    ([], "SpotTorchTrainer", (1, 3)),
-    (["trainer.spot_aware=false"], "TorchTrainer", (1, 3)),
-    (["trainer.spot_aware=false", "trainer.min_workers=3"], "TorchTrainer", 3),  # Ray's fixed scaling policy
+@pytest.mark.parametrize("strategy, overrides, trainer_type, num_workers", [
+    (SPOT, [], "SpotTorchTrainer", (1, 3)),
+    (BASELINES["plain-ray-train"], [], "TorchTrainer", (1, 3)),
+    (BASELINES["plain-ray-train"], ["trainer.min_workers=3"], "TorchTrainer", 3),  # Ray's fixed scaling policy
 ])
-def test_trainer_matches_the_configured_scaling(compose, overrides, trainer_type, num_workers):
+def test_trainer_matches_the_configured_scaling(compose, strategy, overrides, trainer_type, num_workers):
     from raytrain_spot.config.schema import load_config
-    from raytrain_spot.train.trainer import build_trainer
-    from raytrain_spot.train.loop import LoopContext
+    from raytrain_spot.loop.ray_trainer import build_trainer
+    from raytrain_spot.loop.worker import LoopContext
 
     cfg = load_config(compose("+experiment=vlm", *overrides))
     trainer = build_trainer(cfg, LoopContext(config=cfg.to_dict(), storage_uri="file:///tmp/unused", events=None,
-                                             head_store=None))
+                                             head_store=None, strategy=strategy))
     assert type(trainer).__name__ == trainer_type
     assert trainer.scaling_config.num_workers == num_workers
     assert trainer.run_config.failure_config.max_failures != 0, "a lost Spot node must not end the run"

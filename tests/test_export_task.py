@@ -8,12 +8,12 @@ import torch
 from omegaconf import OmegaConf
 
 from raytrain_spot.api import RunResult
-from raytrain_spot.checkpoint.export import export_model, run_config
+from raytrain_spot.export import export_model, run_config
 from raytrain_spot.checkpoint.format import STATE_FILE, Manifest, checkpoint_key, commit, write_state
 from raytrain_spot.checkpoint.state import ModelWeights
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.train.task import build_task
+from raytrain_spot.loop.task import build_task
 
 USER_TASK = {"_target_": "raytrain_spot.tasks.vlm.task.VisionLanguageTask", "model": {"preset": "tiny"}}
 
@@ -27,7 +27,7 @@ def planted_module(tmp_path, monkeypatch):
     name = f"planted_task_{os.getpid()}"
     (package / f"{name}.py").write_text(
         f"open({str(marker)!r}, 'w').write('imported')\n"
-        "from raytrain_spot.train.task import TrainingTask\n"
+        "from raytrain_spot.loop.task import TrainingTask\n"
         "class Task(TrainingTask):\n    pass\n")
     monkeypatch.syspath_prepend(str(package))
     yield f"{name}.Task", marker

@@ -105,7 +105,7 @@ def test_a_task_setting_is_validated_by_the_tasks_own_checks(tmp_path):
 
 def test_a_task_from_a_config_file_of_your_own(tmp_path, compose):
     from raytrain_spot.config.schema import load_config
-    from raytrain_spot.train.task import build_task
+    from raytrain_spot.loop.task import build_task
 
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "blobs.yaml").write_text("_target_: blobs.BlobClassifierTask\nnoise: 0.1\n")

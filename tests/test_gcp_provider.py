@@ -33,7 +33,7 @@ from ray.autoscaler.tags import (
 
 from raytrain_spot.cluster.cluster_yaml import prepare
 from raytrain_spot.cluster.gcp.spot_provider import ENDPOINT_KEY, SpotGCPNodeProvider, build_compute_client
-from raytrain_spot.testing.compute_api import ComputeEngineEmulator
+from tests.servers.compute_api import ComputeEngineEmulator
 from tests.conftest import REPO
 
 PROJECT = "spot-project"

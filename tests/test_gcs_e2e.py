@@ -20,7 +20,7 @@ import pytest
 from raytrain_spot.checkpoint.format import fetch_verified, listed_steps
 from raytrain_spot.observe.events import read_events
 from raytrain_spot.storage.gcs import GcsStore
-from raytrain_spot.testing.fake_gcs import FakeGcsServer
+from tests.servers.fake_gcs import FakeGcsServer
 from tests.conftest import assert_clean_audit, run_main
 
 pytestmark = pytest.mark.cluster

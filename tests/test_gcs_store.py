@@ -27,8 +27,8 @@ from raytrain_spot.checkpoint.format import (
 )
 from raytrain_spot.storage.gcs import PART_MARKER, GcsAccessError, GcsStore, _crc32c_base64, crc32c_combine
 from raytrain_spot.storage import open_store
-from raytrain_spot.testing import fake_gcs
-from raytrain_spot.testing.fake_gcs import FakeGcsServer, FakeGcsServerError
+from tests.servers import fake_gcs
+from tests.servers.fake_gcs import FakeGcsServer, FakeGcsServerError
 
 KIB, MIB = 1 << 10, 1 << 20
 RETRY_DEADLINE_S = 2.0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raytrain_spot.train.loop import parameter_digest, wrap_ddp
+from raytrain_spot.loop.worker import parameter_digest, wrap_ddp
 
 pytestmark = pytest.mark.usefixtures("single_rank_group")
 

@@ -18,8 +18,8 @@ from raytrain_spot.tasks.hf_vlm.data import ImageTextDataConfig, sample_of  # no
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.text import IGNORE  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
-from raytrain_spot.train.optim import build_optimizer  # noqa: E402
-from raytrain_spot.train.step import train_step  # noqa: E402
+from raytrain_spot.loop.optim import build_optimizer  # noqa: E402
+from raytrain_spot.loop.step import train_step  # noqa: E402
 
 MAX_NEW_TOKENS = 12
 

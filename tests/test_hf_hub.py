@@ -24,7 +24,7 @@ import torch
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.tasks.hf_vlm.data import ImageTextDataConfig
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask
-from raytrain_spot.train.task import build_task, with_resolved_settings
+from raytrain_spot.loop.task import build_task, with_resolved_settings
 
 repo, cache = sys.argv[1:3]
 settings = {"_target_": "raytrain_spot.tasks.hf_vlm.task.HuggingFaceVLMTask", "model": {"path": repo},

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 import torch  # noqa: E402
 
-from raytrain_spot.checkpoint.export import export_model, rebuilt_model, run_config  # noqa: E402
+from raytrain_spot.export import export_model, rebuilt_model, run_config  # noqa: E402
 from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, load_state  # noqa: E402
 from raytrain_spot.checkpoint.manager import load_checkpoint_state  # noqa: E402
 from raytrain_spot.config.errors import ConfigError  # noqa: E402

@@ -264,8 +264,8 @@ def test_a_pretrained_model_trains_in_train_mode_so_checkpointing_and_dropout_ac
 
     from raytrain_spot.config.schema import OptimConfig
     from raytrain_spot.tasks.hf_vlm.task import LoraConfig
-    from raytrain_spot.train.optim import build_optimizer
-    from raytrain_spot.train.step import train_step
+    from raytrain_spot.loop.optim import build_optimizer
+    from raytrain_spot.loop.step import train_step
 
     task = HuggingFaceVLMTask(model=HfModelConfig(path=weighted_model_dir(tmp_path / "model"),
                                                   gradient_checkpointing=True),

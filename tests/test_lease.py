@@ -16,7 +16,7 @@ from raytrain_spot.checkpoint.lease import LeaseGuard, LeaseLost, RunInUse, RunL
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.storage.gcs import GcsStore
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.testing.fake_gcs import FakeGcsServer
+from tests.servers.fake_gcs import FakeGcsServer
 
 
 class Clock:

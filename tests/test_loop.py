@@ -26,12 +26,14 @@ from raytrain_spot.checkpoint.state import LoopState, StateMismatch, load_traini
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.config.schema import CheckpointingConfig, Config, OptimConfig, TrainerConfig
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.train.collectives import RankGroup
-from raytrain_spot.train.handoff import WorkerGroupHandoff
-from raytrain_spot.train.loop import Phases, train
-from raytrain_spot.train.runtime import ExtraCapacity
-from raytrain_spot.train.runtime import WorkerRuntime
-from raytrain_spot.train.task import TaskContractError, TrainingTask
+from raytrain_spot.distributed.collectives import RankGroup
+from raytrain_spot.elastic.policy import WorkerGroupHandoff
+from bench.baselines import BASELINES
+from raytrain_spot.loop.strategy import SPOT, Strategy
+from raytrain_spot.loop.worker import Phases, run_group
+from raytrain_spot.elastic.signals import ExtraCapacity
+from raytrain_spot.loop.runtime import WorkerRuntime
+from raytrain_spot import TaskContractError, TrainingTask
 from tests.conftest import Recorder, stored_path
 
 RUN = "loop"
@@ -175,7 +177,8 @@ def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle"
                   task={"_target_": "tests.test_loop.LinearTask"})
 
 
-def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask, out: str) -> dict:
+def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask, out: str,
+             strategy: Strategy = SPOT) -> dict:
     """One rank of a group: train until the end, a handoff or a contract error; what it saw.
     Every rank is on a node of its own and keeps that node's local copy, as in a run."""
     group = RankGroup(torch.device("cpu"))
@@ -184,11 +187,12 @@ def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask,
     local = StoreTier("local", LocalStore(f"{storage}-on-{faults.node_ids[group.rank]}"), RUN, keep_latest_k=5)
     checkpoints = CheckpointManager(RUN, cfg.to_dict(), local, [durable], writes_local=True, events=events,
                                     scratch_root=f"{storage}/../scratch-{group.rank}", group=group)
-    runtime = WorkerRuntime(group, faults.node_ids[:group.world_size], report=reports.append, signals=faults,
-                            warmup=faults.warmup)
+    node_ids = faults.node_ids[:group.world_size]
+    runtime = WorkerRuntime(group, node_ids, report=reports.append, signals=faults)
+    policy = strategy.group_policy(cfg, faults, node_ids, events.emit, faults.warmup)
     outcome: dict = {"outcome": "finished"}
     try:
-        train(cfg, task, runtime, checkpoints, events, Phases())
+        run_group(cfg, task, runtime, policy, checkpoints, events, Phases())
     except WorkerGroupHandoff as handoff:
         outcome = {"outcome": "handoff", "reason": handoff.reason, "step": handoff.step}
     except TaskContractError as error:
@@ -200,23 +204,23 @@ def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask,
     return result
 
 
-def _spawned_rank(rank, world_size, init_file, storage, faults, cfg, task, out):
+def _spawned_rank(rank, world_size, init_file, storage, faults, cfg, task, out, strategy):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     try:
-        run_rank(storage, faults, cfg, task, out)
+        run_rank(storage, faults, cfg, task, out, strategy)
     finally:
         dist.destroy_process_group()
 
 
-def run_group(tmp_path, world_size: int, faults: FaultInjector, cfg: Config, task: Optional[LinearTask] = None,
-              storage: Optional[str] = None) -> List[dict]:
+def train_group(tmp_path, world_size: int, faults: FaultInjector, cfg: Config, task: Optional[LinearTask] = None,
+                storage: Optional[str] = None, strategy: Strategy = SPOT) -> List[dict]:
     """A worker group of ``world_size`` ranks in fresh processes; each rank's result."""
     out = tmp_path / f"group-{len(list(tmp_path.glob('group-*')))}"
     out.mkdir()
     storage = storage or str(tmp_path / "durable")
     mp.start_processes(_spawned_rank, args=(world_size, str(out / "pg"), storage, faults, cfg, task or LinearTask(),
-                                            str(out)), nprocs=world_size, start_method="spawn")
+                                            str(out), strategy), nprocs=world_size, start_method="spawn")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
@@ -232,7 +236,7 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 def test_a_notice_hands_off_at_the_agreed_step_with_a_checkpoint_from_a_survivor(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=20))
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=20))
     assert [(r["outcome"], r["reason"], r["step"]) for r in ranks] == [("handoff", "preemption", 5)] * 2
     assert [h["preempted_ranks"] for h in of(ranks[0], "handoff")] == [[1]] and of(ranks[1], "handoff") == []
     manifest = read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 5))
@@ -241,7 +245,7 @@ def test_a_notice_hands_off_at_the_agreed_step_with_a_checkpoint_from_a_survivor
 
 
 def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=3, rank=0), config(max_steps=20))
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=3, rank=0), config(max_steps=20))
     assert [r["step"] for r in ranks] == [3, 3]
     assert of(ranks[0], "handoff") == [] and [h["nodes"] for h in of(ranks[1], "handoff")] == [["node-a"]]
     assert [c["step"] for c in of(ranks[1], "checkpoint")] == [3]
@@ -249,22 +253,22 @@ def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
 
 
 def test_every_node_keeps_the_same_checkpoint_so_a_restore_finds_no_mismatch(tmp_path):
-    run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1), config(max_steps=20))
+    train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1), config(max_steps=20))
     # The restarted group: rank 0 on node-b, whose local copy rank 1 wrote; rank 1 on node-a.
-    resumed = run_group(tmp_path, 2, FaultInjector(["node-b", "node-a"]), config(max_steps=6))
+    resumed = train_group(tmp_path, 2, FaultInjector(["node-b", "node-a"]), config(max_steps=6))
     assert [of(r, "restore")[0]["tier"] if of(r, "restore") else None for r in resumed][0] == "local"
     assert [e for r in resumed for e in of(r, "restore_mismatch")] == [], "the copies of one step must be equal"
 
 
 def test_capacity_for_more_workers_regrows_through_the_same_handoff(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3), config(max_steps=20))
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3), config(max_steps=20))
     assert [(r["reason"], r["step"]) for r in ranks] == [("regrow", 4)] * 2
     assert [(h["reason"], h["grow_to"]) for h in of(ranks[0], "handoff")] == [("regrow", 3)]
     assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 4)).reason == "regrow"
 
 
 def test_a_regrow_that_would_not_pay_before_the_run_ends_is_not_taken_and_the_decision_is_logged(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3),
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3),
                       config(max_steps=20, regrow="when_it_pays"))
     assert [r["outcome"] for r in ranks] == ["finished", "finished"], "ten seconds of restart for a 20-step run"
     decisions = of(ranks[0], "regrow_decision")
@@ -273,8 +277,8 @@ def test_a_regrow_that_would_not_pay_before_the_run_ends_is_not_taken_and_the_de
 
 
 def test_the_ray_preemption_api_baseline_checkpoints_once_at_the_notice_and_trains_on(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1),
-                      config(max_steps=10, spot_aware=False, ray_preemption_api=True))
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1),
+                        config(max_steps=10), strategy=BASELINES["ray-preemption-api"])
     assert [r["outcome"] for r in ranks] == ["finished", "finished"], "the node's death, not a handoff, ends it"
     assert [(c["step"], c["kind"]) for c in of(ranks[0], "checkpoint")] == [(4, "jit"), (10, "final")]
     assert of(ranks[0], "handoff") == []
@@ -282,14 +286,14 @@ def test_the_ray_preemption_api_baseline_checkpoints_once_at_the_notice_and_trai
 
 def test_a_notice_wins_over_a_regrow_at_the_same_step(tmp_path):
     faults = FaultInjector(NODES).capacity_at(step=4, workers=3).notice_at(step=4, rank=1)
-    ranks = run_group(tmp_path, 2, faults, config(max_steps=20))
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=20))
     assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 4)] * 2
 
 
 def test_a_notice_with_nowhere_to_go_trains_on_and_hands_off_just_before_the_drain_deadline(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=6, rank=0).notice_at(step=6, rank=1).room_elsewhere(workers=0)
               .drain_deadline_after_notice(seconds=3.0))
-    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
     (handoff,) = of(ranks[0], "handoff")
     assert [(r["outcome"], r["reason"]) for r in ranks] == [("handoff", "preemption")] * 2
     assert handoff["step"] > 6 + 10, "the steps between the notice and the deadline are trained"
@@ -306,7 +310,7 @@ def test_a_notice_with_nowhere_to_go_trains_on_and_hands_off_just_before_the_dra
 def test_a_notice_hold_ends_at_once_when_capacity_appears_elsewhere(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=4, rank=0).notice_at(step=4, rank=1).room_elsewhere(workers=0)
               .room_elsewhere(workers=1, from_step=9).drain_deadline_after_notice(seconds=60.0))
-    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
     assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 9)] * 2
     assert [(h["hold"], h["usable_workers"]) for h in of(ranks[0], "notice_hold")] == [(True, 0), (False, 1)]
 
@@ -315,10 +319,10 @@ def test_a_group_that_has_not_saved_yet_holds_on_the_runs_earlier_commit_times(t
     """Groups placed on nodes whose notice came while they started (bursts of notices) must hold
     too: the commit estimate travels in the loop state, not in the group's checkpoint manager."""
     first = FaultInjector(NODES).notice_at(step=6, rank=1).room_elsewhere(workers=1)
-    run_group(tmp_path, 2, first, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    train_group(tmp_path, 2, first, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
     noticed_at_start = (FaultInjector(NODES).notice_at(step=7, rank=0).notice_at(step=7, rank=1)
                         .room_elsewhere(workers=0).drain_deadline_after_notice(seconds=3.0))
-    ranks = run_group(tmp_path, 2, noticed_at_start, config(max_steps=400), task=LinearTask(step_s=0.05))
+    ranks = train_group(tmp_path, 2, noticed_at_start, config(max_steps=400), task=LinearTask(step_s=0.05))
     holds = of(ranks[0], "notice_hold")
     assert holds[0]["hold"] and holds[0]["step"] == 7, holds
     assert ranks[0]["step"] > 7 + 5
@@ -332,7 +336,7 @@ def handed_off_at(storage: str, step: int) -> float:
 def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
               .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=1.0))
-    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
     assert [(r["outcome"], r["reason"]) for r in ranks] == [("handoff", "preemption")] * 2
     (handoff,) = of(ranks[0], "handoff")
     assert handoff["step"] > 5 + 10, "the group trains while the standbys warm"
@@ -346,7 +350,7 @@ def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(
 def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
               .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=60.0))
-    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2, notice_warmup_s=0.5),
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2, notice_warmup_s=0.5),
                       task=LinearTask(step_s=0.05))
     holds = of(ranks[0], "notice_hold")
     assert [h["hold"] for h in holds] == [True, False] and "still importing after" in holds[1]["reason"]
@@ -354,7 +358,7 @@ def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):
     off = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
            .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=60.0))
     (tmp_path / "off").mkdir()
-    ranks = run_group(tmp_path / "off", 2, off, config(max_steps=400, interval_steps=2, notice_warmup_s=0),
+    ranks = train_group(tmp_path / "off", 2, off, config(max_steps=400, interval_steps=2, notice_warmup_s=0),
                       task=LinearTask(step_s=0.05))
     assert [r["step"] for r in ranks] == [5, 5], "trainer.notice_warmup_s=0 hands off at the notice"
 
@@ -362,12 +366,12 @@ def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):
 def test_a_notice_that_leaves_survivors_hands_off_at_once(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
               .drain_deadline_after_notice(seconds=60.0))
-    ranks = run_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
     assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 5)] * 2
 
 
 def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=7, interval_steps=3),
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=7, interval_steps=3),
                       task=LinearTask(step_s=0.3))
     assert [r["outcome"] for r in ranks] == ["finished", "finished"]
     assert [(c["step"], c["kind"]) for c in of(ranks[0], "checkpoint")] == [(3, "periodic"), (6, "periodic"),
@@ -377,9 +381,9 @@ def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):
 
 def test_a_preempted_run_resumed_at_another_size_continues_the_uninterrupted_loss_curve(tmp_path):
     steps = 12
-    reference = run_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps), storage=str(tmp_path / "ref"))
-    preempted = run_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=steps))
-    resumed = run_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps))
+    reference = train_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps), storage=str(tmp_path / "ref"))
+    preempted = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=steps))
+    resumed = train_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps))
     assert [r["step"] for r in preempted] == [5, 5] and resumed[0]["outcome"] == "finished"
     assert of(resumed[0], "group")[0]["restored_step"] == 5
     curve = {**losses(preempted[0]), **losses(resumed[0])}
@@ -398,7 +402,7 @@ def test_a_preempted_run_resumed_at_another_size_continues_the_uninterrupted_los
     ("rank_dependent_model", "build_model built different parameters on different ranks"),
 ])
 def test_a_task_that_breaks_the_contract_stops_every_rank_with_the_fix(tmp_path, breach, message):
-    ranks = run_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=5), task=LinearTask(breach=breach))
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=5), task=LinearTask(breach=breach))
     assert [r["outcome"] for r in ranks] == ["contract", "contract"]
     assert all(message in r["error"] and "Fix:" in r["error"] for r in ranks), ranks[0]["error"]
     assert all(r["counter"] <= 1 for r in ranks), "it stops at once, before a step commits"

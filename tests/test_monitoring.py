@@ -11,12 +11,12 @@ from collections import defaultdict
 
 import pytest
 
-from raytrain_spot.observe.alerts import LOW_GOODPUT, NOTIFY, AlertConfig, AlertRule, AlertRunner
+from raytrain_spot.monitor.alerts import LOW_GOODPUT, NOTIFY, AlertConfig, AlertRule, AlertRunner
 from raytrain_spot.observe.events import EventFeed
 from raytrain_spot.cost.ledger import build_ledger
 from raytrain_spot.config.schema import Config
-from raytrain_spot.observe.alerts import AlertConfig as Alerts
-from raytrain_spot.observe.monitoring import (TENSORBOARD_DIR, MonitoringConfig, MonitoringSink,
+from raytrain_spot.monitor.alerts import AlertConfig as Alerts
+from raytrain_spot.monitor.metrics import (TENSORBOARD_DIR, MonitoringConfig, MonitoringSink,
                                       RayMetricsWriter, TensorBoardWriter, build_writers, wandb_run_id)
 from raytrain_spot.cost.pricing import PriceCatalog
 from tests.test_alerts import slow_run

@@ -31,7 +31,7 @@ from raytrain_spot.cluster.gcp.zone_policy import (
     ZonePolicyConfig,
     classify_failure,
 )
-from raytrain_spot.testing.compute_api import ComputeEngineEmulator
+from tests.servers.compute_api import ComputeEngineEmulator
 
 PROJECT = "test-project"
 ZONES = ["us-central1-a", "us-central1-b", "us-central1-c"]

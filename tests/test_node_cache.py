@@ -13,7 +13,7 @@ from google.cloud import storage
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.storage.gcs import GcsStore, ObjectInfo
 from raytrain_spot.storage.node_cache import MANIFEST, CopyFailed, local_copy, verify_file
-from raytrain_spot.testing.fake_gcs import FakeGcsServer
+from tests.servers.fake_gcs import FakeGcsServer
 
 KIB = 1 << 10
 TREE = {"config.json": b'{"model_type": "tiny"}', "model.safetensors": os.urandom(300 * KIB),

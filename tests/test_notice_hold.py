@@ -2,8 +2,8 @@
 without a cluster (the loop acting on it: tests/test_loop.py)."""
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView
-from raytrain_spot.train.agreement import StepAgreement
-from raytrain_spot.train.handoff import HandoffReason, WarmupProgress, decide_notice_hold, handoff_after
+from raytrain_spot.loop.agreement import StepAgreement
+from raytrain_spot.preemption.hold import WarmupProgress, decide_notice_hold
 
 CPU1 = {"CPU": 1.0}
 
@@ -57,19 +57,6 @@ def test_without_a_deadline_a_measured_commit_or_a_view_of_the_cluster_there_is_
     assert "no drain deadline" in hold(deadline_in_s=None).reason and not hold(deadline_in_s=None).hold
     assert "no checkpoint commit measured" in hold(commit_s=None).reason and not hold(commit_s=None).hold
     assert "unknown" in hold(usable=None).reason and not hold(usable=None).hold
-
-
-def agreement(leaving, holding_for=0, grow_to=0):
-    return StepAgreement(loss_sum=0.0, leaving_ranks=leaving, grow_to=grow_to, save_due=False, committed_step=0,
-                         step_s=0.1, holding_for=holding_for)
-
-
-def test_a_hold_defers_the_handoff_only_if_rank_0_knew_of_every_leaving_rank():
-    assert handoff_after(agreement([0, 1], holding_for=2), step=7, world_size=2) is None
-    late = handoff_after(agreement([0, 1], holding_for=1), step=7, world_size=2)
-    assert late.reason is HandoffReason.PREEMPTION and late.leaving_ranks == (0, 1), \
-        "a rank rank 0 had not heard of may have an earlier deadline"
-    assert handoff_after(agreement([], holding_for=0, grow_to=3), step=7, world_size=2).reason is HandoffReason.REGROW
 
 
 def test_the_watcher_counts_workers_without_the_noticed_nodes_and_knows_their_deadlines():

@@ -348,7 +348,7 @@ def test_without_full_notice_coverage_the_planner_checkpoints_for_the_uncovered_
 
 # Planning from a measured run ------------------------------------------------------------------------------
 
-def _measured_run(tmp_path, spot_aware=True):
+def _measured_run(tmp_path, strategy="raytrain-spot"):
     """A hand-built run: 20 steps of 0.4 s on 3 workers, a notice answered by a handoff (a 0.7 s
     just-in-time save, a 1.0 s restore, training again 6.4 s after the notice), 20 steps on 2, then a
     kill without notice (a 0.5 s restore, training again 11.9 s after the kill) and steps 21-25 redone."""
@@ -357,7 +357,7 @@ def _measured_run(tmp_path, spot_aware=True):
     def ev(t, record, **fields):
         records.append({"t": t0 + t, "ev": record, **fields})
 
-    ev(0.0, "start", run="measured", min_workers=1, max_workers=3)
+    ev(0.0, "start", run="measured", strategy=strategy, min_workers=1, max_workers=3)
     ev(0.1, "add", node="h", node_type="local-head", pricing="on_demand", gpus=0.0)
     for node in ("w1", "w2", "w3"):
         ev(0.1, "add", node=node, node_type="local-cpu-spot", pricing="spot", gpus=0.0)
@@ -387,9 +387,6 @@ def _measured_run(tmp_path, spot_aware=True):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    if not spot_aware:
-        (run_dir / ".hydra").mkdir()
-        (run_dir / ".hydra" / "config.yaml").write_text("trainer:\n  spot_aware: false\n  min_workers: 1\n")
     return run_dir
 
 
@@ -423,7 +420,7 @@ def test_plan_from_a_measured_run(tmp_path, catalog):
 
 
 def test_a_plain_ray_train_run_measures_the_plain_row(tmp_path):
-    run_dir = _measured_run(tmp_path, spot_aware=False)  # no ledger.json: it is built from the event log
+    run_dir = _measured_run(tmp_path, strategy="plain-ray-train")  # no ledger.json: it is built from the event log
     measured = measure_run(str(run_dir))
     assert measured.plain and "kill_recovery_s" not in measured.figures
     assert measured.figures["plain_recovery_s"].value == pytest.approx(11.4)

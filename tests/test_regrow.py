@@ -7,7 +7,7 @@ import pytest
 from raytrain_spot.checkpoint.state import LoopState
 from raytrain_spot.config.schema import TrainerConfig
 from raytrain_spot.elastic.regrow import LONG_LIFE_FACTOR, RegrowEvidence, RegrowPolicy, decide_regrow, measured_rate
-from raytrain_spot.train.runtime import ExtraCapacity
+from raytrain_spot.elastic.signals import ExtraCapacity
 
 
 def evidence(**changes) -> RegrowEvidence:

@@ -1,4 +1,4 @@
-"""Replacements at the notice (raytrain_spot/elastic/replacements.py): the decisions with an injected
+"""Replacements at the notice (raytrain_spot/preemption/replacements.py): the decisions with an injected
 request function, clock and autoscaler version, no cluster; the driver's ClusterMonitor feeding
 them; and, against Ray's own v1 scheduler code, why max_workers bundles are not enough while a
 preempted VM runs out an advance notice."""
@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from raytrain_spot import _ray
-from raytrain_spot.elastic.replacements import ReplacementRequester, nodes_to_replace, request_worker_bundles
+from raytrain_spot.preemption.replacements import ReplacementRequester, nodes_to_replace, request_worker_bundles
 from raytrain_spot.preemption.node_events import ClusterMonitor, NodeState
 from tests.conftest import REPO
 
@@ -66,7 +66,7 @@ class Harness:
 
 
 def test_an_advance_notice_asks_for_max_workers_plus_the_noticed_nodes_workers_at_once(caplog):
-    caplog.set_level(logging.INFO, logger="raytrain_spot.elastic.replacements")
+    caplog.set_level(logging.INFO, logger="raytrain_spot.preemption.replacements")
     h = Harness()
     h.update(cluster())
     assert h.requests == [] and h.probes == 0, "nothing to ask while no node drains (Ray Train's request stands)"
@@ -79,7 +79,7 @@ def test_an_advance_notice_asks_for_max_workers_plus_the_noticed_nodes_workers_a
 
 
 def test_the_request_is_reasserted_while_the_notice_runs_and_withdrawn_when_the_shutdown_starts(caplog):
-    caplog.set_level(logging.INFO, logger="raytrain_spot.elastic.replacements")
+    caplog.set_level(logging.INFO, logger="raytrain_spot.preemption.replacements")
     h = Harness()
     h.update(cluster(n3=145))
     h.update(cluster(n3=144.5), after_s=0.5)
@@ -122,7 +122,7 @@ def test_two_notices_ask_for_both_and_each_gets_its_event():
     (dict(n3=0), "has no deadline"),
 ])
 def test_no_request_when_the_autoscaler_already_counts_the_vm_as_gone(draining, why, caplog):
-    caplog.set_level(logging.INFO, logger="raytrain_spot.elastic.replacements")
+    caplog.set_level(logging.INFO, logger="raytrain_spot.preemption.replacements")
     h = Harness()
     h.update(cluster(**draining))
     h.update(cluster(**draining), after_s=1)
@@ -139,7 +139,7 @@ def test_a_draining_node_without_a_workers_room_needs_no_replacement():
 
 
 def test_autoscaler_v2_already_leaves_draining_nodes_out_so_nothing_is_requested(caplog):
-    caplog.set_level(logging.INFO, logger="raytrain_spot.elastic.replacements")
+    caplog.set_level(logging.INFO, logger="raytrain_spot.preemption.replacements")
     h = Harness(v2=True)
     h.update(cluster(n3=145))
     h.update(cluster(n3=140), after_s=5)

@@ -186,7 +186,7 @@ def test_shares_cover_every_tensor_once_balanced_by_bytes():
 
 
 def test_export_reads_a_sharded_checkpoint(two_rank_checkpoints, tmp_path):
-    from raytrain_spot.checkpoint.export import MODEL_FILE, export_model
+    from raytrain_spot.export import MODEL_FILE, export_model
     from raytrain_spot.checkpoint.format import fetch_verified, load_state
 
     checkpoint = LocalStore(f"{two_rank_checkpoints}/durable").local_path(checkpoint_key("r", 5))

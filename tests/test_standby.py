@@ -135,11 +135,11 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     (True, False, True, True), (False, True, False, False)])  # a setting decides everywhere
 def test_standbys_default_to_on_only_where_their_imports_take_idle_cores(setting, gpu, shared, expected):
     reads = []
-    decision = decide_standbys(TrainerConfig(warm_standby=setting, use_gpu=gpu),
+    decision = decide_standbys(TrainerConfig(warm_standby=setting, use_gpu=gpu), spot_aware=True,
                                nodes_share_cores=lambda: reads.append(1) or shared)
     assert decision.enabled is expected
     assert bool(reads) is (setting is None and gpu), "the node table is read only where it decides"
     assert ("trainer.warm_standby=true" in decision.reason) is (setting is None and not expected), \
         "a default that turns standbys off names the setting that turns them on"
-    plain = TrainerConfig(warm_standby=True, spot_aware=False)
-    assert not decide_standbys(plain, nodes_share_cores=lambda: False).enabled
+    plain = TrainerConfig(warm_standby=True)
+    assert not decide_standbys(plain, spot_aware=False, nodes_share_cores=lambda: False).enabled

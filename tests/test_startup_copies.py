@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from raytrain_spot.config.schema import Config, TrainerConfig
-from raytrain_spot.train.collectives import RankGroup
-from raytrain_spot.train.loop import localize_before_collectives
+from raytrain_spot.distributed.collectives import RankGroup
+from raytrain_spot.loop.worker import localize_before_collectives
 
 COLLECTIVE_TIMEOUT_S = 2
 COPY_S = 5

@@ -1,5 +1,5 @@
 """A stop asked of the run reaches every rank through the step's agreement, on a plain gloo group:
-rank 0 alone hears it (as in a run, train/stop.py), every rank ends after the same step with the
+rank 0 alone hears it (as in a run, loop/stop.py), every rank ends after the same step with the
 run's final checkpoint, and a resume goes on from it."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from raytrain_spot.checkpoint.format import checkpoint_key, read_manifest
 from raytrain_spot.checkpoint.manager import CheckpointManager
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.train.collectives import RankGroup
-from raytrain_spot.train.loop import Phases, train
-from raytrain_spot.train.runtime import WorkerRuntime
+from raytrain_spot.distributed.collectives import RankGroup
+from raytrain_spot.loop.strategy import SPOT
+from raytrain_spot.loop.worker import Phases, run_group
+from raytrain_spot.loop.runtime import WorkerRuntime
 from tests.conftest import Recorder
 from tests.test_loop import NODES, RUN, FaultInjector, LinearTask, config, of
 
@@ -44,16 +45,18 @@ def _spawned_rank(rank, world_size, init_file, storage, stop_at, max_steps, out)
                                         writes_local=False, events=events, scratch_root=f"{storage}/../scratch-{rank}",
                                         group=group)
         stop = StopAfter(stop_at) if stop_at else (lambda: False)
-        runtime = WorkerRuntime(group, NODES[:world_size], report=reports.append, signals=FaultInjector(NODES),
+        faults = FaultInjector(NODES)
+        runtime = WorkerRuntime(group, NODES[:world_size], report=reports.append, signals=faults,
                                 stop_requested=stop if rank == 0 else (lambda: False))
-        train(cfg, LinearTask(), runtime, checkpoints, events, Phases())
+        policy = SPOT.group_policy(cfg, faults, NODES[:world_size], events.emit, None)
+        run_group(cfg, LinearTask(), runtime, policy, checkpoints, events, Phases())
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"events": events.records, "reports": reports}, f, default=str)
     finally:
         dist.destroy_process_group()
 
 
-def run_group(tmp_path, name: str, world_size: int, stop_at: int, max_steps: int) -> list:
+def train_group(tmp_path, name: str, world_size: int, stop_at: int, max_steps: int) -> list:
     out = tmp_path / name
     out.mkdir()
     mp.start_processes(_spawned_rank, args=(world_size, str(out / "pg"), str(tmp_path / "durable"), stop_at,
@@ -62,7 +65,7 @@ def run_group(tmp_path, name: str, world_size: int, stop_at: int, max_steps: int
 
 
 def test_a_stop_heard_by_rank_0_ends_every_rank_after_the_same_step_with_a_final_checkpoint(tmp_path):
-    ranks = run_group(tmp_path, "stopped", 2, stop_at=4, max_steps=20)
+    ranks = train_group(tmp_path, "stopped", 2, stop_at=4, max_steps=20)
     assert of(ranks[1], "stopped") == [], "rank 0 records the stop"
     assert [e["step"] for e in of(ranks[0], "stopped")] == [4]
     assert max(e["step"] for e in of(ranks[0], "step")) == 4, "no step after the stop"
@@ -70,6 +73,6 @@ def test_a_stop_heard_by_rank_0_ends_every_rank_after_the_same_step_with_a_final
     manifest = read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 4))
     assert (manifest.kind, manifest.reason) == ("final", "stop")
 
-    resumed = run_group(tmp_path, "resumed", 2, stop_at=0, max_steps=8)
+    resumed = train_group(tmp_path, "resumed", 2, stop_at=0, max_steps=8)
     assert of(resumed[0], "group")[0]["restored_step"] == 4
     assert [e["step"] for e in of(resumed[0], "step")] == [5, 6, 7, 8]

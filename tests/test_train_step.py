@@ -11,9 +11,9 @@ from raytrain_spot.config.schema import OptimConfig
 from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig
 from raytrain_spot.tasks.vlm.task import VisionLanguageTask
 from raytrain_spot.tasks.vlm.parquet import ImageCaptionDataset, ensure_dataset
-from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
-from raytrain_spot.train.optim import build_optimizer, learning_rate
-from raytrain_spot.train.step import split, train_step
+from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.loop.optim import build_optimizer, learning_rate
+from raytrain_spot.loop.step import split, train_step
 
 MODEL = ModelConfig(vision_layers=1, text_layers=1, dropout=0.0)
 TASK = VisionLanguageTask(model=MODEL)

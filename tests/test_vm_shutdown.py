@@ -16,6 +16,7 @@ import yaml
 
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import load_config
+from raytrain_spot.settings import checked_task
 from raytrain_spot.simulator import chaos
 from raytrain_spot.simulator.shutdown import (GCP_WORKER_START_COMMANDS, SESSION_SCOPE, StartCommandsError,
                                               node_start, shutdown_times)
@@ -71,7 +72,7 @@ def test_chaos_node_start_names_a_yaml_the_model_reads(compose, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"worker_start_ray_commands": ["systemd-run ray start"]}))
     with pytest.raises(ConfigError, match="chaos.node_start: .*add --block"):
-        load_config(compose("+experiment=vlm", "+chaos=events", f"chaos.node_start={bad}"))
+        checked_task(load_config(compose("+experiment=vlm", "+chaos=events", f"chaos.node_start={bad}")))
     with pytest.raises(ConfigError, match="chaos.node_start: .*does not exist"):
         load_config(compose("+experiment=vlm", "+chaos=events", f"chaos.node_start={tmp_path}/none.yaml"))
 

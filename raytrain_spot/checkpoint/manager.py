@@ -52,7 +52,7 @@ from raytrain_spot.checkpoint.scratch import private_dir, scratch_prefix, sweep_
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.state import LoopState, Stateful, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
-from raytrain_spot.train.collectives import RankGroup
+from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.observe.events import EventLog
 
 logger = logging.getLogger(__name__)

@@ -16,9 +16,8 @@ from typing import List, Optional, Tuple
 import yaml
 
 from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
+from raytrain_spot.preemption.node_events import NODE_TYPE_LABEL, PRICING_LABEL
 
-NODE_TYPE_LABEL = "raytrain-spot/node-type"
-PRICING_LABEL = "raytrain-spot/pricing"
 SPOT, ON_DEMAND = "spot", "on_demand"
 NOTICE_KEY = "preemptionNoticeDuration"
 """GCE's advance preemption notice (preview): ``scheduling.preemptionNoticeDuration: {seconds: 120}``

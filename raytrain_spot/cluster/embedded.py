@@ -18,12 +18,11 @@ from typing import Iterator, List, Optional
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import ClusterConfig
 from raytrain_spot.elastic.standby import PRELOAD_ENV, PRELOAD_MODULES
+from raytrain_spot.preemption.node_events import NODE_TYPE_LABEL, PRICING_LABEL
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-NODE_TYPE_LABEL = "raytrain-spot/node-type"
-PRICING_LABEL = "raytrain-spot/pricing"
 LOCAL_WORKER_TYPE = "local-cpu-spot"
 DEFAULT_DASHBOARD_PORT = 8265
 # A killed node is declared dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s), so
@@ -74,7 +73,7 @@ def use_token_authentication() -> None:
     The token is Ray's: ``$RAY_AUTH_TOKEN``, else the file ``$RAY_AUTH_TOKEN_PATH``, else
     ``~/.ray/auth_token``, which is made (mode 600, never printed) when missing.
     """
-    from raytrain_spot import _ray
+    import raytrain_spot._ray as _ray
     from raytrain_spot.cluster.token_auth import new_token
 
     if not os.environ.get("RAY_AUTH_TOKEN"):

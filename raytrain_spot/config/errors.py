@@ -1,4 +1,5 @@
-"""The error every bad setting raises, and the checks that build its message."""
+"""The errors a user sees: a bad setting (and the checks that build its message), a task that
+breaks its contract."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ CONFIG_ERROR_EXIT = 2
 
 class ConfigError(ValueError):
     """A setting is wrong. The message names the key, the problem and the fix."""
+
+
+class TaskContractError(RuntimeError):
+    """The training task breaks its contract (raytrain_spot/loop/task.py's docstring); the message
+    says how and the fix."""
 
 
 def require(ok: bool, key: str, problem: str, fix: str) -> None:

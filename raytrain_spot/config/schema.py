@@ -17,11 +17,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from raytrain_spot.observe.alerts import AlertConfig
-from raytrain_spot.observe.monitoring import MonitoringConfig
 from raytrain_spot.config.errors import ConfigError, require, require_non_negative, require_positive
+from raytrain_spot.config.monitoring import AlertConfig, MonitoringConfig
 from raytrain_spot.config.redaction import redacted_dict
-from raytrain_spot.train.task import build_task
 
 
 DEFAULT_TASK = "raytrain_spot.tasks.vlm.task.VisionLanguageTask"
@@ -120,7 +118,7 @@ class TrainerConfig:
     """Non-preemption failures to recover from; -1 recovers forever. Ray's default 0 would end a Spot run."""
     max_identical_failures: int = 3
     """Stop when the worker group fails this many times in a row with the same error and no handoff
-    between: a bug, not a lost node (0: never stop for it; spot_aware only)."""
+    between: a bug, not a lost node (0: never stop for it)."""
     resize_check_interval_s: float = 1.0
     """How often rank 0 checks whether more workers would fit (regrow)."""
     regrow: str = "when_it_pays"
@@ -131,26 +129,18 @@ class TrainerConfig:
     """Extra capacity must stay at least this long before the group restarts to use it."""
     restart_prior_s: float = 10.0
     """What a group restart is taken to cost until this run has measured one (at a handoff)."""
-    spot_aware: bool = True
-    """False: plain Ray Train 2.60 (the benchmark baseline): Ray's own elastic and failure policies and
-    timings, no reaction to preemption notices, no regrow handoffs, periodic checkpoints only."""
-    ray_preemption_api: bool = False
-    """With spot_aware=false: Ray 2.60's documented preemption recipe (the ``ray-preemption-api``
-    baseline): every rank polls ``ray.train.get_preemption_info()`` after every step and at the first
-    notice saves a just-in-time checkpoint, then trains on until the node dies and Ray restarts the
-    group (``max_preemption_failures=-1``)."""
     hold_on_notice: bool = True
     """When a notice leaves fewer than ``min_workers`` workers on nodes without one (the whole group
     noticed, nowhere to go), train on the noticed nodes and hand off just before their drain deadline
     (a step, the checkpoint's measured commit time and ``hold_margin_s`` before it), or at once when
-    capacity appears elsewhere; handing off at the notice would only wait for capacity. Needs spot_aware."""
+    capacity appears elsewhere; handing off at the notice would only wait for capacity."""
     hold_margin_s: float = 1.0
     """Seconds of slack a notice hold leaves between the just-in-time checkpoint's expected commit and
     the drain deadline (which itself comes before the VM's hard stop: the watcher's ``--margin-s``)."""
     warm_standby: Optional[bool] = None
     """Keep on every node of the group, and on every node that joins, one idle worker process per rank
     it can hold, with torch and the training code imported, so a restarted group (after a notice or for
-    a regrow) starts in them instead of in cold processes. Needs spot_aware; see raytrain_spot/elastic/standby.py.
+    a regrow) starts in them instead of in cold processes. See raytrain_spot/elastic/standby.py.
     None (the default): on for GPU training on nodes with a machine of their own (a GCP GPU cluster), off
     for CPU training, which keeps the cores a standby imports on busy, and where nodes share one
     machine's cores (the embedded cluster, the local autoscaler's nodes): there a standby's imports come
@@ -164,7 +154,7 @@ class TrainerConfig:
     the usable nodes outside the group the restarted group takes. Ends as soon as they are warm (at
     once where the group keeps standbys that are), and never past what the drain deadline allows (a
     step, the checkpoint's commit and ``hold_margin_s`` before it); the hold begins with a
-    checkpoint. 0: hand off at the notice. Needs spot_aware and warm_standby not false; see
+    checkpoint. 0: hand off at the notice. Needs warm_standby not false; see
     raytrain_spot/elastic/standby.py."""
     warm_wait_limit_s: float = 60.0
     """Longest a node outside the group is kept out of a regrow while it is not warm (its standby has
@@ -201,8 +191,6 @@ class TrainerConfig:
                 "set trainer.max_failures=-1 to recover from every failure")
         require_non_negative("trainer", self, "max_identical_failures")
         require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s", "startup_timeout_s")
-        require(not (self.ray_preemption_api and self.spot_aware), "trainer.ray_preemption_api",
-                "is the plain Ray Train baseline's notice handling", "also set trainer.spot_aware=false")
         require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
         for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s", "hold_margin_s",
@@ -421,23 +409,11 @@ class ChaosConfig:
                     "set chaos.trace=PATH, e.g. a file from ../shared/traces/")
             require(os.path.isfile(os.path.expanduser(self.trace)), "chaos.trace",
                     f"{self.trace} does not exist", "point chaos.trace at a trace JSON file")
-            from raytrain_spot.simulator.trace_file import read_trace  # here: the simulator imports this module
-
-            ticks = len(read_trace(self.trace)[0])  # a malformed file stops the run here, before Ray
-            require(self.start_tick < ticks, "chaos.start_tick", f"{self.start_tick} is past the trace's {ticks} ticks",
-                    f"set chaos.start_tick below {ticks}")
         require_positive("chaos", self, "tick_s")
         require_non_negative("chaos", self, "notice_s", "provisioning_s", "margin_s", "start_tick")
         if self.node_start is not None:
-            from raytrain_spot.simulator.shutdown import StartCommandsError, node_start, read_start_commands
-
             require(os.path.isfile(os.path.expanduser(self.node_start)), "chaos.node_start",
                     f"{self.node_start} does not exist", "point chaos.node_start at a cluster YAML, or unset it")
-            try:
-                node_start(read_start_commands(self.node_start))
-            except StartCommandsError as error:
-                require(False, "chaos.node_start", f"{self.node_start}: {error}",
-                        "fix its worker_start_ray_commands, or unset chaos.node_start")
         if self.watchers:
             require(self.margin_s < self.notice_s, "chaos.margin_s",
                     f"{self.margin_s} is not below chaos.notice_s={self.notice_s}: the drain deadline would be at "
@@ -450,7 +426,7 @@ class Config:
 
     run: TrainingRunConfig = field(default_factory=TrainingRunConfig)
     task: Dict[str, Any] = field(default_factory=lambda: {"_target_": DEFAULT_TASK})
-    """The training task (raytrain_spot/train/task.py): ``_target_`` names its class, the other keys
+    """The training task (raytrain_spot/loop/task.py): ``_target_`` names its class, the other keys
     are its settings. ``conf/task/vlm.yaml`` is the built-in vision-language model; a task of your
     own: ``task=custom task._target_=my_pkg.MyTask +task.SETTING=VALUE`` (docs/extending.md)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -500,7 +476,6 @@ def load_config(cfg: DictConfig) -> Config:
         key = getattr(error, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(error).splitlines()[0]}. Fix: check the value's type and spelling") from None
     assert isinstance(config, Config)
-    build_task(config.task)  # the task's own settings are checked by building it (cheap by contract)
     return config
 
 

@@ -29,10 +29,12 @@ class RunFigures:
     kill_recovery_s (or plain_recovery_s for a plain Ray Train run)."""
     notes: List[str]
     plain: bool
-    """The run had no notice handling (``trainer.spot_aware=false``)."""
+    """The run had no notice handling: a plain Ray Train baseline (its ``start`` event's ``strategy``)."""
 
 
 _HEAD_TYPES = ("local-head", "head")
+PLAIN_RAY_TRAIN = "plain-ray-train"
+"""The ``strategy`` of a run with no notice handling (bench/baselines.py)."""
 
 
 def _run_config(run_dir: str) -> Dict[str, Any]:
@@ -64,7 +66,7 @@ def measure_run(run_dir: str) -> RunFigures:
         summary, ledger_name = build_ledger(events, PriceCatalog.load()).summary, "the ledger of events.jsonl"
     config = _run_config(run_dir)
     trainer = config.get("trainer") or {}
-    plain = trainer.get("spot_aware") is False
+    plain = next((e.get("strategy") for e in events if e["ev"] == "start"), None) == PLAIN_RAY_TRAIN
     figures: Dict[str, Measured] = {}
     notes: List[str] = []
 
@@ -112,7 +114,7 @@ def measure_run(run_dir: str) -> RunFigures:
         figures[key] = Measured(statistics.median(rest), f"events.jsonl, {what} to training again "
                                 f"{statistics.median(again):.1f} s (median of {len(again)}) less the restore")
     if plain:
-        notes.append("the run is plain Ray Train (trainer.spot_aware=false): its kill recovery is the plain row's")
+        notes.append(f"the run is {PLAIN_RAY_TRAIN} (bench/baselines.py): its kill recovery is the plain row's")
     if summary.get("disruptions", {}).get("preemptions"):
         notes.append("not taken from the run: its MTBI (a simulator's or one short run's is no forecast; use "
                      "--mtbi-hours or --trace)")

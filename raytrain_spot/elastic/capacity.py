@@ -3,7 +3,7 @@
 Read from the GCS at decision time (Ray's own elastic policy counts from a node view refreshed
 every 20 s and blind to draining nodes). The scaling policy sizes new groups with
 ``LiveCapacity``; rank 0 watches the running group with ``CapacityWatcher``; ``RaySignals`` is
-what the training loop hears from the cluster (train/runtime.py).
+what the training loop hears from the cluster (loop/runtime.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optiona
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import TrainerConfig
 from raytrain_spot.elastic.standby import start_standbys, warm_nodes
-from raytrain_spot.train.runtime import ExtraCapacity
+from raytrain_spot.elastic.signals import ExtraCapacity
 
 logger = logging.getLogger(__name__)
 

@@ -43,10 +43,21 @@ from raytrain_spot._ray import (
     WorkerGroupStartupTimeoutError,
 )
 from raytrain_spot.elastic.capacity import LiveCapacity
-from raytrain_spot.train.handoff import WorkerGroupHandoff
-from raytrain_spot.train.task import TaskContractError
+from raytrain_spot.config.errors import TaskContractError
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerGroupHandoff(Exception):
+    """Raised by every rank after a just-in-time checkpoint, to have Ray restart the group now."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(f"handoff at step {step}: {reason}")
+        self.reason = reason
+        self.step = step
+
+    def __reduce__(self):
+        return (WorkerGroupHandoff, (self.reason, self.step))
 
 
 # Ray Train reads these in the driver and passes them on to its controller and workers.

@@ -32,8 +32,8 @@ import logging
 import os
 import threading
 
-MODULES = ("torch", "torch._dynamo", "raytrain_spot.train.loop", "ray.train.torch")
-"""torch._dynamo is imported by the first optimizer a process builds; raytrain_spot.train.loop
+MODULES = ("torch", "torch._dynamo", "raytrain_spot.loop.worker", "ray.train.torch")
+"""torch._dynamo is imported by the first optimizer a process builds; raytrain_spot.loop.worker
 pulls in Ray Train, ray.train.torch its torch backend."""
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional
 from raytrain_spot.checkpoint.advisor import job_mtbi_s
 from raytrain_spot.checkpoint.state import LoopState
 from raytrain_spot.config.schema import TrainerConfig
-from raytrain_spot.train.runtime import ExtraCapacity
+from raytrain_spot.elastic.signals import ExtraCapacity
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ A group without standbys still restarts warm after a notice that leaves it somew
 stays, tells them to import at normal priority (``hurry_standbys``: they are wanted within seconds,
 and training pays for their imports once, not for as long as the group runs), and the group trains
 on until each standby says it is warm (``warm_standbys``), within the drain deadline
-(train/handoff.py's notice hold).
+(preemption/hold.py's notice hold).
 """
 
 from __future__ import annotations
@@ -144,14 +144,14 @@ class StandbyDecision:
     reason: str
 
 
-def decide_standbys(trainer_cfg: "TrainerConfig", nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
+def decide_standbys(trainer_cfg: "TrainerConfig", spot_aware: bool, nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
     """``trainer.warm_standby``; where unset, on only where a standby's imports take cores the training
     leaves idle: training on GPUs, on nodes that do not share a machine. CPU training keeps its node's
     cores busy, and nodes on one machine share its cores; there the imports come out of the training
     they would speed up (measured on the embedded cluster: docs/benchmarks.md). ``nodes_share_cores``
     (a read of the node table) is called only where it decides."""
-    if not trainer_cfg.spot_aware:
-        return StandbyDecision(False, "plain Ray Train (trainer.spot_aware=false) starts every group cold")
+    if not spot_aware:
+        return StandbyDecision(False, "plain Ray Train (a benchmark baseline) starts every group cold")
     if trainer_cfg.warm_standby is not None:
         return StandbyDecision(trainer_cfg.warm_standby, f"trainer.warm_standby={trainer_cfg.warm_standby}")
     if not trainer_cfg.use_gpu:
@@ -239,7 +239,7 @@ class NoticeWarmup:
     """Rank 0's warm-up at a notice: a warm standby for every worker of the restarted group, on the nodes
     that stay (one per rank they keep) and, up to ``max_workers``, on the usable nodes outside the group
     (``room_outside``: how many workers fit on each, at most the given number in all), where the
-    restarted group places the rest. The notice hold (train/handoff.py) waits for ``missing`` to be 0."""
+    restarted group places the rest. The notice hold (preemption/hold.py) waits for ``missing`` to be 0."""
 
     def __init__(self, run_name: str, group_keeps_standbys: bool, hurry_s: float, max_workers: int,
                  room_outside: Callable[[int], Mapping[str, int]], clock: Callable[[], float] = time.time,

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from raytrain_spot.observe.events import EventLog
-from raytrain_spot.cluster.embedded import NODE_TYPE_LABEL, PRICING_LABEL
 from raytrain_spot.elastic.capacity import live_nodes
 
+NODE_TYPE_LABEL = "raytrain-spot/node-type"
+"""The Ray node label naming a node's type (the cluster YAML's, or the embedded cluster's)."""
+PRICING_LABEL = "raytrain-spot/pricing"
+"""The Ray node label saying how a node is priced (``spot`` or ``on_demand``): the ledger prices nodes by it."""
+
 if TYPE_CHECKING:
-    from raytrain_spot.elastic.replacements import ReplacementRequester
+    from raytrain_spot.preemption.replacements import ReplacementRequester
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Built-in training tasks, each written against the public interface in raytrain_spot/train/task.py."""
+"""Built-in training tasks, each written against the public interface in raytrain_spot/loop/task.py."""

@@ -38,7 +38,7 @@ from raytrain_spot.tasks.hf_vlm.hub import hub_snapshot, is_hub_id
 from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, write_preset
 from raytrain_spot.tasks.hf_vlm.text import IGNORE, SampleText, image_token
 from raytrain_spot.storage.node_cache import local_copy
-from raytrain_spot.train.task import TrainingTask
+from raytrain_spot.loop.task import TrainingTask
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 IMAGE_TOKENS_PER_TILE = {

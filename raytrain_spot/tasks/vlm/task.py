@@ -1,6 +1,6 @@
 """The built-in task: a small vision-language model captioning generated shapes.
 
-It uses only the public task interface (raytrain_spot/train/task.py), like a task of your own.
+It uses only the public task interface (raytrain_spot/loop/task.py), like a task of your own.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig
 from raytrain_spot.tasks.vlm.model import VisionLanguageModel
 from raytrain_spot.tasks.vlm.parquet import ImageCaptionDataset, ensure_dataset
 from raytrain_spot.tasks.vlm.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
-from raytrain_spot.train.task import TrainingTask
+from raytrain_spot.loop.task import TrainingTask
 
 
 @dataclass

@@ -35,7 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
-from raytrain_spot.preemption.watcher import GCE_SHUTDOWN_S
+from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
 
 if TYPE_CHECKING:
     from raytrain_spot.preemption.node_events import NodeState

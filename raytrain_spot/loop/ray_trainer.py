@@ -9,7 +9,7 @@ from ray.train.v2.api.config import LoggingConfig
 from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.policy import SpotTorchTrainer
 from raytrain_spot.elastic.standby import STANDBY_MARKER
-from raytrain_spot.train.loop import LoopContext, train_loop_per_worker
+from raytrain_spot.loop.worker import LoopContext, run_worker
 
 
 def ray_storage(storage_uri: str) -> dict:
@@ -24,6 +24,7 @@ def ray_storage(storage_uri: str) -> dict:
 
 def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
     trainer_cfg = cfg.trainer
+    spot_aware = context.strategy.spot_aware
     fixed = trainer_cfg.min_workers == trainer_cfg.max_workers
     scaling = ScalingConfig(
         num_workers=trainer_cfg.max_workers if fixed else (trainer_cfg.min_workers, trainer_cfg.max_workers),
@@ -40,13 +41,13 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         # Marks the workers' processes so each node can count its idle standbys (standby.py). Each group
         # decides whether to keep standbys (standby.py's decide_standbys).
         worker_runtime_env=({"env_vars": {STANDBY_MARKER: cfg.run.name}}
-                            if trainer_cfg.spot_aware and trainer_cfg.warm_standby is not False else None),
+                            if spot_aware and trainer_cfg.warm_standby is not False else None),
     )
     spot = ({"failure_settle_s": trainer_cfg.failure_settle_s,
-             "max_identical_failures": trainer_cfg.max_identical_failures} if trainer_cfg.spot_aware else {})
-    trainer_cls = SpotTorchTrainer if trainer_cfg.spot_aware else TorchTrainer
+             "max_identical_failures": trainer_cfg.max_identical_failures} if spot_aware else {})
+    trainer_cls = SpotTorchTrainer if spot_aware else TorchTrainer
     return trainer_cls(
-        train_loop_per_worker,
+        run_worker,
         **spot,
         train_loop_config={"context": context},
         scaling_config=scaling,

@@ -15,10 +15,9 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Protocol, Sequence
 
-from raytrain_spot.config.errors import require
+from raytrain_spot.config.monitoring import MonitoringConfig
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.cost.pricing import PriceCatalog
 
@@ -27,26 +26,6 @@ logger = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"
 DURABLE_TIER = "durable"
 """The tier name of checkpoint records that reached durable storage (checkpoint/tiers.py)."""
-
-
-@dataclass
-class MonitoringConfig:
-    """Which monitoring backends a run writes to."""
-
-    tensorboard: bool = True
-    """Write TensorBoard event files under ``<run dir>/tensorboard``."""
-    wandb_project: Optional[str] = None
-    """Also log to this Weights & Biases project when ``wandb`` is importable (the ``trackers``
-    extra); unset: no W&B."""
-    wandb_mode: str = "offline"
-    """W&B mode: ``offline`` (sync later with ``wandb sync``) or ``online``."""
-    ray_metrics: bool = True
-    """Export step, loss, goodput, world size, cost, preemptions and the last durable checkpoint as
-    Ray metrics (scraped by Prometheus from every node's metrics agent)."""
-
-    def __post_init__(self):
-        require(self.wandb_mode in ("offline", "online"), "monitoring.wandb_mode", f"{self.wandb_mode!r} is not a mode",
-                "use monitoring.wandb_mode=offline or online")
 
 
 class ScalarWriter(Protocol):

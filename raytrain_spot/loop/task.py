@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from raytrain_spot.checkpoint.state import Stateful
-from raytrain_spot.config.errors import ConfigError
-from raytrain_spot.train import optim as default_optim
+from raytrain_spot.config.errors import ConfigError, TaskContractError
+from raytrain_spot.loop import optim as default_optim
 
 if TYPE_CHECKING:
     from raytrain_spot.config.schema import OptimConfig  # schema.py imports this module
@@ -126,7 +126,7 @@ class TrainingTask(abc.ABC):
     def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
         """Write ``model`` (from ``build_model``, the trained weights loaded) into the existing
         directory ``out_dir`` in its library's own format: what ``python -m
-        raytrain_spot.checkpoint.export --format pretrained`` writes. ``adapter_only``: the
+        raytrain_spot.export --format pretrained`` writes. ``adapter_only``: the
         trained adapters alone, for a task that trains adapters on a frozen base."""
         raise ConfigError(f"--format pretrained: {type(self).__name__} has no format of its own (it does not define "
                           "save_pretrained). Fix: export with --format torch")
@@ -168,7 +168,7 @@ def task_class(target: Any) -> type:
                           "the task's package on PYTHONPATH (every node needs it) and check the spelling") from None
     if not (isinstance(cls, type) and issubclass(cls, TrainingTask)):
         raise ConfigError(f"task._target_: {target} is not a TrainingTask. Fix: subclass "
-                          "raytrain_spot.train.task.TrainingTask (docs/extending.md)")
+                          "raytrain_spot.loop.task.TrainingTask (docs/extending.md)")
     return cls
 
 
@@ -243,10 +243,6 @@ def per_sample_loss(losses: Any, batch_size: int) -> torch.Tensor:
             "per sample, shape [batch], so the global batch means the same at every world size. Fix: compute the "
             "loss with reduction='none' and reduce every dimension but the batch (e.g. a mean over tokens)")
     return losses
-
-
-class TaskContractError(RuntimeError):
-    """The task breaks the contract in this module's docstring; the message says how and the fix."""
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

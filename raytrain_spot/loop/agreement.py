@@ -2,7 +2,7 @@
 
 Each rank contributes a ``RankView``; the sum over ranks decodes into one ``StepAgreement``
 that every rank acts on at the same step. The sum works because every slot has either one
-writer (rank 0's decisions: regrow, periodic save, notice hold, stop, committed step, and its clock)
+writer (rank 0's decisions: the policy's proposal, the checkpoint, stop, committed step, and its clock)
 or means "any rank says so" (a rank's notice flag, set by whichever ranks know of it; read as
 > 0). The loss is the one true sum.
 """
@@ -14,10 +14,25 @@ from typing import List, Sequence
 
 import torch
 
-from raytrain_spot.train.collectives import RankGroup
+from raytrain_spot.distributed.collectives import RankGroup
 
 _LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _HOLD_FOR_CAPACITY, _STOP, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = \
     range(11)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Rank 0's part of the agreement from the group's policy (loop/decision.py)."""
+
+    grow_to: int = 0
+    """Restart at this larger size after this step (0: no regrow)."""
+    holding_for: int = 0
+    """Train on for now although this many ranks are leaving (preemption/hold.py's notice hold;
+    0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
+    hold_waits_for_capacity: bool = False
+    """The hold is for capacity elsewhere, not for warm standbys (preemption/hold.py's ``NoticeHold``)."""
+    checkpoint: bool = False
+    """Checkpoint this step whatever the cadence says (a notice hold begins with one)."""
 
 
 @dataclass(frozen=True)
@@ -28,17 +43,12 @@ class RankView:
     """Sum of this rank's per-sample losses this step."""
     leaving_ranks: Sequence[int] = ()
     """Ranks this rank knows to be on a node with a preemption notice."""
-    grow_to: int = 0
-    """Rank 0: restart at this larger size after this step (0: no regrow)."""
+    proposal: Proposal = Proposal()
+    """Rank 0: the policy's proposal."""
     save_due: bool = False
-    """Rank 0: take a periodic checkpoint of this step."""
-    holding_for: int = 0
-    """Rank 0: train on for now although this many ranks are leaving (train/handoff.py's notice hold;
-    0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
-    hold_waits_for_capacity: bool = False
-    """Rank 0: the hold is for capacity elsewhere, not for warm standbys (train/handoff.py's ``NoticeHold``)."""
+    """Rank 0: take a checkpoint of this step (the cadence's, or the proposal's)."""
     stop: bool = False
-    """Rank 0: the driver asked the run to stop (train/stop.py): checkpoint this step and end."""
+    """Rank 0: the driver asked the run to stop (loop/stop.py): checkpoint this step and end."""
     committed_step: int = 0
     """Rank 0: newest step committed to a shared tier."""
     commit_s: float = 0.0
@@ -77,10 +87,10 @@ def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
     for rank in view.leaving_ranks:
         slots[_LEAVING + rank] = 1.0
     if group.rank == 0:
-        slots[_GROW_TO] = float(view.grow_to)
-        slots[_SAVE] = float(view.save_due)
-        slots[_HOLDING_FOR] = float(view.holding_for)
-        slots[_HOLD_FOR_CAPACITY] = float(view.hold_waits_for_capacity)
+        slots[_GROW_TO] = float(view.proposal.grow_to)
+        slots[_SAVE] = float(view.save_due or view.proposal.checkpoint)
+        slots[_HOLDING_FOR] = float(view.proposal.holding_for)
+        slots[_HOLD_FOR_CAPACITY] = float(view.proposal.hold_waits_for_capacity)
         slots[_STOP] = float(view.stop)
         slots[_COMMITTED] = float(view.committed_step)
         slots[_COMMIT_S] = view.commit_s

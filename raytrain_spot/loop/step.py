@@ -1,8 +1,8 @@
 """The pieces of an optimizer step that must not depend on the world size.
 
 * the learning rate is a function of samples seen, not of steps or workers (the task's
-  ``learning_rate``; train/optim.py has the default), and the optimizer is the task's
-  (train/optim.py's AdamW by default), checked before it trains;
+  ``learning_rate``; loop/optim.py has the default), and the optimizer is the task's
+  (loop/optim.py's AdamW by default), checked before it trains;
 * each rank sums the task's per-sample losses scaled by world_size / global_batch_size, so DDP's
   gradient average over ranks equals the mean over the whole global batch, however the
   batch is split across ranks and micro-batches;
@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from raytrain_spot.train.task import TaskContractError, per_sample_loss
+from raytrain_spot.config.errors import TaskContractError
+from raytrain_spot.loop.task import per_sample_loss
 
 
 def checked_optimizer(optimizer: Any, task_name: str) -> torch.optim.Optimizer:

@@ -1,7 +1,7 @@
 """A stop asked of a run (Ctrl-C, SIGTERM or ``Run.stop()`` to its driver) reaching its workers.
 
 The driver puts the request in the GCS key-value store under the run's name; rank 0 reads it
-between steps and puts it in the step's agreement (train/agreement.py), so every rank stops after
+between steps and puts it in the step's agreement (loop/agreement.py), so every rank stops after
 the same step, with the run's final checkpoint. Rank 0 reads the store at most every ``poll_s``:
 one GCS read per second costs a step nothing, and a stop waits at most a step and a second.
 """

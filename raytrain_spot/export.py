@@ -1,7 +1,7 @@
 """Model-only export of a checkpoint: no optimizer state, in bf16, fp16 or fp32.
 
-    python -m raytrain_spot.checkpoint.export CHECKPOINT OUT [--dtype bf16|fp16|fp32] [--config RUN_CONFIG]
-    python -m raytrain_spot.checkpoint.export CHECKPOINT OUT --format pretrained [--adapter-only] --config RUN_CONFIG
+    python -m raytrain_spot.export CHECKPOINT OUT [--dtype bf16|fp16|fp32] [--config RUN_CONFIG]
+    python -m raytrain_spot.export CHECKPOINT OUT --format pretrained [--adapter-only] --config RUN_CONFIG
 
 CHECKPOINT is a checkpoint directory (``.../checkpoints/step_00000120``, local or ``gs://``),
 single-file or sharded. It is verified against its manifest before anything is read. OUT
@@ -82,7 +82,7 @@ def rebuilt_model(manifest: Manifest, saved_model: Dict[str, Any], config: Optio
     the checkpoint's weights loaded. The checkpoint's own settings must equal the user's, but for
     the task's ``resumable_settings``; nothing they name is imported."""
     from raytrain_spot.checkpoint.resume import differences
-    from raytrain_spot.train.task import build_task
+    from raytrain_spot.loop.task import build_task
 
     if not config or not config.get("task"):
         raise ConfigError("the model must be rebuilt (the checkpoint leaves out frozen parameters, or the "
@@ -112,7 +112,7 @@ def run_config(path: str) -> Dict[str, Any]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m raytrain_spot.checkpoint.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m raytrain_spot.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint directory: path or gs:// URI")
     parser.add_argument("out", help="directory to create")

@@ -1,8 +1,9 @@
-"""The training loop each Ray Train worker runs. Read ``train`` top to bottom.
+"""The training loop each Ray Train worker runs. Read ``run_group`` top to bottom: step, agree,
+apply the decision (loop/decision.py).
 
-The loop knows no model: the task (train/task.py) builds it, the dataset and the loss. What the
-loop needs from Ray is injected through ``WorkerRuntime``, so the same loop runs in a plain
-process group in tests; ``train_loop_per_worker`` is the Ray Train entry that builds it.
+The loop knows no model: the task (loop/task.py) builds it, the dataset and the loss. What the
+loop needs from Ray is injected (``WorkerRuntime``, the ``GroupPolicy``), so the same loop runs in
+a plain process group in tests; ``run_worker`` is the Ray Train entry that builds them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional
 
 import psutil
 import ray.train
@@ -27,25 +28,28 @@ from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRe
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
-from raytrain_spot.elastic.capacity import RaySignals, watch_capacity
-from raytrain_spot.elastic.regrow import RegrowPolicy, measured_rate
+from raytrain_spot.elastic.capacity import watch_capacity
+from raytrain_spot.elastic.regrow import measured_rate
 from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeWarmup, claim_standby, decide_standbys,
                                            nodes_share_cores, top_up)
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage import open_store
 from raytrain_spot.storage.store import LocalStore
-from raytrain_spot.train.agreement import RankView, start_agreement
-from raytrain_spot.train.collectives import RankGroup
-from raytrain_spot.train.handoff import NoticeHoldPolicy, checkpoint_and_report, hand_off, handoff_after
-from raytrain_spot.train.runtime import ExtraCapacity, WorkerRuntime
-from raytrain_spot.train.sample_order import GlobalSampleOrder, rank_positions
-from raytrain_spot.train.stop import StopPoll
-from raytrain_spot.train.step import (accumulate, checked_optimizer, seed_step, set_learning_rate, split, step_seed,
+from raytrain_spot.loop.agreement import RankView, start_agreement
+from raytrain_spot.distributed.collectives import RankGroup
+from raytrain_spot.loop.decision import JIT, PERIODIC, STOP, Finish, GroupPolicy, HandOff, decide
+from raytrain_spot.loop.handoff import checkpoint_and_report, hand_off
+from raytrain_spot.loop.runtime import WorkerRuntime
+from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
+from raytrain_spot.loop.stop import StopPoll
+from raytrain_spot.loop.strategy import SPOT, Strategy
+from raytrain_spot.loop.step import (accumulate, checked_optimizer, seed_step, set_learning_rate, split, step_seed,
                                       update)
-from raytrain_spot.train.task import TaskContractError, TrainingTask, build_task, move_to, task_contract_problem
+from raytrain_spot.config.errors import TaskContractError
+from raytrain_spot.loop.task import TrainingTask, build_task, move_to, task_contract_problem
 
 logger = logging.getLogger(__name__)
-WARMUP_STEPS = 2
+UNTIMED_STEPS = 2
 """A group's first steps (allocation, first collectives) are left out of its samples/s."""
 
 
@@ -58,10 +62,11 @@ class LoopContext:
     events: Any  # handle of the event-log actor, or None
     head_store: Any  # handle of the head-node checkpoint store, or None
     lease_owner: Optional[str] = None  # the driver's run lease, checked before durable writes
+    strategy: Strategy = SPOT
 
 
-def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: CheckpointManager,
-          events: EventLog, phases: "Phases") -> None:
+def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: GroupPolicy,
+              checkpoints: CheckpointManager, events: EventLog, phases: "Phases") -> None:
     rank, world_size, group = runtime.rank, runtime.world_size, runtime.group
     device = group.device
     global_batch = cfg.trainer.global_batch_size
@@ -94,14 +99,10 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
 
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
-    regrow = RegrowPolicy(cfg.trainer, cfg.checkpoint.mtbi_prior_s, events.emit)
-    holds = NoticeHoldPolicy(cfg.trainer, events.emit, runtime.warmup)
     if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
         measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
     reported_step = loop.step
     steps_in_group = 0
-    checkpointed_at_notice = False
-    waited_for_capacity = False  # the last step's agreement held the group through a notice with nowhere to go
     total_samples = cfg.trainer.max_steps * global_batch
     batch = load_batch(task, dataset, order, loop.samples_seen, cfg.trainer, rank, world_size, device)
     while loop.step < cfg.trainer.max_steps:
@@ -113,21 +114,17 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         loss_sum = accumulate(ddp_model, batch.micro_batches, task.loss, world_size / global_batch, autocast_dtype)
         grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
 
-        # What each rank heard from the cluster, and rank 0's decisions, in the same all-reduce as the loss.
+        # What each rank heard from the cluster, and rank 0's proposals, in the same all-reduce as the loss.
         next_step = loop.step + 1
-        leaving = ranks_on(runtime.node_ids, runtime.signals.leaving_nodes(next_step))
-        step_s = batch.data_s + time.time() - step_started
-        commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
-        hold = holds.decide(leaving, runtime.node_ids, runtime.signals, next_step, step_s, commit_s) if rank == 0 \
-            else None
-        view = (RankView(loss_sum, leaving, grow_to=regrow.grow_to(runtime.signals.extra_capacity(next_step), loop,
-                                                                   world_size),
-                         save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps) or holds.began,
-                         holding_for=len(leaving) if hold and hold.hold else 0,
-                         hold_waits_for_capacity=bool(hold and hold.waits_for_capacity),
-                         stop=runtime.stop_requested(), committed_step=checkpoints.committed_step, commit_s=commit_s,
-                         step_s=step_s, at=time.time())
-                if rank == 0 else RankView(loss_sum, leaving))
+        leaving = policy.leaving_ranks(next_step)
+        view = RankView(loss_sum, leaving)
+        if rank == 0:
+            step_s = batch.data_s + time.time() - step_started
+            commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
+            view = RankView(loss_sum, leaving, policy.propose(leaving, next_step, step_s, commit_s, loop, world_size),
+                            save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
+                            stop=runtime.stop_requested(), committed_step=checkpoints.committed_step,
+                            commit_s=commit_s, step_s=step_s, at=time.time())
         pending = start_agreement(view, group)
         # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
         trained, batch = batch, (load_batch(task, dataset, order, loop.samples_seen + global_batch, cfg.trainer, rank,
@@ -139,7 +136,7 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
         loop.train_time_s += agreed.step_s
         loop.commit_s = agreed.commit_s
         steps_in_group += 1
-        if steps_in_group > WARMUP_STEPS:  # rank 0's clock, so every rank keeps the same figures
+        if steps_in_group > UNTIMED_STEPS:  # rank 0's clock, so every rank keeps the same figures
             loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s, world_size,
                                                                 global_batch, agreed.step_s)
 
@@ -151,27 +148,22 @@ def train(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, checkpoints: 
                              samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
                              lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s)
 
-        if loop.step == cfg.trainer.max_steps:
-            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final"), rank, 0, runtime.report)
-            break
-        if agreed.stop:  # the run's last checkpoint, as at max_steps: a resume goes on from it, no interruption
-            if rank == 0:
+        decision = decide(agreed, loop.step, cfg.trainer.max_steps, world_size, policy)
+        if isinstance(decision, Finish):  # a resume after a stop goes on from it, no interruption
+            if decision.reason == STOP and rank == 0:
                 events.emit("stopped", step=loop.step)
-            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final", reason="stop"), rank, 0,
-                                  runtime.report)
-            break
-        if (handoff := handoff_after(agreed, loop.step, world_size)) and cfg.trainer.ray_preemption_api:
-            if not checkpointed_at_notice:  # Ray's recipe: one checkpoint, then train on until the node dies
-                checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "jit", reason="preemption"),
-                                      rank, 0, runtime.report)
-                checkpointed_at_notice = True
-        elif handoff:
-            # The next group measures its restart from here; after a hold for capacity it would measure the wait.
-            loop.handed_off_at = 0.0 if waited_for_capacity else agreed.at
-            hand_off(handoff, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
+            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final",
+                                                                  reason=STOP if decision.reason == STOP else ""),
+                                  rank, 0, runtime.report)
+            return
+        if isinstance(decision, HandOff):
+            loop.handed_off_at = agreed.at if decision.restart_measured else 0.0
+            hand_off(decision, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                      runtime.signals.drain_deadline_s)
-        waited_for_capacity = agreed.holding_for > 0 and agreed.hold_waits_for_capacity
-        if agreed.save_due:
+        if decision.checkpoint == JIT:
+            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "jit", reason="preemption"),
+                                  rank, 0, runtime.report)
+        elif decision.checkpoint == PERIODIC:
             events.send()  # records of every step the checkpoint holds are out before a kill could take them
             checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
         if agreed.committed_step > reported_step:
@@ -227,7 +219,7 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, unused_parameters: bo
 
 
 def check_same_parameters(model: torch.nn.Module, group: RankGroup) -> None:
-    """Every rank must build the same initial parameters (train/task.py's contract)."""
+    """Every rank must build the same initial parameters (loop/task.py's contract)."""
     digests = group.all_gather_object(parameter_digest(model))
     if len(set(digests)) > 1:
         raise TaskContractError(
@@ -257,10 +249,6 @@ def check_dataset(dataset, probe_rows: List[int], group: RankGroup) -> None:
     problems = [p for p in group.all_gather_object(task_contract_problem(dataset, probe_rows)) if p]
     if problems:
         raise TaskContractError(problems[0])
-
-
-def ranks_on(node_ids: List[str], nodes: Collection[str]) -> List[int]:
-    return [r for r, node_id in enumerate(node_ids) if node_id in nodes]
 
 
 def periodic_save_due(checkpoints: CheckpointManager, next_step: int, interval_steps: Optional[int]) -> bool:
@@ -300,7 +288,7 @@ def announce_group(events: EventLog, restored: Optional[Restored], world_size: i
 
 # -- the Ray Train entry ------------------------------------------------------------------
 
-def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+def run_worker(loop_config: Dict[str, Any]) -> None:
     phases = Phases()
     quiet_handoff_tracebacks()
     context: LoopContext = loop_config["context"]
@@ -314,7 +302,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     # Which node each rank runs on, when its process started (a warm standby predates the restart), and
     # rank 0's decision on standbys, which every rank follows.
-    decision = decide_standbys(cfg.trainer, nodes_share_cores) if rank == 0 else None
+    decision = decide_standbys(cfg.trainer, context.strategy.spot_aware, nodes_share_cores) if rank == 0 else None
     placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time(),
                                           decision))
     node_ids = [node_id for node_id, _, _ in placements]
@@ -327,18 +315,20 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     if standbys.enabled and node_ids.index(node_ids[rank]) == rank:
         threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank]),
                                               cfg.trainer.standby_delay_s), name="standby-top-up", daemon=True).start()
-    capacity = watch_capacity(cfg.trainer, node_ids, standbys.enabled) if rank == 0 and cfg.trainer.spot_aware else None
+    spot_aware = context.strategy.spot_aware
+    capacity = watch_capacity(cfg.trainer, node_ids, standbys.enabled) if rank == 0 and spot_aware else None
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
         warmup = (NoticeWarmup(cfg.run.name, group_keeps_standbys=standbys.enabled,
                                hurry_s=cfg.trainer.notice_warmup_s, max_workers=cfg.trainer.max_workers,
                                room_outside=capacity.room_outside_group) if capacity is not None and marked else None)
-        runtime = WorkerRuntime(group, node_ids, report=report_step, signals=cluster_signals(cfg, capacity),
-                                warmup=warmup,
+        signals = context.strategy.signals(capacity)
+        policy = context.strategy.group_policy(cfg, signals, node_ids, events.emit, warmup)
+        runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled},
                                 stop_requested=StopPoll(cfg.run.name))
-        train(cfg, task, runtime, checkpoints, events, phases)
+        run_group(cfg, task, runtime, policy, checkpoints, events, phases)
     finally:
         events.send()  # the last steps' records
         if capacity is not None:
@@ -351,46 +341,6 @@ def localize_before_collectives(task: TrainingTask, group: RankGroup, cfg: Confi
     trainer.collective_timeout_s (a fresh node's model copy from gs:// timed its peers out)."""
     task.localize(cfg.run.seed)
     group.wait_for_all(cfg.trainer.startup_timeout_s)
-
-
-def cluster_signals(cfg: Config, capacity):
-    if cfg.trainer.spot_aware:
-        return RaySignals(capacity)
-    return RayPreemptionApi() if cfg.trainer.ray_preemption_api else QuietCluster()
-
-
-class RayPreemptionApi:
-    """The ``ray-preemption-api`` baseline: notices from ``ray.train.get_preemption_info()``, which
-    every rank calls after every step (Ray's documented use; it is a barrier)."""
-
-    def leaving_nodes(self, step: int) -> Set[str]:
-        info = ray.train.get_preemption_info()
-        return set(info.preempted_node_ids) if info is not None else set()
-
-    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
-        return None
-
-    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
-        return None
-
-    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
-        return None
-
-
-class QuietCluster:
-    """Plain Ray Train (``trainer.spot_aware=false``): the loop hears of no notice and never regrows."""
-
-    def leaving_nodes(self, step: int) -> Set[str]:
-        return set()
-
-    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
-        return None
-
-    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
-        return None
-
-    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
-        return None
 
 
 def quiet_handoff_tracebacks() -> None:

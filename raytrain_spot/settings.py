@@ -1,6 +1,7 @@
-"""Where the Hydra groups are, and the checks that stop bad command-line overrides before Hydra or
-Ray runs: a mistyped key (with a suggestion instead of Hydra's advice to append it), a setting of
-a group that is not selected, a literal secret, and Hydra's own composition errors reworded."""
+"""A run's settings, checked before Hydra or Ray runs: where the Hydra groups are; bad command-line
+overrides (a mistyped key, with a suggestion instead of Hydra's advice to append it; a setting of a
+group that is not selected; a literal secret; Hydra's own composition errors reworded); and the
+checks the typed config cannot make alone (the task's settings, the simulator's files)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from typing import Any, List, Optional
 
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.redaction import secret_keys
-from raytrain_spot.config.schema import DEFAULT_TASK, Config
-from raytrain_spot.train.task import task_class
+from raytrain_spot.config.errors import require
+from raytrain_spot.config.schema import DEFAULT_TASK, ChaosConfig, Config
+from raytrain_spot.loop.task import TrainingTask, build_task, task_class
+from raytrain_spot.simulator.shutdown import StartCommandsError, node_start, read_start_commands
+from raytrain_spot.simulator.trace_file import read_trace
 
 CONFIG_MODULE = "raytrain_spot.conf"
 """The package of the Hydra groups (the source tree's top-level ``conf/``, installed under this name)."""
@@ -36,6 +40,28 @@ def packaged_configs() -> Traversable:
                           "installed. Fix: reinstall raytrain-spot (pip install raytrain-spot, or pip install -e . "
                           "in the source tree)")
     return root
+
+
+def checked_task(cfg: Config) -> TrainingTask:
+    """The run's task, after what the typed config cannot check alone: the task's own settings
+    (checked by building it, cheap by contract) and the simulator's files. Raises ConfigError."""
+    task = build_task(cfg.task)
+    if cfg.chaos is not None:
+        check_chaos_files(cfg.chaos)
+    return task
+
+
+def check_chaos_files(chaos: ChaosConfig) -> None:
+    if chaos.mode == "trace":
+        ticks = len(read_trace(chaos.trace)[0])
+        require(chaos.start_tick < ticks, "chaos.start_tick", f"{chaos.start_tick} is past the trace's {ticks} ticks",
+                f"set chaos.start_tick below {ticks}")
+    if chaos.node_start is not None:
+        try:
+            node_start(read_start_commands(chaos.node_start))
+        except StartCommandsError as error:
+            require(False, "chaos.node_start", f"{chaos.node_start}: {error}",
+                    "fix its worker_start_ray_commands, or unset chaos.node_start")
 
 
 def check_overrides(argv: List[str]) -> None:

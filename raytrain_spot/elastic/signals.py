@@ -1,0 +1,46 @@
+"""What the cluster tells a running group after each step, as the loop asks it: notices, extra
+capacity, usable workers, drain deadlines; and the warm standbys a notice starts. Ray in a run
+(elastic/capacity.py), a fault injector in the loop's unit tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Collection, Mapping, Optional, Protocol, Set
+
+
+@dataclass(frozen=True)
+class ExtraCapacity:
+    """More workers fit than the group has: how many in all, and since how long."""
+
+    workers: int
+    age_s: float
+
+
+class ClusterSignals(Protocol):
+    """What the cluster says after a step. Every rank asks once per step; the answers of all
+    ranks are then agreed on (raytrain_spot/loop/agreement.py), so a rank that hears first is enough."""
+
+    def leaving_nodes(self, step: int) -> Set[str]:
+        """Nodes of the group with a preemption notice, as this rank knows them after ``step``."""
+
+    def extra_capacity(self, step: int) -> Optional[ExtraCapacity]:
+        """Asked on rank 0 only: the larger group that would fit now, if any (the regrow rule,
+        elastic/regrow.py, decides whether it pays)."""
+
+    def usable_workers(self, step: int, leaving: Collection[str]) -> Optional[int]:
+        """Asked on rank 0 only, while nodes have a notice: the workers that fit on alive nodes that
+        are not ``leaving`` and have no notice of their own, if known (the notice hold, raytrain_spot/preemption/hold.py)."""
+
+    def drain_deadline_s(self, nodes: Collection[str]) -> Optional[float]:
+        """When the first of these nodes stops (unix seconds), if known."""
+
+
+class StandbyWarmup(Protocol):
+    """Rank 0's warm standbys on the nodes a notice leaves (elastic/standby.py's ``NoticeWarmup`` in a run)."""
+
+    def start(self, staying: Mapping[str, int]) -> None:
+        """Start standbys for the group restarted without the noticed nodes (``staying``: node id -> ranks
+        that stay there)."""
+
+    def missing(self, staying: Mapping[str, int]) -> int:
+        """How many of them are not warm yet."""

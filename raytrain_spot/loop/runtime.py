@@ -1,0 +1,35 @@
+"""What the training loop needs from its surroundings, injected: Ray Train in a run, a plain
+process group and a fault injector in the loop's unit tests (tests/test_loop.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from raytrain_spot.distributed.collectives import RankGroup
+from raytrain_spot.elastic.signals import ClusterSignals
+
+
+@dataclass
+class WorkerRuntime:
+    group: RankGroup
+    """This rank's collectives (rank, world size, training device)."""
+    node_ids: List[str]
+    """The node every rank runs on, by rank."""
+    report: Callable[[int], None]
+    """Joined by every rank for a committed step: a barrier (Ray Train's report in a run)."""
+    signals: ClusterSignals
+    """What the cluster says (the drain deadline a handoff checks its commit against)."""
+    group_facts: Dict[str, Any] = field(default_factory=dict)
+    """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
+    stop_requested: Callable[[], bool] = lambda: False
+    """Asked on rank 0 after each step: whether the driver asked the run to stop (loop/stop.py's ``StopPoll``
+    in a run)."""
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size

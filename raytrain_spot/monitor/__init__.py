@@ -1,0 +1,1 @@
+"""What a running job tells the outside world from its event log: monitoring sinks and alerts."""
