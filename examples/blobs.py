@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raytrain_spot.config.errors import require
-from raytrain_spot.loop.task import TrainingTask
+from raytrain_spot import ConfigError, TrainingTask
 
 
 class BlobImages(torch.utils.data.Dataset):
@@ -57,8 +56,9 @@ class BlobClassifierTask(TrainingTask):
     """Channels of each convolution."""
 
     def __post_init__(self):
-        require(self.image_size >= 8 and self.image_size % 4 == 0, "task.image_size",
-                f"{self.image_size} is not a multiple of 4 of at least 8", "set task.image_size=16")
+        if self.image_size < 8 or self.image_size % 4:
+            raise ConfigError(f"task.image_size: {self.image_size} is not a multiple of 4 of at least 8. "
+                              "Fix: set task.image_size=16.")
 
     def build_model(self) -> nn.Module:
         c = self.channels

@@ -1,6 +1,7 @@
 """The built-in task: a small vision-language model captioning generated shapes.
 
-It uses only the public task interface (raytrain_spot/loop/task.py), like a task of your own.
+It uses only the public task interface (``raytrain_spot.TrainingTask``, defined in
+raytrain_spot/loop/task.py), like a task of your own.
 """
 
 from __future__ import annotations
