@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raytrain_spot.observe.events import EVENTS_FILE, EventWriter  # noqa: E402
+from raytrain_spot.observe.records import Checkpoint, End, Group, Samples, Start, Step, to_line  # noqa: E402
 
 BATCH = 64
 # Each runs in a process of its own, so its peak RSS is its own alone.
@@ -55,7 +56,9 @@ def write_log(path: str, steps: int, sample_ids: int, restart_every: int = 100_0
     writer = EventWriter(path)
     rng = random.Random(0)
     t = 1_000.0
-    writer.write({"t": t, "ev": "start", "run": "bench", "embedded": True})
+    nodes = [f"node-{rank}" for rank in range(4)]
+    writer.write(to_line(Start(run="bench", strategy="spot", embedded=True, dataset=None, min_workers=4,
+                               max_workers=4), t))
     step = 0
     restarted_at = set()  # each restart once: the redone steps reach the same step again
     while step < steps:
@@ -63,17 +66,18 @@ def write_log(path: str, steps: int, sample_ids: int, restart_every: int = 100_0
         t += 0.5
         if step % restart_every == 0 and step > redo and step not in restarted_at:
             restarted_at.add(step)
-            writer.write({"t": t, "ev": "group", "world_size": 4, "step": step - redo, "restored_step": step - redo})
+            writer.write(to_line(Group(world_size=4, step=step - redo, restored_step=step - redo, startup_s={},
+                                       nodes=nodes), t))
             step -= redo
-        writer.write({"t": t, "ev": "step", "step": step, "world_size": 4, "samples": [(step - 1) * BATCH, step * BATCH],
-                      "loss": 2.0 / (1 + step / 1e4), "lr": 3e-4, "duration_s": 0.5, "data_s": 0.01})
+        writer.write(to_line(Step(step=step, world_size=4, samples=[(step - 1) * BATCH, step * BATCH],
+                                  loss=2.0 / (1 + step / 1e4), lr=3e-4, grad_norm=1.0, duration_s=0.5, data_s=0.01), t))
         if sample_ids:
-            writer.write({"t": t, "ev": "samples", "step": step, "rank": 0,
-                          "ids": [rng.randrange(10_000_000) for _ in range(sample_ids)]})
+            writer.write(to_line(Samples(step=step, rank=0,
+                                         ids=[rng.randrange(10_000_000) for _ in range(sample_ids)]), t))
         if step % 100 == 0:
-            writer.write({"t": t, "ev": "checkpoint", "step": step, "tier": "head", "kind": "periodic",
-                          "stall_s": 0.01, "duration_s": 1.0, "bytes": 1 << 20})
-    writer.write({"t": t, "ev": "end", "status": "finished", "error": None})
+            writer.write(to_line(Checkpoint(step=step, tier="head", kind="periodic", stall_s=0.01, duration_s=1.0,
+                                            bytes=1 << 20), t))
+    writer.write(to_line(End(status="finished", error=None), t))
     writer.flush()
 
 

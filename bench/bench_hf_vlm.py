@@ -27,7 +27,7 @@ figure includes it; both include the background commit's competition for the CPU
 
 Beside them the benchmark prints the cores each kind of process used over the measured steps
 (bench/cpu_accounting.py: Train workers, idle standbys, the driver, Ray's own processes), and
-``--modes ... raytrain-spot-warm`` adds the framework with ``trainer.warm_standby=true`` (on the
+``--modes ... raytrain-spot-warm`` adds the framework with ``elastic.warm_standby=true`` (on the
 embedded cluster its default keeps no standbys: CPU training on nodes sharing its cores), so a gap can
 be read as who took the cores. ``--profile-s S`` samples the Train workers' stacks with
 py-spy for S seconds and reports the share of their CPU each loop's own code takes outside the
@@ -58,10 +58,11 @@ sys.path.insert(0, REPO)
 
 from bench.cpu_accounting import CpuSampler, loop_own_share, profile_train_workers  # noqa: E402
 from raytrain_spot.observe.events import EVENTS_FILE, read_events  # noqa: E402
+from raytrain_spot.observe.records import Advice, Checkpoint, CheckpointFailed, Step  # noqa: E402
 
 MODES = ("plain-ray-train", "raytrain-spot", "raytrain-spot-warm")
 DEFAULT_MODES = MODES[:2]
-MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-warm": ["trainer.warm_standby=true"]}
+MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-warm": ["elastic.warm_standby=true"]}
 """The framework's modes: its defaults, and with warm standbys (what their imports cost on shared cores)."""
 PLAIN_EVENTS = "plain-events.jsonl"
 PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "train (raytrain_spot/loop/worker.py"
@@ -127,7 +128,7 @@ def _interruptible() -> None:
 
 def analyse(events: List[Dict[str, Any]], cpu: CpuSampler, loop_shares: List[float], warmup: int,
             workers: int) -> Dict[str, Any]:
-    steps = [e for e in events if e["ev"] == "step"]
+    steps = [e for e in events if e["ev"] == Step.ev]
     measured = [e for e in steps if e["step"] > warmup]
     other_size = [e["step"] for e in measured if e["world_size"] != workers]
     measured = [e for e in measured if e["world_size"] == workers]
@@ -139,7 +140,7 @@ def analyse(events: List[Dict[str, Any]], cpu: CpuSampler, loop_shares: List[flo
     # One checkpoint event per tier: count each save once, by its stall (the first tier reports it).
     saves = {}
     for e in events:
-        if e["ev"] == "checkpoint" and e["step"] not in saves:
+        if e["ev"] == Checkpoint.ev and e["step"] not in saves:
             saves[e["step"]] = e
     return {
         "steps_measured": len(measured),
@@ -152,8 +153,8 @@ def analyse(events: List[Dict[str, Any]], cpu: CpuSampler, loop_shares: List[flo
         "checkpoints": [{"step": s, "kind": e["kind"], "stall_s": round(e["stall_s"], 4),
                          "in_measured_window": warmup <= s < (measured[-1]["step"] if measured else 0)}
                         for s, e in sorted(saves.items())],
-        "advised_interval_steps": [e["interval_steps"] for e in events if e["ev"] == "advice"],
-        "failed_saves": sum(e["ev"] == "checkpoint_failed" for e in events),
+        "advised_interval_steps": [e["interval_steps"] for e in events if e["ev"] == Advice.ev],
+        "failed_saves": sum(e["ev"] == CheckpointFailed.ev for e in events),
         # Who used the cores over the measured steps: the gap between the modes, by process kind.
         "cores_by_process_kind": cpu.cores_by_kind(boundary["t"], measured[-1]["t"]) if boundary and measured else None,
         "loop_own_share_of_worker_cpu": loop_shares,
@@ -174,7 +175,7 @@ def main() -> None:
                         help="steps left out of the figures (3 keeps the first periodic save, at step 5, in)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
-                        help="raytrain-spot-warm: the framework with trainer.warm_standby=true")
+                        help="raytrain-spot-warm: the framework with elastic.warm_standby=true")
     parser.add_argument("--framework-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="diagnostics only: extra settings for the framework's runs (e.g. checkpoint.interval_steps=0)")
     parser.add_argument("--profile-s", type=float, default=0.0,

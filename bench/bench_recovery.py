@@ -49,6 +49,7 @@ sys.path.insert(0, REPO)
 from bench.cpu_accounting import IDLE_WORKER, TRAIN_WORKER, CpuSampler  # noqa: E402
 from raytrain_spot.config.schema import CheckpointingConfig  # noqa: E402
 from raytrain_spot.observe.events import read_events  # noqa: E402
+from raytrain_spot.observe.records import Add, Chaos, Checkpoint, Group, Handoff, Kill, Notice, Step  # noqa: E402
 
 DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces",
                              "preemption__4-node__aws-08-03-2023__us-west-2c_v100_1.json")
@@ -60,7 +61,7 @@ MODES = {
     "ray-preemption-api": [],
     "raytrain-spot": [],
     # Warm standbys, off by default on the embedded cluster (CPU training on nodes sharing the machine's cores).
-    "raytrain-spot-warm": ["trainer.warm_standby=true"],
+    "raytrain-spot-warm": ["elastic.warm_standby=true"],
     # The textbook Spot setup: a fixed worker count that waits for its replacement node.
     "plain-ray-train-fixed": ["chaos.watchers=false", "trainer.min_workers=3"],
 }
@@ -68,7 +69,7 @@ BASELINE_OF = {"plain-ray-train": "plain-ray-train", "plain-ray-train-fixed": "p
                "ray-preemption-api": "ray-preemption-api"}
 """The modes that run one of bench/baselines.py's strategies instead of the product's."""
 DEFAULT_MODES = ["ray-preemption-api", "plain-ray-train", "raytrain-spot"]
-WARMUP_STEPS = 2
+UNTIMED_STEPS = 2
 """A group's first steps (allocation, first collectives) are left out of its step time, as the loop does."""
 
 
@@ -106,7 +107,7 @@ def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
     while process.poll() is None:
         time.sleep(1)
         if started is None and os.path.exists(events_path):
-            started = next((e["t"] for e in read_events(events_path) if e["ev"] == "chaos"), None)
+            started = next((e["t"] for e in read_events(events_path) if e["ev"] == Chaos.ev), None)
         if started is not None and time.time() > started + replay_s + args.tail_s:
             process.send_signal(signal.SIGINT)  # the driver shuts the cluster down on its way out
             process.wait(timeout=120)
@@ -128,7 +129,7 @@ def compressed_lifetime_prior(args) -> List[str]:
 def cores_before_first_disruption(events: List[Dict[str, Any]], cpu: CpuSampler) -> Dict[str, float]:
     """Cores by process kind from the replay's start to its first notice or kill: the steady state
     every mode trains in, where a slower step shows who took the cores."""
-    t0 = next(e["t"] for e in events if e["ev"] == "chaos")
+    t0 = next(e["t"] for e in events if e["ev"] == Chaos.ev)
     first = first_disruption_t(events, t0)
     return cpu.cores_by_kind(t0, first) if first else {}
 
@@ -150,10 +151,10 @@ def scenario_length_s(scenario: str, args) -> float:
 
 
 def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
-    t0 = next(e["t"] for e in events if e["ev"] == "chaos")
+    t0 = next(e["t"] for e in events if e["ev"] == Chaos.ev)
     window_end = t0 + replay_s
-    steps = [e for e in events if e["ev"] == "step"]
-    groups = [e for e in events if e["ev"] == "group"]
+    steps = [e for e in events if e["ev"] == Step.ev]
+    groups = [e for e in events if e["ev"] == Group.ev]
     seen, redone, trained = set(), 0, 0
     productive = redone_s = 0.0
     redone_steps = set()
@@ -171,10 +172,11 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
             productive += e["duration_s"]
             trained += 1
     recoveries = []
-    for disruption in (e for e in events if e["ev"] in ("notice", "kill") and t0 <= e["t"] <= window_end):
-        if disruption["ev"] == "kill" and any(n["ev"] == "notice" and n["node"] == disruption["node"] for n in events):
+    for disruption in (e for e in events if e["ev"] in (Notice.ev, Kill.ev) and t0 <= e["t"] <= window_end):
+        if disruption["ev"] == Kill.ev and any(n["ev"] == Notice.ev and n["node"] == disruption["node"]
+                                               for n in events):
             continue  # counted at its notice
-        kill = next((k for k in events if k["ev"] == "kill" and k["node"] == disruption["node"]), None)
+        kill = next((k for k in events if k["ev"] == Kill.ev and k["node"] == disruption["node"]), None)
         # Training again without the lost node: a group that still holds it (a regrow between the
         # notice and the kill) has not recovered from this preemption.
         group = next((g for g in groups if g["t"] > disruption["t"] and disruption["node"] not in g["nodes"]), None)
@@ -208,14 +210,14 @@ def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
         "paused_s": _stats([r["paused_s"] for r in recoveries if r["paused_s"] is not None]),
         "restarts": len(groups) - 1,
         "stall_per_checkpoint_s": _stats([e["stall_s"] for e in events
-                                          if e["ev"] == "checkpoint" and e["stall_s"] > 0]),
+                                          if e["ev"] == Checkpoint.ev and e["stall_s"] > 0]),
         "step_time_s": _stats([e["duration_s"] for e in steps]),
         "before_first_disruption": steady_state(events, steps, t0, window_end),
     }
 
 
 def first_disruption_t(events: List[Dict[str, Any]], t0: float) -> Optional[float]:
-    return next((e["t"] for e in events if e["ev"] in ("notice", "kill") and e["t"] > t0), None)
+    return next((e["t"] for e in events if e["ev"] in (Notice.ev, Kill.ev) and e["t"] > t0), None)
 
 
 def steady_state(events: List[Dict[str, Any]], steps: List[Dict[str, Any]], t0: float,
@@ -234,9 +236,9 @@ def capacity_timeline(events: List[Dict[str, Any]], t0: float, window_end: float
     ``add`` to its ``kill``, notice or not (an ideal policy trains on a noticed node until it dies)."""
     alive, timeline = set(), []
     for e in events:
-        if e["ev"] == "add" and e.get("pricing") == "spot":
+        if e["ev"] == Add.ev and e.get("pricing") == "spot":
             alive.add(e["node"])
-        elif e["ev"] == "kill":
+        elif e["ev"] == Kill.ev:
             alive.discard(e["node"])
         else:
             continue
@@ -250,14 +252,14 @@ def capacity_timeline(events: List[Dict[str, Any]], t0: float, window_end: float
 
 
 def step_time_by_world_size(steps: List[Dict[str, Any]], groups: List[Dict[str, Any]]) -> Dict[str, float]:
-    """Median step seconds at each world size, leaving out each group's first WARMUP_STEPS steps."""
+    """Median step seconds at each world size, leaving out each group's first UNTIMED_STEPS steps."""
     by_size: Dict[int, List[float]] = {}
     starts = sorted(g["t"] for g in groups)
     group, in_group = -1, 0
     for e in steps:  # in time order, as the log is
         while group + 1 < len(starts) and starts[group + 1] <= e["t"]:
             group, in_group = group + 1, 0
-        if in_group >= WARMUP_STEPS:
+        if in_group >= UNTIMED_STEPS:
             by_size.setdefault(e["world_size"], []).append(e["duration_s"])
         in_group += 1
     return {str(size): round(statistics.median(values), 4) for size, values in sorted(by_size.items())}
@@ -291,10 +293,10 @@ def recovery_phases(events: List[Dict[str, Any]], t0: float, window_end: float) 
     function, the training function's startup (data, model, restore, DDP), and the first step."""
     phases: Dict[str, List[float]] = {"notice_to_handoff": [], "handoff_to_train_function": [],
                                       "train_function_startup": [], "first_step": []}
-    for notice in (e for e in events if e["ev"] == "notice" and t0 <= e["t"] <= window_end):
-        handoff = next((e for e in events if e["ev"] == "handoff" and e["t"] >= notice["t"]), None)
-        group = next((e for e in events if e["ev"] == "group" and handoff and e["t"] > handoff["t"]), None)
-        first = next((e for e in events if e["ev"] == "step" and group and e["t"] > group["t"]), None)
+    for notice in (e for e in events if e["ev"] == Notice.ev and t0 <= e["t"] <= window_end):
+        handoff = next((e for e in events if e["ev"] == Handoff.ev and e["t"] >= notice["t"]), None)
+        group = next((e for e in events if e["ev"] == Group.ev and handoff and e["t"] > handoff["t"]), None)
+        first = next((e for e in events if e["ev"] == Step.ev and group and e["t"] > group["t"]), None)
         if not (handoff and handoff.get("reason") == "preemption" and group and first):
             continue
         startup = sum(group["startup_s"].values())

@@ -32,6 +32,7 @@ from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.cost.ledger import LEDGER_FILE
 from raytrain_spot.observe.events import EVENTS_FILE, read_events
 from raytrain_spot.observe.progress import SUMMARY_FILE
+from raytrain_spot.observe.records import Step
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Run:
         from raytrain_spot.observe.progress import format_event
 
         for record in self.follow():
-            if record["ev"] == "step" and record["step"] % every_steps:
+            if record["ev"] == Step.ev and record["step"] % every_steps:
                 continue
             if text := format_event(record, self.max_steps, None):
                 print(text, flush=True)

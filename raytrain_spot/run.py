@@ -30,6 +30,7 @@ from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
 from raytrain_spot.observe.console import console_for_run
 from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, iter_events, start_event_log
+from raytrain_spot.observe.records import End, Start, StopRequested, Stopped
 from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
@@ -178,8 +179,8 @@ def take_lease(cfg: Config, storage_uri: str):
     from raytrain_spot.storage import open_store
 
     # A renewal that waits out a long outage must not outlast the lease itself.
-    lease = RunLease(open_store(storage_uri, retry_deadline_s=cfg.run.lease_ttl_s / 3), cfg.run.name,
-                     cfg.run.lease_ttl_s)
+    lease = RunLease(open_store(storage_uri, retry_deadline_s=cfg.tuning.lease_ttl_s / 3), cfg.run.name,
+                     cfg.tuning.lease_ttl_s)
     try:
         lease.acquire()
     except RunInUse as error:
@@ -212,8 +213,8 @@ def run_training(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str
         clear_stop(cfg.run.name)
         event_actor = start_event_log(run_dir)
         events = EventLog(event_actor)
-        events.emit("start", run=cfg.run.name, strategy=strategy.name, embedded=cluster is not None, dataset=dataset,
-                    min_workers=cfg.trainer.min_workers, max_workers=cfg.trainer.max_workers)
+        events.emit(Start(run=cfg.run.name, strategy=strategy.name, embedded=cluster is not None, dataset=dataset,
+                          min_workers=cfg.trainer.min_workers, max_workers=cfg.trainer.max_workers))
         head_store = None
         if cfg.checkpoint.use_head:
             head_store = start_head_store(cfg.checkpoint.head_root(storage_uri), cfg.run.name,
@@ -234,7 +235,7 @@ def run_training(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str
                  MonitoringSink(build_writers(cfg.monitoring, run_dir, cfg.run.name, cfg.to_dict()), catalog,
                                 cfg.ledger.region),
                  AlertRunner(cfg.alerts, catalog, emit=events.emit, region=cfg.ledger.region)]
-        # At a preemption notice, ask the autoscaler for the replacement at once (elastic/replacements.py).
+        # At a preemption notice, ask the autoscaler for the replacement at once (preemption/replacements.py).
         replacements = ReplacementRequester(cfg.trainer.resources_per_worker, cfg.trainer.max_workers,
                                             events.emit) if strategy.spot_aware else None
         with ClusterMonitor(events, replacements=replacements) as monitor, EventFeed(events_path, sinks, poll_s=0.5):
@@ -267,14 +268,14 @@ def run_training(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str
                                                               if head_store is not None else ""))
             if error_text is not None:
                 logger.error("Training %s: %s", status, error_text)
-            events.emit("end", status=status, error=error_text)
+            events.emit(End(status=status, error=error_text))
             events.flush()
     return status
 
 
 def stopped_step(events_path: str, since: float):
     """The step the workers stopped at on the driver's request (loop/stop.py), or None: they did not."""
-    return next((e["step"] for e in iter_events(events_path) if e["ev"] == "stopped" and e["t"] >= since), None)
+    return next((e["step"] for e in iter_events(events_path) if e["ev"] == Stopped.ev and e["t"] >= since), None)
 
 
 def newest_durable_step(storage_uri: str, run_name: str):
@@ -313,7 +314,7 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
         while fit.is_alive() and not lease.lost.is_set():
             if stop.requested and not stop_sent:
                 request_stop(cfg.run.name)
-                events.emit("stop_requested", signal=signal.Signals(stop.signum).name)
+                events.emit(StopRequested(signal=signal.Signals(stop.signum).name))
                 stop_sent = True
             if simulator is not None:
                 simulator.tick()

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from raytrain_spot.cluster.embedded import force_loopback
+from raytrain_spot.observe.records import to_line
 
 # Every Ray process the tests start binds to 127.0.0.1, as the embedded cluster's do. Ray reads
 # the setting at import time, so it is made here, before any test module imports ray.
@@ -122,8 +123,8 @@ class Recorder:
     def __init__(self):
         self.records = []
 
-    def emit(self, ev, **fields):
-        self.records.append({"t": time.time(), "ev": ev, **fields})  # as the event-log actor's records
+    def emit(self, record):
+        self.records.append(to_line(record, time.time()))  # as the event-log actor's records
 
     emit_soon = emit
 

@@ -22,6 +22,7 @@ from raytrain_spot.cluster.cluster_yaml import NOTICE_KEY, PRICING_LABEL, advanc
 from raytrain_spot.cluster.gcp.multizone_provider import build_compute_client
 from raytrain_spot.cluster.yaml_summary import format_summary, summarize
 from raytrain_spot.config.schema import load_config
+from raytrain_spot.observe import records
 from raytrain_spot.preemption.drain_decision import Notice, decide_drain
 from raytrain_spot.preemption.gce_metadata import HttpPreemptedPoller
 from raytrain_spot.preemption.watcher import _parse_args
@@ -232,8 +233,8 @@ class Events:
     def __init__(self):
         self.records = []
 
-    def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
+    def emit(self, record):
+        self.records.append(record)
 
 
 def test_the_simulator_gives_150_s_and_starts_watchers_that_drain_for_it(compose, tmp_path, monkeypatch):
@@ -263,16 +264,17 @@ def test_the_simulator_gives_150_s_and_starts_watchers_that_drain_for_it(compose
         simulator.tick()  # the clock starts at the first step
         now["t"] += 20
         simulator.tick()  # the default script: node 2 preempted 20 s in
-        assert [e for e in events.records if e["ev"] == "notice"] == [
-            {"ev": "notice", "node": cluster.workers[2].node_id, "notice_s": 150}]
+        assert [e for e in events.records if isinstance(e, records.Notice)] == [
+            records.Notice(node=cluster.workers[2].node_id, notice_s=150)]
         assert HttpPreemptedPoller(simulator.metadata.host("worker-2")).read(None, None).preempted
         assert not HttpPreemptedPoller(simulator.metadata.host("worker-1")).read(None, None).preempted
         now["t"] += 119.9
         simulator.tick()
-        assert [e for e in events.records if e["ev"] == "soft_off"] == [], "the soft-off comes 120 s after the notice"
+        assert [e for e in events.records if isinstance(e, records.SoftOff)] == [], (
+            "the soft-off comes 120 s after the notice")
         now["t"] += 0.2
         simulator.tick()
-        assert [e["node"] for e in events.records if e["ev"] == "soft_off"] == [cluster.workers[2].node_id]
+        assert [e.node for e in events.records if isinstance(e, records.SoftOff)] == [cluster.workers[2].node_id]
         now["t"] += 29.8
         simulator.tick()
         assert killed == [], "killed before the 150 s notice ran out"

@@ -5,6 +5,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from raytrain_spot.monitor.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
                                   AlertPolicy, AlertRule, AlertRunner, Observation)
 from raytrain_spot.observe.events import EventWriter, read_events
+from raytrain_spot.observe.records import to_line
 from raytrain_spot.cost.pricing import PriceCatalog
 from tests.test_ledger import T0, RunLog
 
@@ -115,7 +117,7 @@ class Clock:
 
 def event_log(tmp_path):
     writer = EventWriter(str(tmp_path / "events.jsonl"))
-    return writer, lambda ev, **fields: writer.write({"ev": ev, **fields})
+    return writer, lambda record: writer.write(to_line(record, time.time()))
 
 
 def slow_run() -> RunLog:
@@ -246,7 +248,7 @@ def test_old_preemptions_leave_the_window(tmp_path):
     log.spend(2 * HOUR, "other")
     clock = Clock(log.t)
     runner = AlertRunner(AlertConfig(rules=[AlertRule(HIGH_PREEMPTION_RATE, 0.1, NOTIFY)], min_spot_node_hours=0.5),
-                         PriceCatalog.load(), lambda ev, **f: None, clock=clock, request_capacity=lambda b: None)
+                         PriceCatalog.load(), lambda record: None, clock=clock, request_capacity=lambda b: None)
     for record in log.records:
         runner.write(record)
     assert runner.tick() == []  # the loss is 2 h old: outside the 1 h window

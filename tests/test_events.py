@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, EventWriter, read_events, start_event_log
+from raytrain_spot.observe.records import Handoff, Step
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +18,11 @@ def event_actor(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
     yield start_event_log(run_dir), os.path.join(run_dir, EVENTS_FILE)
     ray.shutdown()
+
+
+def step_record(step):
+    return Step(step=step, world_size=1, samples=[step - 1, step], loss=1.0, lr=0.1, grad_norm=1.0, duration_s=0.1,
+                data_s=0.0)
 
 
 def written(actor, path):
@@ -28,9 +34,9 @@ def test_step_records_wait_for_the_next_record_sent_at_once_and_arrive_before_it
     actor, path = event_actor
     log = EventLog(actor, batch_s=3600)
     for step in (1, 2, 3):
-        log.emit_soon("step", step=step)
+        log.emit_soon(step_record(step))
     assert written(actor, path) == []
-    log.emit("handoff", step=3)
+    log.emit(Handoff(reason="regrow", step=3, world_size=1, grow_to=2))
     assert written(actor, path) == [("step", 1), ("step", 2), ("step", 3), ("handoff", 3)]
 
 
@@ -38,11 +44,11 @@ def test_a_batch_goes_once_its_oldest_record_is_batch_s_old_and_send_empties_it(
     actor, path = event_actor
     before = len(written(actor, path))
     log = EventLog(actor, batch_s=0.2)
-    log.emit_soon("step", step=10)
+    log.emit_soon(step_record(10))
     time.sleep(0.3)
-    log.emit_soon("step", step=11)
+    log.emit_soon(step_record(11))
     assert written(actor, path)[before:] == [("step", 10), ("step", 11)]
-    log.emit_soon("step", step=12)
+    log.emit_soon(step_record(12))
     log.send()
     assert written(actor, path)[before:] == [("step", 10), ("step", 11), ("step", 12)]
 

@@ -112,7 +112,9 @@ def test_tensorboard_holds_the_hyperparameters_gradient_norm_step_time_and_check
     logdir = str(tmp_path / TENSORBOARD_DIR)
     sink = MonitoringSink(build_writers(MonitoringConfig(ray_metrics=False), str(tmp_path), "r1", secret_settings()),
                           PriceCatalog.load())
-    for record in with_grad_norms(log.records):
+    evaluations = [{"t": r["t"] + 0.01, "ev": "eval", "step": r["step"], "loss": 1.0 / r["step"], "samples": 192,
+                    "duration_s": 0.2} for r in log.records if r["ev"] == "step" and r["step"] % 5 == 0]
+    for record in sorted(with_grad_norms(log.records) + evaluations, key=lambda r: r["t"]):
         sink.write(record)
     sink.close()
 
@@ -124,6 +126,7 @@ def test_tensorboard_holds_the_hyperparameters_gradient_norm_step_time_and_check
     assert scalars["train/step_s"] == [(r["step"], pytest.approx(r["duration_s"])) for r in steps]
     saves = [r for r in log.records if r["ev"] == "checkpoint"]
     assert scalars["checkpoint/stall_s"] == [(r["step"], pytest.approx(r["stall_s"])) for r in saves]
+    assert scalars["eval/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in evaluations], "beside the loss"
 
     content = accumulator.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
@@ -232,7 +235,7 @@ def test_event_feed_drives_every_sink_from_a_growing_log(tmp_path):
     emitted = []
     config = AlertConfig(rules=[AlertRule(LOW_GOODPUT, 0.7, NOTIFY)], min_wall_s=3000.0)
     # The clock of a live run: the time of the newest record.
-    runner = AlertRunner(config, PriceCatalog.load(), lambda ev, **fields: emitted.append(fields),
+    runner = AlertRunner(config, PriceCatalog.load(), emitted.append,
                          clock=lambda: runner.totals.last_t, request_capacity=lambda bundles: None)
     sink = MonitoringSink([TensorBoardWriter(str(tmp_path / TENSORBOARD_DIR))], PriceCatalog.load())
     with EventFeed(str(path), [sink, runner], poll_s=0.05) as feed:
@@ -245,7 +248,7 @@ def test_event_feed_drives_every_sink_from_a_growing_log(tmp_path):
             time.sleep(0.05)
         feed.poll()
     assert sink.totals.completed_steps() == 600
-    assert len(emitted) == 1 and emitted[0]["alert"] == LOW_GOODPUT
+    assert len(emitted) == 1 and emitted[0].alert == LOW_GOODPUT
     assert len(read_scalars(str(tmp_path / TENSORBOARD_DIR))["train/loss"]) == 600
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from raytrain_spot.checkpoint.state import LoopState
-from raytrain_spot.config.schema import TrainerConfig
+from raytrain_spot.config.schema import CheckpointingConfig, Config
 from raytrain_spot.elastic.regrow import LONG_LIFE_FACTOR, RegrowEvidence, RegrowPolicy, decide_regrow, measured_rate
 from raytrain_spot.elastic.signals import ExtraCapacity
 
@@ -96,12 +96,13 @@ def test_a_hold_for_the_same_reason_is_emitted_once_whatever_its_numbers():
     # Seen on the scripted benchmark: "3 workers trained no faster than 2 (-19%)", then (-18%), (-19%)...
     # emitted at every step whose measured rates moved the percentage.
     emitted = []
-    policy = RegrowPolicy(TrainerConfig(), node_mtbi_prior_s=3600.0, emit=lambda ev, **fields: emitted.append(fields))
+    policy = RegrowPolicy(Config(checkpoint=CheckpointingConfig(mtbi_prior_s=3600.0)),
+                          emit=emitted.append)
     for step, slower in enumerate([0.81, 0.82, 0.81, 0.80]):
         loop = LoopState(step=step, samples_per_s={2: 100.0, 3: 100.0 * slower})
         assert policy.grow_to(ExtraCapacity(workers=3, age_s=60.0), loop, world_size=2) == 0
-    assert [e["reason"] for e in emitted] == ["3 workers trained no faster than 2 in this run (-19%, under the 5% "
+    assert [e.reason for e in emitted] == ["3 workers trained no faster than 2 in this run (-19%, under the 5% "
                                               "a gain must show)"]
     loop = LoopState(step=9, samples_per_s={2: 100.0, 3: 200.0})  # a new reason: it is emitted
     policy.grow_to(ExtraCapacity(workers=3, age_s=0.0), loop, world_size=2)
-    assert len(emitted) == 2 and emitted[1]["reason"].startswith("waiting")
+    assert len(emitted) == 2 and emitted[1].reason.startswith("waiting")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from raytrain_spot import _ray
+from raytrain_spot.observe.records import Add, Drain, ReplacementRequested
 from raytrain_spot.preemption.replacements import ReplacementRequester, nodes_to_replace, request_worker_bundles
 from raytrain_spot.preemption.node_events import ClusterMonitor, NodeState
 from tests.conftest import REPO
@@ -39,7 +40,7 @@ class Harness:
     def __init__(self, v2: bool = False, fail_requests: int = 0):
         self.now = NOW
         self.requests: List[List[Dict[str, float]]] = []
-        self.events: List[dict] = []
+        self.events: List[ReplacementRequested] = []
         self.fail_requests = fail_requests
         self.probes = 0
 
@@ -53,7 +54,7 @@ class Harness:
             self.probes += 1
             return v2
 
-        self.requester = ReplacementRequester(WORKER, MAX_WORKERS, lambda ev, **f: self.events.append({"ev": ev, **f}),
+        self.requester = ReplacementRequester(WORKER, MAX_WORKERS, self.events.append,
                                               request=request, autoscaler_v2=autoscaler_v2, clock=lambda: self.now)
 
     def update(self, nodes, after_s: float = 0.0):
@@ -72,8 +73,8 @@ def test_an_advance_notice_asks_for_max_workers_plus_the_noticed_nodes_workers_a
     assert h.requests == [] and h.probes == 0, "nothing to ask while no node drains (Ray Train's request stands)"
     h.update(cluster(n3=145))  # metadata notice 150 s before the hard stop, margin 5
     assert h.requests == [[{"CPU": 8, "GPU": 1}] * 9]
-    assert h.events == [{"ev": "replacement_requested", "node": "n3", "workers": 1, "bundles": 9,
-                         "bundle": {"CPU": 8, "GPU": 1}, "until": NOW + 115}]
+    assert h.events == [ReplacementRequested(node="n3", workers=1, bundles=9, bundle={"CPU": 8, "GPU": 1},
+                                             until=NOW + 115)]
     line = next(r.getMessage() for r in caplog.records if "requested at its notice" in r.getMessage())
     assert "9 worker bundles" in line and "max_workers=8 + 1" in line and "in 145.0 s" in line
 
@@ -94,7 +95,7 @@ def test_the_request_is_reasserted_while_the_notice_runs_and_withdrawn_when_the_
     h.update(cluster(n3=20), after_s=10)
     h.update(cluster(), after_s=30)
     assert h.sizes == [9, 9, 8], "nothing more once back at Ray Train's own request"
-    assert [e["node"] for e in h.events] == ["n3"], "one event per node"
+    assert [e.node for e in h.events] == ["n3"], "one event per node"
 
 
 def test_a_node_that_dies_inside_its_notice_withdraws_the_request():
@@ -111,10 +112,10 @@ def test_two_notices_ask_for_both_and_each_gets_its_event():
     h.update(cluster(n3=145))
     h.update(cluster(n3=140, n5=145), after_s=5)
     assert h.sizes == [9, 10]
-    assert [(e["node"], e["bundles"]) for e in h.events] == [("n3", 9), ("n5", 10)]
+    assert [(e.node, e.bundles) for e in h.events] == [("n3", 9), ("n5", 10)]
     # One leaves the window while another enters it: same count, but the newcomer is announced.
     h.update(cluster(n3=29, n5=140, n6=145), after_s=0.5)
-    assert h.sizes == [9, 10, 10] and [e["node"] for e in h.events] == ["n3", "n5", "n6"]
+    assert h.sizes == [9, 10, 10] and [e.node for e in h.events] == ["n3", "n5", "n6"]
 
 
 @pytest.mark.parametrize("draining, why", [
@@ -152,7 +153,7 @@ def test_a_failed_request_is_retried_and_announced_only_once_it_is_in():
     h.update(cluster(n3=145))
     assert h.requests == [] and h.events == []
     h.update(cluster(n3=144.5), after_s=0.5)
-    assert h.sizes == [9] and [e["node"] for e in h.events] == ["n3"]
+    assert h.sizes == [9] and [e.node for e in h.events] == ["n3"]
 
 
 def test_nodes_to_replace_counts_the_workers_each_noticed_node_holds():
@@ -166,8 +167,8 @@ class Events:
     def __init__(self):
         self.records = []
 
-    def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
+    def emit(self, record):
+        self.records.append(record)
 
 
 def test_the_cluster_monitor_hands_every_view_to_the_requester():
@@ -177,8 +178,8 @@ def test_the_cluster_monitor_hands_every_view_to_the_requester():
     monitor = ClusterMonitor(events, read=lambda: views.pop(0), replacements=h.requester)
     monitor.poll()
     monitor.poll()
-    kinds = [r["ev"] for r in events.records]
-    assert kinds.count("add") == 9 and kinds[-2:] == ["drain", "replacement_requested"]
+    kinds = [r.ev for r in events.records]
+    assert kinds.count(Add.ev) == 9 and kinds[-2:] == [Drain.ev, ReplacementRequested.ev]
     assert h.sizes == [9]
 
 

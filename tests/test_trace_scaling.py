@@ -122,8 +122,8 @@ class _Events:
     def __init__(self):
         self.records = []
 
-    def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
+    def emit(self, record):
+        self.records.append(record)
 
 
 def test_the_spot_simulator_replays_a_32_node_trace_on_3_slots(tmp_path):

@@ -16,6 +16,7 @@ import yaml
 
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import load_config
+from raytrain_spot.observe.records import SoftOff
 from raytrain_spot.settings import checked_task
 from raytrain_spot.simulator import chaos
 from raytrain_spot.simulator.shutdown import (GCP_WORKER_START_COMMANDS, SESSION_SCOPE, StartCommandsError,
@@ -133,8 +134,8 @@ class Recorder:
     def __init__(self):
         self.records = []
 
-    def emit(self, ev, **fields):
-        self.records.append({"ev": ev, **fields})
+    def emit(self, record):
+        self.records.append(record)
 
 
 def soft_off_of(compose, tmp_path, commands):
@@ -163,7 +164,7 @@ def wait_for(condition, timeout_s=5.0) -> bool:
 def test_ssh_started_the_soft_off_sigterms_every_process_of_rays_node(compose, tmp_path):
     simulator, node, recorder, _ = soft_off_of(compose, tmp_path, SSH_STARTED_NODE)
     try:
-        assert [e["sigterm"] for e in recorder.records if e["ev"] == "soft_off"] == ["every process of Ray's node"]
+        assert [e.sigterm for e in recorder.records if isinstance(e, SoftOff)] == ["every process of Ray's node"]
         assert node.raylet.wait(timeout=5) == 143, "the raylet got SIGTERM at the soft-off"
         assert wait_for(lambda: not node.worker_alive()), "and so did the worker it started"
     finally:
@@ -175,8 +176,8 @@ def test_as_a_service_only_ray_start_block_hears_the_soft_off_and_stops_the_node
         compose, tmp_path):
     simulator, node, recorder, now = soft_off_of(compose, tmp_path, GCP_WORKER_START_COMMANDS)
     try:
-        [soft_off] = [e for e in recorder.records if e["ev"] == "soft_off"]
-        assert soft_off["sigterm"] == "ray start --block"
+        [soft_off] = [e for e in recorder.records if isinstance(e, SoftOff)]
+        assert soft_off.sigterm == "ray start --block"
         signalled = time.time()
         service = simulator.ray_services[0]
         time.sleep(1.0)

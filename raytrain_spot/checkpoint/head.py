@@ -26,6 +26,7 @@ from raytrain_spot.checkpoint.format import (CHECKPOINTS_DIR, Manifest, checkpoi
 from raytrain_spot.checkpoint.scratch import private_dir
 from raytrain_spot.checkpoint.tiers import StoreTier
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.observe.records import Checkpoint, CheckpointFailed
 from raytrain_spot.storage import open_store
 from raytrain_spot.storage.store import LocalStore
 
@@ -197,8 +198,8 @@ class HeadStore:
                 self._last_durable_at = started
                 self.latest_durable_step = max(self.latest_durable_step or 0, manifest.step)
                 self._retry_delay_s = RETRY_BACKOFF_S[0]
-                self._events.emit("checkpoint", step=manifest.step, tier="durable", kind=manifest.kind, stall_s=0.0,
-                                  duration_s=time.time() - manifest.created_at, bytes=_size(manifest))
+                self._events.emit(Checkpoint(step=manifest.step, tier="durable", kind=manifest.kind, stall_s=0.0,
+                                             duration_s=time.time() - manifest.created_at, bytes=_size(manifest)))
                 logger.info("Checkpoint step %d uploaded to %s in %.2f s", manifest.step, self.durable.store.uri,
                             time.time() - started)
             except LeaseLost as lost:  # another driver owns the run: what this head holds is not uploaded
@@ -211,8 +212,9 @@ class HeadStore:
                 logger.warning("Upload of checkpoint step %d to %s failed; the previous one stays the latest, "
                                "retry in %.0f s", manifest.step, self.durable.store.uri, self._retry_delay_s,
                                exc_info=True)
-                self._events.emit("checkpoint_failed", step=manifest.step, kind=manifest.kind, tier="durable",
-                                  error=f"{type(error).__name__}: {error}", retry_in_s=self._retry_delay_s)
+                self._events.emit(CheckpointFailed(step=manifest.step, kind=manifest.kind, tier="durable",
+                                                   error=f"{type(error).__name__}: {error}",
+                                                   retry_in_s=self._retry_delay_s))
                 with self._lock:
                     self._pending.retry(manifest)
                     self._retry_at = time.time() + self._retry_delay_s

@@ -54,6 +54,7 @@ from raytrain_spot.checkpoint.state import LoopState, Stateful, load_training_st
 from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.observe.records import Checkpoint, CheckpointCancelled, CheckpointFailed, RestoreMismatch
 
 logger = logging.getLogger(__name__)
 # Where a save is staged when this node's disk is full: memory-backed on Linux.
@@ -214,8 +215,8 @@ class CheckpointManager:
                 committed = tier.commit(key, {STATE_FILE: path}, manifest, transfer=transfer)
             except SaveCancelled:
                 logger.info("Checkpoint step %d gave way to a just-in-time save", request.loop.step)
-                self.events.emit("checkpoint_cancelled", step=request.loop.step, kind=request.kind,
-                                 tier=tier.name, reason="a just-in-time save took its place")
+                self.events.emit(CheckpointCancelled(step=request.loop.step, kind=request.kind, tier=tier.name,
+                                                     reason="a just-in-time save took its place"))
                 return
             except Exception as error:
                 self._report_failure(request, f"{type(error).__name__}: {error}", tier=tier.name)
@@ -232,14 +233,14 @@ class CheckpointManager:
         """A shared tier holds the checkpoint: record it for the advisor, the loop and the event log."""
         self.commit_s.append(time.time() - started)
         self.committed_step = manifest.step
-        self.events.emit("checkpoint", step=manifest.step, tier=tier.name, kind=request.kind, stall_s=stall,
-                         duration_s=time.time() - started, bytes=sum(e.size for e in manifest.files.values()))
+        self.events.emit(Checkpoint(step=manifest.step, tier=tier.name, kind=request.kind, stall_s=stall,
+                                    duration_s=time.time() - started,
+                                    bytes=sum(e.size for e in manifest.files.values())))
 
     def _report_failure(self, request: SaveRequest, error: str, tier: Optional[str] = None) -> None:
         logger.warning("Checkpoint step %d failed%s; the previous one stays the latest: %s", request.loop.step,
                        f" on the {tier} tier" if tier else "", error, exc_info=sys.exc_info()[1] is not None)
-        self.events.emit("checkpoint_failed", step=request.loop.step, kind=request.kind, error=error,
-                         **({"tier": tier} if tier else {}))
+        self.events.emit(CheckpointFailed(step=request.loop.step, kind=request.kind, tier=tier, error=error))
 
     def _write_share(self, share: Dict[str, torch.Tensor], rest: Dict[str, Any], request: SaveRequest,
                      stall: float) -> None:
@@ -339,7 +340,7 @@ class CheckpointManager:
             if len(set(digests)) > 1:  # copies that all verified, yet differ: take one, loudly
                 logger.error("Ranks loaded different states for step %d (digests %s); every rank takes rank 0's",
                              step, digests)
-                self.events.emit("restore_mismatch", step=step, digests=digests)
+                self.events.emit(RestoreMismatch(step=step, digests=digests))
                 state, manifest = self.group.broadcast_object((state, manifest), src=0)
                 tier = tier if rank == 0 else "peer"
             loop = apply_sharded(parts, state) if manifest.sharded else load_training_state(parts, state)

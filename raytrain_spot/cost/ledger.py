@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from raytrain_spot.observe.events import EVENTS_FILE, iter_events
+from raytrain_spot.observe.records import (Add, Checkpoint, CheckpointFailed, End, Group, Kill, Notice, Remove, Restore,
+                                          Samples, Start, Step)
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.checkpoint.advisor import daly_interval
 from raytrain_spot.cost.plot import plot_ledger
@@ -47,7 +49,7 @@ CATEGORIES = (PRODUCTIVE, STARTUP, DATA, SAVE, RESTORE, WASTED, RECOVERY, WAITIN
 # Strongest first: a stall measured inside a step is a stall, a step inside a recovery window is work.
 PRIORITY = (SAVE, RESTORE, DATA, WASTED, PRODUCTIVE, WAITING, RECOVERY, STARTUP, OTHER)
 _RANK = {category: rank for rank, category in enumerate(PRIORITY)}
-DISRUPTIONS = ("kill", "notice")
+DISRUPTIONS = (Kill.ev, Notice.ev)
 
 
 @dataclass
@@ -145,10 +147,10 @@ def _by_session(events: Iterable[Dict[str, Any]]) -> Iterator[Tuple[Optional[int
     None for a record between an ``end`` and the next ``start``."""
     index, closed = -1, True
     for record in events:
-        if record["ev"] == "start" or index < 0:
+        if record["ev"] == Start.ev or index < 0:
             index, closed = index + 1, False
         yield (None if closed else index), record
-        if record["ev"] == "end":
+        if record["ev"] == End.ev:
             closed = True
 
 
@@ -225,15 +227,15 @@ class _CheckpointTally:
         self.failures: Dict[str, int] = {}
 
     def feed(self, record: Dict[str, Any]) -> None:
-        if record["ev"] == "checkpoint":
+        if record["ev"] == Checkpoint.ev:
             stall = float(record.get("stall_s", record.get("duration_s")) or 0.0)
             self.stall_by_step[record["step"]] = max(stall, self.stall_by_step.get(record["step"], 0.0))
             if record.get("kind") == "periodic":
                 self.periodic_at.setdefault(record["step"], float(record["t"]))
-        elif record["ev"] == "restore":
+        elif record["ev"] == Restore.ev:
             self.restores += 1
             self.restore_s += float(record.get("duration_s") or 0.0)
-        elif record["ev"] == "checkpoint_failed":
+        elif record["ev"] == CheckpointFailed.ev:
             tier = record.get("tier", "all")
             self.failures[tier] = self.failures.get(tier, 0) + 1
 
@@ -262,9 +264,9 @@ class _CheckpointTally:
 def _earliest_instant(record: Dict[str, Any]) -> Optional[float]:
     """The earliest instant a record can open an interval of the partition at."""
     ev, t = record["ev"], float(record["t"])
-    if ev in ("step", "checkpoint", "restore"):
+    if ev in (Step.ev, Checkpoint.ev, Restore.ev):
         return t - float(record.get("duration_s") or 0.0)
-    return t if ev in ("add", "kill", "remove", "notice") else None
+    return t if ev in (Add.ev, Kill.ev, Remove.ev, Notice.ev) else None
 
 
 @dataclass
@@ -294,7 +296,7 @@ def _scan(events: Iterable[Dict[str, Any]], catalog: PriceCatalog, region: Optio
         scan.cost_curve.add(totals.last_t, totals.cost_usd(totals.last_t))
         scan.spot_curve.add(totals.last_t, totals.alive_nodes("spot"))
         ev = record["ev"]
-        if ev == "step":
+        if ev == Step.ev:
             scan.reexecutions.add(int(record["step"]))
         scan.checkpoints.feed(record)
         if number % BLOCK == 0:
@@ -305,15 +307,15 @@ def _scan(events: Iterable[Dict[str, Any]], catalog: PriceCatalog, region: Optio
         if session is not None and session == len(scan.statuses):
             scan.statuses.append("interrupted")
             scan.with_adds.append(False)
-        if session is not None and ev == "end":  # it closes the session: its only end record
+        if session is not None and ev == End.ev:  # it closes the session: its only end record
             scan.statuses[session] = record.get("status", "finished")
-        if session is not None and ev == "add":
+        if session is not None and ev == Add.ev:
             scan.with_adds[session] = True
-        if ev == "start" and not scan.start_record:
+        if ev == Start.ev and not scan.start_record:
             scan.start_record = record
-        if ev == "start" and "min_workers" in record and scan.min_workers is None:
+        if ev == Start.ev and "min_workers" in record and scan.min_workers is None:
             scan.min_workers = int(record["min_workers"])
-        scan.gpu_run |= ev == "add" and float(record.get("gpus") or 0) > 0
+        scan.gpu_run |= ev == Add.ev and float(record.get("gpus") or 0) > 0
     for block in range(len(scan.block_earliest) - 2, -1, -1):
         scan.block_earliest[block] = min(scan.block_earliest[block], scan.block_earliest[block + 1])
     return scan
@@ -385,20 +387,20 @@ class _SessionPartition:
 
     def feed(self, record: Dict[str, Any], wasted: bool) -> None:
         ev, t = record["ev"], float(record["t"])
-        if ev == "step":
+        if ev == Step.ev:
             self._step(record, wasted)
-        elif ev == "checkpoint":
+        elif ev == Checkpoint.ev:
             # The stall is the first part of the save (the snapshot); the upload may go on after it.
             duration = float(record.get("duration_s") or 0.0)
             stall = float(record.get("stall_s", duration) or 0.0)
             self._pending.append((t - duration, t - duration + stall, SAVE))
-        elif ev == "restore":
+        elif ev == Restore.ev:
             self._pending.append((t - float(record.get("duration_s") or 0.0), t, RESTORE))
-        elif ev == "group":
+        elif ev == Group.ev:
             self._regrouped = True
         if ev in DISRUPTIONS and self._disrupted is None:
             self._disrupted = t
-        if self._watches_capacity and ev in ("add", "kill", "remove"):
+        if self._watches_capacity and ev in (Add.ev, Kill.ev, Remove.ev):
             self._capacity_changed(record, t)
 
     def _step(self, record: Dict[str, Any], wasted: bool) -> None:
@@ -423,7 +425,7 @@ class _SessionPartition:
         self._pending += [(s, e, WAITING) for s, e in _intersect([(begin, finish)], self._low)]
 
     def _capacity_changed(self, record: Dict[str, Any], t: float) -> None:
-        if record["ev"] == "add":
+        if record["ev"] == Add.ev:
             self._alive[record["node"]] = _capacity(record, self._gpu_run, self._head_types)
         else:
             self._alive.pop(record["node"], None)
@@ -502,7 +504,7 @@ def _partition(events: Iterable[Dict[str, Any]], scan: _Scan, sessions: Sequence
         if session is not None and session < len(sessions) and current is None:
             current, current_index = _SessionPartition(*sessions[session], min_workers, scan.with_adds[session],
                                                        scan.gpu_run, head_types), session
-        is_wasted = record["ev"] == "step" and wasted.next_is_wasted()
+        is_wasted = record["ev"] == Step.ev and wasted.next_is_wasted()
         on_record(record, is_wasted)
         if current is not None:
             current.feed(record, is_wasted)
@@ -593,9 +595,9 @@ def build_ledger(events: Iterable[Dict[str, Any]], catalog: PriceCatalog,
     samples = [0]
 
     def count_step(record: Dict[str, Any], wasted: bool) -> None:
-        if record["ev"] in ("group", "start", "end"):
+        if record["ev"] in (Group.ev, Start.ev, End.ev):
             step_sizes.break_run()  # startup or recovery (world size 0) may fall between the steps around it
-        if record["ev"] != "step":
+        if record["ev"] != Step.ev:
             return
         step_sizes.add(_step_span(record)[0], int(record["world_size"]))
         if not wasted:
@@ -724,9 +726,9 @@ def ledger_records(events_path: str) -> Iterator[Dict[str, Any]]:
     """The log's records as the ledger needs them, in one pass: the ``samples`` audit records
     (a rank's sample ids of a step) are left out and a ``step`` record keeps only what the ledger reads."""
     for record in iter_events(events_path):
-        if record["ev"] == "step":
+        if record["ev"] == Step.ev:
             yield {key: record[key] for key in _STEP_FIELDS if key in record}
-        elif record["ev"] != "samples":
+        elif record["ev"] != Samples.ev:
             yield record
 
 

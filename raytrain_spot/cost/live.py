@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from raytrain_spot.cost.pricing import PriceCatalog, PriceNotFound, Quote
 from raytrain_spot.observe.progress import StepRanges
+from raytrain_spot.observe.records import Add, Checkpoint, End, Group, Kill, Notice, Remove, Resize, Start, Step
 
 
 @dataclass
@@ -104,7 +105,7 @@ class RunningTotals:
 
     def feed(self, record: Dict[str, Any]) -> None:
         t, ev = float(record["t"]), record["ev"]
-        if ev == "start":
+        if ev == Start.ev:
             self._open_session(t)
             self.min_workers = int(record.get("min_workers", 1))
         elif not self.sessions:
@@ -112,30 +113,30 @@ class RunningTotals:
         elif self.sessions[-1][1] is not None:
             self.last_t = t
             return  # between an end and the next start nothing trains and nothing is billed
-        if ev == "end":
+        if ev == End.ev:
             self._close_session(t)
-        elif ev == "add" and record["node"] not in self._open:
+        elif ev == Add.ev and record["node"] not in self._open:
             span = NodeSpan(record["node"], record["node_type"], record["pricing"], float(record.get("gpus") or 0), t)
             self._open[span.node] = span
             self.spans.append(span)
-        elif ev in ("kill", "remove"):
+        elif ev in (Kill.ev, Remove.ev):
             span = self._open.pop(record["node"], None)
             if span is not None:
                 span.end = t
-        if ev in ("add", "kill", "remove"):
+        if ev in (Add.ev, Kill.ev, Remove.ev):
             short = self.worker_capacity() < self.min_workers
             if short and self.short_since is None:
                 self.short_since = t
             elif not short:
                 self.short_since = None
-        if ev in ("notice", "kill"):
+        if ev in (Notice.ev, Kill.ev):
             self._note_disruption(record, t)
-        elif ev == "step":
+        elif ev == Step.ev:
             self._count_step(record, t)
-        elif ev == "checkpoint":
+        elif ev == Checkpoint.ev:
             committed = int(record["step"])
             self._recent_step_duration = {s: d for s, d in self._recent_step_duration.items() if s > committed}
-        elif ev in ("group", "resize"):
+        elif ev in (Group.ev, Resize.ev):
             self.world_size = int(record["world_size"])
             self.last_step = None  # a new group: its speed is not measured against the old one
         self.last_t = t
@@ -165,7 +166,7 @@ class RunningTotals:
 
     def _note_disruption(self, record: Dict[str, Any], t: float) -> None:
         node = record["node"]
-        notified = record["ev"] == "notice" or bool(record.get("with_notice"))
+        notified = record["ev"] == Notice.ev or bool(record.get("with_notice"))
         known = self.disruptions.get(node)
         if known is not None:
             known.with_notice = known.with_notice or notified

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.observe.records import (Add, Checkpoint, Drain, Group, Handoff, JitLate, Kill, Notice, Remove,
+                                          Restore, Start, Step)
 
 @dataclass(frozen=True)
 class Measured:
@@ -66,7 +68,7 @@ def measure_run(run_dir: str) -> RunFigures:
         summary, ledger_name = build_ledger(events, PriceCatalog.load()).summary, "the ledger of events.jsonl"
     config = _run_config(run_dir)
     trainer = config.get("trainer") or {}
-    plain = next((e.get("strategy") for e in events if e["ev"] == "start"), None) == PLAIN_RAY_TRAIN
+    plain = next((e.get("strategy") for e in events if e["ev"] == Start.ev), None) == PLAIN_RAY_TRAIN
     figures: Dict[str, Measured] = {}
     notes: List[str] = []
 
@@ -78,7 +80,7 @@ def measure_run(run_dir: str) -> RunFigures:
         figures["restore_s"] = Measured(checkpoints["mean_restore_s"], f"{ledger_name} checkpoints.mean_restore_s, "
                                         f"{checkpoints.get('restores')} restores")
 
-    steps = [e for e in events if e["ev"] == "step"]
+    steps = [e for e in events if e["ev"] == Step.ev]
     last_execution = {int(e["step"]): id(e) for e in steps}
     kept = [e for e in steps if last_execution[int(e["step"])] == id(e) and e.get("duration_s")]
     if kept:
@@ -91,7 +93,7 @@ def measure_run(run_dir: str) -> RunFigures:
                                           f"{ledger_name}: productive time / completed steps")
 
     min_workers = trainer.get("min_workers") or next(
-        (e["min_workers"] for e in events if e["ev"] == "start" and "min_workers" in e), 1)
+        (e["min_workers"] for e in events if e["ev"] == Start.ev and "min_workers" in e), 1)
     waiting = _waiting_for_capacity(events, int(min_workers))
     handled, unhandled, handoffs, jit_ok = _recoveries(events, waiting)
     if handled:
@@ -124,14 +126,14 @@ def measure_run(run_dir: str) -> RunFigures:
 def _worker_capacity(events: Sequence[Dict[str, Any]]) -> List[Tuple[float, float]]:
     """(time, workers the alive nodes hold) after every node change: one per GPU, or one per non-head node;
     a drained node no longer counts (a new group leaves it out)."""
-    gpu_run = any(float(e.get("gpus") or 0) > 0 for e in events if e["ev"] == "add")
+    gpu_run = any(float(e.get("gpus") or 0) > 0 for e in events if e["ev"] == Add.ev)
     alive: Dict[str, float] = {}
     points = []
     for e in events:
-        if e["ev"] == "add":
+        if e["ev"] == Add.ev:
             gpus = float(e.get("gpus") or 0)
             alive[e["node"]] = gpus if gpus > 0 else (0.0 if gpu_run or e.get("node_type") in _HEAD_TYPES else 1.0)
-        elif e["ev"] in ("kill", "remove", "drain"):  # a draining node takes no new group
+        elif e["ev"] in (Kill.ev, Remove.ev, Drain.ev):  # a draining node takes no new group
             alive.pop(e["node"], None)
         else:
             continue
@@ -164,8 +166,8 @@ def _recoveries(events: Sequence[Dict[str, Any]], waiting) -> Tuple[List[Tuple[f
     restore); per loss of a training group's member without one: (training again from the kill, restore);
     time waiting for capacity left out. Also the handoffs at a notice, and those whose checkpoint
     committed before the drain deadline (no ``jit_late``)."""
-    groups = [e for e in events if e["ev"] == "group"]
-    steps = [e for e in events if e["ev"] == "step"]
+    groups = [e for e in events if e["ev"] == Group.ev]
+    steps = [e for e in events if e["ev"] == Step.ev]
 
     def first_after(kind: str, t: float, until: float = math.inf, where=lambda e: True):
         return next((e for e in events if e["ev"] == kind and t < float(e["t"]) <= until and where(e)), None)
@@ -175,40 +177,40 @@ def _recoveries(events: Sequence[Dict[str, Any]], waiting) -> Tuple[List[Tuple[f
         return None if first is None else float(first["t"]) - float(first.get("duration_s") or 0.0)
 
     def restore_before(t0: float, t1: float) -> float:
-        restores = [e for e in events if e["ev"] == "restore" and t0 < float(e["t"]) <= t1]
+        restores = [e for e in events if e["ev"] == Restore.ev and t0 < float(e["t"]) <= t1]
         return float(restores[-1].get("duration_s") or 0.0) if restores else 0.0
 
     handled, unhandled, noticed = [], [], set()
     handoffs = jit_ok = 0
-    for handoff in (e for e in events if e["ev"] == "handoff" and e.get("reason") == "preemption"):
+    for handoff in (e for e in events if e["ev"] == Handoff.ev and e.get("reason") == "preemption"):
         t_handoff = float(handoff["t"])
-        notices = [float(n["t"]) for n in events if n["ev"] == "notice" and n["node"] in (handoff.get("nodes") or [])
+        notices = [float(n["t"]) for n in events if n["ev"] == Notice.ev and n["node"] in (handoff.get("nodes") or [])
                    and float(n["t"]) <= t_handoff]
         if not notices:
             continue
         noticed.update(handoff.get("nodes") or [])
         handoffs += 1
         t = min(notices)
-        group = first_after("group", t_handoff)
+        group = first_after(Group.ev, t_handoff)
         until = float(group["t"]) if group is not None else math.inf
-        save = first_after("checkpoint", t_handoff, until, lambda e: e.get("kind") == "jit")
+        save = first_after(Checkpoint.ev, t_handoff, until, lambda e: e.get("kind") == "jit")
         if save is None:
             continue
-        jit_ok += first_after("jit_late", t_handoff, until) is None
+        jit_ok += first_after(JitLate.ev, t_handoff, until) is None
         again = training_again(group) if group is not None else None
         if again is not None:
             handled.append((again - t - waiting(t, again), float(save["t"]) - t, restore_before(t, until)))
-    for kill in (e for e in events if e["ev"] == "kill"):
+    for kill in (e for e in events if e["ev"] == Kill.ev):
         t = float(kill["t"])
         current = next((g for g in reversed(groups) if float(g["t"]) <= t), None)
         if kill["node"] in noticed or current is None or kill["node"] not in (current.get("nodes") or []):
             continue
         members = set(current.get("nodes") or [])
         # The group must still be training: no handoff since it started, no earlier loss of a member.
-        if first_after("handoff", float(current["t"]), t) is not None or first_after(
-                "kill", float(current["t"]), t, lambda e: e is not kill and e["node"] in members) is not None:
+        if first_after(Handoff.ev, float(current["t"]), t) is not None or first_after(
+                Kill.ev, float(current["t"]), t, lambda e: e is not kill and e["node"] in members) is not None:
             continue
-        group = first_after("group", t)
+        group = first_after(Group.ev, t)
         again = training_again(group) if group is not None else None
         if again is not None:
             unhandled.append((again - t - waiting(t, again), restore_before(t, float(group["t"]))))

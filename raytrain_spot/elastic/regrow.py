@@ -28,8 +28,9 @@ from typing import Callable, Dict, Optional
 
 from raytrain_spot.checkpoint.advisor import job_mtbi_s
 from raytrain_spot.checkpoint.state import LoopState
-from raytrain_spot.config.schema import TrainerConfig
+from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.signals import ExtraCapacity
+from raytrain_spot.observe import records
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,8 @@ class RegrowPolicy:
     """Rank 0's regrow decisions during a group, from the loop state's measurements; each new
     decision (a regrow, or a hold by another rule than the last) is logged and emitted."""
 
-    def __init__(self, cfg: TrainerConfig, node_mtbi_prior_s: float, emit: Callable[..., None]):
+    def __init__(self, cfg: Config, emit: Callable[[records.EventRecord], None]):
         self._cfg = cfg
-        self._node_mtbi_prior_s = node_mtbi_prior_s
         self._emit = emit
         self._last_kind: Optional[str] = None
 
@@ -138,24 +138,25 @@ class RegrowPolicy:
         if extra is None:
             self._last_kind = None
             return 0
-        if self._cfg.regrow == "after_settle":
-            return extra.workers if extra.age_s >= self._cfg.regrow_settle_s else 0
+        if self._cfg.elastic.regrow == "after_settle":
+            return extra.workers if extra.age_s >= self._cfg.tuning.regrow_settle_s else 0
         if world_size not in loop.samples_per_s:
             return 0  # this size's rate is not measured yet (the group's first steps)
         rate = loop.samples_per_s[world_size]
         decision = decide_regrow(RegrowEvidence(
             world_size, extra.workers, loop.samples_per_s,
-            restart_s=loop.restart_s if loop.restarts_measured else self._cfg.restart_prior_s,
-            node_life_s=job_mtbi_s(self._node_mtbi_prior_s, world_size, loop.interruptions,
+            restart_s=loop.restart_s if loop.restarts_measured else self._cfg.tuning.restart_prior_s,
+            node_life_s=job_mtbi_s(self._cfg.checkpoint.mtbi_prior_s, world_size, loop.interruptions,
                                    loop.train_time_s) * world_size,
-            remaining_s=(self._cfg.max_steps - loop.step) * self._cfg.global_batch_size / rate,
-            capacity_age_s=extra.age_s, settle_s=self._cfg.regrow_settle_s))
+            remaining_s=(self._cfg.trainer.max_steps - loop.step) * self._cfg.trainer.global_batch_size / rate,
+            capacity_age_s=extra.age_s, settle_s=self._cfg.tuning.regrow_settle_s))
         if decision.grow or decision.kind != self._last_kind:
             self._last_kind = decision.kind
             logger.info("Regrow rule at step %d: %s", loop.step, decision.explain())
-            self._emit("regrow_decision", step=loop.step, world_size=world_size, target=extra.workers,
-                       grow=decision.grow, reason=decision.reason, gain=decision.gain, cost=decision.cost,
-                       break_even_s=decision.break_even_s, wait_s=decision.wait_s)
+            self._emit(records.RegrowDecision(step=loop.step, world_size=world_size, target=extra.workers,
+                                              grow=decision.grow, reason=decision.reason, gain=decision.gain,
+                                              cost=decision.cost, break_even_s=decision.break_even_s,
+                                              wait_s=decision.wait_s))
         return extra.workers if decision.grow else 0
 
 

@@ -18,6 +18,7 @@ from raytrain_spot.checkpoint.state import LoopState, Stateful
 from raytrain_spot.elastic.policy import WorkerGroupHandoff
 from raytrain_spot.loop.decision import HandOff, HandoffReason
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.observe.records import Handoff, JitLate
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +32,15 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
     if rank == handoff.writer:
         details = (dict(preempted_ranks=list(handoff.leaving_ranks), nodes=sorted(leaving_nodes))
                    if handoff.reason is HandoffReason.PREEMPTION else dict(grow_to=handoff.grow_to))
-        events.emit("handoff", reason=handoff.reason.value, step=handoff.step, world_size=handoff.world_size,
-                    **details)
+        events.emit(Handoff(reason=handoff.reason.value, step=handoff.step, world_size=handoff.world_size,
+                            **details))
         deadline_s = drain_deadline_s(leaving_nodes) if leaving_nodes else None
     checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit", reason=handoff.reason.value),
                           rank, handoff.writer, report)
     if deadline_s is not None and (late_by_s := time.time() - deadline_s) > 0:
         logger.error("The JIT checkpoint of step %d committed %.1f s after the drain deadline", handoff.step,
                      late_by_s)
-        events.emit("jit_late", step=handoff.step, late_by_s=late_by_s, deadline=deadline_s)
+        events.emit(JitLate(step=handoff.step, late_by_s=late_by_s, deadline=deadline_s))
     raise WorkerGroupHandoff(handoff.reason.value, handoff.step)
 
 

@@ -30,13 +30,15 @@ from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import watch_capacity
 from raytrain_spot.elastic.regrow import measured_rate
-from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeWarmup, claim_standby, decide_standbys,
+from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeStandbys, claim_standby, decide_standbys,
                                            nodes_share_cores, top_up)
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.observe.records import Advice, Eval, Group, Resize, Restore, Samples, Step, Stopped
 from raytrain_spot.storage import open_store
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.loop.agreement import RankView, start_agreement
 from raytrain_spot.distributed.collectives import RankGroup
+from raytrain_spot.loop.evaluate import Evaluation
 from raytrain_spot.loop.decision import JIT, PERIODIC, STOP, Finish, GroupPolicy, HandOff, decide
 from raytrain_spot.loop.handoff import checkpoint_and_report, hand_off
 from raytrain_spot.loop.runtime import WorkerRuntime
@@ -97,6 +99,8 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
     if rank == 0:
         announce_group(events, restored, world_size, loop, phases.durations, runtime.node_ids, **runtime.group_facts)
 
+    evaluation = Evaluation(task, task.build_eval_dataset(cfg.run.seed), cfg.eval.every_steps,
+                            cfg.trainer.micro_batch_size, group, policy.leaving_ranks, autocast_dtype)
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
@@ -141,20 +145,21 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
                                                                 global_batch, agreed.step_s)
 
         if cfg.run.log_sample_ids:
-            events.emit_soon("samples", step=loop.step, rank=rank, ids=trained.rows)
+            events.emit_soon(Samples(step=loop.step, rank=rank, ids=trained.rows))
         if rank == 0:  # this step's own loading, training and wait for the agreement, not the next one's loading
             duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
-            events.emit_soon("step", step=loop.step, world_size=world_size,
-                             samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
-                             lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s)
+            events.emit_soon(Step(step=loop.step, world_size=world_size,
+                                  samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
+                                  lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s))
 
         decision = decide(agreed, loop.step, cfg.trainer.max_steps, world_size, policy)
         if isinstance(decision, Finish):  # a resume after a stop goes on from it, no interruption
             if decision.reason == STOP and rank == 0:
-                events.emit("stopped", step=loop.step)
+                events.emit(Stopped(step=loop.step))
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final",
                                                                   reason=STOP if decision.reason == STOP else ""),
                                   rank, 0, runtime.report)
+            evaluate(evaluation, ddp_model, loop.step, rank, events)
             return
         if isinstance(decision, HandOff):
             loop.handed_off_at = agreed.at if decision.restart_measured else 0.0
@@ -166,13 +171,22 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
         elif decision.checkpoint == PERIODIC:
             events.send()  # records of every step the checkpoint holds are out before a kill could take them
             checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
+        if evaluation.due(loop.step):
+            evaluate(evaluation, ddp_model, loop.step, rank, events)
         if agreed.committed_step > reported_step:
             reported_step = agreed.committed_step
             runtime.report(reported_step)
         if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, loop.interruptions,
                                                    loop.train_time_s, world_size, loop.step)):
             logger.info("Checkpoint advisor: %s", advice.explain())
-            events.emit("advice", **advice.__dict__)
+            events.emit(Advice(**advice.__dict__))
+
+
+def evaluate(evaluation: Evaluation, model: torch.nn.Module, step: int, rank: int, events: EventLog) -> None:
+    """Collective: evaluate the weights of ``step``; rank 0 logs the result (none where a notice stopped it)."""
+    result = evaluation.run(model, step)
+    if result is not None and rank == 0:
+        events.emit(Eval(step=step, loss=result.loss, samples=result.samples, duration_s=result.duration_s))
 
 
 @dataclass
@@ -278,12 +292,12 @@ class Phases:
 def announce_group(events: EventLog, restored: Optional[Restored], world_size: int, loop: LoopState,
                    startup_s: Dict[str, float], node_ids: List[str], **details: Any) -> None:
     if restored:
-        events.emit("restore", step=restored.loop.step, tier=restored.tier, duration_s=restored.duration_s)
-    events.emit("group", world_size=world_size, step=loop.step,
-                restored_step=restored.loop.step if restored else None, startup_s=startup_s, nodes=node_ids,
-                **details)
+        events.emit(Restore(step=restored.loop.step, tier=restored.tier, duration_s=restored.duration_s))
+    events.emit(Group(world_size=world_size, step=loop.step,
+                      restored_step=restored.loop.step if restored else None, startup_s=startup_s, nodes=node_ids,
+                      **details))
     if restored and restored.manifest.world_size != world_size:
-        events.emit("resize", old_world_size=restored.manifest.world_size, world_size=world_size, step=loop.step)
+        events.emit(Resize(old_world_size=restored.manifest.world_size, world_size=world_size, step=loop.step))
 
 
 # -- the Ray Train entry ------------------------------------------------------------------
@@ -302,7 +316,7 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
 
     # Which node each rank runs on, when its process started (a warm standby predates the restart), and
     # rank 0's decision on standbys, which every rank follows.
-    decision = decide_standbys(cfg.trainer, context.strategy.spot_aware, nodes_share_cores) if rank == 0 else None
+    decision = decide_standbys(cfg, context.strategy.spot_aware, nodes_share_cores) if rank == 0 else None
     placements = group.all_gather_object((ray.get_runtime_context().get_node_id(), psutil.Process().create_time(),
                                           decision))
     node_ids = [node_id for node_id, _, _ in placements]
@@ -314,13 +328,13 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
         claim_standby(cfg.run.name)
     if standbys.enabled and node_ids.index(node_ids[rank]) == rank:
         threading.Thread(target=top_up, args=(cfg.run.name, node_ids[rank], node_ids.count(node_ids[rank]),
-                                              cfg.trainer.standby_delay_s), name="standby-top-up", daemon=True).start()
+                                              cfg.elastic.standby_delay_s), name="standby-top-up", daemon=True).start()
     spot_aware = context.strategy.spot_aware
-    capacity = watch_capacity(cfg.trainer, node_ids, standbys.enabled) if rank == 0 and spot_aware else None
+    capacity = watch_capacity(cfg, node_ids, standbys.enabled) if rank == 0 and spot_aware else None
     try:
         checkpoints = build_checkpoint_manager(cfg, context, group, node_ids, events)
-        warmup = (NoticeWarmup(cfg.run.name, group_keeps_standbys=standbys.enabled,
-                               hurry_s=cfg.trainer.notice_warmup_s, max_workers=cfg.trainer.max_workers,
+        warmup = (NoticeStandbys(cfg.run.name, group_keeps_standbys=standbys.enabled,
+                               hurry_s=cfg.elastic.notice_standby_wait_s, max_workers=cfg.trainer.max_workers,
                                room_outside=capacity.room_outside_group) if capacity is not None and marked else None)
         signals = context.strategy.signals(capacity)
         policy = context.strategy.group_policy(cfg, signals, node_ids, events.emit, warmup)

@@ -34,6 +34,7 @@ from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.config.monitoring import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY,
                                              SWITCH_TO_ON_DEMAND, AlertConfig, AlertRule)
 from raytrain_spot.config.redaction import scrub
+from raytrain_spot.observe.records import Alert, CheckpointFailed, EventRecord
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def request_on_demand_capacity(bundles: List[Dict[str, float]]) -> None:
 class AlertRunner:
     """Feeds records into running totals, asks the policy on every ``tick`` and acts on its decisions."""
 
-    def __init__(self, config: AlertConfig, catalog: PriceCatalog, emit: Callable[..., None],
+    def __init__(self, config: AlertConfig, catalog: PriceCatalog, emit: Callable[[EventRecord], None],
                  clock: Callable[[], float] = time.time,
                  post: Callable[[str, Dict[str, Any], float], int] = post_json,
                  request_capacity: Callable[[List[Dict[str, float]]], None] = request_on_demand_capacity,
@@ -139,9 +140,9 @@ class AlertRunner:
         self._emit, self._clock, self._post, self._request_capacity = emit, clock, post, request_capacity
 
     def write(self, record: Dict[str, Any]) -> None:
-        if record.get("ev") != "alert":
+        if record.get("ev") != Alert.ev:
             self.totals.feed(record)
-        if record.get("ev") == "checkpoint_failed" and record.get("tier") == "durable":
+        if record.get("ev") == CheckpointFailed.ev and record.get("tier") == "durable":
             self._tell({"t": self._clock(), "alert": DURABLE_UPLOAD_FAILED, "action": NOTIFY, "step": record["step"],
                         "reason": f"checkpoint step {record['step']} did not reach durable storage "
                                   f"({record.get('error', 'unknown error')}); retrying in "
@@ -180,4 +181,4 @@ class AlertRunner:
             except Exception as error:  # a dead webhook must not stop training
                 fields["webhook_error"] = scrub(f"{type(error).__name__}: {error}", [self.config.webhook_url])
         logger.warning("alert %s", " ".join(f"{k}={v}" for k, v in fields.items() if k != "t"))
-        self._emit("alert", **fields)
+        self._emit(Alert(**fields))

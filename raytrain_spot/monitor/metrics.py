@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence
 from raytrain_spot.config.monitoring import MonitoringConfig
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.observe.records import Add, Alert, Checkpoint, End, Eval, Group, Kill, Notice, Remove, Resize, Step
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +185,11 @@ class MonitoringSink:
         self._stall_logged_step: Optional[int] = None
 
     def write(self, record: Dict[str, Any]) -> None:
-        if record.get("ev") == "alert":
+        if record.get("ev") == Alert.ev:
             return
         self.totals.feed(record)
         t, ev = float(record["t"]), record["ev"]
-        if ev == "step":
+        if ev == Step.ev:
             self._step = int(record["step"])
             scalars = {"train/loss": float(record["loss"]), "train/lr": float(record["lr"]),
                        "train/step_s": float(record["duration_s"]), **self._run_scalars(t)}
@@ -196,11 +197,13 @@ class MonitoringSink:
                 scalars["train/grad_norm"] = float(record["grad_norm"])
             if self.totals.samples_per_s is not None:
                 scalars["train/samples_per_s"] = self.totals.samples_per_s
-        elif ev == "checkpoint":
+        elif ev == Eval.ev:
+            scalars = {"eval/loss": float(record["loss"])}
+        elif ev == Checkpoint.ev:
             scalars = self._checkpoint_scalars(record)
             if not scalars:
                 return
-        elif ev in ("kill", "notice", "group", "resize", "add", "remove", "end"):
+        elif ev in (Kill.ev, Notice.ev, Group.ev, Resize.ev, Add.ev, Remove.ev, End.ev):
             scalars = self._run_scalars(t)
         else:
             return

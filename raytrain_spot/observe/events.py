@@ -1,52 +1,7 @@
 """The run's event log: ``events.jsonl`` in the Hydra run directory, one JSON object per line.
 
-Every line has ``t`` (unix seconds) and ``ev``. Event kinds and their fields:
-
-=====================  ======================================================================
-``start``              driver started (``run``, ``embedded``, ``dataset``, ``min_workers``, ``max_workers``)
-``add``                a node joined (``node``, ``node_type``, ``pricing``: spot|on_demand, ``gpus``)
-``chaos``              the Spot simulator started its clock (``mode``, ``trace``, ``tick_s``, ``ticks``,
-                       ``notice_s``, ``watchers``)
-``notice``             the Spot simulator gave a node its preemption notice (``node``, ``notice_s``)
-``drain``              Ray drained a node: the notice as Ray sees it (``node``, ``deadline``: unix seconds)
-``kill``               a node died (``node``, ``with_notice``: bool)
-``replacement_requested`` the driver asked the autoscaler for a noticed node's replacement while its VM
-                       runs out an advance notice (``node``, ``workers``: on it, ``bundles``: worker
-                       bundles requested in all, ``bundle``: one worker's resources, ``until``: unix
-                       seconds when GCE's shutdown of it starts); elastic/replacements.py
-``remove``             a node left the cluster without dying (``node``)
-``handoff``            the group checkpoints and restarts on purpose (``reason``: preemption|regrow,
-                       ``step``, ``world_size``; preemption: ``preempted_ranks``, ``nodes``;
-                       regrow: ``grow_to``)
-``group``              a worker group started training (``world_size``, ``step``, ``restored_step``,
-                       ``nodes``: node id of each rank, ``startup_s``: seconds per startup phase,
-                       ``process_age_s``: age of each rank's process, older than the restart if it
-                       started in a warm standby; ``warm_standby``: whether this group keeps standbys)
-``restore``            the group loaded a checkpoint (``step``, ``tier``: local|head|durable|peer,
-                       ``duration_s``)
-``restore_mismatch``   ranks loaded copies of one step that verified yet differ (``step``, ``digests``);
-                       every rank took rank 0's
-``resize``             the world size changed across a restart (``old_world_size``, ``world_size``,
-                       ``step``)
-``step``               an optimizer step finished (``step``, ``world_size``, ``samples``: [first, end)
-                       positions, ``loss``, ``lr``, ``duration_s``, ``data_s``: loading part of it)
-``samples``            sample ids one rank trained on in a step (``step``, ``rank``, ``ids``: ascending),
-                       when ``run.log_sample_ids`` is on; in the file the ids are ``ids_packed`` (below)
-``checkpoint``         a checkpoint committed on a tier (``step``, ``tier``: head|durable, ``kind``:
-                       periodic|jit|final, ``stall_s``: training blocked for it, ``duration_s``: from
-                       snapshot to commit, ``bytes``)
-``checkpoint_cancelled`` a periodic save gave way to a just-in-time one before it committed
-                       (``step``, ``kind``, ``tier``, ``reason``)
-``jit_late``           a just-in-time checkpoint at a notice committed after the node's drain
-                       deadline (``step``, ``late_by_s``, ``deadline``)
-``checkpoint_failed``  a save failed; the previous checkpoint stays the latest (``step``, ``kind``,
-                       ``error``; ``tier`` when one tier failed; ``retry_in_s`` for the head's
-                       durable uploads, which are retried)
-``advice``             the checkpoint interval advisor changed its mind (``interval_steps``,
-                       ``interval_s``, and its inputs)
-``alert``              an alert fired (``alert``, ``action``, ``value``, ``threshold``, ``reason``)
-``end``                the driver finished (``status``: finished|failed, ``error``)
-=====================  ======================================================================
+Every line has ``t`` (unix seconds) and ``ev``, the record's kind. The schema, a class per kind
+with its fields, is observe/records.py: ``EventLog.emit`` takes such a record.
 
 A ``samples`` record is written with its ids packed, as most of a long run's log is these
 records: ``ids_packed`` is the ids in ascending order as differences from the one before (the
@@ -71,6 +26,8 @@ import os
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Union
+
+from raytrain_spot.observe.records import EventRecord, Samples, to_line
 
 EVENTS_FILE = "events.jsonl"
 FEED_STATE_FILE = "events.feed.json"
@@ -116,7 +73,7 @@ class EventWriter:
 
     def write(self, record: Dict[str, Any]) -> None:
         record.setdefault("t", time.time())
-        if record.get("ev") == "samples" and "ids" in record:
+        if record.get("ev") == Samples.ev and "ids" in record:
             record = {**record, "ids_packed": pack_ids(record["ids"])}
             del record["ids"]
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -158,16 +115,16 @@ class EventLog:
     def __reduce__(self):
         return EventLog, (self._actor, self._batch_s)  # another process (an actor) batches its own records
 
-    def emit(self, ev: str, **fields: Any) -> None:
+    def emit(self, record: EventRecord) -> None:
         if self._actor is not None:
             with self._lock:
-                self._batched.append({"t": time.time(), "ev": ev, **fields})
+                self._batched.append(to_line(record, time.time()))
                 self._send()
 
-    def emit_soon(self, ev: str, **fields: Any) -> None:
+    def emit_soon(self, record: EventRecord) -> None:
         if self._actor is not None:
             with self._lock:
-                self._batched.append({"t": time.time(), "ev": ev, **fields})
+                self._batched.append(to_line(record, time.time()))
                 if self._batched[-1]["t"] - self._batched[0]["t"] >= self._batch_s:
                     self._send()
 

@@ -6,6 +6,8 @@ import time
 from typing import Any, Dict, List, Optional, TextIO
 
 from raytrain_spot.observe.events import iter_events
+from raytrain_spot.observe.records import (Add, Checkpoint, CheckpointFailed, Drain, Eval, Group, Kill, Notice, Remove,
+                                          Resize, Restore, Step)
 
 SUMMARY_FILE = "summary.json"
 """What the main command writes into the run directory at its end: ``summarize``'s figures and the status."""
@@ -16,7 +18,7 @@ def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float]
     """The line of a record worth a line, or None. A step's line ends with the time since this
     invocation started (``elapsed_s``, when given) and the time to the last step at ``rate`` samples/s."""
     ev = record["ev"]
-    if ev == "step":
+    if ev == Step.ev:
         speed = f"{rate:8.1f} samples/s" if rate is not None else " " * 17
         line = (f"step {record['step']:>6}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"{speed} | world {record['world_size']}")
@@ -26,15 +28,17 @@ def format_event(record: Dict[str, Any], total_steps: int, rate: Optional[float]
         eta = (clock((total_steps - record["step"]) * samples_per_step / rate) if rate
                else "--" if record["step"] < total_steps else clock(0))
         return f"{line} | elapsed {clock(elapsed_s)} | eta {eta}"
-    if ev == "group":
+    if ev == Group.ev:
         start = f"restored step {record['restored_step']}" if record.get("restored_step") is not None else "step 0"
         return f"[group] training with {record['world_size']} workers from {start}"
-    if ev == "checkpoint":
+    if ev == Checkpoint.ev:
         return (f"[checkpoint] step {record['step']} {record['kind']} -> {record['tier']} "
                 f"({record['bytes'] / 1e6:.1f} MB, stall {record['stall_s']:.3f} s)")
-    if ev == "restore":
+    if ev == Eval.ev:
+        return f"[eval] step {record['step']} | loss {record['loss']:.4f} over {record['samples']} samples"
+    if ev == Restore.ev:
         return f"[restore] step {record['step']} from {record['tier']} in {record['duration_s']:.2f} s"
-    if ev in ("notice", "drain", "kill", "add", "remove", "resize"):
+    if ev in (Notice.ev, Drain.ev, Kill.ev, Add.ev, Remove.ev, Resize.ev):
         details = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("t", "ev"))
         return f"[{ev}] {details}"
     return None
@@ -65,9 +69,9 @@ class ProgressPrinter:
         if record["t"] < self._since:
             return
         rate = None
-        if record["ev"] == "group":
+        if record["ev"] == Group.ev:
             self.rank_nodes = record.get("nodes", [])
-        if record["ev"] == "step":
+        if record["ev"] == Step.ev:
             self.latest_step = record["step"]
             if record["step"] % self._every and record["step"] != self._total:
                 return
@@ -131,17 +135,17 @@ def summarize(events_path: str, since: float, storage: str) -> Dict[str, Any]:
     for e in iter_events(events_path):
         if e["t"] < since:
             continue
-        if e["ev"] == "step":
+        if e["ev"] == Step.ev:
             first = first or e
             latest = e
             stepped.add(e["step"])
             world_sizes.add(e["world_size"])
-        elif e["ev"] == "checkpoint":
+        elif e["ev"] == Checkpoint.ev:
             checkpoint_steps.add(e["step"])
             latest_checkpoint = e["step"]
             if e["tier"] == "durable":
                 durable = max(durable or e["step"], e["step"])
-        elif e["ev"] == "checkpoint_failed":
+        elif e["ev"] == CheckpointFailed.ev:
             failed_saves += 1
     return {
         "steps": latest["step"] if latest else None,

@@ -3,7 +3,7 @@
 The same on the embedded cluster and on GCP: nodes joining (``add``, with node type and
 pricing model from their labels), drains (``drain``, a preemption notice as Ray sees it),
 deaths (``kill``) and clean departures (``remove``). The ledger turns these into node-hours.
-With a ``ReplacementRequester`` (elastic/replacements.py) it also hands every view of the
+With a ``ReplacementRequester`` (preemption/replacements.py) it also hands every view of the
 cluster to it, which asks the autoscaler for replacements at a preemption notice.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.observe.records import Add, Drain, EventRecord, Kill, Remove
 from raytrain_spot.elastic.capacity import live_nodes
 
 NODE_TYPE_LABEL = "raytrain-spot/node-type"
@@ -41,23 +42,22 @@ class NodeState:
     """The node's total resources (what a worker needs to fit)."""
 
 
-def node_changes(before: Mapping[str, NodeState], after: Mapping[str, NodeState]) -> List[Dict]:
+def node_changes(before: Mapping[str, NodeState], after: Mapping[str, NodeState]) -> List[EventRecord]:
     """Event records for what changed between two views of the cluster."""
     records = []
     for node_id, node in after.items():
         previous = before.get(node_id)
         if node.alive and (previous is None or not previous.alive):
-            records.append({"ev": "add", "node": node_id, "node_type": node.node_type, "pricing": node.pricing,
-                            "gpus": node.gpus})
+            records.append(Add(node=node_id, node_type=node.node_type, pricing=node.pricing, gpus=node.gpus))
         if node.alive and node.draining_deadline_ms is not None and (
                 previous is None or previous.draining_deadline_ms is None):
             deadline = node.draining_deadline_ms / 1000 if node.draining_deadline_ms else None
-            records.append({"ev": "drain", "node": node_id, "deadline": deadline})
+            records.append(Drain(node=node_id, deadline=deadline))
         if not node.alive and previous is not None and previous.alive:
-            records.append({"ev": "kill", "node": node_id, "with_notice": previous.draining_deadline_ms is not None})
+            records.append(Kill(node=node_id, with_notice=previous.draining_deadline_ms is not None))
     for node_id, previous in before.items():
         if node_id not in after and previous.alive:
-            records.append({"ev": "remove", "node": node_id})
+            records.append(Remove(node=node_id))
     return records
 
 
@@ -106,7 +106,7 @@ class ClusterMonitor:
             node = self._known.get(node_id)
             if node is not None and node.alive:
                 self._known[node_id] = dataclasses.replace(node, alive=False)
-                self._events.emit("kill", node=node_id, with_notice=with_notice)
+                self._events.emit(Kill(node=node_id, with_notice=with_notice))
 
     def poll(self) -> None:
         with self._lock:
@@ -116,7 +116,7 @@ class ClusterMonitor:
         current = {node_id: dataclasses.replace(node, alive=False) if node_id in self._dead else node
                    for node_id, node in self._read().items()}
         for record in node_changes(self._known, current):
-            self._events.emit(record.pop("ev"), **record)
+            self._events.emit(record)
         self._known = current
         if self._replacements is not None:
             self._replacements.update(current.values())

@@ -35,6 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
+from raytrain_spot.observe.records import EventRecord, ReplacementRequested
 from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class ReplacementRequester:
     decision with its numbers, calls ``request`` and emits ``replacement_requested`` once per node.
     """
 
-    def __init__(self, per_worker: Mapping[str, float], max_workers: int, emit: Callable[..., None],
+    def __init__(self, per_worker: Mapping[str, float], max_workers: int, emit: Callable[[EventRecord], None],
                  request: Callable[[Bundles], None] = request_worker_bundles,
                  autoscaler_v2: Callable[[], bool] = detect_autoscaler_v2, clock: Callable[[], float] = time.time,
                  shutdown_s: float = GCE_SHUTDOWN_S, reassert_s: float = REASSERT_S):
@@ -153,8 +154,8 @@ class ReplacementRequester:
                         "drain deadline is in %.1f s, GCE's shutdown starts in about %.1f s", node_id, target,
                         self._bundle, self._max_workers, target - self._max_workers, len(replace),
                         node.draining_deadline_ms / 1000 - now, until - now)
-            self._emit("replacement_requested", node=node_id, workers=replace[node_id], bundles=target,
-                       bundle=dict(self._bundle), until=round(until, 3))
+            self._emit(ReplacementRequested(node=node_id, workers=replace[node_id], bundles=target,
+                                            bundle=dict(self._bundle), until=round(until, 3)))
             self._announced.add(node_id)
         if changed and not new:
             if replace:

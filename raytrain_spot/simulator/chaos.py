@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from raytrain_spot.config.schema import ChaosConfig, ChaosEvent
 from raytrain_spot.observe.events import EventLog
+from raytrain_spot.observe.records import Chaos, Notice, SoftOff
 from raytrain_spot.simulator.shutdown import node_start, read_start_commands, shutdown_times
 from raytrain_spot.simulator.trace_file import read_trace
 
@@ -295,7 +296,7 @@ class SpotSimulator:
         if metadata_delay_s:
             self.metadata.stall(metadata_delay_s, node=f"worker-{slot}")
         self.metadata.preempt(f"worker-{slot}")
-        self.events.emit("notice", node=self.nodes[slot].node_id, notice_s=notice_s)
+        self.events.emit(Notice(node=self.nodes[slot].node_id, notice_s=notice_s))
         logger.info("Preemption notice to worker-%d (%s); killing it in %.1f s", slot, self.nodes[slot].node_id,
                     notice_s)
         if self.cfg.watchers and notice_s != self.cfg.notice_s:
@@ -320,8 +321,8 @@ class SpotSimulator:
         watcher = self.watchers.get(slot)
         if watcher is not None and watcher.poll() is None:
             watcher.send_signal(signal.SIGTERM)  # a watcher stops with its unit, service or session scope
-        self.events.emit("soft_off", node=node.node_id, ray_unit=ray_unit.unit,
-                         sigterm="ray start --block" if ray_unit.main_only else "every process of Ray's node")
+        self.events.emit(SoftOff(node=node.node_id, ray_unit=ray_unit.unit,
+                                 sigterm="ray start --block" if ray_unit.main_only else "every process of Ray's node"))
         logger.info("Soft-off of worker-%d (%s): SIGTERM to %s; power-off in %.1f s", slot, node.node_id,
                     "its Ray service's main process" if ray_unit.main_only else "every process of its Ray node",
                     times.power_off_s - times.soft_off_s)
@@ -353,8 +354,8 @@ class SpotSimulator:
         now = self.clock()
         if self._started_at is None:
             self._started_at = now
-            self.events.emit("chaos", mode=self.cfg.mode, trace=self.cfg.trace, tick_s=self.cfg.tick_s,
-                             ticks=self._ticks, notice_s=self.cfg.notice_s, watchers=self.cfg.watchers)
+            self.events.emit(Chaos(mode=self.cfg.mode, trace=self.cfg.trace, tick_s=self.cfg.tick_s,
+                                   ticks=self._ticks, notice_s=self.cfg.notice_s, watchers=self.cfg.watchers))
         elapsed = now - self._started_at
         self._schedule_script(elapsed, step)
         while self._pending and self._pending[0].at_s <= elapsed:
