@@ -76,7 +76,7 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "GCPTPU": ("ray.autoscaler._private.gcp.node", "GCPTPU"),
     "GCPNodeType": ("ray.autoscaler._private.gcp.node", "GCPNodeType"),
     "GCPResource": ("ray.autoscaler._private.gcp.node", "GCPResource"),
-    # Which autoscaler runs: v1 counts a draining VM until GCE stops it, v2 does not (elastic/replacements.py).
+    # Which autoscaler runs: v1 counts a draining VM until GCE stops it, v2 does not (preemption/replacements.py).
     "is_autoscaler_v2": ("ray.autoscaler.v2.utils", "is_autoscaler_v2"),
 }
 

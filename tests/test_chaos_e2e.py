@@ -105,14 +105,14 @@ def test_reference_run_is_sane(reference):
 
 def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
     # The regrow mechanism, whatever it buys: on 2 shared cores 3 workers are no faster than 2, so
-    # the default rule (trainer.regrow=when_it_pays, tests/test_regrow.py) would rightly hold.
+    # the default rule (elastic.regrow=when_it_pays, tests/test_regrow.py) would rightly hold.
     run = train(tmp_path, "notice", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
                 "chaos.events=[{action:preempt,node:1,at_step:20},{action:restore,after_s:1}]",
                 # The regrow mechanism, not its wait for a warm node (tests/test_elastic.py): on 2 shared
                 # cores a joined node's idle-priority imports outlast this short run.
-                "trainer.regrow=after_settle", "trainer.warm_wait_limit_s=0",
+                "elastic.regrow=after_settle", "elastic.warm_wait_limit_s=0",
                 # Standbys, off by default here (CPU training on nodes that share the machine's cores).
-                "trainer.warm_standby=true", "trainer.standby_delay_s=0")  # the notice comes 2 s in
+                "elastic.warm_standby=true", "elastic.standby_delay_s=0")  # the notice comes 2 s in
     assert run.world_sizes == [3, 2, 3]
     assert [h["reason"] for h in run.of("handoff")] == ["preemption", "regrow"]
     assert run.steps_redone == 0
@@ -130,7 +130,7 @@ def test_two_nodes_preempted_at_once(tmp_path, reference):
     run = train(tmp_path, "two-at-once", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
                 "chaos.events=[{action:preempt,node:0,at_step:20},{action:preempt,node:1,at_step:20},"
                 "{action:restore,after_s:1},{action:restore,after_s:1}]",
-                "trainer.regrow=after_settle", "trainer.warm_wait_limit_s=0")  # the regrow back is the scenario
+                "elastic.regrow=after_settle", "elastic.warm_wait_limit_s=0")  # the regrow back is the scenario
     assert run.world_sizes[:2] == [3, 1], "both noticed nodes must leave in one restart"
     assert run.world_sizes[-1] == 3
     assert run.steps_redone == 0
@@ -175,7 +175,7 @@ DEATH_AFTER_A_NOTICE = ("chaos.events=[{action:preempt,node:2,at_step:20},{actio
 def test_preemption_during_a_restart(tmp_path, reference):
     # The second node dies without notice while the group is restarting after the first notice (at
     # once: no warm-up hold, which would still be training when it dies; the next test).
-    run = train(tmp_path, "during-restart", "+chaos=events", "chaos.notice_s=20", "trainer.notice_warmup_s=0",
+    run = train(tmp_path, "during-restart", "+chaos=events", "chaos.notice_s=20", "elastic.notice_standby_wait_s=0",
                 DEATH_AFTER_A_NOTICE)
     handoff = run.of("handoff")[0]
     hard_kill = next(k for k in run.of("kill") if not k["with_notice"])
@@ -264,7 +264,7 @@ def test_a_metadata_server_slow_at_the_notice_still_leaves_time_for_the_jit(tmp_
     # long before the kill 8 s after the notice. The handoff comes at once (no warm-up hold, which here
     # could train on to the run's last step).
     run = train(tmp_path, "slow-metadata", "+chaos=events", "chaos.notice_s=8", "chaos.margin_s=1",
-                "trainer.notice_warmup_s=0",
+                "elastic.notice_standby_wait_s=0",
                 "chaos.events=[{action:preempt,node:1,at_step:20,metadata_delay_s:3},{action:restore,after_s:1}]")
     notice, drain, kill = run.of("notice")[0], run.of("drain")[0], run.of("kill")[0]
     assert run.of("soft_off")[0]["sigterm"] == "ray start --block"
@@ -286,7 +286,7 @@ SSH_STARTED_NODE = [
 ]
 # GCE's default notice: `preempted` turns TRUE at the soft-off, the power-off comes 30 s later (6 s here,
 # the units' timeouts compressed with it). The handoff comes at once: no warm-up hold.
-SOFT_OFF = ("+chaos=events", "chaos.notice_s=6", "chaos.margin_s=1", "trainer.notice_warmup_s=0",
+SOFT_OFF = ("+chaos=events", "chaos.notice_s=6", "chaos.margin_s=1", "elastic.notice_standby_wait_s=0",
             "chaos.events=[{action:preempt,node:1,at_step:20},{action:restore,after_s:1}]")
 
 

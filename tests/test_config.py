@@ -39,7 +39,7 @@ def test_model_presets_are_valid(compose):
     ("task.data.image_size=48", "task.data.image_size"),
     ("run.name=has/slash", "run.name"),
     ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
-    ("trainer.failure_settle_s=-1", "trainer.failure_settle_s"),
+    ("elastic.failure_settle_s=-1", "elastic.failure_settle_s"),
     # sections whose checks once named another key, or several at once
     ("checkpoint.milestone_every_steps=-1", "checkpoint.milestone_every_steps"),
     ("checkpoint.final_upload_wait_s=-1", "checkpoint.final_upload_wait_s"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Collection, Optional, Set
 
-from raytrain_spot.config.schema import TrainerConfig
+from raytrain_spot.config.schema import Config
 from raytrain_spot.loop.agreement import StepAgreement
 from raytrain_spot.loop.decision import (MAX_STEPS, PERIODIC, STOP, Continue, Finish, HandOff, HandoffReason, Hold,
                                          SpotPolicy, decide)
@@ -28,7 +28,7 @@ class Silent:
 
 
 def policy() -> SpotPolicy:
-    return SpotPolicy(TrainerConfig(), 3600.0, Silent(), NODES[:2], emit=lambda *a, **k: None)
+    return SpotPolicy(Config(), Silent(), NODES[:2], emit=lambda *a, **k: None)
 
 
 def agreement(leaving=(), holding_for=0, grow_to=0, save_due=False, stop=False, waits_for_capacity=False):

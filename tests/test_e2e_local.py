@@ -52,13 +52,13 @@ def test_trains_checkpoints_then_resumes_by_name(tmp_path):
     assert "saved with other settings: task.model.text_layers: 2 -> 3" in changed.stderr
 
     # A short lease: the twin is refused once it sees the lease renewed (every third of the TTL).
-    command = [sys.executable, "-m", "raytrain_spot.run", *SMALL, *tiers, "trainer.max_steps=30", "run.lease_ttl_s=6"]
+    command = [sys.executable, "-m", "raytrain_spot.run", *SMALL, *tiers, "trainer.max_steps=30", "tuning.lease_ttl_s=6"]
     with subprocess.Popen(command, cwd=str(tmp_path), env={**os.environ, **env}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as resumed:
         while not (run_dir.parent / "storage" / "e2e" / "lease.json").exists() or "released\": true" in \
                 (run_dir.parent / "storage" / "e2e" / "lease.json").read_text():
             time.sleep(0.2)
-        twin = run_main(*SMALL, *tiers, "trainer.max_steps=30", "run.lease_ttl_s=6", cwd=str(tmp_path), env=env,
+        twin = run_main(*SMALL, *tiers, "trainer.max_steps=30", "tuning.lease_ttl_s=6", cwd=str(tmp_path), env=env,
                         timeout=120)
         out, err = resumed.communicate(timeout=600)
     assert twin.returncode == 2 and "run.name=e2e is in use by another driver" in twin.stderr, twin.stderr[-2000:]

@@ -20,6 +20,7 @@ from raytrain_spot.tasks.hf_vlm.text import IGNORE  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
 from raytrain_spot.loop.optim import build_optimizer  # noqa: E402
 from raytrain_spot.loop.step import train_step  # noqa: E402
+from tests.hf_families import families  # noqa: E402
 
 MAX_NEW_TOKENS = 12
 
@@ -51,7 +52,7 @@ def test_a_processor_with_a_chat_template_gets_conversations_and_the_answer_ends
     assert tokenizer.decode(raw["labels"][0][raw["labels"][0] != IGNORE]).split() == sample.caption.split() + ["</s>"]
 
 
-@pytest.mark.parametrize("preset", ["tiny-idefics3", "tiny-llava"])  # a chat template; none (the raw form)
+@pytest.mark.parametrize("preset", families())  # chat templates (all but LLaVA's); none (the raw form)
 def test_a_model_trained_here_writes_the_caption_and_stops(tmp_path, preset):
     task = task_for(tmp_path, preset)
     torch.manual_seed(0)

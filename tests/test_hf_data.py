@@ -25,6 +25,7 @@ from raytrain_spot.tasks.hf_vlm.data import (  # noqa: E402
     skipped_rows,
 )
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
+from tests.hf_families import families  # noqa: E402
 
 ROWS = 30
 FILES = 3
@@ -210,19 +211,51 @@ def test_trl_images_and_messages_rows_give_samples_with_every_image(tmp_path, ho
                            + [{"type": "text", "text": "what is it?"}]},)
 
 
-def test_a_trl_sample_with_two_images_trains_with_both(tmp_path):
+@pytest.mark.parametrize("preset", families())
+def test_a_trl_sample_with_two_images_trains_with_both(tmp_path, preset):
     from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask
 
     path = write_trl(tmp_path / "trl", trl_rows(), "parquet")
-    for preset in ("tiny-idefics3", "tiny-llava"):
-        task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path / "m")),
-                                  data=ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c"), **TRL))
-        task.prepare(0)
-        dataset = task.build_dataset(0)
-        batch = task.collate([dataset[0], dataset[1]])
-        image_id = task.processor().tokenizer.convert_tokens_to_ids("<image>")
-        per_sample = (batch["input_ids"] == image_id).sum(dim=1).tolist()
-        assert per_sample[1] == 2 * per_sample[0] > 0, f"{preset}: the second sample's two images both go in"
+    task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path / "m")),
+                              data=ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c"), **TRL))
+    task.prepare(0)
+    dataset = task.build_dataset(0)
+    batch = task.collate([dataset[0], dataset[1]])
+    (image_id,) = task.processor().image_token_ids  # the token an image's features replace
+    per_sample = (batch["input_ids"] == image_id).sum(dim=1).tolist()
+    assert per_sample[1] == 2 * per_sample[0] > 0, "the second sample's two images both go in"
+
+
+@pytest.mark.parametrize("preset", families())
+def test_images_of_other_sizes_collate_with_the_processor_s_own_tensors_and_train(tmp_path, preset):
+    """Qwen2.5-VL's processor returns every image's patches as rows of one flat ``pixel_values`` and an
+    ``image_grid_thw`` row per image, an image's token count following its size: the batch is the
+    processor's, concatenated over the micro-batch's images, never stacked per sample."""
+    import torch
+
+    from raytrain_spot.tasks.hf_vlm.data import sample_of
+    from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask
+
+    task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path)))
+    square, tall = (Image.fromarray(generate_sample(7, i, side, max_shapes=2).image).resize((32, side))
+                    for i, side in ((0, 32), (1, 48)))
+    samples = [sample_of([square], "a red circle"), sample_of([tall], "a blue square"),
+               sample_of([tall, square], "a red circle and a blue square")]
+    batch = task.collate(samples)
+    (image_id,) = task.processor().image_token_ids
+    tokens = (batch["input_ids"] == image_id).sum(dim=1).tolist()
+    if "image_grid_thw" in batch:
+        grid = batch["image_grid_thw"]
+        merge = task.processor().image_processor.merge_size
+        assert grid.shape == (4, 3) and batch["pixel_values"].shape[0] == int(grid.prod(dim=1).sum())
+        assert tokens == [int(grid[0].prod()) // merge ** 2, int(grid[1].prod()) // merge ** 2,
+                          int(grid[2:].prod(dim=1).sum()) // merge ** 2]
+        assert tokens[1] > tokens[0], "a larger image has more tokens"
+    assert tokens[2] == tokens[0] + tokens[1] > 0
+    torch.manual_seed(0)
+    losses = task.loss(task.build_model(), batch)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    losses.sum().backward()
 
 
 @pytest.mark.parametrize("problem, message", [

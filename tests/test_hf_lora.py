@@ -24,6 +24,7 @@ from raytrain_spot.storage.store import LocalStore  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.presets import write_preset  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask, LoraConfig  # noqa: E402
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main  # noqa: E402
+from tests.hf_families import families  # noqa: E402
 
 STEPS = 60
 """Long enough that the loop hears the notice at step 10 before the run ends: steps take ~0.05 s and the
@@ -78,7 +79,7 @@ def test_lora_checkpoints_adapters_only_resumes_at_another_size_and_exports_for_
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
     # The handoff at once (no warm-up hold, which could train on to the run's last step): the resume is the point.
     result = run_main(*lora_overrides(tmp_path, pretrained_base), "+chaos=events", "chaos.notice_s=4",
-                      "chaos.margin_s=1", "trainer.notice_warmup_s=0",
+                      "chaos.margin_s=1", "elastic.notice_standby_wait_s=0",
                       "chaos.events=[{action:preempt,node:1,at_step:10}]", cwd=str(tmp_path),
                       env={"RAY_TMPDIR": ray_tmp}, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -154,9 +155,21 @@ def test_lora_settings_that_name_no_layer_stop_before_ray(tmp_path, pretrained_b
         LoraConfig(r=-1)
 
 
-def test_an_adapter_of_a_preset_without_weights_is_refused_merged_export_works(tmp_path):
-    task = HuggingFaceVLMTask(model=HfModelConfig(preset="tiny-idefics3", cache_dir=str(tmp_path)),
-                              lora=LoraConfig(r=2))
+@pytest.mark.parametrize("preset", families())
+def test_the_default_lora_targets_adapt_every_family_s_attention(tmp_path, preset):
+    task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path)), lora=LoraConfig(r=2))
+    task.check_modules(task.model_dir())
+    torch.manual_seed(0)
+    model = task.build_model()
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    text_layers = model.base_model.model.config.text_config.num_hidden_layers
+    assert len([name for name in adapted if "language_model" in name or "text_model" in name]) == 4 * text_layers
+    assert all(not parameter.requires_grad for name, parameter in model.named_parameters() if "lora_" not in name)
+
+
+@pytest.mark.parametrize("preset", families("tiny-idefics3", "tiny-gemma3", "tiny-qwen2.5-vl"))
+def test_an_adapter_of_a_preset_without_weights_is_refused_merged_export_works(tmp_path, preset):
+    task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path)), lora=LoraConfig(r=2))
     torch.manual_seed(0)
     model = task.build_model()
     (tmp_path / "adapter").mkdir()

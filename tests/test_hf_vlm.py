@@ -1,4 +1,4 @@
-"""Hugging Face vision-language models as a task: two families on user-format shards, through a
+"""Hugging Face vision-language models as a task: four families on user-format shards, through a
 preemption, against an uninterrupted run; bad data and bad model directories stop before Ray."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask  #
 from raytrain_spot.tasks.hf_vlm.text import IGNORE  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main  # noqa: E402
+from tests.hf_families import END_OF_ANSWER, families, family  # noqa: E402
 
 STEPS = 40
 LOSS_TOLERANCE = 0.05  # relative, on the mean loss of the last 10 steps
@@ -90,15 +91,16 @@ def final_loss(events) -> float:
 
 @pytest.mark.cluster
 @pytest.mark.chaos
-# One family in the default suite keeps it under its time budget; the other runs with -m slow.
-@pytest.mark.parametrize("preset", ["tiny-llava", pytest.param("tiny-idefics3", marks=pytest.mark.slow)])
+# One family in the default suite keeps it under its time budget; the others run with -m slow.
+@pytest.mark.parametrize("preset", ["tiny-llava", *(family(preset, pytest.mark.slow) for preset in
+                                                    ("tiny-idefics3", "tiny-gemma3", "tiny-qwen2.5-vl"))])
 def test_a_hugging_face_vlm_trains_through_a_preemption_like_an_uninterrupted_run(tmp_path, preset, user_shards):
     (tmp_path / "plain").mkdir()
     (tmp_path / "spot").mkdir()
     reference = train(tmp_path / "plain", "plain", preset=preset, shards=user_shards)
     # The handoff at once (no warm-up hold, which could train on to the run's last step): the resume is the point.
     events = train(tmp_path / "spot", "spot", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
-                   "trainer.notice_warmup_s=0",
+                   "elastic.notice_standby_wait_s=0",
                    "chaos.events=[{action:preempt,node:1,at_step:10},{action:restore,after_s:1}]",
                    preset=preset, shards=user_shards)
     steps = [e["step"] for e in events if e["ev"] == "step"]
@@ -111,7 +113,7 @@ def test_a_hugging_face_vlm_trains_through_a_preemption_like_an_uninterrupted_ru
     assert final_loss(events) == pytest.approx(final_loss(reference), rel=LOSS_TOLERANCE)
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
+@pytest.mark.parametrize("preset", families())
 def test_the_loss_counts_the_caption_and_its_end_only_one_loss_per_sample(tmp_path, preset, user_shards):
     import torch
 
@@ -128,10 +130,9 @@ def test_the_loss_counts_the_caption_and_its_end_only_one_loss_per_sample(tmp_pa
                for i, sample in enumerate(dataset[j] for j in range(4))]
     batch = task.collate(samples)
     tokenizer = task.processor().tokenizer
-    end = "<end_of_utterance>" if preset == "tiny-idefics3" else "</s>"  # its chat template's end of turn, or EOS
     for row in range(4):
         kept = batch["labels"][row][batch["labels"][row] != IGNORE].tolist()
-        assert tokenizer.decode(kept).split() == samples[row].caption.split() + [end], \
+        assert tokenizer.decode(kept).split() == samples[row].caption.split() + [END_OF_ANSWER[preset]], \
             "exactly the caption and its end are trained on"
     losses = task.loss(model, batch)
     assert losses.shape == (4,) and torch.isfinite(losses).all()

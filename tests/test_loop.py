@@ -24,7 +24,7 @@ from raytrain_spot.checkpoint.format import STATE_FILE, checkpoint_key, load_sta
 from raytrain_spot.checkpoint.manager import CheckpointManager
 from raytrain_spot.checkpoint.state import LoopState, StateMismatch, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import StoreTier
-from raytrain_spot.config.schema import CheckpointingConfig, Config, OptimConfig, TrainerConfig
+from raytrain_spot.config.schema import CheckpointingConfig, Config, ElasticConfig, OptimConfig, TrainerConfig
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.elastic.policy import WorkerGroupHandoff
@@ -169,9 +169,11 @@ class LinearTask(TrainingTask):
         return {"counter": self.counter}
 
 
-def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle", **trainer) -> Config:
+def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle", notice_standby_wait_s: float = 10.0,
+           **trainer) -> Config:
     return Config(trainer=TrainerConfig(min_workers=1, max_workers=2, global_batch_size=8, micro_batch_size=2,
-                                        max_steps=max_steps, torch_threads=1, regrow=regrow, **trainer),
+                                        max_steps=max_steps, torch_threads=1, **trainer),
+                  elastic=ElasticConfig(regrow=regrow, notice_standby_wait_s=notice_standby_wait_s),
                   checkpoint=CheckpointingConfig(interval_steps=interval_steps),
                   optim=OptimConfig(lr=0.1, warmup_samples=0, weight_decay=0.0),
                   task={"_target_": "tests.test_loop.LinearTask"})
@@ -350,7 +352,7 @@ def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(
 def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):
     faults = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
               .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=60.0))
-    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2, notice_warmup_s=0.5),
+    ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2, notice_standby_wait_s=0.5),
                       task=LinearTask(step_s=0.05))
     holds = of(ranks[0], "notice_hold")
     assert [h["hold"] for h in holds] == [True, False] and "still importing after" in holds[1]["reason"]
@@ -358,9 +360,9 @@ def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):
     off = (FaultInjector(NODES).notice_at(step=5, rank=1).room_elsewhere(workers=1)
            .drain_deadline_after_notice(seconds=60.0).standbys_warm_after(seconds=60.0))
     (tmp_path / "off").mkdir()
-    ranks = train_group(tmp_path / "off", 2, off, config(max_steps=400, interval_steps=2, notice_warmup_s=0),
+    ranks = train_group(tmp_path / "off", 2, off, config(max_steps=400, interval_steps=2, notice_standby_wait_s=0),
                       task=LinearTask(step_s=0.05))
-    assert [r["step"] for r in ranks] == [5, 5], "trainer.notice_warmup_s=0 hands off at the notice"
+    assert [r["step"] for r in ranks] == [5, 5], "elastic.notice_standby_wait_s=0 hands off at the notice"
 
 
 def test_a_notice_that_leaves_survivors_hands_off_at_once(tmp_path):

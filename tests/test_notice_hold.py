@@ -3,7 +3,7 @@ without a cluster (the loop acting on it: tests/test_loop.py)."""
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView
 from raytrain_spot.loop.agreement import StepAgreement
-from raytrain_spot.preemption.hold import WarmupProgress, decide_notice_hold
+from raytrain_spot.preemption.hold import StandbyProgress, decide_notice_hold
 
 CPU1 = {"CPU": 1.0}
 
@@ -30,7 +30,7 @@ def test_somewhere_to_go_hands_off_at_once():
 
 
 def warming(missing=2, elapsed_s=3.0, limit_s=10.0):
-    return WarmupProgress(missing=missing, elapsed_s=elapsed_s, limit_s=limit_s)
+    return StandbyProgress(missing=missing, elapsed_s=elapsed_s, limit_s=limit_s)
 
 
 def test_somewhere_to_go_trains_on_while_the_nodes_that_stay_warm_their_standbys():
@@ -45,7 +45,7 @@ def test_the_warmup_hold_ends_when_they_are_warm_at_its_limit_or_near_the_deadli
     warm = hold(usable=2, warmup=warming(missing=0, elapsed_s=4.2))
     assert not warm.hold and "standbys warm 4.2 s after the notice" in warm.reason
     late = hold(usable=2, warmup=warming(missing=1, elapsed_s=10.0, limit_s=10.0))
-    assert not late.hold and "1 of their standbys still importing after 10.0 s (trainer.notice_warmup_s=10)" \
+    assert not late.hold and "1 of their standbys still importing after 10.0 s (elastic.notice_standby_wait_s=10)" \
         in late.reason
     near = hold(usable=2, warmup=warming(), deadline_in_s=2.0)
     assert not near.hold and near.needed_s == 2.5, "the deadline bounds a warm-up as it bounds any hold"

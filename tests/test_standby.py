@@ -13,9 +13,9 @@ import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raytrain_spot.config.schema import ClusterConfig, TrainerConfig
+from raytrain_spot.config.schema import ClusterConfig, Config, ElasticConfig, TrainerConfig
 from raytrain_spot.cluster.embedded import connect
-from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeWarmup, claim_standby, decide_standbys,
+from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeStandbys, claim_standby, decide_standbys,
                                            idle_standbys, nodes_share_cores, top_up, warm_nodes, warm_standbys)
 
 
@@ -81,7 +81,7 @@ class NoticedRankZero:
     def warm_up(self, outside_node: str):
         """The notice leaves no rank of the group staying; the restarted group's one worker goes to ``outside_node``."""
         global warmup
-        warmup = NoticeWarmup("warmup-test", group_keeps_standbys=False, hurry_s=60, max_workers=1,
+        warmup = NoticeStandbys("warmup-test", group_keeps_standbys=False, hurry_s=60, max_workers=1,
                               room_outside=lambda most: {outside_node: most})
         warmup.start({})
 
@@ -135,11 +135,12 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     (True, False, True, True), (False, True, False, False)])  # a setting decides everywhere
 def test_standbys_default_to_on_only_where_their_imports_take_idle_cores(setting, gpu, shared, expected):
     reads = []
-    decision = decide_standbys(TrainerConfig(warm_standby=setting, use_gpu=gpu), spot_aware=True,
+    decision = decide_standbys(Config(trainer=TrainerConfig(use_gpu=gpu), elastic=ElasticConfig(warm_standby=setting)),
+                               spot_aware=True,
                                nodes_share_cores=lambda: reads.append(1) or shared)
     assert decision.enabled is expected
     assert bool(reads) is (setting is None and gpu), "the node table is read only where it decides"
-    assert ("trainer.warm_standby=true" in decision.reason) is (setting is None and not expected), \
+    assert ("elastic.warm_standby=true" in decision.reason) is (setting is None and not expected), \
         "a default that turns standbys off names the setting that turns them on"
-    plain = TrainerConfig(warm_standby=True)
+    plain = Config(elastic=ElasticConfig(warm_standby=True))
     assert not decide_standbys(plain, spot_aware=False, nodes_share_cores=lambda: False).enabled

@@ -39,11 +39,6 @@ class TrainingRunConfig:
     """Seed for model initialisation, data order and every other random choice."""
     log_sample_ids: bool = False
     """Log the sample ids every rank trains on (``samples`` events), to audit exactly-once data."""
-    lease_ttl_s: float = 60.0
-    """One driver owns a run name at a time (a lease in storage.uri, renewed every third of this).
-    A second driver with the same name stops at start, once it sees the lease renewed; a dead
-    driver's lease is free after it stood still this long on the next driver's clock, at once when
-    it died on the same machine. A driver that cannot renew for this less a sixth stops itself."""
     show_ray_logs: bool = False
     """Also print Ray's own lines on the console (workers' and the Train controller's output, Ray
     Train's reports, errors relayed from the GCS, C++ log lines). Off, they go to the run's
@@ -56,8 +51,6 @@ class TrainingRunConfig:
             f"{self.name!r} is not a valid run name (letters, digits, '.', '_', '-'; at most 128)",
             "pick a name such as run.name=vlm-exp1",
         )
-        require(self.lease_ttl_s >= 3, "run.lease_ttl_s", f"{self.lease_ttl_s} s leaves no time to renew",
-                "set run.lease_ttl_s=60 (or at least 3)")
 
 
 @dataclass
@@ -119,56 +112,6 @@ class TrainerConfig:
     max_identical_failures: int = 3
     """Stop when the worker group fails this many times in a row with the same error and no handoff
     between: a bug, not a lost node (0: never stop for it)."""
-    resize_check_interval_s: float = 1.0
-    """How often rank 0 checks whether more workers would fit (regrow)."""
-    regrow: str = "when_it_pays"
-    """``when_it_pays``: regrow once the extra capacity's expected gain covers the restarts it costs,
-    from this run's measured samples/s per world size, restart cost and node lifetimes
-    (raytrain_spot/elastic/regrow.py); ``after_settle``: whenever it has stayed ``regrow_settle_s``."""
-    regrow_settle_s: float = 2.0
-    """Extra capacity must stay at least this long before the group restarts to use it."""
-    restart_prior_s: float = 10.0
-    """What a group restart is taken to cost until this run has measured one (at a handoff)."""
-    hold_on_notice: bool = True
-    """When a notice leaves fewer than ``min_workers`` workers on nodes without one (the whole group
-    noticed, nowhere to go), train on the noticed nodes and hand off just before their drain deadline
-    (a step, the checkpoint's measured commit time and ``hold_margin_s`` before it), or at once when
-    capacity appears elsewhere; handing off at the notice would only wait for capacity."""
-    hold_margin_s: float = 1.0
-    """Seconds of slack a notice hold leaves between the just-in-time checkpoint's expected commit and
-    the drain deadline (which itself comes before the VM's hard stop: the watcher's ``--margin-s``)."""
-    warm_standby: Optional[bool] = None
-    """Keep on every node of the group, and on every node that joins, one idle worker process per rank
-    it can hold, with torch and the training code imported, so a restarted group (after a notice or for
-    a regrow) starts in them instead of in cold processes. See raytrain_spot/elastic/standby.py.
-    None (the default): on for GPU training on nodes with a machine of their own (a GCP GPU cluster), off
-    for CPU training, which keeps the cores a standby imports on busy, and where nodes share one
-    machine's cores (the embedded cluster, the local autoscaler's nodes): there a standby's imports come
-    out of training, and cost more steps than its faster restarts save (docs/benchmarks.md). true/false:
-    always/never."""
-    notice_warmup_s: float = 10.0
-    """Longest a group trains on after a notice that leaves it somewhere to go, while the nodes that
-    stay start one standby process per rank they keep and import the stack into them at normal
-    priority, so the group restarts in warm processes: on the embedded cluster the time it trains
-    nothing fell from 9.5 s (cold processes) to 4.0 s, medians (docs/benchmarks.md). Also covers
-    the usable nodes outside the group the restarted group takes. Ends as soon as they are warm (at
-    once where the group keeps standbys that are), and never past what the drain deadline allows (a
-    step, the checkpoint's commit and ``hold_margin_s`` before it); the hold begins with a
-    checkpoint. 0: hand off at the notice. Needs warm_standby not false; see
-    raytrain_spot/elastic/standby.py."""
-    warm_wait_limit_s: float = 60.0
-    """Longest a node outside the group is kept out of a regrow while it is not warm (its standby has
-    not imported the stack yet; a group restarted onto it would wait for the import). 0: regrow onto
-    cold nodes at once. See raytrain_spot/elastic/capacity.py."""
-    standby_delay_s: float = 5.0
-    """Seconds a group trains before its nodes start their standbys. A standby imports torch and the
-    training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process (the
-    interpreter and Ray's worker, at normal priority) and, to a lesser degree, the imports take CPU
-    that comes out of the group's first steps where nodes share cores. A group that ends sooner
-    restarts in cold processes."""
-    failure_settle_s: float = 4.0
-    """After a failure without notice, wait this long for the cluster to declare dead nodes dead
-    before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
     collective_timeout_s: float = 120.0
     """Process-group timeout: a survivor stuck in a collective with a vanished peer gives up after this."""
     startup_timeout_s: float = 1800.0
@@ -190,17 +133,102 @@ class TrainerConfig:
         require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                 "set trainer.max_failures=-1 to recover from every failure")
         require_non_negative("trainer", self, "max_identical_failures")
-        require_positive("trainer", self, "resize_check_interval_s", "collective_timeout_s", "startup_timeout_s")
-        require(self.regrow in REGROW_MODES, "trainer.regrow", f"{self.regrow!r} is not a mode",
-                f"use one of {', '.join(REGROW_MODES)}")
-        for name in ("regrow_settle_s", "failure_settle_s", "restart_prior_s", "standby_delay_s", "hold_margin_s",
-                     "warm_wait_limit_s", "notice_warmup_s"):
-            require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}",
-                    "use 0 or a positive number of seconds")
+        require_positive("trainer", self, "collective_timeout_s", "startup_timeout_s")
 
     @property
     def resources_per_worker(self) -> dict:
         return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+
+@dataclass
+class ElasticConfig:
+    """How the group follows capacity: growing back, warm standbys, the wait after a loss."""
+
+    regrow: str = "when_it_pays"
+    """``when_it_pays``: regrow once the extra capacity's expected gain covers the restarts it costs,
+    from this run's measured samples/s per world size, restart cost and node lifetimes
+    (raytrain_spot/elastic/regrow.py); ``after_settle``: whenever it has stayed ``tuning.regrow_settle_s``."""
+    warm_standby: Optional[bool] = None
+    """Keep on every node of the group, and on every node that joins, one idle worker process per rank
+    it can hold, with torch and the training code imported, so a restarted group (after a notice or for
+    a regrow) starts in them instead of in cold processes. See raytrain_spot/elastic/standby.py.
+    None (the default): on for GPU training on nodes with a machine of their own (a GCP GPU cluster), off
+    for CPU training, which keeps the cores a standby imports on busy, and where nodes share one
+    machine's cores (the embedded cluster, the local autoscaler's nodes): there a standby's imports come
+    out of training, and cost more steps than its faster restarts save (docs/benchmarks.md). true/false:
+    always/never."""
+    notice_standby_wait_s: float = 10.0
+    """Longest a group trains on after a notice that leaves it somewhere to go, while the nodes that
+    stay start one standby process per rank they keep and import the stack into them at normal
+    priority, so the group restarts in warm processes: on the embedded cluster the time it trains
+    nothing fell from 9.5 s (cold processes) to 4.0 s, medians (docs/benchmarks.md). Also covers
+    the usable nodes outside the group the restarted group takes. Ends as soon as they are warm (at
+    once where the group keeps standbys that are), and never past what the drain deadline allows (a
+    step, the checkpoint's commit and ``tuning.hold_margin_s`` before it); the hold begins with a
+    checkpoint. 0: hand off at the notice. Needs warm_standby not false; see
+    raytrain_spot/elastic/standby.py."""
+    warm_wait_limit_s: float = 60.0
+    """Longest a node outside the group is kept out of a regrow while it is not warm (its standby has
+    not imported the stack yet; a group restarted onto it would wait for the import). 0: regrow onto
+    cold nodes at once. See raytrain_spot/elastic/capacity.py."""
+    standby_delay_s: float = 5.0
+    """Seconds a group trains before its nodes start their standbys. A standby imports torch and the
+    training code at idle priority (raytrain_spot/elastic/preload.py), but starting its process (the
+    interpreter and Ray's worker, at normal priority) and, to a lesser degree, the imports take CPU
+    that comes out of the group's first steps where nodes share cores. A group that ends sooner
+    restarts in cold processes."""
+    failure_settle_s: float = 4.0
+    """After a failure without notice, wait this long for the cluster to declare dead nodes dead
+    before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
+
+    def __post_init__(self):
+        require(self.regrow in REGROW_MODES, "elastic.regrow", f"{self.regrow!r} is not a mode",
+                f"use one of {', '.join(REGROW_MODES)}")
+        require_non_negative("elastic", self, "notice_standby_wait_s", "warm_wait_limit_s", "standby_delay_s",
+                             "failure_settle_s")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the task's evaluation set (``TrainingTask.build_eval_dataset``; none: nothing to do)."""
+
+    every_steps: int = 100
+    """Evaluate every this many steps and at the run's end; 0: never."""
+
+    def __post_init__(self):
+        require_non_negative("eval", self, "every_steps")
+
+
+@dataclass
+class TuningConfig:
+    """Expert timings, each defaulted from what was measured (docs/preemption.md, docs/benchmarks.md);
+    change them to experiment, not to run."""
+
+    resize_check_interval_s: float = 1.0
+    """How often rank 0 checks whether more workers would fit (regrow)."""
+    regrow_settle_s: float = 2.0
+    """Extra capacity must stay at least this long before the group restarts to use it."""
+    restart_prior_s: float = 10.0
+    """What a group restart is taken to cost until this run has measured one (at a handoff)."""
+    hold_on_notice: bool = True
+    """When a notice leaves fewer than ``min_workers`` workers on nodes without one (the whole group
+    noticed, nowhere to go), train on the noticed nodes and hand off just before their drain deadline
+    (a step, the checkpoint's measured commit time and ``tuning.hold_margin_s`` before it), or at once when
+    capacity appears elsewhere; handing off at the notice would only wait for capacity."""
+    hold_margin_s: float = 1.0
+    """Seconds of slack a notice hold leaves between the just-in-time checkpoint's expected commit and
+    the drain deadline (which itself comes before the VM's hard stop: the watcher's ``--margin-s``)."""
+    lease_ttl_s: float = 60.0
+    """One driver owns a run name at a time (a lease in storage.uri, renewed every third of this).
+    A second driver with the same name stops at start, once it sees the lease renewed; a dead
+    driver's lease is free after it stood still this long on the next driver's clock, at once when
+    it died on the same machine. A driver that cannot renew for this less a sixth stops itself."""
+
+    def __post_init__(self):
+        require_positive("tuning", self, "resize_check_interval_s")
+        require_non_negative("tuning", self, "regrow_settle_s", "restart_prior_s", "hold_margin_s")
+        require(self.lease_ttl_s >= 3, "tuning.lease_ttl_s", f"{self.lease_ttl_s} s leaves no time to renew",
+                "set tuning.lease_ttl_s=60 (or at least 3)")
 
 
 @dataclass
@@ -431,6 +459,8 @@ class Config:
     own: ``task=custom task._target_=my_pkg.MyTask +task.SETTING=VALUE`` (docs/extending.md)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -439,6 +469,7 @@ class Config:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def __post_init__(self):
         if self.cluster.embedded:

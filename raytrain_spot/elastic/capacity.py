@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
-from raytrain_spot.config.schema import TrainerConfig
+from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.standby import start_standbys, warm_nodes
 from raytrain_spot.elastic.signals import ExtraCapacity
 
@@ -238,13 +238,13 @@ class RaySignals:
         return known if known is not None else drain_deadline_s(nodes)
 
 
-def watch_capacity(trainer_cfg: TrainerConfig, node_ids: List[str], standbys: bool) -> CapacityWatcher:
+def watch_capacity(cfg: Config, node_ids: List[str], standbys: bool) -> CapacityWatcher:
     """Rank 0's watch on the cluster: regrow capacity, notices, and (``standbys``) standbys for nodes that join."""
-    per_worker, most = trainer_cfg.resources_per_worker, trainer_cfg.max_workers
+    per_worker, most = cfg.trainer.resources_per_worker, cfg.trainer.max_workers
 
     def warm(node: NodeView) -> None:
         start_standbys(node.node_id, workers_that_fit([node], per_worker, most))
 
-    return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, trainer_cfg.resize_check_interval_s,
+    return CapacityWatcher(LiveCapacity(per_worker, most), node_ids, cfg.tuning.resize_check_interval_s,
                            on_join=warm if standbys else None, warm=warm_nodes if standbys else None,
-                           warm_wait_limit_s=trainer_cfg.warm_wait_limit_s).start()
+                           warm_wait_limit_s=cfg.elastic.warm_wait_limit_s).start()

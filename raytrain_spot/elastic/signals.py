@@ -35,8 +35,8 @@ class ClusterSignals(Protocol):
         """When the first of these nodes stops (unix seconds), if known."""
 
 
-class StandbyWarmup(Protocol):
-    """Rank 0's warm standbys on the nodes a notice leaves (elastic/standby.py's ``NoticeWarmup`` in a run)."""
+class StandbyStarter(Protocol):
+    """Rank 0's warm standbys on the nodes a notice leaves (elastic/standby.py's ``NoticeStandbys`` in a run)."""
 
     def start(self, staying: Mapping[str, int]) -> None:
         """Start standbys for the group restarted without the noticed nodes (``staying``: node id -> ranks

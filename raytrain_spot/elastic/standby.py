@@ -12,14 +12,14 @@ seconds importing torch, Ray Train and the training code before its first step
   runtime environment and keeps them alive; the next actor of that job and environment on
   the node is placed in one of them instead of a new process.
 
-Once a group has trained for ``trainer.standby_delay_s`` the lowest rank on each node tops its
+Once a group has trained for ``elastic.standby_delay_s`` the lowest rank on each node tops its
 node up to one idle process per rank there, with the group's own runtime environment (marked with the run's name, so
 the processes can be counted), and rank 0 starts standbys on every node that joins while the
 group runs. When the group restarts, after a notice or for a regrow, its new workers start
 in those. ``PrestartWorkers`` has no Python API in Ray 2.60; ``tests/test_standby.py`` fails
 loudly if an upgrade moves or changes it. A failed top-up is logged and costs only the speed-up.
 
-Each group decides whether to keep standbys (``decide_standbys``): ``trainer.warm_standby``, or
+Each group decides whether to keep standbys (``decide_standbys``): ``elastic.warm_standby``, or
 where it is unset, whether the imports would take cores the training leaves idle (GPU training on
 nodes of their own: yes). On the embedded cluster, CPU training on nodes that share the machine's
 cores, a standby's imports were measured to cost the group more steps than its faster restarts
@@ -30,7 +30,7 @@ rank 0 regrows onto a node that joined only once it is warm (``warm_nodes``, rea
 elastic/capacity.py), since a group restarted onto a node still importing waits for the import.
 
 A group without standbys still restarts warm after a notice that leaves it somewhere to go
-(``NoticeWarmup``, ``trainer.notice_warmup_s``): rank 0 starts one standby per rank on each node that
+(``NoticeStandbys``, ``elastic.notice_standby_wait_s``): rank 0 starts one standby per rank on each node that
 stays, tells them to import at normal priority (``hurry_standbys``: they are wanted within seconds,
 and training pays for their imports once, not for as long as the group runs), and the group trains
 on until each standby says it is warm (``warm_standbys``), within the drain deadline
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Set
 import psutil
 
 if TYPE_CHECKING:  # the preload imports this module before it lowers its priority: keep it light
-    from raytrain_spot.config.schema import TrainerConfig
+    from raytrain_spot.config.schema import Config
 
 logger = logging.getLogger(__name__)
 
@@ -144,22 +144,22 @@ class StandbyDecision:
     reason: str
 
 
-def decide_standbys(trainer_cfg: "TrainerConfig", spot_aware: bool, nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
-    """``trainer.warm_standby``; where unset, on only where a standby's imports take cores the training
+def decide_standbys(cfg: "Config", spot_aware: bool, nodes_share_cores: Callable[[], bool]) -> StandbyDecision:
+    """``elastic.warm_standby``; where unset, on only where a standby's imports take cores the training
     leaves idle: training on GPUs, on nodes that do not share a machine. CPU training keeps its node's
     cores busy, and nodes on one machine share its cores; there the imports come out of the training
     they would speed up (measured on the embedded cluster: docs/benchmarks.md). ``nodes_share_cores``
     (a read of the node table) is called only where it decides."""
     if not spot_aware:
         return StandbyDecision(False, "plain Ray Train (a benchmark baseline) starts every group cold")
-    if trainer_cfg.warm_standby is not None:
-        return StandbyDecision(trainer_cfg.warm_standby, f"trainer.warm_standby={trainer_cfg.warm_standby}")
-    if not trainer_cfg.use_gpu:
+    if cfg.elastic.warm_standby is not None:
+        return StandbyDecision(cfg.elastic.warm_standby, f"elastic.warm_standby={cfg.elastic.warm_standby}")
+    if not cfg.trainer.use_gpu:
         return StandbyDecision(False, "CPU training keeps the nodes' cores busy, and a standby's imports would "
-                                      "come out of it; set trainer.warm_standby=true to keep standbys anyway")
+                                      "come out of it; set elastic.warm_standby=true to keep standbys anyway")
     if nodes_share_cores():
         return StandbyDecision(False, "Ray nodes of this cluster share a machine's cores, and a standby's imports "
-                                      "would come out of training; set trainer.warm_standby=true to keep standbys "
+                                      "would come out of training; set elastic.warm_standby=true to keep standbys "
                                       "anyway")
     return StandbyDecision(True, "GPU training on nodes of their own leaves their cores idle for a standby's imports")
 
@@ -235,7 +235,7 @@ def start_standbys(node_id: str, count: int) -> None:
         _log_cold_start(node_id)
 
 
-class NoticeWarmup:
+class NoticeStandbys:
     """Rank 0's warm-up at a notice: a warm standby for every worker of the restarted group, on the nodes
     that stay (one per rank they keep) and, up to ``max_workers``, on the usable nodes outside the group
     (``room_outside``: how many workers fit on each, at most the given number in all), where the

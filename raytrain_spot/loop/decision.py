@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Collection, List, Optional, Protocol, Sequence, Tuple, Union
 
 from raytrain_spot.checkpoint.state import LoopState
-from raytrain_spot.config.schema import TrainerConfig
+from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.regrow import RegrowPolicy
-from raytrain_spot.elastic.signals import ClusterSignals, StandbyWarmup
+from raytrain_spot.elastic.signals import ClusterSignals, StandbyStarter
 from raytrain_spot.loop.agreement import Proposal, StepAgreement
 from raytrain_spot.preemption.hold import NoticeHoldPolicy
 
@@ -117,11 +117,11 @@ class SpotPolicy:
     """The product's policy: hand off at a notice (held while it pays, preemption/hold.py) and
     grow back when it pays (elastic/regrow.py), from what Ray says of the cluster."""
 
-    def __init__(self, cfg: TrainerConfig, node_mtbi_prior_s: float, signals: ClusterSignals, node_ids: Sequence[str],
-                 emit: Callable[..., None], warmup: Optional[StandbyWarmup] = None):
+    def __init__(self, cfg: Config, signals: ClusterSignals, node_ids: Sequence[str], emit: Callable[..., None],
+                 warmup: Optional[StandbyStarter] = None):
         self._signals = signals
         self._node_ids = list(node_ids)
-        self._regrow = RegrowPolicy(cfg, node_mtbi_prior_s, emit)
+        self._regrow = RegrowPolicy(cfg, emit)
         self._holds = NoticeHoldPolicy(cfg, emit, warmup)
         self._held_for_capacity = False
 

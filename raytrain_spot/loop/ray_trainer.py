@@ -30,7 +30,7 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         num_workers=trainer_cfg.max_workers if fixed else (trainer_cfg.min_workers, trainer_cfg.max_workers),
         use_gpu=trainer_cfg.use_gpu,
         resources_per_worker=trainer_cfg.resources_per_worker,
-        elastic_resize_monitor_interval_s=trainer_cfg.resize_check_interval_s,
+        elastic_resize_monitor_interval_s=cfg.tuning.resize_check_interval_s,
     )
     run_config = RunConfig(
         name=cfg.run.name,
@@ -41,9 +41,9 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         # Marks the workers' processes so each node can count its idle standbys (standby.py). Each group
         # decides whether to keep standbys (standby.py's decide_standbys).
         worker_runtime_env=({"env_vars": {STANDBY_MARKER: cfg.run.name}}
-                            if spot_aware and trainer_cfg.warm_standby is not False else None),
+                            if spot_aware and cfg.elastic.warm_standby is not False else None),
     )
-    spot = ({"failure_settle_s": trainer_cfg.failure_settle_s,
+    spot = ({"failure_settle_s": cfg.elastic.failure_settle_s,
              "max_identical_failures": trainer_cfg.max_identical_failures} if spot_aware else {})
     trainer_cls = SpotTorchTrainer if spot_aware else TorchTrainer
     return trainer_cls(

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.capacity import CapacityWatcher, RaySignals
-from raytrain_spot.elastic.signals import ClusterSignals, StandbyWarmup
+from raytrain_spot.elastic.signals import ClusterSignals, StandbyStarter
 from raytrain_spot.loop.decision import GroupPolicy, SpotPolicy
 
 
@@ -28,15 +28,15 @@ class Strategy:
     signals: Callable[[Optional[CapacityWatcher]], ClusterSignals]
     """What the loop hears of the cluster, from rank 0's capacity watch (None on other ranks, and
     where the strategy is not spot-aware)."""
-    group_policy: Callable[[Config, ClusterSignals, Sequence[str], Callable[..., None], Optional[StandbyWarmup]],
+    group_policy: Callable[[Config, ClusterSignals, Sequence[str], Callable[..., None], Optional[StandbyStarter]],
                            GroupPolicy]
     """The group's policy, from the config, the signals, each rank's node, the event emitter and
     rank 0's notice warm-up of standbys."""
 
 
 def spot_policy(cfg: Config, signals: ClusterSignals, node_ids: Sequence[str], emit: Callable[..., None],
-                warmup: Optional[StandbyWarmup]) -> GroupPolicy:
-    return SpotPolicy(cfg.trainer, cfg.checkpoint.mtbi_prior_s, signals, node_ids, emit, warmup)
+                warmup: Optional[StandbyStarter]) -> GroupPolicy:
+    return SpotPolicy(cfg, signals, node_ids, emit, warmup)
 
 
 SPOT = Strategy("raytrain-spot", spot_aware=True, signals=RaySignals, group_policy=spot_policy)

@@ -123,6 +123,17 @@ class TrainingTask(abc.ABC):
         """The loss of each sample of ``batch``, shape ``[batch]``. Call ``model(...)`` (it is the
         DDP-wrapped model: calling its submodules directly would skip the gradient sync)."""
 
+    def build_eval_dataset(self, seed: int) -> Optional[MapDataset]:
+        """Samples to evaluate on, apart from the training set, in the form ``collate`` takes: the
+        framework evaluates them every ``eval.every_steps`` and at the run's end, each sample once
+        over all ranks (loop/evaluate.py). Default: None, no evaluation."""
+        return None
+
+    def eval_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The loss of each sample of an evaluation batch, shape ``[batch]``, under ``torch.no_grad()``
+        with the model in eval mode. Default: ``loss``."""
+        return self.loss(model, batch)
+
     def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
         """Write ``model`` (from ``build_model``, the trained weights loaded) into the existing
         directory ``out_dir`` in its library's own format: what ``python -m
@@ -168,7 +179,7 @@ def task_class(target: Any) -> type:
                           "the task's package on PYTHONPATH (every node needs it) and check the spelling") from None
     if not (isinstance(cls, type) and issubclass(cls, TrainingTask)):
         raise ConfigError(f"task._target_: {target} is not a TrainingTask. Fix: subclass "
-                          "raytrain_spot.loop.task.TrainingTask (docs/extending.md)")
+                          "raytrain_spot.TrainingTask (docs/extending.md)")
     return cls
 
 

@@ -33,7 +33,8 @@ class Start(EventRecord):
     run: str
     """The run's name (``run.name``)."""
     strategy: str
-    """The training strategy's name (``plain_ray_train`` for the baseline)."""
+    """The strategy the run meets Spot with (loop/strategy.py): ``raytrain-spot``, or a benchmark
+    baseline's name (bench/baselines.py: ``plain-ray-train``, ``ray-preemption-api``)."""
     embedded: bool
     """Whether the run started its own local Ray cluster."""
     dataset: Any

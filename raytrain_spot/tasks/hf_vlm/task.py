@@ -1,17 +1,22 @@
 """A Hugging Face image-text-to-text model as a training task: any model ``transformers`` builds
 from a model directory (``AutoModelForImageTextToText``), with its own processor and tokenizer.
 
-Tested families: LLaVA and Idefics3 (SmolVLM). The model directory is what ``save_pretrained``
-writes: ``config.json``, the processor's and tokenizer's files, and the weights; without weights
-the model starts from a seeded random init (the presets, for tests and smoke runs). Directories
-are read with ``local_files_only``; a hub id is fetched into the Hugging Face cache first, at the
-commit the driver resolved (hub.py).
+Tested families: LLaVA, Idefics3 (SmolVLM), Gemma 3 and Qwen2.5-VL. The model directory is what
+``save_pretrained`` writes: ``config.json``, the processor's and tokenizer's files, and the
+weights; without weights the model starts from a seeded random init (the presets, for tests and
+smoke runs). Directories are read with ``local_files_only``; a hub id is fetched into the Hugging
+Face cache first, at the commit the driver resolved (hub.py).
 
 A sample is written with the processor's chat template when it has one (the user turn with the
 images and the prompt, the assistant turn the caption), else in the raw form
 ``<image> {prompt} {caption}</s>`` (text.py). The loss is next-token cross-entropy on the answer
 only (the caption and its end-of-turn or end-of-sequence token): padding, image tokens and the
 prompt are masked, and each sample's loss is the mean over its own answer tokens.
+
+A micro-batch is the processor's batch for its samples, each sample's images passed as its own
+list: what the processor returns per image (Qwen2.5-VL's flat ``pixel_values`` rows and
+``image_grid_thw``) stays concatenated over the micro-batch's images, never stacked per sample,
+and its other outputs (Gemma 3's ``token_type_ids``) go to the model as they are.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from raytrain_spot.tasks.hf_vlm.data import (
     skipped_rows,
 )
 from raytrain_spot.tasks.hf_vlm.hub import hub_snapshot, is_hub_id
-from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, write_preset
+from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, missing_packages, write_preset
 from raytrain_spot.tasks.hf_vlm.text import IGNORE, SampleText, image_token
 from raytrain_spot.storage.node_cache import local_copy
 from raytrain_spot.loop.task import TrainingTask
@@ -45,6 +50,7 @@ IMAGE_TOKENS_PER_TILE = {
     "llava": lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2
     + (c.vision_feature_select_strategy == "full"),
     "idefics3": lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2 // c.scale_factor ** 2,
+    "gemma3": lambda c: c.mm_tokens_per_image,
 }
 """How many image features a tested family's model yields per image tile (the check before Ray starts)."""
 
@@ -64,8 +70,8 @@ class HfModelConfig:
     to a commit before Ray starts, and every worker loads that commit."""
     preset: str = "tiny-llava"
     """With no ``path``: a built-in model directory without weights (seeded random init): ``tiny-llava``,
-    ``tiny-idefics3`` (CPU-sized), or the SmolVLM configurations ``smolvlm-256m``, ``smolvlm-500m``,
-    ``smolvlm-2.2b``."""
+    ``tiny-idefics3``, ``tiny-gemma3``, ``tiny-qwen2.5-vl`` (CPU-sized), or the SmolVLM configurations
+    ``smolvlm-256m``, ``smolvlm-500m``, ``smolvlm-2.2b``."""
     cache_dir: str = "~/.cache/raytrain_spot/hf_models"
     """Where preset directories are written."""
     dtype: str = "float32"
@@ -81,6 +87,9 @@ class HfModelConfig:
     def __post_init__(self):
         require(self.path is not None or self.preset in PRESETS, "task.model.preset",
                 f"{self.preset!r} is not a preset", f"use one of {', '.join(sorted(PRESETS))}, or set task.model.path")
+        missing = missing_packages(self.preset) if self.path is None else []
+        require(not missing, "task.model.preset", f"{self.preset}'s processor needs {', '.join(missing)}",
+                f"pip install {' '.join(missing)}")
         require(self.dtype in ("float32", "bfloat16"), "task.model.dtype", f"{self.dtype!r} is not supported",
                 "use float32 or bfloat16")
 
@@ -161,7 +170,8 @@ class HuggingFaceVLMTask(TrainingTask):
             return
         batch = self.prompt_inputs(sample.images[:1], "")
         side = tuple(batch["pixel_values"].shape[-2:])
-        if side != (vision.image_size, vision.image_size):
+        # Families whose processor returns images as flat patch rows (pixel_values of 2 dims) take any side.
+        if batch["pixel_values"].dim() >= 4 and side != (vision.image_size, vision.image_size):
             raise ConfigError(f"task.model.path: the processor in {model_dir} makes {side[0]}x{side[1]} images, but "
                               f"the vision tower in its config.json takes {vision.image_size}x{vision.image_size}. "
                               "Fix: save the processor that belongs to this model into the directory "
@@ -169,8 +179,7 @@ class HuggingFaceVLMTask(TrainingTask):
         if (per_tile := IMAGE_TOKENS_PER_TILE.get(config.model_type)) is not None:
             tiles = batch["pixel_values"].shape[1] if batch["pixel_values"].dim() == 5 else 1
             expected = per_tile(config) * tiles
-            made = int((batch["input_ids"] == self.processor().tokenizer.convert_tokens_to_ids(
-                image_token(self.processor()))).sum())
+            made = int((batch["input_ids"] == model_image_token_id(config)).sum())
             if made != expected:
                 raise ConfigError(f"task.model.path: the processor in {model_dir} writes {made} image tokens for an "
                                   f"image, but the model's config.json yields {expected} image features. Fix: save "
@@ -307,10 +316,8 @@ class HuggingFaceVLMTask(TrainingTask):
     def model_inputs(self, images: Sequence[Sequence[Any]], texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """The processor's batch for each sample's images and text."""
         processor = self.processor()
-        return dict(processor(images=[list(own) for own in images] if nested_images(processor)
-                              else [image for own in images for image in own],
-                              text=list(texts), return_tensors="pt", padding=True,
-                              add_special_tokens=self.sample_text().add_special_tokens))
+        return dict(processor(images=[list(own) for own in images], text=list(texts), return_tensors="pt",
+                              padding=True, add_special_tokens=self.sample_text().add_special_tokens))
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
         """The model directory ``from_pretrained`` loads (adapters merged), or the adapters alone,
@@ -342,9 +349,11 @@ def has_weights(model_dir: str) -> bool:
     return any(os.path.exists(os.path.join(model_dir, name)) for name in WEIGHT_FILES)
 
 
-def nested_images(processor) -> bool:
-    """Idefics3-style processors take a list of images per sample; LLaVA-style ones a flat list."""
-    return type(processor).__name__.startswith("Idefics")
+def model_image_token_id(config) -> int:
+    """The token id a model replaces with image features (``image_token_id``, or LLaVA's and Gemma 3's
+    ``image_token_index``): the processor's expansion of its image token, not that token itself."""
+    token_id = getattr(config, "image_token_id", None)
+    return token_id if token_id is not None else config.image_token_index
 
 
 def with_adapters(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:

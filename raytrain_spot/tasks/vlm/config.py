@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from raytrain_spot.config.errors import require, require_positive
+from raytrain_spot.config.errors import require, require_non_negative, require_positive
 
 
 @dataclass
@@ -67,10 +67,14 @@ class CaptionDataConfig:
     """Each image holds 1..max_shapes shapes, each described in the caption."""
     cached_row_groups: int = 64
     """Decoded row groups a worker keeps in memory."""
+    eval_samples: int = 192
+    """Generated samples the training set does not hold, evaluated every ``eval.every_steps``; 0: none.
+    Your own shards (``path``) get none: their held-out set is yours to choose."""
 
     def __post_init__(self):
         require_positive("task.data", self, "num_samples", "shard_size", "row_group_size", "image_size", "max_shapes",
                          "cached_row_groups")
+        require_non_negative("task.data", self, "eval_samples")
         require(self.shard_size % self.row_group_size == 0, "task.data.row_group_size",
                 f"{self.row_group_size} does not divide task.data.shard_size={self.shard_size}",
                 "make task.data.shard_size a multiple of task.data.row_group_size")

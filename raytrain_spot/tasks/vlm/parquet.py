@@ -98,6 +98,29 @@ class RowGroup:
     num_rows: int
 
 
+def as_pixels(image: np.ndarray) -> torch.Tensor:
+    """An HxWx3 uint8 image as the model reads it: float [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class HeldOutShapes:
+    """Generated samples the training set does not hold (sample ids after its last), for evaluation:
+    the same generator and seed, so they are the same on every rank and in every run."""
+
+    def __init__(self, cfg: CaptionDataConfig, seed: int, size: int):
+        self._cfg, self._seed, self._size = cfg, seed, size
+        self._caption_tokens = max_caption_tokens(cfg.max_shapes)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self._size:
+            raise IndexError(f"sample {index} is outside the evaluation set's {self._size}")
+        sample = generate_sample(self._seed, self._cfg.num_samples + index, self._cfg.image_size, self._cfg.max_shapes)
+        return as_pixels(sample.image), torch.from_numpy(tokenize(sample.caption, self._caption_tokens))
+
+
 class ImageCaptionDataset:
     """Random access to rows by global index, decoding whole row groups into a bounded cache."""
 
@@ -147,5 +170,4 @@ class ImageCaptionDataset:
             raise IndexError(f"sample {index} is outside the dataset's {len(self)} rows")
         images, tokens = self._row_group(group)
         row = index - self.row_groups[group].start
-        pixels = torch.from_numpy(images[row]).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return pixels, torch.from_numpy(tokens[row])
+        return as_pixels(images[row]), torch.from_numpy(tokens[row])

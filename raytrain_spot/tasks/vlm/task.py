@@ -14,7 +14,7 @@ import torch
 from raytrain_spot.config.errors import require
 from raytrain_spot.tasks.vlm.config import CaptionDataConfig, ModelConfig
 from raytrain_spot.tasks.vlm.model import VisionLanguageModel
-from raytrain_spot.tasks.vlm.parquet import ImageCaptionDataset, ensure_dataset
+from raytrain_spot.tasks.vlm.parquet import HeldOutShapes, ImageCaptionDataset, ensure_dataset
 from raytrain_spot.tasks.vlm.shapes import PAD, TOKEN_ID, VOCAB, max_caption_tokens
 from raytrain_spot.loop.task import TrainingTask
 
@@ -28,7 +28,7 @@ class VisionLanguageTask(TrainingTask):
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     """The image-caption Parquet shards (generated unless ``task.data.path`` is set)."""
 
-    resumable_settings: ClassVar[Tuple[str, ...]] = ("data.cache_dir", "data.cached_row_groups")
+    resumable_settings: ClassVar[Tuple[str, ...]] = ("data.cache_dir", "data.cached_row_groups", "data.eval_samples")
 
     def __post_init__(self):
         require(self.model.image_size == self.data.image_size, "task.data.image_size",
@@ -44,6 +44,11 @@ class VisionLanguageTask(TrainingTask):
     def build_dataset(self, seed: int) -> ImageCaptionDataset:
         return ImageCaptionDataset(ensure_dataset(self.data, seed), self.data.image_size, self.data.max_shapes,
                                    self.data.cached_row_groups)
+
+    def build_eval_dataset(self, seed: int) -> Optional[HeldOutShapes]:
+        if self.data.path is not None or not self.data.eval_samples:
+            return None
+        return HeldOutShapes(self.data, seed, self.data.eval_samples)
 
     def collate(self, samples: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
         images, tokens = zip(*samples)
