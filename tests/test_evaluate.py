@@ -84,6 +84,11 @@ class EvaluatedTask(LinearTask):
         return [(torch.from_numpy(x), torch.tensor([x @ np.arange(1, 9, dtype=np.float32)]))
                 for x in rng.standard_normal((13, 8)).astype(np.float32)]
 
+    def eval_examples(self, model, dataset, device):
+        assert not isinstance(model, torch.nn.parallel.DistributedDataParallel) and not model.training
+        x, y = dataset[0]
+        return [{"target": f"{float(y):.3f}", "prediction": f"{float(model(x.to(device))):.3f}"}]
+
 
 def test_the_loop_evaluates_every_n_steps_and_at_the_end_the_same_at_any_world_size(tmp_path):
     cfg = config(max_steps=10)
@@ -98,6 +103,7 @@ def test_the_loop_evaluates_every_n_steps_and_at_the_end_the_same_at_any_world_s
     evals = [[(e["step"], e["samples"]) for e in of(run[0], "eval")] for run in (one, two)]
     assert evals == [[(4, 13), (8, 13), (10, 13)]] * 2
     assert of(two[1], "eval") == [], "rank 0 logs it"
+    assert [list(e["examples"][0]) for e in of(two[0], "eval")] == [["target", "prediction"]] * 3
     for a, b in zip(of(one[0], "eval"), of(two[0], "eval")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), "the same weights, each sample once"
     losses = [e["loss"] for e in of(one[0], "eval")]

@@ -113,7 +113,8 @@ def test_tensorboard_holds_the_hyperparameters_gradient_norm_step_time_and_check
     sink = MonitoringSink(build_writers(MonitoringConfig(ray_metrics=False), str(tmp_path), "r1", secret_settings()),
                           PriceCatalog.load())
     evaluations = [{"t": r["t"] + 0.01, "ev": "eval", "step": r["step"], "loss": 1.0 / r["step"], "samples": 192,
-                    "duration_s": 0.2} for r in log.records if r["ev"] == "step" and r["step"] % 5 == 0]
+                    "duration_s": 0.2, "examples": [{"reference": "a red circle", "generated": f"a | red {r['step']}"}]}
+                   for r in log.records if r["ev"] == "step" and r["step"] % 5 == 0]
     for record in sorted(with_grad_norms(log.records) + evaluations, key=lambda r: r["t"]):
         sink.write(record)
     sink.close()
@@ -127,6 +128,10 @@ def test_tensorboard_holds_the_hyperparameters_gradient_norm_step_time_and_check
     saves = [r for r in log.records if r["ev"] == "checkpoint"]
     assert scalars["checkpoint/stall_s"] == [(r["step"], pytest.approx(r["stall_s"])) for r in saves]
     assert scalars["eval/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in evaluations], "beside the loss"
+    texts = accumulator.Tensors("eval/examples/text_summary")
+    assert [t.step for t in texts] == [r["step"] for r in evaluations]
+    last = texts[-1].tensor_proto.string_val[0].decode()
+    assert "| reference | generated |" in last and f"a \\| red {evaluations[-1]['step']}" in last
 
     content = accumulator.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])

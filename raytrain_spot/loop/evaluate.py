@@ -4,7 +4,8 @@ Every rank evaluates every ``world_size``-th sample (rank r takes r, r + world_s
 sample counts once at any world size, and the ranks sum the per-sample losses and counts in one
 all-reduce per micro-batch round. The same all-reduce carries whether any rank has heard of a
 notice: then the evaluation stops there, unlogged, and the loop goes on to its next step, whose
-agreement hands off. Nothing of it is checkpointed: an evaluation is a read of the weights.
+agreement hands off. Then rank 0 asks the task for a few examples as text (``eval_examples``: an HF
+VLM's captions of fixed images). Nothing of it is checkpointed: an evaluation is a read of the weights.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.loop.step import split
@@ -70,9 +72,15 @@ class Evaluation:
                     if summed[_INTERRUPTED] > 0:
                         return None
                     totals += summed
+            examples = self._examples(model) if rank == 0 else []
         finally:
             model.train(was_training)
-        return EvalResult(step, float(totals[_LOSS] / totals[_COUNT]), int(totals[_COUNT]), time.time() - started)
+        return EvalResult(step, float(totals[_LOSS] / totals[_COUNT]), int(totals[_COUNT]), time.time() - started,
+                          examples)
+
+    def _examples(self, model: torch.nn.Module) -> List[Dict[str, str]]:
+        unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
+        return self._task.eval_examples(unwrapped, self._dataset, self._group.device)
 
 
 @dataclass(frozen=True)
@@ -83,3 +91,5 @@ class EvalResult:
     samples: int
     """Samples evaluated: the set's size, each counted once."""
     duration_s: float
+    examples: List[Dict[str, str]]
+    """Rank 0's: the task's ``eval_examples`` (others: none)."""

@@ -134,6 +134,15 @@ class TrainingTask(abc.ABC):
         with the model in eval mode. Default: ``loss``."""
         return self.loss(model, batch)
 
+    def eval_examples(self, model: torch.nn.Module, dataset: MapDataset,
+                      device: torch.device) -> List[Dict[str, str]]:
+        """A few examples of what the model does now, as text (each a dict of columns: an image's
+        reference caption and the one the model writes, say), logged beside the evaluation loss.
+        Called on rank 0 alone after each evaluation, with the model unwrapped (not DDP), on
+        ``device``, in eval mode under ``torch.no_grad()``: keep it to a few samples of ``dataset``
+        (the evaluation set), since the other ranks wait. Default: none."""
+        return []
+
     def save_pretrained(self, model: torch.nn.Module, out_dir: str, adapter_only: bool) -> None:
         """Write ``model`` (from ``build_model``, the trained weights loaded) into the existing
         directory ``out_dir`` in its library's own format: what ``python -m

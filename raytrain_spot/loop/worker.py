@@ -186,7 +186,8 @@ def evaluate(evaluation: Evaluation, model: torch.nn.Module, step: int, rank: in
     """Collective: evaluate the weights of ``step``; rank 0 logs the result (none where a notice stopped it)."""
     result = evaluation.run(model, step)
     if result is not None and rank == 0:
-        events.emit(Eval(step=step, loss=result.loss, samples=result.samples, duration_s=result.duration_s))
+        events.emit(Eval(step=step, loss=result.loss, samples=result.samples, duration_s=result.duration_s,
+                         examples=result.examples or None))
 
 
 @dataclass

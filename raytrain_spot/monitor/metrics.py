@@ -32,7 +32,21 @@ DURABLE_TIER = "durable"
 class ScalarWriter(Protocol):
     def write(self, scalars: Dict[str, float], step: int, wall_time: float) -> None: ...
 
+    def write_table(self, tag: str, rows: List[Dict[str, str]], step: int, wall_time: float) -> None:
+        """Rows of text (an evaluation's examples), where the backend shows text."""
+
     def close(self) -> None: ...
+
+
+def markdown_table(rows: List[Dict[str, str]]) -> str:
+    """Rows with the same columns as a Markdown table (what TensorBoard's text tab renders)."""
+    columns = list(rows[0])
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows)])
 
 
 def flat_settings(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -69,6 +83,9 @@ class TensorBoardWriter:
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, value, global_step=step, walltime=wall_time)
 
+    def write_table(self, tag: str, rows: List[Dict[str, str]], step: int, wall_time: float) -> None:
+        self._writer.add_text(tag, markdown_table(rows), global_step=step, walltime=wall_time)
+
     def close(self) -> None:
         if getattr(self, "_session_end", None) is not None:
             self._writer.file_writer.add_summary(self._session_end)
@@ -102,6 +119,14 @@ class WandbWriter:
     def write(self, scalars: Dict[str, float], step: int, wall_time: float) -> None:
         if step >= self._run.step:
             self._run.log(scalars, step=step)
+
+    def write_table(self, tag: str, rows: List[Dict[str, str]], step: int, wall_time: float) -> None:
+        import wandb
+
+        if step >= self._run.step:
+            columns = list(rows[0])
+            self._run.log({tag: wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])},
+                          step=step)
 
     def close(self) -> None:
         self._run.finish()
@@ -153,6 +178,9 @@ class RayMetricsWriter:
                 self._preemptions.inc(preemptions - self._preemptions_counted, tags=self._tags)
             self._preemptions_counted = preemptions
 
+    def write_table(self, tag: str, rows: List[Dict[str, str]], step: int, wall_time: float) -> None:
+        """Prometheus holds numbers only."""
+
     def close(self) -> None:
         """Metrics live as long as the process."""
 
@@ -199,6 +227,9 @@ class MonitoringSink:
                 scalars["train/samples_per_s"] = self.totals.samples_per_s
         elif ev == Eval.ev:
             scalars = {"eval/loss": float(record["loss"])}
+            if record.get("examples"):
+                for writer in self._writers:
+                    writer.write_table("eval/examples", record["examples"], int(record["step"]), t)
         elif ev == Checkpoint.ev:
             scalars = self._checkpoint_scalars(record)
             if not scalars:

@@ -330,6 +330,9 @@ class Eval(EventRecord):
     """Samples in the set."""
     duration_s: float
     """Seconds the evaluation took (no step trains meanwhile)."""
+    examples: Optional[List[Dict[str, str]]] = None
+    """What the model does now, as text (``TrainingTask.eval_examples``: an HF VLM's captions of a few
+    fixed images beside their references); left off where the task gives none."""
 
 
 @dataclass(frozen=True, kw_only=True)
