@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raytrain_spot.config.errors import require, require_positive
+from raytrain_spot.config.errors import require, require_non_negative, require_positive
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ class ImageTextDataConfig:
     """Samples of the generated data (when ``path`` is unset)."""
     image_size: int = 32
     """Side of the generated images."""
+    eval_path: Optional[str] = None
+    """Shards to evaluate on (``eval.every_steps``), in the form ``path`` has, local or ``gs://``.
+    Unset: with generated data, ``eval_samples`` generated samples the training set does not hold;
+    with your own, no evaluation."""
+    eval_samples: int = 32
+    """Generated samples to evaluate on (when ``path`` and ``eval_path`` are unset); 0: none."""
+    eval_examples: int = 3
+    """Evaluation samples whose generated captions are logged beside the evaluation loss; 0: none."""
 
     def __post_init__(self):
         require(self.bad_rows in ("fail", "skip"), "task.data.bad_rows", f"{self.bad_rows!r} is not a policy",
@@ -83,6 +91,7 @@ class ImageTextDataConfig:
         require(bool(self.image_column) and bool(self.text_column), "task.data.image_column",
                 "the image and text column names must not be empty", "name the columns of your shards")
         require_positive("task.data", self, "num_samples", "image_size")
+        require_non_negative("task.data", self, "eval_samples", "eval_examples")
 
 
 def shard_files(path: str) -> List[str]:
@@ -250,6 +259,26 @@ class ImageTextShards:
                 spans.append((start, stop))
             start = stop
         return spans
+
+
+class HeldOutShapes:
+    """Generated shapes the training set does not hold (ids after its last), as ``Sample``s."""
+
+    def __init__(self, cfg: ImageTextDataConfig, seed: int, size: int):
+        self._cfg, self._seed, self._size = cfg, seed, size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> "Sample":
+        from PIL import Image
+
+        from raytrain_spot.tasks.vlm.shapes import generate_sample
+
+        if not 0 <= index < self._size:
+            raise IndexError(f"sample {index} is outside the evaluation set's {self._size}")
+        drawn = generate_sample(self._seed, self._cfg.num_samples + index, self._cfg.image_size, max_shapes=2)
+        return sample_of([Image.fromarray(drawn.image)], drawn.caption, self._cfg.prompt)
 
 
 class Sample(NamedTuple):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from raytrain_spot.config.errors import ConfigError, require, require_non_negative
 from raytrain_spot.tasks.hf_vlm.data import (
     BadRow,
+    HeldOutShapes,
     ImageTextDataConfig,
     ImageTextShards,
     Sample,
@@ -43,7 +44,7 @@ from raytrain_spot.tasks.hf_vlm.hub import hub_snapshot, is_hub_id
 from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, missing_packages, write_preset
 from raytrain_spot.tasks.hf_vlm.text import IGNORE, SampleText, image_token
 from raytrain_spot.storage.node_cache import local_copy
-from raytrain_spot.loop.task import TrainingTask
+from raytrain_spot.loop.task import MapDataset, TrainingTask, move_to
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 IMAGE_TOKENS_PER_TILE = {
@@ -130,7 +131,8 @@ class HuggingFaceVLMTask(TrainingTask):
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ("model.cache_dir", "model.gradient_checkpointing",
-                                                     "data.cache_dir", "model.revision")
+                                                     "data.cache_dir", "model.revision", "data.eval_path",
+                                                     "data.eval_samples", "data.eval_examples")
     # model.revision: the workers' settings carry the commit the driver resolved; a resume resolves it again
     unused_parameters: ClassVar[bool] = True  # LLaVA never uses its CLIP tower's post_layernorm
 
@@ -150,6 +152,11 @@ class HuggingFaceVLMTask(TrainingTask):
         except (BadRow, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
         self.check_inputs(model_dir, ImageTextShards(self.data, data_dir)[0])
+        if self.data.eval_path:
+            try:
+                skipped_rows(self.data, self.eval_data_dir())
+            except (BadRow, FileNotFoundError) as error:
+                raise ConfigError(f"task.data.eval_path: {error}") from None
         return f"{model_dir} on {data_dir}" + (f" ({skipped} bad rows left out)" if skipped else "")
 
     def check_inputs(self, model_dir: str, sample: Sample) -> None:
@@ -242,11 +249,16 @@ class HuggingFaceVLMTask(TrainingTask):
             return generated_data_dir(self.data, seed)
         return local_copy(self.data.path, self.data.cache_dir, setting="task.data.path")
 
+    def eval_data_dir(self) -> str:
+        return local_copy(self.data.eval_path, self.data.cache_dir, setting="task.data.eval_path")
+
     # -- workers -------------------------------------------------------------------------------
 
     def localize(self, seed: int) -> None:
         self.model_dir()
         self.data_dir(seed)
+        if self.data.eval_path:
+            self.eval_data_dir()
 
     def processor(self):
         if getattr(self, "_processor", None) is None:
@@ -284,6 +296,20 @@ class HuggingFaceVLMTask(TrainingTask):
     def build_dataset(self, seed: int) -> ImageTextShards:
         return ImageTextShards(self.data, self.data_dir(seed))
 
+    def build_eval_dataset(self, seed: int) -> Optional[MapDataset]:
+        if self.data.eval_path:
+            return ImageTextShards(self.data, self.eval_data_dir())
+        if self.data.path or not self.data.eval_samples:
+            return None
+        return HeldOutShapes(self.data, seed, self.data.eval_samples)
+
+    def eval_examples(self, model: torch.nn.Module, dataset: MapDataset,
+                      device: torch.device) -> List[Dict[str, str]]:
+        """The captions the model writes for the first ``task.data.eval_examples`` evaluation samples."""
+        samples = [dataset[i] for i in range(min(self.data.eval_examples, len(dataset)))]
+        return [{"reference": sample.caption, "generated": self.caption(model, sample.images, sample.prompt)}
+                for sample in samples]
+
     def collate(self, samples: Sequence[Sample]) -> Dict[str, torch.Tensor]:
         text = self.sample_text()
         prompts = [text.prompt(sample.prompt) for sample in samples]
@@ -297,7 +323,7 @@ class HuggingFaceVLMTask(TrainingTask):
         """The caption ``model`` writes for ``images`` (a Pillow image, or a sample's images) after
         ``prompt`` (text, or a sample's prompt turns), greedily, stopping where an answer ends."""
         images = tuple(image.convert("RGB") for image in (images if isinstance(images, (list, tuple)) else [images]))
-        inputs = self.prompt_inputs(images, prompt)
+        inputs = move_to(self.prompt_inputs(images, prompt), next(model.parameters()).device)
         tokenizer = self.processor().tokenizer
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
