@@ -29,7 +29,7 @@ import argparse
 import dataclasses
 import os
 import tempfile
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 

@@ -18,7 +18,8 @@ from ray.autoscaler._private.gcp.node import GCPCompute
 from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
 
 from raytrain_spot.cluster import check as cluster_check
-from raytrain_spot.cluster.cluster_yaml import NOTICE_KEY, PRICING_LABEL, advance_notice_s, prepare
+from raytrain_spot.cluster.cluster_yaml import NOTICE_KEY, advance_notice_s, prepare
+from raytrain_spot.preemption.node_events import PRICING_LABEL
 from raytrain_spot.cluster.gcp.multizone_provider import build_compute_client
 from raytrain_spot.cluster.yaml_summary import format_summary, summarize
 from raytrain_spot.config.schema import load_config

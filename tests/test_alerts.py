@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from raytrain_spot.monitor.alerts import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig,
-                                  AlertPolicy, AlertRule, AlertRunner, Observation)
+from raytrain_spot.config.monitoring import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY,
+                                             NOTIFY, SWITCH_TO_ON_DEMAND, AlertConfig, AlertRule)
+from raytrain_spot.monitor.alerts import AlertPolicy, AlertRunner, Observation
 from raytrain_spot.observe.events import EventWriter, read_events
 from raytrain_spot.observe.records import to_line
 from raytrain_spot.cost.pricing import PriceCatalog

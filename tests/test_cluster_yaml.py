@@ -22,8 +22,8 @@ from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_US
 
 import raytrain_spot
 from raytrain_spot.cluster import check as cluster_check
-from raytrain_spot.cluster.cluster_yaml import (NODE_TYPE_LABEL, PRICING_LABEL, ClusterConfigError, is_multizone, load,
-                                                prepare)
+from raytrain_spot.preemption.node_events import NODE_TYPE_LABEL, PRICING_LABEL
+from raytrain_spot.cluster.cluster_yaml import ClusterConfigError, is_multizone, load, prepare
 from raytrain_spot.cluster.gcp.machines import built_in_gpus
 from raytrain_spot.cluster.gcp.multizone_provider import MultiZoneGCPNodeProvider, build_compute_client
 from raytrain_spot.cluster.gcp_checks import warnings

@@ -11,12 +11,12 @@ from collections import defaultdict
 
 import pytest
 
-from raytrain_spot.monitor.alerts import LOW_GOODPUT, NOTIFY, AlertConfig, AlertRule, AlertRunner
+from raytrain_spot.config.monitoring import LOW_GOODPUT, NOTIFY, AlertConfig, AlertRule, MonitoringConfig
+from raytrain_spot.monitor.alerts import AlertRunner
 from raytrain_spot.observe.events import EventFeed
 from raytrain_spot.cost.ledger import build_ledger
 from raytrain_spot.config.schema import Config
-from raytrain_spot.monitor.alerts import AlertConfig as Alerts
-from raytrain_spot.monitor.metrics import (TENSORBOARD_DIR, MonitoringConfig, MonitoringSink,
+from raytrain_spot.monitor.metrics import (TENSORBOARD_DIR, MonitoringSink,
                                       RayMetricsWriter, TensorBoardWriter, build_writers, wandb_run_id)
 from raytrain_spot.cost.pricing import PriceCatalog
 from tests.test_alerts import slow_run
@@ -100,7 +100,7 @@ SECRET = "https://hooks.example.com/services/T0K3N"
 
 
 def secret_settings() -> dict:
-    return Config(alerts=Alerts(webhook_url=SECRET)).to_dict()
+    return Config(alerts=AlertConfig(webhook_url=SECRET)).to_dict()
 
 
 def test_tensorboard_holds_the_hyperparameters_gradient_norm_step_time_and_checkpoint_stalls(tmp_path):

@@ -2,7 +2,6 @@
 without a cluster (the loop acting on it: tests/test_loop.py)."""
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView
-from raytrain_spot.loop.agreement import StepAgreement
 from raytrain_spot.preemption.hold import StandbyProgress, decide_notice_hold
 
 CPU1 = {"CPU": 1.0}

@@ -25,8 +25,7 @@ import os
 import sys
 from typing import List, Optional
 
-from raytrain_spot.cluster.cluster_yaml import (NODE_TYPE_LABEL, ON_DEMAND, PRICING_LABEL, SPOT,
-                                                ClusterConfigError, Problem, is_gcp, load, pricing_of)
+from raytrain_spot.cluster.cluster_yaml import ON_DEMAND, SPOT, ClusterConfigError, Problem, is_gcp, load, pricing_of
 from raytrain_spot.cluster.gcp.machines import gpus_of
 from raytrain_spot.cluster.gcp_checks import (check_gcp_node, check_installs, check_on_demand_growth, check_provider,
                                               check_zones, warnings)
@@ -35,6 +34,7 @@ from raytrain_spot.cluster.token_auth import TOKEN_PATH, check_local_token, chec
 from raytrain_spot.cluster.watcher_checks import check_watcher
 from raytrain_spot.cluster.yaml_summary import catalog_lookup, format_summary, summarize
 from raytrain_spot.cost.pricing import PriceCatalog
+from raytrain_spot.preemption.node_events import NODE_TYPE_LABEL, PRICING_LABEL
 
 PLACEHOLDER = "FILL-IN"
 

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import yaml
 
 from raytrain_spot.preemption.drain_decision import GCE_SHUTDOWN_S
-from raytrain_spot.preemption.node_events import NODE_TYPE_LABEL, PRICING_LABEL
+from raytrain_spot.preemption.node_events import PRICING_LABEL
 
 SPOT, ON_DEMAND = "spot", "on_demand"
 NOTICE_KEY = "preemptionNoticeDuration"

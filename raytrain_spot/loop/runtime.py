@@ -4,7 +4,7 @@ process group and a fault injector in the loop's unit tests (tests/test_loop.py)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.elastic.signals import ClusterSignals

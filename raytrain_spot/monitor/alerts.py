@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from raytrain_spot.cost.live import RunningTotals
 from raytrain_spot.cost.pricing import PriceCatalog
-from raytrain_spot.config.monitoring import (DURABLE_UPLOAD_FAILED, HIGH_PREEMPTION_RATE, LOW_GOODPUT, NO_CAPACITY, NOTIFY,
+from raytrain_spot.config.monitoring import (DURABLE_UPLOAD_FAILED, LOW_GOODPUT, NO_CAPACITY, NOTIFY,
                                              SWITCH_TO_ON_DEMAND, AlertConfig, AlertRule)
 from raytrain_spot.config.redaction import scrub
 from raytrain_spot.observe.records import Alert, CheckpointFailed, EventRecord
