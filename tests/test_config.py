@@ -203,3 +203,26 @@ def test_no_secret_reaches_the_runs_files_when_it_stops_on_an_error(tmp_path, st
         assert sorted(os.listdir(record)) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
         assert {oct(p.stat().st_mode & 0o777) for p in record.iterdir()} == {"0o600"}
     assert "${oc.env:ALERT_WEBHOOK}" in (tmp_path / "outputs" / "env" / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("experiment", ["vlm", "hf_vlm"])
+def test_every_setting_of_a_built_in_task_can_be_overridden(compose, experiment):
+    """The task group's YAML holds every field of the task's settings: Hydra refuses an override of a
+    key the composed config lacks (``task.data.cache_dir=DIR``: "not in struct")."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    from raytrain_spot.loop.task import task_class
+
+    def fields(cls) -> dict:
+        hints = typing.get_type_hints(cls)
+        return {f.name: fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else None
+                for f in dataclasses.fields(cls)}
+
+    def keys(values: dict) -> dict:
+        return {k: keys(v) if isinstance(v, dict) else None for k, v in values.items() if k != "_target_"}
+
+    composed = OmegaConf.to_container(compose(f"+experiment={experiment}").task)
+    assert keys(composed) == fields(task_class(composed["_target_"]))

@@ -39,7 +39,7 @@ from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.loop.agreement import RankView, start_agreement
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.loop.evaluate import Evaluation
-from raytrain_spot.loop.decision import JIT, PERIODIC, STOP, Finish, GroupPolicy, HandOff, decide
+from raytrain_spot.loop.decision import JIT, PERIODIC, STOP, Continue, Finish, GroupPolicy, HandOff, Hold, decide
 from raytrain_spot.loop.handoff import checkpoint_and_report, hand_off
 from raytrain_spot.loop.runtime import WorkerRuntime
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
@@ -153,6 +153,8 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
                                   lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s))
 
         decision = decide(agreed, loop.step, cfg.trainer.max_steps, world_size, policy)
+        if not isinstance(decision, (Continue, Hold)) or decision.checkpoint:
+            events.send()  # records of every step the checkpoint holds are out before a kill could take them
         if isinstance(decision, Finish):  # a resume after a stop goes on from it, no interruption
             if decision.reason == STOP and rank == 0:
                 events.emit(Stopped(step=loop.step))
@@ -169,7 +171,6 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
             checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "jit", reason="preemption"),
                                   rank, 0, runtime.report)
         elif decision.checkpoint == PERIODIC:
-            events.send()  # records of every step the checkpoint holds are out before a kill could take them
             checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
         if evaluation.due(loop.step):
             evaluate(evaluation, ddp_model, loop.step, rank, events)
