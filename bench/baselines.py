@@ -18,9 +18,6 @@ import os
 import sys
 from typing import Callable, Collection, List, Optional, Sequence, Set
 
-from ray import cloudpickle
-import ray.train
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raytrain_spot.elastic.signals import ExtraCapacity  # noqa: E402
@@ -52,6 +49,8 @@ class RayPreemptionInfo(QuietCluster):
     """Notices from ``ray.train.get_preemption_info()``, which every rank calls after every step."""
 
     def leaving_nodes(self, step: int) -> Set[str]:
+        import ray.train
+
         info = ray.train.get_preemption_info()
         return set(info.preempted_node_ids) if info is not None else set()
 
@@ -95,8 +94,8 @@ BASELINES = {
 
 
 if __name__ == "__main__":
-    # The workers get this module's classes by value: bench/ is not on their path.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # Ray is imported only once the run has started its cluster (it reads its node address at import);
+    # the workers get this module's classes by value, as cloudpickle sends those of ``__main__``.
     name = sys.argv.pop(1)
     from raytrain_spot.run import command
 

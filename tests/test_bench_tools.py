@@ -1,10 +1,12 @@
 """The benchmarks' own instruments: who used the cores (bench/cpu_accounting.py), and the
-lifetime prior a compressed trace replay runs with (bench/bench_recovery.py)."""
+lifetime prior a compressed trace replay runs with (bench/bench_recovery.py), the baselines' entry (bench/baselines.py)."""
 
 import argparse
 import subprocess
 import sys
 import time
+
+import pytest
 
 from raytrain_spot.config.schema import CheckpointingConfig
 from tests.conftest import load_bench
@@ -54,3 +56,25 @@ def test_the_loops_own_share_counts_samples_in_the_loop_outside_the_step_and_the
     ]) + "\n")
     assert accounting.loop_own_share(str(profile), "train (raytrain_spot/loop/worker.py") == 10 / 100
     assert accounting.loop_own_share(str(profile), "plain_loop_per_worker (") is None
+
+
+@pytest.mark.cluster
+def test_a_baseline_runs_the_main_command_as_its_strategy(tmp_path):
+    """``bench/baselines.py NAME`` is the main command with a baseline's strategy: plain Ray Train's
+    trainer around the same loop, the strategy named in the run's start event."""
+    import json
+    import os
+    import tempfile
+
+    from tests.conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "baselines.py"), "ray-preemption-api", "+experiment=vlm",
+         "run.name=baseline", "trainer.max_steps=6", "cluster.num_worker_nodes=2", "trainer.max_workers=2",
+         f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "outputs" / "baseline" / "events.jsonl")]
+    assert next(r["strategy"] for r in records if r["ev"] == "start") == "ray-preemption-api"
+    assert max(r["step"] for r in records if r["ev"] == "step") == 6
