@@ -31,7 +31,7 @@ from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main  # noqa: E402
 from tests.hf_families import END_OF_ANSWER, families, family  # noqa: E402
 
-STEPS = 40
+STEPS = 100
 LOSS_TOLERANCE = 0.05  # relative, on the mean loss of the last 10 steps
 
 
