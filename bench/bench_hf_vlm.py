@@ -14,10 +14,15 @@ worker nodes on this machine), one after the other:
 * **plain Ray Train**: a stock ``TorchTrainer`` with a fixed ``ScalingConfig(num_workers=W)``
   running a textbook loop: ``ray.train.torch.prepare_model`` (DDP), the framework's sample order
   (``GlobalSampleOrder``: the same rows in the same order; a ``DistributedSampler(shuffle=True)``
-  order over the whole dataset reads across Parquet row groups, which the framework's order avoids),
-  the framework's ``load_batch`` and gradient accumulation over micro batches with its
-  ``train_step`` (so the batch loading and the forward/backward/optimizer step are the same code),
-  a constant learning rate, no checkpoints, no reports, no agreement collectives, no watchers.
+  order over the whole dataset reads across Parquet row groups, which the framework's order avoids)
+  fed to a torch ``DataLoader`` as its batch sampler, with the task's collate and
+  ``trainer.data_workers`` loader processes (HF Trainer's ``dataloader_num_workers``), the
+  framework's gradient accumulation over micro batches and optimizer step (``accumulate``,
+  ``update``: the forward/backward/optimizer step is the same code), a constant learning rate, no
+  checkpoints, no reports, no agreement collectives, no watchers.
+
+Both modes load with the same number of loader processes per worker (``--data-workers``, the
+framework's ``trainer.data_workers``; 0: on the training thread).
 
 Samples/s come from per-step records (the run's ``events.jsonl``; the plain loop writes the same
 records): the median over steps after ``--warmup-steps`` of ``samples / duration_s``, and, over
@@ -58,14 +63,14 @@ sys.path.insert(0, REPO)
 
 from bench.cpu_accounting import CpuSampler, loop_own_share, profile_train_workers  # noqa: E402
 from raytrain_spot.observe.events import EVENTS_FILE, read_events  # noqa: E402
-from raytrain_spot.observe.records import Advice, Checkpoint, CheckpointFailed, Step  # noqa: E402
+from raytrain_spot.observe.records import Advice, Checkpoint, CheckpointFailed, Step, to_line  # noqa: E402
 
 MODES = ("plain-ray-train", "raytrain-spot", "raytrain-spot-warm")
 DEFAULT_MODES = MODES[:2]
 MODE_OVERRIDES = {"raytrain-spot": [], "raytrain-spot-warm": ["elastic.warm_standby=true"]}
 """The framework's modes: its defaults, and with warm standbys (what their imports cost on shared cores)."""
 PLAIN_EVENTS = "plain-events.jsonl"
-PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "train (raytrain_spot/loop/worker.py"
+PLAIN_LOOP_FRAME, FRAMEWORK_LOOP_FRAME = "plain_loop_per_worker (", "run_group (raytrain_spot/loop/worker.py"
 """The two training loops, as py-spy names their frames."""
 
 
@@ -78,7 +83,7 @@ def overrides(args, workdir: str, name: str) -> List[str]:
             f"cluster.num_worker_nodes={args.nodes}",
             f"task.model.cache_dir={workdir}/models", f"task.data.cache_dir={workdir}/data",
             f"checkpoint.local_dir={workdir}/node-local", f"checkpoint.head_dir={workdir}/head",
-            "trainer.log_every_steps=1000"]
+            f"trainer.data_workers={args.data_workers}", "trainer.log_every_steps=1000"]
 
 
 def run(mode: str, args, workdir: str, repeat: int) -> Tuple[List[Dict[str, Any]], CpuSampler, List[float]]:
@@ -171,6 +176,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3, help="virtual worker nodes of the embedded cluster")
     parser.add_argument("--global-batch", type=int, default=24)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="loader processes per Train worker, in both modes (trainer.data_workers)")
     parser.add_argument("--warmup-steps", type=int, default=3,
                         help="steps left out of the figures (3 keeps the first periodic save, at step 5, in)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
@@ -200,7 +207,8 @@ def main() -> None:
             print(f"{mode} (run {repeat + 1}): {json.dumps(result)}", flush=True)
 
     print(f"\npreset={args.preset} steps={args.steps} (first {args.warmup_steps} left out) workers={args.workers} "
-          f"global_batch={args.global_batch} micro_batch={args.micro_batch} nodes={args.nodes} "
+          f"global_batch={args.global_batch} micro_batch={args.micro_batch} data_workers={args.data_workers} "
+          f"nodes={args.nodes} "
           f"repeats={args.repeats}{' framework_overrides=' + ' '.join(args.framework_overrides) if args.framework_overrides else ''}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; workdir {workdir}")
     summary = {}
@@ -288,17 +296,20 @@ def plain_run(events_path: str, settings: List[str]) -> None:
 
 
 def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    """A textbook Ray Train loop over the task: DDP, the framework's sample order, a constant learning rate."""
+    """A textbook Ray Train loop over the task: DDP, a torch DataLoader with ``trainer.data_workers``
+    processes (HF Trainer's ``dataloader_num_workers``) over the framework's sample order, a constant
+    learning rate."""
     import ray.train
     import ray.train.torch
     import torch
+    from torch.utils.data import DataLoader
 
     from raytrain_spot.config.schema import config_from_dict
-    from raytrain_spot.loop.worker import load_batch, sample_spans
-    from raytrain_spot.loop.sample_order import GlobalSampleOrder
     from raytrain_spot.loop.optim import build_optimizer
-    from raytrain_spot.loop.step import train_step
-    from raytrain_spot.loop.task import build_task
+    from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
+    from raytrain_spot.loop.step import accumulate, split, update
+    from raytrain_spot.loop.task import build_task, move_to
+    from raytrain_spot.loop.worker import sample_spans
 
     cfg = config_from_dict(loop_config["config"])
     task = build_task(cfg.task)
@@ -306,7 +317,7 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    global_batch = cfg.trainer.global_batch_size
+    global_batch, steps = cfg.trainer.global_batch_size, cfg.trainer.max_steps
 
     dataset = task.build_dataset(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
@@ -316,22 +327,28 @@ def plain_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     # The framework's sample order, so both loops read the same rows: only the loop around them differs.
     order = GlobalSampleOrder(sample_spans(dataset), cfg.run.seed)
+    step_micro_batches = [split(order.rows_at(rank_positions(step * global_batch, global_batch, rank, world_size)),
+                                cfg.trainer.micro_batch_size) for step in range(steps)]
+    loader = iter(DataLoader(dataset, batch_sampler=[rows for step in step_micro_batches for rows in step],
+                             collate_fn=task.collate, num_workers=cfg.trainer.loader_processes,
+                             pin_memory=device.type == "cuda"))
     records = []
-    for step in range(cfg.trainer.max_steps):
+    for step in range(steps):
         step_started = time.time()
-        first = step * global_batch
-        batch = load_batch(task, dataset, order, first, cfg.trainer, rank, world_size, device)
-        loss_sum = train_step(model, optimizer, batch.micro_batches, task.loss, world_size / global_batch,
-                              cfg.optim.grad_clip)
-        if rank == 0:
+        micro_batches = [(move_to(next(loader), device), len(rows)) for rows in step_micro_batches[step]]
+        data_s = time.time() - step_started
+        loss_sum = accumulate(model, micro_batches, task.loss, world_size / global_batch)
+        grad_norm = update(model, optimizer, cfg.optim.grad_clip)
+        if rank == 0:  # the loss is rank 0's share's: no collective beyond DDP's
             now = time.time()
-            records.append({"t": now, "ev": "step", "step": step + 1, "world_size": world_size,
-                            "samples": [first, first + global_batch], "loss_rank0": loss_sum / len(batch.rows),
-                            "duration_s": now - step_started, "data_s": batch.data_s})
+            first = step * global_batch
+            records.append(to_line(Step(step=step + 1, world_size=world_size, samples=[first, first + global_batch],
+                                        loss=loss_sum / sum(size for _, size in micro_batches), lr=cfg.optim.lr,
+                                        grad_norm=grad_norm, duration_s=now - step_started, data_s=data_s), now))
     if rank == 0:  # every rank runs on this machine (the embedded cluster)
         os.makedirs(os.path.dirname(loop_config["events_path"]), exist_ok=True)
         with open(loop_config["events_path"], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,10 @@ class CpuSampler:
 
 # -- inside the Train workers: what share of their CPU the loop's own code takes -----------------
 
-STEP_AND_DATA = ("train_step (raytrain_spot/loop/step.py", "load_batch (raytrain_spot/loop/worker.py")
-"""Frames of the work both loops share: the forward/backward/optimizer step, and the batch loading."""
+STEP_AND_DATA = ("accumulate (raytrain_spot/loop/step.py", "update (raytrain_spot/loop/step.py",
+                 "next (raytrain_spot/loop/batches.py", "__next__ (torch/utils/data/dataloader.py")
+"""Frames of the work both loops share: the forward/backward, the optimizer step, and taking the
+batch from the loader (the framework's StepBatches, the plain loop's DataLoader)."""
 
 
 def profile_train_workers(root_pid: int, after_s: float, seconds: float, out_dir: str) -> List[str]:

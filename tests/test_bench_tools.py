@@ -46,15 +46,16 @@ def test_a_compressed_replay_compresses_the_node_lifetime_prior_unless_it_is_set
 
 def test_the_loops_own_share_counts_samples_in_the_loop_outside_the_step_and_the_loading(tmp_path):
     accounting = load_bench("cpu_accounting")
-    loop = "train (raytrain_spot/loop/worker.py:108)"
+    loop = "run_group (raytrain_spot/loop/worker.py:108)"
     profile = tmp_path / "py-spy.txt"
     profile.write_text("\n".join([
-        f"Thread.run (threading.py:982);{loop};train_step (raytrain_spot/loop/step.py:86);forward (x.py:1) 70",
-        f"Thread.run (threading.py:982);{loop};load_batch (raytrain_spot/loop/worker.py:188) 20",
+        f"Thread.run (threading.py:982);{loop};accumulate (raytrain_spot/loop/step.py:86);forward (x.py:1) 60",
+        f"Thread.run (threading.py:982);{loop};update (raytrain_spot/loop/step.py:110) 10",
+        f"Thread.run (threading.py:982);{loop};next (raytrain_spot/loop/batches.py:88) 20",
         f"Thread.run (threading.py:982);{loop};start_agreement (raytrain_spot/loop/agreement.py:80) 10",
         "<module> (ray/_private/workers/default_worker.py:323);Worker.main_loop (ray/_private/worker.py:1069) 50",
     ]) + "\n")
-    assert accounting.loop_own_share(str(profile), "train (raytrain_spot/loop/worker.py") == 10 / 100
+    assert accounting.loop_own_share(str(profile), "run_group (raytrain_spot/loop/worker.py") == 10 / 100
     assert accounting.loop_own_share(str(profile), "plain_loop_per_worker (") is None
 
 

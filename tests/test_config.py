@@ -40,6 +40,7 @@ def test_model_presets_are_valid(compose):
     ("run.name=has/slash", "run.name"),
     ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
     ("elastic.failure_settle_s=-1", "elastic.failure_settle_s"),
+    ("trainer.data_workers=-1", "trainer.data_workers"),
     # sections whose checks once named another key, or several at once
     ("checkpoint.milestone_every_steps=-1", "checkpoint.milestone_every_steps"),
     ("checkpoint.final_upload_wait_s=-1", "checkpoint.final_upload_wait_s"),
@@ -54,6 +55,13 @@ def test_bad_values_name_the_key_and_the_fix(compose, override, key):
     message = str(error.value)
     assert message.startswith(key + ":")
     assert "Fix:" in message
+
+
+def test_loader_processes_default_to_two_per_gpu_worker_and_none_on_cpu(compose):
+    assert load_config(compose("+experiment=hf_vlm")).trainer.loader_processes == 0
+    assert load_config(compose("+experiment=hf_vlm", "trainer.use_gpu=true")).trainer.loader_processes == 2
+    assert load_config(compose("+experiment=hf_vlm", "trainer.use_gpu=true",
+                               "trainer.data_workers=0")).trainer.loader_processes == 0
 
 
 def test_chaos_margin_must_leave_time_before_the_kill(compose):

@@ -5,6 +5,7 @@ row, column) or skipped and counted."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ from raytrain_spot.tasks.hf_vlm.data import (  # noqa: E402
     shard_files,
     skipped_rows,
 )
+from raytrain_spot.observe import progress  # noqa: E402
 from raytrain_spot.tasks.vlm.shapes import generate_sample  # noqa: E402
 from tests.hf_families import families  # noqa: E402
 
@@ -105,6 +107,18 @@ def test_a_bad_image_is_named_by_file_row_and_column_or_skipped_and_counted(tmp_
     assert len(dataset) == ROWS - 1 and 13 not in dataset.rows
     assert skipped_rows(skip, path) == 1
     assert dataset[13].caption == rows[14][1], "the good rows close up over the skipped one"
+
+
+def test_checking_every_row_before_ray_starts_prints_how_far_it_is(tmp_path, monkeypatch, caplog):
+    """Checking a million rows takes minutes: the driver says how far it is instead of going quiet."""
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # a line at every row: 30 rows stand for many
+    path = parquet_shards(tmp_path / "data", shuffled_rows())
+    with caplog.at_level(logging.INFO, logger=checked_rows.__module__):
+        checked_rows(ImageTextDataConfig(path=path, cache_dir=str(tmp_path / "c")), path, shard_files(path))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"checking the rows of {path}:")]
+    assert lines[0].startswith(f"checking the rows of {path}: 1/30 rows (3%) | elapsed 0:00:0")
+    assert lines[-2].startswith(f"checking the rows of {path}: 30/30 rows (100%)")
+    assert lines[-1].startswith(f"checking the rows of {path}: done, 30 rows in ")
 
 
 def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):

@@ -99,8 +99,9 @@ def test_a_hugging_face_vlm_trains_through_a_preemption_like_an_uninterrupted_ru
     (tmp_path / "spot").mkdir()
     reference = train(tmp_path / "plain", "plain", preset=preset, shards=user_shards)
     # The handoff at once (no warm-up hold, which could train on to the run's last step): the resume is the point.
+    # Its batches come from a loader process (the reference's from the training thread): the same samples.
     events = train(tmp_path / "spot", "spot", "+chaos=events", "chaos.notice_s=4", "chaos.margin_s=1",
-                   "elastic.notice_standby_wait_s=0",
+                   "elastic.notice_standby_wait_s=0", "trainer.data_workers=1",
                    "chaos.events=[{action:preempt,node:1,at_step:10},{action:restore,after_s:1}]",
                    preset=preset, shards=user_shards)
     steps = [e["step"] for e in events if e["ev"] == "step"]

@@ -381,11 +381,15 @@ def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):
     assert ranks[1]["reports"][-1] == 7 and of(ranks[1], "checkpoint") == [], "only rank 0 writes"
 
 
-def test_a_preempted_run_resumed_at_another_size_continues_the_uninterrupted_loss_curve(tmp_path):
+@pytest.mark.parametrize("data_workers", [0, 2])
+def test_a_preempted_run_resumed_at_another_size_continues_the_uninterrupted_loss_curve(tmp_path, data_workers):
+    """Also with loader processes loading ahead (the reference loads on the training thread): what
+    they loaded past the handoff is dropped and loaded again by the next group."""
     steps = 12
     reference = train_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps), storage=str(tmp_path / "ref"))
-    preempted = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=steps))
-    resumed = train_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps))
+    preempted = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1),
+                            config(max_steps=steps, data_workers=data_workers))
+    resumed = train_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=steps, data_workers=data_workers))
     assert [r["step"] for r in preempted] == [5, 5] and resumed[0]["outcome"] == "finished"
     assert of(resumed[0], "group")[0]["restored_step"] == 5
     curve = {**losses(preempted[0]), **losses(resumed[0])}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
+import time
 import uuid
 
 import pytest
@@ -12,6 +14,8 @@ from google.cloud import storage
 
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.storage.gcs import GcsStore, ObjectInfo
+from raytrain_spot.observe import progress
+from raytrain_spot.storage import node_cache
 from raytrain_spot.storage.node_cache import MANIFEST, CopyFailed, local_copy, verify_file
 from tests.servers.fake_gcs import FakeGcsServer
 
@@ -214,3 +218,22 @@ def test_a_hugging_face_model_and_shards_in_gcs_work_as_task_paths(bucket, tmp_p
     fresh = HuggingFaceVLMTask(model=HfModelConfig(path=model_uri, cache_dir=str(tmp_path / "models")))
     with pytest.raises(ConfigError, match=rf"task.model.path: {model_uri} \(its copy .*\) has no config.json"):
         fresh.model_dir()
+
+
+def test_a_long_fetch_prints_how_far_it_is_and_the_time_left(bucket, tmp_path, monkeypatch, caplog):
+    """A model directory takes minutes to come from gs:// on a fresh node: the driver says so before Ray starts."""
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(node_cache, "PROGRESS_POLL_S", 0.05)
+    original = storage.Blob.download_to_filename
+
+    def slow_network(blob, *args, **kwargs):  # the transfer takes a while, as a large file's would
+        time.sleep(0.4)
+        return original(blob, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Blob, "download_to_filename", slow_network)
+    uri = upload(bucket, "model", {f"part-{i}.bin": os.urandom(256 << 10) for i in range(4)})
+    with caplog.at_level(logging.INFO, logger=node_cache.__name__):
+        local_copy(uri, str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"fetching {uri}:")]
+    assert len(lines) >= 2 and "/1.0 MiB (" in lines[0] and "| elapsed 0:00:0" in lines[0] and "| eta " in lines[0]
+    assert lines[-1].startswith(f"fetching {uri}: done, 1.0 MiB in ")

@@ -2,7 +2,7 @@ import io
 import json
 
 from raytrain_spot.observe.events import EventFeed
-from raytrain_spot.observe.progress import ProgressPrinter
+from raytrain_spot.observe.progress import ProgressPrinter, WorkProgress
 
 
 def step(t, n, world_size=2, loss=1.0):
@@ -39,3 +39,24 @@ def test_step_lines_show_the_time_since_this_invocation_started_and_the_time_to_
     # 10 steps in 20 s: the 80 steps left take 160 s; 70 take 140 s
     assert second.endswith("| elapsed 0:00:45 | eta 0:02:40"), second
     assert third.endswith("| elapsed 0:01:05 | eta 0:02:20"), third
+
+
+def test_work_before_training_prints_how_far_it_is_its_elapsed_time_and_the_time_left_at_its_rate():
+    now = [100.0]
+    lines = []
+    with WorkProgress("checking the rows of /data", 1000, "rows", lines.append, clock=lambda: now[0]) as work:
+        for done, at in ((100, 101.0), (200, 104.0), (300, 106.0), (900, 118.0), (1000, 120.0)):
+            now[0] = at
+            work.update(done)
+    assert lines == ["checking the rows of /data: 300/1,000 rows (30%) | elapsed 0:00:06 | eta 0:00:14",
+                     "checking the rows of /data: 900/1,000 rows (90%) | elapsed 0:00:18 | eta 0:00:02",
+                     "checking the rows of /data: done, 1,000 rows in 0:00:20"]
+
+
+def test_work_that_ends_before_its_first_line_prints_nothing():
+    now = [0.0]
+    lines = []
+    with WorkProgress("fetching gs://b/m", 10.0, "MiB", lines.append, clock=lambda: now[0]) as work:
+        now[0] = 4.9
+        work.update(10.0)
+    assert lines == []

@@ -85,6 +85,8 @@ class OptimConfig:
 
 
 REGROW_MODES = ("when_it_pays", "after_settle")
+GPU_DATA_WORKERS = 2
+"""Loader processes per GPU worker when trainer.data_workers is unset."""
 
 
 @dataclass
@@ -107,6 +109,14 @@ class TrainerConfig:
     """CPUs Ray reserves for each worker."""
     torch_threads: int = 1
     """torch intra-op threads per worker (keep small when several workers share a machine)."""
+    data_workers: Optional[int] = None
+    """Processes per worker that read, process and collate its batches ahead of the steps that train them
+    (torch DataLoader workers, as HF Trainer's ``dataloader_num_workers``): an HF processor's image tiling
+    then runs beside the training thread, not on it. 0: the training thread loads each step's batch
+    while the previous step's all-reduce is in flight. None (the default): 2 for GPU training, where a
+    GPU would wait for batches loaded on the training thread; 0 for CPU training, where loader
+    processes take cores from the training (on 2 cores both loops train slower with one:
+    docs/benchmarks.md). Loading ahead changes no sample (loop/batches.py)."""
     max_failures: int = -1
     """Non-preemption failures to recover from; -1 recovers forever. Ray's default 0 would end a Spot run."""
     max_identical_failures: int = 3
@@ -132,8 +142,15 @@ class TrainerConfig:
                 f"set trainer.global_batch_size >= {self.max_workers}")
         require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                 "set trainer.max_failures=-1 to recover from every failure")
-        require_non_negative("trainer", self, "max_identical_failures")
+        require_non_negative("trainer", self, "max_identical_failures", "data_workers")
         require_positive("trainer", self, "collective_timeout_s", "startup_timeout_s")
+
+    @property
+    def loader_processes(self) -> int:
+        """``data_workers``, resolved."""
+        if self.data_workers is not None:
+            return self.data_workers
+        return GPU_DATA_WORKERS if self.use_gpu else 0
 
     @property
     def resources_per_worker(self) -> dict:

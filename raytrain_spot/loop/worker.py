@@ -37,6 +37,7 @@ from raytrain_spot.observe.records import Advice, Eval, Group, Resize, Restore, 
 from raytrain_spot.storage import open_store
 from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.loop.agreement import RankView, start_agreement
+from raytrain_spot.loop.batches import StepBatches, StepRows
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.loop.evaluate import Evaluation
 from raytrain_spot.loop.decision import JIT, PERIODIC, STOP, Continue, Finish, GroupPolicy, HandOff, Hold, decide
@@ -45,10 +46,9 @@ from raytrain_spot.loop.runtime import WorkerRuntime
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.loop.stop import StopPoll
 from raytrain_spot.loop.strategy import SPOT, Strategy
-from raytrain_spot.loop.step import (accumulate, checked_optimizer, seed_step, set_learning_rate, split, step_seed,
-                                      update)
+from raytrain_spot.loop.step import accumulate, checked_optimizer, seed_step, set_learning_rate, step_seed, update
 from raytrain_spot.config.errors import TaskContractError
-from raytrain_spot.loop.task import TrainingTask, build_task, move_to, task_contract_problem
+from raytrain_spot.loop.task import TrainingTask, build_task, task_contract_problem
 
 logger = logging.getLogger(__name__)
 UNTIMED_STEPS = 2
@@ -105,82 +105,85 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
         measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
+    rows = StepRows(task, dataset, order, loop.samples_seen, cfg.trainer.max_steps - loop.step, global_batch,
+                    cfg.trainer.micro_batch_size, rank, world_size)
     reported_step = loop.step
     steps_in_group = 0
     total_samples = cfg.trainer.max_steps * global_batch
-    batch = load_batch(task, dataset, order, loop.samples_seen, cfg.trainer, rank, world_size, device)
-    while loop.step < cfg.trainer.max_steps:
-        step_started = time.time()
-        lr = set_learning_rate(optimizer, task.learning_rate(loop.samples_seen, total_samples, cfg.optim),
-                               type(task).__name__)
-        seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
+    with StepBatches(rows, cfg.trainer.loader_processes, device, cfg.run.seed) as batches:
+        batch = batches.next()
+        while loop.step < cfg.trainer.max_steps:
+            step_started = time.time()
+            lr = set_learning_rate(optimizer, task.learning_rate(loop.samples_seen, total_samples, cfg.optim),
+                                   type(task).__name__)
+            seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
 
-        loss_sum = accumulate(ddp_model, batch.micro_batches, task.loss, world_size / global_batch, autocast_dtype)
-        grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
+            loss_sum = accumulate(ddp_model, batch.micro_batches, task.loss, world_size / global_batch, autocast_dtype)
+            grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
 
-        # What each rank heard from the cluster, and rank 0's proposals, in the same all-reduce as the loss.
-        next_step = loop.step + 1
-        leaving = policy.leaving_ranks(next_step)
-        view = RankView(loss_sum, leaving)
-        if rank == 0:
-            step_s = batch.data_s + time.time() - step_started
-            commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
-            view = RankView(loss_sum, leaving, policy.propose(leaving, next_step, step_s, commit_s, loop, world_size),
-                            save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
-                            stop=runtime.stop_requested(), committed_step=checkpoints.committed_step,
-                            commit_s=commit_s, step_s=step_s, at=time.time())
-        pending = start_agreement(view, group)
-        # The next batch loads while the all-reduce is in flight: its latency hides behind the loading.
-        trained, batch = batch, (load_batch(task, dataset, order, loop.samples_seen + global_batch, cfg.trainer, rank,
-                                            world_size, device) if next_step < cfg.trainer.max_steps else None)
-        agreed = pending.result()
-        first_position = loop.samples_seen
-        loop.step = next_step
-        loop.samples_seen += global_batch
-        loop.train_time_s += agreed.step_s
-        loop.commit_s = agreed.commit_s
-        steps_in_group += 1
-        if steps_in_group > UNTIMED_STEPS:  # rank 0's clock, so every rank keeps the same figures
-            loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s, world_size,
-                                                                global_batch, agreed.step_s)
+            # What each rank heard from the cluster, and rank 0's proposals, in the same all-reduce as the loss.
+            next_step = loop.step + 1
+            leaving = policy.leaving_ranks(next_step)
+            view = RankView(loss_sum, leaving)
+            if rank == 0:
+                step_s = batch.data_s + time.time() - step_started
+                commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
+                proposal = policy.propose(leaving, next_step, step_s, commit_s, loop, world_size)
+                view = RankView(loss_sum, leaving, proposal,
+                                save_due=periodic_save_due(checkpoints, next_step, cadence.interval_steps),
+                                stop=runtime.stop_requested(), committed_step=checkpoints.committed_step,
+                                commit_s=commit_s, step_s=step_s, at=time.time())
+            pending = start_agreement(view, group)
+            # The next batch is taken (or, without loader processes, loaded) while the all-reduce is in flight.
+            trained, batch = batch, batches.next()
+            agreed = pending.result()
+            first_position = loop.samples_seen
+            loop.step = next_step
+            loop.samples_seen += global_batch
+            loop.train_time_s += agreed.step_s
+            loop.commit_s = agreed.commit_s
+            steps_in_group += 1
+            if steps_in_group > UNTIMED_STEPS:  # rank 0's clock, so every rank keeps the same figures
+                loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s, world_size,
+                                                                    global_batch, agreed.step_s)
 
-        if cfg.run.log_sample_ids:
-            events.emit_soon(Samples(step=loop.step, rank=rank, ids=trained.rows))
-        if rank == 0:  # this step's own loading, training and wait for the agreement, not the next one's loading
-            duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
-            events.emit_soon(Step(step=loop.step, world_size=world_size,
-                                  samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
-                                  lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s))
+            if cfg.run.log_sample_ids:
+                events.emit_soon(Samples(step=loop.step, rank=rank, ids=trained.rows))
+            if rank == 0:  # this step's own loading, training and wait for the agreement, not the next one's loading
+                duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
+                events.emit_soon(Step(step=loop.step, world_size=world_size,
+                                      samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
+                                      lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s))
 
-        decision = decide(agreed, loop.step, cfg.trainer.max_steps, world_size, policy)
-        if not isinstance(decision, (Continue, Hold)) or decision.checkpoint:
-            events.send()  # records of every step the checkpoint holds are out before a kill could take them
-        if isinstance(decision, Finish):  # a resume after a stop goes on from it, no interruption
-            if decision.reason == STOP and rank == 0:
-                events.emit(Stopped(step=loop.step))
-            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final",
-                                                                  reason=STOP if decision.reason == STOP else ""),
-                                  rank, 0, runtime.report)
-            evaluate(evaluation, ddp_model, loop.step, rank, events)
-            return
-        if isinstance(decision, HandOff):
-            loop.handed_off_at = agreed.at if decision.restart_measured else 0.0
-            hand_off(decision, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
-                     runtime.signals.drain_deadline_s)
-        if decision.checkpoint == JIT:
-            checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "jit", reason="preemption"),
-                                  rank, 0, runtime.report)
-        elif decision.checkpoint == PERIODIC:
-            checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
-        if evaluation.due(loop.step):
-            evaluate(evaluation, ddp_model, loop.step, rank, events)
-        if agreed.committed_step > reported_step:
-            reported_step = agreed.committed_step
-            runtime.report(reported_step)
-        if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, loop.interruptions,
-                                                   loop.train_time_s, world_size, loop.step)):
-            logger.info("Checkpoint advisor: %s", advice.explain())
-            events.emit(Advice(**advice.__dict__))
+            decision = decide(agreed, loop.step, cfg.trainer.max_steps, world_size, policy)
+            if not isinstance(decision, (Continue, Hold)) or decision.checkpoint:
+                events.send()  # records of every step the checkpoint holds are out before a kill could take them
+            if isinstance(decision, Finish):  # a resume after a stop goes on from it, no interruption
+                if decision.reason == STOP and rank == 0:
+                    events.emit(Stopped(step=loop.step))
+                checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "final",
+                                                                      reason=STOP if decision.reason == STOP else ""),
+                                      rank, 0, runtime.report)
+                evaluate(evaluation, ddp_model, loop.step, rank, events)
+                return
+            if isinstance(decision, HandOff):
+                loop.handed_off_at = agreed.at if decision.restart_measured else 0.0
+                hand_off(decision, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
+                         runtime.signals.drain_deadline_s)
+            if decision.checkpoint == JIT:
+                checkpoint_and_report(checkpoints, parts, SaveRequest(loop, world_size, "jit", reason="preemption"),
+                                      rank, 0, runtime.report)
+            elif decision.checkpoint == PERIODIC:
+                checkpoints.save(parts, SaveRequest(loop, world_size, "periodic"), writer=rank == 0)
+            if evaluation.due(loop.step):
+                evaluate(evaluation, ddp_model, loop.step, rank, events)
+            if agreed.committed_step > reported_step:
+                reported_step = agreed.committed_step
+                runtime.report(reported_step)
+            if rank == 0 and (advice := cadence.update(checkpoints.stall_s, checkpoints.commit_s, loop.interruptions,
+                                                       loop.train_time_s, world_size, loop.step)):
+                logger.info("Checkpoint advisor: %s", advice.explain())
+                events.emit(Advice(**advice.__dict__))
 
 
 def evaluate(evaluation: Evaluation, model: torch.nn.Module, step: int, rank: int, events: EventLog) -> None:
@@ -189,27 +192,6 @@ def evaluate(evaluation: Evaluation, model: torch.nn.Module, step: int, rank: in
     if result is not None and rank == 0:
         events.emit(Eval(step=step, loss=result.loss, samples=result.samples, duration_s=result.duration_s,
                          examples=result.examples or None))
-
-
-@dataclass
-class Batch:
-    """This rank's share of one step."""
-
-    rows: List[int]
-    micro_batches: List[tuple]
-    """(collated batch on the training device, number of samples) per micro-batch."""
-    data_s: float
-    """Seconds the loading took."""
-
-
-def load_batch(task: TrainingTask, dataset, order: GlobalSampleOrder, cursor: int, trainer_cfg, rank: int,
-               world_size: int, device: torch.device) -> Batch:
-    """This rank's rows of the step that starts at ``cursor`` in the global sample order, collated."""
-    started = time.time()
-    rows = order.rows_at(rank_positions(cursor, trainer_cfg.global_batch_size, rank, world_size))
-    micro_batches = [(move_to(task.collate([dataset[row] for row in chunk]), device), len(chunk))
-                     for chunk in split(rows, trainer_cfg.micro_batch_size)]
-    return Batch(rows, micro_batches, time.time() - started)
 
 
 def measure_restart(loop: LoopState, seconds: float) -> None:

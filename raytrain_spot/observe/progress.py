@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from raytrain_spot.observe.events import iter_events
 from raytrain_spot.observe.records import (Add, Checkpoint, CheckpointFailed, Drain, Eval, Group, Kill, Notice, Remove,
@@ -88,6 +88,49 @@ class ProgressPrinter:
 
     def close(self) -> None:
         """``out`` belongs to the caller."""
+
+
+PROGRESS_EVERY_S = 5.0
+"""Seconds between two progress lines of work before training starts."""
+
+
+class WorkProgress:
+    """Progress lines for long work before training starts (checking every row, fetching a model from
+    ``gs://``): how far, the time since it began and the time left at its rate so far, at most every
+    ``PROGRESS_EVERY_S`` (work done sooner prints nothing), through ``log``. Use it as a context
+    manager: work that printed a line prints an end line when it finishes."""
+
+    def __init__(self, what: str, total: float, unit: str, log: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self._what, self._total, self._unit, self._log = what, total, unit, log
+        self._every_s, self._clock = PROGRESS_EVERY_S, clock
+        self._started = clock()
+        self._printed = self._started
+        self._done = 0.0
+        self._lines = 0
+
+    def update(self, done: float) -> None:
+        """``done`` of the total is finished; print a line if ``every_s`` has passed since the last."""
+        self._done = done
+        now = self._clock()
+        if now - self._printed >= self._every_s:
+            self._printed = now
+            self._lines += 1
+            elapsed = now - self._started
+            eta = clock((self._total - done) * elapsed / done) if done > 0 else "--"
+            self._log(f"{self._what}: {self._amount(done)}/{self._amount(self._total)} {self._unit} "
+                      f"({100 * done / max(self._total, 1e-9):.0f}%) | elapsed {clock(elapsed)} | eta {eta}")
+
+    def _amount(self, value: float) -> str:
+        return f"{value:,.0f}" if self._unit != "MiB" else f"{value:,.1f}"
+
+    def __enter__(self) -> "WorkProgress":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is None and self._lines:
+            self._log(f"{self._what}: done, {self._amount(self._total)} {self._unit} in "
+                      f"{clock(self._clock() - self._started)}")
 
 
 class StepRanges:

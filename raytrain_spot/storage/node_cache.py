@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Iterator, List
 
@@ -36,6 +36,7 @@ import google_crc32c
 from google.api_core import exceptions as api_exceptions
 
 from raytrain_spot.config.errors import ConfigError
+from raytrain_spot.observe.progress import WorkProgress
 from raytrain_spot.storage.gcs import GcsStore, ObjectInfo, _wait_all_or_first_error, parse_gs_uri
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ MANIFEST = ".raytrain-copy.json"
 """In each copy: the URI and the listing it was fetched from."""
 _STAGING = ".fetching-"
 _CHUNK = 8 << 20
+PROGRESS_POLL_S = 1.0
+"""How often a fetch measures what it has written (its progress line comes at most every 5 s)."""
 
 
 class CopyFailed(IOError):
@@ -153,8 +156,16 @@ def _fetch(store: GcsStore, objects: List[ObjectInfo], entry: str, copy: str) ->
     logger.info("fetching %d objects (%.1f MiB) of %s into %s", len(objects), total / 2**20, store.uri, copy)
     staging = tempfile.mkdtemp(prefix=_STAGING, dir=entry)
     try:
-        with ThreadPoolExecutor(max_workers=store.workers, thread_name_prefix="node-cache") as pool:
-            _wait_all_or_first_error([pool.submit(_download, store, o, staging) for o in objects])
+        with ThreadPoolExecutor(max_workers=store.workers, thread_name_prefix="node-cache") as pool, \
+                WorkProgress(f"fetching {store.uri}", total / 2**20, "MiB", logger.info) as progress:
+            downloads = [pool.submit(_download, store, o, staging) for o in objects]
+            pending = set(downloads)
+            while pending:
+                done, pending = wait(pending, timeout=PROGRESS_POLL_S, return_when=FIRST_EXCEPTION)
+                if any(future.exception() is not None for future in done):
+                    break
+                progress.update(_staged_bytes(staging) / 2**20)
+            _wait_all_or_first_error(downloads)
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump({"uri": store.uri, "objects": [dataclasses.asdict(o) for o in objects]}, f, indent=1)
         os.rename(staging, copy)
@@ -162,6 +173,11 @@ def _fetch(store: GcsStore, objects: List[ObjectInfo], entry: str, copy: str) ->
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("fetched %s in %.1f s", store.uri, time.monotonic() - started)
+
+
+def _staged_bytes(staging: str) -> int:
+    """Bytes written under ``staging`` so far (downloads in progress included)."""
+    return sum(_size(os.path.join(directory, name)) for directory, _, names in os.walk(staging) for name in names)
 
 
 def _download(store: GcsStore, expected: ObjectInfo, staging: str) -> None:

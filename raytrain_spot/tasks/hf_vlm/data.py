@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raytrain_spot.config.errors import require, require_non_negative, require_positive
+from raytrain_spot.observe.progress import WorkProgress
 
 logger = logging.getLogger(__name__)
 
@@ -400,24 +401,27 @@ def checked_rows(cfg: ImageTextDataConfig, path: str, files: List[str]) -> np.nd
         with open(cache) as f:
             return np.array(json.load(f)["good_rows"], dtype=np.int64)
     good, bad, row = [], [], 0
-    for file in files:
-        rows = FileRows(cfg, file)
-        for local in range(len(rows)):
-            problem = None
-            try:
-                row_sample(cfg, *rows[local])
-            except BadCell as error:
-                problem = str(error)
-            except ValueError as error:  # the image cell's lists are not pixels (image_cell)
-                problem = f"column {cfg.image_column!r} {error}"
-            if problem is None:
-                good.append(row)
-            elif cfg.bad_rows == "fail":
-                raise BadRow(f"{file}: row {local}: {problem}. Fix: repair or drop the row, or set "
-                             "task.data.bad_rows=skip to leave such rows out (they are counted)")
-            else:
-                bad.append(f"{os.path.basename(file)}:{local}")
-            row += 1
+    with WorkProgress(f"checking the rows of {path}", sum(file_rows(f) for f in files), "rows",
+                      logger.info) as progress:
+        for file in files:
+            rows = FileRows(cfg, file)
+            for local in range(len(rows)):
+                problem = None
+                try:
+                    row_sample(cfg, *rows[local])
+                except BadCell as error:
+                    problem = str(error)
+                except ValueError as error:  # the image cell's lists are not pixels (image_cell)
+                    problem = f"column {cfg.image_column!r} {error}"
+                if problem is None:
+                    good.append(row)
+                elif cfg.bad_rows == "fail":
+                    raise BadRow(f"{file}: row {local}: {problem}. Fix: repair or drop the row, or set "
+                                 "task.data.bad_rows=skip to leave such rows out (they are counted)")
+                else:
+                    bad.append(f"{os.path.basename(file)}:{local}")
+                row += 1
+                progress.update(row)
     if bad:
         logger.warning("Leaving out %d bad rows of %s (task.data.bad_rows=skip): %s%s", len(bad), path,
                        ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
