@@ -73,10 +73,12 @@ UNTIMED_STEPS = 2
 """A group's first steps (allocation, first collectives) are left out of its step time, as the loop does."""
 
 
-def scripted_events(preemptions: int, every_s: float, restore_after_s: float) -> str:
-    """One node preempted every ``every_s`` seconds, each replaced ``restore_after_s`` after its kill."""
-    steps = [f"{{action:preempt,node:{i % 3},at_s:{10 + i * every_s}}},{{action:restore,after_s:{restore_after_s}}}"
-             for i in range(preemptions)]
+def scripted_events(preemptions: int, every_s: float, restore_after_s: float, no_notice: bool = False) -> str:
+    """One node preempted every ``every_s`` seconds (powered off without a notice, with
+    ``no_notice``), each replaced ``restore_after_s`` after its power-off."""
+    without = ",no_notice:true" if no_notice else ""
+    steps = [f"{{action:preempt,node:{i % 3},at_s:{10 + i * every_s}{without}}},"
+             f"{{action:restore,after_s:{restore_after_s}}}" for i in range(preemptions)]
     return "chaos.events=[" + ",".join(steps) + "]"
 
 
@@ -87,10 +89,10 @@ def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
     if scenario == "trace":
         chaos = ["+chaos=trace", f"chaos.trace={os.path.abspath(args.trace)}", f"chaos.tick_s={args.tick_s}",
                  f"chaos.start_tick={args.start_tick}", f"chaos.max_ticks={args.ticks}",
-                 f"chaos.provisioning_s={args.provisioning_s}"]
+                 f"chaos.provisioning_s={args.provisioning_s}", f"chaos.no_notice={args.no_notice}"]
         chaos += compressed_lifetime_prior(args)
     else:
-        chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s)]
+        chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s, args.no_notice)]
     main_command = ([sys.executable, os.path.join(REPO, "bench", "baselines.py"), BASELINE_OF[mode]]
                     if mode in BASELINE_OF else [sys.executable, "-m", "raytrain_spot.run"])
     command = [*main_command, f"+experiment={args.experiment}", f"run.name={name}",
@@ -390,6 +392,8 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["scripted", "trace"])
     parser.add_argument("--preemptions", type=int, default=3, help="scripted: single-node preemptions")
     parser.add_argument("--every-s", type=float, default=60.0, help="scripted: seconds between them")
+    parser.add_argument("--no-notice", action="store_true",
+                        help="every node loss without a notice (a powered-off VM): scripted and trace")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--reanalyse", metavar="JSON",
                         help="no new runs: recompute the figures from the event logs of the run that wrote this --json")
@@ -429,7 +433,7 @@ def main() -> None:
     print(f"trace={os.path.basename(args.trace)} ticks={args.start_tick}..{args.start_tick + args.ticks} "
           f"tick_s={args.tick_s} (time compressed {args.compression:g}x; trace runs with "
           f"{' '.join(compressed_lifetime_prior(args)) or 'the given checkpoint.mtbi_prior_s'}) notice_s={args.notice_s} "
-          f"workdir={workdir}")
+          f"no_notice={args.no_notice} workdir={workdir}")
     for key, r in results.items():
         notice, kill = r["recovery_from_notice_s"] or {}, r["recovery_from_kill_s"] or {}
         print(f"{key:26} preemptions={r['preemptions']} recovery_from_notice_median_s={notice.get('median')} "

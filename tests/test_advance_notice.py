@@ -255,7 +255,8 @@ def test_the_simulator_gives_150_s_and_starts_watchers_that_drain_for_it(compose
     cluster, events, killed = FakeCluster(3), Events(), []
     simulator = chaos.SpotSimulator(cfg, cluster, events, current_step=lambda: 1,
                                     on_kill=lambda node, noticed: killed.append((node, noticed)),
-                                    log_dir=str(tmp_path), clock=lambda: now["t"])
+                                    log_dir=str(tmp_path), clock=lambda: now["t"],
+                                    ray_reports_dead=lambda node_id: True)
     try:
         assert len(commands) == 3
         # The watcher each node runs: --notice-s 150, so its deadline is 145 s after the notice.

@@ -125,8 +125,10 @@ class VirtualCluster:
 
     def __init__(self):
         self.workers = [VirtualNode(0)]
+        self.removed = []
 
     def remove_worker_node(self, node):
+        self.removed.append(node.node_id)
         node.close()
 
 
@@ -147,7 +149,8 @@ def soft_off_of(compose, tmp_path, commands):
                               "chaos.events=[{action:preempt,node:0,at_s:2}]")).chaos
     now, recorder, cluster = {"t": 1000.0}, Recorder(), VirtualCluster()
     simulator = chaos.SpotSimulator(cfg, cluster, recorder, current_step=lambda: 1, on_kill=lambda *_: None,
-                                    log_dir=str(tmp_path / "logs"), clock=lambda: now["t"])
+                                    log_dir=str(tmp_path / "logs"), clock=lambda: now["t"],
+                                    ray_reports_dead=lambda node_id: True)
     simulator.tick()
     now["t"] += 2
     simulator.tick()
@@ -198,6 +201,45 @@ def test_a_raylet_that_finishes_its_drain_ends_the_wait(compose, tmp_path):
         node.raylet.terminate()  # a drained, idle raylet exits by itself
         node.raylet.wait(timeout=5)
         assert simulator.ray_services[0].wait(timeout=3) == 1, "no wait left once the raylet is gone"
+    finally:
+        simulator.close()
+        node.close()
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process ("T": stopped), or "gone"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_the_power_off_freezes_every_process_of_the_vm_until_ray_declares_the_node_dead(compose, tmp_path):
+    """A VM that loses power closes no socket: its peers hear nothing, not a reset, so their
+    collectives with it hang until Ray's health checks give up on the node. A SIGKILL would have
+    the kernel close every socket at once (a reset to every peer), which GCE never does."""
+    cfg = load_config(compose("+experiment=vlm", "+chaos=events", "chaos.watchers=false",
+                              "chaos.events=[{action:preempt,node:0,at_s:2,no_notice:true}]")).chaos
+    now, cluster, killed, dead = {"t": 1000.0}, VirtualCluster(), [], set()
+    node = cluster.workers[0]
+    simulator = chaos.SpotSimulator(cfg, cluster, Recorder(), current_step=lambda: 1,
+                                    on_kill=lambda node_id, noticed: killed.append(node_id),
+                                    log_dir=str(tmp_path / "logs"), clock=lambda: now["t"],
+                                    ray_reports_dead=lambda node_id: node_id in dead)
+    try:
+        simulator.tick()
+        now["t"] += 2
+        simulator.tick()
+        assert killed == [node.node_id], "the loss is logged at the power-off"
+        assert wait_for(lambda: {process_state(node.raylet.pid), process_state(node.worker_pid)} == {"T"}), \
+            "the raylet and the worker it started are frozen, not killed"
+        now["t"] += 30
+        simulator.tick()
+        assert cluster.removed == [] and process_state(node.worker_pid) == "T", "Ray still lists it alive"
+        dead.add(node.node_id)
+        simulator.tick()
+        assert cluster.removed == [node.node_id] and wait_for(lambda: not node.worker_alive())
     finally:
         simulator.close()
         node.close()

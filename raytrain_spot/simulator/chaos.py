@@ -2,8 +2,9 @@
 
 A preemption goes through the same path as on GCE. The node's metadata turns ``TRUE``
 (a real HTTP metadata emulator, one port per virtual node), the node's watcher process
-drains its Ray node, and ``notice_s`` later the node is killed abruptly, like a VM
-deletion, its local disk gone with it. 30 s before that kill (at the notice, when
+drains its Ray node, and ``notice_s`` later the VM powers off: its processes freeze where they
+are, its sockets fall silent (no reset reaches a peer) and its local disk is gone, until Ray's
+health checks declare the node dead. 30 s before that power-off (at the notice, when
 ``notice_s`` is 30 or less, as with GCE's default notice) comes the ACPI soft-off: the VM's
 systemd stops its units, and every process of the virtual VM gets SIGTERM unless the node's
 start commands put it in a service that signals only its main process
@@ -64,6 +65,28 @@ class Action:
     kind: str = field(compare=False)  # notice | soft_off | unit_timeout | kill | add
     node: Optional[int] = field(default=None, compare=False)
     notice_s: float = field(default=0.0, compare=False)
+
+
+@dataclass
+class PoweredOff:
+    """A node whose VM lost power: its processes frozen, waiting for Ray to declare it dead."""
+
+    slot: int
+    node: object
+    helpers: List[subprocess.Popen]
+    """Its watcher and Ray service processes, frozen with it."""
+    at: float
+
+
+REAP_AFTER_S = 120.0
+"""Longest a powered-off node's frozen processes are kept when Ray has not declared it dead."""
+
+
+def ray_reports_dead(node_id: str) -> bool:
+    """Whether Ray's node table lists the node as dead (its health checks gave up on it)."""
+    import ray
+
+    return any(node["NodeID"] == node_id and not node["Alive"] for node in ray.nodes())
 
 
 def trace_fleet(data: Sequence[int]) -> int:
@@ -209,7 +232,8 @@ class SpotSimulator:
 
     def __init__(self, cfg: ChaosConfig, cluster, events: EventLog, current_step: Callable[[], Optional[int]],
                  on_kill: Callable[[str, bool], None], log_dir: str, rank_nodes: Callable[[], List[str]] = list,
-                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time):
+                 node_local_root: Optional[str] = None, clock: Callable[[], float] = time.time,
+                 ray_reports_dead: Callable[[str], bool] = ray_reports_dead):
         from raytrain_spot.simulator.metadata_server import MetadataEmulator
 
         self.cfg = cfg
@@ -220,6 +244,8 @@ class SpotSimulator:
         self.node_local_root = node_local_root
         self.clock = clock
         self.on_kill = on_kill  # logs the kill (the cluster monitor, so it is logged once)
+        self.ray_reports_dead = ray_reports_dead
+        self._powered_off: List[PoweredOff] = []
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)
         self.metadata = MetadataEmulator()
@@ -308,7 +334,7 @@ class SpotSimulator:
 
     def _soft_off(self, slot: int, notice_s: float, elapsed: float) -> None:
         """GCE's ACPI soft-off: the VM's systemd stops every unit, signalling the node's processes
-        where its start commands put them; the power-off (``_kill``) follows."""
+        where its start commands put them; the power-off (``_power_off``) follows."""
         times = shutdown_times(notice_s)
         node, ray_unit = self.nodes[slot], self.node_start.ray
         if ray_unit.main_only:
@@ -330,16 +356,41 @@ class SpotSimulator:
     def _stop_ray_node(self, slot: int, sig: signal.Signals) -> None:
         _signal_all(ray_node_processes(self.nodes[slot]), sig)
 
-    def _kill(self, slot: int) -> None:
+    def _power_off(self, slot: int) -> None:
+        """GCE's power-off, at the end of a notice or without one: the VM stops dead. Every process
+        of the virtual VM (Ray's, the training's, its watcher) is frozen where it is (SIGSTOP), so
+        its sockets stay open and silent: no connection reset reaches a peer, whose collectives
+        with it hang as they do on GCE, until Ray's health checks declare the node dead. Then
+        ``_reap`` removes the frozen processes; the local disk goes now."""
         node = self.nodes.pop(slot)
-        for helper in (self.watchers.pop(slot, None), self.ray_services.pop(slot, None)):
-            if helper is not None and helper.poll() is None:
-                helper.kill()
-        self.cluster.remove_worker_node(node)
+        helpers = [helper for helper in (self.watchers.pop(slot, None), self.ray_services.pop(slot, None))
+                   if helper is not None and helper.poll() is None]
+        for helper in helpers:
+            helper.send_signal(signal.SIGSTOP)
+        _signal_all(ray_node_processes(node), signal.SIGSTOP)
+        self._powered_off.append(PoweredOff(slot, node, helpers, self.clock()))
         self.on_kill(node.node_id, self.cfg.watchers and slot in self._noticed)
         if self.node_local_root:
             shutil.rmtree(os.path.join(self.node_local_root, node.node_id), ignore_errors=True)
-        logger.info("Killed worker-%d (%s)", slot, node.node_id)
+        logger.info("Powered off worker-%d (%s): its processes are frozen until Ray declares the node dead", slot,
+                    node.node_id)
+
+    def _reap(self) -> None:
+        """Remove the powered-off nodes Ray has declared dead (or that it has not declared dead
+        ``REAP_AFTER_S`` after their power-off: a wait that long is Ray's, not the simulator's)."""
+        for off in list(self._powered_off):
+            waited_s = self.clock() - off.at
+            if not self.ray_reports_dead(off.node.node_id) and waited_s < REAP_AFTER_S:
+                continue
+            self._remove(off)
+            logger.info("Ray declared worker-%d (%s) dead %.1f s after its power-off%s", off.slot, off.node.node_id,
+                        waited_s, "" if waited_s < REAP_AFTER_S else " (not yet: removed anyway)")
+
+    def _remove(self, off: "PoweredOff") -> None:
+        for helper in off.helpers:
+            helper.kill()  # SIGKILL ends a stopped process
+        self.cluster.remove_worker_node(off.node)
+        self._powered_off.remove(off)
 
     def _add(self) -> None:
         slot = self._track(self.cluster.add_worker_node())
@@ -371,7 +422,8 @@ class SpotSimulator:
             elif action.kind == "unit_timeout":
                 self._stop_ray_node(action.node, signal.SIGKILL)  # systemd: TimeoutStopSec passed
             else:
-                self._kill(action.node)
+                self._power_off(action.node)
+        self._reap()
 
     def _schedule_script(self, elapsed: float, step: int) -> None:
         while self._script:
@@ -412,6 +464,8 @@ class SpotSimulator:
         return not self._script and not self._pending
 
     def close(self) -> None:
+        for off in list(self._powered_off):
+            self._remove(off)
         helpers = [*self.watchers.values(), *self.ray_services.values()]
         for helper in helpers:
             if helper.poll() is None:
