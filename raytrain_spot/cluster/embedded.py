@@ -27,8 +27,8 @@ LOCAL_WORKER_TYPE = "local-cpu-spot"
 DEFAULT_DASHBOARD_PORT = 8265
 # A node that stops answering is declared dead after 3 health checks a second apart that each get
 # no answer within 2 s, so a new worker group stops counting it within seconds. Ray's own timeout
-# (10 s) made it 33 s for a powered-off node, whose raylet answers nothing (measured with the
-# simulator's power-off: 8.7 s with these). The GCP cluster YAMLs set the same.
+# (10 s) made it 33 s for a powered-off node, whose raylet answers nothing; 8-9 s with these
+# (bench/bench_node_death.py). The GCP cluster YAMLs set the same.
 FAST_DEATH_DETECTION = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
                         "health_check_failure_threshold": 3}
 _MB = 1 << 20
