@@ -105,6 +105,35 @@ def test_after_a_failure_the_new_group_waits_for_dead_nodes_to_be_declared():
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
 
 
+def test_a_failure_whose_node_the_gcs_has_declared_dead_restarts_after_one_health_check_period():
+    """A powered-off VM's failure reaches the controller through its node's death: the loss is
+    known, and waiting out the rest of the settle period would only pause training longer."""
+    clock = Clock()
+    config = ScalingConfig(num_workers=(1, 3), resources_per_worker=CPU1)
+    view = [node("a"), node("b"), node("c")]
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: view, max_age_s=0),
+                               failure_settle_s=4.0, clock=clock, sleep=lambda s: None, remove_orphans=list)
+    policy._maybe_send_resource_request = lambda: None
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 3  # the group that will fail
+    view[2] = node("c", alive=False)  # declared dead: its workers' failure follows
+    restarting = RestartingState(_group_error(RuntimeError("actor died")))
+    policy.after_controller_state_update(RunningState(), restarting)
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision), \
+        "a node lost with it may be declared a health-check period later"
+    clock.now = 1.0
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2, "3 s before the settle period ends"
+
+    view[1] = node("b", alive=True)  # a worker process crashed on a node that stays alive
+    crashed = RestartingState(_group_error(RuntimeError("segfault")))
+    policy.after_controller_state_update(restarting, crashed)
+    clock.now = 4.9
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision), \
+        "no node declared dead: the whole settle period"
+    clock.now = 5.1
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
+
+
 def test_a_handoff_restarts_at_once():
     clock = Clock()
     config = ScalingConfig(num_workers=(1, 3), resources_per_worker=CPU1)

@@ -195,8 +195,9 @@ class ElasticConfig:
     that comes out of the group's first steps where nodes share cores. A group that ends sooner
     restarts in cold processes."""
     failure_settle_s: float = 4.0
-    """After a failure without notice, wait this long for the cluster to declare dead nodes dead
-    before sizing the new group (the embedded cluster: 3 missed 1 s health checks)."""
+    """After a failure without notice, wait up to this long for the cluster to declare dead nodes
+    dead before sizing the new group; one health-check period (1 s) once it has declared one of the
+    failed group's nodes dead (raytrain_spot/elastic/policy.py, SpotScalingPolicy)."""
 
     def __post_init__(self):
         require(self.regrow in REGROW_MODES, "elastic.regrow", f"{self.regrow!r} is not a mode",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
@@ -74,6 +74,9 @@ RAY_TRAIN_TIMING = {
 
 
 NOOP_PACE_S = 0.1
+DECLARED_GRACE_S = 1.0
+"""After the first node of a failed group is declared dead, how long to wait for others lost with
+it: nodes that lost power together are declared dead within one health-check period (1 s)."""
 
 
 def is_handoff(error: Optional[TrainingFailedError]) -> bool:
@@ -100,7 +103,11 @@ class SpotScalingPolicy(ElasticScalingPolicy):
 
     After a failure the new group is sized only once ``failure_settle_s`` has passed: a node
     that died without notice still looks alive to the GCS until its health checks fail, and a
-    group placed on it would wait out the start timeout. Resource requests to the autoscaler
+    group placed on it would wait out the start timeout. The wait ends sooner once the GCS has
+    declared dead a node that was alive when the failed group started, and ``DECLARED_GRACE_S``
+    (a health-check period) has passed since it was seen so, for nodes lost with it: a powered-off
+    VM's failure reaches the controller only through its node's death (its workers' sockets close
+    nothing), so by then the loss is known and the wait would be lost time. Resource requests to the autoscaler
     (so a cloud cluster launches nodes up to max_workers) are kept from the base class. Before a
     group starts, ``remove_orphans`` removes what a group that failed to start left holding
     resources (``remove_orphaned_placement_groups``).
@@ -119,6 +126,8 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         self._clock = clock
         self._sleep = sleep
         self._last_failure: Optional[float] = None
+        self._declared_at: Optional[float] = None  # when a node of the failed group was first seen declared dead
+        self._nodes_at_start: Set[str] = set()  # alive when the last group started
         self._waiting_since: Optional[float] = None
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
@@ -127,10 +136,21 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         entered = current_state is not previous_state  # a Noop decision keeps the very same state
         if entered and isinstance(current_state, (RestartingState, ReschedulingState)) and not is_handoff(error):
             self._last_failure = self._clock()
+            self._declared_at = None
+
+    def _settling(self) -> bool:
+        """Whether a failure's settle period still runs (see the class docstring)."""
+        now = self._clock()
+        if self._last_failure is None or now - self._last_failure >= self._failure_settle_s:
+            return False
+        if self._declared_at is None and any(not node.alive and node.node_id in self._nodes_at_start
+                                             for node in self._capacity.nodes()):
+            self._declared_at = now
+        return self._declared_at is None or now - self._declared_at < DECLARED_GRACE_S
 
     def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
         self._maybe_send_resource_request()
-        if self._last_failure is not None and self._clock() - self._last_failure < self._failure_settle_s:
+        if self._settling():
             return self._wait()
         workers = self._capacity.workers()
         minimum = self.scaling_config.min_workers
@@ -145,6 +165,7 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
                     "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
         self._remove_orphans()
+        self._nodes_at_start = {node.node_id for node in self._capacity.nodes() if node.alive}
         return ResizeDecision(num_workers=workers,
                               resources_per_worker=self.scaling_config._resources_per_worker_not_none)
 

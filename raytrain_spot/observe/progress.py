@@ -106,12 +106,10 @@ class WorkProgress:
         self._every_s, self._clock = PROGRESS_EVERY_S, clock
         self._started = clock()
         self._printed = self._started
-        self._done = 0.0
         self._lines = 0
 
     def update(self, done: float) -> None:
-        """``done`` of the total is finished; print a line if ``every_s`` has passed since the last."""
-        self._done = done
+        """``done`` of the total is finished; print a line if ``PROGRESS_EVERY_S`` passed since the last."""
         now = self._clock()
         if now - self._printed >= self._every_s:
             self._printed = now

@@ -386,7 +386,7 @@ class SpotSimulator:
             logger.info("Ray declared worker-%d (%s) dead %.1f s after its power-off%s", off.slot, off.node.node_id,
                         waited_s, "" if waited_s < REAP_AFTER_S else " (not yet: removed anyway)")
 
-    def _remove(self, off: "PoweredOff") -> None:
+    def _remove(self, off: PoweredOff) -> None:
         for helper in off.helpers:
             helper.kill()  # SIGKILL ends a stopped process
         self.cluster.remove_worker_node(off.node)
