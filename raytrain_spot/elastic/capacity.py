@@ -114,6 +114,10 @@ class CapacityWatcher:
         self._thread = threading.Thread(target=self._run, name="capacity-watcher", daemon=True)
 
     def start(self) -> "CapacityWatcher":
+        """The first look at the cluster here, before the group's first step: a notice that comes in
+        the first seconds finds the capacity outside the noticed nodes known (unknown, the notice
+        hold hands off at once). Then a look every ``interval_s`` in a thread."""
+        self._checked()
         self._thread.start()
         return self
 
@@ -182,14 +186,15 @@ class CapacityWatcher:
             return None
         return min(deadlines[node] for node in nodes) / 1000.0
 
+    def _checked(self) -> None:
+        try:
+            self.check()
+        except Exception:  # a GCS hiccup must not kill training; try again next interval
+            logger.warning("Capacity check failed", exc_info=True)
+
     def _run(self) -> None:
-        while True:  # the first check at once: a notice may have come while the group started
-            try:
-                self.check()
-            except Exception:  # a GCS hiccup must not kill training; try again next interval
-                logger.warning("Capacity check failed", exc_info=True)
-            if self._stop.wait(self._interval_s):
-                return
+        while not self._stop.wait(self._interval_s):
+            self._checked()
 
 
 def drain_deadline_s(node_ids) -> Optional[float]:
