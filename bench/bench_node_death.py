@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -27,7 +26,7 @@ RAY_DEFAULT_TIMEOUT_MS = 10_000
 
 def declared_dead_after_s(timeout_ms: int) -> float:
     from raytrain_spot.config.schema import ClusterConfig
-    from raytrain_spot.simulator.chaos import _signal_all, ray_node_processes
+    from raytrain_spot.simulator.chaos import freeze
 
     project = embedded.FAST_DEATH_DETECTION
     embedded.FAST_DEATH_DETECTION = {**project, "health_check_timeout_ms": timeout_ms}
@@ -39,7 +38,7 @@ def declared_dead_after_s(timeout_ms: int) -> float:
     try:
         time.sleep(3)  # past the nodes' first health checks
         node = cluster.workers[0]
-        _signal_all(ray_node_processes(node), signal.SIGSTOP)
+        freeze(node)
         frozen = time.time()
         while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
             time.sleep(0.1)

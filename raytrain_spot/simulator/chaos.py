@@ -192,6 +192,12 @@ def ray_node_processes(node) -> list:
     return list(found.values())
 
 
+def freeze(node) -> None:
+    """Stop every process of a virtual node where it is (SIGSTOP), as a VM that loses power: its
+    sockets stay open and silent, so no peer hears a reset."""
+    _signal_all(ray_node_processes(node), signal.SIGSTOP)
+
+
 def _signal_all(processes, sig: signal.Signals) -> None:
     import psutil
 
@@ -367,7 +373,7 @@ class SpotSimulator:
                    if helper is not None and helper.poll() is None]
         for helper in helpers:
             helper.send_signal(signal.SIGSTOP)
-        _signal_all(ray_node_processes(node), signal.SIGSTOP)
+        freeze(node)
         self._powered_off.append(PoweredOff(slot, node, helpers, self.clock()))
         self.on_kill(node.node_id, self.cfg.watchers and slot in self._noticed)
         if self.node_local_root:
