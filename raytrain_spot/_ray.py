@@ -30,6 +30,9 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "RunningState": ("ray.train.v2._internal.execution.controller.state", "RunningState"),
     # A new group's placement timed out: the cluster, not the training code (elastic/policy.py).
     "WorkerGroupStartupTimeoutError": ("ray.train.v2._internal.exceptions", "WorkerGroupStartupTimeoutError"),
+    # A worker whose process or node is gone: its survivors may be committing (elastic/survivors.py).
+    "WorkerHealthCheckFailedError": ("ray.train.v2._internal.exceptions", "WorkerHealthCheckFailedError"),
+    "WorkerHealthCheckTimeoutError": ("ray.train.v2._internal.exceptions", "WorkerHealthCheckTimeoutError"),
     # A worker's copy of the preemption signal, read without Ray Train's barrier (elastic/capacity.py).
     "get_train_context": ("ray.train.v2._internal.execution.context", "get_train_context"),
     # The GCS: drain state, node table, drain requests (elastic/capacity.py, preemption/).

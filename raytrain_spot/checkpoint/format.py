@@ -78,7 +78,7 @@ def writer_objects(names: Iterable[str]) -> Dict[str, str]:
 class Manifest:
     step: int
     samples_seen: int
-    kind: str  # "periodic" | "jit" | "final"
+    kind: str  # "periodic" | "jit" | "final" | "survivor"
     world_size: int
     files: Dict[str, FileEntry]
     config: Dict[str, Any]

@@ -73,7 +73,7 @@ class Restored:
 class SaveRequest:
     loop: LoopState
     world_size: int
-    kind: str  # periodic | jit | final
+    kind: str  # periodic | jit | final | survivor (loop/survivor_commit.py)
     reason: str = ""  # jit: preemption | regrow
 
 
@@ -108,6 +108,9 @@ class CheckpointManager:
         self._transfer = Transfer()  # of the save in flight
         self.deferred: Optional[SaveRequest] = None
         self.committed_step = 0  # newest step this rank committed to a shared tier
+        self.local_step = 0  # newest step this rank committed to its node's tier
+        # The training thread and a survivor's commit (loop/survivor_commit.py) both save: one at a time.
+        self._save_lock = threading.Lock()
         self.last_save_step = -1
         self.stall_s: List[float] = []
         self.commit_s: List[float] = []
@@ -118,15 +121,22 @@ class CheckpointManager:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def save(self, parts: Mapping[str, Stateful], request: SaveRequest, writer: bool, wait: bool = False) -> float:
+    def save(self, parts: Mapping[str, Stateful], request: SaveRequest, writer: bool, wait: bool = False,
+             after: Optional["torch.cuda.Event"] = None) -> float:
         """Snapshot ``parts`` and the request's loop state now and write in the background; return the stall. ``writer`` also writes the
-        shared tiers. ``wait`` blocks until every tier this rank writes has committed.
+        shared tiers. ``wait`` blocks until every tier this rank writes has committed. ``after``: see
+        ``HostSnapshot.take``.
 
         Sharded, every rank saves every step asked for (their DCP collectives must pair up): a
         save still in flight is waited for, not deferred.
         """
         if not writer and not self.writes_local and not self.sharded:
             return 0.0
+        with self._save_lock:
+            return self._save(parts, request, writer, wait, after)
+
+    def _save(self, parts: Mapping[str, Stateful], request: SaveRequest, writer: bool, wait: bool,
+              after: Optional["torch.cuda.Event"]) -> float:
         if self.busy and not wait and not self.sharded:
             self.deferred = request
             return 0.0
@@ -143,7 +153,7 @@ class CheckpointManager:
             share, _ = self._snapshot.take({key: tensors[key] for key in owned})
             write, args = self._write_share, (share, rest, request)
         else:
-            snapshot, _ = self._snapshot.take(training_state(parts, request.loop))
+            snapshot, _ = self._snapshot.take(training_state(parts, request.loop), after)
             write, args = self._write, (snapshot, request, writer, self._transfer)
         stall = time.perf_counter() - started
         self.stall_s.append(stall)
@@ -179,6 +189,7 @@ class CheckpointManager:
             if self.writes_local:
                 try:
                     self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
+                    self.local_step = step
                 except Exception as error:  # the shared copies stand; this node's is only faster
                     self._report_failure(request, f"{type(error).__name__}: {error}", tier=self.local.name)
         except Exception as error:

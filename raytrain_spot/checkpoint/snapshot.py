@@ -8,8 +8,9 @@ at full bandwidth), so a snapshot allocates nothing once the buffers exist.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -26,14 +27,24 @@ class HostSnapshot:
         self._pin_memory = pin_memory
         self._buffers: List[torch.Tensor] = []
 
-    def take(self, state: Any) -> Tuple[Any, float]:
+    def take(self, state: Any, after: Optional["torch.cuda.Event"] = None) -> Tuple[Any, float]:
+        """``after``: copy on a stream of its own once this event has completed, and wait for that
+        stream alone. A survivor's snapshot (loop/survivor_commit.py) is taken so while its training
+        stream waits on a collective that never completes: the copy must neither queue behind it nor
+        wait for it."""
         started = time.perf_counter()
         sources: List[torch.Tensor] = []
         snapshot = self._with_buffers(state, sources)
         if sources:
-            with torch.no_grad():
+            on_gpu = any(source.is_cuda for source in sources)
+            side = torch.cuda.Stream() if on_gpu and after is not None else None
+            with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                if side is not None:
+                    side.wait_event(after)
                 torch._foreach_copy_(self._buffers[:len(sources)], sources, non_blocking=True)
-            if any(source.is_cuda for source in sources):
+            if side is not None:
+                side.synchronize()
+            elif on_gpu:
                 torch.cuda.synchronize()
         return snapshot, time.perf_counter() - started
 

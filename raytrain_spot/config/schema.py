@@ -198,12 +198,18 @@ class ElasticConfig:
     """After a failure without notice, wait up to this long for the cluster to declare dead nodes
     dead before sizing the new group; one health-check period (1 s) once it has declared one of the
     failed group's nodes dead (raytrain_spot/elastic/policy.py, SpotScalingPolicy)."""
+    survivor_commit_s: float = 30.0
+    """After a loss without notice, the longest Ray Train's controller waits for the surviving ranks to
+    commit the last step they completed before it tears the group down (raytrain_spot/loop/survivor_commit.py):
+    the run then redoes no step. Past it, the run resumes from its last checkpoint. Covers snapshotting
+    the state and committing it to the node-local disk and the head. 0: no survivor commit. Not with
+    checkpoint.sharded (its saves are collectives)."""
 
     def __post_init__(self):
         require(self.regrow in REGROW_MODES, "elastic.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
         require_non_negative("elastic", self, "notice_standby_wait_s", "warm_wait_limit_s", "standby_delay_s",
-                             "failure_settle_s")
+                             "failure_settle_s", "survivor_commit_s")
 
 
 @dataclass

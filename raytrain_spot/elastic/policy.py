@@ -41,8 +41,11 @@ from raytrain_spot._ray import (
     RestartingState,
     ScalingDecision,
     WorkerGroupStartupTimeoutError,
+    WorkerHealthCheckFailedError,
+    WorkerHealthCheckTimeoutError,
 )
 from raytrain_spot.elastic.capacity import LiveCapacity
+from raytrain_spot.elastic.survivors import SurvivorMarks, SurvivorWait
 from raytrain_spot.config.errors import TaskContractError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +93,13 @@ def placement_timed_out(error: Optional[TrainingFailedError]) -> bool:
     training code's, however often it repeats. (A worker that dies while its group starts still
     counts: a broken environment does that every time.)"""
     return isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)
+
+
+def worker_lost(error: Optional[TrainingFailedError]) -> bool:
+    """A worker's process or node is gone (its health check failed), rather than its code raising."""
+    failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else ()
+    return any(isinstance(failure, (WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError))
+               for failure in failures)
 
 
 def contract_breach(error: Optional[TrainingFailedError]) -> Optional[TaskContractError]:
@@ -218,13 +228,17 @@ class SpotFailurePolicy(DefaultFailurePolicy):
     breaks its contract fails the same way in every group: stop at once, with the task's message.
     And the same error ``max_identical_failures`` times in a row, with no handoff between, is a bug,
     not a lost node: stop (``trainer.max_failures=-1`` would otherwise restart it forever). A group
-    whose placement timed out (``placement_timed_out``) is not counted: that repeats while capacity is short."""
+    whose placement timed out (``placement_timed_out``) is not counted: that repeats while capacity is short.
+    When a worker is lost (``worker_lost``), the decision waits for the survivors' commits of their last
+    completed step (``survivors``, elastic/survivors.py): the controller tears the group down after it."""
 
-    def __init__(self, failure_config: FailureConfig, max_identical_failures: int = 3):
+    def __init__(self, failure_config: FailureConfig, max_identical_failures: int = 3,
+                 survivors: Optional[SurvivorWait] = None):
         super().__init__(failure_config)
         self.handoffs = 0
         self._max_identical = max_identical_failures
         self._last_failure = ("", 0)  # (signature, times in a row)
+        self._survivors = survivors
 
     def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
         if breach := contract_breach(training_failed_error):
@@ -240,6 +254,8 @@ class SpotFailurePolicy(DefaultFailurePolicy):
         if placement_timed_out(training_failed_error):
             # Capacity, not code: the streak of identical failures neither grows nor ends.
             return super().make_decision(training_failed_error)
+        if self._survivors is not None and worker_lost(training_failed_error):
+            self._survivors.wait()
         signature = failure_signature(training_failed_error)
         times = self._last_failure[1] + 1 if signature == self._last_failure[0] else 1
         self._last_failure = (signature, times)
@@ -256,12 +272,15 @@ class SpotTorchTrainer(TorchTrainer):
     ``failure_settle_s``: after a failure, how long to wait for the GCS to declare dead nodes
     dead before sizing the new group (the cluster's health-check period times its threshold).
     ``max_identical_failures``: see ``SpotFailurePolicy`` (0: never stop for it).
+    ``survivor_commit_s``: after a lost worker, the longest wait for its survivors' commits (0: no wait).
     """
 
-    def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3, **kwargs):
+    def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3,
+                 survivor_commit_s: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._failure_settle_s = failure_settle_s
         self._max_identical_failures = max_identical_failures
+        self._survivor_commit_s = survivor_commit_s
 
     def fit(self):
         for key, value in RAY_TRAIN_TIMING.items():
@@ -271,8 +290,10 @@ class SpotTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config,
                                                                      failure_settle_s=self._failure_settle_s)
+        survivors = (SurvivorWait(SurvivorMarks(self.run_config.name), self._survivor_commit_s)
+                     if self._survivor_commit_s > 0 else None)
         controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config,
-                                                                     self._max_identical_failures)
+                                                                     self._max_identical_failures, survivors)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 

@@ -4,7 +4,7 @@ process group and a fault injector in the loop's unit tests (tests/test_loop.py)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.elastic.signals import ClusterSignals
@@ -22,6 +22,11 @@ class WorkerRuntime:
     """What the cluster says (the drain deadline a handoff checks its commit against)."""
     group_facts: Dict[str, Any] = field(default_factory=dict)
     """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
+    dead_nodes: Optional[Callable[[List[str]], Set[str]]] = None
+    """Which of these nodes the cluster has declared dead (elastic/survivors.py's ``dead_nodes`` in a
+    run); None: no survivor commit (loop/survivor_commit.py)."""
+    mark_survivor: Callable[[int, str], None] = lambda rank, status: None
+    """Tells the controller how a rank's survivor commit goes (``SurvivorMarks.mark`` in a run)."""
     stop_requested: Callable[[], bool] = lambda: False
     """Asked on rank 0 after each step: whether the driver asked the run to stop (loop/stop.py's ``StopPoll``
     in a run)."""

@@ -1,5 +1,5 @@
 """The training loop each Ray Train worker runs. Read ``run_group`` top to bottom: step, agree,
-apply the decision (loop/decision.py).
+update, apply the decision (loop/decision.py).
 
 The loop knows no model: the task (loop/task.py) builds it, the dataset and the loss. What the
 loop needs from Ray is injected (``WorkerRuntime``, the ``GroupPolicy``), so the same loop runs in
@@ -30,6 +30,7 @@ from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import watch_capacity
 from raytrain_spot.elastic.regrow import measured_rate
+from raytrain_spot.elastic.survivors import SurvivorMarks, dead_nodes, survivor_commit_s
 from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeStandbys, claim_standby, decide_standbys,
                                            nodes_share_cores, top_up)
 from raytrain_spot.observe.events import EventLog
@@ -45,6 +46,7 @@ from raytrain_spot.loop.handoff import checkpoint_and_report, hand_off
 from raytrain_spot.loop.runtime import WorkerRuntime
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.loop.stop import StopPoll
+from raytrain_spot.loop.survivor_commit import SampleReplay, StepGuard, SurvivorCommit, SurvivorWatch
 from raytrain_spot.loop.strategy import SPOT, Strategy
 from raytrain_spot.loop.step import accumulate, checked_optimizer, seed_step, set_learning_rate, step_seed, update
 from raytrain_spot.config.errors import TaskContractError
@@ -109,8 +111,15 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
                     cfg.trainer.micro_batch_size, rank, world_size)
     reported_step = loop.step
     steps_in_group = 0
+    update_s = 0.0
     total_samples = cfg.trainer.max_steps * global_batch
-    with StepBatches(rows, cfg.trainer.loader_processes, device, cfg.run.seed) as batches:
+    # A loss without notice: the survivors commit the last step they completed (loop/survivor_commit.py).
+    guard = StepGuard(device)
+    replay = SampleReplay(order, global_batch, world_size, loop.step, events) if cfg.run.log_sample_ids else None
+    survivor_commit = SurvivorCommit(checkpoints, parts, loop, guard, runtime.node_ids, rank, runtime.mark_survivor,
+                                     events, replay)
+    with StepBatches(rows, cfg.trainer.loader_processes, device, cfg.run.seed) as batches, \
+            SurvivorWatch(runtime.node_ids, rank, runtime.dead_nodes, survivor_commit):
         batch = batches.next()
         while loop.step < cfg.trainer.max_steps:
             step_started = time.time()
@@ -119,14 +128,13 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
             seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
 
             loss_sum = accumulate(ddp_model, batch.micro_batches, task.loss, world_size / global_batch, autocast_dtype)
-            grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
 
             # What each rank heard from the cluster, and rank 0's proposals, in the same all-reduce as the loss.
             next_step = loop.step + 1
             leaving = policy.leaving_ranks(next_step)
             view = RankView(loss_sum, leaving)
             if rank == 0:
-                step_s = batch.data_s + time.time() - step_started
+                step_s = batch.data_s + time.time() - step_started + update_s  # the last step's update for this one's
                 commit_s = max(checkpoints.commit_s[-3:], default=loop.commit_s)  # rank 0's own; earlier groups' else
                 proposal = policy.propose(leaving, next_step, step_s, commit_s, loop, world_size)
                 view = RankView(loss_sum, leaving, proposal,
@@ -137,15 +145,20 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
             # The next batch is taken (or, without loader processes, loaded) while the all-reduce is in flight.
             trained, batch = batch, batches.next()
             agreed = pending.result()
-            first_position = loop.samples_seen
-            loop.step = next_step
-            loop.samples_seen += global_batch
-            loop.train_time_s += agreed.step_s
-            loop.commit_s = agreed.commit_s
-            steps_in_group += 1
-            if steps_in_group > UNTIMED_STEPS:  # rank 0's clock, so every rank keeps the same figures
-                loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s, world_size,
-                                                                    global_batch, agreed.step_s)
+            # The step's collectives are behind it: only now do the weights and the loop state move, together.
+            with guard.moving():
+                update_started = time.time()
+                grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
+                update_s = time.time() - update_started
+                first_position = loop.samples_seen
+                loop.step = next_step
+                loop.samples_seen += global_batch
+                loop.train_time_s += agreed.step_s
+                loop.commit_s = agreed.commit_s
+                steps_in_group += 1
+                if steps_in_group > UNTIMED_STEPS:  # rank 0's clock, so every rank keeps the same figures
+                    loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s,
+                                                                        world_size, global_batch, agreed.step_s)
 
             if cfg.run.log_sample_ids:
                 events.emit_soon(Samples(step=loop.step, rank=rank, ids=trained.rows))
@@ -322,10 +335,12 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
                                room_outside=capacity.room_outside_group) if capacity is not None and marked else None)
         signals = context.strategy.signals(capacity)
         policy = context.strategy.group_policy(cfg, signals, node_ids, events.emit, warmup)
+        survivors = ({"dead_nodes": dead_nodes, "mark_survivor": SurvivorMarks(cfg.run.name).mark}
+                     if spot_aware and survivor_commit_s(cfg) > 0 else {})
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled},
-                                stop_requested=StopPoll(cfg.run.name))
+                                stop_requested=StopPoll(cfg.run.name), **survivors)
         run_group(cfg, task, runtime, policy, checkpoints, events, phases)
     finally:
         events.send()  # the last steps' records
