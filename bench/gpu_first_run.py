@@ -7,8 +7,10 @@ each in its own process, with a summary and every figure in one JSON file.
    snapshot's stall (``bench/gpu_check.py``);
 3. ``checkpoint``: the checkpoint manager on the device, saving while training continues and
    restoring exactly, single-file and sharded (``bench/gpu_checkpoint.py``);
-4. ``hf-256m-fp32``: the Hugging Face step at the 256M preset in fp32 (``bench/gpu_hf_step.py``);
-5. ``hf-2.2b-bf16``: the 2.2B preset in bf16 with gradient checkpointing.
+4. ``survivor-commit``: a survivor's commit of its last completed step while its training stream
+   is blocked, as by a collective a powered-off peer never joins (``bench/gpu_survivor_commit.py``);
+5. ``hf-256m-fp32``: the Hugging Face step at the 256M preset in fp32 (``bench/gpu_hf_step.py``);
+6. ``hf-2.2b-bf16``: the 2.2B preset in bf16 with gradient checkpointing.
 
     python bench/gpu_first_run.py --out first-run.json          # on the GPU machine
     python bench/gpu_first_run.py --small --out /tmp/first.json # the CPU, tiny sizes (the tests)
@@ -62,6 +64,8 @@ def stages(small: bool, cuda: bool) -> List[Stage]:
             Stage("train-step", python + ["bench/gpu_check.py", *device, "--model", "tiny", "--steps", "2",
                                           "--batch", "8", "--micro-batch", "4", "--state-gb", "0.01"], 600),
             Stage("checkpoint", python + ["bench/gpu_checkpoint.py", *device, "--width", "64", "--layers", "2"], 300),
+            Stage("survivor-commit", python + ["bench/gpu_survivor_commit.py", *device, "--width", "64", "--layers", "2",
+                                               "--blocked-s", "5"], 120),
             Stage("hf-tiny-fp32", python + ["bench/gpu_hf_step.py", *device, "--preset", "tiny-idefics3",
                                             "--dtype", "float32", "--batch", "2", "--micro-batch", "2",
                                             "--steps", "1", "--warmup", "1"], 600),
@@ -70,6 +74,7 @@ def stages(small: bool, cuda: bool) -> List[Stage]:
         Stage("driver", python + ["-m", "raytrain_spot.cluster.gpu_setup_check", "--expect-gpus", gpus], 120),
         Stage("train-step", python + ["bench/gpu_check.py", *device], 1200),
         Stage("checkpoint", python + ["bench/gpu_checkpoint.py", *device], 900),
+        Stage("survivor-commit", python + ["bench/gpu_survivor_commit.py", *device], 300),
         Stage("hf-256m-fp32", python + ["bench/gpu_hf_step.py", *device, "--preset", "smolvlm-256m",
                                         "--dtype", "float32"], 1800),
         Stage("hf-2.2b-bf16", python + ["bench/gpu_hf_step.py", *device, "--preset", "smolvlm-2.2b",

@@ -128,6 +128,9 @@ class Recorder:
 
     emit_soon = emit
 
+    def last_step(self):
+        return next((r["step"] for r in reversed(self.records) if r["ev"] == "step"), None)
+
     def send(self):
         pass
 

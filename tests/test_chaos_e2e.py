@@ -138,33 +138,54 @@ def test_two_nodes_preempted_at_once(tmp_path, reference):
     assert_same_training_as(run, reference)
 
 
-def test_without_notice_at_most_one_checkpoint_interval_is_redone(tmp_path, reference):
-    interval = 10
-    run = train(tmp_path, "no-notice", f"checkpoint.interval_steps={interval}", "+chaos=events",
+def survivor_commits(run: Run) -> List[Dict]:
+    return [c for c in run.of("checkpoint") if c["kind"] == "survivor"]
+
+
+def test_a_loss_without_notice_redoes_no_step(tmp_path, reference):
+    # The VM powers off: its peers hang in their collective until Ray declares its node dead; then they
+    # commit the last step they completed, and the next group resumes there (loop/survivor_commit.py).
+    run = train(tmp_path, "no-notice", "checkpoint.interval_steps=10", "+chaos=events",
                 "chaos.events=[{action:preempt,node:1,at_step:25,no_notice:true},{action:restore,after_s:60}]")
     assert run.world_sizes == [3, 2]
-    assert run.steps_redone <= interval
-    assert run.of("kill")[0]["with_notice"] is False
+    kill = run.of("kill")[0]
+    assert kill["with_notice"] is False
+    restart = run.of("group")[1]
+    last_trained = max(e["step"] for e in run.of("step") if e["t"] < restart["t"])
+    assert restart["restored_step"] == last_trained, "the survivors' commit of the last step"
+    assert [c["step"] for c in survivor_commits(run)][:1] == [last_trained]
+    assert run.steps_redone == 0
+    assert_same_training_as(run, reference)
+
+
+def test_two_nodes_lost_at_once_without_notice_redo_no_step(tmp_path, reference):
+    run = train(tmp_path, "two-without-notice", "checkpoint.interval_steps=10", "+chaos=events",
+                "chaos.events=[{action:preempt,node:0,at_step:25,no_notice:true},"
+                "{action:preempt,node:1,at_step:25,no_notice:true},{action:restore,after_s:60},"
+                "{action:restore,after_s:60}]")
+    assert run.world_sizes == [3, 1], "both losses in one restart"
+    assert survivor_commits(run) and run.steps_redone == 0, "the one survivor commits"
     assert_same_training_as(run, reference)
 
 
 def test_preemption_during_a_checkpoint_never_trusts_the_half_written_one(tmp_path, reference):
     # At 1 MB/s a 2.8 MB checkpoint takes ~3 s to reach the head: rank 0, the writer, dies
-    # without notice while one is in flight. The head never commits it; the survivors' own
-    # node-local copies of that step are complete, so they may be used.
+    # without notice while one is in flight. The head never commits the dead writer's copy; the
+    # survivors commit the last step they completed, and no step is redone.
     run = train(tmp_path, "during-checkpoint", "checkpoint.interval_steps=30", "checkpoint.max_transfer_mbps=1",
                 "+chaos=events",
                 "chaos.events=[{action:preempt,rank:0,at_step:62,no_notice:true},{action:restore,after_s:1}]")
     kill = run.of("kill")[0]
     restart = run.of("group")[1]
     head_commits_before = [c["step"] for c in run.of("checkpoint") if c["tier"] == "head" and c["t"] < kill["t"]]
-    head_commits_in_restart = [c["step"] for c in run.of("checkpoint")
+    head_commits_in_restart = [(c["step"], c["kind"]) for c in run.of("checkpoint")
                                if c["tier"] == "head" and kill["t"] < c["t"] < restart["t"]]
-    assert head_commits_in_restart == [], "the dead writer's checkpoint must never land"
-    last_before_kill = max(e["step"] for e in run.of("step") if e["t"] < kill["t"])
-    restored = restart["restored_step"] or 0
-    assert max(head_commits_before, default=0) <= restored <= last_before_kill
-    assert run.steps_redone == last_before_kill - restored
+    # The lost rank 0's last step records come later: the survivors write them again (it took them along).
+    last_trained = max(e["step"] for e in run.of("step") if e["t"] < restart["t"])
+    assert head_commits_in_restart == [(last_trained, "survivor")], \
+        "the dead writer's checkpoint never lands; the survivors' does"
+    assert max(head_commits_before, default=0) <= restart["restored_step"] == last_trained
+    assert run.steps_redone == 0
     assert_same_training_as(run, reference)
 
 
@@ -186,10 +207,10 @@ def test_preemption_during_a_restart(tmp_path, reference):
     assert_same_training_as(run, reference)
 
 
-def test_a_node_lost_during_a_notice_warmup_costs_at_most_the_steps_held(tmp_path, reference):
+def test_a_node_lost_during_a_notice_warmup_redoes_no_step(tmp_path, reference):
     # The same losses with the warm-up on (the default): the group trains on after the notice while
     # the survivors' standbys import, so the second node dies in the hold, not in a restart. The
-    # hold began with a checkpoint: what is redone is at most what the hold trained.
+    # survivors commit the last step the hold completed.
     run = train(tmp_path, "during-warmup", "+chaos=events", "chaos.notice_s=20", DEATH_AFTER_A_NOTICE)
     hold = run.of("notice_hold")[0]
     hard_kill = next(k for k in run.of("kill") if not k["with_notice"])
@@ -197,8 +218,12 @@ def test_a_node_lost_during_a_notice_warmup_costs_at_most_the_steps_held(tmp_pat
     assert run.of("handoff") == [] or run.of("handoff")[0]["t"] > hard_kill["t"], "the loss must land in the hold"
     assert hold["step"] in [c["step"] for c in run.of("checkpoint") if c["t"] < hard_kill["t"]], \
         "a hold begins with a checkpoint"
-    last_before_kill = max(e["step"] for e in run.of("step") if e["t"] < hard_kill["t"])
-    assert 0 < run.steps_redone <= last_before_kill - hold["step"]
+    restart = next(g for g in run.of("group") if g["t"] > hard_kill["t"])
+    last_trained = max(e["step"] for e in run.of("step") if e["t"] < restart["t"])
+    assert last_trained > hold["step"], "the hold trained before the loss"
+    assert restart["restored_step"] == last_trained
+    assert [c["step"] for c in survivor_commits(run)][:1] == [last_trained]
+    assert run.steps_redone == 0
     assert_same_training_as(run, reference)
 
 

@@ -42,7 +42,16 @@ def test_the_checkpoint_manager_restores_a_save_taken_while_training_exactly_in_
     assert all(f["exact"] and f["restored_step"] == 3 and f["stall_s"] > 0 for f in figures["formats"])
 
 
-@pytest.mark.slow  # three stages of a minute or so on two loaded cores
+def test_a_survivors_commit_ends_with_the_steps_state_without_ray(tmp_path):
+    result = subprocess.run([sys.executable, "bench/gpu_survivor_commit.py", "--device", "cpu", "--width", "64",
+                             "--layers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=without_ray_env(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["committed"] and figures["state_matches"] and figures["marks"] == {"0": "committed:2"}
+
+
+@pytest.mark.slow  # four stages of a minute or so on two loaded cores
 def test_the_first_run_script_runs_every_stage_without_ray(tmp_path):
     out = tmp_path / "first.json"
     result = subprocess.run([sys.executable, "bench/gpu_first_run.py", "--small", "--out", str(out)], cwd=ROOT,
@@ -50,5 +59,5 @@ def test_the_first_run_script_runs_every_stage_without_ray(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stages = {s["name"]: s for s in json.loads(out.read_text())["stages"]}
     assert stages["driver"]["status"] == "skipped"
-    assert all(stages[name]["status"] == "ok" for name in ("train-step", "checkpoint", "hf-tiny-fp32"))
+    assert all(stages[name]["status"] == "ok" for name in ("train-step", "checkpoint", "survivor-commit", "hf-tiny-fp32"))
     assert stages["checkpoint"]["figures"]["formats"][1]["exact"]

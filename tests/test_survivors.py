@@ -1,10 +1,14 @@
-"""The controller's wait for the survivors' commits after a lost worker (elastic/survivors.py), on a
-fake clock; the real marks in the GCS are driven end to end by tests/test_chaos_e2e.py."""
+"""The controller's wait for the survivors' commits after a lost worker (elastic/survivors.py) and the
+survivors' watch (loop/survivor_commit.py), on a fake clock; the real node table and marks in the
+GCS are driven end to end by tests/test_chaos_e2e.py, the commit itself by tests/test_survivor_commit.py."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Dict, List
 
+import torch
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.config import FailureConfig
@@ -13,6 +17,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 from raytrain_spot.elastic.policy import SpotFailurePolicy
 from raytrain_spot.elastic.survivors import FIRST_MARK_S, SurvivorWait
 from raytrain_spot.loop.handoff import WorkerGroupHandoff
+from raytrain_spot.loop.survivor_commit import StepGuard, SurvivorWatch
 
 
 class Clock:
@@ -39,7 +44,7 @@ class ScriptedMarks:
         return self
 
     def read(self) -> Dict[int, str]:
-        return dict(max((entry for entry in self._script if entry[0] <= self._clock.now), key=lambda e: e[0])[1])
+        return dict([marks for second, marks in self._script if second <= self._clock.now][-1])
 
     def clear(self) -> None:
         self.cleared_at = self._clock.now
@@ -78,19 +83,76 @@ def test_a_failed_survivor_ends_the_wait_with_nothing_committed():
     assert outcome.waited_s < 1.7 and outcome.committed_steps == []
 
 
-class CountingWait:
+def test_a_failure_the_survivors_raised_waits_only_for_commits_already_begun():
+    clock = Clock()
+    assert waited_for_begun(ScriptedMarks(clock), clock).waited_s == 0.0
+    clock = Clock()
+    outcome = waited_for_begun(ScriptedMarks(clock).at(0.0, {1: "committing"}).at(3.0, {1: "committed:7"}), clock)
+    assert 3.0 <= outcome.waited_s < 3.2 and outcome.committed_steps == [7]
+
+
+def waited_for_begun(marks: ScriptedMarks, clock: Clock):
+    return SurvivorWait(marks, 30.0, clock=clock, sleep=clock.sleep).wait(first_mark_s=0.0)
+
+
+class RecordedWait:
     def __init__(self):
-        self.calls = 0
+        self.first_mark_s = []
 
-    def wait(self):
-        self.calls += 1
+    def wait(self, first_mark_s):
+        self.first_mark_s.append(first_mark_s)
 
 
-def test_the_failure_policy_waits_for_survivors_only_when_a_worker_was_lost():
-    wait = CountingWait()
+def test_the_failure_policy_waits_for_a_survivor_to_begin_only_when_a_worker_was_lost():
+    wait = RecordedWait()
     policy = SpotFailurePolicy(FailureConfig(max_failures=-1), survivors=wait)
     lost = WorkerGroupError("x", worker_failures={2: WorkerHealthCheckFailedError("node died", failure=None)})
-    assert policy.make_decision(lost) == FailureDecision.RETRY and wait.calls == 1
-    policy.make_decision(WorkerGroupError("x", worker_failures={0: RuntimeError("boom")}))
+    assert policy.make_decision(lost) == FailureDecision.RETRY
+    policy.make_decision(WorkerGroupError("x", worker_failures={0: RuntimeError("Connection closed by peer")}))
     policy.make_decision(WorkerGroupError("x", worker_failures={0: WorkerGroupHandoff("preemption", 3)}))
-    assert wait.calls == 1, "a bug or a handoff has no survivors to wait for"
+    assert wait.first_mark_s == [FIRST_MARK_S, 0.0], "a handoff has nothing to wait for"
+
+
+def test_the_steps_count_as_stopped_after_five_typical_steps_and_at_least_two_seconds():
+    clock = Clock()
+    guard = StepGuard(torch.device("cpu"), clock=clock)
+    for _ in range(5):
+        clock.sleep(0.1)
+        with guard.moving():
+            pass
+    clock.sleep(1.9)
+    assert not guard.stalled()
+    clock.sleep(0.1)
+    assert guard.stalled()
+    guard = StepGuard(torch.device("cpu"), clock=clock)
+    for _ in range(5):
+        with guard.moving():
+            clock.sleep(1.0)
+    clock.sleep(4.9)
+    assert not guard.stalled(), "5 steps of 1 s: a sixth second is still a step"
+    clock.sleep(0.1)
+    assert guard.stalled()
+
+
+def test_the_watch_commits_once_a_group_node_is_dead_and_the_steps_have_stopped():
+    dead, stalled, commits = set(), threading.Event(), []
+    nodes = ["a", "b", "c"]
+    with SurvivorWatch(nodes, 1, lambda node_ids: dead & set(node_ids), commits.append, stalled.is_set,
+                       interval_s=0.01):
+        dead.add("b")  # this rank's own node: its raylet stopped while it trains on
+        time.sleep(0.1)
+        dead.add("x")  # not the group's
+        stalled.set()
+        time.sleep(0.1)
+        assert commits == []
+        dead.discard("b")
+        dead.add("c")
+        stalled.clear()
+        time.sleep(0.1)
+        assert commits == [], "a node declared dead while the group trains on: nothing to commit yet"
+        stalled.set()
+        deadline = time.time() + 5
+        while not commits and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    assert commits == [{"c"}], "once"

@@ -45,7 +45,7 @@ from raytrain_spot._ray import (
     WorkerHealthCheckTimeoutError,
 )
 from raytrain_spot.elastic.capacity import LiveCapacity
-from raytrain_spot.elastic.survivors import SurvivorMarks, SurvivorWait
+from raytrain_spot.elastic.survivors import FIRST_MARK_S, SurvivorMarks, SurvivorWait
 from raytrain_spot.config.errors import TaskContractError
 
 logger = logging.getLogger(__name__)
@@ -229,8 +229,9 @@ class SpotFailurePolicy(DefaultFailurePolicy):
     And the same error ``max_identical_failures`` times in a row, with no handoff between, is a bug,
     not a lost node: stop (``trainer.max_failures=-1`` would otherwise restart it forever). A group
     whose placement timed out (``placement_timed_out``) is not counted: that repeats while capacity is short.
-    When a worker is lost (``worker_lost``), the decision waits for the survivors' commits of their last
-    completed step (``survivors``, elastic/survivors.py): the controller tears the group down after it."""
+    Any other failure waits first for the survivors' commits of their last completed step (``survivors``,
+    elastic/survivors.py; the controller tears the group down after the decision): for one to begin
+    when a worker was lost (``worker_lost``), else only for those begun."""
 
     def __init__(self, failure_config: FailureConfig, max_identical_failures: int = 3,
                  survivors: Optional[SurvivorWait] = None):
@@ -254,8 +255,8 @@ class SpotFailurePolicy(DefaultFailurePolicy):
         if placement_timed_out(training_failed_error):
             # Capacity, not code: the streak of identical failures neither grows nor ends.
             return super().make_decision(training_failed_error)
-        if self._survivors is not None and worker_lost(training_failed_error):
-            self._survivors.wait()
+        if self._survivors is not None:
+            self._survivors.wait(first_mark_s=FIRST_MARK_S if worker_lost(training_failed_error) else 0.0)
         signature = failure_signature(training_failed_error)
         times = self._last_failure[1] + 1 if signature == self._last_failure[0] else 1
         self._last_failure = (signature, times)

@@ -80,7 +80,7 @@ class SurvivorOutcome:
 
 
 class SurvivorWait:
-    """The controller's wait, after a failure, for the survivors' commits: up to ``FIRST_MARK_S`` for
+    """The controller's wait, after a failure, for the survivors' commits: up to ``first_mark_s`` for
     one to begin, then until every one that began has ended, never past ``deadline_s`` from the
     failure. Then the marks are cleared for the next group. The outside world is injected."""
 
@@ -92,7 +92,10 @@ class SurvivorWait:
         self._sleep = sleep
         self._poll_s = poll_s
 
-    def wait(self) -> SurvivorOutcome:
+    def wait(self, first_mark_s: float = FIRST_MARK_S) -> SurvivorOutcome:
+        """``first_mark_s``: ``FIRST_MARK_S`` when a worker was lost (its survivors learn of it from the
+        node table as the controller does); 0 for a failure the survivors raised themselves, each
+        after its commit, where only a commit already begun is waited for."""
         started = self._clock()
         while True:
             waited = self._clock() - started
@@ -100,8 +103,8 @@ class SurvivorWait:
             if marks and all(m != COMMITTING for m in marks.values()):
                 reason = "every survivor that began has ended"
                 break
-            if not marks and waited >= FIRST_MARK_S:
-                reason = f"no survivor began a commit within {FIRST_MARK_S:.0f} s"
+            if not marks and waited >= first_mark_s:
+                reason = f"no survivor began a commit within {first_mark_s:g} s"
                 break
             if waited >= self._deadline_s:
                 reason = f"the deadline (elastic.survivor_commit_s={self._deadline_s:g}) passed"

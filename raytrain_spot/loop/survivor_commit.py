@@ -17,48 +17,76 @@ Ray Train's controller waits for these commits before it tears the group down
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import statistics
 import threading
+import time
 from dataclasses import replace
-from typing import Callable, Iterator, List, Mapping, Optional, Set
+from typing import Callable, Deque, Iterator, List, Mapping, Optional, Set
 
 import torch
 
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState, Stateful
+from raytrain_spot.config.errors import TaskContractError
+from raytrain_spot.elastic.policy import WorkerGroupHandoff
 from raytrain_spot.elastic.survivors import COMMITTED, COMMITTING, FAILED, WATCH_INTERVAL_S
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.observe.events import EventLog
-from raytrain_spot.observe.records import Samples
+from raytrain_spot.observe.records import Samples, Step
 
 logger = logging.getLogger(__name__)
 SURVIVOR = "survivor"
 """The kind of a checkpoint the survivors of a loss without notice committed."""
+PLANNED_EXITS = (WorkerGroupHandoff, TaskContractError, KeyboardInterrupt, SystemExit)
+"""What leaves the step loop without a failure to commit for: a handoff (it committed), the task's
+contract breach (a restart would fail the same way), an interrupt."""
+STALLED_STEPS, STALLED_MIN_S = 5, 2.0
+"""The group has stopped when no step completed for 5 typical steps and 2 s (``StepGuard.stalled``)."""
 REPLAYED_STEPS = 64
-"""How many of the last steps' sample records the lowest survivor writes again for each lost rank:
-a lost process takes with it what it had not sent, at most the event log's batch (0.5 s)."""
+"""How many of the last steps' records the lowest survivor can write again for lost ranks: a lost
+process takes with it what it had not sent, at most the event log's batch (0.5 s)."""
 
 
 class StepGuard:
     """Held by the training thread while the state moves (``moving``), by a survivor's commit while it
     snapshots (``lock``). On a GPU, leaving ``moving`` records an event after the step's kernels: the
     survivor's copy waits for that event on a stream of its own, not for the training stream, which
-    by then waits on a collective that never completes."""
+    by then waits on a collective that never completes. Also tells whether the steps have stopped
+    (``stalled``): a node the GCS declares dead may still run its worker (its raylet stopped at a
+    soft-off, the worker not yet), and while the group trains on there is nothing to commit."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.monotonic):
         self.lock = threading.Lock()
         self._cuda = device.type == "cuda"
+        self._clock = clock
         self.completed: Optional[torch.cuda.Event] = None
+        self.torn = False
+        self._moved_at = clock()
+        self._intervals: Deque[float] = collections.deque(maxlen=16)
 
     @contextlib.contextmanager
     def moving(self) -> Iterator[None]:
         with self.lock:
-            yield
+            try:
+                yield
+            except BaseException:
+                self.torn = True  # the state stopped half moved: never to be committed
+                raise
             if self._cuda:
                 event = torch.cuda.Event()
                 event.record()
                 self.completed = event
+            now = self._clock()
+            self._intervals.append(now - self._moved_at)
+            self._moved_at = now
+
+    def stalled(self) -> bool:
+        """No step has completed for ``STALLED_STEPS`` of the recent steps' median, and ``STALLED_MIN_S``."""
+        typical = statistics.median(self._intervals) if self._intervals else 0.0
+        return self._clock() - self._moved_at >= max(STALLED_MIN_S, STALLED_STEPS * typical)
 
 
 class SurvivorCommit:
@@ -66,7 +94,7 @@ class SurvivorCommit:
 
     def __init__(self, checkpoints: CheckpointManager, parts: Mapping[str, Stateful], loop: LoopState,
                  guard: StepGuard, node_ids: List[str], rank: int, mark: Callable[[int, str], None],
-                 events: EventLog, replay: Optional["SampleReplay"] = None):
+                 events: EventLog, replay: "RecordReplay"):
         self._checkpoints = checkpoints
         self._parts = parts
         self._loop = loop
@@ -85,16 +113,21 @@ class SurvivorCommit:
             return  # another rank on this node keeps its copy
         with self._guard.lock:  # the training thread is blocked in a collective, or finishing an optimizer step
             state = replace(self._loop, handed_off_at=0.0)  # no handoff: its restart is not measured
+            if self._guard.torn:
+                logger.error("Nodes %s were declared dead, but this rank's state stopped inside an optimizer step: "
+                             "nothing to commit", sorted(lost))
+                return
             if state.step <= self._checkpoints.committed_step:
                 logger.info("Nodes %s were declared dead; step %d is committed already", sorted(lost), state.step)
                 return
             self._mark(self._rank, COMMITTING)
+            tiers = (["the shared tiers"] if writer else []) + (["this node's"] if self._checkpoints.writes_local else [])
             logger.warning("Nodes %s were declared dead: committing step %d, the last this rank completed, to %s",
-                           sorted(lost), state.step, "the shared tiers and this node's" if writer else "this node's")
+                           sorted(lost), state.step, " and ".join(tiers))
             try:
                 self._checkpoints.save(self._parts, SaveRequest(state, world_size, SURVIVOR, reason="failure"),
                                        writer=writer, wait=True, after=self._guard.completed)
-                if writer and self._replay is not None:
+                if writer:
                     self._replay(state, [rank for rank in range(world_size) if rank not in survivors])
                 self._events.send()  # this rank's records of the steps the commit holds, before the teardown
             finally:
@@ -103,38 +136,57 @@ class SurvivorCommit:
                 self._mark(self._rank, f"{COMMITTED}:{state.step}" if committed else FAILED)
 
 
-class SampleReplay:
-    """The sample records of the last steps, written again for lost ranks (``run.log_sample_ids``):
-    a step's rows on any rank are a function of its cursor."""
+class RecordReplay:
+    """The records of the last steps that lost ranks took with them (a process sends its step records
+    in batches): rank 0's step records the event log never got, and, with ``run.log_sample_ids``, each
+    lost rank's sample records (a step's rows on any rank are a function of its cursor). Every rank
+    keeps the last ``REPLAYED_STEPS`` step records, as rank 0 makes them; the lowest survivor writes
+    them again."""
 
-    def __init__(self, order: GlobalSampleOrder, global_batch: int, world_size: int, first_step: int,
-                 events: EventLog):
+    def __init__(self, order: GlobalSampleOrder, global_batch: int, world_size: int, events: EventLog,
+                 sample_ids: bool):
         self._order = order
         self._global_batch = global_batch
         self._world_size = world_size
-        self._first_step = first_step  # this group's: earlier steps were trained by another group
         self._events = events
+        self._sample_ids = sample_ids
+        self._recent: Deque[Step] = collections.deque(maxlen=REPLAYED_STEPS)
+
+    def stepped(self, record: Step) -> None:
+        self._recent.append(record)
 
     def __call__(self, state: LoopState, lost_ranks: List[int]) -> None:
-        for step in range(max(self._first_step + 1, state.step - REPLAYED_STEPS + 1), state.step + 1):
-            cursor = state.samples_seen - (state.step - step + 1) * self._global_batch
-            for rank in lost_ranks:
-                positions = rank_positions(cursor, self._global_batch, rank, self._world_size)
-                self._events.emit_soon(Samples(step=step, rank=rank, ids=self._order.rows_at(positions)))
+        steps = [record for record in self._recent if record.step <= state.step]
+        if 0 in lost_ranks:
+            written = self._events.last_step()
+            for record in steps:
+                if written is None or record.step > written:
+                    self._events.emit_soon(record)
+        if self._sample_ids:
+            for record in steps:
+                for rank in lost_ranks:
+                    positions = rank_positions(record.samples[0], self._global_batch, rank, self._world_size)
+                    self._events.emit_soon(Samples(step=record.step, rank=rank, ids=self._order.rows_at(positions)))
 
 
 class SurvivorWatch:
-    """Reads which of the group's nodes the cluster declared dead, every ``interval_s`` in a thread;
-    at the first, hands them to ``commit`` once and stops. A no-op without ``dead_nodes``."""
+    """Reads which of the group's nodes the cluster declared dead, every ``interval_s`` in a thread; once
+    one is and the steps have stopped (``stalled``), hands them to ``commit`` and ends. Also commits
+    when the training thread leaves the block with a failure: a lost peer whose connections were reset
+    (its process killed, not its VM powered off) fails the collective at once instead of hanging it,
+    and the state is as whole then. A no-op without ``dead_nodes``."""
 
     def __init__(self, node_ids: List[str], rank: int, dead_nodes: Optional[Callable[[List[str]], Set[str]]],
-                 commit: Callable[[Set[str]], None], interval_s: float = WATCH_INTERVAL_S):
+                 commit: Callable[[Set[str]], None], stalled: Callable[[], bool],
+                 interval_s: float = WATCH_INTERVAL_S):
         self._node_ids = node_ids
         self._own_node = node_ids[rank]
         self._dead_nodes = dead_nodes
         self._commit = commit
+        self._stalled = stalled
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._committed = False
         self._thread = threading.Thread(target=self._run, name="survivor-watch", daemon=True)
 
     def __enter__(self) -> "SurvivorWatch":
@@ -142,8 +194,27 @@ class SurvivorWatch:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         self._stop.set()
+        if self._dead_nodes is None or exc is None or isinstance(exc, PLANNED_EXITS):
+            return
+        self._thread.join()  # a commit it began ends first; it commits once
+        if self._committed:
+            return
+        try:
+            lost = self._dead_nodes(self._node_ids) - {self._own_node}
+        except Exception:  # noqa: BLE001 - unknown: the lowest rank writes the shared tiers, every node its own
+            lost = set()
+        logger.warning("The training thread failed (%s: %s); committing the last step it completed",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        self._committed_once(lost)
+
+    def _committed_once(self, lost: Set[str]) -> None:
+        self._committed = True
+        try:
+            self._commit(lost)
+        except Exception:  # noqa: BLE001 - the run falls back to its last checkpoint, as without this
+            logger.exception("The survivor commit failed")
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -152,13 +223,8 @@ class SurvivorWatch:
             except Exception:  # noqa: BLE001 - a GCS hiccup: look again next interval
                 logger.warning("Cannot read the node table", exc_info=True)
                 continue
-            if not lost:
+            # This rank's own node declared dead: its raylet is gone, its disk may be too; the others commit.
+            if not lost or self._own_node in lost or not self._stalled():
                 continue
-            if self._own_node in lost:  # cut off from the cluster, not a survivor: the others commit
-                logger.warning("This rank's own node %s was declared dead", self._own_node)
-                return
-            try:
-                self._commit(lost)
-            except Exception:  # noqa: BLE001 - the run falls back to its last checkpoint, as without this
-                logger.exception("The survivor commit failed")
+            self._committed_once(lost)
             return

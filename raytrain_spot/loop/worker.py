@@ -46,7 +46,7 @@ from raytrain_spot.loop.handoff import checkpoint_and_report, hand_off
 from raytrain_spot.loop.runtime import WorkerRuntime
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.loop.stop import StopPoll
-from raytrain_spot.loop.survivor_commit import SampleReplay, StepGuard, SurvivorCommit, SurvivorWatch
+from raytrain_spot.loop.survivor_commit import RecordReplay, StepGuard, SurvivorCommit, SurvivorWatch
 from raytrain_spot.loop.strategy import SPOT, Strategy
 from raytrain_spot.loop.step import accumulate, checked_optimizer, seed_step, set_learning_rate, step_seed, update
 from raytrain_spot.config.errors import TaskContractError
@@ -115,11 +115,11 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
     total_samples = cfg.trainer.max_steps * global_batch
     # A loss without notice: the survivors commit the last step they completed (loop/survivor_commit.py).
     guard = StepGuard(device)
-    replay = SampleReplay(order, global_batch, world_size, loop.step, events) if cfg.run.log_sample_ids else None
+    replay = RecordReplay(order, global_batch, world_size, events, cfg.run.log_sample_ids)
     survivor_commit = SurvivorCommit(checkpoints, parts, loop, guard, runtime.node_ids, rank, runtime.mark_survivor,
                                      events, replay)
     with StepBatches(rows, cfg.trainer.loader_processes, device, cfg.run.seed) as batches, \
-            SurvivorWatch(runtime.node_ids, rank, runtime.dead_nodes, survivor_commit):
+            SurvivorWatch(runtime.node_ids, rank, runtime.dead_nodes, survivor_commit, guard.stalled):
         batch = batches.next()
         while loop.step < cfg.trainer.max_steps:
             step_started = time.time()
@@ -162,11 +162,14 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
 
             if cfg.run.log_sample_ids:
                 events.emit_soon(Samples(step=loop.step, rank=rank, ids=trained.rows))
-            if rank == 0:  # this step's own loading, training and wait for the agreement, not the next one's loading
-                duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
-                events.emit_soon(Step(step=loop.step, world_size=world_size,
-                                      samples=[first_position, loop.samples_seen], loss=agreed.loss_sum / global_batch,
-                                      lr=lr, grad_norm=grad_norm, duration_s=duration_s, data_s=trained.data_s))
+            # This step's own loading, training and wait for the agreement, not the next one's loading.
+            duration_s = trained.data_s + time.time() - step_started - (batch.data_s if batch else 0.0)
+            step_record = Step(step=loop.step, world_size=world_size, samples=[first_position, loop.samples_seen],
+                               loss=agreed.loss_sum / global_batch, lr=lr, grad_norm=grad_norm, duration_s=duration_s,
+                               data_s=trained.data_s)
+            replay.stepped(step_record)  # every rank keeps the last ones, should rank 0 be lost without notice
+            if rank == 0:
+                events.emit_soon(step_record)
 
             decision = decide(agreed, loop.step, cfg.trainer.max_steps, world_size, policy)
             if not isinstance(decision, (Continue, Hold)) or decision.checkpoint:
@@ -335,8 +338,11 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
                                room_outside=capacity.room_outside_group) if capacity is not None and marked else None)
         signals = context.strategy.signals(capacity)
         policy = context.strategy.group_policy(cfg, signals, node_ids, events.emit, warmup)
-        survivors = ({"dead_nodes": dead_nodes, "mark_survivor": SurvivorMarks(cfg.run.name).mark}
+        marks = SurvivorMarks(cfg.run.name)
+        survivors = ({"dead_nodes": dead_nodes, "mark_survivor": marks.mark}
                      if spot_aware and survivor_commit_s(cfg) > 0 else {})
+        if survivors and rank == 0:
+            marks.clear()  # an earlier group's (the controller waited on no failure of it) would end its next wait
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled},

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Union
 
-from raytrain_spot.observe.records import EventRecord, Samples, to_line
+from raytrain_spot.observe.records import EventRecord, Samples, Step, to_line
 
 EVENTS_FILE = "events.jsonl"
 FEED_STATE_FILE = "events.feed.json"
@@ -70,9 +70,12 @@ class EventWriter:
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._file = open(path, "a", buffering=1)
+        self._last_step: Optional[int] = None
 
     def write(self, record: Dict[str, Any]) -> None:
         record.setdefault("t", time.time())
+        if record.get("ev") == Step.ev:
+            self._last_step = record["step"]
         if record.get("ev") == Samples.ev and "ids" in record:
             record = {**record, "ids_packed": pack_ids(record["ids"])}
             del record["ids"]
@@ -84,6 +87,10 @@ class EventWriter:
 
     def flush(self) -> None:
         self._file.flush()
+
+    def last_step(self) -> Optional[int]:
+        """The step of the newest step record written by this writer; None before the first."""
+        return self._last_step
 
 
 def start_event_log(run_dir: str):
@@ -141,6 +148,14 @@ class EventLog:
 
             self.send()
             ray.get(self._actor.flush.remote())
+
+    def last_step(self) -> Optional[int]:
+        """The step of the newest step record the event log has written (None: none, or no event log)."""
+        if self._actor is None:
+            return None
+        import ray
+
+        return ray.get(self._actor.last_step.remote())
 
     def _send(self) -> None:
         if self._batched:
