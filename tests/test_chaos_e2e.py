@@ -145,7 +145,9 @@ def survivor_commits(run: Run) -> List[Dict]:
 def test_a_loss_without_notice_redoes_no_step(tmp_path, reference):
     # The VM powers off: its peers hang in their collective until Ray declares its node dead; then they
     # commit the last step they completed, and the next group resumes there (loop/survivor_commit.py).
-    run = train(tmp_path, "no-notice", "checkpoint.interval_steps=10", "+chaos=events",
+    # Checkpoints far apart: the simulator sees steps as the event log receives them, which a checkpoint
+    # flushes, so with close ones the loss would land just after one, leaving the survivors nothing to add.
+    run = train(tmp_path, "no-notice", "checkpoint.interval_steps=100", "+chaos=events",
                 "chaos.events=[{action:preempt,node:1,at_step:25,no_notice:true},{action:restore,after_s:60}]")
     assert run.world_sizes == [3, 2]
     kill = run.of("kill")[0]
@@ -159,7 +161,7 @@ def test_a_loss_without_notice_redoes_no_step(tmp_path, reference):
 
 
 def test_two_nodes_lost_at_once_without_notice_redo_no_step(tmp_path, reference):
-    run = train(tmp_path, "two-without-notice", "checkpoint.interval_steps=10", "+chaos=events",
+    run = train(tmp_path, "two-without-notice", "checkpoint.interval_steps=100", "+chaos=events",
                 "chaos.events=[{action:preempt,node:0,at_step:25,no_notice:true},"
                 "{action:preempt,node:1,at_step:25,no_notice:true},{action:restore,after_s:60},"
                 "{action:restore,after_s:60}]")

@@ -138,7 +138,7 @@ def test_the_watch_commits_once_a_group_node_is_dead_and_the_steps_have_stopped(
     dead, stalled, commits = set(), threading.Event(), []
     nodes = ["a", "b", "c"]
     with SurvivorWatch(nodes, 1, lambda node_ids: dead & set(node_ids), commits.append, stalled.is_set,
-                       interval_s=0.01):
+                       interval_s=0.01, settle_s=0.2):
         dead.add("b")  # this rank's own node: its raylet stopped while it trains on
         time.sleep(0.1)
         dead.add("x")  # not the group's
@@ -151,8 +151,12 @@ def test_the_watch_commits_once_a_group_node_is_dead_and_the_steps_have_stopped(
         time.sleep(0.1)
         assert commits == [], "a node declared dead while the group trains on: nothing to commit yet"
         stalled.set()
+        time.sleep(0.05)
+        dead.add("a")  # declared dead a moment later: lost with "c"
+        time.sleep(0.1)
+        assert commits == [], "the set of dead nodes has not settled yet"
         deadline = time.time() + 5
         while not commits and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)
-    assert commits == [{"c"}], "once"
+    assert commits == [{"a", "c"}], "once, with every node lost together"

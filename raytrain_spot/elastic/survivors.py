@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 SURVIVOR_NAMESPACE = "raytrain_spot_survivors"
 """GCS key-value namespace: ``<run>/<rank>`` -> ``committing``, ``committed:<step>`` or ``failed``."""
 COMMITTING, COMMITTED, FAILED = "committing", "committed", "failed"
-FIRST_MARK_S = 2.0
+FIRST_MARK_S = 3.0
 """How long the controller waits for a survivor to begin its commit: the survivors read the node
-table every ``WATCH_INTERVAL_S`` and learn of the death when the controller does."""
+table every ``WATCH_INTERVAL_S`` and learn of the death when the controller does, then wait a
+health-check period for nodes lost with it (loop/survivor_commit.py)."""
 WATCH_INTERVAL_S = 0.5
 
 

@@ -31,7 +31,7 @@ import torch
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState, Stateful
 from raytrain_spot.config.errors import TaskContractError
-from raytrain_spot.elastic.policy import WorkerGroupHandoff
+from raytrain_spot.elastic.policy import DECLARED_GRACE_S, WorkerGroupHandoff
 from raytrain_spot.elastic.survivors import COMMITTED, COMMITTING, FAILED, WATCH_INTERVAL_S
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.observe.events import EventLog
@@ -171,20 +171,22 @@ class RecordReplay:
 
 class SurvivorWatch:
     """Reads which of the group's nodes the cluster declared dead, every ``interval_s`` in a thread; once
-    one is and the steps have stopped (``stalled``), hands them to ``commit`` and ends. Also commits
+    one is, no other has joined it for ``settle_s`` (so the survivors agree on the lowest of them, the
+    writer of the shared tiers) and the steps have stopped (``stalled``), hands them to ``commit`` and ends. Also commits
     when the training thread leaves the block with a failure: a lost peer whose connections were reset
     (its process killed, not its VM powered off) fails the collective at once instead of hanging it,
     and the state is as whole then. A no-op without ``dead_nodes``."""
 
     def __init__(self, node_ids: List[str], rank: int, dead_nodes: Optional[Callable[[List[str]], Set[str]]],
                  commit: Callable[[Set[str]], None], stalled: Callable[[], bool],
-                 interval_s: float = WATCH_INTERVAL_S):
+                 interval_s: float = WATCH_INTERVAL_S, settle_s: float = DECLARED_GRACE_S):
         self._node_ids = node_ids
         self._own_node = node_ids[rank]
         self._dead_nodes = dead_nodes
         self._commit = commit
         self._stalled = stalled
         self._interval_s = interval_s
+        self._settle_s = settle_s
         self._stop = threading.Event()
         self._committed = False
         self._thread = threading.Thread(target=self._run, name="survivor-watch", daemon=True)
@@ -217,14 +219,18 @@ class SurvivorWatch:
             logger.exception("The survivor commit failed")
 
     def _run(self) -> None:
+        seen, since = set(), time.monotonic()
         while not self._stop.wait(self._interval_s):
             try:
                 lost = self._dead_nodes(self._node_ids)
             except Exception:  # noqa: BLE001 - a GCS hiccup: look again next interval
                 logger.warning("Cannot read the node table", exc_info=True)
                 continue
+            if lost != seen:  # nodes that lost power together are declared dead within a health-check period
+                seen, since = lost, time.monotonic()
             # This rank's own node declared dead: its raylet is gone, its disk may be too; the others commit.
-            if not lost or self._own_node in lost or not self._stalled():
+            if (not lost or self._own_node in lost or time.monotonic() - since < self._settle_s
+                    or not self._stalled()):
                 continue
             self._committed_once(lost)
             return
