@@ -31,7 +31,8 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raytrain_spot.checkpoint.format import STATE_FILE, checkpoint_key, load_state, read_manifest, stored_key  # noqa: E402
+from raytrain_spot.checkpoint.format import (STATE_FILE, checkpoint_key, load_state, read_manifest,  # noqa: E402
+                                             stored_key)
 from raytrain_spot.checkpoint.manager import CheckpointManager  # noqa: E402
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights  # noqa: E402
 from raytrain_spot.checkpoint.tiers import StoreTier  # noqa: E402

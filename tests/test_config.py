@@ -40,6 +40,7 @@ def test_model_presets_are_valid(compose):
     ("run.name=has/slash", "run.name"),
     ("cluster.num_worker_nodes=0", "cluster.num_worker_nodes"),
     ("elastic.failure_settle_s=-1", "elastic.failure_settle_s"),
+    ("elastic.survivor_commit_s=-1", "elastic.survivor_commit_s"),
     ("trainer.data_workers=-1", "trainer.data_workers"),
     # sections whose checks once named another key, or several at once
     ("checkpoint.milestone_every_steps=-1", "checkpoint.milestone_every_steps"),

@@ -15,7 +15,8 @@ from ray.train.v2.api.config import FailureConfig
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from raytrain_spot.elastic.policy import SpotFailurePolicy
-from raytrain_spot.elastic.survivors import FIRST_MARK_S, SurvivorWait
+from raytrain_spot.config.schema import CheckpointingConfig, Config, ElasticConfig
+from raytrain_spot.elastic.survivors import FIRST_MARK_S, SurvivorWait, survivor_commit_s
 from raytrain_spot.loop.handoff import WorkerGroupHandoff
 from raytrain_spot.loop.survivor_commit import StepGuard, SurvivorWatch
 
@@ -160,3 +161,9 @@ def test_the_watch_commits_once_a_group_node_is_dead_and_the_steps_have_stopped(
             time.sleep(0.01)
         time.sleep(0.1)
     assert commits == [{"a", "c"}], "once, with every node lost together"
+
+
+def test_sharded_checkpoints_have_no_survivor_commit_their_saves_are_collectives():
+    assert survivor_commit_s(Config(elastic=ElasticConfig(survivor_commit_s=12.0))) == 12.0
+    assert survivor_commit_s(Config(elastic=ElasticConfig(survivor_commit_s=12.0),
+                                    checkpoint=CheckpointingConfig(sharded=True))) == 0.0

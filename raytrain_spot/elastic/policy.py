@@ -273,7 +273,7 @@ class SpotTorchTrainer(TorchTrainer):
     ``failure_settle_s``: after a failure, how long to wait for the GCS to declare dead nodes
     dead before sizing the new group (the cluster's health-check period times its threshold).
     ``max_identical_failures``: see ``SpotFailurePolicy`` (0: never stop for it).
-    ``survivor_commit_s``: after a lost worker, the longest wait for its survivors' commits (0: no wait).
+    ``survivor_commit_s``: after a failure, the longest wait for the survivors' commits (0: no wait).
     """
 
     def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3,

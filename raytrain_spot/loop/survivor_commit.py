@@ -4,12 +4,14 @@ The weights, the optimizer state and the loop state change only under the ``Step
 optimizer step and the loop state's advance, which the training thread enters after the step's
 last collective (the agreement) and leaves without another. So a rank blocked in the collective a
 lost rank never joins holds, whole, the state of the last step it completed. ``SurvivorWatch``
-reads the node table from a thread; when the cluster declares one of the group's nodes dead, it
-takes the guard (waiting at most for an optimizer step in progress) and commits that state through
-the checkpoint manager's normal path (snapshot, manifest, checksums): the lowest surviving rank
-to the shared tiers, every node's local writer to its node's tier. Survivors may be one step apart
-(a rank can die after some ranks left the agreement's all-reduce and before others did): each
-commits the last step it completed, and the restore takes the newest that verifies.
+reads the node table from a thread; once the cluster has declared nodes of the group dead and the
+steps have stopped, it takes the guard (waiting at most for an optimizer step in progress) and
+commits that state through the checkpoint manager's normal path (snapshot, manifest, checksums):
+the lowest surviving rank to the shared tiers, every node's local writer to its node's tier. When
+the lost peer's connections are reset instead (its process killed), the collective fails at once
+and the training thread commits the same way on its way out. Survivors may be one step apart (a
+rank can die after some ranks left the agreement's all-reduce and before others did): each commits
+the last step it completed, and the restore takes the newest that verifies.
 
 Ray Train's controller waits for these commits before it tears the group down
 (elastic/survivors.py). Not for sharded checkpoints: their saves are collectives.
@@ -121,7 +123,8 @@ class SurvivorCommit:
                 logger.info("Nodes %s were declared dead; step %d is committed already", sorted(lost), state.step)
                 return
             self._mark(self._rank, COMMITTING)
-            tiers = (["the shared tiers"] if writer else []) + (["this node's"] if self._checkpoints.writes_local else [])
+            tiers = ["the shared tiers"] if writer else []
+            tiers += ["this node's"] if self._checkpoints.writes_local else []
             logger.warning("Nodes %s were declared dead: committing step %d, the last this rank completed, to %s",
                            sorted(lost), state.step, " and ".join(tiers))
             try:
@@ -170,12 +173,13 @@ class RecordReplay:
 
 
 class SurvivorWatch:
-    """Reads which of the group's nodes the cluster declared dead, every ``interval_s`` in a thread; once
-    one is, no other has joined it for ``settle_s`` (so the survivors agree on the lowest of them, the
-    writer of the shared tiers) and the steps have stopped (``stalled``), hands them to ``commit`` and ends. Also commits
-    when the training thread leaves the block with a failure: a lost peer whose connections were reset
-    (its process killed, not its VM powered off) fails the collective at once instead of hanging it,
-    and the state is as whole then. A no-op without ``dead_nodes``."""
+    """Reads which of the group's nodes the cluster declared dead, every ``interval_s`` in a thread.
+    Once one is, no other has joined it for ``settle_s`` (so the survivors agree on the lowest of
+    them, the writer of the shared tiers) and the steps have stopped (``stalled``), hands them to
+    ``commit`` and ends. Also commits when the training thread leaves the block with a failure: a
+    lost peer whose connections were reset (its process killed, not its VM powered off) fails the
+    collective at once instead of hanging it, and the state is as whole then. A no-op without
+    ``dead_nodes``."""
 
     def __init__(self, node_ids: List[str], rank: int, dead_nodes: Optional[Callable[[List[str]], Set[str]]],
                  commit: Callable[[Set[str]], None], stalled: Callable[[], bool],
@@ -209,9 +213,9 @@ class SurvivorWatch:
             lost = set()
         logger.warning("The training thread failed (%s: %s); committing the last step it completed",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        self._committed_once(lost)
+        self._commit_once(lost)
 
-    def _committed_once(self, lost: Set[str]) -> None:
+    def _commit_once(self, lost: Set[str]) -> None:
         self._committed = True
         try:
             self._commit(lost)
@@ -232,5 +236,5 @@ class SurvivorWatch:
             if (not lost or self._own_node in lost or time.monotonic() - since < self._settle_s
                     or not self._stalled()):
                 continue
-            self._committed_once(lost)
+            self._commit_once(lost)
             return

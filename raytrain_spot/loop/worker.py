@@ -342,7 +342,8 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
         survivors = ({"dead_nodes": dead_nodes, "mark_survivor": marks.mark}
                      if spot_aware and survivor_commit_s(cfg) > 0 else {})
         if survivors and rank == 0:
-            marks.clear()  # an earlier group's (the controller waited on no failure of it) would end its next wait
+            marks.clear()  # an earlier group's, left where the controller never waited (a restart after a
+            # notice), would end the controller's next wait at once
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled},
