@@ -51,24 +51,24 @@ class ScriptedMarks:
         self.cleared_at = self._clock.now
 
 
-def waited(marks: ScriptedMarks, clock: Clock, deadline_s: float = 30.0):
-    return SurvivorWait(marks, deadline_s, clock=clock, sleep=clock.sleep).wait()
+def waited(marks: ScriptedMarks, clock: Clock, deadline_s: float = 30.0, writer: int = 0):
+    return SurvivorWait(marks, deadline_s, clock=clock, sleep=clock.sleep).wait(writer=writer)
 
 
 def test_the_wait_ends_when_every_survivor_that_began_has_committed():
     clock = Clock()
     marks = ScriptedMarks(clock).at(0.6, {1: "committing"}).at(0.7, {1: "committing", 2: "committing"}) \
         .at(4.0, {1: "committed:41", 2: "committing"}).at(5.5, {1: "committed:41", 2: "committed:42"})
-    outcome = waited(marks, clock)
+    outcome = waited(marks, clock, writer=1)
     assert 5.5 <= outcome.waited_s < 5.7 and outcome.committed_steps == [41, 42]
     assert marks.cleared_at == clock.now, "the next group's failure must not read these marks"
 
 
-def test_no_survivor_beginning_costs_the_first_mark_wait_only():
+def test_no_word_from_the_writer_costs_at_most_the_first_mark_wait():
     clock = Clock()
     outcome = waited(ScriptedMarks(clock), clock)
     assert FIRST_MARK_S <= outcome.waited_s < FIRST_MARK_S + 0.2
-    assert outcome.committed_steps == [] and "no survivor began" in outcome.reason
+    assert outcome.committed_steps == [] and "no word from the writer" in outcome.reason
 
 
 def test_a_commit_that_outlasts_the_deadline_is_given_up():
@@ -84,34 +84,32 @@ def test_a_failed_survivor_ends_the_wait_with_nothing_committed():
     assert outcome.waited_s < 1.7 and outcome.committed_steps == []
 
 
-def test_a_failure_the_survivors_raised_waits_only_for_commits_already_begun():
+def test_a_survivor_that_raised_after_its_commit_does_not_end_the_wait_for_the_writer():
+    # Rank 2 kept only its node's copy and raised at once; rank 1, the writer, is still committing.
     clock = Clock()
-    assert waited_for_begun(ScriptedMarks(clock), clock).waited_s == 0.0
-    clock = Clock()
-    outcome = waited_for_begun(ScriptedMarks(clock).at(0.0, {1: "committing"}).at(3.0, {1: "committed:7"}), clock)
-    assert 3.0 <= outcome.waited_s < 3.2 and outcome.committed_steps == [7]
-
-
-def waited_for_begun(marks: ScriptedMarks, clock: Clock):
-    return SurvivorWait(marks, 30.0, clock=clock, sleep=clock.sleep).wait(first_mark_s=0.0)
+    marks = ScriptedMarks(clock).at(0.0, {2: "committed:7"}).at(0.5, {2: "committed:7", 1: "committing"}) \
+        .at(2.0, {2: "committed:7", 1: "committed:7"})
+    outcome = waited(marks, clock, writer=1)
+    assert 2.0 <= outcome.waited_s < 2.2 and outcome.committed_steps == [7, 7]
 
 
 class RecordedWait:
     def __init__(self):
-        self.first_mark_s = []
+        self.writers = []
 
-    def wait(self, first_mark_s):
-        self.first_mark_s.append(first_mark_s)
+    def wait(self, writer):
+        self.writers.append(writer)
 
 
-def test_the_failure_policy_waits_for_a_survivor_to_begin_only_when_a_worker_was_lost():
+def test_the_failure_policy_waits_for_the_lowest_rank_the_failure_did_not_take():
     wait = RecordedWait()
     policy = SpotFailurePolicy(FailureConfig(max_failures=-1), survivors=wait)
-    lost = WorkerGroupError("x", worker_failures={2: WorkerHealthCheckFailedError("node died", failure=None)})
-    assert policy.make_decision(lost) == FailureDecision.RETRY
-    policy.make_decision(WorkerGroupError("x", worker_failures={0: RuntimeError("Connection closed by peer")}))
+    lost = lambda *ranks: {rank: WorkerHealthCheckFailedError("node died", failure=None) for rank in ranks}  # noqa: E731
+    assert policy.make_decision(WorkerGroupError("x", worker_failures=lost(2))) == FailureDecision.RETRY
+    policy.make_decision(WorkerGroupError("x", worker_failures={**lost(0, 1), 2: RuntimeError("Connection reset")}))
+    policy.make_decision(WorkerGroupError("x", worker_failures={0: RuntimeError("boom")}))
     policy.make_decision(WorkerGroupError("x", worker_failures={0: WorkerGroupHandoff("preemption", 3)}))
-    assert wait.first_mark_s == [FIRST_MARK_S, 0.0], "a handoff has nothing to wait for"
+    assert wait.writers == [0, 2, 0], "a handoff has nothing to wait for"
 
 
 def test_the_steps_count_as_stopped_after_five_typical_steps_and_at_least_two_seconds():

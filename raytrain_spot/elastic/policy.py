@@ -22,6 +22,7 @@ both come from ``raytrain_spot/_ray.py``, pinned by ``tests/test_ray_pins.py``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -45,7 +46,7 @@ from raytrain_spot._ray import (
     WorkerHealthCheckTimeoutError,
 )
 from raytrain_spot.elastic.capacity import LiveCapacity
-from raytrain_spot.elastic.survivors import FIRST_MARK_S, SurvivorMarks, SurvivorWait
+from raytrain_spot.elastic.survivors import SurvivorMarks, SurvivorWait
 from raytrain_spot.config.errors import TaskContractError
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,13 @@ def placement_timed_out(error: Optional[TrainingFailedError]) -> bool:
     return isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)
 
 
-def worker_lost(error: Optional[TrainingFailedError]) -> bool:
-    """A worker's process or node is gone (its health check failed), rather than its code raising."""
-    failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else ()
-    return any(isinstance(failure, (WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError))
-               for failure in failures)
+def lowest_survivor(error: Optional[TrainingFailedError]) -> int:
+    """The lowest rank whose worker the failure did not take (whose health check did not fail): the
+    survivors' writer of the shared tiers (loop/survivor_commit.py)."""
+    failures = error.worker_failures if isinstance(error, WorkerGroupError) else {}
+    lost = {rank for rank, failure in failures.items()
+            if isinstance(failure, (WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError))}
+    return next(rank for rank in itertools.count() if rank not in lost)
 
 
 def contract_breach(error: Optional[TrainingFailedError]) -> Optional[TaskContractError]:
@@ -230,8 +233,7 @@ class SpotFailurePolicy(DefaultFailurePolicy):
     not a lost node: stop (``trainer.max_failures=-1`` would otherwise restart it forever). A group
     whose placement timed out (``placement_timed_out``) is not counted: that repeats while capacity is short.
     Any other failure waits first for the survivors' commits of their last completed step (``survivors``,
-    elastic/survivors.py; the controller tears the group down after the decision): for one to begin
-    when a worker was lost (``worker_lost``), else only for those begun."""
+    elastic/survivors.py; the controller tears the group down after the decision)."""
 
     def __init__(self, failure_config: FailureConfig, max_identical_failures: int = 3,
                  survivors: Optional[SurvivorWait] = None):
@@ -256,7 +258,7 @@ class SpotFailurePolicy(DefaultFailurePolicy):
             # Capacity, not code: the streak of identical failures neither grows nor ends.
             return super().make_decision(training_failed_error)
         if self._survivors is not None:
-            self._survivors.wait(first_mark_s=FIRST_MARK_S if worker_lost(training_failed_error) else 0.0)
+            self._survivors.wait(writer=lowest_survivor(training_failed_error))
         signature = failure_signature(training_failed_error)
         times = self._last_failure[1] + 1 if signature == self._last_failure[0] else 1
         self._last_failure = (signature, times)

@@ -4,7 +4,8 @@ A powered-off VM sends nothing: its peers block in the collective it never joins
 health checks declare its node dead, and only then does Ray Train's controller learn that the group
 failed. At that moment every surviving rank still holds the state of the last step it completed
 (data parallelism keeps a full copy on each). The survivors hear of the loss from the node table,
-as the controller does, and commit that state (loop/survivor_commit.py); the controller's failure
+as the controller does (or from their failed collective, where the lost peer's connections were
+reset), and commit that state (loop/survivor_commit.py); the controller's failure
 policy waits for their commits before it tears the group down (``SurvivorWait``), bounded by
 ``elastic.survivor_commit_s``.
 
@@ -27,10 +28,13 @@ SURVIVOR_NAMESPACE = "raytrain_spot_survivors"
 """GCS key-value namespace: ``<run>/<rank>`` -> ``committing``, ``committed:<step>`` or ``failed``."""
 COMMITTING, COMMITTED, FAILED = "committing", "committed", "failed"
 FIRST_MARK_S = 3.0
-"""How long the controller waits for a survivor to begin its commit: the survivors read the node
-table every ``WATCH_INTERVAL_S`` and learn of the death when the controller does, then wait a
-health-check period for nodes lost with it (loop/survivor_commit.py)."""
+"""How long the controller waits for the writer's mark: the survivors read the node table every
+``WATCH_INTERVAL_S`` and learn of the death when the controller does, then wait a health-check
+period for nodes lost with it (loop/survivor_commit.py)."""
 WATCH_INTERVAL_S = 0.5
+DECLARED_GRACE_S = 1.0
+"""After the first node of a failed group is declared dead, how long to wait for others lost with it:
+nodes that lost power together are declared dead within one health-check period (1 s)."""
 
 
 def dead_nodes(node_ids: List[str]) -> Set[str]:
@@ -81,9 +85,11 @@ class SurvivorOutcome:
 
 
 class SurvivorWait:
-    """The controller's wait, after a failure, for the survivors' commits: up to ``first_mark_s`` for
-    one to begin, then until every one that began has ended, never past ``deadline_s`` from the
-    failure. Then the marks are cleared for the next group. The outside world is injected."""
+    """The controller's wait, after a failure, for the survivors' commits: until the writer (the lowest
+    surviving rank, which commits to the shared tiers) has said how its commit ended and every other
+    rank that began has too; no longer than ``FIRST_MARK_S`` for a writer that says nothing; never past
+    ``deadline_s`` from the failure. Then the marks are cleared for the next group. The outside world
+    is injected."""
 
     def __init__(self, marks: SurvivorMarks, deadline_s: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.1):
@@ -93,19 +99,19 @@ class SurvivorWait:
         self._sleep = sleep
         self._poll_s = poll_s
 
-    def wait(self, first_mark_s: float = FIRST_MARK_S) -> SurvivorOutcome:
-        """``first_mark_s``: ``FIRST_MARK_S`` when a worker was lost (its survivors learn of it from the
-        node table as the controller does); 0 for a failure the survivors raised themselves, each
-        after its commit, where only a commit already begun is waited for."""
+    def wait(self, writer: int) -> SurvivorOutcome:
+        """``writer``: the lowest rank the failure did not take (the survivors that fail their collective
+        each raise after their own commit: the first error must not end the wait for the writer's)."""
         started = self._clock()
         while True:
             waited = self._clock() - started
             marks = self._read()
-            if marks and all(m != COMMITTING for m in marks.values()):
-                reason = "every survivor that began has ended"
+            ended = all(m != COMMITTING for m in marks.values())
+            if ended and writer in marks:
+                reason = f"the writer (rank {writer}) and every survivor that began have ended"
                 break
-            if not marks and waited >= first_mark_s:
-                reason = f"no survivor began a commit within {first_mark_s:g} s"
+            if ended and waited >= FIRST_MARK_S:
+                reason = f"no word from the writer (rank {writer}) within {FIRST_MARK_S:g} s"
                 break
             if waited >= self._deadline_s:
                 reason = f"the deadline (elastic.survivor_commit_s={self._deadline_s:g}) passed"

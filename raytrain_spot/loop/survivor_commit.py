@@ -26,15 +26,13 @@ import statistics
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Deque, Iterator, List, Mapping, Optional, Set
+from typing import Callable, Deque, Iterator, List, Mapping, Optional, Set, Tuple, Type
 
 import torch
 
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState, Stateful
-from raytrain_spot.config.errors import TaskContractError
-from raytrain_spot.elastic.policy import DECLARED_GRACE_S, WorkerGroupHandoff
-from raytrain_spot.elastic.survivors import COMMITTED, COMMITTING, FAILED, WATCH_INTERVAL_S
+from raytrain_spot.elastic.survivors import COMMITTED, COMMITTING, DECLARED_GRACE_S, FAILED, WATCH_INTERVAL_S
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.observe.records import Samples, Step
@@ -42,9 +40,6 @@ from raytrain_spot.observe.records import Samples, Step
 logger = logging.getLogger(__name__)
 SURVIVOR = "survivor"
 """The kind of a checkpoint the survivors of a loss without notice committed."""
-PLANNED_EXITS = (WorkerGroupHandoff, TaskContractError, KeyboardInterrupt, SystemExit)
-"""What leaves the step loop without a failure to commit for: a handoff (it committed), the task's
-contract breach (a restart would fail the same way), an interrupt."""
 STALLED_STEPS, STALLED_MIN_S = 5, 2.0
 """The group has stopped when no step completed for 5 typical steps and 2 s (``StepGuard.stalled``)."""
 REPLAYED_STEPS = 64
@@ -118,9 +113,11 @@ class SurvivorCommit:
             if self._guard.torn:
                 logger.error("Nodes %s were declared dead, but this rank's state stopped inside an optimizer step: "
                              "nothing to commit", sorted(lost))
+                self._mark(self._rank, FAILED)
                 return
             if state.step <= self._checkpoints.committed_step:
                 logger.info("Nodes %s were declared dead; step %d is committed already", sorted(lost), state.step)
+                self._mark(self._rank, f"{COMMITTED}:{state.step}")  # the controller waits for the writer's word
                 return
             self._mark(self._rank, COMMITTING)
             tiers = ["the shared tiers"] if writer else []
@@ -176,19 +173,21 @@ class SurvivorWatch:
     """Reads which of the group's nodes the cluster declared dead, every ``interval_s`` in a thread.
     Once one is, no other has joined it for ``settle_s`` (so the survivors agree on the lowest of
     them, the writer of the shared tiers) and the steps have stopped (``stalled``), hands them to
-    ``commit`` and ends. Also commits when the training thread leaves the block with a failure: a
-    lost peer whose connections were reset (its process killed, not its VM powered off) fails the
-    collective at once instead of hanging it, and the state is as whole then. A no-op without
-    ``dead_nodes``."""
+    ``commit`` and ends. Also commits when the training thread leaves the block with a failure other
+    than ``planned_exits``: a lost peer whose connections were reset (its process killed, not its VM
+    powered off) fails the collective at once instead of hanging it, and the state is as whole then.
+    A no-op without ``dead_nodes``."""
 
     def __init__(self, node_ids: List[str], rank: int, dead_nodes: Optional[Callable[[List[str]], Set[str]]],
                  commit: Callable[[Set[str]], None], stalled: Callable[[], bool],
+                 planned_exits: Tuple[Type[BaseException], ...] = (KeyboardInterrupt, SystemExit),
                  interval_s: float = WATCH_INTERVAL_S, settle_s: float = DECLARED_GRACE_S):
         self._node_ids = node_ids
         self._own_node = node_ids[rank]
         self._dead_nodes = dead_nodes
         self._commit = commit
         self._stalled = stalled
+        self._planned_exits = planned_exits
         self._interval_s = interval_s
         self._settle_s = settle_s
         self._stop = threading.Event()
@@ -202,7 +201,7 @@ class SurvivorWatch:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self._stop.set()
-        if self._dead_nodes is None or exc is None or isinstance(exc, PLANNED_EXITS):
+        if self._dead_nodes is None or exc is None or isinstance(exc, self._planned_exits):
             return
         self._thread.join()  # a commit it began ends first; it commits once
         if self._committed:

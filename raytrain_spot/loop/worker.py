@@ -42,6 +42,7 @@ from raytrain_spot.loop.batches import StepBatches, StepRows
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.loop.evaluate import Evaluation
 from raytrain_spot.loop.decision import JIT, PERIODIC, STOP, Continue, Finish, GroupPolicy, HandOff, Hold, decide
+from raytrain_spot.elastic.policy import WorkerGroupHandoff
 from raytrain_spot.loop.handoff import checkpoint_and_report, hand_off
 from raytrain_spot.loop.runtime import WorkerRuntime
 from raytrain_spot.loop.sample_order import GlobalSampleOrder, rank_positions
@@ -55,6 +56,9 @@ from raytrain_spot.loop.task import TrainingTask, build_task, task_contract_prob
 logger = logging.getLogger(__name__)
 UNTIMED_STEPS = 2
 """A group's first steps (allocation, first collectives) are left out of its samples/s."""
+PLANNED_EXITS = (WorkerGroupHandoff, TaskContractError, KeyboardInterrupt, SystemExit)
+"""What leaves the step loop with nothing for the survivors to commit: a handoff (it committed), the
+task's contract breach (a restart would fail the same way), an interrupt."""
 
 
 @dataclass
@@ -119,7 +123,7 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
     survivor_commit = SurvivorCommit(checkpoints, parts, loop, guard, runtime.node_ids, rank, runtime.mark_survivor,
                                      events, replay)
     with StepBatches(rows, cfg.trainer.loader_processes, device, cfg.run.seed) as batches, \
-            SurvivorWatch(runtime.node_ids, rank, runtime.dead_nodes, survivor_commit, guard.stalled):
+            SurvivorWatch(runtime.node_ids, rank, runtime.dead_nodes, survivor_commit, guard.stalled, PLANNED_EXITS):
         batch = batches.next()
         while loop.step < cfg.trainer.max_steps:
             step_started = time.time()
