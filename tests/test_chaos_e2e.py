@@ -95,6 +95,11 @@ def assert_same_training_as(run: Run, reference: Run) -> None:
     assert run.final_loss == pytest.approx(reference.final_loss, rel=LOSS_TOLERANCE)
 
 
+def handoff_copies(run: Run) -> List[Dict]:
+    """The just-in-time checkpoints a handoff waited for: the copies on the nodes that stay."""
+    return [c for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "local"]
+
+
 def test_reference_run_is_sane(reference):
     assert reference.world_sizes == [3] and reference.steps_redone == 0
     assert [g["warm_standby"] for g in reference.of("group")] == [False], \
@@ -122,8 +127,10 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
     assert run.world_sizes == [3, 2, 3]
     assert [h["reason"] for h in run.of("handoff")] == ["preemption", "regrow"]
     assert run.steps_redone == 0
-    jit = [c for c in run.of("checkpoint") if c["kind"] == "jit"]
-    assert [c["step"] for c in jit] == [h["step"] for h in run.of("handoff")]
+    assert [c["step"] for c in handoff_copies(run)] == [h["step"] for h in run.of("handoff")]
+    # The next group copies each handoff's step on to the head (checkpoint/manager.py, replicate).
+    assert {c["step"] for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "head"} == \
+        {h["step"] for h in run.of("handoff")}
     assert len(run.of("kill")) == 1 and run.of("kill")[0]["with_notice"] is True
     assert run.ledger["disruptions"]["preemptions"] == 1, "the ledger counts what the simulator did"
     assert all(g["warm_standby"] for g in run.of("group"))
@@ -245,7 +252,7 @@ def test_a_notice_during_a_slow_periodic_save_cancels_it_and_the_jit_lands_in_th
     assert run.steps_redone == 0
     assert [c["step"] for c in run.of("checkpoint_cancelled")][:1] == [30], "the periodic save gives way"
     notice = run.of("notice")[0]
-    jit = next(c for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "head")
+    jit = handoff_copies(run)[0]
     assert jit["t"] - notice["t"] < 3.0, "the JIT checkpoint must commit inside the notice"
     assert run.of("jit_late") == []
     assert_same_training_as(run, reference)
@@ -303,7 +310,7 @@ def test_a_metadata_server_slow_at_the_notice_still_leaves_time_for_the_jit(tmp_
     notice, drain, kill = run.of("notice")[0], run.of("drain")[0], run.of("kill")[0]
     assert run.of("soft_off")[0]["sigterm"] == "ray start --block"
     assert drain["t"] - notice["t"] < 2.5, "Ray's own drain at the soft-off, not the late watcher, started the handoff"
-    jit = next(c for c in run.of("checkpoint") if c["kind"] == "jit" and c["tier"] == "head")
+    jit = handoff_copies(run)[0]
     assert jit["t"] < kill["t"] and run.steps_redone == 0
     assert_same_training_as(run, reference)
 

@@ -41,6 +41,27 @@ def test_round_trip_verifies_and_loads_tensors(store, tmp_path):
     assert torch.equal(state["weights"], torch.full((64, 64), 3.0))
 
 
+def mapped_files() -> str:
+    with open("/proc/self/maps") as maps:
+        return maps.read()
+
+
+def test_a_verified_copy_is_mapped_not_read_and_outlives_its_file(store, tmp_path):
+    # A restore copies the state once, from the page cache the verification filled (format.load_state).
+    _commit(store, tmp_path, 5, value=3.0)
+    _, paths = fetch_verified(store, checkpoint_key("r", 5), str(tmp_path))
+    state = load_state(paths[STATE_FILE])
+    assert os.path.realpath(paths[STATE_FILE]) in mapped_files()
+    # Stores replace by rename and delete by unlinking: the mapped tensors keep the verified bytes.
+    _commit(store, tmp_path, 6, value=4.0)
+    os.replace(store._path(f"{checkpoint_key('r', 6)}/{STATE_FILE}"), paths[STATE_FILE])
+    assert torch.equal(state["weights"], torch.full((64, 64), 3.0))
+    os.unlink(paths[STATE_FILE])
+    assert torch.equal(state["weights"], torch.full((64, 64), 3.0))
+    state["weights"].add_(1.0)  # a private mapping: training may update the loaded tensors in place
+    assert torch.equal(state["weights"], torch.full((64, 64), 4.0))
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("delete_manifest", "no manifest"),
     ("truncate", "truncated"),

@@ -53,7 +53,11 @@ def _two_ranks(rank: int, store: str, results: str) -> None:
     agreement = agree(view, group)
     placements = group.all_gather_object(f"node-{rank}")
     shipped = group.broadcast_object("state" if rank == 1 else None, src=1)
-    torch.save((agreement, placements, shipped), f"{results}.{rank}")
+    # A checkpoint for a rank without a copy: the nest, its plain values, each tensor (a strided one too).
+    weights = torch.arange(12.0).reshape(3, 4)
+    state = {"model": {"w": weights.t(), "n": torch.tensor(7)}, "loop": {"step": 3}, "groups": [(1, torch.ones(2))]}
+    received = group.broadcast_state(state if rank == 1 else None, src=1)
+    torch.save((agreement, placements, shipped, received), f"{results}.{rank}")
     dist.destroy_process_group()
 
 
@@ -61,8 +65,12 @@ def test_two_ranks_agree_on_the_sum_any_notice_and_rank_zeros_decisions(tmp_path
     results = str(tmp_path / "result")
     mp.start_processes(_two_ranks, args=(str(tmp_path / "store"), results), nprocs=2, start_method="spawn")
     outcomes = [torch.load(f"{results}.{rank}", weights_only=False) for rank in (0, 1)]
-    assert outcomes[0] == outcomes[1]
-    agreement, placements, shipped = outcomes[0]
+    assert outcomes[0][:3] == outcomes[1][:3]
+    agreement, placements, shipped, received = outcomes[0]
+    weights = torch.arange(12.0).reshape(3, 4)
+    assert torch.equal(received["model"]["w"], weights.t()) and received["model"]["n"].item() == 7
+    assert received["loop"] == {"step": 3} and isinstance(received["groups"][0], tuple)
+    assert received["groups"][0][0] == 1 and torch.equal(received["groups"][0][1], torch.ones(2))
     assert agreement == StepAgreement(loss_sum=3.0, leaving_ranks=[1], grow_to=4, save_due=False, committed_step=10,
                                       step_s=0.5, at=1_790_000_000.123456, holding_for=1, commit_s=0.25), \
         "rank 0's clock, to the microsecond"

@@ -214,7 +214,7 @@ def test_no_secret_reaches_the_runs_files_when_it_stops_on_an_error(tmp_path, st
     assert "${oc.env:ALERT_WEBHOOK}" in (tmp_path / "outputs" / "env" / ".hydra" / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("experiment", ["vlm", "hf_vlm"])
+@pytest.mark.parametrize("experiment", ["vlm", "hf_vlm", "timed"])
 def test_every_setting_of_a_built_in_task_can_be_overridden(compose, experiment):
     """The task group's YAML holds every field of the task's settings: Hydra refuses an override of a
     key the composed config lacks (``task.data.cache_dir=DIR``: "not in struct")."""

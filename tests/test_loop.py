@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raytrain_spot.checkpoint.format import STATE_FILE, checkpoint_key, load_state, read_manifest
+from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, checkpoint_key, load_state, read_manifest
 from raytrain_spot.checkpoint.manager import CheckpointManager
 from raytrain_spot.checkpoint.state import LoopState, StateMismatch, load_training_state, training_state
 from raytrain_spot.checkpoint.tiers import StoreTier
@@ -241,9 +241,34 @@ def test_a_notice_hands_off_at_the_agreed_step_with_a_checkpoint_from_a_survivor
     ranks = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=20))
     assert [(r["outcome"], r["reason"], r["step"]) for r in ranks] == [("handoff", "preemption", 5)] * 2
     assert [h["preempted_ranks"] for h in of(ranks[0], "handoff")] == [[1]] and of(ranks[1], "handoff") == []
-    manifest = read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 5))
+    manifest = read_manifest(node_copies(tmp_path, "node-a"), checkpoint_key(RUN, 5))
     assert (manifest.kind, manifest.reason, manifest.world_size) == ("jit", "preemption", 2)
     assert all(r["reports"][-1] == 5 for r in ranks), "no rank leaves before the checkpoint is reported"
+
+
+def node_copies(tmp_path, node: str) -> LocalStore:
+    """A node's local tier in train_group's layout."""
+    return LocalStore(f"{tmp_path / 'durable'}-on-{node}")
+
+
+def test_a_handoff_waits_for_the_staying_nodes_copies_and_the_next_group_copies_the_step_on(tmp_path):
+    # The handoff's checkpoint is as large as the state; a node that stays reads its own copy back at
+    # memory speed, so the handoff does not wait for the shared tiers (checkpoint/manager.py, SaveRequest.shared).
+    train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=20))
+    durable = LocalStore(str(tmp_path / "durable"))
+    assert not durable.exists(f"{checkpoint_key(RUN, 5)}/{MANIFEST}"), "the handoff did not wait for durable storage"
+    resumed = train_group(tmp_path, 1, FaultInjector(["node-a"]), config(max_steps=8, interval_steps=100))
+    assert of(resumed[0], "restore")[0]["tier"] == "local" and of(resumed[0], "restore")[0]["step"] == 5
+    manifest = read_manifest(durable, checkpoint_key(RUN, 5))
+    assert (manifest.kind, manifest.reason) == ("jit", "preemption"), "the next group copied the step on, as saved"
+    assert [(c["step"], c["tier"]) for c in of(resumed[0], "checkpoint")][:1] == [(5, "durable")]
+
+
+def test_a_handoff_that_no_node_survives_waits_for_the_shared_tiers(tmp_path):
+    ranks = train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=0).notice_at(step=4, rank=1)
+                        .room_elsewhere(workers=0), config(max_steps=20))
+    assert [r["outcome"] for r in ranks] == ["handoff"] * 2
+    assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, ranks[0]["step"])).kind == "jit"
 
 
 def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
@@ -251,7 +276,7 @@ def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
     assert [r["step"] for r in ranks] == [3, 3]
     assert of(ranks[0], "handoff") == [] and [h["nodes"] for h in of(ranks[1], "handoff")] == [["node-a"]]
     assert [c["step"] for c in of(ranks[1], "checkpoint")] == [3]
-    assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 3)).kind == "jit"
+    assert read_manifest(node_copies(tmp_path, "node-b"), checkpoint_key(RUN, 3)).kind == "jit"
 
 
 def test_every_node_keeps_the_same_checkpoint_so_a_restore_finds_no_mismatch(tmp_path):
@@ -266,7 +291,7 @@ def test_capacity_for_more_workers_regrows_through_the_same_handoff(tmp_path):
     ranks = train_group(tmp_path, 2, FaultInjector(NODES).capacity_at(step=4, workers=3), config(max_steps=20))
     assert [(r["reason"], r["step"]) for r in ranks] == [("regrow", 4)] * 2
     assert [(h["reason"], h["grow_to"]) for h in of(ranks[0], "handoff")] == [("regrow", 3)]
-    assert read_manifest(LocalStore(str(tmp_path / "durable")), checkpoint_key(RUN, 4)).reason == "regrow"
+    assert read_manifest(node_copies(tmp_path, "node-a"), checkpoint_key(RUN, 4)).reason == "regrow"
 
 
 def test_a_regrow_that_would_not_pay_before_the_run_ends_is_not_taken_and_the_decision_is_logged(tmp_path):
@@ -306,7 +331,7 @@ def test_a_notice_with_nowhere_to_go_trains_on_and_hands_off_just_before_the_dra
     jit = [c for c in of(ranks[0], "checkpoint") if c["kind"] == "jit"]
     assert [c["step"] for c in jit] == [handoff["step"]] and jit[0]["t"] < deadline
     assert of(ranks[0], "jit_late") == []
-    assert handed_off_at(str(tmp_path / "durable"), handoff["step"]) == 0, "the next group would measure the wait"
+    assert handed_off_at(node_copies(tmp_path, "node-a"), handoff["step"]) == 0, "the next group would measure the wait"
 
 
 def test_a_notice_hold_ends_at_once_when_capacity_appears_elsewhere(tmp_path):
@@ -330,9 +355,9 @@ def test_a_group_that_has_not_saved_yet_holds_on_the_runs_earlier_commit_times(t
     assert ranks[0]["step"] > 7 + 5
 
 
-def handed_off_at(storage: str, step: int) -> float:
+def handed_off_at(store: LocalStore, step: int) -> float:
     """The loop state's handoff time in the checkpoint of ``step``: where the next group measures its restart from."""
-    return load_state(stored_path(LocalStore(storage), checkpoint_key(RUN, step), STATE_FILE))["loop"]["handed_off_at"]
+    return load_state(stored_path(store, checkpoint_key(RUN, step), STATE_FILE))["loop"]["handed_off_at"]
 
 
 def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(tmp_path):
@@ -346,7 +371,7 @@ def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(
     assert [(h["hold"], h["standbys_missing"]) for h in holds] == [(True, 1), (False, 0)], holds
     assert "while 1 standbys there import" in holds[0]["reason"], "node-a keeps rank 0: one standby"
     assert holds[1]["t"] - holds[0]["t"] >= 1.0 and "standbys warm" in holds[1]["reason"]
-    assert handed_off_at(str(tmp_path / "durable"), handoff["step"]) > 0, "the next group measures this restart"
+    assert handed_off_at(node_copies(tmp_path, "node-a"), handoff["step"]) > 0, "the next group measures this restart"
 
 
 def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):

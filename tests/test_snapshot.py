@@ -26,3 +26,14 @@ def test_a_tensor_of_another_shape_gets_a_new_buffer():
     large, _ = snapshots.take([torch.arange(5.0)])
     assert large[0].shape == (5,) and torch.equal(large[0], torch.arange(5.0))
     assert small[0].data_ptr() != large[0].data_ptr()
+
+
+def test_reserved_buffers_are_the_ones_the_first_save_copies_into():
+    state = {"model": torch.nn.Linear(64, 64).state_dict(), "step": torch.tensor(1)}
+    snapshots = HostSnapshot()
+    snapshots.reserve(state)
+    reserved = snapshots.nbytes
+    assert reserved == sum(t.numel() * t.element_size() for t in (*state["model"].values(), state["step"]))
+    copy, _ = snapshots.take(state)
+    assert snapshots.nbytes == reserved, "the save allocated nothing more"
+    assert torch.equal(copy["model"]["weight"], state["model"]["weight"]) and copy["step"].item() == 1

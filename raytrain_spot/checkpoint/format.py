@@ -272,10 +272,15 @@ def fetch_verified(store: Store, key: str, scratch_dir: str) -> tuple[Manifest, 
 
 def load_state(path: str, compression: str = "none",
                map_location: Optional[str | torch.device] = "cpu") -> Dict[str, Any]:
-    """Tensors and plain containers only: never unpickles arbitrary objects."""
+    """Tensors and plain containers only: never unpickles arbitrary objects.
+
+    An uncompressed file is mapped, not read: its tensors share the pages the verification just
+    brought into memory (a surviving node's copy is in its page cache since the save), so a
+    restore copies the state once, into the model, instead of twice. Every store replaces a file
+    by a rename and deletes by unlinking, so a mapped checkpoint never changes under its tensors."""
     try:
         if compression == "none":
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         import pyarrow as pa
 
         with pa.CompressedInputStream(pa.OSFile(path), compression) as compressed:

@@ -75,6 +75,9 @@ class SaveRequest:
     world_size: int
     kind: str  # periodic | jit | final | survivor (loop/survivor_commit.py)
     reason: str = ""  # jit: preemption | regrow
+    shared: bool = True
+    """False: the node-local copies alone (a handoff's, when nodes that stay keep one: the next group
+    restores from them at memory speed and copies the step on to the shared tiers, ``replicate``)."""
 
 
 class CheckpointManager:
@@ -118,6 +121,11 @@ class CheckpointManager:
     # -- saving ---------------------------------------------------------------------------
 
     @property
+    def keeps_node_copies(self) -> bool:
+        """Every node's local writer keeps a whole copy of each save on its node."""
+        return self.local is not None and not self.sharded
+
+    @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -146,7 +154,7 @@ class CheckpointManager:
         self.wait()
         self._transfer = Transfer(urgent=urgent)
         started = time.perf_counter()
-        request = SaveRequest(replace(request.loop), request.world_size, request.kind, request.reason)
+        request = replace(request, loop=replace(request.loop))
         if self.sharded:
             tensors, rest = sharded_state(parts, request.loop)
             owned = owned_keys(tensor_bytes(tensors), dist.get_rank(), dist.get_world_size())
@@ -166,6 +174,41 @@ class CheckpointManager:
             self.wait()
         return stall
 
+    def reserve_snapshot(self, parts: Mapping[str, Stateful], loop: LoopState, writer: bool) -> None:
+        """In the background, make the host buffers this rank's saves copy into, so a worker group's
+        first save stalls no longer than its later ones (``HostSnapshot.reserve``). A save that
+        comes first waits for it, then copies."""
+        if self.sharded or (not writer and not self.writes_local):
+            return
+
+        def reserve() -> None:
+            with self._save_lock:
+                self._snapshot.reserve(training_state(parts, loop))
+
+        threading.Thread(target=reserve, name="checkpoint-reserve", daemon=True).start()
+
+    def replicate(self, step: int) -> None:
+        """In the background, commit this node's verified copy of ``step`` on the shared tiers,
+        where a handoff left it to the next group (``SaveRequest.shared``). The next save takes
+        its turn after it, or cancels it (a just-in-time or final save: its step is newer)."""
+        def copy_on() -> None:
+            key = checkpoint_key(self.run_name, step)
+            started = time.time()
+            with tempfile.TemporaryDirectory(prefix=scratch_prefix("replicate"), dir=self.scratch_root) as scratch:
+                try:
+                    manifest, paths = self.local.fetch(key, scratch)  # verified again: never upload what rotted
+                except Exception as error:  # the next save covers it; until then the other nodes' copies
+                    logger.warning("Cannot copy step %d on to the shared tiers: %s: %s", step, type(error).__name__,
+                                   error)
+                    return
+                request = SaveRequest(LoopState(step=step, samples_seen=manifest.samples_seen), manifest.world_size,
+                                      manifest.kind, manifest.reason)
+                self._commit_shared(key, paths[STATE_FILE], manifest, request, 0.0, started, transfer)
+
+        transfer = self._transfer = Transfer()
+        self._thread = threading.Thread(target=copy_on, name=f"checkpoint-replicate-{step}", daemon=True)
+        self._thread.start()
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is done."""
         if self._thread is not None:
@@ -184,7 +227,7 @@ class CheckpointManager:
             scratch, entry = self._serialize(snapshot, step)
             path = os.path.join(scratch, STATE_FILE)
             manifest = self._manifest(request, {STATE_FILE: entry}, started, compression=self.compression)
-            if writer:
+            if writer and request.shared:
                 self._commit_shared(key, path, manifest, request, stall, started, transfer)
             if self.writes_local:
                 try:
@@ -192,6 +235,10 @@ class CheckpointManager:
                     self.local_step = step
                 except Exception as error:  # the shared copies stand; this node's is only faster
                     self._report_failure(request, f"{type(error).__name__}: {error}", tier=self.local.name)
+                else:
+                    if writer and not request.shared:
+                        self.events.emit(Checkpoint(step=step, tier=self.local.name, kind=request.kind, stall_s=stall,
+                                                    duration_s=time.time() - started, bytes=entry.size))
         except Exception as error:
             self._report_failure(request, f"{type(error).__name__}: {error}")
         finally:
@@ -343,8 +390,10 @@ class CheckpointManager:
             if not any(holders):
                 continue
             if not all(holders):
-                shipped = self.group.broadcast_object(loaded, src=holders.index(True))
-                loaded = loaded or (shipped[0], shipped[1], "peer")
+                source = holders.index(True)
+                manifest = self.group.broadcast_object(loaded[1] if loaded else None, src=source)
+                state = self.group.broadcast_state(loaded[0] if loaded else None, src=source)
+                loaded = loaded or (state, manifest, "peer")
             state, manifest, tier = loaded
             # Every loaded copy was verified against its manifest, so equal checksums mean equal content.
             digests = self.group.all_gather_object(content_digest(manifest))
@@ -356,6 +405,11 @@ class CheckpointManager:
                 tier = tier if rank == 0 else "peer"
             loop = apply_sharded(parts, state) if manifest.sharded else load_training_state(parts, state)
             self.last_save_step = self.committed_step = step
+            # A handoff's step on node-local copies alone: the first rank that read one copies it on.
+            sources = self.group.all_gather_object(tier)
+            if (self.local is not None and rank == next((r for r, t in enumerate(sources) if t == self.local.name), -1)
+                    and not any(step in listings[shared.name] for shared in self.shared)):
+                self.replicate(step)
             return Restored(loop, tier, manifest, time.time() - started)
         return None
 

@@ -48,6 +48,16 @@ class HostSnapshot:
                 torch.cuda.synchronize()
         return snapshot, time.perf_counter() - started
 
+    def reserve(self, state: Any) -> None:
+        """Make (and fault in) the buffers ``state`` needs now, so the first save of a worker
+        group stalls for the copy alone, not for the allocation of its memory (page faults
+        took 2-3 times the copy on the CPU)."""
+        sources: List[torch.Tensor] = []
+        self._with_buffers(state, sources)
+        for buffer in self._buffers[:len(sources)]:
+            if not buffer.is_pinned():  # pinned memory is resident as allocated
+                buffer.view(-1).view(torch.uint8)[::4096].zero_()  # a write per page faults each in
+
     def _with_buffers(self, value: Any, sources: List[torch.Tensor]) -> Any:
         """The nest with each tensor replaced by its buffer; the tensors go to ``sources``."""
         if isinstance(value, torch.Tensor):

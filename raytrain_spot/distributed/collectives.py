@@ -20,6 +20,8 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+from raytrain_spot.checkpoint.snapshot import tensors_in
+
 
 class CollectiveDeviceError(RuntimeError):
     """A tensor reached a collective on a device its process group cannot use."""
@@ -76,3 +78,36 @@ class RankGroup:
         shipped = [obj]
         dist.broadcast_object_list(shipped, src=src, group=self._objects_group)
         return shipped[0]
+
+    def broadcast_state(self, state: Any, src: int) -> Any:
+        """A nest of CPU tensors and plain values from rank ``src`` on every rank: the structure as
+        an object, then each tensor as itself (pickling a multi-GB state as one object is several
+        times slower and holds two more copies of it)."""
+        sent = _map_tensors(state, torch.Tensor.contiguous) if self.rank == src else None
+        specs = self.broadcast_object(_map_tensors(sent, lambda t: _TensorSpec(t.shape, t.dtype)), src)
+        received = sent if self.rank == src else _map_tensors(specs, None)
+        for tensor in tensors_in(received):
+            dist.broadcast(tensor, src=src, group=self._objects_group)
+        return received
+
+
+class _TensorSpec:
+    """A tensor's place in a nest being shipped: its shape and dtype."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+
+def _map_tensors(value: Any, to_spec) -> Any:
+    """``value`` with each tensor replaced by ``to_spec(tensor)``, or (``to_spec`` None) each
+    ``_TensorSpec`` by an empty tensor of its shape and dtype."""
+    if to_spec is not None and isinstance(value, torch.Tensor):
+        return to_spec(value)
+    if to_spec is None and isinstance(value, _TensorSpec):
+        return torch.empty(value.shape, dtype=value.dtype)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, to_spec) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, to_spec) for v in value)
+    return value
+

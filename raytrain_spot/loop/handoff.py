@@ -35,8 +35,12 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
         events.emit(Handoff(reason=handoff.reason.value, step=handoff.step, world_size=handoff.world_size,
                             **details))
         deadline_s = drain_deadline_s(leaving_nodes) if leaving_nodes else None
-    checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit", reason=handoff.reason.value),
-                          rank, handoff.writer, report)
+    # Nodes that stay keep the step in memory-speed copies of their own, which the next group restores
+    # and copies on to the shared tiers: the handoff waits for those alone, however large the state.
+    staying = set(node_ids) - leaving_nodes
+    shared = not (staying and checkpoints.keeps_node_copies)
+    checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit", reason=handoff.reason.value,
+                                                          shared=shared), rank, handoff.writer, report)
     if deadline_s is not None and (late_by_s := time.time() - deadline_s) > 0:
         logger.error("The JIT checkpoint of step %d committed %.1f s after the drain deadline", handoff.step,
                      late_by_s)

@@ -164,6 +164,8 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
                     loop.samples_per_s, loop.measured_s = measured_rate(loop.samples_per_s, loop.measured_s,
                                                                         world_size, global_batch, agreed.step_s)
 
+            if steps_in_group == 1:  # the optimizer's state exists from its first step on
+                checkpoints.reserve_snapshot(parts, loop, writer=rank == 0)
             if cfg.run.log_sample_ids:
                 events.emit_soon(Samples(step=loop.step, rank=rank, ids=trained.rows))
             # This step's own loading, training and wait for the agreement, not the next one's loading.

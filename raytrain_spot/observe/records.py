@@ -379,9 +379,10 @@ class Checkpoint(EventRecord):
     step: int
     """The checkpoint's step."""
     tier: str
-    """``head`` or ``durable``."""
+    """``head`` or ``durable``; ``local``: a handoff's copies on the nodes that stay, which the next
+    group copies on to the shared tiers (its ``head`` or ``durable`` record follows then)."""
     kind: str
-    """``periodic``, ``jit`` or ``final``."""
+    """``periodic``, ``jit``, ``final`` or ``survivor``."""
     stall_s: float
     """Seconds training blocked for it."""
     duration_s: float
