@@ -94,6 +94,35 @@ def test_a_save_asked_for_while_one_runs_is_deferred_not_queued(tmp_path):
     assert manager.deferred is requests[-1] and manager.last_save_step == 1
 
 
+def test_a_handoffs_node_copy_is_written_beside_a_periodic_save_in_flight_not_after_it(tmp_path):
+    local, _ = _tiers(tmp_path)
+    uploads_may_go, held_upload_over = threading.Event(), threading.Event()
+
+    class HeldStore(LocalStore):
+        def put_file(self, key, path):
+            try:
+                assert uploads_may_go.wait(20)
+            finally:
+                held_upload_over.set()
+            super().put_file(key, path)
+
+    durable = StoreTier("durable", HeldStore(str(tmp_path / "held")), "r", 3)
+    events = Recorder()
+    manager = _manager(tmp_path, local, [durable], events)
+    model, optimizer = _model(1.0)
+    manager.save({"model": model, "optimizer": optimizer}, SaveRequest(LoopState(1, 1), 1, "periodic"), writer=True)
+    with torch.no_grad():
+        model.weight.fill_(5.0)  # the handoff's step: the state the group ends with
+    handoff = SaveRequest(LoopState(2, 2), 1, "jit", reason="preemption", shared=False)
+    manager.save({"model": model, "optimizer": optimizer}, handoff, writer=True, wait=True)
+    assert not held_upload_over.is_set() and local.steps("r")[:1] == [2], "it did not wait for the held upload"
+    assert [(e["step"], e["tier"], e["kind"]) for e in events.records if e["ev"] == "checkpoint"] == [(2, "local", "jit")]
+    restored, _ = _model(0.0)
+    assert _manager(tmp_path, local, []).restore({"model": restored, "optimizer": optimizer}, 0).loop.step == 2
+    assert torch.equal(restored.weight, torch.full((32, 32), 5.0))
+    uploads_may_go.set()
+
+
 def test_restore_prefers_the_fastest_valid_tier_and_skips_damaged_copies(tmp_path, caplog):
     local, durable = _tiers(tmp_path)
     manager = _manager(tmp_path, local, [durable])

@@ -151,11 +151,18 @@ class CheckpointManager:
         urgent = request.kind != "periodic"  # the group is about to restart or end
         if urgent and self.busy and not self._transfer.urgent and not self.sharded:
             self._transfer.cancelled.set()  # it gives way between two chunks (sharded saves pair up: they finish)
-        self.wait()
+        # A handoff's node copies end the group: its state no longer moves, so it is written as it is (no
+        # snapshot), beside the save it cancelled, whose thread ends with the process (a save cut short
+        # anywhere leaves no manifest: it never existed). Waiting for it took seconds at a few GB.
+        ending = not request.shared and not self.sharded
+        if not ending:
+            self.wait()
         self._transfer = Transfer(urgent=urgent)
         started = time.perf_counter()
         request = replace(request, loop=replace(request.loop))
-        if self.sharded:
+        if ending:
+            write, args = self._write, (training_state(parts, request.loop), request, writer, self._transfer)
+        elif self.sharded:
             tensors, rest = sharded_state(parts, request.loop)
             owned = owned_keys(tensor_bytes(tensors), dist.get_rank(), dist.get_world_size())
             share, _ = self._snapshot.take({key: tensors[key] for key in owned})
