@@ -62,6 +62,21 @@ def test_a_verified_copy_is_mapped_not_read_and_outlives_its_file(store, tmp_pat
     assert torch.equal(state["weights"], torch.full((64, 64), 4.0))
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_only_a_store_that_must_outlive_a_power_loss_syncs_what_it_publishes(tmp_path, monkeypatch, sync):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda descriptor: synced.append(descriptor) or real_fsync(descriptor))
+    store = LocalStore(str(tmp_path / "store"), sync=sync)
+    _commit(store, tmp_path, 5)
+    scratch = tmp_path / "scratch.pt"
+    scratch.write_bytes(b"x" * 1000)
+    store.adopt("moved/state.pt", str(scratch))
+    assert bool(synced) == sync, "a node-local copy outlives its process through the page cache alone"
+    assert fetch_verified(store, checkpoint_key("r", 5), str(tmp_path))[0].step == 5
+    assert store.get_bytes("moved/state.pt") == b"x" * 1000
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("delete_manifest", "no manifest"),
     ("truncate", "truncated"),

@@ -13,7 +13,7 @@ from raytrain_spot.checkpoint.format import MANIFEST, STATE_FILE, Manifest, chec
 from raytrain_spot.checkpoint.head import HeadStore
 from raytrain_spot.checkpoint.manager import CheckpointManager, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState
-from raytrain_spot.checkpoint.tiers import StoreTier, steps_to_delete
+from raytrain_spot.checkpoint.tiers import SaveCancelled, StoreTier, Transfer, steps_to_delete
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.storage.store import LocalStore
 from tests.conftest import Recorder, stored_path
@@ -121,6 +121,18 @@ def test_a_handoffs_node_copy_is_written_beside_a_periodic_save_in_flight_not_af
     assert _manager(tmp_path, local, []).restore({"model": restored, "optimizer": optimizer}, 0).loop.step == 2
     assert torch.equal(restored.weight, torch.full((32, 32), 5.0))
     uploads_may_go.set()
+
+
+def test_a_cancelled_save_stops_while_it_is_written_and_leaves_nothing(tmp_path):
+    # A handoff's node copies are written beside the save they cancel: that one must not go on
+    # taking the node's cores and disk for seconds (nor retry in memory, as for a full disk).
+    local, durable = _tiers(tmp_path)
+    manager = _manager(tmp_path, local, [durable])
+    transfer = Transfer()
+    transfer.cancelled.set()
+    with pytest.raises(SaveCancelled):
+        manager._serialize({"weights": torch.zeros(1 << 20)}, 7, transfer)
+    assert os.listdir(tmp_path / "scratch") == [] and not any("step_00000007" in name for name in os.listdir("/dev/shm"))
 
 
 def test_restore_prefers_the_fastest_valid_tier_and_skips_damaged_copies(tmp_path, caplog):

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -140,11 +141,17 @@ def config_hash(config: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _ChecksummingWriter(io.RawIOBase):
-    """A file wrapper that counts bytes and computes CRC32C as torch.save writes."""
+class WriteCancelled(Exception):
+    """A serialization stopped part-way because its save was cancelled."""
 
-    def __init__(self, f: BinaryIO):
+
+class _ChecksummingWriter(io.RawIOBase):
+    """A file wrapper that counts bytes and computes CRC32C as torch.save writes; it stops the
+    write once ``cancelled`` is set."""
+
+    def __init__(self, f: BinaryIO, cancelled: Optional[threading.Event] = None):
         self._f = f
+        self._cancelled = cancelled
         self.crc = google_crc32c.Checksum()
         self.size = 0
 
@@ -152,16 +159,22 @@ class _ChecksummingWriter(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
+        if self._cancelled is not None and self._cancelled.is_set():
+            raise WriteCancelled()
         data = bytes(data)
         self.crc.update(data)
         self.size += len(data)
         return self._f.write(data)
 
 
-def write_state(state: Dict[str, Any], path: str, compression: str = "none") -> FileEntry:
-    """Serialize ``state`` to ``path``; return the size and checksum of the stored bytes, computed while writing."""
+def write_state(state: Dict[str, Any], path: str, compression: str = "none",
+                cancelled: Optional[threading.Event] = None) -> FileEntry:
+    """Serialize ``state`` to ``path``; return the size and checksum of the stored bytes, computed while writing.
+
+    Not synced to the disk: ``path`` is a scratch file that a tier copies (and syncs, where it must
+    outlive a power loss) or, for the node-local tier, adopts as it is (``LocalStore.sync``)."""
     with open(path, "wb") as f:
-        writer = _ChecksummingWriter(f)
+        writer = _ChecksummingWriter(f, cancelled)
         if compression == "none":
             torch.save(state, writer)
         else:
@@ -169,8 +182,6 @@ def write_state(state: Dict[str, Any], path: str, compression: str = "none") -> 
 
             with pa.CompressedOutputStream(pa.PythonFile(writer, mode="w"), compression) as compressed:
                 torch.save(state, compressed)
-        f.flush()
-        os.fsync(f.fileno())
     return FileEntry(size=writer.size, crc32c=writer.crc.hexdigest().decode())
 
 

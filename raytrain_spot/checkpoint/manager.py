@@ -34,6 +34,7 @@ from raytrain_spot.checkpoint.format import (
     STATE_FILE,
     FileEntry,
     Manifest,
+    WriteCancelled,
     checkpoint_key,
     checkpoint_name,
     file_entry,
@@ -231,12 +232,12 @@ class CheckpointManager:
         scratch = None
         try:
             started = time.time()
-            scratch, entry = self._serialize(snapshot, step)
+            scratch, entry = self._serialize(snapshot, step, transfer)
             path = os.path.join(scratch, STATE_FILE)
             manifest = self._manifest(request, {STATE_FILE: entry}, started, compression=self.compression)
             if writer and request.shared:
                 self._commit_shared(key, path, manifest, request, stall, started, transfer)
-            if self.writes_local:
+            if self.writes_local and not transfer.cancelled.is_set():
                 try:
                     self.local.commit(key, {STATE_FILE: path}, manifest, move=True)
                     self.local_step = step
@@ -246,27 +247,36 @@ class CheckpointManager:
                     if writer and not request.shared:
                         self.events.emit(Checkpoint(step=step, tier=self.local.name, kind=request.kind, stall_s=stall,
                                                     duration_s=time.time() - started, bytes=entry.size))
+        except SaveCancelled:
+            logger.info("Checkpoint step %d gave way to a just-in-time save while it was written", step)
+            self.events.emit(CheckpointCancelled(step=step, kind=request.kind, tier=None,
+                                                 reason="a just-in-time save took its place"))
         except Exception as error:
             self._report_failure(request, f"{type(error).__name__}: {error}")
         finally:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _serialize(self, snapshot: Dict[str, Any], step: int) -> Tuple[str, FileEntry]:
+    def _serialize(self, snapshot: Dict[str, Any], step: int, transfer: Transfer) -> Tuple[str, FileEntry]:
         """Write the state file into a scratch directory on this node's disk; when that disk is
-        full, into memory (``/dev/shm``), so a full node-local disk costs only the local copy."""
+        full, into memory (``/dev/shm``), so a full node-local disk costs only the local copy.
+        A cancelled save stops part-way (a handoff's copies are written beside it): SaveCancelled."""
         try:
-            return self._serialize_into(self.scratch_root, snapshot, step)
+            return self._serialize_into(self.scratch_root, snapshot, step, transfer)
         # torch.save reports a failed write as a RuntimeError ("file write failed"), not an OSError.
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, WriteCancelled) as error:
+            if transfer.cancelled.is_set():
+                raise SaveCancelled() from None
             logger.warning("Cannot stage checkpoint step %d in %s (%s: %s); staging it in %s", step,
                            self.scratch_root, type(error).__name__, error, MEMORY_SCRATCH)
-            return self._serialize_into(MEMORY_SCRATCH, snapshot, step)
+            return self._serialize_into(MEMORY_SCRATCH, snapshot, step, transfer)
 
-    def _serialize_into(self, root: Optional[str], snapshot: Dict[str, Any], step: int) -> Tuple[str, FileEntry]:
+    def _serialize_into(self, root: Optional[str], snapshot: Dict[str, Any], step: int,
+                        transfer: Transfer) -> Tuple[str, FileEntry]:
         scratch = tempfile.mkdtemp(prefix=f"{scratch_prefix('save')}{checkpoint_name(step)}-", dir=root)
         try:
-            return scratch, write_state(snapshot, os.path.join(scratch, STATE_FILE), self.compression)
+            return scratch, write_state(snapshot, os.path.join(scratch, STATE_FILE), self.compression,
+                                        transfer.cancelled)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise

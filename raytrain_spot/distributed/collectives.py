@@ -110,4 +110,3 @@ def _map_tensors(value: Any, to_spec) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_map_tensors(v, to_spec) for v in value)
     return value
-

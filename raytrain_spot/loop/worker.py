@@ -385,7 +385,7 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup
     node_root = cfg.checkpoint.local_root(context.storage_uri, node_id)
     local = None
     if cfg.checkpoint.use_local and not cfg.checkpoint.sharded:  # one node holds only its ranks' shares
-        local = StoreTier("local", LocalStore(node_root), cfg.run.name, cfg.checkpoint.keep_latest_k)
+        local = StoreTier("local", LocalStore(node_root, sync=False), cfg.run.name, cfg.checkpoint.keep_latest_k)
     durable_store = open_store(context.storage_uri)
     lease_check = LeaseGuard(durable_store, cfg.run.name, context.lease_owner) if context.lease_owner else None
     durable = StoreTier("durable", durable_store, cfg.run.name, cfg.checkpoint.keep_latest_k,

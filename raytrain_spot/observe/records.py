@@ -400,8 +400,8 @@ class CheckpointCancelled(EventRecord):
     """The cancelled save's step."""
     kind: str
     """Its kind (``periodic``)."""
-    tier: str
-    """The tier it was committing on."""
+    tier: Optional[str] = None
+    """The tier it was committing on; None: it was still being written."""
     reason: str
     """Why, in words."""
 
