@@ -1,5 +1,6 @@
 """The benchmarks' own instruments: who used the cores (bench/cpu_accounting.py), and the
-lifetime prior a compressed trace replay runs with (bench/bench_recovery.py), the baselines' entry (bench/baselines.py)."""
+lifetime prior a compressed trace replay runs with (bench/bench_recovery.py), the baselines' entry (bench/baselines.py),
+a pause cut into its parts (bench/bench_scaling.py)."""
 
 import argparse
 import subprocess
@@ -79,3 +80,32 @@ def test_a_baseline_runs_the_main_command_as_its_strategy(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "outputs" / "baseline" / "events.jsonl")]
     assert next(r["strategy"] for r in records if r["ev"] == "start") == "ray-preemption-api"
     assert max(r["step"] for r in records if r["ev"] == "step") == 6
+
+
+def _group(t, world_size, nodes="abc"):
+    return {"ev": "group", "t": t, "world_size": world_size, "nodes": list(nodes[:world_size]),
+            "startup_s": {"data": 0.1, "model": 0.2, "restore": 0.3, "ddp": 0.4}}
+
+
+def test_a_pause_is_cut_into_parts_that_add_up_to_it_and_the_benchmarks_own_stop_is_left_out():
+    scaling = load_bench("bench_scaling")
+    step = lambda t, n: {"ev": "step", "t": t, "step": n, "duration_s": 0.1}  # noqa: E731
+    events = [_group(10.0, 3), step(11.0, 1), step(12.0, 2),
+              {"ev": "handoff", "t": 12.5, "reason": "preemption", "step": 2},
+              {"ev": "checkpoint", "t": 14.0, "step": 2, "kind": "jit", "tier": "local", "stall_s": 0.0, "bytes": 2**30},
+              {"ev": "restore", "t": 20.0, "step": 2, "tier": "local", "duration_s": 0.25},
+              _group(20.0, 2), step(20.5, 3),
+              # the node dies after the handoff; later the run stops and a group restarts for the final save
+              {"ev": "kill", "t": 21.0, "node": "c"}, step(22.0, 4),
+              {"ev": "stop_requested", "t": 23.0}, _group(30.0, 3), step(31.0, 5)]
+    (pause,) = scaling.pauses(events)["preemption"]
+    assert pause["pause_s"] == pytest.approx(20.5 - 12.0)
+    assert (pause["old_group_end"], pause["ray_train_restart"], pause["first_step"]) == pytest.approx((2.0, 5.0, 0.5))
+    assert sum(pause[part] for part in scaling.PARTS) == pytest.approx(pause["pause_s"])
+    assert pause["restore_gbps"] == pytest.approx(4.0) and pause["restore_tier"] == "local"
+    assert scaling.pauses(events)["regrow"] == []
+
+    baseline = [_group(10.0, 3), step(12.0, 2), {"ev": "kill", "t": 13.0, "node": "c"}, _group(40.0, 2),
+                step(41.0, 3)]
+    (pause,) = scaling.pauses(baseline)["preemption"]
+    assert (pause["old_group_end"], pause["ray_train_restart"]) == pytest.approx((1.0, 40.0 - 1.0 - 13.0))
