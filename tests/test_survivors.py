@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Dict, List
 
+import pytest
 import torch
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
@@ -159,6 +160,20 @@ def test_the_watch_commits_once_a_group_node_is_dead_and_the_steps_have_stopped(
             time.sleep(0.01)
         time.sleep(0.1)
     assert commits == [{"a", "c"}], "once, with every node lost together"
+
+
+def test_a_failed_collective_commits_once_the_nodes_lost_with_the_first_are_declared_too():
+    # The simulator reaps a node as soon as Ray declares it dead: the survivors' collective fails at
+    # once, while the node lost with it is still a health-check period from its declaration. Counted
+    # alive, rank 0 would be the writer of the shared tiers in rank 1's eyes, and nobody would write them.
+    dead, commits = {"c"}, []
+    declare_a_moment_later = threading.Timer(0.3, lambda: dead.add("a"))
+    declare_a_moment_later.start()
+    with pytest.raises(RuntimeError):
+        with SurvivorWatch(["a", "b", "c"], 1, lambda node_ids: dead & set(node_ids), commits.append,
+                           lambda: False, interval_s=0.05, settle_s=0.5):
+            raise RuntimeError("Connection closed by peer")
+    assert commits == [{"a", "c"}]
 
 
 def test_sharded_checkpoints_have_no_survivor_commit_their_saves_are_collectives():

@@ -206,13 +206,28 @@ class SurvivorWatch:
         self._thread.join()  # a commit it began ends first; it commits once
         if self._committed:
             return
-        try:
-            lost = self._dead_nodes(self._node_ids) - {self._own_node}
-        except Exception:  # noqa: BLE001 - unknown: the lowest rank writes the shared tiers, every node its own
-            lost = set()
         logger.warning("The training thread failed (%s: %s); committing the last step it completed",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        self._commit_once(lost)
+        self._commit_once(self._settled_loss() - {self._own_node})
+
+    def _settled_loss(self) -> Set[str]:
+        """The group's dead nodes once no other has joined them for ``settle_s``, waiting at most twice
+        that: the collective fails as soon as the first lost node's connections reset (the simulator
+        reaps a node Ray declared dead), a health-check period before the nodes lost with it are
+        declared, and a survivor that counted a lost rank alive would leave the shared tiers unwritten."""
+        seen: Optional[Set[str]] = None
+        started = since = time.monotonic()
+        while True:
+            try:
+                lost = self._dead_nodes(self._node_ids)
+            except Exception:  # noqa: BLE001 - unknown: the lowest rank writes the shared tiers, every node its own
+                lost = seen or set()
+            now = time.monotonic()
+            if lost != seen:
+                seen, since = lost, now
+            if now - since >= self._settle_s or now - started >= 2 * self._settle_s:
+                return seen
+            time.sleep(self._interval_s)
 
     def _commit_once(self, lost: Set[str]) -> None:
         self._committed = True
