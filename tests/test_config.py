@@ -150,7 +150,7 @@ TRACE = ["+experiment=vlm", "+chaos=trace", "chaos.trace={tmp}/trace.json"]
 
 
 @pytest.mark.parametrize("overrides, trace, message", [
-    (["+experiment=vlmm"], None, "experiment: there is no 'vlmm'. Fix: use one of hf_vlm, vlm"),
+    (["+experiment=vlmm"], None, "experiment: there is no 'vlmm'. Fix: use one of hf_vlm, timed, vlm"),
     (["+experiment=vlm", "task/model=huge"], None, "task/model: there is no 'huge'. Fix: use one of base, small, tiny"),
     (["+experiment=vlm", "trainer.max_steps=abc"], None,
      "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer. Fix:"),
