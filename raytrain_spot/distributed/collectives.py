@@ -20,8 +20,6 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-from raytrain_spot.checkpoint.snapshot import tensors_in
-
 
 class CollectiveDeviceError(RuntimeError):
     """A tensor reached a collective on a device its process group cannot use."""
@@ -86,8 +84,7 @@ class RankGroup:
         sent = _map_tensors(state, torch.Tensor.contiguous) if self.rank == src else None
         specs = self.broadcast_object(_map_tensors(sent, lambda t: _TensorSpec(t.shape, t.dtype)), src)
         received = sent if self.rank == src else _map_tensors(specs, None)
-        for tensor in tensors_in(received):
-            dist.broadcast(tensor, src=src, group=self._objects_group)
+        _map_tensors(received, lambda tensor: dist.broadcast(tensor, src=src, group=self._objects_group))
         return received
 
 
@@ -98,15 +95,15 @@ class _TensorSpec:
         self.shape, self.dtype = tuple(shape), dtype
 
 
-def _map_tensors(value: Any, to_spec) -> Any:
-    """``value`` with each tensor replaced by ``to_spec(tensor)``, or (``to_spec`` None) each
-    ``_TensorSpec`` by an empty tensor of its shape and dtype."""
-    if to_spec is not None and isinstance(value, torch.Tensor):
-        return to_spec(value)
-    if to_spec is None and isinstance(value, _TensorSpec):
+def _map_tensors(value: Any, convert) -> Any:
+    """``value`` with each tensor replaced by ``convert(tensor)`` (in the nest's order, the same on
+    every rank), or (``convert`` None) each ``_TensorSpec`` by an empty tensor of its shape and dtype."""
+    if convert is not None and isinstance(value, torch.Tensor):
+        return convert(value)
+    if convert is None and isinstance(value, _TensorSpec):
         return torch.empty(value.shape, dtype=value.dtype)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, to_spec) for k, v in value.items()}
+        return {k: _map_tensors(v, convert) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, to_spec) for v in value)
+        return type(value)(_map_tensors(v, convert) for v in value)
     return value
