@@ -50,8 +50,7 @@ class HostSnapshot:
 
     def reserve(self, state: Any) -> None:
         """Make (and fault in) the buffers ``state`` needs now, so the first save of a worker
-        group stalls for the copy alone, not for the allocation of its memory (page faults
-        took 2-3 times the copy on the CPU)."""
+        group stalls for the copy alone, not for the allocation of its memory and its page faults."""
         sources: List[torch.Tensor] = []
         self._with_buffers(state, sources)
         for buffer in self._buffers[:len(sources)]:

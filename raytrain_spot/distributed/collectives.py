@@ -79,8 +79,8 @@ class RankGroup:
 
     def broadcast_state(self, state: Any, src: int) -> Any:
         """A nest of CPU tensors and plain values from rank ``src`` on every rank: the structure as
-        an object, then each tensor as itself (pickling a multi-GB state as one object is several
-        times slower and holds two more copies of it)."""
+        an object, then each tensor as itself (one pickled object of a multi-GB state would hold
+        further whole copies of it in memory on both sides)."""
         sent = _map_tensors(state, torch.Tensor.contiguous) if self.rank == src else None
         specs = self.broadcast_object(_map_tensors(sent, lambda t: _TensorSpec(t.shape, t.dtype)), src)
         received = sent if self.rank == src else _map_tensors(specs, None)

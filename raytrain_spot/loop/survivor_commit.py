@@ -215,18 +215,15 @@ class SurvivorWatch:
         that: the collective fails as soon as the first lost node's connections reset (the simulator
         reaps a node Ray declared dead), a health-check period before the nodes lost with it are
         declared, and a survivor that counted a lost rank alive would leave the shared tiers unwritten."""
-        seen: Optional[Set[str]] = None
-        started = since = time.monotonic()
+        declared = _Declared(self._settle_s)
+        started = time.monotonic()
         while True:
             try:
-                lost = self._dead_nodes(self._node_ids)
-            except Exception:  # noqa: BLE001 - unknown: the lowest rank writes the shared tiers, every node its own
-                lost = seen or set()
-            now = time.monotonic()
-            if lost != seen:
-                seen, since = lost, now
-            if now - since >= self._settle_s or now - started >= 2 * self._settle_s:
-                return seen
+                declared.read(self._dead_nodes(self._node_ids))
+            except Exception:  # noqa: BLE001 - unreadable now: keep what was read (at worst nothing: the
+                pass  # lowest rank writes the shared tiers, every node its own)
+            if declared.settled or time.monotonic() - started >= 2 * self._settle_s:
+                return declared.lost
             time.sleep(self._interval_s)
 
     def _commit_once(self, lost: Set[str]) -> None:
@@ -237,18 +234,33 @@ class SurvivorWatch:
             logger.exception("The survivor commit failed")
 
     def _run(self) -> None:
-        seen, since = set(), time.monotonic()
+        declared = _Declared(self._settle_s)
         while not self._stop.wait(self._interval_s):
             try:
-                lost = self._dead_nodes(self._node_ids)
+                declared.read(self._dead_nodes(self._node_ids))
             except Exception:  # noqa: BLE001 - a GCS hiccup: look again next interval
                 logger.warning("Cannot read the node table", exc_info=True)
                 continue
-            if lost != seen:  # nodes that lost power together are declared dead within a health-check period
-                seen, since = lost, time.monotonic()
             # This rank's own node declared dead: its raylet is gone, its disk may be too; the others commit.
-            if (not lost or self._own_node in lost or time.monotonic() - since < self._settle_s
-                    or not self._stalled()):
+            if not declared.lost or self._own_node in declared.lost or not declared.settled or not self._stalled():
                 continue
-            self._commit_once(lost)
+            self._commit_once(declared.lost)
             return
+
+
+class _Declared:
+    """The group's nodes declared dead, as read, and whether no other has joined them for ``settle_s``:
+    nodes that lost power together are declared dead within a health-check period of each other."""
+
+    def __init__(self, settle_s: float):
+        self._settle_s = settle_s
+        self.lost: Set[str] = set()
+        self._since = time.monotonic()
+
+    def read(self, lost: Set[str]) -> None:
+        if lost != self.lost:
+            self.lost, self._since = lost, time.monotonic()
+
+    @property
+    def settled(self) -> bool:
+        return time.monotonic() - self._since >= self._settle_s
