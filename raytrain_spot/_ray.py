@@ -30,6 +30,9 @@ PRIVATE: Dict[str, Tuple[str, str]] = {
     "RunningState": ("ray.train.v2._internal.execution.controller.state", "RunningState"),
     # A new group's placement timed out: the cluster, not the training code (elastic/policy.py).
     "WorkerGroupStartupTimeoutError": ("ray.train.v2._internal.exceptions", "WorkerGroupStartupTimeoutError"),
+    # Ray Train's torch backend, extended with a store-first process group setup (distributed/process_group.py).
+    "TorchBackend": ("ray.train.torch.config", "_TorchBackend"),
+    "set_torch_distributed_env_vars": ("ray.train.torch.config", "_set_torch_distributed_env_vars"),
     # A worker whose process or node is gone: its survivors may be committing (elastic/survivors.py).
     "WorkerHealthCheckFailedError": ("ray.train.v2._internal.exceptions", "WorkerHealthCheckFailedError"),
     "WorkerHealthCheckTimeoutError": ("ray.train.v2._internal.exceptions", "WorkerHealthCheckTimeoutError"),

@@ -263,12 +263,14 @@ def test_handoff_survives_pickling():
     assert (error.reason, error.step) == ("regrow", 12)
 
 
-@pytest.mark.parametrize("strategy, overrides, trainer_type, num_workers", [
-    (SPOT, [], "SpotTorchTrainer", (1, 3)),
-    (BASELINES["plain-ray-train"], [], "TorchTrainer", (1, 3)),
-    (BASELINES["plain-ray-train"], ["trainer.min_workers=3"], "TorchTrainer", 3),  # Ray's fixed scaling policy
+@pytest.mark.parametrize("strategy, overrides, trainer_type, num_workers, torch_config_type", [
+    (SPOT, [], "SpotTorchTrainer", (1, 3), "StoreFirstTorchConfig"),
+    (BASELINES["plain-ray-train"], [], "TorchTrainer", (1, 3), "TorchConfig"),
+    # Ray's fixed scaling policy
+    (BASELINES["plain-ray-train"], ["trainer.min_workers=3"], "TorchTrainer", 3, "TorchConfig"),
 ])
-def test_trainer_matches_the_configured_scaling(compose, strategy, overrides, trainer_type, num_workers):
+def test_trainer_matches_the_configured_scaling(compose, strategy, overrides, trainer_type, num_workers,
+                                                torch_config_type):
     from raytrain_spot.config.schema import load_config
     from raytrain_spot.loop.ray_trainer import build_trainer
     from raytrain_spot.loop.worker import LoopContext
@@ -278,6 +280,7 @@ def test_trainer_matches_the_configured_scaling(compose, strategy, overrides, tr
                                              head_store=None, strategy=strategy))
     assert type(trainer).__name__ == trainer_type
     assert trainer.scaling_config.num_workers == num_workers
+    assert type(trainer.backend_config).__name__ == torch_config_type, "a baseline keeps Ray's own setup"
     assert trainer.run_config.failure_config.max_failures != 0, "a lost Spot node must not end the run"
 
 

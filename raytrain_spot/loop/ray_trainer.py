@@ -7,6 +7,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
 from raytrain_spot.config.schema import Config
+from raytrain_spot.distributed.process_group import StoreFirstTorchConfig
 from raytrain_spot.elastic.policy import SpotTorchTrainer
 from raytrain_spot.elastic.standby import STANDBY_MARKER
 from raytrain_spot.elastic.survivors import survivor_commit_s
@@ -48,12 +49,14 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
              "max_identical_failures": trainer_cfg.max_identical_failures,
              "survivor_commit_s": survivor_commit_s(cfg)} if spot_aware else {})
     trainer_cls = SpotTorchTrainer if spot_aware else TorchTrainer
+    # The baselines keep Ray's own process group setup; ours opens the store first (distributed/process_group.py).
+    torch_config_cls = StoreFirstTorchConfig if spot_aware else TorchConfig
     return trainer_cls(
         run_worker,
         **spot,
         train_loop_config={"context": context},
         scaling_config=scaling,
         run_config=run_config,
-        torch_config=TorchConfig(backend="nccl" if trainer_cfg.use_gpu else "gloo",
+        torch_config=torch_config_cls(backend="nccl" if trainer_cfg.use_gpu else "gloo",
                                  timeout_s=int(trainer_cfg.collective_timeout_s)),
     )
