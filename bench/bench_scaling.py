@@ -8,7 +8,7 @@ turn, the baselines first (bench/bench_recovery.py's modes: ``ray-preemption-api
 documented recipe). Per preemption (and per regrow) it reports the pause, the old group's last
 step to the next group's first, and its parts: the old group's end (the handoff and its
 just-in-time checkpoint, or the node's death), Ray Train's restart up to the training function,
-the function's startup (data, model build, restore, DDP) and the first step. Beside them the
+the function's startup (its setup, data, model build, restore, DDP) and the first step. Beside them the
 restore speed (checkpoint bytes over the restore's seconds, on a surviving node's copy) and the
 checkpoint stall over a host memory copy of the same bytes, measured here first.
 
@@ -41,7 +41,7 @@ from raytrain_spot.observe.records import (Checkpoint, Group, Handoff, Kill, Not
 SWEEPS = {"state": {"state_gb": [0.1, 0.5, 1, 2], "workers": [3]},
           "workers": {"state_gb": [0.5], "workers": [2, 4, 8, 12]}}
 DEFAULT_MODES = ["ray-preemption-api", "raytrain-spot"]
-PARTS = ["old_group_end", "ray_train_restart", "data", "model", "restore", "ddp", "first_step"]
+PARTS = ["old_group_end", "ray_train_restart", "setup", "data", "model", "restore", "ddp", "first_step"]
 """A pause's parts, in order; they add up to it."""
 
 
@@ -86,7 +86,7 @@ def pauses(events: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, float]]]:
             or (not handoff and e["ev"] == Kill.ev and e["t"] >= last_t))]
         old_group_end = max(ended, default=last_t)
         parts = {"old_group_end": old_group_end - last_t, "ray_train_restart": function_start - old_group_end,
-                 **{phase: group["startup_s"][phase] for phase in ("data", "model", "restore", "ddp")},
+                 **{phase: group["startup_s"].get(phase, 0.0) for phase in ("setup", "data", "model", "restore", "ddp")},
                  "first_step": first["t"] - group["t"]}
         restore = next((e for e in events if e["ev"] == Restore.ev and function_start <= e["t"] <= group["t"]), None)
         saved = {e["step"]: e["bytes"] for e in events if e["ev"] == Checkpoint.ev}

@@ -123,6 +123,25 @@ def test_a_handoffs_node_copy_is_written_beside_a_periodic_save_in_flight_not_af
     uploads_may_go.set()
 
 
+@pytest.mark.parametrize("rank, node_copy_written", [(0, False), (1, True)])
+def test_a_handoff_writes_no_node_copy_on_a_node_that_leaves_and_every_rank_reports(tmp_path, rank, node_copy_written):
+    from raytrain_spot.elastic.policy import WorkerGroupHandoff
+    from raytrain_spot.loop.decision import HandOff, HandoffReason
+    from raytrain_spot.loop.handoff import hand_off
+
+    local, durable = _tiers(tmp_path)
+    manager = _manager(tmp_path, local, [durable])
+    model, optimizer = _model(1.0)
+    reported = []
+    handoff = HandOff(HandoffReason.PREEMPTION, step=4, world_size=2, writer=1, leaving_ranks=(0,))
+    with pytest.raises(WorkerGroupHandoff):
+        hand_off(handoff, manager, {"model": model, "optimizer": optimizer}, LoopState(4, 4), rank,
+                 ["leaving-node", "staying-node"], Recorder(), reported.append, lambda nodes: None)
+    assert reported == [4], "every rank joins the report: it is the barrier before the restart"
+    assert (local.steps("r") == [4]) is node_copy_written
+    assert durable.steps("r") == [], "a node stays: the next group copies the step on"
+
+
 def test_a_cancelled_save_stops_while_it_is_written_and_leaves_nothing(tmp_path):
     # A handoff's node copies are written beside the save they cancel: that one must not go on
     # taking the node's cores and disk for seconds (nor retry in memory, as for a full disk).

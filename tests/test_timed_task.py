@@ -39,6 +39,18 @@ def test_the_state_is_saved_and_restored_whole(tmp_path):
         larger.extra_state()["model_state"].load_state_dict(saved["model_state"])
 
 
+def test_a_restore_replaces_the_state_without_drawing_it(monkeypatch):
+    draws = []
+    monkeypatch.setattr(ModelState, "_draw", lambda self: draws.append(self))
+    saved = {name: torch.full_like(t, 7) for name, t in ModelState(0.01, seed=0)._tensors.items()}
+    restored = ModelState(0.01, seed=1)
+    restored.load_state_dict(saved)
+    assert restored.state_dict() == saved and draws == [], "a restart's build drew a state the restore replaced"
+    fresh = ModelState(0.01, seed=1)
+    fresh.state_dict()
+    assert draws == [fresh], "a fresh start draws its state once it is read"
+
+
 def test_a_micro_batch_waits_its_device_time_and_gives_a_loss_per_sample():
     task = TimedStepTask(state_gb=0.001, micro_batch_s=0.2)
     model = task.build_model()

@@ -39,8 +39,12 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
     # and copies on to the shared tiers: the handoff waits for those alone, however large the state.
     staying = set(node_ids) - leaving_nodes
     shared = not (staying and checkpoints.keeps_node_copies)
-    checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit", reason=handoff.reason.value,
-                                                          shared=shared), rank, handoff.writer, report)
+    if shared or node_ids[rank] in staying:
+        checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit",
+                                                              reason=handoff.reason.value, shared=shared),
+                              rank, handoff.writer, report)
+    else:  # a copy on a node about to die would only take cores from the copies that stay
+        report(handoff.step)
     if deadline_s is not None and (late_by_s := time.time() - deadline_s) > 0:
         logger.error("The JIT checkpoint of step %d committed %.1f s after the drain deadline", handoff.step,
                      late_by_s)

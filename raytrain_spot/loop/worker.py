@@ -354,6 +354,7 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled},
                                 stop_requested=StopPoll(cfg.run.name), **survivors)
+        phases.mark("setup")  # the task's and the framework's parts; the task's data, model and state follow
         run_group(cfg, task, runtime, policy, checkpoints, events, phases)
     finally:
         events.send()  # the last steps' records

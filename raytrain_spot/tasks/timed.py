@@ -48,31 +48,48 @@ class LinearlySeparable(torch.utils.data.Dataset):
 class ModelState:
     """``gb`` of a model's state as the checkpoint sees it: incompressible tensors of at most
     ``CHUNK_BYTES``, each a pure function of (seed, its index). Not all-reduced (on GPUs its
-    gradients' all-reduce is milliseconds of NVLink, on gloo over shared cores it would be the step)."""
+    gradients' all-reduce is milliseconds of NVLink, on gloo over shared cores it would be the step).
+
+    Drawn when first read, not when built: a restore replaces it unread, as it replaces a GPU
+    model's initial weights, whose drawing is device time (milliseconds); here it would be a second
+    of the cores per GB in every restart's model build."""
 
     def __init__(self, gb: float, seed: int):
+        self._seed = seed
         remaining = int(gb * 2**30) // 8 * 8
-        self.tensors: Dict[str, torch.Tensor] = {}
+        self._tensors: Dict[str, torch.Tensor] = {}
         while remaining:
             size = min(remaining, CHUNK_BYTES)
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + len(self.tensors))
-            # int64 draws fill fastest (about 1 GB/s on one core); the bytes are what counts.
-            self.tensors[f"{len(self.tensors):05d}"] = torch.randint(
-                -2**62, 2**62, (size // 8,), dtype=torch.int64, generator=generator)
+            self._tensors[f"{len(self._tensors):05d}"] = torch.empty(size // 8, dtype=torch.int64)
             remaining -= size
+        self._undrawn = True
+
+    @property
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        if self._undrawn:
+            self._draw()
+        return self._tensors
+
+    def _draw(self) -> None:
+        for index, tensor in enumerate(self._tensors.values()):
+            generator = torch.Generator().manual_seed(self._seed * 1_000_003 + index)
+            # int64 draws fill fastest (about 1 GB/s on one core); the bytes are what counts.
+            tensor.random_(-2**62, 2**62, generator=generator)
+        self._undrawn = False
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return sum(t.nbytes for t in self._tensors.values())
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(self.tensors)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if set(state) != set(self.tensors) or any(state[k].shape != t.shape for k, t in self.tensors.items()):
-            raise ValueError(f"the checkpoint's model state has {len(state)} tensors, not the {len(self.tensors)} "
+        if set(state) != set(self._tensors) or any(state[k].shape != t.shape for k, t in self._tensors.items()):
+            raise ValueError(f"the checkpoint's model state has {len(state)} tensors, not the {len(self._tensors)} "
                              "of task.state_gb: resume with the same task.state_gb")
-        self.tensors = dict(state)  # the loaded tensors themselves: no second copy of the state
+        self._tensors = dict(state)  # the loaded tensors themselves: no second copy of the state
+        self._undrawn = False
 
 
 @dataclass
