@@ -73,11 +73,12 @@ UNTIMED_STEPS = 2
 """A group's first steps (allocation, first collectives) are left out of its step time, as the loop does."""
 
 
-def scripted_events(preemptions: int, every_s: float, restore_after_s: float, no_notice: bool = False) -> str:
-    """One node preempted every ``every_s`` seconds (powered off without a notice, with
-    ``no_notice``), each replaced ``restore_after_s`` after its power-off."""
+def scripted_events(preemptions: int, every_s: float, restore_after_s: float, no_notice: bool = False,
+                    first_at_s: float = 10.0) -> str:
+    """One node preempted every ``every_s`` seconds from ``first_at_s`` on (powered off without a
+    notice, with ``no_notice``), each replaced ``restore_after_s`` after its power-off."""
     without = ",no_notice:true" if no_notice else ""
-    steps = [f"{{action:preempt,node:{i % 3},at_s:{10 + i * every_s}{without}}},"
+    steps = [f"{{action:preempt,node:{i % 3},at_s:{first_at_s + i * every_s}{without}}},"
              f"{{action:restore,after_s:{restore_after_s}}}" for i in range(preemptions)]
     return "chaos.events=[" + ",".join(steps) + "]"
 
@@ -92,7 +93,8 @@ def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
                  f"chaos.provisioning_s={args.provisioning_s}", f"chaos.no_notice={args.no_notice}"]
         chaos += compressed_lifetime_prior(args)
     else:
-        chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s, args.no_notice)]
+        chaos = ["+chaos=events", scripted_events(args.preemptions, args.every_s, args.provisioning_s, args.no_notice,
+                                                  args.first_at_s)]
     main_command = ([sys.executable, os.path.join(REPO, "bench", "baselines.py"), BASELINE_OF[mode]]
                     if mode in BASELINE_OF else [sys.executable, "-m", "raytrain_spot.run"])
     command = [*main_command, f"+experiment={args.experiment}", f"run.name={name}",
@@ -149,7 +151,7 @@ def _interruptible() -> None:
 def scenario_length_s(scenario: str, args) -> float:
     if scenario == "trace":
         return args.ticks * args.tick_s
-    return 10 + args.preemptions * args.every_s
+    return args.first_at_s + args.preemptions * args.every_s
 
 
 def analyse(events: List[Dict[str, Any]], replay_s: float) -> Dict[str, Any]:
@@ -392,6 +394,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["scripted", "trace"])
     parser.add_argument("--preemptions", type=int, default=3, help="scripted: single-node preemptions")
     parser.add_argument("--every-s", type=float, default=60.0, help="scripted: seconds between them")
+    parser.add_argument("--first-at-s", type=float, default=10.0, help="scripted: the first one, after the replay's start")
     parser.add_argument("--no-notice", action="store_true",
                         help="every node loss without a notice (a powered-off VM): scripted and trace")
     parser.add_argument("--json", help="also write the results here")
@@ -403,7 +406,7 @@ def main() -> None:
     if args.reanalyse:
         with open(args.reanalyse) as f:
             earlier = json.load(f)
-        args = argparse.Namespace(**{**earlier["args"], "json": args.json, "reanalyse": args.reanalyse})
+        args = argparse.Namespace(**{"first_at_s": 10.0, **earlier["args"], "json": args.json, "reanalyse": args.reanalyse})
     with open(args.trace) as f:
         raw = json.load(f)
     args.compression = raw["metadata"]["gap_seconds"] / args.tick_s

@@ -132,8 +132,8 @@ def point(state_gb: float, workers: int, args) -> Dict[str, Any]:
     global_batch = workers * args.micro_batch_size  # one micro-batch per rank at full size
     run_args = argparse.Namespace(
         experiment="timed", checkpoint_interval_steps=args.checkpoint_interval_steps, preemptions=args.preemptions,
-        every_s=args.every_s, provisioning_s=args.provisioning_s, no_notice=False, notice_s=args.notice_s,
-        tail_s=args.tail_s, overrides=[
+        every_s=args.every_s, first_at_s=args.first_at_s, provisioning_s=args.provisioning_s, no_notice=False,
+        notice_s=args.notice_s, tail_s=args.tail_s, overrides=[
             f"task.state_gb={state_gb}", f"task.micro_batch_s={args.micro_batch_s}",
             f"cluster.num_worker_nodes={workers}", f"trainer.max_workers={workers}",
             f"trainer.global_batch_size={global_batch}", f"trainer.micro_batch_size={args.micro_batch_size}",
@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--preemptions", type=int, default=1)
     parser.add_argument("--every-s", type=float, default=45.0)
+    parser.add_argument("--first-at-s", type=float, default=30.0,
+                        help="the first preemption, after the replay's start: once the group has its warm standbys "
+                             "and a measured checkpoint, as a node that lived minutes or hours has")
     parser.add_argument("--notice-s", type=float, default=30.0, help="GCE's preemption notice")
     parser.add_argument("--provisioning-s", type=float, default=10.0)
     parser.add_argument("--tail-s", type=float, default=45.0,

@@ -128,6 +128,19 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     assert out.split() == ["True", "True", "True", "True"], out
 
 
+def test_a_runs_processes_preload_its_tasks_modules_too():
+    from raytrain_spot.elastic.standby import TASK_MODULES
+    from raytrain_spot.loop.ray_trainer import task_modules
+
+    modules = task_modules("raytrain_spot.tasks.hf_vlm.task.HuggingFaceVLMTask")
+    assert modules == "raytrain_spot.tasks.hf_vlm.task,transformers.modeling_utils,peft"
+    probe = ("import sys; import raytrain_spot.elastic.preload; "
+             f"print(all(m in sys.modules for m in {modules.split(',')!r}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, TASK_MODULES: modules}).stdout
+    assert out.split() == ["True"], out
+
+
 @pytest.mark.parametrize("setting, gpu, shared, expected", [
     (None, True, False, True),  # a GCP GPU cluster: the imports take the node's idle cores
     (None, True, True, False),  # nodes on one machine share its cores

@@ -22,7 +22,7 @@ import ray.util
 import torch.distributed as dist
 from ray.train.torch import TorchConfig
 
-from raytrain_spot import _ray
+from raytrain_spot._ray import TorchBackend, set_torch_distributed_env_vars
 
 _listening: Optional[dist.TCPStore] = None
 """Rank 0's store, held for its process group's life (the group's own store handle wraps it)."""
@@ -41,7 +41,7 @@ def join_process_group(backend: str, world_rank: int, world_size: int, address: 
                        timeout_s: float) -> None:
     """Every rank: the environment torch's launchers set (``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``...,
     which libraries such as Accelerate read), then the default process group through rank 0's store."""
-    _ray.set_torch_distributed_env_vars()
+    set_torch_distributed_env_vars()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
     if backend == "nccl":  # as Ray's setup: a timed-out NCCL collective raises instead of hanging
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -51,7 +51,7 @@ def join_process_group(backend: str, world_rank: int, world_size: int, address: 
     dist.init_process_group(backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
-class StoreFirstTorchBackend(_ray.TorchBackend):
+class StoreFirstTorchBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: "StoreFirstTorchConfig") -> None:
         address, port = worker_group.execute_single(0, open_store, world_size=len(worker_group),
                                                     timeout_s=backend_config.timeout_s)

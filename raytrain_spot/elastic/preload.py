@@ -31,10 +31,12 @@ import importlib
 import logging
 import os
 import threading
+from typing import List
 
 MODULES = ("torch", "torch._dynamo", "raytrain_spot.loop.worker", "ray.train.torch")
 """torch._dynamo is imported by the first optimizer a process builds; raytrain_spot.loop.worker
-pulls in Ray Train, ray.train.torch its torch backend."""
+pulls in Ray Train, ray.train.torch its torch backend. Then, in a run's processes, its task's
+modules (elastic/standby.py's ``TASK_MODULES``, set in their runtime environment)."""
 
 logger = logging.getLogger(__name__)
 done = threading.Event()
@@ -45,9 +47,11 @@ at_idle_priority = False
 
 def _import_at_idle_priority() -> None:
     global at_idle_priority
+    task_modules: List[str] = []
     try:
-        from raytrain_spot.elastic.standby import standbys_hurried
+        from raytrain_spot.elastic.standby import standbys_hurried, this_runs_task_modules
 
+        task_modules = this_runs_task_modules()
         hurried = standbys_hurried()
     except Exception:  # noqa: BLE001 - unread, the imports take the usual idle priority
         logger.warning("Could not read whether this run's standbys are wanted now", exc_info=True)
@@ -59,7 +63,7 @@ def _import_at_idle_priority() -> None:
     except (AttributeError, OSError):
         pass  # imports at normal priority
     try:
-        for module in MODULES:
+        for module in (*MODULES, *task_modules):
             importlib.import_module(module)
     except Exception:  # noqa: BLE001 - the main thread imports it again and meets the error where it matters
         logger.warning("Preloading %s failed", module, exc_info=True)

@@ -45,7 +45,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Optional, Set
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Set
 
 import psutil
 
@@ -61,6 +61,15 @@ PRELOAD_ENV = "RAY_preload_python_modules"
 
 STANDBY_MARKER = "RAYTRAIN_SPOT_STANDBY"
 """Environment variable in the Train workers' runtime environment; its value is the run name."""
+
+TASK_MODULES = "RAYTRAIN_SPOT_TASK_MODULES"
+"""Environment variable in the Train workers' runtime environment: the modules the run's task needs
+(its module and ``TrainingTask.preload_modules``), comma-separated, which the preload imports after the stack."""
+
+
+def this_runs_task_modules() -> List[str]:
+    """The task modules this process preloads: none outside a run's Train workers."""
+    return [module for module in os.environ.get(TASK_MODULES, "").split(",") if module]
 
 # Idle standbys are started per group; the job's end removes them, so they may wait long.
 KEEP_ALIVE_S = 7 * 24 * 3600

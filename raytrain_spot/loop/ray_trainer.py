@@ -9,8 +9,9 @@ from ray.train.v2.api.config import LoggingConfig
 from raytrain_spot.config.schema import Config
 from raytrain_spot.distributed.process_group import StoreFirstTorchConfig
 from raytrain_spot.elastic.policy import SpotTorchTrainer
-from raytrain_spot.elastic.standby import STANDBY_MARKER
+from raytrain_spot.elastic.standby import STANDBY_MARKER, TASK_MODULES
 from raytrain_spot.elastic.survivors import survivor_commit_s
+from raytrain_spot.loop.task import task_class
 from raytrain_spot.loop.worker import LoopContext, run_worker
 
 
@@ -22,6 +23,12 @@ def ray_storage(storage_uri: str) -> dict:
         store = GcsStore.from_uri(storage_uri)
         return {"storage_path": store.ray_storage_path(), "storage_filesystem": store.pyarrow_filesystem()}
     return {"storage_path": storage_uri[len("file://"):]}
+
+
+def task_modules(task_target: str) -> str:
+    """What the run's processes preload besides the stack (elastic/standby.py's ``TASK_MODULES``): the
+    module of the task class ``task_target`` names and its ``preload_modules``."""
+    return ",".join([task_target.rpartition(".")[0], *task_class(task_target).preload_modules])
 
 
 def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
@@ -40,9 +47,10 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         # A lost Spot node is a failure to Ray unless it came with a drain: never give up on those.
         failure_config=FailureConfig(max_failures=trainer_cfg.max_failures, max_preemption_failures=-1),
         logging_config=LoggingConfig(log_level="WARNING"),
-        # Marks the workers' processes so each node can count its idle standbys (standby.py). Each group
-        # decides whether to keep standbys (standby.py's decide_standbys).
-        worker_runtime_env=({"env_vars": {STANDBY_MARKER: cfg.run.name}}
+        # Marks the workers' processes so each node can count its idle standbys (standby.py), and names the
+        # task's modules they preload. Each group decides whether to keep standbys (standby.py's decide_standbys).
+        worker_runtime_env=({"env_vars": {STANDBY_MARKER: cfg.run.name,
+                                          TASK_MODULES: task_modules(cfg.task["_target_"])}}
                             if spot_aware and cfg.elastic.warm_standby is not False else None),
     )
     spot = ({"failure_settle_s": cfg.elastic.failure_settle_s,

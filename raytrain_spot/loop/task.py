@@ -58,6 +58,11 @@ class TrainingTask(abc.ABC):
     reads, say): DDP then looks for them every step (``find_unused_parameters``), a little slower.
     Without it such a model fails at its second step."""
 
+    preload_modules: ClassVar[Tuple[str, ...]] = ()
+    """Modules the task's methods import (its own module always counts): a warm standby imports them
+    before it takes a rank, so a restarted group does not (elastic/preload.py). A Hugging Face
+    task's ``transformers.modeling_utils`` is 1.3 s of a process's start."""
+
     resumable_settings: ClassVar[Tuple[str, ...]] = ()
     """Settings of this task (dotted, under ``task.``) that a resume may change: they do not shape
     the model, the optimizer state or the sample order (a cache size, a download directory).

@@ -135,6 +135,7 @@ class HuggingFaceVLMTask(TrainingTask):
                                                      "data.eval_samples", "data.eval_examples")
     # model.revision: the workers' settings carry the commit the driver resolved; a resume resolves it again
     unused_parameters: ClassVar[bool] = True  # LLaVA never uses its CLIP tower's post_layernorm
+    preload_modules: ClassVar[Tuple[str, ...]] = ("transformers.modeling_utils", "peft")
 
     # -- driver --------------------------------------------------------------------------------
 
