@@ -28,10 +28,10 @@ _listening: Optional[dist.TCPStore] = None
 """Rank 0's store, held for its process group's life (the group's own store handle wraps it)."""
 
 
-def open_store(world_size: int, timeout_s: float) -> Tuple[str, int]:
-    """Rank 0: a rendezvous store listening on a free port of this node; its address."""
+def open_store(world_size: int, timeout_s: float, address: Optional[str] = None) -> Tuple[str, int]:
+    """Rank 0: a rendezvous store listening on a free port of ``address`` (default: this node's); its address."""
     global _listening
-    address = ray.util.get_node_ip_address()
+    address = address or ray.util.get_node_ip_address()
     _listening = dist.TCPStore(address, 0, world_size, is_master=True, wait_for_workers=False,
                                timeout=timedelta(seconds=timeout_s))
     return address, _listening.port
@@ -45,6 +45,12 @@ def join_process_group(backend: str, world_rank: int, world_size: int, address: 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
     if backend == "nccl":  # as Ray's setup: a timed-out NCCL collective raises instead of hanging
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    init_through_store(backend, world_rank, world_size, address, port, timeout_s)
+
+
+def init_through_store(backend: str, world_rank: int, world_size: int, address: str, port: int,
+                       timeout_s: float) -> None:
+    """The default process group, through the store rank 0 opened (``open_store``) in this process."""
     timeout = timedelta(seconds=timeout_s)
     store = (_listening if world_rank == 0 else
              dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout))

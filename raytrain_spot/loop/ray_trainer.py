@@ -66,5 +66,5 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
         scaling_config=scaling,
         run_config=run_config,
         torch_config=torch_config_cls(backend="nccl" if trainer_cfg.use_gpu else "gloo",
-                                 timeout_s=int(trainer_cfg.collective_timeout_s)),
+                                      timeout_s=int(trainer_cfg.collective_timeout_s)),
     )
