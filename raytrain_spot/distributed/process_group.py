@@ -2,12 +2,11 @@
 
 Ray Train's torch backend has every worker call ``init_process_group`` at once with a ``tcp://``
 or ``env://`` address, and rank 0 opens the rendezvous store only as it joins: a worker that
-connects before it listens backs off for most of a second. Rank 0 comes 10-300 ms late as a
-rule (its process is the one Ray Train asks first for the address), and the setup took 1.2 s of
-Ray Train's 2.0 s restart into warm processes (bench/bench_scaling.py). ``StoreFirstTorchConfig``
-is Ray's own extension point (a ``TorchConfig`` whose ``backend_cls`` is Ray's torch backend with
-another ``on_start``): rank 0 opens the store, then every rank joins through it in one call.
-Shutdown, the device context and everything else stay Ray's.
+connects before it listens backs off, and the group forms 0.36-0.70 s after a rank 0 that came
+10-300 ms late, against 3-5 ms once the store listens first (``python bench/bench_process_group.py``).
+``StoreFirstTorchConfig`` is Ray's own extension point (a ``TorchConfig`` whose ``backend_cls`` is
+Ray's torch backend with another ``on_start``): rank 0 opens the store, then every rank joins
+through it in one call. Shutdown, the device context and everything else stay Ray's.
 """
 
 from __future__ import annotations

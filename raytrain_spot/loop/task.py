@@ -60,8 +60,8 @@ class TrainingTask(abc.ABC):
 
     preload_modules: ClassVar[Tuple[str, ...]] = ()
     """Modules the task's methods import (its own module always counts): a warm standby imports them
-    before it takes a rank, so a restarted group does not (elastic/preload.py). A Hugging Face
-    task's ``transformers.modeling_utils`` is 1.3 s of a process's start."""
+    before it takes a rank, so a restarted group does not (elastic/preload.py): the Hugging Face
+    task's ``transformers.modeling_utils`` and ``peft``, say."""
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ()
     """Settings of this task (dotted, under ``task.``) that a resume may change: they do not shape
