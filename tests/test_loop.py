@@ -280,8 +280,8 @@ def test_when_rank_0s_node_is_leaving_the_next_rank_writes(tmp_path):
 
 
 def test_every_node_keeps_the_same_checkpoint_so_a_restore_finds_no_mismatch(tmp_path):
-    train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=4, rank=1), config(max_steps=20))
-    # The restarted group: rank 0 on node-b, whose local copy rank 1 wrote; rank 1 on node-a.
+    train_group(tmp_path, 2, FaultInjector(NODES), config(max_steps=4))  # the final save: a copy on each node
+    # The resumed group: rank 0 on node-b, whose local copy rank 1 wrote; rank 1 on node-a.
     resumed = train_group(tmp_path, 2, FaultInjector(["node-b", "node-a"]), config(max_steps=6))
     assert [of(r, "restore")[0]["tier"] if of(r, "restore") else None for r in resumed][0] == "local"
     assert [e for r in resumed for e in of(r, "restore_mismatch")] == [], "the copies of one step must be equal"

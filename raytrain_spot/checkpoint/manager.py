@@ -217,6 +217,12 @@ class CheckpointManager:
         self._thread = threading.Thread(target=copy_on, name=f"checkpoint-replicate-{step}", daemon=True)
         self._thread.start()
 
+    def cancel(self) -> None:
+        """Have the save in flight (if any) give way, as a just-in-time save would: it stops part-way
+        and commits nothing. Does not wait for it."""
+        if self.busy:
+            self._transfer.cancelled.set()
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is done."""
         if self._thread is not None:

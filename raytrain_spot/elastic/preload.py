@@ -63,8 +63,13 @@ def _import_at_idle_priority() -> None:
     except (AttributeError, OSError):
         pass  # imports at normal priority
     try:
-        for module in (*MODULES, *task_modules):
+        for module in MODULES:
             importlib.import_module(module)
+        for module in task_modules:  # the task's own: a failure costs only their import at the restart
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001 - the training function imports it again and meets the error there
+                logger.warning("Preloading the task's %s failed", module, exc_info=True)
     except Exception:  # noqa: BLE001 - the main thread imports it again and meets the error where it matters
         logger.warning("Preloading %s failed", module, exc_info=True)
         return

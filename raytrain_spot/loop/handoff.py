@@ -43,7 +43,8 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
         checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit",
                                                               reason=handoff.reason.value, shared=shared),
                               rank, handoff.writer, report)
-    else:  # a copy on a node about to die would only take cores from the copies that stay
+    else:  # a copy on a node about to die, or a save it has in flight, would only slow the copies that stay
+        checkpoints.cancel()
         report(handoff.step)
     if deadline_s is not None and (late_by_s := time.time() - deadline_s) > 0:
         logger.error("The JIT checkpoint of step %d committed %.1f s after the drain deadline", handoff.step,
