@@ -65,7 +65,9 @@ def _import_at_idle_priority() -> None:
     try:
         for module in MODULES:
             importlib.import_module(module)
-        for module in task_modules:  # the task's own: a failure costs only their import at the restart
+        # The task's own, in a standby kept ahead of a restart; not in one a notice hold waits for (its
+        # training function imports them), so the hold is no longer than the stack's imports.
+        for module in () if hurried else task_modules:
             try:
                 importlib.import_module(module)
             except Exception:  # noqa: BLE001 - the training function imports it again and meets the error there
