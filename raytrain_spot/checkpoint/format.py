@@ -145,6 +145,9 @@ class WriteCancelled(Exception):
     """A serialization stopped part-way because its save was cancelled."""
 
 
+_CRC_PIECE = 1 << 20
+
+
 class _ChecksummingWriter(io.RawIOBase):
     """A file wrapper that counts bytes and computes CRC32C as torch.save writes; it stops the
     write once ``cancelled`` is set."""
@@ -169,8 +172,6 @@ class _ChecksummingWriter(io.RawIOBase):
         self.size += view.nbytes
         return self._f.write(view)
 
-
-_CRC_PIECE = 1 << 20
 
 
 def write_state(state: Dict[str, Any], path: str, compression: str = "none",

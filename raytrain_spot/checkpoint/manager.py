@@ -78,7 +78,7 @@ class SaveRequest:
     reason: str = ""  # jit: preemption | regrow
     shared: bool = True
     """False: the node-local copies alone (a handoff's, when nodes that stay keep one: the next group
-    restores from them at memory speed and copies the step on to the shared tiers, ``replicate``)."""
+    restores from them from the node's page cache and copies the step on to the shared tiers, ``replicate``)."""
 
 
 class CheckpointManager:
@@ -150,8 +150,8 @@ class CheckpointManager:
             self.deferred = request
             return 0.0
         urgent = request.kind != "periodic"  # the group is about to restart or end
-        if urgent and self.busy and not self._transfer.urgent and not self.sharded:
-            self._transfer.cancelled.set()  # it gives way between two chunks (sharded saves pair up: they finish)
+        if urgent and not self._transfer.urgent and not self.sharded:
+            self.cancel()  # sharded saves pair up: they finish
         # A handoff's node copies end the group: its state no longer moves, so it is written as it is (no
         # snapshot), beside the save it cancelled, whose thread ends with the process (a save cut short
         # anywhere leaves no manifest: it never existed). Waiting for it took seconds at a few GB.
@@ -218,8 +218,8 @@ class CheckpointManager:
         self._thread.start()
 
     def cancel(self) -> None:
-        """Have the save in flight (if any) give way, as a just-in-time save would: it stops part-way
-        and commits nothing. Does not wait for it."""
+        """Have the save in flight (if any) give way: it stops part-way (while it is serialized or between
+        two head chunks) and commits nothing. Does not wait for it."""
         if self.busy:
             self._transfer.cancelled.set()
 

@@ -59,9 +59,9 @@ class TrainingTask(abc.ABC):
     Without it such a model fails at its second step."""
 
     preload_modules: ClassVar[Tuple[str, ...]] = ()
-    """Modules the task's methods import (its own module always counts): a warm standby imports them
-    before it takes a rank, so a restarted group does not (elastic/preload.py): the Hugging Face
-    task's ``transformers.modeling_utils`` and ``peft``, say."""
+    """Modules the task's methods import (its own module always counts): a standby kept ahead of a
+    restart imports them before it takes a rank, so the restarted group does not (elastic/preload.py):
+    the Hugging Face task's ``transformers.modeling_utils`` and ``peft``, say."""
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ()
     """Settings of this task (dotted, under ``task.``) that a resume may change: they do not shape
