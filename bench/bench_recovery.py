@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -103,8 +104,9 @@ def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
                *chaos, f"chaos.notice_s={args.notice_s}", "trainer.log_every_steps=100", *MODES[mode], *args.overrides]
     events_path = run_events(workdir, scenario, mode)
     log = open(os.path.join(workdir, f"{name}.log"), "w")
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
     process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_interruptible,
-                               env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rts-", dir="/tmp")})
+                               env={**os.environ, "RAY_TMPDIR": ray_tmp})
     cpu = CpuSampler(process.pid)
     replay_s = scenario_length_s(scenario, args)
     started = None
@@ -114,10 +116,35 @@ def run(mode: str, scenario: str, args, workdir: str) -> Tuple[str, CpuSampler]:
             started = next((e["t"] for e in read_events(events_path) if e["ev"] == Chaos.ev), None)
         if started is not None and time.time() > started + replay_s + args.tail_s:
             process.send_signal(signal.SIGINT)  # the driver shuts the cluster down on its way out
-            process.wait(timeout=120)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                # A stop reaches the workers at a step: a group that waits for capacity (the fixed-size job's
+                # at a replay's end) takes none. The event log up to here is the run's.
+                print(f"{name}: still running 120 s after SIGINT (no group trained to take the stop): killed",
+                      file=sys.stderr, flush=True)
+                kill_run(process, ray_tmp)
     cpu.stop()
     log.close()
+    # The event log is what the analysis reads; a mode's checkpoints (gigabytes with a large state,
+    # one set per mode) would fill the disk under the modes after it.
+    for checkpoints in ("node-local", "head", os.path.join("outputs", "storage")):
+        shutil.rmtree(os.path.join(workdir, checkpoints), ignore_errors=True)
     return events_path, cpu
+
+
+def kill_run(process: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL the driver and every process of its cluster (those started with its RAY_TMPDIR)."""
+    import psutil
+
+    process.kill()
+    process.wait()
+    for other in psutil.process_iter(["pid"]):
+        try:
+            if other.environ().get("RAY_TMPDIR") == ray_tmp:
+                other.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
 
 
 def compressed_lifetime_prior(args) -> List[str]:

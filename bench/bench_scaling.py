@@ -9,7 +9,8 @@ documented recipe). Per preemption (and per regrow) it reports the pause, the ol
 step to the next group's first, and its parts: the old group's end (the handoff and its
 just-in-time checkpoint, or the node's death), Ray Train's restart up to the training function,
 the function's startup (its setup, data, model build, restore, DDP) and the first step. Beside them the
-restore speed (checkpoint bytes over the restore's seconds, on a surviving node's copy) and the
+restore speed (checkpoint bytes over rank 0's own seconds on a surviving node's copy: reading,
+verifying, applying; the restore's rest is waiting for the other ranks, shown beside it) and the
 checkpoint stall over a host memory copy of the same bytes, measured here first.
 
     python bench/bench_scaling.py --state-gb 0.5 --workers 3      # one point; last line: raytrain-spot
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -93,8 +93,10 @@ def pauses(events: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, float]]]:
         found["regrow" if handoff and handoff["reason"] == "regrow" else "preemption"].append({
             "pause_s": first["t"] - last_t, **parts, "world_size": group["world_size"],
             "restore_tier": restore["tier"] if restore else None,
-            "restore_gbps": (saved[restore["step"]] / 2**30 / restore["duration_s"]
-                             if restore and restore["step"] in saved and restore["duration_s"] > 0 else None)})
+            # The copy's bytes over rank 0's own work on it; the rest of the restore waits for the other ranks.
+            "restore_gbps": (saved[restore["step"]] / 2**30 / restore["read_s"]
+                             if restore and restore["step"] in saved and restore.get("read_s") else None),
+            "restore_wait_s": restore["duration_s"] - restore["read_s"] if restore and restore.get("read_s") else None})
     return found
 
 
@@ -117,6 +119,7 @@ def summary(events: List[Dict[str, Any]], copy_s: float) -> Dict[str, Any]:
         "regrow_pause_median_s": median([p["pause_s"] for p in regrows]),
         # A copy from a surviving node (its own local copy): what the node's memory can give.
         "restore_gbps": median([p["restore_gbps"] for p in preemptions + regrows if p["restore_tier"] == "local"]),
+        "restore_wait_median_s": median([p["restore_wait_s"] for p in preemptions + regrows]),
         "restore_tiers": sorted({p["restore_tier"] for p in preemptions + regrows if p["restore_tier"]}),
         "stall_median_s": median(stalls),
         "stall_ratio": round(statistics.median(stalls) / copy_s, 2) if stalls else None,
@@ -146,8 +149,6 @@ def point(state_gb: float, workers: int, args) -> Dict[str, Any]:
         run(mode, "scripted", argparse.Namespace(**{**vars(run_args), "overrides": run_args.overrides + fixed}),
             workdir)
         results[mode] = summary(read_events(run_events(workdir, "scripted", mode)), copy_s)
-        for checkpoints in ("node-local", "head", os.path.join("outputs", "storage")):  # the event logs stay
-            shutil.rmtree(os.path.join(workdir, checkpoints), ignore_errors=True)
         print(f"{mode}: {json.dumps({k: v for k, v in results[mode].items() if not k.endswith('_pauses')})}",
               flush=True)
     return {"state_gb": state_gb, "workers": workers, "host_copy_s": round(copy_s, 3), "workdir": workdir,
@@ -162,7 +163,8 @@ def headline(mode: str, result: Dict[str, Any]) -> str:
 
 def markdown_table(points: List[Dict[str, Any]], varying: str) -> str:
     """A curve as a table: a row per point and mode, the pause's parts in columns."""
-    header = [varying, "mode", "pause (median)", *PARTS, "regrow pause", "restore GB/s (tier)", "stall / host copy"]
+    header = [varying, "mode", "pause (median)", *PARTS, "regrow pause", "restore GB/s (tier); its wait",
+              "stall / host copy"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for p in points:
         for mode, r in p["results"].items():
@@ -172,7 +174,8 @@ def markdown_table(points: List[Dict[str, Any]], varying: str) -> str:
             cells = [f"{p['state_gb']:g} GB" if varying == "state" else str(p["workers"]), mode,
                      f"{r['pause_median_s']:.2f} s" if r["pause_median_s"] is not None else "-", *parts,
                      f"{r['regrow_pause_median_s']:.2f} s" if r["regrow_pause_median_s"] is not None else "-",
-                     f"{gbps} ({'/'.join(r['restore_tiers']) or '-'})",
+                     f"{gbps} ({'/'.join(r['restore_tiers']) or '-'}); "
+                     + (f"{r['restore_wait_median_s']:.2f} s" if r.get("restore_wait_median_s") is not None else "-"),
                      f"{r['stall_ratio']:.2f}" if r["stall_ratio"] is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -327,6 +327,40 @@ def test_a_newer_checkpoint_on_another_ranks_disk_wins_and_is_shipped(tmp_path):
     assert torch.equal(rank0["weight"], saved[20]) and torch.equal(rank1["weight"], saved[20])
 
 
+LATE_S = 1.5
+
+
+def _restore_with_rank_one_late(rank, tmp, result_dir):
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg-late", rank=rank, world_size=2)
+    durable = StoreTier("durable", LocalStore(f"{tmp}/durable"), "r", 3)
+    manager = CheckpointManager("r", {}, None, [durable], writes_local=False, events=EventLog(),
+                                scratch_root=f"{tmp}/scratch-{rank}")
+    if rank == 1:
+        time.sleep(LATE_S)  # a rank whose startup was slower
+    model, optimizer = _model()
+    restored = manager.restore({"model": model, "optimizer": optimizer}, rank=rank)
+    torch.save({"duration_s": restored.duration_s, "read_s": restored.read_s}, f"{result_dir}/late{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_restore_tells_its_own_reading_from_waiting_for_a_late_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    durable = StoreTier("durable", LocalStore(f"{tmp_path}/durable"), "r", 3)
+    model, optimizer = _model(3.0)
+    CheckpointManager("r", {}, None, [durable], writes_local=False, events=EventLog(),
+                      scratch_root=f"{tmp_path}/scratch").save({"model": model, "optimizer": optimizer},
+                                                               SaveRequest(LoopState(10, 10), 2, "periodic"),
+                                                               writer=True, wait=True)
+    mp.start_processes(_restore_with_rank_one_late, args=(str(tmp_path), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    rank0 = torch.load(f"{tmp_path}/late0.pt", weights_only=True)
+    assert rank0["duration_s"] >= LATE_S - 0.2, "rank 0 waited for rank 1 inside its restore"
+    assert 0 < rank0["read_s"] < rank0["duration_s"] - LATE_S / 2, rank0
+
+
 def test_ranks_that_loaded_different_copies_of_a_step_all_take_rank_zeros(tmp_path):
     """Both copies of step 30 verify against their own manifests, yet differ (a tier that kept a
     copy from another run of the same name): the ranks notice and agree on rank 0's."""

@@ -3,8 +3,10 @@ another world size, and the exported adapter (or merged model) loads in plain tr
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,8 +18,9 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 
 from raytrain_spot.export import export_model, rebuilt_model, run_config  # noqa: E402
+from raytrain_spot.loop.frozen_base import WEIGHTS, copy_dir  # noqa: E402
 from raytrain_spot.checkpoint.format import checkpoint_key, fetch_verified, load_state  # noqa: E402
-from raytrain_spot.checkpoint.manager import load_checkpoint_state  # noqa: E402
+from raytrain_spot.checkpoint.manager import MEMORY_SCRATCH, load_checkpoint_state  # noqa: E402
 from raytrain_spot.config.errors import ConfigError  # noqa: E402
 from raytrain_spot.observe.events import read_events  # noqa: E402
 from raytrain_spot.storage.store import LocalStore  # noqa: E402
@@ -25,6 +28,7 @@ from raytrain_spot.tasks.hf_vlm.presets import write_preset  # noqa: E402
 from raytrain_spot.tasks.hf_vlm.task import HfModelConfig, HuggingFaceVLMTask, LoraConfig  # noqa: E402
 from tests.conftest import assert_clean_audit, ray_internal_lines, run_main  # noqa: E402
 from tests.hf_families import families  # noqa: E402
+from tests.test_frozen_base import mapped_file  # noqa: E402
 
 STEPS = 60
 """Long enough that the loop hears the notice at step 10 before the run ends: steps take ~0.05 s and the
@@ -70,7 +74,8 @@ def lora_overrides(tmp_path, base: str) -> list:
             "trainer.micro_batch_size=8", f"task.model.path={base}", "task.lora.r=4", "task.lora.alpha=8",
             "optim.lr=0.05", "optim.warmup_samples=48", "task.data.num_samples=1024",
             f"task.data.cache_dir={tmp_path}/data-cache",
-            f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
+            f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head",
+            "task.model.keep_base_in_node_memory=true"]  # the restart maps the base the first group published
 
 
 @pytest.mark.cluster
@@ -94,6 +99,9 @@ def test_lora_checkpoints_adapters_only_resumes_at_another_size_and_exports_for_
     assert [g["world_size"] for g in groups][:2] == [3, 2] and groups[1]["step"] > 0, "resumed at 2 workers"
     losses = [e["loss"] for e in events if e["ev"] == "step"]
     assert sum(losses[-5:]) < 0.97 * sum(losses[:5]), "the adapters must train (rank 4 on a random base: slowly)"
+    mapped = [path for path in glob.glob(f"{ray_tmp}/ray/session_*/logs/worker-*.err")
+              if "Frozen weights mapped from the node's copy" in open(path).read()]
+    assert len(mapped) >= 2, "the restarted group's ranks map the base the first group kept in the node's memory"
 
     # Training the whole model would checkpoint its weights and two AdamW moments: 3x these bytes.
     full_model_bytes = sum(p.numel() * 4 for p in _plain_model(pretrained_base).parameters())
@@ -165,6 +173,42 @@ def test_the_default_lora_targets_adapt_every_family_s_attention(tmp_path, prese
     text_layers = model.base_model.model.config.text_config.num_hidden_layers
     assert len([name for name in adapted if "language_model" in name or "text_model" in name]) == 4 * text_layers
     assert all(not parameter.requires_grad for name, parameter in model.named_parameters() if "lora_" not in name)
+
+
+@pytest.mark.parametrize("preset", families())
+def test_a_later_build_on_the_node_maps_the_frozen_base_and_trains_like_a_loaded_one(tmp_path, preset):
+    """The second LoRA build on a node (a restart's, another rank's) maps the first one's copy of the
+    base; every family's model then holds the same weights, adapters included, and gives the same
+    loss and adapter gradients as a model loaded from the directory."""
+    def build(keep: bool):
+        task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path),
+                                                      keep_base_in_node_memory=keep), lora=LoraConfig(r=2))
+        torch.manual_seed(0)
+        return task, task.build_model()
+
+    task, loaded = build(keep=False)
+    copy = copy_dir(MEMORY_SCRATCH, task.base_identity())
+    shutil.rmtree(copy, ignore_errors=True)
+    try:
+        build(keep=True)  # the node's first build publishes the base
+        _, mapped = build(keep=True)
+        frozen = [parameter for parameter in mapped.parameters() if not parameter.requires_grad]
+        assert {mapped_file(parameter) for parameter in frozen} == {os.path.join(copy, WEIGHTS)}
+
+        assert [(name, p.requires_grad) for name, p in loaded.named_parameters()] == \
+            [(name, p.requires_grad) for name, p in mapped.named_parameters()]
+        for (name, expected), actual in zip(loaded.named_parameters(), mapped.parameters()):
+            assert torch.equal(expected, actual), name
+        batch = task.collate([task.build_dataset(0)[i] for i in range(2)])
+        for model in (loaded, mapped):
+            model.train()
+            task.loss(model, batch).sum().backward()
+        assert torch.equal(task.loss(loaded, batch), task.loss(mapped, batch))
+        for (name, expected), actual in zip(loaded.named_parameters(), mapped.parameters()):
+            if expected.requires_grad:
+                assert torch.equal(expected.grad, actual.grad), name
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 @pytest.mark.parametrize("preset", families("tiny-idefics3", "tiny-gemma3", "tiny-qwen2.5-vl"))

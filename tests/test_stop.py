@@ -94,3 +94,53 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     while (left := processes_of(ray_tmp)) and time.time() < deadline:
         time.sleep(0.5)
     assert left == [], f"processes left behind: {left}"
+
+
+def test_a_stop_while_no_group_trains_ends_the_run_at_once_at_its_newest_durable_checkpoint(tmp_path):
+    """A fixed-size run whose node was preempted waits for capacity: no step would take the stop, so
+    after trainer.stop_patience_s the driver ends the run itself (it used to wait for capacity)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    run_dir = tmp_path / "outputs" / "stop"
+    command = [sys.executable, "-m", "raytrain_spot.run", *ENDLESS, "trainer.min_workers=2", "+chaos=events",
+               "chaos.events=[{action:preempt,node:1,at_step:4,notice_s:3}]", "trainer.stop_patience_s=5",
+               f"checkpoint.local_dir={tmp_path}/node-local", f"checkpoint.head_dir={tmp_path}/head"]
+    driver = subprocess.Popen(command, cwd=str(tmp_path), env={**os.environ, "RAY_TMPDIR": ray_tmp},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_event(run_dir / "events.jsonl", "kill", driver)
+        time.sleep(2)
+        asked = time.time()
+        ctrl_c(driver)
+        out, err = driver.communicate(timeout=120)
+    except BaseException:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        raise
+    assert driver.returncode == 130, out[-3000:] + err[-3000:]
+    assert "Stopping at once: no step in the" in (run_dir / "run.log").read_text()
+
+    events = read_events(str(run_dir / "events.jsonl"))
+    untaken = [e for e in events if e["ev"] == "stop_untaken"]
+    assert len(untaken) == 1 and untaken[0]["waited_s"] >= 5, untaken
+    assert not [e for e in events if e["ev"] == "step" and e["t"] > asked], "a group trained: it should take the stop"
+    storage = f"file://{tmp_path}/outputs/storage"
+    # The handoff's checkpoint may be on the surviving node's disk alone (a shrink writes no shared tier):
+    # the record names what durable storage holds, None here or an earlier step.
+    durable = newest_durable_step(storage, "stop")
+    assert untaken[0]["step"] == durable
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["durable_checkpoint_step"] == durable
+    deadline = time.time() + 15
+    while (left := processes_of(ray_tmp)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert left == [], f"processes left behind: {left}"
+
+
+def wait_for_event(events_path, ev: str, driver: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        if os.path.exists(events_path) and any(e["ev"] == ev for e in read_events(str(events_path))):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no {ev} event in {timeout_s} s")

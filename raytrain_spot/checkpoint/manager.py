@@ -68,6 +68,8 @@ class Restored:
     tier: str
     manifest: Manifest
     duration_s: float
+    read_s: float
+    """Of ``duration_s``, this rank's own work: reading, verifying and applying its copy."""
 
 
 @dataclass
@@ -407,8 +409,11 @@ class CheckpointManager:
         listings = {tier.name: _listing(tier, self.run_name) for tier in self._tiers()}
         visible = sorted({s for steps in listings.values() for s in steps}, reverse=True)
         everyone = self.group.all_gather_object(visible)
+        read_s = 0.0
         for step in sorted({s for steps in everyone for s in steps}, reverse=True):
+            reading = time.perf_counter()
             loaded = self._load_step(step, listings) if step in visible else None
+            read_s += time.perf_counter() - reading
             holders = self.group.all_gather_object(loaded is not None)
             if not any(holders):
                 continue
@@ -426,14 +431,16 @@ class CheckpointManager:
                 self.events.emit(RestoreMismatch(step=step, digests=digests))
                 state, manifest = self.group.broadcast_object((state, manifest), src=0)
                 tier = tier if rank == 0 else "peer"
+            applying = time.perf_counter()
             loop = apply_sharded(parts, state) if manifest.sharded else load_training_state(parts, state)
+            read_s += time.perf_counter() - applying
             self.last_save_step = self.committed_step = step
             # A handoff's step on node-local copies alone: the first rank that read one copies it on.
             sources = self.group.all_gather_object(tier)
             if (self.local is not None and rank == next((r for r, t in enumerate(sources) if t == self.local.name), -1)
                     and not any(step in listings[shared.name] for shared in self.shared)):
                 self.replicate(step)
-            return Restored(loop, tier, manifest, time.time() - started)
+            return Restored(loop, tier, manifest, time.time() - started, read_s)
         return None
 
 

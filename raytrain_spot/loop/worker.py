@@ -298,7 +298,8 @@ class Phases:
 def announce_group(events: EventLog, restored: Optional[Restored], world_size: int, loop: LoopState,
                    startup_s: Dict[str, float], node_ids: List[str], **details: Any) -> None:
     if restored:
-        events.emit(Restore(step=restored.loop.step, tier=restored.tier, duration_s=restored.duration_s))
+        events.emit(Restore(step=restored.loop.step, tier=restored.tier, duration_s=restored.duration_s,
+                            read_s=restored.read_s))
     events.emit(Group(world_size=world_size, step=loop.step,
                       restored_step=restored.loop.step if restored else None, startup_s=startup_s, nodes=node_ids,
                       **details))

@@ -205,6 +205,9 @@ class Restore(EventRecord):
     """Where it came from: ``local``, ``head``, ``durable`` or ``peer``."""
     duration_s: float
     """Seconds the load took."""
+    read_s: Optional[float] = None
+    """Of ``duration_s``, rank 0's own work: reading, verifying and applying its copy. The rest is
+    waiting at the restore's collectives (for the slowest rank to arrive, or for a peer's copy)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -477,6 +480,17 @@ class StopRequested(EventRecord):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StopUntaken(EventRecord):
+    """No group trained to take the driver's stop (loop/stop.py's ``untaken_stop``): it ended the run at once."""
+
+    ev: ClassVar[str] = "stop_untaken"
+    waited_s: float
+    """Seconds since the stop was asked, with no step."""
+    step: Optional[int]
+    """The newest durable checkpoint's step, where the run resumes; None: none."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class End(EventRecord):
     """The driver finished."""
 
@@ -492,7 +506,7 @@ RECORDS: Dict[str, Type[EventRecord]] = {cls.ev: cls for cls in (
     Handoff, Group, Restore, RestoreMismatch, Resize, NoticeHold, RegrowDecision,
     Step, Samples, Eval, Stopped, Advice,
     Checkpoint, CheckpointCancelled, JitLate, CheckpointFailed,
-    Alert, StopRequested, End,
+    Alert, StopRequested, StopUntaken, End,
 )}
 """Every record class by its ``ev``."""
 

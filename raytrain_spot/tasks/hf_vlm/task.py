@@ -44,6 +44,7 @@ from raytrain_spot.tasks.hf_vlm.hub import hub_snapshot, is_hub_id
 from raytrain_spot.tasks.hf_vlm.presets import PRESET_MARKER, PRESETS, missing_packages, write_preset
 from raytrain_spot.tasks.hf_vlm.text import IGNORE, SampleText, image_token
 from raytrain_spot.storage.node_cache import local_copy
+from raytrain_spot.loop.frozen_base import built_once_per_node
 from raytrain_spot.loop.task import MapDataset, TrainingTask, move_to
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -81,6 +82,15 @@ class HfModelConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     freeze_vision: bool = False
     """Train the projector and the language model only; the vision tower keeps its weights."""
+    keep_base_in_node_memory: bool = False
+    """With LoRA: build the frozen base once per node and keep it in the node's memory
+    (``/dev/shm``, checksummed), so every later build on the node, a restart's included, maps it
+    instead of loading the model directory, and the node's ranks share its pages
+    (raytrain_spot/loop/frozen_base.py). It pays where building the base is slow: a seeded init
+    (no weights: 4x faster at 1 GB), or weights stored in another dtype (1.2x); a safetensors load
+    at the stored dtype from the page cache is faster than the copy's checksum (0.7x at 1 GB:
+    bench/bench_frozen_base.py). It costs the base's size in the node's memory, and is skipped
+    (logged) where that would leave less than half of ``/dev/shm`` free."""
     chat_template: bool = True
     """Write samples with the processor's chat template when it has one (``false``: always the raw
     form ``<image> {prompt} {caption}</s>``)."""
@@ -131,6 +141,7 @@ class HuggingFaceVLMTask(TrainingTask):
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     resumable_settings: ClassVar[Tuple[str, ...]] = ("model.cache_dir", "model.gradient_checkpointing",
+                                                     "model.keep_base_in_node_memory",
                                                      "data.cache_dir", "model.revision", "data.eval_path",
                                                      "data.eval_samples", "data.eval_examples")
     # model.revision: the workers' settings carry the commit the driver resolved; a resume resolves it again
@@ -275,15 +286,11 @@ class HuggingFaceVLMTask(TrainingTask):
         return self._sample_text
 
     def build_model(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModelForImageTextToText
-
-        path = self.model_dir()
-        dtype = getattr(torch, self.model.dtype)
-        if has_weights(path):
-            model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
-        else:  # a config alone: a seeded random init, the same on every rank
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
-                                                            dtype=dtype)
+        if self.lora.enabled and self.model.keep_base_in_node_memory:
+            model = built_once_per_node(self.base_identity(), self.base_model, self.base_skeleton)
+        else:
+            with torch.random.fork_rng(devices=[]):  # as built_once_per_node: the adapters' init is the same either way
+                model = self.base_model()
         model.config.use_cache = False  # training: no key/value cache
         if self.model.freeze_vision:
             for parameter in vision_tower(model).parameters():
@@ -293,6 +300,38 @@ class HuggingFaceVLMTask(TrainingTask):
         if self.lora.enabled:
             model = with_adapters(model, self.lora, self.model.gradient_checkpointing)
         return model
+
+    def base_model(self) -> torch.nn.Module:
+        """The model as the model directory has it: its weights, or a seeded random init without them."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        path = self.model_dir()
+        dtype = getattr(torch, self.model.dtype)
+        if has_weights(path):
+            return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
+        # a config alone: a seeded random init, the same on every rank
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                       dtype=dtype)
+
+    def base_skeleton(self) -> torch.nn.Module:
+        """``base_model``'s modules on the meta device: shapes without storage, built in a moment."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            config = AutoConfig.from_pretrained(self.model_dir(), local_files_only=True)
+            model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, self.model.dtype))
+        return model.eval() if has_weights(self.model_dir()) else model  # from_pretrained returns it in eval mode
+
+    def base_identity(self) -> Dict[str, Any]:
+        """What decides ``base_model``'s weights: the model directory's files, the dtype, the seed
+        (the init of what the weights leave out) and the libraries that build it."""
+        from importlib.metadata import version
+
+        path = self.model_dir()
+        files = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                       for entry in os.scandir(path) if entry.is_file())
+        return {"model_dir": os.path.realpath(path), "files": files, "dtype": self.model.dtype,
+                "seed": torch.initial_seed(), "transformers": version("transformers"), "torch": torch.__version__}
 
     def build_dataset(self, seed: int) -> ImageTextShards:
         return ImageTextShards(self.data, self.data_dir(seed))
