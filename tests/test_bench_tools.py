@@ -93,7 +93,7 @@ def test_a_pause_is_cut_into_parts_that_add_up_to_it_and_the_benchmarks_own_stop
     events = [_group(10.0, 3), step(11.0, 1), step(12.0, 2),
               {"ev": "handoff", "t": 12.5, "reason": "preemption", "step": 2},
               {"ev": "checkpoint", "t": 14.0, "step": 2, "kind": "jit", "tier": "local", "stall_s": 0.0, "bytes": 2**30},
-              {"ev": "restore", "t": 20.0, "step": 2, "tier": "local", "duration_s": 0.25},
+              {"ev": "restore", "t": 20.0, "step": 2, "tier": "local", "duration_s": 0.25, "read_s": 0.2},
               _group(20.0, 2), step(20.5, 3),
               # the node dies after the handoff; later the run stops and a group restarts for the final save
               {"ev": "kill", "t": 21.0, "node": "c"}, step(22.0, 4),
@@ -102,7 +102,9 @@ def test_a_pause_is_cut_into_parts_that_add_up_to_it_and_the_benchmarks_own_stop
     assert pause["pause_s"] == pytest.approx(20.5 - 12.0)
     assert (pause["old_group_end"], pause["ray_train_restart"], pause["first_step"]) == pytest.approx((2.0, 5.0, 0.5))
     assert sum(pause[part] for part in scaling.PARTS) == pytest.approx(pause["pause_s"])
-    assert pause["restore_gbps"] == pytest.approx(4.0) and pause["restore_tier"] == "local"
+    # The copy's bytes over rank 0's own work on it; the rest of the restore waited for the other ranks.
+    assert pause["restore_gbps"] == pytest.approx(5.0) and pause["restore_tier"] == "local"
+    assert pause["restore_wait_s"] == pytest.approx(0.05)
     assert scaling.pauses(events)["regrow"] == []
 
     baseline = [_group(10.0, 3), step(12.0, 2), {"ev": "kill", "t": 13.0, "node": "c"}, _group(40.0, 2),
