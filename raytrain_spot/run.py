@@ -30,7 +30,7 @@ from raytrain_spot.config.errors import CONFIG_ERROR_EXIT, ConfigError
 from raytrain_spot.config.schema import Config, load_config, register_configs
 from raytrain_spot.observe.console import console_for_run
 from raytrain_spot.observe.events import EVENTS_FILE, EventFeed, EventLog, iter_events, start_event_log
-from raytrain_spot.observe.records import End, Start, StopRequested, Stopped, StopUntaken
+from raytrain_spot.observe.records import End, Start, StopRequested, Stopped
 from raytrain_spot.cost.ledger import LedgerOptions, format_table, write_ledger
 from raytrain_spot.cost.pricing import PriceCatalog
 from raytrain_spot.observe.progress import SUMMARY_FILE, ProgressPrinter, format_summary, summarize
@@ -107,10 +107,6 @@ class StopOnSignal:
 
     def __init__(self):
         self.signum: int | None = None
-        self.asked_at: float | None = None
-        """When the driver passed the stop on to the workers."""
-        self.untaken: str | None = None
-        """Why the driver ended the run without a step taking the stop (none trained); None: one did."""
         self._previous: dict = {}
 
     @property
@@ -262,9 +258,6 @@ def run_training(cfg: Config, task: TrainingTask, run_dir: str, storage_uri: str
             status = "finished" if fit.error is None else "failed"
             error_text = None if fit.error is None else f"{type(fit.error).__name__}: {fit.error}"
             durable = newest_durable_step(storage_uri, cfg.run.name) if fit.error is None else None
-            if stop.untaken:  # no final checkpoint: the newest durable one holds every step a group kept
-                events.emit(StopUntaken(waited_s=round(time.time() - stop.asked_at, 1), step=durable))
-                status, last_step = STOPPED, durable
             if fit.error is None and stopped_at is not None and durable == last_step:
                 status = STOPPED
             if fit.error is None and durable != last_step:
@@ -314,20 +307,15 @@ def drive(fit: "FitThread", cfg: Config, cluster, events: EventLog, progress: Pr
                                   on_kill=monitor.reported_dead, log_dir=os.path.join(run_dir, "chaos"),
                                   rank_nodes=lambda: progress.rank_nodes,
                                   node_local_root=os.path.expanduser(cfg.checkpoint.local_dir))
-    from raytrain_spot.loop.stop import request_stop, untaken_stop
+    from raytrain_spot.loop.stop import request_stop
 
+    stop_sent = False
     try:
         while fit.is_alive() and not lease.lost.is_set():
-            if stop.requested and stop.asked_at is None:
+            if stop.requested and not stop_sent:
                 request_stop(cfg.run.name)
                 events.emit(StopRequested(signal=signal.Signals(stop.signum).name))
-                stop.asked_at = time.time()
-            if stop.asked_at is not None:
-                stop.untaken = untaken_stop(stop.asked_at, progress.latest_step_at, progress.latest_step_s,
-                                            time.time(), cfg.trainer.stop_patience_s)
-                if stop.untaken:
-                    print(f"Stopping at once: {stop.untaken}", file=sys.stderr, flush=True)
-                    return
+                stop_sent = True
             if simulator is not None:
                 simulator.tick()
             fit.join(0.1)

@@ -76,17 +76,3 @@ def test_a_stop_heard_by_rank_0_ends_every_rank_after_the_same_step_with_a_final
     resumed = train_group(tmp_path, "resumed", 2, stop_at=0, max_steps=8)
     assert of(resumed[0], "group")[0]["restored_step"] == 4
     assert [e["step"] for e in of(resumed[0], "step")] == [5, 6, 7, 8]
-
-
-def test_the_driver_ends_a_run_at_once_only_when_no_step_takes_its_stop():
-    from raytrain_spot.loop.stop import untaken_stop
-
-    asked = 1000.0
-    assert untaken_stop(asked, last_step_at=asked + 0.5, last_step_s=0.1, now=asked + 600, patience_s=60) is None
-    assert untaken_stop(asked, last_step_at=asked - 30, last_step_s=0.1, now=asked + 59, patience_s=60) is None
-    why = untaken_stop(asked, last_step_at=asked - 30, last_step_s=0.1, now=asked + 61, patience_s=60)
-    assert "no step in the 61 s since the stop was asked (trainer.stop_patience_s=60)" in why
-    assert untaken_stop(asked, last_step_at=None, last_step_s=None, now=asked + 61, patience_s=60) is not None
-    # A group whose steps take 30 s may still be in one: five of them before giving up on it.
-    assert untaken_stop(asked, last_step_at=asked - 1, last_step_s=30, now=asked + 149, patience_s=60) is None
-    assert untaken_stop(asked, last_step_at=asked - 1, last_step_s=30, now=asked + 151, patience_s=60) is not None

@@ -128,11 +128,6 @@ class TrainerConfig:
     """How long a new group's ranks wait for each other's node-local copies of the model and data
     (``TrainingTask.localize``) before their first collective: a fresh node copies a model from
     ``gs://`` while the others find theirs cached, which can take longer than collective_timeout_s."""
-    stop_patience_s: float = 60.0
-    """After a stop (Ctrl-C, SIGTERM, ``Run.stop()``), how long the driver waits for a step to take
-    it (or five of the last step's length, if longer). A group takes a stop at a step; while none
-    trains (the run waits for capacity, or a group starts) none would, so the driver then ends the
-    run at once: its newest checkpoint holds every step a group kept (loop/stop.py)."""
     log_every_steps: int = 10
     """Print a progress line every this many steps."""
 
@@ -148,7 +143,7 @@ class TrainerConfig:
         require(self.max_failures >= -1, "trainer.max_failures", f"must be -1 or >= 0, got {self.max_failures}",
                 "set trainer.max_failures=-1 to recover from every failure")
         require_non_negative("trainer", self, "max_identical_failures", "data_workers")
-        require_positive("trainer", self, "collective_timeout_s", "startup_timeout_s", "stop_patience_s")
+        require_positive("trainer", self, "collective_timeout_s", "startup_timeout_s")
 
     @property
     def loader_processes(self) -> int:

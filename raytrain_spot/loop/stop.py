@@ -4,17 +4,12 @@ The driver puts the request in the GCS key-value store under the run's name; ran
 between steps and puts it in the step's agreement (loop/agreement.py), so every rank stops after
 the same step, with the run's final checkpoint. Rank 0 reads the store at most every ``poll_s``:
 one GCS read per second costs a step nothing, and a stop waits at most a step and a second.
-
-While no group trains (the run waits for capacity, or a group starts), no step takes the stop:
-``untaken_stop`` tells the driver when to end the run at once instead. Nothing is lost then: a
-group that trained since the newest checkpoint and is gone either handed its steps off in a
-checkpoint or lost them with its node, and a group still starting restores that checkpoint.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 STOP_NAMESPACE = "raytrain_spot_stop"
 
@@ -36,25 +31,6 @@ def clear_stop(run_name: str) -> None:
     from raytrain_spot._ray import internal_kv_del
 
     internal_kv_del(_key(run_name), namespace=STOP_NAMESPACE)
-
-
-STEPS_OF_PATIENCE = 5
-"""A stop waits at least this many of the last step's length for a step to take it."""
-
-
-def untaken_stop(asked_at: float, last_step_at: Optional[float], last_step_s: Optional[float], now: float,
-                 patience_s: float) -> Optional[str]:
-    """Why the driver ends the run at once on the stop asked at ``asked_at`` (None: it waits on for
-    a step): no step came since, for ``patience_s`` or ``STEPS_OF_PATIENCE`` of the last step's
-    ``last_step_s`` seconds, whichever is longer."""
-    if last_step_at is not None and last_step_at >= asked_at:
-        return None  # a group is training: it takes the stop at its next step
-    waited_s = now - asked_at
-    patience_s = max(patience_s, STEPS_OF_PATIENCE * (last_step_s or 0.0))
-    if waited_s < patience_s:
-        return None
-    return (f"no step in the {waited_s:.0f} s since the stop was asked (trainer.stop_patience_s={patience_s:g}): "
-            "no worker group is training to take it (waiting for capacity, or starting)")
 
 
 class StopPoll:

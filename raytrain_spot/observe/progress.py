@@ -53,8 +53,7 @@ def clock(seconds: float) -> str:
 class ProgressPrinter:
     """An event-feed sink that prints the lines that matter of this invocation (records from ``since`` on).
 
-    It also keeps what the Spot simulator needs to aim, the latest step and the node of each rank,
-    and when that step ended, which tells the driver whether a group is training to take a stop.
+    It also keeps what the Spot simulator needs to aim: the latest step and the node of each rank.
     """
 
     def __init__(self, total_steps: int, every_steps: int, out: TextIO, since: float):
@@ -64,8 +63,6 @@ class ProgressPrinter:
         self._since = since
         self._last_printed_step: Optional[Dict[str, Any]] = None
         self.latest_step: Optional[int] = None
-        self.latest_step_at: Optional[float] = None  # when it ended
-        self.latest_step_s: Optional[float] = None  # how long it took
         self.rank_nodes: List[str] = []  # node id of each rank of the latest worker group
 
     def write(self, record: Dict[str, Any]) -> None:
@@ -75,7 +72,7 @@ class ProgressPrinter:
         if record["ev"] == Group.ev:
             self.rank_nodes = record.get("nodes", [])
         if record["ev"] == Step.ev:
-            self.latest_step, self.latest_step_at, self.latest_step_s = record["step"], record["t"], record["duration_s"]
+            self.latest_step = record["step"]
             if record["step"] % self._every and record["step"] != self._total:
                 return
             previous = self._last_printed_step

@@ -480,17 +480,6 @@ class StopRequested(EventRecord):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StopUntaken(EventRecord):
-    """No group trained to take the driver's stop (loop/stop.py's ``untaken_stop``): it ended the run at once."""
-
-    ev: ClassVar[str] = "stop_untaken"
-    waited_s: float
-    """Seconds since the stop was asked, with no step."""
-    step: Optional[int]
-    """The newest durable checkpoint's step, where the run resumes; None: none."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class End(EventRecord):
     """The driver finished."""
 
@@ -506,7 +495,7 @@ RECORDS: Dict[str, Type[EventRecord]] = {cls.ev: cls for cls in (
     Handoff, Group, Restore, RestoreMismatch, Resize, NoticeHold, RegrowDecision,
     Step, Samples, Eval, Stopped, Advice,
     Checkpoint, CheckpointCancelled, JitLate, CheckpointFailed,
-    Alert, StopRequested, StopUntaken, End,
+    Alert, StopRequested, End,
 )}
 """Every record class by its ``ev``."""
 
