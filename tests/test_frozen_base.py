@@ -106,6 +106,7 @@ DAMAGE = {
     "a copy cut short": lambda d: cut_short(os.path.join(d, WEIGHTS)),
     "the weights gone": lambda d: os.remove(os.path.join(d, WEIGHTS)),
     "an unreadable entry": lambda d: open(os.path.join(d, ENTRY), "w").write("{not json"),
+    "an entry without its checksum": lambda d: open(os.path.join(d, ENTRY), "w").write('{"size": 1}'),
 }
 
 

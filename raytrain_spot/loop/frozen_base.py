@@ -151,14 +151,15 @@ def _mapped(directory: str, skeleton: Callable[[], torch.nn.Module]) -> Optional
     try:
         with open(os.path.join(directory, ENTRY)) as f:
             entry = json.load(f)
+        expected = FileEntry(size=int(entry["size"]), crc32c=str(entry["crc32c"]))
     except FileNotFoundError:
         return None
-    except ValueError as error:
-        raise InvalidCheckpoint(f"{ENTRY} is unreadable: {error}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidCheckpoint(f"{ENTRY} is unreadable: {error!r}") from None
     weights = os.path.join(directory, WEIGHTS)
     if not os.path.exists(weights):
         raise InvalidCheckpoint(f"{WEIGHTS} is missing")
-    verify_file(weights, FileEntry(size=entry["size"], crc32c=entry["crc32c"]), WEIGHTS)
+    verify_file(weights, expected, WEIGHTS)
     module = skeleton()
     _fill(module, load_state(weights))
     return module
