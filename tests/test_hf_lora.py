@@ -158,7 +158,7 @@ def test_lora_settings_that_name_no_layer_stop_before_ray(tmp_path, pretrained_b
     task = HuggingFaceVLMTask(model=HfModelConfig(path=pretrained_base), lora=LoraConfig(r=4, target_modules=["qproj"]))
     with pytest.raises(ConfigError, match=r"task.lora.target_modules: LlavaForConditionalGeneration has no layer "
                                           r"named qproj. Fix: .*q_proj"):
-        task.check_modules(pretrained_base)
+        task.check_modules()
     with pytest.raises(ConfigError, match="task.lora.r: must be >= 0"):
         LoraConfig(r=-1)
 
@@ -166,7 +166,7 @@ def test_lora_settings_that_name_no_layer_stop_before_ray(tmp_path, pretrained_b
 @pytest.mark.parametrize("preset", families())
 def test_the_default_lora_targets_adapt_every_family_s_attention(tmp_path, preset):
     task = HuggingFaceVLMTask(model=HfModelConfig(preset=preset, cache_dir=str(tmp_path)), lora=LoraConfig(r=2))
-    task.check_modules(task.model_dir())
+    task.check_modules()
     torch.manual_seed(0)
     model = task.build_model()
     adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}

@@ -173,7 +173,6 @@ class _ChecksummingWriter(io.RawIOBase):
         return self._f.write(view)
 
 
-
 def write_state(state: Dict[str, Any], path: str, compression: str = "none",
                 cancelled: Optional[threading.Event] = None) -> FileEntry:
     """Serialize ``state`` to ``path``; return the size and checksum of the stored bytes, computed while writing.

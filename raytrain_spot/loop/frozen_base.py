@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from typing import Any, Callable, Dict, Optional
@@ -141,9 +142,8 @@ def _is_private(path: str) -> bool:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    status = os.lstat(path)
-    return status.st_uid == os.getuid() and not status.st_mode & 0o022 and os.path.isdir(path) \
-        and not os.path.islink(path)
+    status = os.lstat(path)  # a link is not a directory here
+    return stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o022
 
 
 def _mapped(directory: str, skeleton: Callable[[], torch.nn.Module]) -> Optional[torch.nn.Module]:
@@ -183,13 +183,11 @@ def _fill(module: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
         if key not in parameters:
             parameters[key] = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)
-        owner, leaf = _owner(module, name)
-        owner._parameters[leaf] = parameters[key]
+        _replace(module, name, parameters[key])
     for name, _ in module.named_buffers(remove_duplicate=False):
-        owner, leaf = _owner(module, name)
-        owner._buffers[leaf] = tensors[name]
+        _replace(module, name, tensors[name])  # an existing buffer stays one, persistent or not
 
 
-def _owner(module: torch.nn.Module, name: str) -> tuple:
+def _replace(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     path, _, leaf = name.rpartition(".")
-    return (module.get_submodule(path) if path else module), leaf
+    setattr(module.get_submodule(path), leaf, tensor)

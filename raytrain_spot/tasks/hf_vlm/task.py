@@ -157,7 +157,7 @@ class HuggingFaceVLMTask(TrainingTask):
         if image_token(processor) not in processor.tokenizer.get_vocab():
             raise ConfigError(f"task.model.path: the tokenizer in {model_dir} has no {image_token(processor)} token. "
                               "Fix: use the processor saved with the model (its tokenizer knows the image token)")
-        self.check_modules(model_dir)
+        self.check_modules()
         data_dir = self.data_dir(seed)
         try:
             skipped = skipped_rows(self.data, data_dir)
@@ -204,16 +204,12 @@ class HuggingFaceVLMTask(TrainingTask):
                                   f"image, but the model's config.json yields {expected} image features. Fix: save "
                                   "the processor that belongs to this model into the directory")
 
-    def check_modules(self, model_dir: str) -> None:
+    def check_modules(self) -> None:
         """The layers ``task.lora.target_modules`` and ``task.model.freeze_vision`` name exist (on the
         meta device: no weights are allocated)."""
         if not (self.lora.enabled or self.model.freeze_vision):
             return
-        from transformers import AutoConfig, AutoModelForImageTextToText
-
-        with torch.device("meta"):
-            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-            model = AutoModelForImageTextToText.from_config(config)
+        model = self.base_skeleton()
         if self.model.freeze_vision:
             vision_tower(model)
         if self.lora.enabled:
@@ -328,8 +324,8 @@ class HuggingFaceVLMTask(TrainingTask):
         from importlib.metadata import version
 
         path = self.model_dir()
-        files = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                       for entry in os.scandir(path) if entry.is_file())
+        files = sorted((entry.name, status.st_size, status.st_mtime_ns)
+                       for entry in os.scandir(path) if entry.is_file() and (status := entry.stat()))
         return {"model_dir": os.path.realpath(path), "files": files, "dtype": self.model.dtype,
                 "seed": torch.initial_seed(), "transformers": version("transformers"), "torch": torch.__version__}
 
