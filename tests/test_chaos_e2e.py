@@ -136,6 +136,8 @@ def test_notice_shrinks_then_regrows_with_no_step_redone(tmp_path, reference):
     assert all(g["warm_standby"] for g in run.of("group"))
     handoff, shrunk = run.of("handoff")[0], run.of("group")[1]
     assert min(shrunk["process_age_s"]) > shrunk["t"] - handoff["t"], "survivors restart in warm standbys"
+    waits = [g["capacity_wait_s"] for g in run.of("group")]
+    assert waits[0] is not None and waits[1:] == [0.0, 0.0], "the scaling policy tells each group how it started"
     assert_same_training_as(run, reference)
 
 

@@ -31,10 +31,9 @@ def policy() -> SpotPolicy:
     return SpotPolicy(Config(), Silent(), NODES[:2], emit=lambda *a, **k: None)
 
 
-def agreement(leaving=(), holding_for=0, grow_to=0, save_due=False, stop=False, waits_for_capacity=False):
+def agreement(leaving=(), holding_for=0, grow_to=0, save_due=False, stop=False):
     return StepAgreement(loss_sum=0.0, leaving_ranks=list(leaving), grow_to=grow_to, save_due=save_due,
-                         committed_step=0, step_s=0.1, holding_for=holding_for,
-                         hold_waits_for_capacity=waits_for_capacity, stop=stop)
+                         committed_step=0, step_s=0.1, holding_for=holding_for, stop=stop)
 
 
 def test_the_run_ends_at_max_steps_before_anything_else_and_at_a_stop_before_a_handoff():
@@ -43,7 +42,7 @@ def test_the_run_ends_at_max_steps_before_anything_else_and_at_a_stop_before_a_h
 
 
 def test_a_hold_defers_the_handoff_only_if_rank_0_knew_of_every_leaving_rank():
-    assert decide(agreement([0, 1], holding_for=2), 7, 10, 2, policy()) == Hold((0, 1), waits_for_capacity=False)
+    assert decide(agreement([0, 1], holding_for=2), 7, 10, 2, policy()) == Hold((0, 1))
     late = decide(agreement([0, 1], holding_for=1), 7, 10, 2, policy())
     assert isinstance(late, HandOff) and late.reason is HandoffReason.PREEMPTION and late.leaving_ranks == (0, 1), \
         "a rank rank 0 had not heard of may have an earlier deadline"
@@ -61,9 +60,3 @@ def test_a_due_checkpoint_rides_on_continue_and_hold():
     assert decide(agreement(save_due=True), 7, 10, 2, policy()) == Continue(PERIODIC)
     assert decide(agreement([1], holding_for=1, save_due=True), 7, 10, 2, policy()).checkpoint == PERIODIC
 
-
-def test_a_handoff_after_a_hold_for_capacity_is_not_measured_as_a_restart():
-    spot = policy()
-    assert decide(agreement([0, 1], holding_for=2, waits_for_capacity=True), 7, 10, 2, spot).waits_for_capacity
-    assert decide(agreement([0, 1]), 8, 10, 2, spot).restart_measured is False, "the restart would count the wait"
-    assert decide(agreement([0]), 9, 10, 2, policy()).restart_measured is True

@@ -13,7 +13,7 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
 from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
 from raytrain_spot.loop.handoff import WorkerGroupHandoff
-from raytrain_spot.elastic.signals import ExtraCapacity
+from raytrain_spot.elastic.signals import ExtraCapacity, GroupStart
 from bench.baselines import BASELINES
 from raytrain_spot.config.errors import TaskContractError
 from raytrain_spot.loop.strategy import SPOT
@@ -87,6 +87,25 @@ def test_orphaned_placement_groups_are_removed_just_before_a_group_starts_and_on
 def test_below_min_workers_waits_for_capacity():
     decision = _policy([node("a", draining=True), node("b")], min_workers=2).make_decision_for_non_running_worker_group()
     assert isinstance(decision, NoopDecision)
+
+
+def test_a_new_group_is_told_how_long_it_waited_for_capacity_and_when_its_driver_started():
+    clock, announced = Clock(), []
+    config = ScalingConfig(num_workers=(2, 3), resources_per_worker=CPU1)
+    nodes = [node("a")]
+    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: nodes, max_age_s=0), clock=clock,
+                               sleep=lambda s: None, remove_orphans=list, announce=announced.append,
+                               wall_clock=lambda: 1000.0)
+    policy._maybe_send_resource_request = lambda: None
+    clock.now = 5.0
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision) and announced == []
+    clock.now = 46.0
+    nodes.append(node("b"))
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
+    assert announced == [GroupStart(waited_s=41.0, driver_started_at=1000.0)]
+    clock.now = 60.0
+    policy.make_decision_for_non_running_worker_group()
+    assert announced[-1] == GroupStart(waited_s=0.0, driver_started_at=1000.0), "the next group did not wait"
 
 
 def test_after_a_failure_the_new_group_waits_for_dead_nodes_to_be_declared():

@@ -30,8 +30,8 @@ from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.elastic.policy import WorkerGroupHandoff
 from bench.baselines import BASELINES
 from raytrain_spot.loop.strategy import SPOT, Strategy
-from raytrain_spot.loop.worker import Phases, run_group
-from raytrain_spot.elastic.signals import ExtraCapacity
+from raytrain_spot.loop.worker import MeasuredRestart, Phases, restart_since_handoff, run_group
+from raytrain_spot.elastic.signals import ExtraCapacity, GroupStart
 from raytrain_spot.loop.runtime import WorkerRuntime
 from raytrain_spot import TaskContractError, TrainingTask
 from tests.conftest import Recorder, stored_path
@@ -50,6 +50,7 @@ class FaultInjector:
         self.deadline_after_notice_s: Optional[float] = None
         self._noticed_at: Optional[float] = None  # this process's clock at the first notice it heard
         self.warmup: Optional[ScriptedWarmup] = None
+        self.group_start = GroupStart()
 
     def notice_at(self, step: int, rank: int) -> "FaultInjector":
         self.notices[rank] = step
@@ -66,6 +67,11 @@ class FaultInjector:
     def standbys_warm_after(self, seconds: float) -> "FaultInjector":
         """A notice warm-up whose standbys are warm this long after it starts."""
         self.warmup = ScriptedWarmup(seconds)
+        return self
+
+    def started_after_waiting_for_capacity(self, seconds: float) -> "FaultInjector":
+        """The scaling policy waited this long for capacity before it started this group (the test waits it out)."""
+        self.group_start = GroupStart(waited_s=seconds)
         return self
 
     def room_elsewhere(self, workers: int, from_step: int = 0) -> "FaultInjector":
@@ -190,7 +196,7 @@ def run_rank(storage: str, faults: FaultInjector, cfg: Config, task: LinearTask,
     checkpoints = CheckpointManager(RUN, cfg.to_dict(), local, [durable], writes_local=True, events=events,
                                     scratch_root=f"{storage}/../scratch-{group.rank}", group=group)
     node_ids = faults.node_ids[:group.world_size]
-    runtime = WorkerRuntime(group, node_ids, report=reports.append, signals=faults)
+    runtime = WorkerRuntime(group, node_ids, report=reports.append, signals=faults, group_start=faults.group_start)
     policy = strategy.group_policy(cfg, faults, node_ids, events.emit, faults.warmup)
     outcome: dict = {"outcome": "finished"}
     try:
@@ -331,7 +337,6 @@ def test_a_notice_with_nowhere_to_go_trains_on_and_hands_off_just_before_the_dra
     jit = [c for c in of(ranks[0], "checkpoint") if c["kind"] == "jit"]
     assert [c["step"] for c in jit] == [handoff["step"]] and jit[0]["t"] < deadline
     assert of(ranks[0], "jit_late") == []
-    assert handed_off_at(node_copies(tmp_path, "node-a"), handoff["step"]) == 0, "the next group would measure the wait"
 
 
 def test_a_notice_hold_ends_at_once_when_capacity_appears_elsewhere(tmp_path):
@@ -355,9 +360,31 @@ def test_a_group_that_has_not_saved_yet_holds_on_the_runs_earlier_commit_times(t
     assert ranks[0]["step"] > 7 + 5
 
 
-def handed_off_at(store: LocalStore, step: int) -> float:
-    """The loop state's handoff time in the checkpoint of ``step``: where the next group measures its restart from."""
-    return load_state(stored_path(store, checkpoint_key(RUN, step), STATE_FILE))["loop"]["handed_off_at"]
+def loop_state(store: LocalStore, step: int) -> dict:
+    """The loop state in the checkpoint of ``step``."""
+    return load_state(stored_path(store, checkpoint_key(RUN, step), STATE_FILE))["loop"]
+
+
+def test_a_restart_is_measured_from_the_handoff_less_the_scaling_policys_wait_for_capacity(tmp_path):
+    """A group that lost its last node waits for new ones (a 41 s wait inside one restart on the V100 window
+    held a regrow back a minute): the regrow rule weighs the restart, not the wait."""
+    wait_s = 2.0
+    train_group(tmp_path, 2, FaultInjector(NODES).notice_at(step=5, rank=1), config(max_steps=20))
+    time.sleep(wait_s)
+    resumed = train_group(tmp_path, 1, FaultInjector(["node-a"]).started_after_waiting_for_capacity(wait_s),
+                          config(max_steps=8))
+    handoff_at = loop_state(node_copies(tmp_path, "node-a"), 5)["handed_off_at"]
+    (group,) = of(resumed[0], "group")
+    measured = loop_state(node_copies(tmp_path, "node-a"), 8)
+    assert measured["restarts_measured"] == 1
+    assert measured["restart_s"] == pytest.approx(group["t"] - handoff_at - wait_s, abs=0.5)
+
+
+def test_a_handoff_before_this_driver_started_is_no_restart_of_its_own():
+    """A run resumed by a new driver from the last driver's handoff: the time between the two is no restart."""
+    assert restart_since_handoff(100.0, 110.0, GroupStart(4.0, driver_started_at=50.0)) == MeasuredRestart(6.0, 4.0)
+    assert restart_since_handoff(100.0, 5000.0, GroupStart(driver_started_at=4990.0)) is None
+    assert restart_since_handoff(100.0, 110.0, None) is None, "no scaling policy said how the group started"
 
 
 def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(tmp_path):
@@ -371,7 +398,8 @@ def test_a_notice_that_leaves_survivors_trains_on_until_their_standbys_are_warm(
     assert [(h["hold"], h["standbys_missing"]) for h in holds] == [(True, 1), (False, 0)], holds
     assert "while 1 standbys there import" in holds[0]["reason"], "node-a keeps rank 0: one standby"
     assert holds[1]["t"] - holds[0]["t"] >= 1.0 and "standbys warm" in holds[1]["reason"]
-    assert handed_off_at(node_copies(tmp_path, "node-a"), handoff["step"]) > 0, "the next group measures this restart"
+    assert loop_state(node_copies(tmp_path, "node-a"), handoff["step"])["handed_off_at"] > 0, \
+        "the next group measures this restart"
 
 
 def test_standbys_that_do_not_warm_in_time_are_not_waited_for(tmp_path):

@@ -1,4 +1,5 @@
-"""The live view of the cluster: how many workers fit now, which nodes are draining, when more joined.
+"""The live view of the cluster: how many workers fit now, which nodes are draining, when more joined,
+how long a new group waited for them.
 
 Read from the GCS at decision time (Ray's own elastic policy counts from a node view refreshed
 every 20 s and blind to draining nodes). The scaling policy sizes new groups with
@@ -8,16 +9,17 @@ what the training loop hears from the cluster (loop/runtime.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from raytrain_spot._ray import draining_nodes, preempted_node_to_ranks
 from raytrain_spot.config.schema import Config
 from raytrain_spot.elastic.standby import start_standbys, warm_nodes
-from raytrain_spot.elastic.signals import ExtraCapacity
+from raytrain_spot.elastic.signals import ExtraCapacity, GroupStart
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,29 @@ def workers_that_fit(nodes: List[NodeView], per_worker: Mapping[str, float], max
         if node.alive and not node.draining:
             total += int(min(node.resources.get(k, 0.0) // v for k, v in needed.items()))
     return min(total, max_workers)
+
+
+GROUP_START_NAMESPACE = "raytrain_spot_group_start"
+"""GCS key-value namespace: one key per run, its latest ``GroupStart``."""
+
+
+class GroupStarts:
+    """The latest ``GroupStart`` of run ``run_name``, in the GCS key-value store: the controller's
+    scaling policy writes it as it starts a group, the group's rank 0 reads it."""
+
+    def __init__(self, run_name: str):
+        self._key = run_name
+
+    def publish(self, start: GroupStart) -> None:
+        from raytrain_spot._ray import internal_kv_put
+
+        internal_kv_put(self._key, json.dumps(asdict(start)), overwrite=True, namespace=GROUP_START_NAMESPACE)
+
+    def latest(self) -> Optional[GroupStart]:
+        from raytrain_spot._ray import internal_kv_get
+
+        value = internal_kv_get(self._key, namespace=GROUP_START_NAMESPACE)
+        return GroupStart(**json.loads(value)) if value is not None else None
 
 
 def live_nodes() -> List[NodeView]:

@@ -45,7 +45,8 @@ from raytrain_spot._ray import (
     WorkerHealthCheckFailedError,
     WorkerHealthCheckTimeoutError,
 )
-from raytrain_spot.elastic.capacity import LiveCapacity
+from raytrain_spot.elastic.capacity import GroupStarts, LiveCapacity
+from raytrain_spot.elastic.signals import GroupStart
 from raytrain_spot.elastic.survivors import SurvivorMarks, SurvivorWait
 from raytrain_spot.config.errors import TaskContractError
 
@@ -123,13 +124,16 @@ class SpotScalingPolicy(ElasticScalingPolicy):
     nothing), so by then the loss is known and the wait would be lost time. Resource requests to the autoscaler
     (so a cloud cluster launches nodes up to max_workers) are kept from the base class. Before a
     group starts, ``remove_orphans`` removes what a group that failed to start left holding
-    resources (``remove_orphaned_placement_groups``).
+    resources (``remove_orphaned_placement_groups``), and ``announce`` tells the group how long it
+    waited for capacity (``GroupStarts.publish``), so that its restart is measured without the wait.
     """
 
     def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
                  failure_settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 remove_orphans: Optional[Callable[[], List[str]]] = None):
+                 remove_orphans: Optional[Callable[[], List[str]]] = None,
+                 announce: Callable[[GroupStart], None] = lambda start: None,
+                 wall_clock: Callable[[], float] = time.time):
         super().__init__(scaling_config)
         self._remove_orphans = remove_orphans or (lambda: remove_orphaned_placement_groups(
             scaling_config._resources_per_worker_not_none, scaling_config.placement_strategy))
@@ -142,6 +146,8 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         self._declared_at: Optional[float] = None  # when a node of the failed group was first seen declared dead
         self._nodes_at_start: Set[str] = set()  # alive when the last group started
         self._waiting_since: Optional[float] = None
+        self._announce = announce
+        self._started_at = wall_clock()
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         """Entering a restart caused by a failure (not a handoff) starts the settle period."""
@@ -179,6 +185,7 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                     "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
         self._remove_orphans()
         self._nodes_at_start = {node.node_id for node in self._capacity.nodes() if node.alive}
+        self._announce(GroupStart(waited_s=waited, driver_started_at=self._started_at))
         return ResizeDecision(num_workers=workers,
                               resources_per_worker=self.scaling_config._resources_per_worker_not_none)
 
@@ -291,8 +298,9 @@ class SpotTorchTrainer(TorchTrainer):
         return super().fit()
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(self.scaling_config,
-                                                                     failure_settle_s=self._failure_settle_s)
+        controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(
+            self.scaling_config, failure_settle_s=self._failure_settle_s,
+            announce=GroupStarts(self.run_config.name).publish)
         survivors = (SurvivorWait(SurvivorMarks(self.run_config.name), self._survivor_commit_s)
                      if self._survivor_commit_s > 0 else None)
         controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config,

@@ -1,6 +1,6 @@
 """What the cluster tells a running group after each step, as the loop asks it: notices, extra
-capacity, usable workers, drain deadlines; and the warm standbys a notice starts. Ray in a run
-(elastic/capacity.py), a fault injector in the loop's unit tests."""
+capacity, usable workers, drain deadlines; the warm standbys a notice starts; and, once, how the
+group was started. Ray in a run (elastic/capacity.py), a fault injector in the loop's unit tests."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ class ExtraCapacity:
 
     workers: int
     age_s: float
+
+
+@dataclass(frozen=True)
+class GroupStart:
+    """What the scaling policy knew as it started a group (elastic/policy.py): its rank 0 measures the
+    restart since the last handoff with it, for the regrow rule (elastic/regrow.py)."""
+
+    waited_s: float = 0.0
+    """Seconds the policy waited for capacity before it started the group (fewer than ``min_workers``
+    fit on alive, non-draining nodes): nothing could have trained then, so it is not the restart's."""
+    driver_started_at: float = 0.0
+    """When this run's driver (its Ray Train controller) started, unix seconds: a handoff before it
+    ended an earlier driver's run, and the time between the two is no restart."""
 
 
 class ClusterSignals(Protocol):

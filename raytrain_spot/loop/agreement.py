@@ -16,8 +16,7 @@ import torch
 
 from raytrain_spot.distributed.collectives import RankGroup
 
-_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _HOLD_FOR_CAPACITY, _STOP, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = \
-    range(11)
+_LOSS, _GROW_TO, _SAVE, _HOLDING_FOR, _STOP, _COMMITTED, _COMMIT_S, _STEP_S, _AT, _LEAVING = range(10)
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,6 @@ class Proposal:
     holding_for: int = 0
     """Train on for now although this many ranks are leaving (preemption/hold.py's notice hold;
     0: no hold). A count, not a flag: the hold stands only if rank 0 knew of every leaving rank."""
-    hold_waits_for_capacity: bool = False
-    """The hold is for capacity elsewhere, not for warm standbys (preemption/hold.py's ``NoticeHold``)."""
     checkpoint: bool = False
     """Checkpoint this step whatever the cadence says (a notice hold begins with one)."""
 
@@ -74,7 +71,6 @@ class StepAgreement:
     step_s: float
     at: float = 0.0
     holding_for: int = 0
-    hold_waits_for_capacity: bool = False
     commit_s: float = 0.0
     stop: bool = False
 
@@ -90,7 +86,6 @@ def start_agreement(view: RankView, group: RankGroup) -> "PendingAgreement":
         slots[_GROW_TO] = float(view.proposal.grow_to)
         slots[_SAVE] = float(view.save_due or view.proposal.checkpoint)
         slots[_HOLDING_FOR] = float(view.proposal.holding_for)
-        slots[_HOLD_FOR_CAPACITY] = float(view.proposal.hold_waits_for_capacity)
         slots[_STOP] = float(view.stop)
         slots[_COMMITTED] = float(view.committed_step)
         slots[_COMMIT_S] = view.commit_s
@@ -114,8 +109,7 @@ class PendingAgreement:
                              leaving_ranks=[r for r in range(self._world_size) if summed[_LEAVING + r] > 0],
                              grow_to=int(summed[_GROW_TO]), save_due=summed[_SAVE] > 0,
                              committed_step=int(summed[_COMMITTED]), step_s=summed[_STEP_S], at=summed[_AT],
-                             holding_for=int(summed[_HOLDING_FOR]),
-                             hold_waits_for_capacity=summed[_HOLD_FOR_CAPACITY] > 0, commit_s=summed[_COMMIT_S],
+                             holding_for=int(summed[_HOLDING_FOR]), commit_s=summed[_COMMIT_S],
                              stop=summed[_STOP] > 0)
 
 

@@ -55,8 +55,6 @@ class Hold:
     """Nodes of the group have a notice, but the group trains on for now (preemption/hold.py)."""
 
     leaving_ranks: Tuple[int, ...]
-    waits_for_capacity: bool
-    """The hold is for capacity elsewhere (nowhere to go), not for warm standbys."""
     checkpoint: Optional[str] = None
     """A hold begins with a checkpoint, so a node lost without notice while it lasts costs its steps only."""
 
@@ -72,9 +70,6 @@ class HandOff:
     """The rank that writes the just-in-time checkpoint: the lowest rank that stays."""
     leaving_ranks: Tuple[int, ...] = ()
     grow_to: int = 0
-    restart_measured: bool = True
-    """The next group measures its restart from this handoff; not after a hold that waited for
-    capacity, whose restart would count the wait."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +118,6 @@ class SpotPolicy:
         self._node_ids = list(node_ids)
         self._regrow = RegrowPolicy(cfg, emit)
         self._holds = NoticeHoldPolicy(cfg, emit, warmup)
-        self._held_for_capacity = False
 
     def leaving_ranks(self, step: int) -> List[int]:
         return ranks_on(self._node_ids, self._signals.leaving_nodes(step))
@@ -133,23 +127,19 @@ class SpotPolicy:
         hold = self._holds.decide(leaving_ranks, self._node_ids, self._signals, step, step_s, commit_s)
         held = hold is not None and hold.hold
         return Proposal(grow_to=self._regrow.grow_to(self._signals.extra_capacity(step), loop, world_size),
-                        holding_for=len(leaving_ranks) if held else 0,
-                        hold_waits_for_capacity=held and hold.waits_for_capacity, checkpoint=self._holds.began)
+                        holding_for=len(leaving_ranks) if held else 0, checkpoint=self._holds.began)
 
     def decide(self, agreed: StepAgreement, step: int, world_size: int) -> Decision:
-        restart_measured, self._held_for_capacity = not self._held_for_capacity, False
         checkpoint = PERIODIC if agreed.save_due else None
         leaving = tuple(agreed.leaving_ranks)
         if leaving and agreed.holding_for == len(leaving):  # rank 0 knew of every leaving rank when it held
-            self._held_for_capacity = agreed.hold_waits_for_capacity
-            return Hold(leaving, agreed.hold_waits_for_capacity, checkpoint)
+            return Hold(leaving, checkpoint)
         if leaving:  # a notice wins over a regrow: the restarted group is sized from live capacity anyway
             survivors = [r for r in range(world_size) if r not in leaving]
             return HandOff(HandoffReason.PREEMPTION, step, world_size, writer=survivors[0] if survivors else 0,
-                           leaving_ranks=leaving, restart_measured=restart_measured)
+                           leaving_ranks=leaving)
         if agreed.grow_to > world_size:
-            return HandOff(HandoffReason.REGROW, step, world_size, writer=0, grow_to=agreed.grow_to,
-                           restart_measured=restart_measured)
+            return HandOff(HandoffReason.REGROW, step, world_size, writer=0, grow_to=agreed.grow_to)
         return Continue(checkpoint)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from raytrain_spot.distributed.collectives import RankGroup
-from raytrain_spot.elastic.signals import ClusterSignals
+from raytrain_spot.elastic.signals import ClusterSignals, GroupStart
 
 
 @dataclass
@@ -20,6 +20,9 @@ class WorkerRuntime:
     """Joined by every rank for a committed step: a barrier (Ray Train's report in a run)."""
     signals: ClusterSignals
     """What the cluster says (the drain deadline a handoff checks its commit against)."""
+    group_start: Optional[GroupStart] = GroupStart()
+    """How the scaling policy started this group (elastic/capacity.py's ``GroupStarts`` in a run), for
+    rank 0's measure of the restart; None: unknown, and the restart is not measured."""
     group_facts: Dict[str, Any] = field(default_factory=dict)
     """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
     dead_nodes: Optional[Callable[[List[str]], Set[str]]] = None

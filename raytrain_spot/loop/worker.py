@@ -28,8 +28,9 @@ from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRe
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
 from raytrain_spot.config.schema import Config, config_from_dict
-from raytrain_spot.elastic.capacity import watch_capacity
+from raytrain_spot.elastic.capacity import GroupStarts, watch_capacity
 from raytrain_spot.elastic.regrow import measured_rate
+from raytrain_spot.elastic.signals import GroupStart
 from raytrain_spot.elastic.survivors import SurvivorMarks, dead_nodes, survivor_commit_s
 from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeStandbys, claim_standby, decide_standbys,
                                            nodes_share_cores, top_up)
@@ -110,7 +111,8 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
     cadence = CheckpointCadence(cfg.checkpoint.interval_steps, IntervalAdvisor(
         cfg.checkpoint.mtbi_prior_s, cfg.checkpoint.min_interval_s, cfg.checkpoint.max_interval_s))
     if restored and restored.manifest.kind == "jit" and loop.handed_off_at:
-        measure_restart(loop, group.broadcast_object(time.time() - loop.handed_off_at, src=0))
+        measure_restart(loop, group.broadcast_object(restart_since_handoff(loop.handed_off_at, time.time(),
+                                                                           runtime.group_start), src=0))
     rows = StepRows(task, dataset, order, loop.samples_seen, cfg.trainer.max_steps - loop.step, global_batch,
                     cfg.trainer.micro_batch_size, rank, world_size)
     reported_step = loop.step
@@ -189,7 +191,7 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
                 evaluate(evaluation, ddp_model, loop.step, rank, events)
                 return
             if isinstance(decision, HandOff):
-                loop.handed_off_at = agreed.at if decision.restart_measured else 0.0
+                loop.handed_off_at = agreed.at
                 hand_off(decision, checkpoints, parts, loop, rank, runtime.node_ids, events, runtime.report,
                          runtime.signals.drain_deadline_s)
             if decision.checkpoint == JIT:
@@ -216,12 +218,33 @@ def evaluate(evaluation: Evaluation, model: torch.nn.Module, step: int, rank: in
                          examples=result.examples or None))
 
 
-def measure_restart(loop: LoopState, seconds: float) -> None:
+@dataclass(frozen=True)
+class MeasuredRestart:
+    seconds: float
+    """From the handoff to now, less ``waited_s``."""
+    waited_s: float
+    """The scaling policy's wait for capacity in between."""
+
+
+def restart_since_handoff(handed_off_at: float, now: float, start: Optional[GroupStart]) -> Optional[MeasuredRestart]:
+    """What the restart since the handoff at ``handed_off_at`` cost: the time since, less the scaling
+    policy's wait for capacity (a group with nowhere to go trains nowhere, restarted or not). None
+    where it was no restart of this driver's (the handoff ended an earlier driver's run) or the group's
+    start is unknown."""
+    if start is None or handed_off_at < start.driver_started_at:
+        return None
+    return MeasuredRestart(max(0.0, now - handed_off_at - start.waited_s), start.waited_s)
+
+
+def measure_restart(loop: LoopState, restart: Optional[MeasuredRestart]) -> None:
     """Fold the restart that began at the last handoff into the run's mean restart cost."""
-    loop.restart_s = (loop.restart_s * loop.restarts_measured + seconds) / (loop.restarts_measured + 1)
+    if restart is None:
+        logger.info("This group's restart is not measured: it follows an earlier driver's handoff")
+        return
+    loop.restart_s = (loop.restart_s * loop.restarts_measured + restart.seconds) / (loop.restarts_measured + 1)
     loop.restarts_measured += 1
-    logger.info("This restart took %.1f s from the handoff (mean of %d: %.1f s)", seconds, loop.restarts_measured,
-                loop.restart_s)
+    logger.info("This restart took %.1f s from the handoff, not counting %.1f s waiting for capacity (mean of %d: "
+                "%.1f s)", restart.seconds, restart.waited_s, loop.restarts_measured, loop.restart_s)
 
 
 def sample_spans(dataset) -> List[tuple]:
@@ -351,9 +374,11 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
         if survivors and rank == 0:
             marks.clear()  # an earlier group's, left where the controller never waited (a restart after a
             # notice), would end the controller's next wait at once
-        runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals,
+        group_start = GroupStarts(cfg.run.name).latest() if rank == 0 and spot_aware else None
+        runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals, group_start=group_start,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
-                                             "warm_standby": standbys.enabled},
+                                             "warm_standby": standbys.enabled,
+                                             "capacity_wait_s": round(group_start.waited_s, 2) if group_start else None},
                                 stop_requested=StopPoll(cfg.run.name), **survivors)
         phases.mark("setup")  # the task's and the framework's parts; the task's data, model and state follow
         run_group(cfg, task, runtime, policy, checkpoints, events, phases)

@@ -192,6 +192,8 @@ class Group(EventRecord):
     """Age of each rank's process: older than the restart where it started in a warm standby."""
     warm_standby: Optional[bool] = None
     """Whether this group keeps warm standbys."""
+    capacity_wait_s: Optional[float] = None
+    """Seconds the scaling policy waited for capacity before it started this group (too few workers fit)."""
 
 
 @dataclass(frozen=True, kw_only=True)

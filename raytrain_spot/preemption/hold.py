@@ -33,9 +33,6 @@ class NoticeHold:
     deadline_in_s: Optional[float] = None
     needed_s: Optional[float] = None
     """A step, the checkpoint's commit and the margin: what the handoff needs before the deadline."""
-    waits_for_capacity: bool = False
-    """The hold is for capacity elsewhere (nowhere to go), not for warm standbys: a restart after it
-    waited for capacity, and is not measured as a restart."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +86,7 @@ def decide_notice_hold(usable_workers: Optional[int], min_workers: int, deadline
     if deadline_in_s <= needed_s:
         return NoticeHold(False, f"the drain deadline is {deadline_in_s:.1f} s away: a step, the commit and the "
                           f"margin take {needed_s:.1f} s", **numbers)
-    return NoticeHold(True, f"{purpose}, {deadline_in_s:.1f} s to the drain deadline",
-                      waits_for_capacity=usable_workers < min_workers, **numbers)
+    return NoticeHold(True, f"{purpose}, {deadline_in_s:.1f} s to the drain deadline", **numbers)
 
 
 class NoticeHoldPolicy:
