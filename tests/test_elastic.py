@@ -11,7 +11,7 @@ from ray.train.v2.api.config import FailureConfig, ScalingConfig
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from raytrain_spot.elastic.capacity import CapacityWatcher, LiveCapacity, NodeView, workers_that_fit
-from raytrain_spot.elastic.policy import GatherWindow, SpotFailurePolicy, SpotScalingPolicy
+from raytrain_spot.elastic.policy import SpotFailurePolicy, SpotScalingPolicy
 from raytrain_spot.loop.handoff import WorkerGroupHandoff
 from raytrain_spot.elastic.signals import ExtraCapacity, GroupStart
 from bench.baselines import BASELINES
@@ -106,49 +106,6 @@ def test_a_new_group_is_told_how_long_it_waited_for_capacity_and_when_its_driver
     clock.now = 60.0
     policy.make_decision_for_non_running_worker_group()
     assert announced[-1] == GroupStart(waited_s=0.0, driver_started_at=1000.0), "the next group did not wait"
-
-
-def _gathering_policy(nodes, clock, max_workers=3):
-    config = ScalingConfig(num_workers=(1, max_workers), resources_per_worker=CPU1)
-    policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, max_workers, nodes=lambda: nodes, max_age_s=0),
-                               clock=clock,
-                               sleep=lambda s: None, remove_orphans=list, gather=GatherWindow(quiet_s=5.0, limit_s=10.0))
-    policy._maybe_send_resource_request = lambda: None
-    return policy
-
-
-def decisions_at(policy, clock, nodes, script):
-    """{time: nodes that have joined by then} -> the decision at each time."""
-    made = {}
-    for at, joined in script.items():
-        clock.now = at
-        nodes.extend(node(name) for name in joined)
-        decision = policy.make_decision_for_non_running_worker_group()
-        made[at] = decision.num_workers if isinstance(decision, ResizeDecision) else "wait"
-    return made
-
-
-def test_after_a_fleet_wide_loss_the_group_waits_for_replacements_still_joining():
-    """The GCP window: after a loss of every node, a group started on the first replacement regrew 5 s later."""
-    clock, nodes = Clock(), []
-    policy = _gathering_policy(nodes, clock)
-    made = decisions_at(policy, clock, nodes, {0.0: [], 10.0: ["a"], 12.0: ["b"], 16.5: [], 17.5: []})
-    assert made == {0.0: "wait", 10.0: "wait", 12.0: "wait", 16.5: "wait", 17.5: 2}, "5 s without a join ends it"
-    assert decisions_at(_gathering_policy(nodes := [], clock), clock, nodes, {0.0: [], 10.0: ["a"], 11.0: ["b", "c"]}) \
-        == {0.0: "wait", 10.0: "wait", 11.0: 3}, "all of max_workers: no reason to wait"
-
-
-def test_nodes_that_keep_trickling_in_are_waited_for_one_restart_at_most():
-    clock, nodes = Clock(), []
-    made = decisions_at(_gathering_policy(nodes, clock, max_workers=8), clock, nodes,
-                        {0.0: [], 10.0: ["a"], 13.0: ["b"], 16.0: ["c"], 19.0: ["d"], 19.9: [], 20.0: []})
-    assert made == {0.0: "wait", 10.0: "wait", 13.0: "wait", 16.0: "wait", 19.0: "wait", 19.9: "wait", 20.0: 4}
-
-
-def test_a_group_with_somewhere_to_go_does_not_wait_for_more_nodes():
-    clock, nodes = Clock(), []
-    assert decisions_at(_gathering_policy(nodes, clock), clock, nodes, {0.0: ["a"]}) == {0.0: 1}, \
-        "no wait for capacity (the survivors of a notice): the restart starts at once"
 
 
 def test_after_a_failure_the_new_group_waits_for_dead_nodes_to_be_declared():

@@ -194,12 +194,6 @@ class ElasticConfig:
     interpreter and Ray's worker, at normal priority) and, to a lesser degree, the imports take CPU
     that comes out of the group's first steps where nodes share cores. A group that ends sooner
     restarts in cold processes."""
-    gather_s: float = 5.0
-    """After a wait for capacity (fewer than ``trainer.min_workers`` fit: a fleet-wide loss, a cold
-    cluster), a new group smaller than ``trainer.max_workers`` starts only once no node has joined for
-    this long: replacements requested together join seconds apart, and a group started on the first
-    would soon restart for a regrow. Never longer than ``tuning.restart_prior_s`` after it could first
-    start (waiting longer than a restart costs more than the regrow it saves). 0: start at once."""
     failure_settle_s: float = 4.0
     """After a failure without notice, wait up to this long for the cluster to declare dead nodes
     dead before sizing the new group; one health-check period (1 s) once it has declared one of the
@@ -215,7 +209,7 @@ class ElasticConfig:
         require(self.regrow in REGROW_MODES, "elastic.regrow", f"{self.regrow!r} is not a mode",
                 f"use one of {', '.join(REGROW_MODES)}")
         require_non_negative("elastic", self, "notice_standby_wait_s", "warm_wait_limit_s", "standby_delay_s",
-                             "gather_s", "failure_settle_s", "survivor_commit_s")
+                             "failure_settle_s", "survivor_commit_s")
 
 
 @dataclass

@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Set
 
 from ray.train.torch import TorchTrainer
@@ -113,31 +112,6 @@ def contract_breach(error: Optional[TrainingFailedError]) -> Optional[TaskContra
     return next((failure for failure in failures if isinstance(failure, TaskContractError)), None)
 
 
-@dataclass(frozen=True)
-class GatherWindow:
-    """After a wait for capacity, a new group smaller than max_workers waits for nodes still joining:
-    until none has joined for ``quiet_s`` (``elastic.gather_s``; 0: no wait), and at most ``limit_s``
-    (``tuning.restart_prior_s``) after it could first start. Replacements requested together join
-    seconds apart; a group started on the first would restart for a regrow (a restart of the whole
-    group) once the others are up. Waiting at most one restart's time costs at most what that regrow
-    would, whether or not more nodes come (ski rental)."""
-
-    quiet_s: float = 0.0
-    limit_s: float = 0.0
-
-    def waits(self, could_start_s: float, since_join_s: float) -> bool:
-        """Whether to wait on, ``could_start_s`` after enough workers first fit and ``since_join_s``
-        after the last node joined."""
-        return since_join_s < self.quiet_s and could_start_s < self.limit_s
-
-
-@dataclass
-class _Gathering:
-    could_start_at: float
-    joined_at: float
-    workers: int
-
-
 class SpotScalingPolicy(ElasticScalingPolicy):
     """Ray's elastic policy with a live capacity count; running groups are resized by handoff only.
 
@@ -152,7 +126,6 @@ class SpotScalingPolicy(ElasticScalingPolicy):
     group starts, ``remove_orphans`` removes what a group that failed to start left holding
     resources (``remove_orphaned_placement_groups``), and ``announce`` tells the group how long it
     waited for capacity (``GroupStarts.publish``), so that its restart is measured without the wait.
-    A group that waited for capacity may wait on for nodes still joining (``GatherWindow``).
     """
 
     def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
@@ -160,7 +133,7 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                  sleep: Callable[[float], None] = time.sleep,
                  remove_orphans: Optional[Callable[[], List[str]]] = None,
                  announce: Callable[[GroupStart], None] = lambda start: None,
-                 wall_clock: Callable[[], float] = time.time, gather: GatherWindow = GatherWindow()):
+                 wall_clock: Callable[[], float] = time.time):
         super().__init__(scaling_config)
         self._remove_orphans = remove_orphans or (lambda: remove_orphaned_placement_groups(
             scaling_config._resources_per_worker_not_none, scaling_config.placement_strategy))
@@ -175,8 +148,6 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         self._waiting_since: Optional[float] = None
         self._announce = announce
         self._started_at = wall_clock()
-        self._gather = gather
-        self._gathering: Optional[_Gathering] = None
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         """Entering a restart caused by a failure (not a handoff) starts the settle period."""
@@ -203,41 +174,20 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         workers = self._capacity.workers()
         minimum = self.scaling_config.min_workers
         if workers < minimum:
-            self._gathering = None
             if self._waiting_since is None:
                 self._waiting_since = self._clock()
                 logger.warning("Waiting for capacity: %d workers fit on alive, non-draining nodes, "
                                "min_workers=%d", workers, minimum)
             return self._wait()
-        if self._gathers(workers):
-            return self._wait()
-        now = self._clock()
-        waited = now - self._waiting_since if self._waiting_since is not None else 0.0
-        gathered = now - self._gathering.could_start_at if self._gathering is not None else 0.0
-        self._waiting_since = self._gathering = None
+        waited = self._clock() - self._waiting_since if self._waiting_since is not None else 0.0
+        self._waiting_since = None
         logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
-                    "(min %d, max %d, waited %.1f s for capacity, %.1f s of it for nodes still joining)",
-                    workers, minimum, self.scaling_config.max_workers, waited, gathered)
+                    "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
         self._remove_orphans()
         self._nodes_at_start = {node.node_id for node in self._capacity.nodes() if node.alive}
         self._announce(GroupStart(waited_s=waited, driver_started_at=self._started_at))
         return ResizeDecision(num_workers=workers,
                               resources_per_worker=self.scaling_config._resources_per_worker_not_none)
-
-    def _gathers(self, workers: int) -> bool:
-        """After a wait for capacity, whether to wait on for nodes still joining (``GatherWindow``)."""
-        most = self.scaling_config.max_workers
-        if self._waiting_since is None or workers >= most or self._gather.quiet_s <= 0:
-            return False
-        now = self._clock()
-        if self._gathering is None:
-            self._gathering = _Gathering(could_start_at=now, joined_at=now, workers=workers)
-            logger.info("%d of %d workers fit after a wait for capacity: waiting for nodes still joining until none "
-                        "has for %.1f s (elastic.gather_s), at most %.1f s (tuning.restart_prior_s)", workers, most,
-                        self._gather.quiet_s, self._gather.limit_s)
-        elif workers > self._gathering.workers:
-            self._gathering.joined_at, self._gathering.workers = now, workers
-        return self._gather.waits(now - self._gathering.could_start_at, now - self._gathering.joined_at)
 
     def _wait(self) -> NoopDecision:
         # The controller asks again at once after a Noop; pace it rather than spin the head's CPU.
@@ -333,14 +283,12 @@ class SpotTorchTrainer(TorchTrainer):
     dead before sizing the new group (the cluster's health-check period times its threshold).
     ``max_identical_failures``: see ``SpotFailurePolicy`` (0: never stop for it).
     ``survivor_commit_s``: after a failure, the longest wait for the survivors' commits (0: no wait).
-    ``gather``: after a wait for capacity, the wait for nodes still joining (``GatherWindow``).
     """
 
     def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3,
-                 survivor_commit_s: float = 0.0, gather: GatherWindow = GatherWindow(), **kwargs):
+                 survivor_commit_s: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._failure_settle_s = failure_settle_s
-        self._gather = gather
         self._max_identical_failures = max_identical_failures
         self._survivor_commit_s = survivor_commit_s
 
@@ -352,7 +300,7 @@ class SpotTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(
             self.scaling_config, failure_settle_s=self._failure_settle_s,
-            announce=GroupStarts(self.run_config.name).publish, gather=self._gather)
+            announce=GroupStarts(self.run_config.name).publish)
         survivors = (SurvivorWait(SurvivorMarks(self.run_config.name), self._survivor_commit_s)
                      if self._survivor_commit_s > 0 else None)
         controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config,

@@ -8,7 +8,7 @@ from ray.train.v2.api.config import LoggingConfig
 
 from raytrain_spot.config.schema import Config
 from raytrain_spot.distributed.process_group import StoreFirstTorchConfig
-from raytrain_spot.elastic.policy import GatherWindow, SpotTorchTrainer
+from raytrain_spot.elastic.policy import SpotTorchTrainer
 from raytrain_spot.elastic.standby import STANDBY_MARKER, TASK_MODULES
 from raytrain_spot.elastic.survivors import survivor_commit_s
 from raytrain_spot.loop.task import task_class
@@ -54,7 +54,6 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
                             if spot_aware and cfg.elastic.warm_standby is not False else None),
     )
     spot = ({"failure_settle_s": cfg.elastic.failure_settle_s,
-             "gather": GatherWindow(cfg.elastic.gather_s, limit_s=cfg.tuning.restart_prior_s),
              "max_identical_failures": trainer_cfg.max_identical_failures,
              "survivor_commit_s": survivor_commit_s(cfg)} if spot_aware else {})
     trainer_cls = SpotTorchTrainer if spot_aware else TorchTrainer
