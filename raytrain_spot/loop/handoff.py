@@ -22,12 +22,6 @@ from raytrain_spot.observe.records import Handoff, JitLate
 
 logger = logging.getLogger(__name__)
 
-NODES_TO_HOLD_A_HANDOFF = 2
-"""A handoff leaves its step on the node copies alone only where at least this many nodes stay: one
-node's copy dies with it, and the next group may not start before that (the V100 trace window: a group
-of one regrew, its node had a notice a second later, the next group waited for capacity, and the step
-was lost with the node, 48 steps redone)."""
-
 
 def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[str, Stateful], loop: LoopState,
              rank: int, node_ids: Sequence[str], events: EventLog, report: Callable[[int], None],
@@ -42,10 +36,9 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
                             **details))
         deadline_s = drain_deadline_s(leaving_nodes) if leaving_nodes else None
     # Nodes that stay keep the step in memory-speed copies of their own, which the next group restores
-    # and copies on to the shared tiers: the handoff waits for those alone, however large the state,
-    # where they are copies on more than one node.
+    # and copies on to the shared tiers: the handoff waits for those alone, however large the state.
     staying = set(node_ids) - leaving_nodes
-    shared = not (len(staying) >= NODES_TO_HOLD_A_HANDOFF and checkpoints.keeps_node_copies)
+    shared = not (staying and checkpoints.keeps_node_copies)
     if shared or node_ids[rank] in staying:
         checkpoint_and_report(checkpoints, parts, SaveRequest(loop, handoff.world_size, "jit",
                                                               reason=handoff.reason.value, shared=shared),
