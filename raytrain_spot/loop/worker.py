@@ -239,7 +239,8 @@ def restart_since_handoff(handed_off_at: float, now: float, start: Optional[Grou
 def measure_restart(loop: LoopState, restart: Optional[MeasuredRestart]) -> None:
     """Fold the restart that began at the last handoff into the run's mean restart cost."""
     if restart is None:
-        logger.info("This group's restart is not measured: it follows an earlier driver's handoff")
+        logger.info("This group's restart is not measured: it follows an earlier driver's handoff, or the "
+                    "scaling policy did not say how it started the group")
         return
     loop.restart_s = (loop.restart_s * loop.restarts_measured + restart.seconds) / (loop.restarts_measured + 1)
     loop.restarts_measured += 1
