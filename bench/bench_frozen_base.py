@@ -87,14 +87,13 @@ def main(argv=None) -> None:
                         help="the preset's directory as it is: a config, the base drawn from the seed")
     args = parser.parse_args(argv)
 
-    from raytrain_spot.checkpoint.manager import MEMORY_SCRATCH
-    from raytrain_spot.loop.frozen_base import copy_dir
+    from raytrain_spot.loop.frozen_base import copies_dir
 
     scratch = tempfile.mkdtemp(prefix="bench-frozen-base-")
     try:
         model_dir = os.path.join(scratch, args.preset)
         write_model_dir(args.preset, model_dir, weights=not args.no_weights)
-        copies = os.path.dirname(copy_dir(MEMORY_SCRATCH, {}))
+        copies = copies_dir()
         times = {"load": [], "first": [], "mapped": []}
         frozen_gb = 0.0
         for repeat in range(args.repeats):
@@ -116,7 +115,7 @@ def main(argv=None) -> None:
               f"speedup={medians['load'] / medians['mapped']:.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(os.path.dirname(copy_dir(MEMORY_SCRATCH, {})), ignore_errors=True)
+        shutil.rmtree(copies_dir(), ignore_errors=True)
 
 
 if __name__ == "__main__":

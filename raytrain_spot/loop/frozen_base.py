@@ -57,20 +57,13 @@ def built_once_per_node(identity: Dict[str, Any], build: Callable[[], torch.nn.M
     ``identity`` names everything that decides the weights (JSON values); ``build`` builds the module
     the slow way, on the CPU; ``skeleton`` builds the same module on the meta device (shapes, no
     storage), which the copy's tensors then fill; a copy is published only while it leaves
-    ``keep_free`` of ``root``'s file system free."""
-    # Built or mapped, the weights leave torch's generator as they found it: what the caller draws next
-    # (the adapters' init) is then the same on a rank that built them as on one that mapped them.
-    with torch.random.fork_rng(devices=[]):
-        return _built_once_per_node(identity, build, skeleton, root, keep_free)
-
-
-def _built_once_per_node(identity: Dict[str, Any], build: Callable[[], torch.nn.Module],
-                         skeleton: Callable[[], torch.nn.Module], root: str, keep_free: float) -> torch.nn.Module:
-    directory = copy_dir(root, identity)
-    if not _is_private(os.path.dirname(directory)):
+    ``keep_free`` of ``root``'s file system free. A build draws from torch's generator and a mapping
+    does not: a caller that draws next (a LoRA adapter's init) forks the generator around this call."""
+    if not _is_private(copies_dir(root)):
         logger.warning("Not using %s for the frozen weights: another user owns it or can write it (it could plant "
-                       "weights). Every build loads them from the model directory", os.path.dirname(directory))
+                       "weights). Every build loads them from the model directory", copies_dir(root))
         return build()
+    directory = copy_dir(root, identity)
     started = time.monotonic()
     try:
         module = _mapped(directory, skeleton)
@@ -87,9 +80,14 @@ def _built_once_per_node(identity: Dict[str, Any], build: Callable[[], torch.nn.
     return module
 
 
+def copies_dir(root: str = MEMORY_SCRATCH) -> str:
+    """This user's directory of node copies under ``root``."""
+    return os.path.join(root, f"raytrain-spot-bases-{os.getuid()}")
+
+
 def copy_dir(root: str, identity: Dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    return os.path.join(root, f"raytrain-spot-bases-{os.getuid()}", digest)
+    return os.path.join(copies_dir(root), digest)
 
 
 def module_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:

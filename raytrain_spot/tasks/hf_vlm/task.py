@@ -282,11 +282,11 @@ class HuggingFaceVLMTask(TrainingTask):
         return self._sample_text
 
     def build_model(self) -> torch.nn.Module:
-        if self.lora.enabled and self.model.keep_base_in_node_memory:
-            model = built_once_per_node(self.base_identity(), self.base_model, self.base_skeleton)
-        else:
-            with torch.random.fork_rng(devices=[]):  # as built_once_per_node: the adapters' init is the same either way
-                model = self.base_model()
+        # Built or mapped, the base leaves torch's generator as it found it: the adapters' init is then the
+        # same on a rank that built the base as on one that mapped the node's copy.
+        with torch.random.fork_rng(devices=[]):
+            model = (built_once_per_node(self.base_identity(), self.base_model, self.base_skeleton)
+                     if self.lora.enabled and self.model.keep_base_in_node_memory else self.base_model())
         model.config.use_cache = False  # training: no key/value cache
         if self.model.freeze_vision:
             for parameter in vision_tower(model).parameters():
