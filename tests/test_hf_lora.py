@@ -49,7 +49,8 @@ adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
 merged = AutoModelForImageTextToText.from_pretrained(merged_dir, local_files_only=True).eval()
 with torch.no_grad():
     logits = {name: m(**inputs).logits[0, -1].tolist() for name, m in (("adapter", adapted), ("merged", merged))}
-    generated = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)
+    # min_new_tokens: a trained tiny model may greedily pick its end-of-sequence token after two (seen in CI).
+    generated = adapted.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
 caption = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 assert not [m for m in sys.modules if m.startswith("raytrain_spot")], "loaded without this package"
 new_tokens = generated.shape[1] - inputs["input_ids"].shape[1]
