@@ -276,6 +276,25 @@ def test_all_spot_capacity_gone_for_a_while_the_run_waits_then_resumes(tmp_path,
     assert_same_training_as(run, reference)
 
 
+def test_a_handoffs_step_on_the_nodes_that_stay_survives_them_while_the_next_group_waits_for_capacity(
+        tmp_path, reference):
+    # The group needs all three nodes; a notice takes one. The handoff leaves its step on the two that stay
+    # (their node copies alone, for the next group to copy on), and the next group waits for a third node.
+    # Both die without notice in that wait: the controller had one of them copy the step on to the head.
+    run = train(tmp_path, "stranded", "trainer.min_workers=3", "+chaos=events", "chaos.notice_s=4",
+                "chaos.margin_s=1", "elastic.notice_standby_wait_s=0",
+                "chaos.events=[{action:preempt,node:1,at_step:20},{action:preempt,node:0,at_s:30,no_notice:true},"
+                "{action:preempt,node:1,at_s:30,no_notice:true},{action:restore,after_s:10},"
+                "{action:restore,after_s:10},{action:restore,after_s:10}]")
+    handoff = run.of("handoff")[0]
+    kills = sorted(k["t"] for k in run.of("kill"))
+    assert len(kills) == 3 and run.world_sizes == [3, 3]
+    copied = [c for c in run.of("checkpoint") if c["step"] == handoff["step"] and c["tier"] == "head"]
+    assert copied and copied[0]["t"] < kills[1], "copied on before the nodes that held it died"
+    assert run.of("group")[1]["restored_step"] == handoff["step"] and run.steps_redone == 0
+    assert_same_training_as(run, reference)
+
+
 def test_a_sigkilled_driver_leaves_no_process_and_its_run_resumes_by_name(tmp_path, reference):
     ray_tmp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
     command = [sys.executable, "-m", "raytrain_spot.run", *main_overrides(tmp_path, "killed"),

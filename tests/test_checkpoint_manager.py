@@ -134,12 +134,32 @@ def test_a_handoff_writes_no_node_copy_on_a_node_that_leaves_and_every_rank_repo
     model, optimizer = _model(1.0)
     reported = []
     handoff = HandOff(HandoffReason.PREEMPTION, step=4, world_size=2, writer=1, leaving_ranks=(0,))
-    with pytest.raises(WorkerGroupHandoff):
+    with pytest.raises(WorkerGroupHandoff) as raised:
         hand_off(handoff, manager, {"model": model, "optimizer": optimizer}, LoopState(4, 4), rank,
                  ["leaving-node", "staying-node"], Recorder(), reported.append, lambda nodes: None)
     assert reported == [4], "every rank joins the report: it is the barrier before the restart"
+    assert raised.value.node_copies == ("staying-node",), "the controller learns where the step lives alone"
     assert (local.steps("r") == [4]) is node_copy_written
     assert durable.steps("r") == [], "a node stays: the next group copies the step on"
+
+
+def test_a_node_copy_is_copied_on_to_the_shared_tiers_verified_and_a_damaged_one_never(tmp_path):
+    local, durable = _tiers(tmp_path)
+    events = Recorder()
+    model, optimizer = _model(3.0)
+    for step in (5, 6):
+        handoff = SaveRequest(LoopState(step, step), 2, "jit", reason="regrow", shared=False)
+        _manager(tmp_path, local, [durable]).save({"model": model, "optimizer": optimizer}, handoff, writer=True,
+                                                  wait=True)
+    _corrupt(local.store, 6)
+    copier = CheckpointManager("r", {"run": {"name": "r"}}, local, [durable], writes_local=False, events=events,
+                               scratch_root=str(tmp_path / "scratch"))  # another process on the node: the controller's
+    assert copier.copy_on(6) is False and durable.steps("r") == [], "a damaged copy is never uploaded"
+    assert copier.copy_on(5) is True and durable.steps("r") == [5]
+    (tmp_path / "fetched").mkdir()
+    manifest, _ = durable.fetch(checkpoint_key("r", 5), str(tmp_path / "fetched"))
+    assert (manifest.kind, manifest.reason, manifest.world_size) == ("jit", "regrow", 2)
+    assert [(e["step"], e["tier"]) for e in events.records if e["ev"] == "checkpoint"] == [(5, "durable")]
 
 
 def test_a_cancelled_save_stops_while_it_is_written_and_leaves_nothing(tmp_path):

@@ -128,6 +128,17 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     assert out.split() == ["True", "True", "True", "True"], out
 
 
+@pytest.mark.parametrize("wanted_now", [False, True])
+def test_a_process_the_run_waits_for_preloads_at_normal_priority(wanted_now):
+    from raytrain_spot.elastic.standby import WANTED_NOW
+
+    probe = "import raytrain_spot.elastic.preload as p; print(p.at_idle_priority)"
+    env = {key: value for key, value in os.environ.items() if key != WANTED_NOW}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**env, **({WANTED_NOW: "1"} if wanted_now else {})}).stdout
+    assert out.split() == [str(not wanted_now)], "the controller's copy-on waits for no idle core"
+
+
 def test_a_runs_processes_preload_its_tasks_modules_too():
     from raytrain_spot.elastic.standby import TASK_MODULES
     from raytrain_spot.loop.ray_trainer import task_modules

@@ -52,7 +52,7 @@ from raytrain_spot.checkpoint.sharded import (
 from raytrain_spot.checkpoint.scratch import private_dir, scratch_prefix, sweep_orphans
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.state import LoopState, Stateful, load_training_state, training_state
-from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
+from raytrain_spot.checkpoint.tiers import ORDINARY, SaveCancelled, Tier, Transfer
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.observe.records import Checkpoint, CheckpointCancelled, CheckpointFailed, RestoreMismatch
@@ -201,23 +201,26 @@ class CheckpointManager:
         """In the background, commit this node's verified copy of ``step`` on the shared tiers,
         where a handoff left it to the next group (``SaveRequest.shared``). The next save takes
         its turn after it, or cancels it (a just-in-time or final save: its step is newer)."""
-        def copy_on() -> None:
-            key = checkpoint_key(self.run_name, step)
-            started = time.time()
-            with tempfile.TemporaryDirectory(prefix=scratch_prefix("replicate"), dir=self.scratch_root) as scratch:
-                try:
-                    manifest, paths = self.local.fetch(key, scratch)  # verified again: never upload what rotted
-                except Exception as error:  # the next save covers it; until then the other nodes' copies
-                    logger.warning("Cannot copy step %d on to the shared tiers: %s: %s", step, type(error).__name__,
-                                   error)
-                    return
-                request = SaveRequest(LoopState(step=step, samples_seen=manifest.samples_seen), manifest.world_size,
-                                      manifest.kind, manifest.reason)
-                self._commit_shared(key, paths[STATE_FILE], manifest, request, 0.0, started, transfer)
-
         transfer = self._transfer = Transfer()
-        self._thread = threading.Thread(target=copy_on, name=f"checkpoint-replicate-{step}", daemon=True)
+        self._thread = threading.Thread(target=self.copy_on, args=(step, transfer),
+                                        name=f"checkpoint-replicate-{step}", daemon=True)
         self._thread.start()
+
+    def copy_on(self, step: int, transfer: Transfer = ORDINARY) -> bool:
+        """Commit this node's verified copy of ``step`` on the shared tiers; whether one holds it now."""
+        key = checkpoint_key(self.run_name, step)
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix("replicate"), dir=self.scratch_root) as scratch:
+            try:
+                manifest, paths = self.local.fetch(key, scratch)  # verified again: never upload what rotted
+            except Exception as error:  # the next save covers it; until then the other nodes' copies
+                logger.warning("Cannot copy step %d on to the shared tiers: %s: %s", step, type(error).__name__,
+                               error)
+                return False
+            request = SaveRequest(LoopState(step=step, samples_seen=manifest.samples_seen), manifest.world_size,
+                                  manifest.kind, manifest.reason)
+            self._commit_shared(key, paths[STATE_FILE], manifest, request, 0.0, started, transfer)
+        return self.committed_step == step
 
     def cancel(self) -> None:
         """Have the save in flight (if any) give way: it stops part-way (while it is serialized or between

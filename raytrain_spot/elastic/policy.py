@@ -26,7 +26,8 @@ import itertools
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Set
+from concurrent.futures import Future
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import FailureConfig, ScalingConfig
@@ -47,6 +48,7 @@ from raytrain_spot._ray import (
 )
 from raytrain_spot.elastic.capacity import GroupStarts, LiveCapacity
 from raytrain_spot.elastic.signals import GroupStart
+from raytrain_spot.elastic.stranded import StrandedStep
 from raytrain_spot.elastic.survivors import SurvivorMarks, SurvivorWait
 from raytrain_spot.config.errors import TaskContractError
 
@@ -56,13 +58,15 @@ logger = logging.getLogger(__name__)
 class WorkerGroupHandoff(Exception):
     """Raised by every rank after a just-in-time checkpoint, to have Ray restart the group now."""
 
-    def __init__(self, reason: str, step: int):
+    def __init__(self, reason: str, step: int, node_copies: Tuple[str, ...] = ()):
         super().__init__(f"handoff at step {step}: {reason}")
         self.reason = reason
         self.step = step
+        self.node_copies = tuple(node_copies)
+        """The nodes whose copies alone hold ``step`` (none: the shared tiers hold it too)."""
 
     def __reduce__(self):
-        return (WorkerGroupHandoff, (self.reason, self.step))
+        return (WorkerGroupHandoff, (self.reason, self.step, self.node_copies))
 
 
 # Ray Train reads these in the driver and passes them on to its controller and workers.
@@ -126,6 +130,8 @@ class SpotScalingPolicy(ElasticScalingPolicy):
     group starts, ``remove_orphans`` removes what a group that failed to start left holding
     resources (``remove_orphaned_placement_groups``), and ``announce`` tells the group how long it
     waited for capacity (``GroupStarts.publish``), so that its restart is measured without the wait.
+    While it waits for capacity, a handoff's step held by node copies alone is copied on to the shared
+    tiers (``stranded``, elastic/stranded.py).
     """
 
     def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
@@ -133,8 +139,9 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                  sleep: Callable[[float], None] = time.sleep,
                  remove_orphans: Optional[Callable[[], List[str]]] = None,
                  announce: Callable[[GroupStart], None] = lambda start: None,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, stranded: Optional[StrandedStep] = None):
         super().__init__(scaling_config)
+        self._stranded = stranded
         self._remove_orphans = remove_orphans or (lambda: remove_orphaned_placement_groups(
             scaling_config._resources_per_worker_not_none, scaling_config.placement_strategy))
         self._capacity = capacity or LiveCapacity(scaling_config._resources_per_worker_not_none,
@@ -150,12 +157,18 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         self._started_at = wall_clock()
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
-        """Entering a restart caused by a failure (not a handoff) starts the settle period."""
+        """Entering a restart caused by a failure (not a handoff) starts the settle period; one caused by a
+        handoff tells ``stranded`` where the step is."""
         error = getattr(current_state, "training_failed_error", None)
         entered = current_state is not previous_state  # a Noop decision keeps the very same state
-        if entered and isinstance(current_state, (RestartingState, ReschedulingState)) and not is_handoff(error):
+        if not (entered and isinstance(current_state, (RestartingState, ReschedulingState))):
+            return
+        if not is_handoff(error):
             self._last_failure = self._clock()
             self._declared_at = None
+        elif self._stranded is not None:
+            last = max(error.worker_failures.values(), key=lambda handoff: handoff.step)
+            self._stranded.handed_off(last.step, last.node_copies)
 
     def _settling(self) -> bool:
         """Whether a failure's settle period still runs (see the class docstring)."""
@@ -178,11 +191,15 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                 self._waiting_since = self._clock()
                 logger.warning("Waiting for capacity: %d workers fit on alive, non-draining nodes, "
                                "min_workers=%d", workers, minimum)
+            if self._stranded is not None:
+                self._stranded.waiting_for_capacity(self._capacity.nodes)
             return self._wait()
         waited = self._clock() - self._waiting_since if self._waiting_since is not None else 0.0
         self._waiting_since = None
         logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
                     "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
+        if self._stranded is not None:
+            self._stranded.before_group_start()
         self._remove_orphans()
         self._nodes_at_start = {node.node_id for node in self._capacity.nodes() if node.alive}
         self._announce(GroupStart(waited_s=waited, driver_started_at=self._started_at))
@@ -283,14 +300,18 @@ class SpotTorchTrainer(TorchTrainer):
     dead before sizing the new group (the cluster's health-check period times its threshold).
     ``max_identical_failures``: see ``SpotFailurePolicy`` (0: never stop for it).
     ``survivor_commit_s``: after a failure, the longest wait for the survivors' commits (0: no wait).
+    ``copy_on``: commits a handoff's step from a node's copy on the shared tiers (elastic/stranded.py's
+    ``StrandedStep``; None: never).
     """
 
     def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3,
-                 survivor_commit_s: float = 0.0, **kwargs):
+                 survivor_commit_s: float = 0.0, copy_on: Optional[Callable[[str, int], "Future[bool]"]] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self._failure_settle_s = failure_settle_s
         self._max_identical_failures = max_identical_failures
         self._survivor_commit_s = survivor_commit_s
+        self._copy_on = copy_on
 
     def fit(self):
         for key, value in RAY_TRAIN_TIMING.items():
@@ -300,7 +321,8 @@ class SpotTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(
             self.scaling_config, failure_settle_s=self._failure_settle_s,
-            announce=GroupStarts(self.run_config.name).publish)
+            announce=GroupStarts(self.run_config.name).publish,
+            stranded=StrandedStep(self._copy_on) if self._copy_on is not None else None)
         survivors = (SurvivorWait(SurvivorMarks(self.run_config.name), self._survivor_commit_s)
                      if self._survivor_commit_s > 0 else None)
         controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config,

@@ -50,7 +50,9 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
         logger.error("The JIT checkpoint of step %d committed %.1f s after the drain deadline", handoff.step,
                      late_by_s)
         events.emit(JitLate(step=handoff.step, late_by_s=late_by_s, deadline=deadline_s))
-    raise WorkerGroupHandoff(handoff.reason.value, handoff.step)
+    # Held by the staying nodes' copies alone until the next group copies it on: the controller copies it on
+    # itself if that group waits for capacity (elastic/stranded.py).
+    raise WorkerGroupHandoff(handoff.reason.value, handoff.step, () if shared else tuple(sorted(staying)))
 
 
 def checkpoint_and_report(checkpoints: CheckpointManager, parts: Mapping[str, Stateful], request: SaveRequest,

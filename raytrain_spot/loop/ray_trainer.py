@@ -11,6 +11,7 @@ from raytrain_spot.distributed.process_group import StoreFirstTorchConfig
 from raytrain_spot.elastic.policy import SpotTorchTrainer
 from raytrain_spot.elastic.standby import STANDBY_MARKER, TASK_MODULES
 from raytrain_spot.elastic.survivors import survivor_commit_s
+from raytrain_spot.loop.stranded_copy import copy_on_from_nodes
 from raytrain_spot.loop.task import task_class
 from raytrain_spot.loop.worker import LoopContext, run_worker
 
@@ -55,7 +56,8 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
     )
     spot = ({"failure_settle_s": cfg.elastic.failure_settle_s,
              "max_identical_failures": trainer_cfg.max_identical_failures,
-             "survivor_commit_s": survivor_commit_s(cfg)} if spot_aware else {})
+             "survivor_commit_s": survivor_commit_s(cfg), "copy_on": copy_on_from_nodes(context)}
+            if spot_aware else {})
     trainer_cls = SpotTorchTrainer if spot_aware else TorchTrainer
     # The baselines keep Ray's own process group setup; ours opens the store first (distributed/process_group.py).
     torch_config_cls = StoreFirstTorchConfig if spot_aware else TorchConfig

@@ -410,6 +410,13 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup
     groups workers by IP, which virtual nodes on one machine share)."""
     rank = group.rank
     node_id = node_ids[rank]
+    return node_checkpoint_manager(cfg, context, node_id, events, group=group,
+                                   writes_local=node_ids.index(node_id) == rank)
+
+
+def node_checkpoint_manager(cfg: Config, context: LoopContext, node_id: str, events: EventLog,
+                            group: Optional[RankGroup] = None, writes_local: bool = False) -> CheckpointManager:
+    """The checkpoint tiers as a process on ``node_id`` reaches them: its node's, the head's, durable storage."""
     node_root = cfg.checkpoint.local_root(context.storage_uri, node_id)
     local = None
     if cfg.checkpoint.use_local and not cfg.checkpoint.sharded:  # one node holds only its ranks' shares
@@ -420,8 +427,7 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup
                         cfg.checkpoint.milestone_every_steps, lease_check=lease_check)
     rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
     shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
-    return CheckpointManager(cfg.run.name, context.config, local, shared, group=group,
-                             writes_local=node_ids.index(node_id) == rank,
+    return CheckpointManager(cfg.run.name, context.config, local, shared, group=group, writes_local=writes_local,
                              events=events, compression=cfg.checkpoint.compression, scratch_root=node_root,
                              sharded=cfg.checkpoint.sharded)
 
