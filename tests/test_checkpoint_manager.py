@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -143,23 +145,47 @@ def test_a_handoff_writes_no_node_copy_on_a_node_that_leaves_and_every_rank_repo
     assert durable.steps("r") == [], "a node stays: the next group copies the step on"
 
 
-def test_a_node_copy_is_copied_on_to_the_shared_tiers_verified_and_a_damaged_one_never(tmp_path):
-    local, durable = _tiers(tmp_path)
-    events = Recorder()
+def test_the_controllers_copy_on_commits_a_node_copy_verified_without_torch_and_never_a_damaged_one(tmp_path):
+    from raytrain_spot.checkpoint.copy_on import node_tiers
+    from raytrain_spot.config.schema import config_from_dict
+
+    config = {"run": {"name": "r"}, "checkpoint": {"local_dir": str(tmp_path / "node-local")}}
+    storage_uri = f"file://{tmp_path / 'storage'}"
+    local, shared = node_tiers(config_from_dict(config), storage_uri, None, None, "node-a")
     model, optimizer = _model(3.0)
     for step in (5, 6):
         handoff = SaveRequest(LoopState(step, step), 2, "jit", reason="regrow", shared=False)
-        _manager(tmp_path, local, [durable]).save({"model": model, "optimizer": optimizer}, handoff, writer=True,
-                                                  wait=True)
+        _manager(tmp_path, local, shared).save({"model": model, "optimizer": optimizer}, handoff, writer=True,
+                                               wait=True)
     _corrupt(local.store, 6)
-    copier = CheckpointManager("r", {"run": {"name": "r"}}, local, [durable], writes_local=False, events=events,
-                               scratch_root=str(tmp_path / "scratch"))  # another process on the node: the controller's
-    assert copier.copy_on(6) is False and durable.steps("r") == [], "a damaged copy is never uploaded"
-    assert copier.copy_on(5) is True and durable.steps("r") == [5]
+    probe = (f"import json, sys; from raytrain_spot.checkpoint.copy_on import commit_node_copy; "
+             f"print(json.dumps([commit_node_copy({config!r}, {storage_uri!r}, None, None, None, 'node-a', step) "
+             f"for step in (6, 5)]), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "InvalidCheckpoint" in result.stderr, "a damaged copy fails the copy-on"
+    probe = probe.replace("(6, 5)", "(5,)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["[true]", "False"], "copied on, in a process without the training stack"
+    assert shared[0].steps("r") == [5]
     (tmp_path / "fetched").mkdir()
-    manifest, _ = durable.fetch(checkpoint_key("r", 5), str(tmp_path / "fetched"))
+    manifest, _ = shared[0].fetch(checkpoint_key("r", 5), str(tmp_path / "fetched"))
     assert (manifest.kind, manifest.reason, manifest.world_size) == ("jit", "regrow", 2)
-    assert [(e["step"], e["tier"]) for e in events.records if e["ev"] == "checkpoint"] == [(5, "durable")]
+
+
+@pytest.mark.parametrize("copied_by_controller", [False, True])
+def test_a_step_restored_from_node_copies_alone_is_copied_on_unless_the_controller_copies_it(tmp_path,
+                                                                                             copied_by_controller):
+    local, durable = _tiers(tmp_path)
+    model, optimizer = _model(2.0)
+    handoff = SaveRequest(LoopState(8, 8), 1, "jit", reason="regrow", shared=False)
+    _manager(tmp_path, local, [durable]).save({"model": model, "optimizer": optimizer}, handoff, writer=True, wait=True)
+    restarted = _manager(tmp_path, local, [durable])
+    restored = restarted.restore({"model": model, "optimizer": optimizer}, 0,
+                                 copied_by_controller=8 if copied_by_controller else None)
+    restarted.wait()
+    assert restored.loop.step == 8 and restored.tier == "local"
+    assert durable.steps("r") == ([] if copied_by_controller else [8]), \
+        "the controller's upload and the group's would spoil each other on the head"
 
 
 def test_a_cancelled_save_stops_while_it_is_written_and_leaves_nothing(tmp_path):

@@ -128,15 +128,13 @@ def test_the_preload_import_returns_once_the_stack_is_imported_and_its_packages_
     assert out.split() == ["True", "True", "True", "True"], out
 
 
-@pytest.mark.parametrize("wanted_now", [False, True])
-def test_a_process_the_run_waits_for_preloads_at_normal_priority(wanted_now):
-    from raytrain_spot.elastic.standby import WANTED_NOW
+def test_a_process_that_needs_no_stack_preloads_nothing():
+    from raytrain_spot.elastic.standby import NO_PRELOAD
 
-    probe = "import raytrain_spot.elastic.preload as p; print(p.at_idle_priority)"
-    env = {key: value for key, value in os.environ.items() if key != WANTED_NOW}
+    probe = "import sys; import raytrain_spot.elastic.preload as p; print(p.done.is_set(), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                         env={**env, **({WANTED_NOW: "1"} if wanted_now else {})}).stdout
-    assert out.split() == [str(not wanted_now)], "the controller's copy-on waits for no idle core"
+                         env={**os.environ, NO_PRELOAD: "1"}).stdout
+    assert out.split() == ["True", "False"], "the controller's copy-on starts beside a restarting group"
 
 
 def test_a_runs_processes_preload_its_tasks_modules_too():

@@ -1,8 +1,6 @@
-"""A handoff's step held by node copies alone is copied on to the shared tiers while the next group waits
-for capacity (elastic/stranded.py), decided without a cluster."""
+"""A handoff's step held by node copies alone is copied on to the shared tiers by the controller where it is
+at risk (elastic/stranded.py), decided without a cluster."""
 
-import threading
-import time
 from concurrent.futures import Future
 
 from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
@@ -11,7 +9,6 @@ from ray.train.v2.api.config import ScalingConfig
 
 from raytrain_spot.elastic.capacity import LiveCapacity
 from raytrain_spot.elastic.policy import SpotScalingPolicy, WorkerGroupHandoff
-from raytrain_spot.elastic.stranded import StrandedStep
 from tests.test_elastic import CPU1, _group_error, node
 
 
@@ -27,12 +24,13 @@ class CopiesOn:
         return self.futures[-1]
 
 
-def _policy(nodes, copies, min_workers=2, wait_s=30.0):
+def _policy(nodes, copies, min_workers=2):
+    announced = []
     config = ScalingConfig(num_workers=(min_workers, 3), resources_per_worker=CPU1)
     policy = SpotScalingPolicy(config, capacity=LiveCapacity(CPU1, 3, nodes=lambda: nodes, max_age_s=0),
-                               sleep=lambda s: None, remove_orphans=list, stranded=StrandedStep(copies, wait_s))
+                               sleep=lambda s: None, remove_orphans=list, announce=announced.append, copy_on=copies)
     policy._maybe_send_resource_request = lambda: None
-    return policy
+    return policy, announced
 
 
 def _handed_off(policy, step, node_copies):
@@ -40,73 +38,63 @@ def _handed_off(policy, step, node_copies):
     policy.after_controller_state_update(RunningState(), RestartingState(_group_error(*failures)))
 
 
-def test_while_the_next_group_waits_for_capacity_a_node_holding_the_step_copies_it_on_once():
-    nodes, copies = [node("a")], CopiesOn()
-    policy = _policy(nodes, copies)
+def _running(policy):
+    policy.after_controller_state_update(RestartingState(_group_error(RuntimeError())), RunningState())
+
+
+def test_a_step_one_node_holds_is_copied_on_at_the_handoff_and_the_next_group_leaves_it_to_the_controller():
+    nodes, copies = [node("a"), node("b")], CopiesOn()
+    policy, announced = _policy(nodes, copies)
     _handed_off(policy, 116, ("a",))
+    assert copies.calls == [("a", 116)], "before a notice can make its node draining (Ray places nothing there)"
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision), "no wait for the copy"
+    assert announced[-1].copying_on == 116, "two uploads of one step to the head would spoil each other"
+    _running(policy)
+    _handed_off(policy, 130, ("a", "b"))
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
+    assert copies.calls == [("a", 116)] and announced[-1].copying_on is None, \
+        "two nodes hold it and the next group starts at once: that group copies it on"
+
+
+def test_while_the_next_group_waits_for_capacity_a_node_holding_the_step_copies_it_on_once():
+    nodes, copies = [node("a"), node("b")], CopiesOn()
+    policy, announced = _policy(nodes, copies, min_workers=3)
+    _handed_off(policy, 40, ("a", "b"))
+    assert copies.calls == []
     for _ in range(3):
         assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)
-    assert copies.calls == [("a", 116)], "one copy-on, not one per wait"
+    assert copies.calls == [("a", 40)], "one copy-on, not one per wait"
     copies.futures[0].set_result(True)
     policy.make_decision_for_non_running_worker_group()
-    assert copies.calls == [("a", 116)], "a copy-on that committed is not repeated"
-
-
-def test_the_next_group_starts_only_once_the_copy_on_in_flight_is_done():
-    nodes, copies = [node("a")], CopiesOn()
-    policy = _policy(nodes, copies)
-    _handed_off(policy, 116, ("a",))
-    policy.make_decision_for_non_running_worker_group()
-    nodes.append(node("b"))
-    done_at = []
-
-    def finish():
-        time.sleep(0.3)
-        done_at.append(time.monotonic())
-        copies.futures[0].set_result(True)
-
-    threading.Thread(target=finish).start()
-    decision = policy.make_decision_for_non_running_worker_group()
-    assert isinstance(decision, ResizeDecision) and done_at and time.monotonic() >= done_at[0], \
-        "the group's own copy-on would race the one in flight on the head"
-
-
-def test_a_group_that_starts_at_once_copies_nothing_and_a_step_on_the_shared_tiers_is_never_copied():
-    copies = CopiesOn()
-    policy = _policy([node("a"), node("b")], copies)
-    _handed_off(policy, 10, ("a", "b"))
+    nodes.append(node("c"))
     assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
-    waiting = _policy([node("a")], copies)
-    _handed_off(waiting, 20, ())  # a handoff where no node stays commits on the shared tiers
-    assert isinstance(waiting.make_decision_for_non_running_worker_group(), NoopDecision)
-    assert copies.calls == []
+    assert copies.calls == [("a", 40)] and announced[-1].copying_on == 40
 
 
-def test_after_a_failed_copy_on_the_next_holder_copies_dead_nodes_never_and_a_draining_one_last():
-    nodes = [node("a", draining=True), node("b"), node("c", alive=False)]
+def test_after_a_failed_copy_on_the_next_holder_copies_and_dead_or_draining_holders_never():
+    nodes = [node("a", draining=True), node("b"), node("c", alive=False), node("d")]
     copies = CopiesOn()
-    policy = _policy(nodes, copies, min_workers=3)
-    _handed_off(policy, 50, ("a", "b", "c"))
+    policy, announced = _policy(nodes, copies, min_workers=3)
+    _handed_off(policy, 50, ("a", "b", "c", "d"))
     policy.make_decision_for_non_running_worker_group()
-    assert copies.calls == [("b", 50)], "a draining node dies first: the alive, non-draining holder copies"
+    assert copies.calls == [("b", 50)], "Ray places no task on a draining node, and none on a dead one"
     copies.futures[0].set_exception(RuntimeError("node b died"))
     policy.make_decision_for_non_running_worker_group()
-    assert copies.calls == [("b", 50), ("a", 50)]
-    copies.futures[1].set_result(False)  # a's copy did not verify
+    assert copies.calls == [("b", 50), ("d", 50)]
+    copies.futures[1].set_result(False)  # d's copy did not verify
     policy.make_decision_for_non_running_worker_group()
-    assert copies.calls == [("b", 50), ("a", 50)], "no holder left to try"
+    assert copies.calls == [("b", 50), ("d", 50)], "no holder left to try"
+    nodes.append(node("e"))
+    policy.make_decision_for_non_running_worker_group()
+    assert announced[-1].copying_on is None, "no copy-on stands: the group copies the step on itself"
 
 
-def test_a_copy_on_that_hangs_holds_the_next_group_back_only_so_long():
+def test_a_step_on_the_shared_tiers_is_never_copied_and_a_running_group_takes_the_step_over():
     nodes, copies = [node("a")], CopiesOn()
-    policy = _policy(nodes, copies, wait_s=0.2)
-    _handed_off(policy, 7, ("a",))
+    policy, _ = _policy(nodes, copies)
+    _handed_off(policy, 20, ())  # a handoff where no node stays commits on the shared tiers
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)
+    _handed_off(policy, 30, ("a", "b"))
+    _running(policy)  # a group started on a and b and runs: it restores and copies the step on itself
     policy.make_decision_for_non_running_worker_group()
-    nodes.append(node("b"))
-    started = time.monotonic()
-    assert isinstance(policy.make_decision_for_non_running_worker_group(), ResizeDecision)
-    assert 0.2 <= time.monotonic() - started < 5
-    _handed_off(policy, 9, ())
-    nodes.pop()
-    policy.make_decision_for_non_running_worker_group()
-    assert copies.calls == [("a", 7)], "the started group took the step over"
+    assert copies.calls == []

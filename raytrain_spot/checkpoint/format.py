@@ -19,12 +19,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
-from typing import Any, BinaryIO, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, Iterable, List, Optional
 
 import google_crc32c
-import torch
 
 from raytrain_spot.storage.store import Store
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -88,7 +90,7 @@ class Manifest:
     sharded: bool = False  # tensors in DCP files written by every rank, the rest in the state file
     config_hash: str = ""
     framework_version: str = ""
-    torch_version: str = field(default_factory=lambda: torch.__version__)
+    torch_version: str = field(default_factory=lambda: _torch().__version__)
     created_at: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -179,6 +181,7 @@ def write_state(state: Dict[str, Any], path: str, compression: str = "none",
 
     Not synced to the disk: ``path`` is a scratch file that a tier copies (and syncs, where it must
     outlive a power loss) or, for the node-local tier, adopts as it is (``LocalStore.sync``)."""
+    torch = _torch()
     with open(path, "wb") as f:
         writer = _ChecksummingWriter(f, cancelled)
         if compression == "none":
@@ -295,6 +298,7 @@ def load_state(path: str, compression: str = "none",
     brought into memory (a surviving node's copy is in its page cache since the save), so a
     restore copies the state once, into the model, instead of twice. Every store replaces a file
     by a rename and deletes by unlinking, so a mapped checkpoint never changes under its tensors."""
+    torch = _torch()
     try:
         if compression == "none":
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
@@ -304,3 +308,11 @@ def load_state(path: str, compression: str = "none",
             return torch.load(io.BytesIO(compressed.read()), map_location=map_location, weights_only=True)
     except Exception as error:  # a verified file that still fails to parse is as bad as a corrupt one
         raise InvalidCheckpoint(f"cannot deserialize {os.path.basename(path)}: {error}") from None
+
+
+def _torch():
+    """Imported where a state is written or read: copying a verified checkpoint between tiers needs no
+    torch (the controller's copy-on runs in a process without the training stack, checkpoint/copy_on.py)."""
+    import torch
+
+    return torch

@@ -52,7 +52,7 @@ from raytrain_spot.checkpoint.sharded import (
 from raytrain_spot.checkpoint.scratch import private_dir, scratch_prefix, sweep_orphans
 from raytrain_spot.checkpoint.snapshot import HostSnapshot
 from raytrain_spot.checkpoint.state import LoopState, Stateful, load_training_state, training_state
-from raytrain_spot.checkpoint.tiers import ORDINARY, SaveCancelled, Tier, Transfer
+from raytrain_spot.checkpoint.tiers import SaveCancelled, Tier, Transfer
 from raytrain_spot.distributed.collectives import RankGroup
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.observe.records import Checkpoint, CheckpointCancelled, CheckpointFailed, RestoreMismatch
@@ -201,26 +201,23 @@ class CheckpointManager:
         """In the background, commit this node's verified copy of ``step`` on the shared tiers,
         where a handoff left it to the next group (``SaveRequest.shared``). The next save takes
         its turn after it, or cancels it (a just-in-time or final save: its step is newer)."""
-        transfer = self._transfer = Transfer()
-        self._thread = threading.Thread(target=self.copy_on, args=(step, transfer),
-                                        name=f"checkpoint-replicate-{step}", daemon=True)
-        self._thread.start()
+        def copy_on() -> None:
+            key = checkpoint_key(self.run_name, step)
+            started = time.time()
+            with tempfile.TemporaryDirectory(prefix=scratch_prefix("replicate"), dir=self.scratch_root) as scratch:
+                try:
+                    manifest, paths = self.local.fetch(key, scratch)  # verified again: never upload what rotted
+                except Exception as error:  # the next save covers it; until then the other nodes' copies
+                    logger.warning("Cannot copy step %d on to the shared tiers: %s: %s", step, type(error).__name__,
+                                   error)
+                    return
+                request = SaveRequest(LoopState(step=step, samples_seen=manifest.samples_seen), manifest.world_size,
+                                      manifest.kind, manifest.reason)
+                self._commit_shared(key, paths[STATE_FILE], manifest, request, 0.0, started, transfer)
 
-    def copy_on(self, step: int, transfer: Transfer = ORDINARY) -> bool:
-        """Commit this node's verified copy of ``step`` on the shared tiers; whether one holds it now."""
-        key = checkpoint_key(self.run_name, step)
-        started = time.time()
-        with tempfile.TemporaryDirectory(prefix=scratch_prefix("replicate"), dir=self.scratch_root) as scratch:
-            try:
-                manifest, paths = self.local.fetch(key, scratch)  # verified again: never upload what rotted
-            except Exception as error:  # the next save covers it; until then the other nodes' copies
-                logger.warning("Cannot copy step %d on to the shared tiers: %s: %s", step, type(error).__name__,
-                               error)
-                return False
-            request = SaveRequest(LoopState(step=step, samples_seen=manifest.samples_seen), manifest.world_size,
-                                  manifest.kind, manifest.reason)
-            self._commit_shared(key, paths[STATE_FILE], manifest, request, 0.0, started, transfer)
-        return self.committed_step == step
+        transfer = self._transfer = Transfer()
+        self._thread = threading.Thread(target=copy_on, name=f"checkpoint-replicate-{step}", daemon=True)
+        self._thread.start()
 
     def cancel(self) -> None:
         """Have the save in flight (if any) give way: it stops part-way (while it is serialized or between
@@ -400,13 +397,15 @@ class CheckpointManager:
                                    type(why).__name__, why)
         return None
 
-    def restore(self, parts: Mapping[str, Stateful], rank: int) -> Optional[Restored]:
+    def restore(self, parts: Mapping[str, Stateful], rank: int,
+                copied_by_controller: Optional[int] = None) -> Optional[Restored]:
         """Collective: every rank loads the same state into ``parts`` (or none, on a first start).
 
         Candidates are every step any rank can see (the newest checkpoint may exist only on
         some nodes' local disks), newest first. The first step that some rank loads and
         verifies wins; each rank loads it from its own fastest valid copy, and a rank with none
-        receives it from the lowest rank that has it.
+        receives it from the lowest rank that has it. A step loaded from node copies alone is copied on
+        to the shared tiers (``replicate``), unless it is ``copied_by_controller`` (elastic/stranded.py).
         """
         started = time.time()
         listings = {tier.name: _listing(tier, self.run_name) for tier in self._tiers()}
@@ -441,7 +440,8 @@ class CheckpointManager:
             # A handoff's step on node-local copies alone: the first rank that read one copies it on.
             sources = self.group.all_gather_object(tier)
             if (self.local is not None and rank == next((r for r, t in enumerate(sources) if t == self.local.name), -1)
-                    and not any(step in listings[shared.name] for shared in self.shared)):
+                    and not any(step in listings[shared.name] for shared in self.shared)
+                    and step != copied_by_controller):
                 self.replicate(step)
             return Restored(loop, tier, manifest, time.time() - started, read_s)
         return None

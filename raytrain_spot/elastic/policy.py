@@ -41,6 +41,7 @@ from raytrain_spot._ray import (
     ReschedulingState,
     ResizeDecision,
     RestartingState,
+    RunningState,
     ScalingDecision,
     WorkerGroupStartupTimeoutError,
     WorkerHealthCheckFailedError,
@@ -130,8 +131,8 @@ class SpotScalingPolicy(ElasticScalingPolicy):
     group starts, ``remove_orphans`` removes what a group that failed to start left holding
     resources (``remove_orphaned_placement_groups``), and ``announce`` tells the group how long it
     waited for capacity (``GroupStarts.publish``), so that its restart is measured without the wait.
-    While it waits for capacity, a handoff's step held by node copies alone is copied on to the shared
-    tiers (``stranded``, elastic/stranded.py).
+    ``copy_on`` copies a handoff's step held by node copies alone on to the shared tiers where the step is
+    at risk (elastic/stranded.py's ``StrandedStep``; None: never).
     """
 
     def __init__(self, scaling_config: ScalingConfig, capacity: Optional[LiveCapacity] = None,
@@ -139,9 +140,9 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                  sleep: Callable[[float], None] = time.sleep,
                  remove_orphans: Optional[Callable[[], List[str]]] = None,
                  announce: Callable[[GroupStart], None] = lambda start: None,
-                 wall_clock: Callable[[], float] = time.time, stranded: Optional[StrandedStep] = None):
+                 wall_clock: Callable[[], float] = time.time,
+                 copy_on: Optional[Callable[[str, int], "Future[bool]"]] = None):
         super().__init__(scaling_config)
-        self._stranded = stranded
         self._remove_orphans = remove_orphans or (lambda: remove_orphaned_placement_groups(
             scaling_config._resources_per_worker_not_none, scaling_config.placement_strategy))
         self._capacity = capacity or LiveCapacity(scaling_config._resources_per_worker_not_none,
@@ -155,12 +156,15 @@ class SpotScalingPolicy(ElasticScalingPolicy):
         self._waiting_since: Optional[float] = None
         self._announce = announce
         self._started_at = wall_clock()
+        self._stranded = StrandedStep(copy_on, self._capacity.nodes) if copy_on is not None else None
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         """Entering a restart caused by a failure (not a handoff) starts the settle period; one caused by a
-        handoff tells ``stranded`` where the step is."""
+        handoff, or a group running, tells ``StrandedStep`` where the handoff's step is."""
         error = getattr(current_state, "training_failed_error", None)
         entered = current_state is not previous_state  # a Noop decision keeps the very same state
+        if entered and isinstance(current_state, RunningState) and self._stranded is not None:
+            self._stranded.group_running()
         if not (entered and isinstance(current_state, (RestartingState, ReschedulingState))):
             return
         if not is_handoff(error):
@@ -192,17 +196,16 @@ class SpotScalingPolicy(ElasticScalingPolicy):
                 logger.warning("Waiting for capacity: %d workers fit on alive, non-draining nodes, "
                                "min_workers=%d", workers, minimum)
             if self._stranded is not None:
-                self._stranded.waiting_for_capacity(self._capacity.nodes)
+                self._stranded.waiting_for_capacity()
             return self._wait()
         waited = self._clock() - self._waiting_since if self._waiting_since is not None else 0.0
         self._waiting_since = None
         logger.info("Starting a worker group of %d: that many fit on alive, non-draining nodes "
                     "(min %d, max %d, waited %.1f s)", workers, minimum, self.scaling_config.max_workers, waited)
-        if self._stranded is not None:
-            self._stranded.before_group_start()
         self._remove_orphans()
         self._nodes_at_start = {node.node_id for node in self._capacity.nodes() if node.alive}
-        self._announce(GroupStart(waited_s=waited, driver_started_at=self._started_at))
+        self._announce(GroupStart(waited_s=waited, driver_started_at=self._started_at,
+                                  copying_on=self._stranded.group_starting() if self._stranded is not None else None))
         return ResizeDecision(num_workers=workers,
                               resources_per_worker=self.scaling_config._resources_per_worker_not_none)
 
@@ -300,8 +303,7 @@ class SpotTorchTrainer(TorchTrainer):
     dead before sizing the new group (the cluster's health-check period times its threshold).
     ``max_identical_failures``: see ``SpotFailurePolicy`` (0: never stop for it).
     ``survivor_commit_s``: after a failure, the longest wait for the survivors' commits (0: no wait).
-    ``copy_on``: commits a handoff's step from a node's copy on the shared tiers (elastic/stranded.py's
-    ``StrandedStep``; None: never).
+    ``copy_on``: see ``SpotScalingPolicy``.
     """
 
     def __init__(self, *args, failure_settle_s: float = 4.0, max_identical_failures: int = 3,
@@ -321,8 +323,7 @@ class SpotTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["scaling_policy"] = SpotScalingPolicy(
             self.scaling_config, failure_settle_s=self._failure_settle_s,
-            announce=GroupStarts(self.run_config.name).publish,
-            stranded=StrandedStep(self._copy_on) if self._copy_on is not None else None)
+            announce=GroupStarts(self.run_config.name).publish, copy_on=self._copy_on)
         survivors = (SurvivorWait(SurvivorMarks(self.run_config.name), self._survivor_commit_s)
                      if self._survivor_commit_s > 0 else None)
         controller_init_kwargs["failure_policy"] = SpotFailurePolicy(self.run_config.failure_config,

@@ -17,6 +17,9 @@ A standby started for a notice warm-up imports at normal priority instead (elast
 
 Once the stack is in, the process announces its node warm (elastic/standby.py's ``announce_warm``).
 
+A process that needs none of the stack (the controller's copy-on, checkpoint/copy_on.py) has
+``NO_PRELOAD`` in its runtime environment and imports nothing here.
+
 The main thread waits instead of going on to take work because Python's imports are not safe
 to race against an idle-priority thread: a module counts as imported a moment before its
 parent package gets the attribute for it, and a starved thread can hold that moment for
@@ -32,6 +35,8 @@ import logging
 import os
 import threading
 from typing import List
+
+from raytrain_spot.elastic.standby import NO_PRELOAD
 
 MODULES = ("torch", "torch._dynamo", "raytrain_spot.loop.worker", "ray.train.torch")
 """torch._dynamo is imported by the first optimizer a process builds; raytrain_spot.loop.worker
@@ -85,5 +90,8 @@ def _import_at_idle_priority() -> None:
         logger.warning("Could not announce this node warm", exc_info=True)
 
 
-threading.Thread(target=_import_at_idle_priority, name="preload-at-idle-priority", daemon=True).start()
-done.wait()
+if os.environ.get(NO_PRELOAD):
+    done.set()
+else:
+    threading.Thread(target=_import_at_idle_priority, name="preload-at-idle-priority", daemon=True).start()
+    done.wait()

@@ -19,7 +19,8 @@ class ExtraCapacity:
 @dataclass(frozen=True)
 class GroupStart:
     """What the scaling policy knew as it started a group (elastic/policy.py): its rank 0 measures the
-    restart since the last handoff with it, for the regrow rule (elastic/regrow.py)."""
+    restart since the last handoff with it, for the regrow rule (elastic/regrow.py), and its restore
+    leaves a step to the controller's copy-on."""
 
     waited_s: float = 0.0
     """Seconds the policy waited for capacity before it started the group (fewer than ``min_workers``
@@ -27,6 +28,9 @@ class GroupStart:
     driver_started_at: float = 0.0
     """When this run's driver (its Ray Train controller) started, unix seconds: a handoff before it
     ended an earlier driver's run, and the time between the two is no restart."""
+    copying_on: Optional[int] = None
+    """A handoff's step the controller copies on to the shared tiers from a node's copy (elastic/stranded.py):
+    the group restores it as usual and leaves its copy-on to the controller."""
 
 
 class ClusterSignals(Protocol):

@@ -62,9 +62,9 @@ PRELOAD_ENV = "RAY_preload_python_modules"
 STANDBY_MARKER = "RAYTRAIN_SPOT_STANDBY"
 """Environment variable in the Train workers' runtime environment; its value is the run name."""
 
-WANTED_NOW = "RAYTRAIN_SPOT_WANTED_NOW"
-"""Environment variable in the runtime environment of a process the run waits for (the controller's
-copy-on of a stranded step, elastic/stranded.py): set, its preload imports at normal priority."""
+NO_PRELOAD = "RAYTRAIN_SPOT_NO_PRELOAD"
+"""Environment variable in the runtime environment of a process that needs none of the stack (the
+controller's copy-on, checkpoint/copy_on.py): set, its preload imports nothing and it takes work at once."""
 
 TASK_MODULES = "RAYTRAIN_SPOT_TASK_MODULES"
 """Environment variable in the Train workers' runtime environment: the modules the run's task needs
@@ -132,13 +132,11 @@ def hurry_standbys(run_name: str, until: float) -> None:
 
 
 def standbys_hurried() -> bool:
-    """Asked by a preloading process before it picks its priority: whether it is wanted now (``WANTED_NOW``),
-    or a standby of a run that wants its standbys warm now (a notice warm-up)."""
+    """Asked by a preloading process before it picks its priority: whether it is a standby of a run
+    that wants its standbys warm now (a notice warm-up)."""
     import ray
     from raytrain_spot._ray import internal_kv_get, internal_kv_initialized
 
-    if os.environ.get(WANTED_NOW):
-        return True
     run_name = os.environ.get(STANDBY_MARKER)
     if not (run_name and ray.is_initialized() and internal_kv_initialized()):
         return False

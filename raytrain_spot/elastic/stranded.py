@@ -1,33 +1,33 @@
-"""A handoff's step held by node copies alone, copied on to the shared tiers when the next group is late.
+"""A handoff's step held by node copies alone, copied on to the shared tiers by the controller when it is at risk.
 
 A handoff that leaves nodes staying commits its step on their node copies alone (loop/handoff.py):
 the next group restores it from them at memory speed and copies it on to the shared tiers
-(``CheckpointManager.replicate``). Until that group starts, the step lives on those nodes only, and
-a group that waits for capacity can wait long. On the V100 trace window a group of one regrew, its
-node had a notice a second later, the next group waited 48 s for capacity, the node died with the
-step, and 48 steps were redone (docs/benchmarks.md).
+(``CheckpointManager.replicate``). Until then the step lives on those nodes only. Two cases put it
+at risk, and in both the controller copies it on itself (``copy_on``: in a run, a Ray task on a
+holding node, owned by the controller, which outlives the group's processes):
 
-So once the scaling policy waits for capacity, ``StrandedStep`` has a node that holds the step commit
-it on the shared tiers (``copy_on``: in a run, a Ray task on that node owned by the controller, which
-outlives the group's processes). The next group starts only once that commit is done or has failed:
-its own copy-on would otherwise race it on the head. A group that starts at once, as after most
-handoffs, never waits for it.
+* **one node holds it**: its loss before the next group has copied the step on loses the step.
+  On the V100 trace window a group of one regrew; its node had a notice a second later, the node
+  the group regrew onto was lost, the next group waited 48 s for capacity, and the node died with
+  the step: 48 steps redone (docs/benchmarks.md). The copy starts at the handoff, before any notice
+  can come (Ray places no new task on a draining node);
+* **the next group waits for capacity** (fewer than ``min_workers`` fit): the wait may last minutes.
+  The copy starts when the wait does.
+
+The group then started is told the step the controller copies (``GroupStart.copying_on``) and leaves
+its copy-on to it: two uploads of one step to the head would spoil each other.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Tuple
 
 from raytrain_spot.elastic.capacity import NodeView
 
 logger = logging.getLogger(__name__)
-
-COPY_ON_WAIT_S = 120.0
-"""Longest the next group's start waits for a copy-on in flight: minutes of a stuck head, not a
-copy's seconds (0.5 GB reached the head in about 5 s on two shared cores)."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class StepOnNodes:
 
 
 class StrandedStep:
-    """The controller's view of the last handoff's step while no group runs (see the module docstring).
+    """The controller's view of the last handoff's step until the next group runs (see the module docstring).
 
     ``copy_on(node_id, step)`` starts the commit of ``step`` from that node's copy and returns its
-    future (True: a shared tier holds it)."""
+    future (True: a shared tier holds it). ``cluster`` reads the node table."""
 
-    def __init__(self, copy_on: Callable[[str, int], "Future[bool]"], wait_s: float = COPY_ON_WAIT_S):
+    def __init__(self, copy_on: Callable[[str, int], "Future[bool]"], cluster: Callable[[], Iterable[NodeView]]):
         self._copy_on = copy_on
-        self._wait_s = wait_s
+        self._cluster = cluster
         self._stranded: Optional[StepOnNodes] = None
         self._tried: Tuple[str, ...] = ()
         self._copying: Optional["Future[bool]"] = None
@@ -55,44 +55,48 @@ class StrandedStep:
         nodes = tuple(nodes)
         self._stranded = StepOnNodes(step, nodes) if nodes else None
         self._tried, self._copying = (), None
+        if len(nodes) == 1:
+            self._copy(f"only node {nodes[0]} holds it")
 
-    def waiting_for_capacity(self, cluster: Callable[[], Iterable[NodeView]]) -> None:
-        """The next group waits: start the copy-on from a node that holds the step, unless one runs or
-        succeeded; after a failure, from the next holder still alive (a draining one last)."""
-        if self._stranded is None or (self._copying is not None and not self._failed(self._copying)):
-            return
-        alive = {node.node_id: node.draining for node in cluster() if node.alive}
-        holders = sorted((node for node in self._stranded.nodes if node in alive and node not in self._tried),
-                         key=lambda node: alive[node])
-        if not holders:
-            return
-        node = holders[0]
-        self._tried += (node,)
-        logger.warning("Copying step %d from node %s's copy on to the shared tiers: the next group waits for capacity, "
-                       "and until it starts the step lives on %d node(s) alone", self._stranded.step, node,
-                       len(self._stranded.nodes))
-        self._copying = self._copy_on(node, self._stranded.step)
+    def waiting_for_capacity(self) -> None:
+        """The next group waits for capacity: copy the step on, unless a copy runs or committed it."""
+        self._copy("the next group waits for capacity")
 
-    def before_group_start(self) -> None:
-        """Wait for the copy-on in flight, if any (the group's own copy-on would race it); the group then
-        takes the step over."""
-        if self._copying is not None:
-            self._wait_for(self._stranded.step, self._copying)
+    def group_starting(self) -> Optional[int]:
+        """The step whose copy-on the starting group leaves to the controller: one running or committed."""
+        copying = self._copying is not None and not self._failed(self._copying)
+        return self._stranded.step if copying else None
+
+    def group_running(self) -> None:
+        """A group runs: it restored the step, or the nodes holding it are gone."""
         self._stranded, self._tried, self._copying = None, (), None
 
-    def _wait_for(self, step: int, copying: "Future[bool]") -> None:
-        if not copying.done():
-            logger.info("The next group waits for step %d's copy-on to the shared tiers", step)
-        try:
-            committed = copying.result(timeout=self._wait_s)
-        except FutureTimeout:
-            logger.error("Step %d's copy-on to the shared tiers took over %.0f s; the next group starts without it",
-                         step, self._wait_s)
-        except Exception as error:  # its node died, or its tiers failed: the group restores what is left
-            logger.warning("Step %d's copy-on to the shared tiers failed: %s: %s", step, type(error).__name__, error)
+    def _copy(self, why: str) -> None:
+        """From a holder still alive and not draining (Ray places no task on a draining node); after a
+        failed copy, from the next such holder."""
+        if self._stranded is None or (self._copying is not None and not self._failed(self._copying)):
+            return
+        usable = {node.node_id for node in self._cluster() if node.alive and not node.draining}
+        node = next((node for node in self._stranded.nodes if node in usable and node not in self._tried), None)
+        if node is None:
+            return
+        self._tried += (node,)
+        step = self._stranded.step
+        logger.warning("Copying step %d from node %s's copy on to the shared tiers: %s, and until the next group "
+                       "copies it on, the step lives on %d node(s) alone", step, node, why, len(self._stranded.nodes))
+        self._copying = self._copy_on(node, step)
+        self._copying.add_done_callback(lambda done: self._report(step, node, done))
+
+    @staticmethod
+    def _report(step: int, node: str, done: "Future[bool]") -> None:
+        if done.exception() is not None:  # its node died, or its tiers failed: what is left is restored
+            logger.warning("Step %d's copy-on from node %s failed: %s: %s", step, node,
+                           type(done.exception()).__name__, done.exception())
+        elif done.result():
+            logger.info("Step %d is on the shared tiers, copied on from node %s", step, node)
         else:
-            logger.info("Step %d's copy-on %s", step, "committed it on the shared tiers" if committed
-                        else "committed nothing (its node's copy did not verify, or no shared tier took it)")
+            logger.warning("Step %d's copy-on from node %s committed nothing (its copy did not verify, or no shared "
+                           "tier took it)", step, node)
 
     @staticmethod
     def _failed(copying: "Future[bool]") -> bool:

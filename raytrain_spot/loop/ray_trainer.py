@@ -6,12 +6,12 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
+from raytrain_spot.checkpoint.copy_on import copy_on_from_nodes
 from raytrain_spot.config.schema import Config
 from raytrain_spot.distributed.process_group import StoreFirstTorchConfig
 from raytrain_spot.elastic.policy import SpotTorchTrainer
 from raytrain_spot.elastic.standby import STANDBY_MARKER, TASK_MODULES
 from raytrain_spot.elastic.survivors import survivor_commit_s
-from raytrain_spot.loop.stranded_copy import copy_on_from_nodes
 from raytrain_spot.loop.task import task_class
 from raytrain_spot.loop.worker import LoopContext, run_worker
 
@@ -56,7 +56,9 @@ def build_trainer(cfg: Config, context: LoopContext) -> TorchTrainer:
     )
     spot = ({"failure_settle_s": cfg.elastic.failure_settle_s,
              "max_identical_failures": trainer_cfg.max_identical_failures,
-             "survivor_commit_s": survivor_commit_s(cfg), "copy_on": copy_on_from_nodes(context)}
+             "survivor_commit_s": survivor_commit_s(cfg),
+             "copy_on": copy_on_from_nodes(context.config, context.storage_uri, context.head_store,
+                                           context.lease_owner, context.events)}
             if spot_aware else {})
     trainer_cls = SpotTorchTrainer if spot_aware else TorchTrainer
     # The baselines keep Ray's own process group setup; ours opens the store first (distributed/process_group.py).

@@ -23,10 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raytrain_spot._ray import TRAIN_UTIL_LOGGER
 from raytrain_spot.checkpoint.advisor import CheckpointCadence, IntervalAdvisor
-from raytrain_spot.checkpoint.lease import LeaseGuard
 from raytrain_spot.checkpoint.manager import CheckpointManager, Restored, SaveRequest
 from raytrain_spot.checkpoint.state import LoopState, ModelWeights
-from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier
+from raytrain_spot.checkpoint.copy_on import node_tiers
 from raytrain_spot.config.schema import Config, config_from_dict
 from raytrain_spot.elastic.capacity import GroupStarts, watch_capacity
 from raytrain_spot.elastic.regrow import measured_rate
@@ -36,8 +35,6 @@ from raytrain_spot.elastic.standby import (STANDBY_MARKER, NoticeStandbys, claim
                                            nodes_share_cores, top_up)
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.observe.records import Advice, Eval, Group, Resize, Restore, Samples, Step, Stopped
-from raytrain_spot.storage import open_store
-from raytrain_spot.storage.store import LocalStore
 from raytrain_spot.loop.agreement import RankView, start_agreement
 from raytrain_spot.loop.batches import StepBatches, StepRows
 from raytrain_spot.distributed.collectives import RankGroup
@@ -94,7 +91,8 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
     parts = {"model": ModelWeights(model), "optimizer": optimizer, **task.extra_state()}
     phases.mark("model")
 
-    restored = checkpoints.restore(parts, rank)
+    copied_by_controller = runtime.group_start.copying_on if runtime.group_start else None
+    restored = checkpoints.restore(parts, rank, copied_by_controller)
     phases.mark("restore")
     loop = restored.loop if restored else LoopState()
     if restored and restored.manifest.reason != "regrow" and restored.manifest.kind != "final":
@@ -375,7 +373,7 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
         if survivors and rank == 0:
             marks.clear()  # an earlier group's, left where the controller never waited (a restart after a
             # notice), would end the controller's next wait at once
-        group_start = GroupStarts(cfg.run.name).latest() if rank == 0 and spot_aware else None
+        group_start = GroupStarts(cfg.run.name).latest() if spot_aware else None
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals, group_start=group_start,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled,
@@ -410,25 +408,11 @@ def build_checkpoint_manager(cfg: Config, context: LoopContext, group: RankGroup
     groups workers by IP, which virtual nodes on one machine share)."""
     rank = group.rank
     node_id = node_ids[rank]
-    return node_checkpoint_manager(cfg, context, node_id, events, group=group,
-                                   writes_local=node_ids.index(node_id) == rank)
-
-
-def node_checkpoint_manager(cfg: Config, context: LoopContext, node_id: str, events: EventLog,
-                            group: Optional[RankGroup] = None, writes_local: bool = False) -> CheckpointManager:
-    """The checkpoint tiers as a process on ``node_id`` reaches them: its node's, the head's, durable storage."""
-    node_root = cfg.checkpoint.local_root(context.storage_uri, node_id)
-    local = None
-    if cfg.checkpoint.use_local and not cfg.checkpoint.sharded:  # one node holds only its ranks' shares
-        local = StoreTier("local", LocalStore(node_root, sync=False), cfg.run.name, cfg.checkpoint.keep_latest_k)
-    durable_store = open_store(context.storage_uri)
-    lease_check = LeaseGuard(durable_store, cfg.run.name, context.lease_owner) if context.lease_owner else None
-    durable = StoreTier("durable", durable_store, cfg.run.name, cfg.checkpoint.keep_latest_k,
-                        cfg.checkpoint.milestone_every_steps, lease_check=lease_check)
-    rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
-    shared = [HeadTier(context.head_store, rate), durable] if context.head_store is not None else [durable]
-    return CheckpointManager(cfg.run.name, context.config, local, shared, group=group, writes_local=writes_local,
-                             events=events, compression=cfg.checkpoint.compression, scratch_root=node_root,
+    local, shared = node_tiers(cfg, context.storage_uri, context.head_store, context.lease_owner, node_id)
+    return CheckpointManager(cfg.run.name, context.config, local, shared, group=group,
+                             writes_local=node_ids.index(node_id) == rank,
+                             events=events, compression=cfg.checkpoint.compression,
+                             scratch_root=cfg.checkpoint.local_root(context.storage_uri, node_id),
                              sharded=cfg.checkpoint.sharded)
 
 
