@@ -1,10 +1,10 @@
-"""The checkpoint tiers a process on a node reaches, and the controller's copy-on of a node's copy.
+"""The checkpoint tiers a process on a node reaches, and the copy-on of a node's copy of a step to them.
 
 A handoff's step held by node copies alone is copied on to the shared tiers by the controller where it
-is at risk (elastic/stranded.py). The copy runs as a Ray task on a holding node, owned by the
-controller. Its process neither preloads nor imports the training stack (``NO_PRELOAD``; no torch
-here): it starts while the next group starts on the same node, and importing the stack at normal
-priority made that group's start seconds slower on two shared cores.
+is at risk (elastic/stranded.py), in a Ray task on a holding node that runs ``commit_node_copy``.
+Nothing here imports torch: that task's process starts while the next group starts on the same node,
+and importing the training stack at normal priority made that group's start seconds slower on two
+shared cores.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from concurrent.futures import Future
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from raytrain_spot.checkpoint.format import checkpoint_key
 from raytrain_spot.checkpoint.lease import LeaseGuard
 from raytrain_spot.checkpoint.scratch import scratch_prefix
 from raytrain_spot.checkpoint.tiers import HeadTier, StoreTier, Tier
 from raytrain_spot.config.schema import Config, config_from_dict
-from raytrain_spot.elastic.standby import NO_PRELOAD
 from raytrain_spot.observe.events import EventLog
 from raytrain_spot.observe.records import Checkpoint
 from raytrain_spot.storage import open_store
@@ -45,24 +42,6 @@ def node_tiers(cfg: Config, storage_uri: str, head_store: Any, lease_owner: Opti
                         cfg.checkpoint.milestone_every_steps, lease_check=lease_check)
     rate = cfg.checkpoint.max_transfer_mbps * 1e6 if cfg.checkpoint.max_transfer_mbps else None
     return local, ([HeadTier(head_store, rate), durable] if head_store is not None else [durable])
-
-
-def copy_on_from_nodes(config: Dict[str, Any], storage_uri: str, head_store: Any, lease_owner: Optional[str],
-                       events: Any) -> Callable[[str, int], "Future[bool]"]:
-    """``copy_on`` for ``SpotTorchTrainer``: ``commit_node_copy`` as a Ray task on the given node, owned by
-    its caller (the controller)."""
-    return partial(_submit, config, storage_uri, head_store, lease_owner, events)
-
-
-def _submit(config: Dict[str, Any], storage_uri: str, head_store: Any, lease_owner: Optional[str], events: Any,
-            node_id: str, step: int) -> "Future[bool]":
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    task = ray.remote(commit_node_copy).options(
-        num_cpus=0, max_retries=0, name="raytrain_spot.copy_on", runtime_env={"env_vars": {NO_PRELOAD: "1"}},
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-    return task.remote(config, storage_uri, head_store, lease_owner, events, node_id, step).future()
 
 
 def commit_node_copy(config: Dict[str, Any], storage_uri: str, head_store: Any, lease_owner: Optional[str],

@@ -15,7 +15,8 @@ holding node, owned by the controller, which outlives the group's processes):
   The copy starts when the wait does.
 
 The group then started is told the step the controller copies (``GroupStart.copying_on``) and leaves
-its copy-on to it: two uploads of one step to the head would spoil each other.
+its copy-on to it: two uploads of one step to the head would spoil each other. In a run, ``copy_on`` is
+``copy_on_from_nodes``: checkpoint/copy_on.py's ``commit_node_copy`` in a process that preloads nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+from raytrain_spot.checkpoint.copy_on import commit_node_copy
 from raytrain_spot.elastic.capacity import NodeView
+from raytrain_spot.elastic.standby import NO_PRELOAD
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +105,21 @@ class StrandedStep:
     @staticmethod
     def _failed(copying: "Future[bool]") -> bool:
         return copying.done() and (copying.exception() is not None or not copying.result())
+
+
+def copy_on_from_nodes(config: Dict[str, Any], storage_uri: str, head_store: Any, lease_owner: Optional[str],
+                       events: Any) -> Callable[[str, int], "Future[bool]"]:
+    """``copy_on`` for ``SpotTorchTrainer``: checkpoint/copy_on.py's ``commit_node_copy`` as a Ray task on
+    the given node, owned by its caller (the controller), in a process that preloads nothing (``NO_PRELOAD``)."""
+    return partial(_submit, config, storage_uri, head_store, lease_owner, events)
+
+
+def _submit(config: Dict[str, Any], storage_uri: str, head_store: Any, lease_owner: Optional[str], events: Any,
+            node_id: str, step: int) -> "Future[bool]":
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(commit_node_copy).options(
+        num_cpus=0, max_retries=0, name="raytrain_spot.copy_on", runtime_env={"env_vars": {NO_PRELOAD: "1"}},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    return task.remote(config, storage_uri, head_store, lease_owner, events, node_id, step).future()

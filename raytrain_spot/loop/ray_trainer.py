@@ -6,11 +6,11 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
-from raytrain_spot.checkpoint.copy_on import copy_on_from_nodes
 from raytrain_spot.config.schema import Config
 from raytrain_spot.distributed.process_group import StoreFirstTorchConfig
 from raytrain_spot.elastic.policy import SpotTorchTrainer
 from raytrain_spot.elastic.standby import STANDBY_MARKER, TASK_MODULES
+from raytrain_spot.elastic.stranded import copy_on_from_nodes
 from raytrain_spot.elastic.survivors import survivor_commit_s
 from raytrain_spot.loop.task import task_class
 from raytrain_spot.loop.worker import LoopContext, run_worker
