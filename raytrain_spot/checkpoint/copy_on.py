@@ -3,8 +3,7 @@
 A handoff's step held by node copies alone is copied on to the shared tiers by the controller where it
 is at risk (elastic/stranded.py), in a Ray task on a holding node that runs ``commit_node_copy``.
 Nothing here imports torch: that task's process starts while the next group starts on the same node,
-and importing the training stack at normal priority made that group's start seconds slower on two
-shared cores.
+and importing the training stack there would compete with that group's start for the node's cores.
 """
 
 from __future__ import annotations

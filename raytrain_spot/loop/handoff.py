@@ -51,7 +51,7 @@ def hand_off(handoff: HandOff, checkpoints: CheckpointManager, parts: Mapping[st
                      late_by_s)
         events.emit(JitLate(step=handoff.step, late_by_s=late_by_s, deadline=deadline_s))
     # Held by the staying nodes' copies alone until the next group copies it on: the controller copies it on
-    # itself if that group waits for capacity (elastic/stranded.py).
+    # itself where one node holds it or that group waits for capacity (elastic/stranded.py).
     raise WorkerGroupHandoff(handoff.reason.value, handoff.step, () if shared else tuple(sorted(staying)))
 
 
