@@ -8,6 +8,7 @@ continue the uninterrupted run's loss curve.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -173,6 +174,44 @@ class LinearTask(TrainingTask):
 
     def extra_state(self):
         return {"counter": self.counter}
+
+
+@dataclass
+class OptimizerProbe(LinearTask):
+    """Writes, at each micro-batch's loss (inside a step, before its update), a fingerprint of what a
+    checkpoint taken then would hold of the optimizer: a survivor's commit is taken then."""
+
+    record: str = ""
+
+    def build_optimizer(self, model, optim):
+        self.optimizer = super().build_optimizer(model, optim)
+        return self.optimizer
+
+    def loss(self, model, batch):
+        with open(self.record, "a") as f:
+            f.write(fingerprint(self.optimizer.state_dict()) + "\n")
+        return super().loss(model, batch)
+
+
+def fingerprint(state) -> str:
+    """Of a state nest's values (not of how its tensors share storage)."""
+    digest = hashlib.sha256()
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        else:
+            digest.update(repr(value).encode())
+
+    walk(state)
+    return digest.hexdigest()[:16]
 
 
 def config(max_steps: int, interval_steps: int = 0, regrow: str = "after_settle", notice_standby_wait_s: float = 10.0,
@@ -423,6 +462,27 @@ def test_a_notice_that_leaves_survivors_hands_off_at_once(tmp_path):
               .drain_deadline_after_notice(seconds=60.0))
     ranks = train_group(tmp_path, 2, faults, config(max_steps=400, interval_steps=2), task=LinearTask(step_s=0.05))
     assert [(r["reason"], r["step"]) for r in ranks] == [("preemption", 5)] * 2
+
+
+def test_inside_a_step_until_its_update_the_optimizer_holds_what_the_last_steps_checkpoint_holds(tmp_path):
+    """A survivor commits the last step it completed while the next one is in flight (loop/survivor_commit.py).
+    Its copy must hold what a save at that step holds: a restore found the head's copy of a step, a survivor's,
+    unlike the nodes' periodic copies of it, because the next step's learning rate was already set."""
+    record = tmp_path / "optimizer-inside-steps"
+    [result] = train_group(tmp_path, 1, FaultInjector(NODES), config(max_steps=6, interval_steps=1),
+                           OptimizerProbe(step_s=0.3, record=str(record)))
+    assert result["outcome"] == "finished"
+    inside = record.read_text().split()
+    per_step = len(inside) // 6
+    compared = 0
+    for step in range(1, 6):
+        key = checkpoint_key(RUN, step)
+        if not node_copies(tmp_path, "node-a").exists(f"{key}/{MANIFEST}"):
+            continue  # a save still in flight at this step: the loop skips it
+        saved = load_state(stored_path(node_copies(tmp_path, "node-a"), key, STATE_FILE))["optimizer"]
+        assert set(inside[step * per_step:(step + 1) * per_step]) == {fingerprint(saved)}, f"step {step + 1}"
+        compared += 1
+    assert compared >= 3
 
 
 def test_periodic_saves_at_the_interval_and_a_final_one(tmp_path):

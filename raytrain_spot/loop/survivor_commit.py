@@ -1,7 +1,7 @@
 """No step lost without notice: the surviving ranks commit the state of the last step they completed.
 
-The weights, the optimizer state and the loop state change only under the ``StepGuard``: the
-optimizer step and the loop state's advance, which the training thread enters after the step's
+The weights, the optimizer state and the loop state change only under the ``StepGuard``: the step's
+learning rate, the optimizer step and the loop state's advance, which the training thread enters after the step's
 last collective (the agreement) and leaves without another. So a rank blocked in the collective a
 lost rank never joins holds, whole, the state of the last step it completed. ``SurvivorWatch``
 reads the node table from a thread; once the cluster has declared nodes of the group dead and the

@@ -127,8 +127,6 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
         batch = batches.next()
         while loop.step < cfg.trainer.max_steps:
             step_started = time.time()
-            lr = set_learning_rate(optimizer, task.learning_rate(loop.samples_seen, total_samples, cfg.optim),
-                                   type(task).__name__)
             seed_step(step_seed(cfg.run.seed, loop.step, rank), device)
 
             loss_sum = accumulate(ddp_model, batch.micro_batches, task.loss, world_size / global_batch, autocast_dtype)
@@ -150,7 +148,9 @@ def run_group(cfg: Config, task: TrainingTask, runtime: WorkerRuntime, policy: G
             trained, batch = batch, batches.next()
             agreed = pending.result()
             # The step's collectives are behind it: only now do the weights and the loop state move, together.
-            with guard.moving():
+            with guard.moving():  # the learning rate too: a survivor's copy of the last step must not hold this one's
+                lr = set_learning_rate(optimizer, task.learning_rate(loop.samples_seen, total_samples, cfg.optim),
+                                       type(task).__name__)
                 update_started = time.time()
                 grad_norm = update(ddp_model, optimizer, cfg.optim.grad_clip)
                 update_s = time.time() - update_started
