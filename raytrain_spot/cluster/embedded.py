@@ -2,7 +2,8 @@
 
 The embedded cluster is one head raylet with no training resources (it hosts the driver's
 actors, like the on-demand head of a cloud cluster) plus N virtual worker nodes, each a
-raylet of its own on this machine, bound to 127.0.0.1.
+raylet of its own on this machine, bound to 127.0.0.1. Its processes end with the driver, however
+the driver ends (cluster/reaper.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
+from raytrain_spot.cluster.reaper import Reaper
 from raytrain_spot.config.errors import ConfigError
 from raytrain_spot.config.schema import ClusterConfig
 from raytrain_spot.elastic.standby import PRELOAD_ENV, PRELOAD_MODULES
@@ -97,14 +99,16 @@ class EmbeddedCluster:
 
         self.cfg = cfg
         self.dashboard_port = _free_port(preferred=DEFAULT_DASHBOARD_PORT)
-        self._cluster = Cluster(
-            initialize_head=True,
-            head_node_args=dict(num_cpus=0, node_ip_address=LOOPBACK, include_dashboard=True,
-                                dashboard_host=LOOPBACK, dashboard_port=self.dashboard_port,
-                                object_store_memory=cfg.head_object_store_mb * _MB,
-                                labels={NODE_TYPE_LABEL: "local-head", PRICING_LABEL: "on_demand"},
-                                _system_config=FAST_DEATH_DETECTION),
-        )
+        self._reaper = Reaper()
+        with self._reaper.marked():
+            self._cluster = Cluster(
+                initialize_head=True,
+                head_node_args=dict(num_cpus=0, node_ip_address=LOOPBACK, include_dashboard=True,
+                                    dashboard_host=LOOPBACK, dashboard_port=self.dashboard_port,
+                                    object_store_memory=cfg.head_object_store_mb * _MB,
+                                    labels={NODE_TYPE_LABEL: "local-head", PRICING_LABEL: "on_demand"},
+                                    _system_config=FAST_DEATH_DETECTION),
+            )
         self.workers: List = []
         for _ in range(cfg.num_worker_nodes):
             self.add_worker_node()
@@ -114,7 +118,7 @@ class EmbeddedCluster:
         return self._cluster.address
 
     def add_worker_node(self):
-        with _preloading_worker_processes():
+        with _preloading_worker_processes(), self._reaper.marked():
             node = self._cluster.add_node(
                 num_cpus=self.cfg.cpus_per_node, node_ip_address=LOOPBACK,
                 object_store_memory=self.cfg.object_store_mb_per_node * _MB,
@@ -140,6 +144,7 @@ class EmbeddedCluster:
 
     def shutdown(self) -> None:
         self._cluster.shutdown()
+        self._reaper.release()
 
 
 PROBE_TIMEOUT_S = 3.0
