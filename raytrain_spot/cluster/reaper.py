@@ -1,8 +1,8 @@
 """Every process of an embedded cluster ends with its driver, however the driver ends.
 
 Ray ties its GCS and raylets to the process that started them, but not the agents a raylet starts:
-once their raylet is gone they report its death to the GCS before they exit, and with the GCS gone too
-that report waits out its 60 s timeout (on CI, a SIGKILLed driver left one node's two agents
+once their raylet is gone they report its death to the GCS before they exit (``publish_error``, with a
+60 s timeout), and with the GCS gone too that report can wait (on CI, a SIGKILLed driver left one node's two agents
 running 30 s later). So the driver starts a reaper in a session of its own that waits for the end of
 a pipe only the driver holds. The pipe ends when the driver exits or is killed, or when it closes it
 after its cluster's shutdown; the reaper then kills the cluster's processes, and exits: those started
@@ -24,6 +24,8 @@ from typing import Any, Dict, Iterator
 
 MARKER_ENV = "RAYTRAIN_SPOT_CLUSTER"
 """The environment variable that names the embedded cluster a process belongs to."""
+TRACK_INTERVAL_S = 1.0
+"""How often the reaper looks for the cluster's processes while the driver lives."""
 SWEEPS = 10
 SWEEP_INTERVAL_S = 0.2
 """A process may start another as it dies: the reaper sweeps until a sweep finds none, at most ``SWEEPS`` times."""
@@ -61,10 +63,6 @@ class Reaper:
             pass
 
 
-TRACK_INTERVAL_S = 1.0
-"""How often the reaper looks for the cluster's processes while the driver lives."""
-
-
 def cluster_processes(marker: str) -> Dict[int, Any]:
     """The processes started with ``marker`` in their environment, and all they started in turn: Ray's
     workers and agents rename themselves over their environment, so they are found by their parents."""
@@ -99,12 +97,11 @@ def _alive(process) -> bool:
         return False
 
 
-def reap(marker: str, known: Dict[int, Any]) -> int:
+def reap(marker: str, known: Dict[int, Any]) -> None:
     """Kill the cluster's processes: those ``known`` from before (an agent whose raylet died no longer
-    descends from it) and those found now; how many were killed."""
+    descends from it) and those found now."""
     import psutil
 
-    killed = 0
     for _ in range(SWEEPS):
         alive = [process for process in {**known, **cluster_processes(marker)}.values() if _alive(process)]
         known = {}
@@ -113,11 +110,9 @@ def reap(marker: str, known: Dict[int, Any]) -> int:
         for process in alive:
             try:
                 process.kill()  # psutil refuses a pid reused by another process
-                killed += 1
             except psutil.NoSuchProcess:
                 continue
         time.sleep(SWEEP_INTERVAL_S)
-    return killed
 
 
 def main() -> None:
