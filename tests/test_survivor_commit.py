@@ -53,7 +53,8 @@ class Loss:
     rank: int
     phase: str
     """forward (before the gradients' all-reduce), agreement (before the step's agreement), optimizer
-    (in the optimizer step, after the agreement), between_steps (after the optimizer step), upload
+    (in the optimizer step, after the agreement), between_steps (after the optimizer step, as the next step's
+    forward begins), upload
     (rank 0, in the background upload of a periodic save of step AT, its files up, not its manifest)."""
     signal: int = signal.SIGSTOP
     """SIGSTOP: its connections go silent, the peer's collective hangs (a powered-off VM); SIGKILL: the
@@ -88,20 +89,18 @@ class PhasedTask(LinearTask):
 
     def __post_init__(self):
         super().__post_init__()
-        self.step = 0  # the step in progress
+        self.updating = 0  # the step whose update began last: the loop sets the learning rate there
 
-    def _lost_here(self, phase: str, step: int = AT) -> bool:
-        return (self.loss_at is not None and self.loss_at.phase == phase and self.step == step
+    def _lost_here(self, phase: str, step: int) -> bool:
+        return (self.loss_at is not None and self.loss_at.phase == phase and step == AT
                 and dist.get_rank() == self.loss_at.rank)
 
     def learning_rate(self, samples_seen, total_samples, optim):
-        self.step = samples_seen // GLOBAL_BATCH + 1
-        if self._lost_here("between_steps", AT + 1):
-            self.loss_at()
+        self.updating = samples_seen // GLOBAL_BATCH + 1
         return super().learning_rate(samples_seen, total_samples, optim)
 
     def loss(self, model, batch):
-        if self._lost_here("forward"):
+        if self._lost_here("forward", self.updating + 1) or self._lost_here("between_steps", self.updating):
             self.loss_at()
         return super().loss(model, batch)
 
@@ -109,9 +108,9 @@ class PhasedTask(LinearTask):
         return OneAtATimeSGD(model.parameters(), self._between_parameters)
 
     def _between_parameters(self):
-        if self.loss_at is None or self.loss_at.phase != "optimizer" or self.step != AT:
+        if self.loss_at is None or self.loss_at.phase != "optimizer" or self.updating != AT:
             return
-        if self._lost_here("optimizer"):
+        if self._lost_here("optimizer", self.updating):
             self.loss_at()
         else:
             time.sleep(SURVIVOR_PAUSE_S)  # the survivor is inside its optimizer step when it hears of the loss
