@@ -405,7 +405,8 @@ class CheckpointManager:
         some nodes' local disks), newest first. The first step that some rank loads and
         verifies wins; each rank loads it from its own fastest valid copy, and a rank with none
         receives it from the lowest rank that has it. A step loaded from node copies alone is copied on
-        to the shared tiers (``replicate``), unless it is ``copied_by_controller`` (elastic/stranded.py).
+        to the shared tiers (``replicate``), unless it is ``copied_by_controller`` (rank 0's word counts:
+        elastic/stranded.py).
         """
         started = time.time()
         listings = {tier.name: _listing(tier, self.run_name) for tier in self._tiers()}
@@ -438,10 +439,11 @@ class CheckpointManager:
             read_s += time.perf_counter() - applying
             self.last_save_step = self.committed_step = step
             # A handoff's step on node-local copies alone: the first rank that read one copies it on.
-            sources = self.group.all_gather_object(tier)
-            if (self.local is not None and rank == next((r for r, t in enumerate(sources) if t == self.local.name), -1)
+            sources = self.group.all_gather_object((tier, copied_by_controller))
+            if (self.local is not None
+                    and rank == next((r for r, (t, _) in enumerate(sources) if t == self.local.name), -1)
                     and not any(step in listings[shared.name] for shared in self.shared)
-                    and step != copied_by_controller):
+                    and step != sources[0][1]):
                 self.replicate(step)
             return Restored(loop, tier, manifest, time.time() - started, read_s)
         return None

@@ -21,9 +21,9 @@ class WorkerRuntime:
     signals: ClusterSignals
     """What the cluster says (the drain deadline a handoff checks its commit against)."""
     group_start: Optional[GroupStart] = GroupStart()
-    """How the scaling policy started this group (elastic/capacity.py's ``GroupStarts`` in a run): rank 0
-    measures the restart with it, and the restore leaves the step the controller copies on to it; None:
-    unknown, and the restart is not measured."""
+    """How the scaling policy started this group (elastic/capacity.py's ``GroupStarts`` in a run, read by
+    rank 0): rank 0 measures the restart with it, and tells the restore which step the controller copies
+    on; None: unknown, and the restart is not measured."""
     group_facts: Dict[str, Any] = field(default_factory=dict)
     """Further fields of the run's ``group`` event (in a run: how old each rank's process is)."""
     dead_nodes: Optional[Callable[[List[str]], Set[str]]] = None

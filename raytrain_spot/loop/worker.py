@@ -373,7 +373,7 @@ def run_worker(loop_config: Dict[str, Any]) -> None:
         if survivors and rank == 0:
             marks.clear()  # an earlier group's, left where the controller never waited (a restart after a
             # notice), would end the controller's next wait at once
-        group_start = GroupStarts(cfg.run.name).latest() if spot_aware else None
+        group_start = GroupStarts(cfg.run.name).latest() if rank == 0 and spot_aware else None
         runtime = WorkerRuntime(group, node_ids, report=report_step, signals=signals, group_start=group_start,
                                 group_facts={"process_age_s": [round(time.time() - t, 1) for _, t, _ in placements],
                                              "warm_standby": standbys.enabled,
